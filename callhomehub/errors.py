@@ -1,0 +1,33 @@
+"""The project's exception types.
+
+Each is turned into a user-visible message in exactly one place: a CLI error
+line, an SSH channel/exit message, an SSH disconnect reason or a start-up error.
+"""
+
+
+class HubError(Exception):
+    """Base of every error callhomehub raises on purpose; str() is the user message."""
+
+
+class ConfigError(HubError):
+    """A bad option, config key or config value; the message names it."""
+
+
+class RegistryError(HubError):
+    """The registry refused a change; the message says why."""
+
+
+class NameTaken(RegistryError):
+    """A node or user name is already held by someone else."""
+
+
+class NotFound(RegistryError):
+    """No node or user of that name."""
+
+
+class BadKey(HubError):
+    """A public key that cannot be parsed or is not allowed."""
+
+
+class BadName(HubError):
+    """A node or user name that does not follow the naming rules."""

@@ -1,0 +1,159 @@
+"""`twistd callhomehub`: command-line options and the service tree.
+
+Everything that touches the real reactor is wired here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application import internet, service, strports
+from twisted.conch.interfaces import IConchUser
+from twisted.cred import portal
+from twisted.internet import error as ierror
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python import usage
+from zope.interface import implementer
+
+from .auth import CallHomePasswordChecker, DeviceKeyChecker, DeviceLogin
+from .config import HubConfig, build_config
+from .errors import HubError
+from .hub import Hub
+from .keys import load_hub_keys
+from .registrar import RegistrarAvatar
+from .registry import Registry
+from .sshserver import HubSSHFactory
+from .tunnels import LiveSessions
+
+log = Logger()
+
+REGISTRY_POLL = 1.0
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = "Run the callhomehub SSH hub. See docs/operator-guide.md."
+    optParameters = [
+        ["data", None, ".", "state directory (hub.sqlite3, keys/)"],
+        ["ssh", None, "tcp:22", "SSH listener endpoint"],
+        ["port-range", None, "49152-65535", "per-device port range LOW-HIGH"],
+        ["public-interface", None, "0.0.0.0", "address public device ports bind to"],
+        ["keepalive", None, "15", "seconds between server keepalives (0 disables)"],
+        ["keepalive-count", None, "3", "unanswered keepalives before a tunnel is dropped"],
+        ["nsca", None, None, "optional plain-TCP NSCA listener endpoint"],
+        ["command-file", None, None, "Nagios/Icinga external command file"],
+        ["netconf", None, None, "RFC 8071 NETCONF call-home listener endpoint"],
+        ["config", None, None, "config file (default DATA/callhomehub.toml if present)"],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self.hub_config = build_config(self)
+            prepare_data_dir(self.hub_config)
+        except HubError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def prepare_data_dir(config: HubConfig) -> None:
+    """Create the data directory if needed; a clear error if it is unusable."""
+    try:
+        os.makedirs(config.data, exist_ok=True)
+    except OSError as e:
+        raise HubError(f"--data {config.data}: cannot create: {e.strerror}") from None
+    if not os.access(config.data, os.R_OK | os.W_OK | os.X_OK):
+        raise HubError(f"--data {config.data}: not readable and writable by this user")
+
+
+@implementer(portal.IRealm)
+class HubRealm:
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.peer = "?"
+
+    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:
+        if IConchUser not in interfaces or not isinstance(avatar_id, DeviceLogin):
+            raise NotImplementedError("no such avatar")
+        # The peer is read lazily: the avatar outlives this call.
+        avatar = RegistrarAvatar(self.hub, avatar_id, lambda: self._peer_of(avatar))
+        return IConchUser, avatar, avatar.logout
+
+    @staticmethod
+    def _peer_of(avatar: RegistrarAvatar) -> str:
+        conn = avatar.conn
+        return getattr(getattr(conn, "transport", None), "peer", "?")
+
+
+class ListenerService(service.Service):
+    """Binds the SSH endpoint; a taken port stops start-up with one clear line."""
+
+    def __init__(self, description: str, endpoint: str, factory: Any, reactor: Any) -> None:
+        self.description = description
+        self.endpoint = endpoint
+        self.factory = factory
+        self.reactor = reactor
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        service.Service.privilegedStartService(self)
+        ep = strports.service(self.endpoint, self.factory, reactor=self.reactor)
+        ep._raiseSynchronously = True
+        try:
+            ep.privilegedStartService()
+        except (ierror.CannotListenError, OSError, ValueError) as e:
+            raise SystemExit(f"callhomehub: cannot listen on {self.endpoint} "
+                             f"({self.description}): {e}") from None
+        self._ep: Any = ep
+        waiting: Any = ep._waitingForPort
+        waiting.addCallback(self._listening)
+
+    def _listening(self, port: Any) -> Any:
+        self.port = port
+        addr = port.getHost()
+        log.info("callhomehub {what} listening on {host}:{port}", what=self.description,
+                 host=addr.host, port=addr.port)
+        return port
+
+    def stopService(self) -> Any:
+        service.Service.stopService(self)
+        return self._ep.stopService()
+
+
+def build_hub(config: HubConfig, reactor: Any) -> Hub:
+    from twisted.internet.threads import deferToThreadPool
+
+    clock: IReactorTime = reactor
+    registry = Registry(config.db_path, now=clock.seconds)
+    registry.reset_online()
+    hub_keys = load_hub_keys(config.keys_dir)
+
+    def run_in_thread(f: Any, *a: Any) -> Any:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
+
+    return Hub(config, registry, hub_keys, clock, run_in_thread, LiveSessions(registry, clock))
+
+
+def makeService(options: Any, reactor: Any = None) -> service.MultiService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    config: HubConfig = getattr(options, "hub_config", None) or build_config(options)
+    try:
+        hub = build_hub(config, reactor)
+    except HubError as e:
+        raise SystemExit(f"callhomehub: {e}") from None
+    hub_portal = portal.Portal(HubRealm(hub), [
+        CallHomePasswordChecker(hub.registry, config.registrar_user, hub.run_in_thread),
+        DeviceKeyChecker(hub.registry, config.registrar_user),
+    ])
+    factory = HubSSHFactory(hub_portal, hub.keys, reactor, config.limits, config.keepalive,
+                            config.keepalive_count)
+    top = service.MultiService()
+    top.hub = hub  # type: ignore[attr-defined]
+    ListenerService("SSH", config.ssh, factory, reactor).setServiceParent(top)
+    poll = internet.TimerService(REGISTRY_POLL, hub.sync)
+    poll.clock = reactor
+    poll.setServiceParent(top)
+    return top

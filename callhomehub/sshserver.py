@@ -1,0 +1,271 @@
+"""The SSH server plumbing: factory, transport, user-auth and connection service.
+
+Thin Conch subclasses that fix what Conch's defaults get wrong for an
+Internet-facing hub: algorithm lists for today's OpenSSH, a `server-sig-algs`
+that names user-key algorithms (Conch sends its host-key algorithms, which
+locks out RSA user keys), a 120 s login timeout instead of 10 hours, a bound
+on auth attempts and on unauthenticated connections, password back-off per
+source address, server keepalives, and channel opens that may be refused with
+a clear reason or answered later (a Deferred).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from twisted.conch.error import ConchError
+from twisted.conch.interfaces import IConchUser as _IConchUser
+from twisted.conch.ssh import common, connection, factory, transport, userauth
+from twisted.cred.credentials import UsernamePassword
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .auth import USER_SIG_ALGS, PasswordBackoff
+from .config import Limits
+from .keys import HubKeys
+
+log = Logger()
+
+CIPHERS = [b"aes256-ctr", b"aes192-ctr", b"aes128-ctr"]
+MACS = [b"hmac-sha2-512", b"hmac-sha2-256"]
+KEX = [
+    b"mlkem768x25519-sha256",
+    b"curve25519-sha256",
+    b"curve25519-sha256@libssh.org",
+    b"ecdh-sha2-nistp256",
+    b"ecdh-sha2-nistp384",
+    b"ecdh-sha2-nistp521",
+]
+HOST_KEY_ALGS = [
+    b"ssh-ed25519",
+    b"ecdsa-sha2-nistp256",
+    b"rsa-sha2-512",
+    b"rsa-sha2-256",
+]
+
+
+class ChannelRefused(Exception):
+    """A channel open the hub declines; `reason` is an SSH OPEN_* code."""
+
+    def __init__(self, reason: int, text: str) -> None:
+        super().__init__(text)
+        self.reason = reason
+        self.text = text
+
+
+def peer_host(t: Any) -> str:
+    peer = t.transport.getPeer() if t.transport is not None else None
+    return getattr(peer, "host", "?")
+
+
+class HubServerTransport(transport.SSHServerTransport):
+    """Server transport with modern algorithms and a user-key `server-sig-algs`."""
+
+    factory: HubSSHFactory
+    supportedCiphers = CIPHERS
+    supportedMACs = MACS
+    supportedKeyExchanges = KEX
+    supportedCompressions = [b"none"]
+    authenticated = False
+
+    def connectionMade(self) -> None:
+        self.peer = peer_host(self)
+        transport.SSHServerTransport.connectionMade(self)
+
+    def sendExtInfo(self, extensions: list[tuple[bytes, bytes]]) -> None:
+        fixed = [
+            (name, b",".join(USER_SIG_ALGS) if name == b"server-sig-algs" else value)
+            for name, value in extensions
+        ]
+        transport.SSHServerTransport.sendExtInfo(self, fixed)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.factory.connection_closed(self)
+        transport.SSHServerTransport.connectionLost(self, reason)
+
+
+class HubUserAuthServer(userauth.SSHUserAuthServer):
+    """User-auth with our limits and per-source password back-off."""
+
+    transport: Any
+
+    def serviceStarted(self) -> None:
+        hub_factory: HubSSHFactory = self.transport.factory
+        self.clock = hub_factory.clock
+        self.loginTimeout = hub_factory.limits.login_timeout
+        self.attemptsBeforeDisconnect = hub_factory.limits.max_auth_tries - 1
+        self.backoff = hub_factory.backoff
+        userauth.SSHUserAuthServer.serviceStarted(self)
+
+    def auth_password(self, packet: bytes) -> defer.Deferred[Any]:
+        source = self.transport.peer
+        user: bytes = self.user or b""
+        wait = self.backoff.delay(source)
+        d: defer.Deferred[Any] = (
+            task.deferLater(self.clock, wait, lambda: None) if wait else defer.succeed(None))
+
+        def record(f: Failure) -> Failure:
+            self.backoff.failed(source)
+            log.info("failed password for {user!r} from {peer}: {why}",
+                     user=self.user, peer=source, why=f.getErrorMessage())
+            return f
+
+        # Skip Conch's fixed passwordDelay: the back-off above replaces it.
+        return d.addCallback(lambda _: self.portal.login(
+            _password_credentials(user, packet), None, _IConchUser)).addErrback(record)
+
+    def _cbFinishedAuth(self, result: Any) -> None:
+        userauth.SSHUserAuthServer._cbFinishedAuth(self, result)
+        self.transport.authenticated = True
+        self.transport.factory.connection_authenticated(self.transport)
+
+
+def _password_credentials(user: bytes, packet: bytes) -> UsernamePassword:
+    return UsernamePassword(user, common.getNS(packet[1:])[0])
+
+
+class HubConnection(connection.SSHConnection):
+    """The connection service: keepalives, and channel opens that can wait or refuse."""
+
+    transport: Any
+
+    def serviceStarted(self) -> None:
+        connection.SSHConnection.serviceStarted(self)
+        hub_factory: HubSSHFactory = self.transport.factory
+        self._missed = 0
+        self._keepalive: task.LoopingCall | None = None
+        avatar = self.transport.avatar
+        avatar.conn = self
+        if hub_factory.keepalive > 0:
+            self._keepalive = task.LoopingCall(self._send_keepalive)
+            self._keepalive.clock = hub_factory.clock
+            self._keepalive.start(hub_factory.keepalive, now=False)
+        started = getattr(avatar, "connection_started", None)
+        if started is not None:
+            started(self)
+
+    def serviceStopped(self) -> None:
+        if self._keepalive is not None and self._keepalive.running:
+            self._keepalive.stop()
+        connection.SSHConnection.serviceStopped(self)
+
+    def _send_keepalive(self) -> None:
+        hub_factory: HubSSHFactory = self.transport.factory
+        if self._missed >= hub_factory.keepalive_count:
+            log.info("{peer}: {n} keepalives unanswered, dropping the connection",
+                     peer=self.transport.peer, n=self._missed)
+            assert self._keepalive is not None
+            self._keepalive.stop()
+            self.transport.sendDisconnect(
+                transport.DISCONNECT_CONNECTION_LOST, b"keepalive timeout")
+            # A dead peer never reads the disconnect; do not wait for it.
+            self.transport.transport.abortConnection()
+            return
+        self._missed += 1
+
+        def answered(_: object) -> None:
+            self._missed = 0
+
+        def failed(f: Failure) -> None:
+            # OpenSSH answers REQUEST_FAILURE, which proves the peer is alive
+            # as well as a success would; "Connection stopped." proves nothing.
+            if isinstance(f.value, ConchError) and f.value.args[0] == "global request failed":
+                self._missed = 0
+
+        d = self.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
+        d.addCallbacks(answered, failed)
+
+    def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
+        channel_type, rest = common.getNS(packet)
+        sender, window, max_packet = struct.unpack(">3L", rest[:12])
+        data = rest[12:]
+        try:
+            result = self.transport.avatar.lookupChannel(channel_type, window, max_packet, data)
+        except ChannelRefused as e:
+            self._refuse(sender, e.reason, e.text, channel_type)
+            return
+        except ConchError as e:
+            text, reason = e.args if isinstance(e.args[1], int) else (e.args[1], e.args[0])
+            self._refuse(sender, reason, str(text), channel_type)
+            return
+        d = defer.maybeDeferred(lambda: result)
+        d.addCallback(self._confirm, sender, data)
+        d.addErrback(self._open_failed, sender, channel_type)
+
+    def _confirm(self, channel: Any, sender: int, data: bytes) -> None:
+        channel.conn = self
+        local = self.localChannelID
+        self.localChannelID += 1
+        channel.id = local
+        self.channels[local] = channel
+        self.channelsToRemoteChannel[channel] = sender
+        self.localToRemoteChannel[local] = sender
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_OPEN_CONFIRMATION,
+            struct.pack(">4L", sender, local, channel.localWindowSize, channel.localMaxPacket)
+            + channel.specificData,
+        )
+        channel.channelOpen(data)
+
+    def _open_failed(self, f: Failure, sender: int, channel_type: bytes) -> None:
+        if isinstance(f.value, ChannelRefused):
+            self._refuse(sender, f.value.reason, f.value.text, channel_type)
+            return
+        log.failure("channel open {type!r} failed", f, type=channel_type)
+        self._refuse(sender, connection.OPEN_CONNECT_FAILED, "internal error", channel_type)
+
+    def _refuse(self, sender: int, reason: int, text: str, channel_type: bytes) -> None:
+        log.info("{peer}: refused channel {type}: {text}", peer=self.transport.peer,
+                 type=channel_type.decode("ascii", "replace"), text=text)
+        if self.transport.transport is None or self.transport.transport.disconnecting:
+            return
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_OPEN_FAILURE,
+            struct.pack(">2L", sender, reason) + common.NS(text.encode()) + common.NS(b""),
+        )
+
+
+class HubSSHFactory(factory.SSHFactory):
+    """Builds hub transports; counts and bounds unauthenticated connections."""
+
+    protocol = HubServerTransport
+    services = {
+        b"ssh-userauth": HubUserAuthServer,
+        b"ssh-connection": HubConnection,
+    }
+
+    def __init__(self, portal: Any, hub_keys: HubKeys, clock: IReactorTime, limits: Limits,
+                 keepalive: float, keepalive_count: int) -> None:
+        self.portal = portal
+        self.publicKeys = hub_keys.host_public
+        self.privateKeys = hub_keys.host_private
+        self.primes = None  # no group-exchange: every modern client has curve25519
+        self.clock = clock
+        self.limits = limits
+        self.keepalive = keepalive
+        self.keepalive_count = keepalive_count
+        self.backoff = PasswordBackoff(clock, limits.password_backoff_base,
+                                       limits.password_backoff_max)
+        self.unauthenticated: set[HubServerTransport] = set()
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        if len(self.unauthenticated) >= self.limits.max_unauthenticated:
+            log.warn("refusing connection from {peer}: {n} unauthenticated connections already",
+                     peer=getattr(addr, "host", addr), n=len(self.unauthenticated))
+            return None
+        t: Any = factory.SSHFactory.buildProtocol(self, addr)
+        t.supportedPublicKeys = [
+            alg for alg in HOST_KEY_ALGS
+            if (b"ssh-rsa" if alg.startswith(b"rsa-") else alg) in self.privateKeys
+        ]
+        self.unauthenticated.add(t)
+        return t
+
+    def connection_authenticated(self, t: HubServerTransport) -> None:
+        self.unauthenticated.discard(t)
+
+    def connection_closed(self, t: HubServerTransport) -> None:
+        self.unauthenticated.discard(t)

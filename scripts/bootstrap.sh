@@ -1,0 +1,45 @@
+# Sourced by ./run-hub and ./run-tests: installs what they need, idempotently.
+# Debian packages with apt-get when missing (as root, or through sudo), and the
+# Python packages into .venv beside this checkout.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${CALLHOMEHUB_VENV:-$ROOT/.venv}"
+
+apt_install() {  # apt_install PACKAGE:COMMAND ...
+    local missing=()
+    for spec in "$@"; do
+        local pkg="${spec%%:*}" cmd="${spec#*:}"
+        command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "bootstrap: installing Debian packages: ${missing[*]}" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+}
+
+python_env() {  # python_env EXTRAS
+    local extras="$1" stamp="$VENV/.installed-$1"
+    if [ ! -x "$VENV/bin/python" ]; then
+        if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
+            rm -rf "$VENV"
+            apt_install python3-venv:/nonexistent
+            python3 -m venv "$VENV"
+        fi
+    fi
+    if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+        echo "bootstrap: installing Python packages into $VENV" >&2
+        "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
+        if ! "$VENV/bin/pip" install --disable-pip-version-check -e "$ROOT$extras" \
+                >"$VENV/pip.log" 2>&1; then
+            cat "$VENV/pip.log" >&2
+            exit 1
+        fi
+        # twistd finds twisted/plugins/callhomehub.py through sys.path entries.
+        "$VENV/bin/python" -c "import site, sys; open(site.getsitepackages()[0] + '/callhomehub-plugins.pth', 'w').write(sys.argv[1] + '\\n')" "$ROOT"
+        "$VENV/bin/python" -c "import callhomehub, twisted.conch, bcrypt"
+        touch "$stamp"
+    fi
+}

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import SSH, HubProcess, SSHClient  # noqa: E402
+
+CALLHOME_PASSWORD = "s3cret-callhome"
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[HubProcess]:
+    """A running hub with a Call Home Password set."""
+    if SSH is None:
+        pytest.skip("the OpenSSH client is not installed")
+    process = HubProcess(tmp_path / "hub", "--keepalive", "2")
+    process.data.mkdir(parents=True)
+    process.cli("callhome-password", stdin=CALLHOME_PASSWORD.encode())
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def client(hub: HubProcess, tmp_path: Path) -> SSHClient:
+    return SSHClient(tmp_path / "client", hub.port)

@@ -1,0 +1,154 @@
+"""Helpers for end-to-end tests: a real hub process and the real OpenSSH client."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+TWISTD = str(BIN / "twistd")
+CLI = str(BIN / "callhomehub")
+SSH = shutil.which("ssh")
+SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
+LISTEN_RE = re.compile(r"callhomehub (\S+) listening on ([\d.]+):(\d+)")
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "condition"
+             ) -> object:
+    """Poll `condition` until it returns something truthy; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class HubProcess:
+    """`twistd -n callhomehub` on loopback, in its own data directory."""
+
+    def __init__(self, data: Path, *extra: str) -> None:
+        self.data = data
+        self.extra = extra
+        self.log = data / "hub.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ports: dict[str, int] = {}
+
+    def start(self, ssh_endpoint: str = "tcp:0:interface=127.0.0.1") -> HubProcess:
+        self.data.mkdir(parents=True, exist_ok=True)
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        self.proc = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "--logfile", str(self.log), "callhomehub",
+             "--data", str(self.data), "--ssh", ssh_endpoint, *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+
+        def listening() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"hub exited {self.proc.returncode}: {self.proc.stderr.read().decode()}"  # type: ignore[union-attr]
+                    + self.log_text()[offset:])
+            text = self.log_text()[offset:]
+            for what, _host, port in LISTEN_RE.findall(text):
+                self.ports[what] = int(port)
+            return "SSH" in self.ports
+
+        wait_for(listening, 20, "the hub to listen")
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.ports["SSH"]
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+    def cli(self, *args: str, stdin: bytes = b"", check: bool = True
+            ) -> subprocess.CompletedProcess[bytes]:
+        result = subprocess.run([CLI, "--data", str(self.data), *args], input=stdin,
+                                capture_output=True, timeout=30)
+        if check and result.returncode != 0:
+            raise AssertionError(f"callhomehub {args} failed: {result.stderr.decode()}")
+        return result
+
+
+class SSHClient:
+    """The real OpenSSH client, isolated from the user's config and keys."""
+
+    def __init__(self, workdir: Path, port: int) -> None:
+        self.workdir = workdir
+        self.port = port
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.known_hosts = workdir / "known_hosts"
+        self.askpass = workdir / "askpass"
+
+    def base(self, *, password: str | None = None, key: Path | None = None) -> list[str]:
+        args = [SSH or "ssh", "-F", "/dev/null", "-p", str(self.port),
+                "-o", f"UserKnownHostsFile={self.known_hosts}",
+                "-o", "StrictHostKeyChecking=accept-new", "-o", "LogLevel=ERROR",
+                "-o", "ConnectTimeout=10", "-o", "IdentitiesOnly=yes"]
+        if password is not None:
+            args += ["-o", "PubkeyAuthentication=no", "-o", "NumberOfPasswordPrompts=1",
+                     "-o", "PreferredAuthentications=password"]
+        else:
+            args += ["-o", "BatchMode=yes", "-o", "PasswordAuthentication=no",
+                     "-o", "KbdInteractiveAuthentication=no"]
+        if key is not None:
+            args += ["-i", str(key)]
+        return args
+
+    def env(self, password: str | None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SSH_")}
+        # A DISPLAY lets tests ask for X11 forwarding; BatchMode keeps askpass unused.
+        env["DISPLAY"] = ":0"
+        if password is not None:
+            self.askpass.write_text(f"#!/bin/sh\nprintf '%s\\n' '{password}'\n")
+            self.askpass.chmod(0o700)
+            env.update(SSH_ASKPASS=str(self.askpass), SSH_ASKPASS_REQUIRE="force")
+        return env
+
+    def run(self, target: str, *command: str, password: str | None = None,
+            key: Path | None = None, stdin: bytes = b"", options: Sequence[str] = (),
+            timeout: float = 30, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[bytes]:
+        # Options first: for ssh the first value given for an option wins.
+        base = self.base(password=password, key=key)
+        args = [base[0], *options, *base[1:], target, *command]
+        return subprocess.run(args, input=stdin, capture_output=True, timeout=timeout,
+                              env={**self.env(password), **(env or {})})
+
+    def popen(self, target: str, *command: str, key: Path | None = None,
+              options: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+        base = self.base(key=key)
+        args = [base[0], *options, *base[1:], target, *command]
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=self.env(None))
+
+
+def make_key(path: Path, comment: str = "", kind: str = "ed25519") -> Path:
+    """A fresh OpenSSH key pair generated at test time (never committed)."""
+    args = ["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", comment, "-f", str(path)]
+    if kind == "rsa":
+        args[4:4] = ["-b", "3072"]
+    subprocess.run(args, check=True, capture_output=True)
+    return path
