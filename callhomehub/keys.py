@@ -108,7 +108,7 @@ def parse_public_key(text: bytes) -> PublicKeyLine:
     line = lines[0]
     try:
         key = keys.Key.fromString(line)
-    except (keys.BadKeyError, ValueError, IndexError, TypeError) as e:
+    except Exception as e:  # Conch's parser raises struct, index, type... errors on junk
         raise BadKey(f"not an OpenSSH public key: {e or 'unrecognised format'}") from None
     if not key.isPublic():
         raise BadKey("that is a private key; send the .pub file")

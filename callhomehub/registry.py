@@ -120,10 +120,10 @@ class Registry:
         try:
             self._db = sqlite3.connect(path, isolation_level=None, timeout=2.0)
             self._db.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.Error as e:
-            raise RegistryError(f"cannot open registry {path}: {e}") from None
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.DatabaseError as e:
+            raise RegistryError(f"registry {path} is unreadable or corrupt: {e}") from None
         self._migrate(path)
         self._data_version = self._version()
 

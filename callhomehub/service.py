@@ -53,7 +53,8 @@ class Options(usage.Options):
             self.hub_config = build_config(self)
             prepare_data_dir(self.hub_config)
         except HubError as e:
-            raise usage.UsageError(str(e)) from None
+            # One line, no usage dump: the option is fine, its value is not.
+            raise SystemExit(f"callhomehub: {e}") from None
 
 
 def prepare_data_dir(config: HubConfig) -> None:
@@ -134,6 +135,17 @@ def build_hub(config: HubConfig, reactor: Any) -> Hub:
     return Hub(config, registry, hub_keys, clock, run_in_thread, LiveSessions(registry, clock))
 
 
+def build_ssh_factory(hub: Hub) -> HubSSHFactory:
+    """The SSH listener's factory: portal, checkers and limits from the hub's config."""
+    config = hub.config
+    hub_portal = portal.Portal(HubRealm(hub), [
+        CallHomePasswordChecker(hub.registry, config.registrar_user, hub.run_in_thread),
+        DeviceKeyChecker(hub.registry, config.registrar_user),
+    ])
+    return HubSSHFactory(hub_portal, hub.keys, hub.clock, config.limits, config.keepalive,
+                         config.keepalive_count)
+
+
 def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -144,12 +156,7 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
         hub = build_hub(config, reactor)
     except HubError as e:
         raise SystemExit(f"callhomehub: {e}") from None
-    hub_portal = portal.Portal(HubRealm(hub), [
-        CallHomePasswordChecker(hub.registry, config.registrar_user, hub.run_in_thread),
-        DeviceKeyChecker(hub.registry, config.registrar_user),
-    ])
-    factory = HubSSHFactory(hub_portal, hub.keys, reactor, config.limits, config.keepalive,
-                            config.keepalive_count)
+    factory = build_ssh_factory(hub)
     top = service.MultiService()
     top.hub = hub  # type: ignore[attr-defined]
     ListenerService("SSH", config.ssh, factory, reactor).setServiceParent(top)

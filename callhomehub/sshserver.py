@@ -70,10 +70,29 @@ class HubServerTransport(transport.SSHServerTransport):
     supportedKeyExchanges = KEX
     supportedCompressions = [b"none"]
     authenticated = False
+    _login_timer: Any = None
 
     def connectionMade(self) -> None:
         self.peer = peer_host(self)
+        # Conch's own login timeout starts only when the client asks for
+        # ssh-userauth; a peer that stalls before that would be kept forever.
+        self._login_timer: Any = self.factory.clock.callLater(
+            self.factory.limits.login_timeout, self._login_timed_out)
         transport.SSHServerTransport.connectionMade(self)
+
+    def _login_timed_out(self) -> None:
+        self._login_timer = None
+        log.info("{peer}: not authenticated within {t} s, disconnecting", peer=self.peer,
+                 t=self.factory.limits.login_timeout)
+        self.sendDisconnect(transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
+                            b"login timeout")
+
+    def authenticated_now(self) -> None:
+        self.authenticated = True
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
+        self.factory.connection_authenticated(self)
 
     def sendExtInfo(self, extensions: list[tuple[bytes, bytes]]) -> None:
         fixed = [
@@ -83,6 +102,9 @@ class HubServerTransport(transport.SSHServerTransport):
         transport.SSHServerTransport.sendExtInfo(self, fixed)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
         self.factory.connection_closed(self)
         transport.SSHServerTransport.connectionLost(self, reason)
 
@@ -119,8 +141,7 @@ class HubUserAuthServer(userauth.SSHUserAuthServer):
 
     def _cbFinishedAuth(self, result: Any) -> None:
         userauth.SSHUserAuthServer._cbFinishedAuth(self, result)
-        self.transport.authenticated = True
-        self.transport.factory.connection_authenticated(self.transport)
+        self.transport.authenticated_now()
 
 
 def _password_credentials(user: bytes, packet: bytes) -> UsernamePassword:

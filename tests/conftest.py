@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import SSH, HubProcess, SSHClient  # noqa: E402
+from helpers import SSH, HubProcess, SSHClient
 
 CALLHOME_PASSWORD = "s3cret-callhome"
 

@@ -46,6 +46,7 @@ class HubProcess:
     def start(self, ssh_endpoint: str = "tcp:0:interface=127.0.0.1") -> HubProcess:
         self.data.mkdir(parents=True, exist_ok=True)
         offset = self.log.stat().st_size if self.log.exists() else 0
+        self.ports = {}
         self.proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "--logfile", str(self.log), "callhomehub",
              "--data", str(self.data), "--ssh", ssh_endpoint, *self.extra],

@@ -1,0 +1,93 @@
+"""An in-memory hub and Conch client joined by iosim, on a MemoryReactorClock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from twisted.conch.ssh import connection, keys, transport, userauth
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock
+from twisted.test.iosim import FakeTransport, IOPump, connect
+
+from callhomehub.auth import hash_password
+from callhomehub.config import build_config
+from callhomehub.hub import Hub
+from callhomehub.keys import load_hub_keys
+from callhomehub.registry import Registry
+from callhomehub.service import build_ssh_factory
+from callhomehub.sshserver import HubSSHFactory
+from callhomehub.tunnels import LiveSessions
+
+
+def make_hub(tmp_path: Path, clock: MemoryReactorClock, **options: Any) -> Hub:
+    config = build_config({"data": str(tmp_path), **options})
+    registry = Registry(config.db_path, now=clock.seconds)
+    registry.set_setting("callhome_password", hash_password(b"secret", rounds=4), "test")
+    return Hub(config, registry, load_hub_keys(config.keys_dir), clock,
+               lambda f, *a: defer.maybeDeferred(f, *a), LiveSessions(registry, clock))
+
+
+def new_key() -> keys.Key:
+    return keys.Key(ed25519.Ed25519PrivateKey.generate())
+
+
+class ClientConnection(connection.SSHConnection):
+    def serviceStarted(self) -> None:
+        connection.SSHConnection.serviceStarted(self)
+        self.transport.factory_state["connected"] = True
+
+
+class ClientAuth(userauth.SSHUserAuthClient):
+    def __init__(self, user: bytes, key: keys.Key | None, password: bytes | None) -> None:
+        userauth.SSHUserAuthClient.__init__(self, user, ClientConnection())
+        self.key = key
+        self.password = password
+
+    def getPublicKey(self) -> Any:
+        key, self.key = self.key, None  # offer it once
+        return None if key is None else key.public()
+
+    def getPrivateKey(self) -> Any:
+        return defer.succeed(self._private)
+
+    def getPassword(self, prompt: Any = None) -> Any:
+        password, self.password = self.password, None
+        return None if password is None else defer.succeed(password)
+
+
+class ClientTransport(transport.SSHClientTransport):
+    def __init__(self, user: bytes | None, key: keys.Key | None, password: bytes | None) -> None:
+        self.user, self.key, self.password = user, key, password
+        self.factory_state: dict[str, Any] = {}
+
+    def verifyHostKey(self, pubKey: bytes, fingerprint: bytes) -> Any:
+        return defer.succeed(True)
+
+    def connectionSecure(self) -> None:
+        if self.user is None:
+            return  # connect, then never authenticate
+        auth = ClientAuth(self.user, self.key, self.password)
+        auth._private = self.key
+        self.requestService(auth)
+
+
+def connect_client(factory: HubSSHFactory, clock: MemoryReactorClock, user: bytes | None,
+                   key: keys.Key | None = None, password: bytes | None = None,
+                   peer: str = "192.0.2.10") -> tuple[Any, ClientTransport, IOPump]:
+    server = factory.buildProtocol(IPv4Address("TCP", peer, 40000))
+    client = ClientTransport(user, key, password)
+    pump = connect(server, FakeTransport(server, isServer=True,
+                                         peerAddress=IPv4Address("TCP", peer, 40000)),
+                   client, FakeTransport(client, isServer=False), greet=False)
+    for _ in range(20):
+        pump.pump()
+    return server, client, pump
+
+
+def start_factory(hub: Hub) -> HubSSHFactory:
+    factory = build_ssh_factory(hub)
+    factory.startFactory()
+    return factory

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from memory_hub import make_hub, new_key
+from twisted.internet.testing import MemoryReactorClock
+
+from callhomehub.errors import BadName
+from callhomehub.keys import parse_public_key
+from callhomehub.registrar import check_node_name, default_node_name, register
+
+
+def pub_line(comment: str = "") -> bytes:
+    return new_key().public().toString("openssh", comment=comment.encode()) + b"\n"
+
+
+@pytest.mark.parametrize(("comment", "expected"), [
+    ("site-a", "site-a"), ("root@gw-17", "gw-17"), ("", None), ("two words", None),
+])
+def test_default_node_name(comment: str, expected: str | None) -> None:
+    key = parse_public_key(pub_line(comment))
+    name = default_node_name(key)
+    if expected is None:
+        assert name.startswith("node-") and len(name) == 17
+    else:
+        assert name == expected
+
+
+@pytest.mark.parametrize("name", ["a:b", "-x", "", "x" * 64, "white space", "a/b"])
+def test_bad_node_names(name: str) -> None:
+    with pytest.raises(BadName):
+        check_node_name(name)
+
+
+def test_register_outcomes(tmp_path: Path) -> None:
+    hub = make_hub(tmp_path, MemoryReactorClock())
+    line = pub_line("x")
+    ok = register(hub, ["site-a"], line, "t")
+    assert (ok.status, ok.stdout) == (0, hub.keys.mgmt_public_line.encode())
+    assert register(hub, ["site-a"], line, "t").status == 0
+    moved = register(hub, ["other"], line, "t")
+    assert moved.status == 0 and b"already registered as node site-a" in moved.stderr
+    assert register(hub, ["site-a"], pub_line(), "t").status == 1
+    assert register(hub, ["a", "b"], line, "t").stderr.startswith(b"usage:")
+    hub.registry.set_state("site-a", "revoked", "t")
+    revoked = register(hub, [], line, "t")
+    assert revoked.status == 1 and b"revoked" in revoked.stderr

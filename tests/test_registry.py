@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from callhomehub.errors import NameTaken, NotFound, RegistryError
+from callhomehub.registry import MIGRATIONS, Registry
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def reg(tmp_path: Path) -> Registry:
+    return Registry(str(tmp_path / "hub.sqlite3"), now=Clock())
+
+
+def test_schema_is_versioned_and_wal(tmp_path: Path, reg: Registry) -> None:
+    db = sqlite3.connect(tmp_path / "hub.sqlite3")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    # Opening again runs no migration twice.
+    Registry(str(tmp_path / "hub.sqlite3"), now=Clock()).close()
+
+
+def test_newer_schema_is_refused(tmp_path: Path, reg: Registry) -> None:
+    reg.close()
+    db = sqlite3.connect(tmp_path / "hub.sqlite3")
+    db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    db.commit()
+    with pytest.raises(RegistryError, match="newer than this hub"):
+        Registry(str(tmp_path / "hub.sqlite3"), now=Clock())
+
+
+def test_corrupt_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "hub.sqlite3"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(RegistryError, match="unreadable or corrupt"):
+        Registry(str(path), now=Clock())
+
+
+def test_register_same_key_twice_and_name_conflicts(reg: Registry) -> None:
+    node, created = reg.register("site-a", b"key1", "SHA256:1", "test")
+    assert created and node.state == "pending" and node.fingerprint == "SHA256:1"
+    again, created = reg.register("other-name", b"key1", "SHA256:1", "test")
+    assert not created and again.name == "site-a"
+    with pytest.raises(NameTaken):
+        reg.register("SITE-A", b"key2", "SHA256:2", "test")
+    assert [n.name for n in reg.nodes()] == ["site-a"]
+    assert reg.node("Site-A").name == "site-a"
+    assert reg.node_by_key(b"key1") == reg.node("site-a")
+    assert reg.node_by_key(b"nope") is None
+
+
+def test_states_public_and_audit(reg: Registry) -> None:
+    reg.register("site-a", b"key1", "SHA256:1", "dev@1.2.3.4")
+    assert reg.set_state("site-a", "approved", "cli:root").state == "approved"
+    assert reg.set_public("site-a", True, "cli:root").public
+    assert reg.set_state("site-a", "revoked", "cli:root").state == "revoked"
+    with pytest.raises(NotFound):
+        reg.set_state("nope", "approved", "cli:root")
+    with pytest.raises(RegistryError):
+        reg.set_state("site-a", "bogus", "cli:root")
+    reg.remove("site-a", "cli:root")
+    with pytest.raises(NotFound):
+        reg.node("site-a")
+    log = [(e.actor, e.action, e.target, e.detail) for e in reg.audit_log()]
+    assert log == [("dev@1.2.3.4", "register", "site-a", "SHA256:1"),
+                   ("cli:root", "approve", "site-a", ""),
+                   ("cli:root", "access", "site-a", "on"),
+                   ("cli:root", "revoke", "site-a", ""),
+                   ("cli:root", "remove", "site-a", "")]
+
+
+def test_online_state_and_reset(reg: Registry) -> None:
+    reg.register("site-a", b"key1", "SHA256:1", "t")
+    reg.mark_online("site-a", "192.0.2.7")
+    node = reg.node("site-a")
+    assert node.online and node.peer == "192.0.2.7" and node.online_since == 1000.0
+    reg.reset_online()
+    assert not reg.node("site-a").online
+
+
+def test_users_and_grants(reg: Registry) -> None:
+    user = reg.add_user("alice", "$2b$hash", [(b"k1", "SHA256:k1")], ["site-*", "lab"], "t")
+    assert (user.name, user.keys, user.allow) == ("alice", (b"k1",), ("site-*", "lab"))
+    with pytest.raises(NameTaken):
+        reg.add_user("ALICE", None, [], [], "t")
+    assert [u.name for u in reg.users()] == ["alice"]
+    reg.del_user("alice", "t")
+    with pytest.raises(NotFound):
+        reg.user("alice")
+
+
+def test_changes_by_another_process_are_noticed(tmp_path: Path, reg: Registry) -> None:
+    assert not reg.changed()
+    cli = Registry(str(tmp_path / "hub.sqlite3"), now=Clock())
+    cli.register("site-a", b"key1", "SHA256:1", "cli")
+    assert reg.changed()
+    assert not reg.changed()
+    # The hub's own writes are not "changes by others".
+    reg.touch("site-a")
+    assert not reg.changed()
+
+
+def test_failed_transaction_leaves_nothing(reg: Registry) -> None:
+    reg.register("site-a", b"key1", "SHA256:1", "t")
+    with pytest.raises(NameTaken):
+        reg.register("site-a", b"key2", "SHA256:2", "t")
+    assert len(reg.audit_log()) == 1

@@ -1,0 +1,136 @@
+"""The SSH server's limits and keepalives, in memory with a MemoryReactorClock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from memory_hub import connect_client, make_hub, new_key, start_factory
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock
+
+from callhomehub.hub import Hub
+
+
+@pytest.fixture
+def clock() -> MemoryReactorClock:
+    return MemoryReactorClock()
+
+
+@pytest.fixture
+def hub(tmp_path: Path, clock: MemoryReactorClock) -> Hub:
+    return make_hub(tmp_path, clock, keepalive="15", **{"keepalive-count": "3"})
+
+
+def register(hub: Hub, name: str):
+    key = new_key()
+    hub.registry.register(name, key.public().blob(), "fp", "test")
+    return key
+
+
+def test_key_login_marks_node_online(hub: Hub, clock: MemoryReactorClock) -> None:
+    key = register(hub, "site-a")
+    factory = start_factory(hub)
+    _server, client, _pump = connect_client(factory, clock, b"cms", key=key)
+    assert client.factory_state.get("connected")
+    assert hub.registry.node("site-a").online
+    assert hub.registry.node("site-a").peer == "192.0.2.10"
+    assert not factory.unauthenticated
+
+
+def test_login_timeout_is_120_seconds(hub: Hub, clock: MemoryReactorClock) -> None:
+    factory = start_factory(hub)
+    server, _client, pump = connect_client(factory, clock, None)
+    assert server.isEncrypted("both") and server in factory.unauthenticated
+    clock.advance(119)
+    pump.flush()
+    assert not server.transport.disconnecting
+    clock.advance(1.5)
+    pump.flush()
+    assert server.transport.disconnecting
+
+
+def test_unauthenticated_connections_are_bounded(tmp_path: Path,
+                                                 clock: MemoryReactorClock) -> None:
+    (tmp_path / "callhomehub.toml").write_text("[limits]\nmax_unauthenticated = 2\n")
+    hub = make_hub(tmp_path, clock)
+    factory = start_factory(hub)
+    connect_client(factory, clock, None)
+    second, _, _ = connect_client(factory, clock, None)
+    assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.99", 1)) is None
+    second.transport.loseConnection()
+    second.connectionLost(None)
+    assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.99", 1)) is not None
+
+
+def test_answered_keepalives_keep_the_tunnel(hub: Hub, clock: MemoryReactorClock) -> None:
+    key = register(hub, "site-a")
+    server, _client, pump = connect_client(start_factory(hub), clock, b"cms", key=key)
+    for _ in range(10):
+        clock.advance(15)
+        pump.flush()
+    assert not server.transport.disconnecting
+    assert hub.registry.node("site-a").online
+
+
+def test_silent_peer_is_dropped_after_keepalive_count(hub: Hub,
+                                                      clock: MemoryReactorClock) -> None:
+    key = register(hub, "site-a")
+    server, _client, _pump = connect_client(start_factory(hub), clock, b"cms", key=key)
+    # The peer vanishes: nothing it would answer is delivered any more.
+    for _ in range(3):
+        clock.advance(15)
+    assert not server.transport.disconnecting
+    clock.advance(15)
+    assert server.transport.disconnecting
+
+
+def test_password_backoff_per_source_spares_keys(hub: Hub, clock: MemoryReactorClock) -> None:
+    factory = start_factory(hub)
+    connect_client(factory, clock, b"cms", password=b"wrong", peer="198.51.100.1")
+    assert factory.backoff.delay("198.51.100.1") == 1.0
+    _, _, pump = connect_client(factory, clock, b"cms", password=b"wrong", peer="198.51.100.1")
+    # The second guess waits out the first back-off before it is even checked.
+    assert factory.backoff.delay("198.51.100.1") == 1.0
+    clock.advance(1.1)
+    for _ in range(5):
+        pump.pump()
+    assert factory.backoff.delay("198.51.100.1") == 2.0
+    assert factory.backoff.delay("203.0.113.5") == 0.0
+    # A device with a key behind the same address logs in at once.
+    key = register(hub, "site-b")
+    _, client, _ = connect_client(factory, clock, b"cms", key=key, peer="198.51.100.1")
+    assert client.factory_state.get("connected")
+    # The right password from that address waits for the back-off first.
+    _, client, pump = connect_client(factory, clock, b"cms", password=b"secret",
+                                     peer="198.51.100.1")
+    assert not client.factory_state.get("connected")
+    clock.advance(factory.backoff.delay("198.51.100.1") + 0.1)
+    for _ in range(10):
+        pump.pump()
+    assert client.factory_state.get("connected")
+
+
+def test_revoked_node_cannot_log_in_and_is_dropped(hub: Hub, clock: MemoryReactorClock) -> None:
+    key = register(hub, "site-a")
+    factory = start_factory(hub)
+    server, client, _pump = connect_client(factory, clock, b"cms", key=key)
+    assert client.factory_state.get("connected")
+    cli = type(hub.registry)(hub.config.db_path, now=clock.seconds)
+    cli.set_state("site-a", "revoked", "cli:test")
+    hub.sync()
+    assert server.transport.disconnecting
+    assert not hub.registry.node("site-a").online
+    _, again, _ = connect_client(factory, clock, b"cms", key=key)
+    assert not again.factory_state.get("connected")
+
+
+def test_reconnect_takes_over(hub: Hub, clock: MemoryReactorClock) -> None:
+    key = register(hub, "site-a")
+    factory = start_factory(hub)
+    old, _, _ = connect_client(factory, clock, b"cms", key=key, peer="192.0.2.1")
+    new, _, _ = connect_client(factory, clock, b"cms", key=key, peer="192.0.2.2")
+    assert old.transport.disconnecting and not new.transport.disconnecting
+    assert hub.registry.node("site-a").peer == "192.0.2.2"
+    old.connectionLost(None)  # the old one's logout must not mark the node offline
+    assert hub.registry.node("site-a").online
