@@ -24,21 +24,13 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .registry import Registry
+from .sshcrypto_algorithms import USERAUTH_SIGNATURE_ALGORITHMS
 
 CALLHOME_PASSWORD = "callhome_password"  # noqa: S105 (a settings key, not a secret)
 
-# Signature algorithms we verify for user keys. ssh-rsa (SHA-1) and DSA are off
-# by default: OpenSSH itself stopped accepting them in 8.8.
-USER_SIG_ALGS: tuple[bytes, ...] = (
-    b"ssh-ed25519",
-    b"ecdsa-sha2-nistp256",
-    b"ecdsa-sha2-nistp384",
-    b"ecdsa-sha2-nistp521",
-    b"sk-ssh-ed25519@openssh.com",
-    b"sk-ecdsa-sha2-nistp256@openssh.com",
-    b"rsa-sha2-512",
-    b"rsa-sha2-256",
-)
+# Signature algorithms we verify for user keys (and announce in server-sig-algs).
+# ssh-rsa (SHA-1) and DSA are off: OpenSSH itself stopped accepting them in 8.8.
+USER_SIG_ALGS: tuple[bytes, ...] = USERAUTH_SIGNATURE_ALGORITHMS
 
 log = Logger()
 

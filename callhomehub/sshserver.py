@@ -1,9 +1,9 @@
 """The SSH server plumbing: factory, transport, user-auth and connection service.
 
 Thin Conch subclasses that fix what Conch's defaults get wrong for an
-Internet-facing hub: algorithm lists for today's OpenSSH, a `server-sig-algs`
-that names user-key algorithms (Conch sends its host-key algorithms, which
-locks out RSA user keys), a 120 s login timeout instead of 10 hours, a bound
+Internet-facing hub: the modern transport of `sshcrypto` (AEAD ciphers, EtM
+MACs, strict kex, rekeying, a user-key `server-sig-algs`), a 120 s login
+timeout instead of 10 hours (counted from the TCP connect), a bound
 on auth attempts and on unauthenticated connections, password back-off per
 source address, server keepalives, and channel opens that may be refused with
 a clear reason or answered later (a Deferred).
@@ -23,29 +23,12 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .auth import USER_SIG_ALGS, PasswordBackoff
+from .auth import PasswordBackoff
 from .config import Limits
 from .keys import HubKeys
+from .sshcrypto import ModernTransportMixin
 
 log = Logger()
-
-CIPHERS = [b"aes256-ctr", b"aes192-ctr", b"aes128-ctr"]
-MACS = [b"hmac-sha2-512", b"hmac-sha2-256"]
-KEX = [
-    b"mlkem768x25519-sha256",
-    b"curve25519-sha256",
-    b"curve25519-sha256@libssh.org",
-    b"ecdh-sha2-nistp256",
-    b"ecdh-sha2-nistp384",
-    b"ecdh-sha2-nistp521",
-]
-HOST_KEY_ALGS = [
-    b"ssh-ed25519",
-    b"ecdsa-sha2-nistp256",
-    b"rsa-sha2-512",
-    b"rsa-sha2-256",
-]
-
 
 class ChannelRefused(Exception):
     """A channel open the hub declines; `reason` is an SSH OPEN_* code."""
@@ -61,24 +44,22 @@ def peer_host(t: Any) -> str:
     return getattr(peer, "host", "?")
 
 
-class HubServerTransport(transport.SSHServerTransport):
-    """Server transport with modern algorithms and a user-key `server-sig-algs`."""
+class HubServerTransport(ModernTransportMixin, transport.SSHServerTransport):
+    """Server transport: modern algorithms, strict kex and rekeying (the mixin),
+    our login timer, and the hub's accounting of unauthenticated connections."""
 
     factory: HubSSHFactory
-    supportedCiphers = CIPHERS
-    supportedMACs = MACS
-    supportedKeyExchanges = KEX
-    supportedCompressions = [b"none"]
     authenticated = False
     _login_timer: Any = None
 
     def connectionMade(self) -> None:
         self.peer = peer_host(self)
+        self.clock = self.factory.clock
         # Conch's own login timeout starts only when the client asks for
         # ssh-userauth; a peer that stalls before that would be kept forever.
         self._login_timer: Any = self.factory.clock.callLater(
             self.factory.limits.login_timeout, self._login_timed_out)
-        transport.SSHServerTransport.connectionMade(self)
+        super().connectionMade()
 
     def _login_timed_out(self) -> None:
         self._login_timer = None
@@ -94,19 +75,12 @@ class HubServerTransport(transport.SSHServerTransport):
             self._login_timer = None
         self.factory.connection_authenticated(self)
 
-    def sendExtInfo(self, extensions: list[tuple[bytes, bytes]]) -> None:
-        fixed = [
-            (name, b",".join(USER_SIG_ALGS) if name == b"server-sig-algs" else value)
-            for name, value in extensions
-        ]
-        transport.SSHServerTransport.sendExtInfo(self, fixed)
-
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._login_timer is not None:
             self._login_timer.cancel()
             self._login_timer = None
         self.factory.connection_closed(self)
-        transport.SSHServerTransport.connectionLost(self, reason)
+        super().connectionLost(reason)
 
 
 class HubUserAuthServer(userauth.SSHUserAuthServer):
@@ -278,10 +252,6 @@ class HubSSHFactory(factory.SSHFactory):
                      peer=getattr(addr, "host", addr), n=len(self.unauthenticated))
             return None
         t: Any = factory.SSHFactory.buildProtocol(self, addr)
-        t.supportedPublicKeys = [
-            alg for alg in HOST_KEY_ALGS
-            if (b"ssh-rsa" if alg.startswith(b"rsa-") else alg) in self.privateKeys
-        ]
         self.unauthenticated.add(t)
         return t
 
