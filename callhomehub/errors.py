@@ -31,3 +31,7 @@ class BadKey(HubError):
 
 class BadName(HubError):
     """A node or user name that does not follow the naming rules."""
+
+
+class PortsExhausted(RegistryError):
+    """The per-device port range has no free port left."""

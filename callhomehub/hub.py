@@ -23,6 +23,7 @@ class Hub:
     clock: IReactorTime
     run_in_thread: Callable[..., defer.Deferred[Any]]
     sessions: LiveSessions
+    reactor: Any = None
     # Set by the NSCA wiring: builds the in-tunnel intake channel, or None.
     nsca_channel_factory: Callable[..., Any] | None = field(default=None)
 

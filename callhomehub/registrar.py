@@ -22,7 +22,8 @@ from .config import NAME_RE
 from .errors import BadKey, BadName, RegistryError
 from .hub import Hub
 from .keys import PublicKeyLine, parse_public_key
-from .sshserver import ChannelRefused
+from .sshconnection import ChannelRefused
+from .tunnels import NodeTunnel
 
 log = Logger()
 
@@ -175,6 +176,7 @@ class RegistrarAvatar(ConchUser):
         self.node = login.node
         self._peer = peer
         self.conn: Any = None
+        self.tunnel: NodeTunnel | None = None
 
     @property
     def actor(self) -> str:
@@ -183,11 +185,11 @@ class RegistrarAvatar(ConchUser):
 
     def connection_started(self, conn: Any) -> None:
         if self.node is not None:
-            self.hub.sessions.attach(self.node, conn, self._peer())
+            self.tunnel = self.hub.sessions.attach(self.node, conn, self._peer())
 
     def logout(self) -> None:
-        if self.node is not None and self.conn is not None:
-            self.hub.sessions.detach(self.node, self.conn)
+        if self.tunnel is not None:
+            self.hub.sessions.detach(self.tunnel)
 
     def lookupChannel(self, channel_type: bytes, window: int, max_packet: int,
                       data: bytes) -> Any:
@@ -214,6 +216,21 @@ class RegistrarAvatar(ConchUser):
         )
 
     def gotGlobalRequest(self, request_type: bytes, data: bytes) -> Any:
-        log.info("{actor}: refused global request {req}", actor=self.actor,
-                 req=request_type.decode("ascii", "replace"))
+        if request_type in (b"tcpip-forward", b"cancel-tcpip-forward"):
+            if self.tunnel is None:
+                log.info("{actor}: refused {req}: only a registered node's key may forward",
+                         actor=self.actor, req=request_type.decode())
+                return 0
+            try:
+                bind, rest = common.getNS(data)
+                (port,) = struct.unpack(">L", rest[:4])
+            except (struct.error, ValueError):
+                log.info("{actor}: malformed {req}", actor=self.actor, req=request_type.decode())
+                return 0
+            if request_type == b"tcpip-forward":
+                return self.tunnel.request_forward(bind, port)
+            return self.tunnel.cancel_forward(bind, port)
+        if request_type != b"keepalive@openssh.com":  # answered "failure", as sshd does
+            log.info("{actor}: refused global request {req}", actor=self.actor,
+                     req=request_type.decode("ascii", "replace"))
         return 0

@@ -9,12 +9,13 @@ The hub notices the CLI's changes through `PRAGMA data_version` (see `changed`).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 
 from attrs import frozen
 
-from .errors import NameTaken, NotFound, RegistryError
+from .errors import NameTaken, NotFound, PortsExhausted, RegistryError
+from .ports import choose_port
 
 STATES = ("pending", "approved", "revoked")
 _STATE_ACTIONS = {"pending": "pending", "approved": "approve", "revoked": "revoke"}
@@ -282,6 +283,41 @@ class Registry:
         with self._tx() as db:
             db.execute("UPDATE nodes SET online = 0, online_since = NULL WHERE online = 1")
             db.execute("UPDATE leases SET active = 0")
+
+    # -- port leases ------------------------------------------------------
+
+    def lease(self, node: str, service: str, low: int, high: int,
+              avoid: Collection[int] = ()) -> tuple[int, bool]:
+        """The node's port for `service`: its lease when it has a usable one,
+        else a new lease on the lowest free port. Returns (port, is_new)."""
+        with self._tx() as db:
+            row = db.execute("SELECT id FROM nodes WHERE name = ?", (node,)).fetchone()
+            if row is None:
+                raise NotFound(f"no node named {node!r}")
+            node_id = row[0]
+            row = db.execute("SELECT port FROM leases WHERE node_id = ? AND service = ?",
+                             (node_id, service)).fetchone()
+            if row is not None and low <= row[0] <= high and row[0] not in avoid:
+                return int(row[0]), False
+            if row is not None:
+                db.execute("DELETE FROM leases WHERE node_id = ? AND service = ?",
+                           (node_id, service))
+            taken = {p for (p,) in db.execute(
+                "SELECT port FROM leases WHERE port BETWEEN ? AND ?", (low, high))}
+            port = choose_port(taken, low, high, avoid)
+            if port is None:
+                raise PortsExhausted(f"no free port left in {low}-{high}")
+            db.execute("INSERT INTO leases (node_id, service, port) VALUES (?, ?, ?)",
+                       (node_id, service, port))
+            self._audit(db, "hub", "lease", node, f"{service}={port}")
+            return port, True
+
+    def set_lease_active(self, node: str, service: str, active: bool) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE leases SET active = ? WHERE service = ?"
+                " AND node_id = (SELECT id FROM nodes WHERE name = ?)",
+                (int(active), service, node))
 
     # -- operators --------------------------------------------------------
 

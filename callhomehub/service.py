@@ -132,7 +132,9 @@ def build_hub(config: HubConfig, reactor: Any) -> Hub:
     def run_in_thread(f: Any, *a: Any) -> Any:
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
 
-    return Hub(config, registry, hub_keys, clock, run_in_thread, LiveSessions(registry, clock))
+    sessions = LiveSessions(registry, clock, reactor, config.port_low, config.port_high,
+                            config.public_interface)
+    return Hub(config, registry, hub_keys, clock, run_in_thread, sessions, reactor)
 
 
 def build_ssh_factory(hub: Hub) -> HubSSHFactory:

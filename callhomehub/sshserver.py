@@ -11,12 +11,10 @@ a clear reason or answered later (a Deferred).
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
-from twisted.conch.error import ConchError
 from twisted.conch.interfaces import IConchUser as _IConchUser
-from twisted.conch.ssh import common, connection, factory, transport, userauth
+from twisted.conch.ssh import common, factory, transport, userauth
 from twisted.cred.credentials import UsernamePassword
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IAddress, IReactorTime
@@ -26,18 +24,10 @@ from twisted.python.failure import Failure
 from .auth import PasswordBackoff
 from .config import Limits
 from .keys import HubKeys
+from .sshconnection import HubConnection
 from .sshcrypto import ModernTransportMixin
 
 log = Logger()
-
-class ChannelRefused(Exception):
-    """A channel open the hub declines; `reason` is an SSH OPEN_* code."""
-
-    def __init__(self, reason: int, text: str) -> None:
-        super().__init__(text)
-        self.reason = reason
-        self.text = text
-
 
 def peer_host(t: Any) -> str:
     peer = t.transport.getPeer() if t.transport is not None else None
@@ -120,107 +110,6 @@ class HubUserAuthServer(userauth.SSHUserAuthServer):
 
 def _password_credentials(user: bytes, packet: bytes) -> UsernamePassword:
     return UsernamePassword(user, common.getNS(packet[1:])[0])
-
-
-class HubConnection(connection.SSHConnection):
-    """The connection service: keepalives, and channel opens that can wait or refuse."""
-
-    transport: Any
-
-    def serviceStarted(self) -> None:
-        connection.SSHConnection.serviceStarted(self)
-        hub_factory: HubSSHFactory = self.transport.factory
-        self._missed = 0
-        self._keepalive: task.LoopingCall | None = None
-        avatar = self.transport.avatar
-        avatar.conn = self
-        if hub_factory.keepalive > 0:
-            self._keepalive = task.LoopingCall(self._send_keepalive)
-            self._keepalive.clock = hub_factory.clock
-            self._keepalive.start(hub_factory.keepalive, now=False)
-        started = getattr(avatar, "connection_started", None)
-        if started is not None:
-            started(self)
-
-    def serviceStopped(self) -> None:
-        if self._keepalive is not None and self._keepalive.running:
-            self._keepalive.stop()
-        connection.SSHConnection.serviceStopped(self)
-
-    def _send_keepalive(self) -> None:
-        hub_factory: HubSSHFactory = self.transport.factory
-        if self._missed >= hub_factory.keepalive_count:
-            log.info("{peer}: {n} keepalives unanswered, dropping the connection",
-                     peer=self.transport.peer, n=self._missed)
-            assert self._keepalive is not None
-            self._keepalive.stop()
-            self.transport.sendDisconnect(
-                transport.DISCONNECT_CONNECTION_LOST, b"keepalive timeout")
-            # A dead peer never reads the disconnect; do not wait for it.
-            self.transport.transport.abortConnection()
-            return
-        self._missed += 1
-
-        def answered(_: object) -> None:
-            self._missed = 0
-
-        def failed(f: Failure) -> None:
-            # OpenSSH answers REQUEST_FAILURE, which proves the peer is alive
-            # as well as a success would; "Connection stopped." proves nothing.
-            if isinstance(f.value, ConchError) and f.value.args[0] == "global request failed":
-                self._missed = 0
-
-        d = self.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
-        d.addCallbacks(answered, failed)
-
-    def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
-        channel_type, rest = common.getNS(packet)
-        sender, window, max_packet = struct.unpack(">3L", rest[:12])
-        data = rest[12:]
-        try:
-            result = self.transport.avatar.lookupChannel(channel_type, window, max_packet, data)
-        except ChannelRefused as e:
-            self._refuse(sender, e.reason, e.text, channel_type)
-            return
-        except ConchError as e:
-            text, reason = e.args if isinstance(e.args[1], int) else (e.args[1], e.args[0])
-            self._refuse(sender, reason, str(text), channel_type)
-            return
-        d = defer.maybeDeferred(lambda: result)
-        d.addCallback(self._confirm, sender, data)
-        d.addErrback(self._open_failed, sender, channel_type)
-
-    def _confirm(self, channel: Any, sender: int, data: bytes) -> None:
-        channel.conn = self
-        local = self.localChannelID
-        self.localChannelID += 1
-        channel.id = local
-        self.channels[local] = channel
-        self.channelsToRemoteChannel[channel] = sender
-        self.localToRemoteChannel[local] = sender
-        self.transport.sendPacket(
-            connection.MSG_CHANNEL_OPEN_CONFIRMATION,
-            struct.pack(">4L", sender, local, channel.localWindowSize, channel.localMaxPacket)
-            + channel.specificData,
-        )
-        channel.channelOpen(data)
-
-    def _open_failed(self, f: Failure, sender: int, channel_type: bytes) -> None:
-        if isinstance(f.value, ChannelRefused):
-            self._refuse(sender, f.value.reason, f.value.text, channel_type)
-            return
-        log.failure("channel open {type!r} failed", f, type=channel_type)
-        self._refuse(sender, connection.OPEN_CONNECT_FAILED, "internal error", channel_type)
-
-    def _refuse(self, sender: int, reason: int, text: str, channel_type: bytes) -> None:
-        log.info("{peer}: refused channel {type}: {text}", peer=self.transport.peer,
-                 type=channel_type.decode("ascii", "replace"), text=text)
-        if self.transport.transport is None or self.transport.transport.disconnecting:
-            return
-        self.transport.sendPacket(
-            connection.MSG_CHANNEL_OPEN_FAILURE,
-            struct.pack(">2L", sender, reason) + common.NS(text.encode()) + common.NS(b""),
-        )
 
 
 class HubSSHFactory(factory.SSHFactory):

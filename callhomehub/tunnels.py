@@ -1,33 +1,46 @@
-"""Live device sessions: one per node, takeover on reconnect, drop on revoke.
+"""Live device tunnels: one per node, their forwards, takeover and revocation.
 
-A node that connects again takes over at once (the old connection may be a
-NAT-rebound ghost that would otherwise linger until keepalives time out);
-a node revoked or removed through the CLI is dropped when the hub notices the
-registry change.
+A node's `tcpip-forward` requests become listeners on the hub's own ports
+(leased in the registry, the same port whenever the node asks for the same
+service again). Connections to a listener are piped into `forwarded-tcpip`
+channels on the node's SSH connection. A node that connects again takes over
+at once: the old connection is closed and its listeners released before the
+new connection binds the same ports. A node revoked or removed through the CLI
+is dropped when the hub notices the registry change.
 """
 
 from __future__ import annotations
 
+import errno
+import struct
 from typing import Any
 
 from attrs import define, field
-from twisted.conch.ssh import transport
+from twisted.conch.ssh import common, transport
+from twisted.internet import defer, protocol
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .errors import NotFound
+from .errors import NotFound, PortsExhausted
+from .ports import service_name
 from .registry import Registry
+from .splice import SpliceChannel, TCPEnd
 
 log = Logger()
 
 # How long a connection we closed may take to flush its disconnect message.
 CLOSE_GRACE = 5.0
+LOOPBACK = "127.0.0.1"
+MAX_CONNECTIONS_PER_NODE = 1024
+# Attempts to find a port nobody else on the machine holds.
+BIND_ATTEMPTS = 16
 
 
 def close_connection(conn: Any, clock: IReactorTime, why: str) -> None:
     """Tell the peer why, then make sure the TCP connection really goes away."""
     ssh_transport = conn.transport
-    tcp = ssh_transport.transport
+    tcp = ssh_transport.transport if ssh_transport is not None else None
     if tcp is None or getattr(tcp, "disconnected", False):
         return
     ssh_transport.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, why.encode())
@@ -36,47 +49,216 @@ def close_connection(conn: Any, clock: IReactorTime, why: str) -> None:
 
 
 @define(eq=False)
+class Forward:
+    service: str
+    bind: bytes          # the bind string exactly as the device sent it
+    channel_port: int    # the port put in forwarded-tcpip (what the device asked for)
+    port: int            # the hub's real port
+    listener: Any = None
+
+
+class ForwardListener(protocol.Factory):
+    """Accepts connections on a node's port and pipes each into the tunnel."""
+
+    noisy = False
+
+    def __init__(self, tunnel: NodeTunnel, forward: Forward) -> None:
+        self.tunnel = tunnel
+        self.forward = forward
+
+    def buildProtocol(self, addr: Any) -> TCPEnd | None:
+        if len(self.tunnel.pipes) >= MAX_CONNECTIONS_PER_NODE:
+            log.warn("node {node}: {n} forwarded connections open, refusing another",
+                     node=self.tunnel.node, n=len(self.tunnel.pipes))
+            return None
+        end = TCPEnd()
+        end.on_connect = lambda: self.tunnel.open_pipe(self.forward, end, addr)
+        return end
+
+
+@define(eq=False)
+class NodeTunnel:
+    """The forwards of one live session of a node."""
+
+    sessions: LiveSessions
+    node: str
+    conn: Any
+    public: bool
+    # Fires when the previous session's listeners are released.
+    ready: defer.Deferred[None] = field(factory=lambda: defer.succeed(None))
+    forwards: dict[tuple[bytes, int], Forward] = field(factory=dict)
+    pipes: set[SpliceChannel] = field(factory=set)
+    closed: bool = False
+
+    @property
+    def interface(self) -> str:
+        return self.sessions.public_interface if self.public else LOOPBACK
+
+    def request_forward(self, bind: bytes, port: int) -> defer.Deferred[Any]:
+        service = service_name(bind.decode("utf-8", "replace"), port)
+        return self.ready.addCallback(lambda _: self._forward(bind, port, service))
+
+    def _forward(self, bind: bytes, port: int, service: str) -> Any:
+        if self.closed:
+            return 0
+        key = (bind, port)
+        if key in self.forwards:
+            return self._reply(self.forwards[key], port)
+        avoid: set[int] = set()
+        for _ in range(BIND_ATTEMPTS):
+            try:
+                real, new = self.sessions.registry.lease(
+                    self.node, service, self.sessions.port_low, self.sessions.port_high, avoid)
+            except PortsExhausted as e:
+                log.error("node {node}: forward {service} refused: {why}", node=self.node,
+                          service=service, why=str(e))
+                return 0
+            forward = Forward(service, bind, port if port else real, real)
+            try:
+                self._listen(forward)
+            except CannotListenError as e:
+                if getattr(e.socketError, "errno", None) != errno.EADDRINUSE:
+                    log.error("node {node}: cannot listen on {port}: {why}", node=self.node,
+                              port=real, why=str(e.socketError))
+                    return 0
+                log.warn("node {node}: port {port} is in use by another program; "
+                         "choosing another", node=self.node, port=real)
+                avoid.add(real)
+                continue
+            self.forwards[key] = forward
+            self.sessions.registry.set_lease_active(self.node, service, True)
+            log.info("node {node}: forward {service} on {iface}:{port}{new}", node=self.node,
+                     service=service, iface=self.interface, port=real,
+                     new=" (new lease)" if new else "")
+            return self._reply(forward, port)
+        log.error("node {node}: no usable port for {service}", node=self.node, service=service)
+        return 0
+
+    @staticmethod
+    def _reply(forward: Forward, requested: int) -> Any:
+        # Port 0 is answered with the allocated port (OpenSSH prints it);
+        # a fixed port is a virtual service number and needs no data.
+        return (1, struct.pack(">L", forward.port)) if requested == 0 else 1
+
+    def _listen(self, forward: Forward) -> None:
+        forward.listener = self.sessions.reactor.listenTCP(
+            forward.port, ForwardListener(self, forward), interface=self.interface)
+
+    def cancel_forward(self, bind: bytes, port: int) -> Any:
+        key = (bind, port)
+        if key not in self.forwards:
+            # OpenSSH cancels a port-0 forward by the port it was allocated.
+            key = next((k for k, f in self.forwards.items()
+                        if k[0] == bind and k[1] == 0 and f.port == port), key)
+        forward = self.forwards.pop(key, None)
+        if forward is None:
+            return 0
+        self.sessions.registry.set_lease_active(self.node, forward.service, False)
+        log.info("node {node}: forward {service} cancelled", node=self.node,
+                 service=forward.service)
+        return forward.listener.stopListening().addCallback(lambda _: 1)
+
+    def open_pipe(self, forward: Forward, end: TCPEnd, addr: Any) -> None:
+        host = getattr(addr, "host", "0.0.0.0")
+        origin_port = getattr(addr, "port", 0)
+        chan = SpliceChannel(end, b"forwarded-tcpip",
+                             on_close=lambda i, o: self.pipes.discard(chan))
+        self.pipes.add(chan)
+        self.conn.openChannel(
+            chan,
+            common.NS(forward.bind) + struct.pack(">L", forward.channel_port)
+            + common.NS(host.encode()) + struct.pack(">L", origin_port))
+
+    def set_public(self, public: bool) -> defer.Deferred[None]:
+        """Rebind every forward on the public interface or back on loopback."""
+        if public == self.public or self.closed:
+            return defer.succeed(None)
+        self.public = public
+
+        def rebind(forward: Forward) -> defer.Deferred[None]:
+            def listen(_: object) -> None:
+                try:
+                    self._listen(forward)
+                except CannotListenError as e:
+                    log.error("node {node}: cannot rebind {port} on {iface}: {why}",
+                              node=self.node, port=forward.port, iface=self.interface,
+                              why=str(e.socketError))
+            return defer.maybeDeferred(forward.listener.stopListening).addCallback(listen)
+
+        log.info("node {node}: ports now on {iface}", node=self.node, iface=self.interface)
+        return defer.gatherResults([rebind(f) for f in self.forwards.values()]
+                                   ).addCallback(lambda _: None)
+
+    def close(self) -> defer.Deferred[None]:
+        """Release every listener; the leases stay with the node."""
+        self.closed = True
+        stops = [defer.maybeDeferred(f.listener.stopListening) for f in self.forwards.values()
+                 if f.listener is not None]
+        self.forwards.clear()
+        return defer.gatherResults(stops).addCallback(lambda _: None)
+
+
+@define(eq=False)
 class LiveSessions:
-    """Which connection carries each node now."""
+    """Which connection (and tunnel) carries each node now."""
 
     registry: Registry
     clock: IReactorTime
-    _live: dict[str, Any] = field(factory=dict)
+    reactor: Any = None
+    port_low: int = 49152
+    port_high: int = 65535
+    public_interface: str = "0.0.0.0"
+    _live: dict[str, NodeTunnel] = field(factory=dict)
 
-    def attach(self, node: str, conn: Any, peer: str) -> None:
+    def attach(self, node: str, conn: Any, peer: str) -> NodeTunnel:
         key = node.lower()
         old = self._live.get(key)
-        self._live[key] = conn
-        if old is not None and old is not conn:
+        public = self._node_public(node)
+        tunnel = NodeTunnel(self, node, conn, public)
+        self._live[key] = tunnel
+        if old is not None and old.conn is not conn:
             log.info("node {node} reconnected from {peer}: closing its old session",
                      node=node, peer=peer)
-            close_connection(old, self.clock, "superseded by a new connection of this node")
+            tunnel.ready = old.close()
+            close_connection(old.conn, self.clock, "superseded by a new connection of this node")
         self.registry.mark_online(node, peer)
         log.info("node {node} online from {peer}", node=node, peer=peer)
+        return tunnel
 
-    def detach(self, node: str, conn: Any) -> None:
-        key = node.lower()
-        if self._live.get(key) is conn:
+    def _node_public(self, node: str) -> bool:
+        try:
+            return self.registry.node(node).public
+        except NotFound:
+            return False
+
+    def detach(self, tunnel: NodeTunnel) -> None:
+        key = tunnel.node.lower()
+        tunnel.close()
+        if self._live.get(key) is tunnel:
             del self._live[key]
-            self.registry.mark_offline(node)
-            log.info("node {node} offline", node=node)
+            self.registry.mark_offline(tunnel.node)
+            log.info("node {node} offline", node=tunnel.node)
 
-    def get(self, node: str) -> Any | None:
+    def get(self, node: str) -> NodeTunnel | None:
         return self._live.get(node.lower())
 
     def online(self) -> list[str]:
         return sorted(self._live)
 
     def enforce(self) -> None:
-        """Drop the sessions of nodes that were revoked or removed."""
-        for key, conn in list(self._live.items()):
+        """Apply registry changes: drop revoked or removed nodes, toggle public access."""
+        for key, tunnel in list(self._live.items()):
             try:
-                state = self.registry.node(key).state
+                node = self.registry.node(key)
+                state = node.state
             except NotFound:
                 state = "removed"
             if state in ("revoked", "removed"):
                 log.info("node {node} {state}: dropping its live session", node=key, state=state)
                 del self._live[key]
+                tunnel.close()
                 if state == "revoked":
                     self.registry.mark_offline(key)
-                close_connection(conn, self.clock, f"node {key} was {state} on the hub")
+                close_connection(tunnel.conn, self.clock, f"node {key} was {state} on the hub")
+            else:
+                tunnel.set_public(node.public)

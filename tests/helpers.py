@@ -153,3 +153,58 @@ def make_key(path: Path, comment: str = "", kind: str = "ed25519") -> Path:
         args[4:4] = ["-b", "3072"]
     subprocess.run(args, check=True, capture_output=True)
     return path
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class DeviceSSHD:
+    """A real OpenSSH sshd playing the device, with its own config in a temp dir."""
+
+    def __init__(self, workdir: Path, authorized: Sequence[Path]) -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.host_key = make_key(self.dir / "ssh_host_ed25519_key", "device-host")
+        auth = self.dir / "authorized_keys"
+        auth.write_text("".join(Path(f"{k}.pub").read_text() if Path(f"{k}.pub").exists()
+                                else Path(k).read_text() for k in authorized))
+        auth.chmod(0o600)
+        self.config = self.dir / "sshd_config"
+        self.config.write_text(
+            f"ListenAddress 127.0.0.1:{self.port}\n"
+            f"HostKey {self.host_key}\n"
+            f"AuthorizedKeysFile {auth}\n"
+            f"PidFile {self.dir / 'sshd.pid'}\n"
+            "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nStrictModes no\nUsePAM no\n"
+            "AllowTcpForwarding yes\nLogLevel VERBOSE\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = self.dir / "sshd.log"
+
+    def start(self) -> DeviceSSHD:
+        if SSHD is None:
+            import pytest
+            pytest.skip("OpenSSH sshd is not installed")
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.config)],
+                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
+
+        def listening() -> bool:
+            import socket
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"sshd exited: {self.log.read_text()}")
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_for(listening, 10, "sshd to listen")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)

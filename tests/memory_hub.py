@@ -26,8 +26,10 @@ def make_hub(tmp_path: Path, clock: MemoryReactorClock, **options: Any) -> Hub:
     config = build_config({"data": str(tmp_path), **options})
     registry = Registry(config.db_path, now=clock.seconds)
     registry.set_setting("callhome_password", hash_password(b"secret", rounds=4), "test")
+    sessions = LiveSessions(registry, clock, clock, config.port_low, config.port_high,
+                            config.public_interface)
     return Hub(config, registry, load_hub_keys(config.keys_dir), clock,
-               lambda f, *a: defer.maybeDeferred(f, *a), LiveSessions(registry, clock))
+               lambda f, *a: defer.maybeDeferred(f, *a), sessions, clock)
 
 
 def new_key() -> keys.Key:

@@ -1,0 +1,45 @@
+"""Which port a node's forward gets, and what the forward's service is called.
+
+Pure rules: the registry stores the leases, the tunnel binds them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Collection
+
+WELL_KNOWN = {22: "ssh", 80: "http", 443: "https"}
+_LABEL = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_NOT_LABELS = {"localhost"}
+
+
+def is_label(bind_address: str) -> bool:
+    """A bind address like `http` in `-R http:0:localhost:80` names a service.
+
+    Addresses, `localhost`, `*` and empty strings do not."""
+    if bind_address.lower() in _NOT_LABELS or not _LABEL.match(bind_address.lower()):
+        return False
+    try:
+        ipaddress.ip_address(bind_address)
+    except ValueError:
+        return True
+    return False
+
+
+def service_name(bind_address: str, requested_port: int) -> str:
+    """The service a `tcpip-forward` request stands for (DESIGN.md, Registrar)."""
+    if is_label(bind_address):
+        return bind_address.lower()
+    if requested_port == 0:
+        return "ssh"
+    return WELL_KNOWN.get(requested_port, f"port-{requested_port}")
+
+
+def choose_port(taken: Collection[int], low: int, high: int,
+                avoid: Collection[int] = ()) -> int | None:
+    """The lowest port in [low, high] neither leased nor known to be unusable."""
+    for port in range(low, high + 1):
+        if port not in taken and port not in avoid:
+            return port
+    return None

@@ -1,0 +1,209 @@
+"""The SSH connection service of the hub's server side.
+
+Conch's `SSHConnection` answers channel opens and global requests on the spot
+and adjusts windows as soon as data arrives, whatever the consumer does. Here:
+channel opens may be refused with a reason or answered later (a Deferred);
+global requests may be answered later too, replies kept in request order;
+channels that say `manages_window = True` send their own window adjusts once
+their consumer has taken the data (real backpressure); and server keepalives
+drop a peer that stops answering.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from twisted.conch.error import ConchError
+from twisted.conch.ssh import common, connection, transport
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+log = Logger()
+
+
+class ChannelRefused(Exception):
+    """A channel open the hub declines; `reason` is an SSH OPEN_* code."""
+
+    def __init__(self, reason: int, text: str) -> None:
+        super().__init__(text)
+        self.reason = reason
+        self.text = text
+
+
+class HubConnection(connection.SSHConnection):
+    """The connection service: keepalives, and channel opens that can wait or refuse."""
+
+    transport: Any
+
+    def serviceStarted(self) -> None:
+        connection.SSHConnection.serviceStarted(self)
+        hub_factory = self.transport.factory
+        self._missed = 0
+        self._replies: list[list[Any]] = []
+        self._keepalive: task.LoopingCall | None = None
+        avatar = self.transport.avatar
+        avatar.conn = self
+        if hub_factory.keepalive > 0:
+            self._keepalive = task.LoopingCall(self._send_keepalive)
+            self._keepalive.clock = hub_factory.clock
+            self._keepalive.start(hub_factory.keepalive, now=False)
+        started = getattr(avatar, "connection_started", None)
+        if started is not None:
+            started(self)
+
+    def serviceStopped(self) -> None:
+        if self._keepalive is not None and self._keepalive.running:
+            self._keepalive.stop()
+        connection.SSHConnection.serviceStopped(self)
+
+    def _send_keepalive(self) -> None:
+        hub_factory = self.transport.factory
+        if self._missed >= hub_factory.keepalive_count:
+            log.info("{peer}: {n} keepalives unanswered, dropping the connection",
+                     peer=self.transport.peer, n=self._missed)
+            assert self._keepalive is not None
+            self._keepalive.stop()
+            self.transport.sendDisconnect(
+                transport.DISCONNECT_CONNECTION_LOST, b"keepalive timeout")
+            # A dead peer never reads the disconnect; do not wait for it.
+            self.transport.transport.abortConnection()
+            return
+        self._missed += 1
+
+        def answered(_: object) -> None:
+            self._missed = 0
+
+        def failed(f: Failure) -> None:
+            # OpenSSH answers REQUEST_FAILURE, which proves the peer is alive
+            # as well as a success would; "Connection stopped." proves nothing.
+            if isinstance(f.value, ConchError) and f.value.args[0] == "global request failed":
+                self._missed = 0
+
+        d = self.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
+        d.addCallbacks(answered, failed)
+
+    def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
+        channel_type, rest = common.getNS(packet)
+        sender, window, max_packet = struct.unpack(">3L", rest[:12])
+        data = rest[12:]
+        try:
+            result = self.transport.avatar.lookupChannel(channel_type, window, max_packet, data)
+        except ChannelRefused as e:
+            self._refuse(sender, e.reason, e.text, channel_type)
+            return
+        except ConchError as e:
+            text, reason = e.args if isinstance(e.args[1], int) else (e.args[1], e.args[0])
+            self._refuse(sender, reason, str(text), channel_type)
+            return
+        d = defer.maybeDeferred(lambda: result)
+        d.addCallback(self._confirm, sender, data)
+        d.addErrback(self._open_failed, sender, channel_type)
+
+    def _confirm(self, channel: Any, sender: int, data: bytes) -> None:
+        if self._gone():
+            channel.closed()  # the peer left while we were opening the other side
+            return
+        channel.conn = self
+        local = self.localChannelID
+        self.localChannelID += 1
+        channel.id = local
+        self.channels[local] = channel
+        self.channelsToRemoteChannel[channel] = sender
+        self.localToRemoteChannel[local] = sender
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_OPEN_CONFIRMATION,
+            struct.pack(">4L", sender, local, channel.localWindowSize, channel.localMaxPacket)
+            + channel.specificData,
+        )
+        channel.channelOpen(data)
+
+    def _open_failed(self, f: Failure, sender: int, channel_type: bytes) -> None:
+        if isinstance(f.value, ChannelRefused):
+            self._refuse(sender, f.value.reason, f.value.text, channel_type)
+            return
+        log.failure("channel open {type!r} failed", f, type=channel_type)
+        self._refuse(sender, connection.OPEN_CONNECT_FAILED, "internal error", channel_type)
+
+    def _refuse(self, sender: int, reason: int, text: str, channel_type: bytes) -> None:
+        log.info("{peer}: refused channel {type}: {text}", peer=self.transport.peer,
+                 type=channel_type.decode("ascii", "replace"), text=text)
+        if self._gone():
+            return
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_OPEN_FAILURE,
+            struct.pack(">2L", sender, reason) + common.NS(text.encode()) + common.NS(b""),
+        )
+
+    def _gone(self) -> bool:
+        tcp = self.transport.transport
+        return tcp is None or bool(tcp.disconnecting) or self.transport.service is not self
+
+    # -- global requests: answers may come later, replies stay in order ----
+
+    def ssh_GLOBAL_REQUEST(self, packet: bytes) -> None:
+        request_type, rest = common.getNS(packet)
+        want_reply, rest = rest[0], rest[1:]
+        try:
+            result = self.gotGlobalRequest(request_type, rest)
+        except Exception:
+            log.failure("global request {req!r} failed", req=request_type)
+            result = 0
+        if not want_reply:
+            return
+        slot: list[Any] = [None]
+        self._replies.append(slot)
+
+        def answer(value: Any) -> None:
+            slot[0] = value or 0
+            self._flush_replies()
+
+        def failed(f: Failure) -> None:
+            log.failure("global request {req!r} failed", f, req=request_type)
+            answer(0)
+
+        defer.maybeDeferred(lambda: result).addCallbacks(answer, failed)
+
+    def _flush_replies(self) -> None:
+        while self._replies and self._replies[0][0] is not None:
+            value = self._replies.pop(0)[0]
+            if self._gone():
+                continue
+            if value:
+                data = value[1] if isinstance(value, (tuple, list)) else b""
+                self.transport.sendPacket(connection.MSG_REQUEST_SUCCESS, data)
+            else:
+                self.transport.sendPacket(connection.MSG_REQUEST_FAILURE, b"")
+
+    # -- channel data: flow-controlled channels adjust their own window ----
+
+    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
+        local, length = struct.unpack(">2L", packet[:8])
+        channel = self.channels.get(local)
+        if channel is None or not getattr(channel, "manages_window", False):
+            connection.SSHConnection.ssh_CHANNEL_DATA(self, packet)
+            return
+        if self._over_window(channel, length):
+            return
+        channel.localWindowLeft -= length
+        channel.dataReceived(packet[8:8 + length])
+
+    def ssh_CHANNEL_EXTENDED_DATA(self, packet: bytes) -> None:
+        local, type_code, length = struct.unpack(">3L", packet[:12])
+        channel = self.channels.get(local)
+        if channel is None or not getattr(channel, "manages_window", False):
+            connection.SSHConnection.ssh_CHANNEL_EXTENDED_DATA(self, packet)
+            return
+        if self._over_window(channel, length):
+            return
+        channel.localWindowLeft -= length
+        channel.extReceived(type_code, packet[12:12 + length])
+
+    def _over_window(self, channel: Any, length: int) -> bool:
+        if length > channel.localWindowLeft or length > channel.localMaxPacket:
+            log.warn("{peer}: channel {id} sent {n} bytes beyond its window; closing it",
+                     peer=self.transport.peer, id=channel.id, n=length)
+            self.sendClose(channel)
+            return True
+        return False
