@@ -21,6 +21,7 @@ from .auth import CALLHOME_PASSWORD, hash_password
 from .config import NAME_RE
 from .errors import HubError
 from .keys import load_hub_keys, parse_public_key
+from .monitoring import status
 from .registry import Node, Registry
 
 
@@ -172,6 +173,21 @@ def cmd_audit(reg: Registry, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(reg: Registry, args: argparse.Namespace) -> int:
+    results = status(reg, args.node)
+    if args.json:
+        print(json.dumps([{"node": r.node, "host": r.host, "service": r.service,
+                           "code": r.code, "output": r.output, "time": r.time}
+                          for r in results], indent=2))
+        return 0
+    states = {0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN"}
+    rows = [["NODE", "HOST", "SERVICE", "STATE", "TIME", "OUTPUT"]]
+    rows += [[r.node or "-", r.host, r.service or "(host)", states.get(r.code, str(r.code)),
+              _when(r.time), r.output.splitlines()[0] if r.output else ""] for r in results]
+    _print_table(rows)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="callhomehub", description="callhomehub admin CLI")
     p.add_argument("--data", default=".", help="state directory of the hub (default .)")
@@ -206,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     ud.set_defaults(func=cmd_user_del)
     ud.add_argument("name")
     add("users", cmd_users, "list operators", listing=True)
+    add("status", cmd_status, "monitoring: latest result per host/service",
+        listing=True).add_argument("node", nargs="?")
     add("audit", cmd_audit, "show the audit log", listing=True).add_argument(
         "--limit", type=int, default=1000)
     return p

@@ -15,12 +15,9 @@ from typing import Any
 from attrs import field, frozen
 
 from .errors import ConfigError
+from .nsca import check_method
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-
-# NSCA encryption methods are checked by the NSCA module once it is loaded;
-# this is only the range the protocol defines.
-_NSCA_METHODS = range(0, 27)
 
 
 @frozen
@@ -150,8 +147,10 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         raise ConfigError(f"[registrar] user: {registrar!r} is not a valid user name")
 
     nsca = NSCAConfig(**doc.get("nsca", {}))
-    if nsca.encryption not in _NSCA_METHODS:
-        raise ConfigError(f"[nsca] encryption: {nsca.encryption} is not an NSCA method number")
+    try:
+        check_method(nsca.encryption)
+    except ValueError as e:
+        raise ConfigError(f"[nsca] encryption: {e}") from None
     if nsca.max_age < 0 or nsca.history < 1:
         raise ConfigError("[nsca] max_age must be >= 0 and history >= 1")
 

@@ -26,6 +26,7 @@ class Hub:
     reactor: Any = None
     # Set by the NSCA wiring: builds the in-tunnel intake channel, or None.
     nsca_channel_factory: Callable[..., Any] | None = field(default=None)
+    monitoring: Any = None
 
     def sync(self) -> None:
         """Apply changes the admin CLI made to the registry (polled every second)."""

@@ -199,6 +199,9 @@ class RegistrarAvatar(ConchUser):
             host, rest = common.getNS(data)
             port = struct.unpack(">L", rest[:4])[0]
             if (host.lower(), port) in NSCA_TARGETS:
+                if self.node is None:
+                    raise ChannelRefused(connection.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                         "only a registered node's key may send results")
                 factory = self.hub.nsca_channel_factory
                 if factory is not None:
                     return factory(self, window, max_packet)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
 
 from attrs import frozen
 
@@ -72,6 +73,20 @@ MIGRATIONS: tuple[str, ...] = (
         target TEXT NOT NULL,
         detail TEXT NOT NULL DEFAULT ''
     );
+    """,
+    # 2: monitoring results (latest state plus bounded history per host/service).
+    """
+    CREATE TABLE results (
+        id INTEGER PRIMARY KEY,
+        node TEXT NOT NULL,
+        host TEXT NOT NULL,
+        service TEXT NOT NULL,
+        code INTEGER NOT NULL,
+        output TEXT NOT NULL,
+        time REAL NOT NULL,
+        received REAL NOT NULL
+    );
+    CREATE INDEX results_by_check ON results (host, service, id)
     """,
 )
 
@@ -146,6 +161,14 @@ class Registry:
                     self._db.execute(f"PRAGMA user_version = {version}")
         except sqlite3.DatabaseError as e:
             raise RegistryError(f"registry {path} is unreadable or corrupt: {e}") from None
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """A read for modules that keep their own tables here (monitoring)."""
+        return self._db.execute(sql, params).fetchall()
+
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        """One write transaction, for modules that keep their own tables here."""
+        return self._tx()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

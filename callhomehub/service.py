@@ -18,10 +18,12 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from .auth import CallHomePasswordChecker, DeviceKeyChecker, DeviceLogin
+from .commandfile import CommandFileWriter
 from .config import HubConfig, build_config
 from .errors import HubError
 from .hub import Hub
 from .keys import load_hub_keys
+from .monitoring import Monitoring
 from .registrar import RegistrarAvatar
 from .registry import Registry
 from .sshserver import HubSSHFactory
@@ -134,7 +136,12 @@ def build_hub(config: HubConfig, reactor: Any) -> Hub:
 
     sessions = LiveSessions(registry, clock, reactor, config.port_low, config.port_high,
                             config.public_interface)
-    return Hub(config, registry, hub_keys, clock, run_in_thread, sessions, reactor)
+    hub = Hub(config, registry, hub_keys, clock, run_in_thread, sessions, reactor)
+    command_file = (CommandFileWriter(config.command_file, clock)
+                    if config.command_file else None)
+    hub.monitoring = Monitoring(registry, config.nsca, clock, command_file)
+    hub.nsca_channel_factory = hub.monitoring.channel_factory
+    return hub
 
 
 def build_ssh_factory(hub: Hub) -> HubSSHFactory:
@@ -162,6 +169,9 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     top = service.MultiService()
     top.hub = hub  # type: ignore[attr-defined]
     ListenerService("SSH", config.ssh, factory, reactor).setServiceParent(top)
+    if config.nsca_endpoint and hub.monitoring is not None:
+        ListenerService("NSCA", config.nsca_endpoint, hub.monitoring.tcp_factory(),
+                        reactor).setServiceParent(top)
     poll = internet.TimerService(REGISTRY_POLL, hub.sync)
     poll.clock = reactor
     poll.setServiceParent(top)

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -101,7 +102,6 @@ class SSHClient:
         self.port = port
         workdir.mkdir(parents=True, exist_ok=True)
         self.known_hosts = workdir / "known_hosts"
-        self.askpass = workdir / "askpass"
 
     def base(self, *, password: str | None = None, key: Path | None = None) -> list[str]:
         args = [SSH or "ssh", "-F", "/dev/null", "-p", str(self.port),
@@ -123,9 +123,16 @@ class SSHClient:
         # A DISPLAY lets tests ask for X11 forwarding; BatchMode keeps askpass unused.
         env["DISPLAY"] = ":0"
         if password is not None:
-            self.askpass.write_text(f"#!/bin/sh\nprintf '%s\\n' '{password}'\n")
-            self.askpass.chmod(0o700)
-            env.update(SSH_ASKPASS=str(self.askpass), SSH_ASKPASS_REQUIRE="force")
+            # One script per password, written once and renamed into place:
+            # rewriting it while another ssh runs it fails with ETXTBSY.
+            import hashlib
+            script = self.workdir / f"askpass-{hashlib.sha1(password.encode()).hexdigest()}"
+            if not script.exists():
+                tmp = script.with_suffix(f".{os.getpid()}.{threading.get_ident()}")
+                tmp.write_text(f"#!/bin/sh\nprintf '%s\\n' '{password}'\n")
+                tmp.chmod(0o700)
+                os.replace(tmp, script)
+            env.update(SSH_ASKPASS=str(script), SSH_ASKPASS_REQUIRE="force")
         return env
 
     def run(self, target: str, *command: str, password: str | None = None,
