@@ -7,6 +7,7 @@ thread through the injected `run_in_thread`.
 
 from __future__ import annotations
 
+import fnmatch
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from .errors import NotFound
 from .registry import Registry
 from .sshcrypto_algorithms import USERAUTH_SIGNATURE_ALGORITHMS
 
@@ -42,6 +44,30 @@ class DeviceLogin:
     node: str | None
 
 
+@frozen
+class OperatorLogin:
+    """An operator, with what the login name selected (`alice:node[:port]`)."""
+
+    user: str
+    node: str | None = None
+    port: str | None = None
+
+
+def parse_login(name: str) -> OperatorLogin:
+    """`alice`, `alice:NODE` or `alice:NODE:PORT` (the Opengear way)."""
+    parts = name.split(":")
+    if len(parts) > 3 or any(not part for part in parts):
+        raise UnauthorizedLogin(f"malformed login name {name!r}")
+    node = parts[1] if len(parts) > 1 else None
+    port = parts[2] if len(parts) > 2 else None
+    return OperatorLogin(parts[0], node, port)
+
+
+def may_reach(patterns: tuple[str, ...], node: str) -> bool:
+    """Whether grant patterns (shell globs, case-insensitive) allow `node`."""
+    return any(fnmatch.fnmatchcase(node.lower(), p.lower()) for p in patterns)
+
+
 def hash_password(password: bytes, rounds: int = 12) -> str:
     return bcrypt.hashpw(password, bcrypt.gensalt(rounds)).decode()
 
@@ -55,7 +81,8 @@ def check_password(password: bytes, hashed: str) -> bool:
 
 @implementer(ICredentialsChecker)
 class CallHomePasswordChecker:
-    """The registrar user with the Call Home Password (bcrypt, off the reactor)."""
+    """The registrar user with the Call Home Password, operators with their own
+    password (bcrypt, off the reactor)."""
 
     credentialInterfaces = (IUsernamePassword,)
 
@@ -66,8 +93,9 @@ class CallHomePasswordChecker:
         self._run = run_in_thread
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
+        name = credentials.username.decode("utf-8", "replace")
         if credentials.username != self._user:
-            return defer.fail(UnauthorizedLogin(f"no password login for {credentials.username!r}"))
+            return self._operator(name, credentials.password)
         hashed = self._registry.setting(CALLHOME_PASSWORD)
         if hashed is None:
             return defer.fail(UnauthorizedLogin("no Call Home Password is set on this hub"))
@@ -79,10 +107,27 @@ class CallHomePasswordChecker:
 
         return self._run(check_password, credentials.password, hashed).addCallback(decide)
 
+    def _operator(self, name: str, password: bytes) -> defer.Deferred[Any]:
+        try:
+            login = parse_login(name)
+            user = self._registry.user(login.user)
+        except (UnauthorizedLogin, NotFound):
+            return defer.fail(UnauthorizedLogin(f"no operator {name!r}"))
+        if user.password_hash is None:
+            return defer.fail(UnauthorizedLogin(f"operator {user.name} has no password"))
+
+        def decide(ok: bool) -> OperatorLogin:
+            if not ok:
+                raise UnauthorizedLogin(f"wrong password for operator {user.name}")
+            return OperatorLogin(user.name, login.node, login.port)
+
+        return self._run(check_password, password, user.password_hash).addCallback(decide)
+
 
 @implementer(ICredentialsChecker)
 class DeviceKeyChecker:
-    """The registrar user with a registered, not revoked device key."""
+    """The registrar user with a registered, not revoked device key; operators
+    with one of their keys."""
 
     credentialInterfaces = (ISSHPrivateKey,)
 
@@ -93,9 +138,19 @@ class DeviceKeyChecker:
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
         return defer.maybeDeferred(self._check, credentials)
 
-    def _check(self, credentials: Any) -> DeviceLogin:
+    def _check(self, credentials: Any) -> DeviceLogin | OperatorLogin:
+        if credentials.algName not in USER_SIG_ALGS:
+            raise UnauthorizedLogin(f"signature algorithm {credentials.algName!r} not allowed")
         if credentials.username != self._user:
-            raise UnauthorizedLogin(f"no key login for {credentials.username!r}")
+            login = parse_login(credentials.username.decode("utf-8", "replace"))
+            try:
+                user = self._registry.user(login.user)
+            except NotFound:
+                raise UnauthorizedLogin(f"no operator {login.user!r}") from None
+            if credentials.blob not in user.keys:
+                raise UnauthorizedLogin(f"key not registered for operator {user.name}")
+            verify_signature(credentials)
+            return OperatorLogin(user.name, login.node, login.port)
         if credentials.algName not in USER_SIG_ALGS:
             raise UnauthorizedLogin(f"signature algorithm {credentials.algName!r} not allowed")
         node = self._registry.node_by_key(credentials.blob)

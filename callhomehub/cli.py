@@ -19,6 +19,7 @@ from typing import Any
 
 from .auth import CALLHOME_PASSWORD, hash_password
 from .config import NAME_RE
+from .control import ask
 from .errors import HubError
 from .keys import load_hub_keys, parse_public_key
 from .monitoring import status
@@ -94,8 +95,43 @@ def cmd_state(state: str) -> Any:
     def run(reg: Registry, args: argparse.Namespace) -> int:
         node = reg.set_state(args.node, state, _actor())
         print(f"node {node.name}: {state}")
+        if state == "approved":
+            answer = ask(args.data, {"op": "verify", "node": node.name, "actor": _actor()})
+            if answer is None:
+                print("the hub is not running: the device login is verified on its next "
+                      "`callhomehub approve` or `enroll`")
+            elif answer["ok"]:
+                print(answer["message"])
+            else:
+                print(f"warning: {answer['message']}; if the device has not authorized the "
+                      f"hub's management key, run: callhomehub enroll {node.name}",
+                      file=sys.stderr)
         return 0
     return run
+
+
+def cmd_enroll(reg: Registry, args: argparse.Namespace) -> int:
+    node = reg.node(args.node)
+    password = _read_stdin_secret(f"password of {args.user} on {node.name}")
+    if not password:
+        raise HubError("enroll: empty device password on stdin")
+    answer = ask(args.data, {"op": "enroll", "node": node.name, "user": args.user,
+                             "password": password.decode("utf-8", "replace"),
+                             "actor": _actor()})
+    if answer is None:
+        raise HubError("enroll: the hub is not running (it logs in through the node's tunnel)")
+    if not answer["ok"]:
+        raise HubError(f"enroll {node.name}: {answer['message']}")
+    print(f"node {node.name}: {answer['message']}")
+    return 0
+
+
+def cmd_console(reg: Registry, args: argparse.Namespace) -> int:
+    node = reg.set_device_access(args.node, _actor(), console=args.template,
+                                 clear_console=args.template is None)
+    print(f"node {node.name}: console " + (f"template {node.console!r}" if node.console
+                                           else f"ports as {node.device_user}:PORT logins"))
+    return 0
 
 
 def cmd_remove(reg: Registry, args: argparse.Namespace) -> int:
@@ -205,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, state in (("approve", "approved"), ("revoke", "revoked")):
         add(name, cmd_state(state), f"{name} a node").add_argument("node")
     add("remove", cmd_remove, "remove a node").add_argument("node")
+    sp = add("enroll", cmd_enroll, "install the management key on a node (password on stdin)")
+    sp.add_argument("node")
+    sp.add_argument("--user", default="root", help="device user (default root)")
+    sp = add("console-template", cmd_console,
+             "command run on the device for NODE:PORT logins ({port} is replaced)")
+    sp.add_argument("node")
+    sp.add_argument("template", nargs="?", help="omit to use DEVICEUSER:PORT logins")
     sp = add("access", cmd_access, "public access to a node's ports on or off")
     sp.add_argument("node")
     sp.add_argument("mode", choices=["on", "off"])

@@ -20,6 +20,7 @@ from .commandfile import CommandFileWriter
 from .config import NSCAConfig
 from .nsca import CheckResult, NSCAServerFactory, NSCAServerProtocol, NSCASettings, format_command
 from .registry import Registry
+from .splice import ChannelTransport
 
 log = Logger()
 
@@ -86,25 +87,6 @@ def status(registry: Registry, node: str | None = None) -> list[Status]:
     return [Status(*row) for row in rows]
 
 
-class _ChannelTransport:
-    """Just enough of ITransport for the NSCA protocol to run on a channel."""
-
-    def __init__(self, chan: NSCAChannel) -> None:
-        self.chan = chan
-
-    def write(self, data: bytes) -> None:
-        self.chan.write(data)
-
-    def loseConnection(self) -> None:
-        self.chan.loseConnection()
-
-    def getPeer(self) -> Any:
-        return self.chan.conn.transport.getPeer()
-
-    def getHost(self) -> Any:
-        return self.chan.conn.transport.getHost()
-
-
 class NSCAChannel(channel.SSHChannel):
     """A `direct-tcpip` channel to localhost:5667, answered by the in-process intake."""
 
@@ -118,7 +100,7 @@ class NSCAChannel(channel.SSHChannel):
             peer=actor)
 
     def channelOpen(self, specificData: bytes) -> None:
-        self.protocol.makeConnection(_ChannelTransport(self))  # type: ignore[arg-type]
+        self.protocol.makeConnection(ChannelTransport(self))  # type: ignore[arg-type]
 
     def dataReceived(self, data: bytes) -> None:
         self.protocol.dataReceived(data)

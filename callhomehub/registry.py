@@ -88,6 +88,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX results_by_check ON results (host, service, id)
     """,
+    # 3: per-node console command template (serial ports behind a console server).
+    """
+    ALTER TABLE nodes ADD COLUMN console TEXT
+    """,
 )
 
 
@@ -108,6 +112,7 @@ class Node:
     device_user: str
     host_key: bytes | None
     forwards: dict[str, int]
+    console: str | None = None
 
 
 @frozen
@@ -220,14 +225,14 @@ class Registry:
 
     def _node(self, row: tuple) -> Node:  # type: ignore[type-arg]
         (id_, name, kind, blob, fp, state, created, seen, peer, online, since, public, user,
-         host_key) = row
+         host_key, console) = row
         forwards = dict(
             self._db.execute(
                 "SELECT service, port FROM leases WHERE node_id = ? ORDER BY port", (id_,)
             ).fetchall()
         )
         return Node(id_, name, kind, blob, fp, state, created, seen, peer, bool(online), since,
-                    bool(public), user, host_key, forwards)
+                    bool(public), user, host_key, forwards, console)
 
     def register(self, name: str, key_blob: bytes, fingerprint: str,
                  actor: str) -> tuple[Node, bool]:
@@ -274,6 +279,26 @@ class Registry:
             if updated.rowcount == 0:
                 raise NotFound(f"no node named {name!r}")
             self._audit(db, actor, "access", name, "on" if public else "off")
+        return self.node(name)
+
+    def set_device_access(self, name: str, actor: str, *, host_key: bytes | None = None,
+                          device_user: str | None = None, console: str | None = None,
+                          clear_console: bool = False) -> Node:
+        """Pin the device host key, set the device user or the console template."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM nodes WHERE name = ?", (name,)).fetchone() is None:
+                raise NotFound(f"no node named {name!r}")
+            changes = []
+            if host_key is not None:
+                db.execute("UPDATE nodes SET host_key = ? WHERE name = ?", (host_key, name))
+                changes.append("host key pinned")
+            if device_user is not None:
+                db.execute("UPDATE nodes SET device_user = ? WHERE name = ?", (device_user, name))
+                changes.append(f"device user {device_user}")
+            if console is not None or clear_console:
+                db.execute("UPDATE nodes SET console = ? WHERE name = ?", (console, name))
+                changes.append(f"console {console!r}")
+            self._audit(db, actor, "device-access", name, ", ".join(changes))
         return self.node(name)
 
     def mark_online(self, name: str, peer: str) -> None:

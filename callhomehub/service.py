@@ -17,10 +17,12 @@ from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
-from .auth import CallHomePasswordChecker, DeviceKeyChecker, DeviceLogin
+from .auth import CallHomePasswordChecker, DeviceKeyChecker, DeviceLogin, OperatorLogin
 from .commandfile import CommandFileWriter
 from .config import HubConfig, build_config
+from .control import ControlFactory, control_endpoint
 from .errors import HubError
+from .gateway import OperatorAvatar
 from .hub import Hub
 from .keys import load_hub_keys
 from .monitoring import Monitoring
@@ -76,14 +78,20 @@ class HubRealm:
         self.peer = "?"
 
     def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:
-        if IConchUser not in interfaces or not isinstance(avatar_id, DeviceLogin):
+        if IConchUser not in interfaces:
             raise NotImplementedError("no such avatar")
+        avatar: RegistrarAvatar | OperatorAvatar
         # The peer is read lazily: the avatar outlives this call.
-        avatar = RegistrarAvatar(self.hub, avatar_id, lambda: self._peer_of(avatar))
+        if isinstance(avatar_id, DeviceLogin):
+            avatar = RegistrarAvatar(self.hub, avatar_id, lambda: self._peer_of(avatar))
+        elif isinstance(avatar_id, OperatorLogin):
+            avatar = OperatorAvatar(self.hub, avatar_id, lambda: self._peer_of(avatar))
+        else:
+            raise NotImplementedError("no such avatar")
         return IConchUser, avatar, avatar.logout
 
     @staticmethod
-    def _peer_of(avatar: RegistrarAvatar) -> str:
+    def _peer_of(avatar: Any) -> str:
         conn = avatar.conn
         return getattr(getattr(conn, "transport", None), "peer", "?")
 
@@ -114,8 +122,12 @@ class ListenerService(service.Service):
     def _listening(self, port: Any) -> Any:
         self.port = port
         addr = port.getHost()
-        log.info("callhomehub {what} listening on {host}:{port}", what=self.description,
-                 host=addr.host, port=addr.port)
+        if hasattr(addr, "port"):
+            log.info("callhomehub {what} listening on {host}:{port}", what=self.description,
+                     host=addr.host, port=addr.port)
+        else:
+            log.info("callhomehub {what} listening on {path}", what=self.description,
+                     path=addr.name.decode() if isinstance(addr.name, bytes) else addr.name)
         return port
 
     def stopService(self) -> Any:
@@ -169,6 +181,8 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     top = service.MultiService()
     top.hub = hub  # type: ignore[attr-defined]
     ListenerService("SSH", config.ssh, factory, reactor).setServiceParent(top)
+    ListenerService("control socket", control_endpoint(config.data), ControlFactory(hub),
+                    reactor).setServiceParent(top)
     if config.nsca_endpoint and hub.monitoring is not None:
         ListenerService("NSCA", config.nsca_endpoint, hub.monitoring.tcp_factory(),
                         reactor).setServiceParent(top)

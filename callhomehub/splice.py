@@ -56,6 +56,9 @@ class SpliceChannel(channel.SSHChannel):
     # -- lifecycle ---------------------------------------------------------
 
     def channelOpen(self, specificData: bytes) -> None:
+        if self.tcp.read_closed and self.tcp.write_closed:
+            self.loseConnection()  # the TCP side died while the device was opening
+            return
         self.tcp.transport.registerProducer(self, True)
         self.tcp.resume()
 
@@ -149,6 +152,8 @@ class SpliceChannel(channel.SSHChannel):
             self.loseConnection()
 
     def tcp_lost(self) -> None:
+        if self.conn is None:
+            return  # not open yet: channelOpen closes it
         self.loseConnection()
 
 
@@ -194,3 +199,134 @@ class TCPEnd(protocol.Protocol):
         self.read_closed = self.write_closed = True
         if self.channel is not None:
             self.channel.tcp_lost()
+
+
+class ChannelTransport:
+    """Just enough of ITransport for an in-process protocol to run on a channel
+    (the hub's SSH client to a device, the NSCA intake)."""
+
+    disconnecting = False
+
+    def __init__(self, chan: Any) -> None:
+        self.chan = chan
+
+    def write(self, data: bytes) -> None:
+        if not self.disconnecting:
+            self.chan.write(data)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        if not self.disconnecting:
+            self.disconnecting = True
+            self.chan.loseConnection()
+
+    abortConnection = loseConnection
+
+    def getPeer(self) -> Any:
+        return self.chan.conn.transport.getPeer()
+
+    def getHost(self) -> Any:
+        return self.chan.conn.transport.getHost()
+
+
+class RelayMixin:
+    """One end of a flow-controlled channel<->channel relay (gateway, jump host).
+
+    Mixed into an SSHChannel subclass. Data from this channel's remote side
+    goes to `peer.write`; window is granted back only while the peer's remote
+    window has room (its `stopWriting`/`startWriting` hold and release us).
+    EOF, exit status and close wait for the peer's buffered data (`after_flush`),
+    because Conch would send them ahead of it.
+    """
+
+    manages_window = True
+    relay_peer: Any = None
+    conn: Any
+    buf: bytes
+    extBuf: list[Any]
+    closing: int
+    localWindowSize: int
+    relay_bytes_in = 0
+    _relay_unacked = 0
+    _relay_held = False
+    _relay_after: list[Callable[[], object]] | None = None
+
+    def relay_received(self, n: int) -> None:
+        self.relay_bytes_in += n
+        self._relay_unacked += n
+        self._relay_grant()
+
+    def _relay_grant(self) -> None:
+        if self._relay_held or self.closing or self._relay_unacked < self.localWindowSize // 4:
+            return
+        granted, self._relay_unacked = self._relay_unacked, 0
+        self.conn.adjustWindow(self, granted)
+
+    def relay_hold(self) -> None:
+        self._relay_held = True
+
+    def relay_release(self) -> None:
+        self._relay_held = False
+        self._relay_grant()
+
+    # The peer calls these through its stopWriting/startWriting.
+    def stopWriting(self) -> None:
+        if self.relay_peer is not None:
+            self.relay_peer.relay_hold()
+
+    def startWriting(self) -> None:
+        if self.relay_peer is not None:
+            self.relay_peer.relay_release()
+
+    def after_flush(self, action: Callable[[], object]) -> None:
+        """Run `action` once everything written so far has gone out."""
+        if self._relay_after is None:
+            self._relay_after = []
+        self._relay_after.append(action)
+        self._relay_run_after()
+
+    def _relay_run_after(self) -> None:
+        while self._relay_after and not self.buf and not self.extBuf:
+            self._relay_after.pop(0)()
+
+    def addWindowBytes(self, data: int) -> None:
+        super().addWindowBytes(data)  # type: ignore[misc]
+        self._relay_run_after()
+
+
+class RelayChannel(RelayMixin, channel.SSHChannel):
+    """A channel relayed byte for byte to `relay_peer`, another RelayChannel."""
+
+    on_close: Callable[[], None] | None = None
+
+    def __init__(self, name: bytes, **kw: Any) -> None:
+        channel.SSHChannel.__init__(self, localWindow=WINDOW, localMaxPacket=MAX_PACKET, **kw)
+        self.name = name
+
+    def relay_open(self) -> bool:
+        return getattr(self, "conn", None) is not None and not self.closing
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.relay_peer is not None and self.relay_peer.relay_open():
+            self.relay_peer.write(data)
+        self.relay_received(len(data))
+
+    def extReceived(self, dataType: int, data: bytes) -> None:
+        if self.relay_peer is not None and self.relay_peer.relay_open():
+            self.relay_peer.writeExtended(dataType, data)
+        self.relay_received(len(data))
+
+    def eofReceived(self) -> None:
+        peer = self.relay_peer
+        if peer is not None and peer.relay_open():
+            peer.after_flush(lambda: peer.conn.sendEOF(peer) if peer.relay_open() else None)
+
+    def closed(self) -> None:
+        peer = self.relay_peer
+        if peer is not None and peer.relay_open():
+            peer.after_flush(peer.loseConnection)
+        if self.on_close is not None:
+            callback, self.on_close = self.on_close, None
+            callback()

@@ -32,7 +32,47 @@ class ChannelRefused(Exception):
         self.text = text
 
 
-class HubConnection(connection.SSHConnection):
+class WindowedChannelsMixin:
+    """For SSHConnection subclasses (server and client side): channels that say
+    `manages_window = True` get their data without Conch's automatic window
+    adjust, and grant window themselves once their consumer took the data."""
+
+    channels: dict[int, Any]
+    transport: Any
+    sendClose: Any  # from SSHConnection
+
+    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
+        local, length = struct.unpack(">2L", packet[:8])
+        channel = self.channels.get(local)
+        if channel is None or not getattr(channel, "manages_window", False):
+            super().ssh_CHANNEL_DATA(packet)  # type: ignore[misc]
+            return
+        if self._over_window(channel, length):
+            return
+        channel.localWindowLeft -= length
+        channel.dataReceived(packet[8:8 + length])
+
+    def ssh_CHANNEL_EXTENDED_DATA(self, packet: bytes) -> None:
+        local, type_code, length = struct.unpack(">3L", packet[:12])
+        channel = self.channels.get(local)
+        if channel is None or not getattr(channel, "manages_window", False):
+            super().ssh_CHANNEL_EXTENDED_DATA(packet)  # type: ignore[misc]
+            return
+        if self._over_window(channel, length):
+            return
+        channel.localWindowLeft -= length
+        channel.extReceived(type_code, packet[12:12 + length])
+
+    def _over_window(self, channel: Any, length: int) -> bool:
+        if length > channel.localWindowLeft or length > channel.localMaxPacket:
+            log.warn("{peer}: channel {id} sent {n} bytes beyond its window; closing it",
+                     peer=getattr(self.transport, "peer", "?"), id=channel.id, n=length)
+            self.sendClose(channel)
+            return True
+        return False
+
+
+class HubConnection(WindowedChannelsMixin, connection.SSHConnection):
     """The connection service: keepalives, and channel opens that can wait or refuse."""
 
     transport: Any
@@ -175,35 +215,3 @@ class HubConnection(connection.SSHConnection):
                 self.transport.sendPacket(connection.MSG_REQUEST_SUCCESS, data)
             else:
                 self.transport.sendPacket(connection.MSG_REQUEST_FAILURE, b"")
-
-    # -- channel data: flow-controlled channels adjust their own window ----
-
-    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
-        local, length = struct.unpack(">2L", packet[:8])
-        channel = self.channels.get(local)
-        if channel is None or not getattr(channel, "manages_window", False):
-            connection.SSHConnection.ssh_CHANNEL_DATA(self, packet)
-            return
-        if self._over_window(channel, length):
-            return
-        channel.localWindowLeft -= length
-        channel.dataReceived(packet[8:8 + length])
-
-    def ssh_CHANNEL_EXTENDED_DATA(self, packet: bytes) -> None:
-        local, type_code, length = struct.unpack(">3L", packet[:12])
-        channel = self.channels.get(local)
-        if channel is None or not getattr(channel, "manages_window", False):
-            connection.SSHConnection.ssh_CHANNEL_EXTENDED_DATA(self, packet)
-            return
-        if self._over_window(channel, length):
-            return
-        channel.localWindowLeft -= length
-        channel.extReceived(type_code, packet[12:12 + length])
-
-    def _over_window(self, channel: Any, length: int) -> bool:
-        if length > channel.localWindowLeft or length > channel.localMaxPacket:
-            log.warn("{peer}: channel {id} sent {n} bytes beyond its window; closing it",
-                     peer=self.transport.peer, id=channel.id, n=length)
-            self.sendClose(channel)
-            return True
-        return False

@@ -34,7 +34,7 @@ CLOSE_GRACE = 5.0
 LOOPBACK = "127.0.0.1"
 MAX_CONNECTIONS_PER_NODE = 1024
 # Attempts to find a port nobody else on the machine holds.
-BIND_ATTEMPTS = 16
+BIND_ATTEMPTS = 256
 
 
 def close_connection(conn: Any, clock: IReactorTime, why: str) -> None:
@@ -55,6 +55,24 @@ class Forward:
     channel_port: int    # the port put in forwarded-tcpip (what the device asked for)
     port: int            # the hub's real port
     listener: Any = None
+    stopping: defer.Deferred[Any] | None = None  # the last listener's close, until done
+
+    def stop(self) -> defer.Deferred[None]:
+        """Close the listener; fires once the port is free (also for a close under way)."""
+        if self.listener is not None:
+            listener, self.listener = self.listener, None
+            self.stopping = defer.maybeDeferred(listener.stopListening)
+        pending = self.stopping
+        if pending is None or pending.called:
+            return defer.succeed(None)
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def relay(result: Any) -> Any:
+            done.callback(None)
+            return result
+
+        pending.addBoth(relay)
+        return done
 
 
 class ForwardListener(protocol.Factory):
@@ -104,6 +122,14 @@ class NodeTunnel:
         key = (bind, port)
         if key in self.forwards:
             return self._reply(self.forwards[key], port)
+        same = next((f for f in self.forwards.values() if f.service == service), None)
+        if same is not None:
+            # Its lease is the port the other forward holds: refuse rather than
+            # move the node's port or share one listener between two targets.
+            log.warn("node {node}: service {service} is already forwarded on port {port}; "
+                     "refusing a second forward of it", node=self.node, service=service,
+                     port=same.port)
+            return 0
         avoid: set[int] = set()
         for _ in range(BIND_ATTEMPTS):
             try:
@@ -121,8 +147,9 @@ class NodeTunnel:
                     log.error("node {node}: cannot listen on {port}: {why}", node=self.node,
                               port=real, why=str(e.socketError))
                     return 0
-                log.warn("node {node}: port {port} is in use by another program; "
-                         "choosing another", node=self.node, port=real)
+                if not avoid:
+                    log.warn("node {node}: port {port} is in use by another program; "
+                             "choosing another", node=self.node, port=real)
                 avoid.add(real)
                 continue
             self.forwards[key] = forward
@@ -156,18 +183,26 @@ class NodeTunnel:
         self.sessions.registry.set_lease_active(self.node, forward.service, False)
         log.info("node {node}: forward {service} cancelled", node=self.node,
                  service=forward.service)
-        return forward.listener.stopListening().addCallback(lambda _: 1)
+        return forward.stop().addCallback(lambda _: 1)
 
     def open_pipe(self, forward: Forward, end: TCPEnd, addr: Any) -> None:
-        host = getattr(addr, "host", "0.0.0.0")
-        origin_port = getattr(addr, "port", 0)
         chan = SpliceChannel(end, b"forwarded-tcpip",
                              on_close=lambda i, o: self.pipes.discard(chan))
         self.pipes.add(chan)
-        self.conn.openChannel(
-            chan,
-            common.NS(forward.bind) + struct.pack(">L", forward.channel_port)
-            + common.NS(host.encode()) + struct.pack(">L", origin_port))
+        self.conn.openChannel(chan, self.channel_data(
+            forward, getattr(addr, "host", "0.0.0.0"), getattr(addr, "port", 0)))
+
+    def service_forward(self, service: str) -> Forward | None:
+        """The live forward of `service` (case-insensitive), if the node has one."""
+        return next((f for f in self.forwards.values() if f.service == service.lower()), None)
+
+    @staticmethod
+    def channel_data(forward: Forward, origin: str = "127.0.0.1", origin_port: int = 0
+                     ) -> bytes:
+        """forwarded-tcpip open data: the device's own bind string and port, as
+        OpenSSH checks them against the forwards it asked for."""
+        return (common.NS(forward.bind) + struct.pack(">L", forward.channel_port)
+                + common.NS(origin.encode()) + struct.pack(">L", origin_port))
 
     def set_public(self, public: bool) -> defer.Deferred[None]:
         """Rebind every forward on the public interface or back on loopback."""
@@ -175,25 +210,27 @@ class NodeTunnel:
             return defer.succeed(None)
         self.public = public
 
-        def rebind(forward: Forward) -> defer.Deferred[None]:
+        def rebind(key: tuple[bytes, int], forward: Forward) -> defer.Deferred[None]:
             def listen(_: object) -> None:
+                # The tunnel may have closed, or the forward been cancelled, meanwhile.
+                if self.closed or self.forwards.get(key) is not forward:
+                    return
                 try:
                     self._listen(forward)
                 except CannotListenError as e:
                     log.error("node {node}: cannot rebind {port} on {iface}: {why}",
                               node=self.node, port=forward.port, iface=self.interface,
                               why=str(e.socketError))
-            return defer.maybeDeferred(forward.listener.stopListening).addCallback(listen)
+            return forward.stop().addCallback(listen)
 
         log.info("node {node}: ports now on {iface}", node=self.node, iface=self.interface)
-        return defer.gatherResults([rebind(f) for f in self.forwards.values()]
+        return defer.gatherResults([rebind(k, f) for k, f in list(self.forwards.items())]
                                    ).addCallback(lambda _: None)
 
     def close(self) -> defer.Deferred[None]:
         """Release every listener; the leases stay with the node."""
         self.closed = True
-        stops = [defer.maybeDeferred(f.listener.stopListening) for f in self.forwards.values()
-                 if f.listener is not None]
+        stops = [f.stop() for f in self.forwards.values()]
         self.forwards.clear()
         return defer.gatherResults(stops).addCallback(lambda _: None)
 

@@ -1,0 +1,209 @@
+"""Which port and service a forward gets: the pure rules and the registry's leases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from callhomehub.errors import NotFound, PortsExhausted
+from callhomehub.ports import choose_port, is_label, service_name
+from callhomehub.registry import Registry
+
+LOW, HIGH = 50000, 50009
+
+
+# -- service_name ----------------------------------------------------------
+
+@pytest.mark.parametrize(("bind", "port", "service"), [
+    # A label names the service, whatever the port.
+    ("http", 0, "http"),
+    ("http", 8080, "http"),
+    ("app", 0, "app"),
+    ("Web", 0, "web"),
+    ("my-app_2", 443, "my-app_2"),
+    ("a" * 32, 0, "a" * 32),
+    # Addresses, localhost, `*` and empty are not labels: the port decides.
+    ("", 0, "ssh"),
+    ("", 22, "ssh"),
+    ("", 80, "http"),
+    ("", 443, "https"),
+    ("", 8080, "port-8080"),
+    ("", 1, "port-1"),
+    ("", 65535, "port-65535"),
+    ("localhost", 0, "ssh"),
+    ("LOCALHOST", 80, "http"),
+    ("localhost", 2222, "port-2222"),
+    ("*", 0, "ssh"),
+    ("*", 443, "https"),
+    ("127.0.0.1", 0, "ssh"),
+    ("127.0.0.1", 22, "ssh"),
+    ("0.0.0.0", 80, "http"),
+    ("192.0.2.7", 5000, "port-5000"),
+    ("::", 0, "ssh"),
+    ("::1", 443, "https"),
+    ("fe80::1", 8443, "port-8443"),
+])
+def test_service_name(bind: str, port: int, service: str) -> None:
+    assert service_name(bind, port) == service
+
+
+@pytest.mark.parametrize("bind", [
+    "", "*", "localhost", "Localhost", "127.0.0.1", "::", "::1", "0.0.0.0",
+    "1http",            # must start with a letter
+    "a" * 33,           # too long
+    "has space", "dot.ted", "x:y", "é",
+])
+def test_not_a_label(bind: str) -> None:
+    assert not is_label(bind)
+
+
+@pytest.mark.parametrize("bind", ["http", "https", "ssh", "a", "web-1", "a_b", "HTTP"])
+def test_label(bind: str) -> None:
+    assert is_label(bind)
+
+
+# -- choose_port -----------------------------------------------------------
+
+def test_choose_port_lowest_free() -> None:
+    assert choose_port(set(), LOW, HIGH) == LOW
+    assert choose_port({LOW, LOW + 1}, LOW, HIGH) == LOW + 2
+    assert choose_port({LOW + 1}, LOW, HIGH) == LOW
+    # Leases outside the range do not matter.
+    assert choose_port({LOW - 1, HIGH + 1}, LOW, HIGH) == LOW
+
+
+def test_choose_port_avoid() -> None:
+    assert choose_port(set(), LOW, HIGH, avoid={LOW}) == LOW + 1
+    assert choose_port({LOW + 1}, LOW, HIGH, avoid=[LOW, LOW + 2]) == LOW + 3
+
+
+def test_choose_port_exhausted() -> None:
+    full = set(range(LOW, HIGH + 1))
+    assert choose_port(full, LOW, HIGH) is None
+    assert choose_port(full - {HIGH}, LOW, HIGH) == HIGH
+    assert choose_port(full - {HIGH}, LOW, HIGH, avoid={HIGH}) is None
+    assert choose_port(set(), LOW, LOW) == LOW
+    assert choose_port(set(), LOW, LOW, avoid={LOW}) is None
+
+
+# -- Registry.lease --------------------------------------------------------
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        self.now += 1
+        return self.now
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "hub.sqlite3"
+
+
+@pytest.fixture
+def registry(db: Path) -> Registry:
+    registry = Registry(str(db), now=Clock())
+    for i, name in enumerate(("site-a", "site-b", "site-c")):
+        registry.register(name, f"key-{i}".encode(), f"SHA256:{i}", "test")
+    return registry
+
+
+def test_lease_is_sticky(registry: Registry) -> None:
+    assert registry.lease("site-a", "ssh", LOW, HIGH) == (LOW, True)
+    assert registry.lease("site-a", "http", LOW, HIGH) == (LOW + 1, True)
+    assert registry.lease("site-a", "ssh", LOW, HIGH) == (LOW, False)
+    assert registry.lease("site-a", "http", LOW, HIGH) == (LOW + 1, False)
+    # Node names are case-insensitive.
+    assert registry.lease("SITE-A", "ssh", LOW, HIGH) == (LOW, False)
+    assert registry.node("site-a").forwards == {"ssh": LOW, "http": LOW + 1}
+    leases = [e for e in registry.audit_log() if e.action == "lease"]
+    assert [e.detail for e in leases] == [f"ssh={LOW}", f"http={LOW + 1}"]
+
+
+def test_nodes_never_share_a_port(registry: Registry) -> None:
+    got = {}
+    for node in ("site-a", "site-b", "site-c"):
+        for service in ("ssh", "http", "port-8080"):
+            got[node, service] = registry.lease(node, service, LOW, HIGH)[0]
+    assert len(set(got.values())) == len(got) == 9
+    assert all(LOW <= p <= HIGH for p in got.values())
+    # Asked again, in another order, everybody keeps their port.
+    for (node, service), port in reversed(got.items()):
+        assert registry.lease(node, service, LOW, HIGH) == (port, False)
+
+
+def test_lease_outside_a_new_range_is_released_and_leased_again(registry: Registry) -> None:
+    old, _ = registry.lease("site-a", "ssh", LOW, HIGH)
+    other, _ = registry.lease("site-b", "ssh", LOW + 100, LOW + 109)
+    assert registry.lease("site-a", "ssh", LOW + 100, LOW + 109) == (other + 1, True)
+    assert registry.node("site-a").forwards == {"ssh": other + 1}
+    # The old port is free again.
+    assert registry.lease("site-c", "ssh", LOW, HIGH) == (old, True)
+
+
+def test_lease_avoid(registry: Registry) -> None:
+    first, _ = registry.lease("site-a", "ssh", LOW, HIGH)
+    # A port another program holds is given up for the next free one.
+    second, new = registry.lease("site-a", "ssh", LOW, HIGH, avoid={first})
+    assert (second, new) == (LOW + 1, True)
+    assert registry.node("site-a").forwards == {"ssh": second}
+    # The given-up port is free again, except to whoever avoids it.
+    assert registry.lease("site-b", "ssh", LOW, HIGH, avoid={first}) == (LOW + 2, True)
+    assert registry.lease("site-c", "ssh", LOW, HIGH) == (first, True)
+
+
+def test_lease_exhaustion(registry: Registry) -> None:
+    assert registry.lease("site-a", "ssh", LOW, LOW + 1)[0] == LOW
+    assert registry.lease("site-b", "ssh", LOW, LOW + 1)[0] == LOW + 1
+    with pytest.raises(PortsExhausted, match=f"no free port left in {LOW}-{LOW + 1}"):
+        registry.lease("site-c", "ssh", LOW, LOW + 1)
+    with pytest.raises(PortsExhausted):
+        registry.lease("site-a", "http", LOW, LOW + 1)
+    # Nothing half-done: the refused leases left no trace.
+    assert registry.node("site-c").forwards == {}
+    assert registry.node("site-a").forwards == {"ssh": LOW}
+    # An existing lease is still handed out in a full range.
+    assert registry.lease("site-a", "ssh", LOW, LOW + 1) == (LOW, False)
+
+
+def test_exhaustion_through_avoid_keeps_nothing(registry: Registry) -> None:
+    registry.lease("site-a", "ssh", LOW, LOW)
+    with pytest.raises(PortsExhausted):
+        registry.lease("site-a", "ssh", LOW, LOW, avoid={LOW})
+    # The transaction rolled back: the old lease is still there.
+    assert registry.node("site-a").forwards == {"ssh": LOW}
+
+
+def test_lease_for_unknown_node(registry: Registry) -> None:
+    with pytest.raises(NotFound):
+        registry.lease("nobody", "ssh", LOW, HIGH)
+
+
+def test_leases_survive_reopening(registry: Registry, db: Path) -> None:
+    a = registry.lease("site-a", "ssh", LOW, HIGH)[0]
+    b = registry.lease("site-b", "http", LOW, HIGH)[0]
+    registry.set_lease_active("site-a", "ssh", True)
+    registry.close()
+    again = Registry(str(db), now=Clock())
+    assert again.lease("site-a", "ssh", LOW, HIGH) == (a, False)
+    assert again.lease("site-b", "http", LOW, HIGH) == (b, False)
+    assert again.lease("site-c", "ssh", LOW, HIGH) == (LOW + 2, True)
+    # A hub start marks every lease inactive but keeps it.
+    again.reset_online()
+    assert again.node("site-a").forwards == {"ssh": a}
+
+
+def test_leases_seen_by_a_second_registry_object(registry: Registry, db: Path) -> None:
+    cli = Registry(str(db), now=Clock())
+    port = cli.lease("site-a", "ssh", LOW, HIGH)[0]
+    assert registry.lease("site-a", "ssh", LOW, HIGH) == (port, False)
+    assert registry.lease("site-b", "ssh", LOW, HIGH) == (port + 1, True)
+
+
+def test_removing_a_node_frees_its_ports(registry: Registry) -> None:
+    port = registry.lease("site-a", "ssh", LOW, HIGH)[0]
+    registry.remove("site-a", "test")
+    assert registry.lease("site-b", "ssh", LOW, HIGH) == (port, True)

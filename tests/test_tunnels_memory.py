@@ -1,0 +1,851 @@
+"""Reverse forwards, takeover, revocation, public access and the splice, in memory.
+
+The hub and a Conch client are joined by iosim; the hub's clock and reactor is
+one `MemoryReactorClock` whose `listenTCP` hands out recording ports. Those
+ports behave like the kernel's: a port already listened on (on an overlapping
+address) cannot be bound again until its `stopListening` Deferred fires, and
+tests may hold those Deferreds to see what waits for them.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from memory_hub import (
+    ClientAuth,
+    ClientConnection,
+    ClientTransport,
+    make_hub,
+    new_key,
+    start_factory,
+)
+from twisted.conch.error import ConchError
+from twisted.conch.ssh import channel, common, keys
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.test.iosim import FakeTransport, IOPump, connect
+
+from callhomehub.hub import Hub
+from callhomehub.splice import MAX_PACKET, WINDOW, SpliceChannel, TCPEnd
+from callhomehub.sshserver import HubSSHFactory
+from callhomehub.tunnels import CLOSE_GRACE, ForwardListener
+
+PUBLIC = "198.51.100.1"
+LOOPBACK = "127.0.0.1"
+LOW, HIGH = 50000, 50099
+
+
+# -- the hub's reactor: listeners that behave like bound sockets -----------
+
+class RecordingPort:
+    def __init__(self, reactor: RecordingReactor, port: int, factory: Any, interface: str
+                 ) -> None:
+        self.reactor = reactor
+        self.port = port
+        self.factory = factory
+        self.interface = interface
+        self.listening = True
+        self.stop_calls = 0
+
+    def stopListening(self) -> defer.Deferred[None]:
+        self.stop_calls += 1
+        d: defer.Deferred[None] = defer.Deferred()
+        if self.reactor.hold_stops:
+            self.reactor.held.append((self, d))
+        else:
+            self._stopped(d)
+        return d
+
+    def _stopped(self, d: defer.Deferred[None]) -> None:
+        if self.listening:
+            self.listening = False
+            self.reactor.events.append(("stopped", self.port, self.interface))
+        d.callback(None)
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", self.interface, self.port)
+
+
+class RecordingReactor(MemoryReactorClock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ports: list[RecordingPort] = []
+        self.events: list[tuple[str, int, str]] = []
+        self.hold_stops = False
+        self.held: list[tuple[RecordingPort, defer.Deferred[None]]] = []
+        self.squatted: set[int] = set()  # held by other programs
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = ""
+                  ) -> RecordingPort:
+        def overlaps(a: str, b: str) -> bool:
+            return a == b or "0.0.0.0" in (a, b) or "" in (a, b)
+
+        if port in self.squatted or any(
+                p.listening and p.port == port and overlaps(p.interface, interface)
+                for p in self.ports):
+            raise CannotListenError(interface, port, OSError(errno.EADDRINUSE, "in use"))
+        super().listenTCP(port, factory, backlog, interface)
+        listener = RecordingPort(self, port, factory, interface)
+        self.ports.append(listener)
+        self.events.append(("listen", port, interface))
+        return listener
+
+    def release_stops(self) -> None:
+        self.hold_stops = False
+        held, self.held = self.held, []
+        for port, d in held:
+            port._stopped(d)
+
+    def listening(self) -> dict[int, str]:
+        return {p.port: p.interface for p in self.ports if p.listening}
+
+    def listener(self, port: int) -> RecordingPort:
+        (found,) = [p for p in self.ports if p.listening and p.port == port]
+        return found
+
+
+# -- the device: a Conch client that can forward and accept forwarded-tcpip --
+
+class DeviceChannel(channel.SSHChannel):
+    """The device's end of a forwarded connection; records what happens to it."""
+
+    name = b"forwarded-tcpip"
+
+    def __init__(self, open_data: bytes, **kw: Any) -> None:
+        channel.SSHChannel.__init__(self, **kw)
+        bind, rest = common.getNS(open_data)
+        (port,) = struct.unpack(">L", rest[:4])
+        origin, rest = common.getNS(rest[4:])
+        (origin_port,) = struct.unpack(">L", rest[:4])
+        self.bind, self.port, self.origin, self.origin_port = bind, port, origin, origin_port
+        self.received = bytearray()
+        self.events: list[str] = []
+        self.hold_window = False
+        self.is_open = False
+        self.is_closed = False
+
+    def channelOpen(self, specificData: bytes) -> None:
+        self.is_open = True
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if not self.events or self.events[-1] != "data":
+            self.events.append("data")
+
+    def eofReceived(self) -> None:
+        self.events.append("eof")
+
+    def closed(self) -> None:
+        self.is_closed = True
+        self.events.append("closed")
+
+
+class DeviceConnection(ClientConnection):
+    def serviceStarted(self) -> None:
+        ClientConnection.serviceStarted(self)
+        self.transport.factory_state["conn"] = self
+        self.forwarded: list[DeviceChannel] = []
+        self.window_adjusts: list[int] = []
+        self.refuse_channels = False
+        self.channel_window = 0  # Conch's default
+
+    def channel_forwarded_tcpip(self, window: int, max_packet: int, data: bytes) -> Any:
+        if self.refuse_channels:
+            raise ConchError("connect failed", 2)
+        chan = DeviceChannel(data, remoteWindow=window, remoteMaxPacket=max_packet,
+                             localWindow=self.channel_window)
+        self.forwarded.append(chan)
+        return chan
+
+    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
+        local, length = struct.unpack(">2L", packet[:8])
+        chan = self.channels.get(local)
+        if isinstance(chan, DeviceChannel) and chan.hold_window:
+            # A device that does not read: take the data, grant no window.
+            assert length <= chan.localWindowLeft
+            chan.localWindowLeft -= length
+            chan.dataReceived(packet[8:8 + length])
+            return
+        ClientConnection.ssh_CHANNEL_DATA(self, packet)
+
+    def ssh_CHANNEL_WINDOW_ADJUST(self, packet: bytes) -> None:
+        self.window_adjusts.append(struct.unpack(">2L", packet[:8])[1])
+        ClientConnection.ssh_CHANNEL_WINDOW_ADJUST(self, packet)
+
+
+class DeviceAuth(ClientAuth):
+    def __init__(self, user: bytes, key: keys.Key | None, password: bytes | None) -> None:
+        ClientAuth.__init__(self, user, key, password)
+        self.instance = DeviceConnection()
+
+
+class DeviceTransport(ClientTransport):
+    def connectionSecure(self) -> None:
+        auth = DeviceAuth(self.user or b"", self.key, self.password)
+        auth._private = self.key  # type: ignore[attr-defined]
+        self.requestService(auth)
+
+
+class Device:
+    """One SSH connection of a device, pumped by hand."""
+
+    def __init__(self, factory: HubSSHFactory, reactor: RecordingReactor, *,
+                 key: keys.Key | None = None, password: bytes | None = None,
+                 peer: str = "192.0.2.10") -> None:
+        addr = IPv4Address("TCP", peer, 40000)
+        self.server: Any = factory.buildProtocol(addr)
+        self.client = DeviceTransport(b"cms", key, password)
+        self.pump: IOPump = connect(
+            self.server, FakeTransport(self.server, isServer=True, peerAddress=addr),
+            self.client, FakeTransport(self.client, isServer=False), greet=False,
+            clock=reactor)
+        self.pump.flush()
+
+    @property
+    def conn(self) -> DeviceConnection:
+        return self.client.factory_state["conn"]
+
+    @property
+    def connected(self) -> bool:
+        return "conn" in self.client.factory_state
+
+    def request(self, kind: bytes, bind: bytes, port: int) -> list[Any]:
+        """Send a global request; the list gets ("ok", data) or ("fail",) when answered."""
+        answers: list[Any] = []
+        d = self.conn.sendGlobalRequest(kind, common.NS(bind) + struct.pack(">L", port),
+                                        wantReply=1)
+        d.addCallbacks(lambda data: answers.append(("ok", data)),
+                       lambda f: answers.append(("fail",)))
+        return answers
+
+    def forward(self, bind: bytes, port: int) -> Any:
+        answers = self.request(b"tcpip-forward", bind, port)
+        self.pump.flush()
+        assert len(answers) == 1
+        return answers[0]
+
+    def cancel(self, bind: bytes, port: int) -> Any:
+        answers = self.request(b"cancel-tcpip-forward", bind, port)
+        self.pump.flush()
+        return answers[0]
+
+    def hang_up(self) -> None:
+        self.client.transport.loseConnection()
+        self.pump.flush()
+
+
+def allocated(answer: Any) -> int:
+    assert answer[0] == "ok" and len(answer[1]) == 4, answer
+    return int(struct.unpack(">L", answer[1])[0])
+
+
+# -- the TCP side of a forwarded connection ---------------------------------
+
+class TCPTransport(StringTransport):
+    """A TCP connection to a node's port, as the hub sees it.
+
+    `producerState` says whether the hub paused *reading* it; `producer` is
+    what the hub registered to be paused when *writing* to it backs up."""
+
+    def __init__(self) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "203.0.113.9", 51000), lenient=True)
+        self.events: list[str] = []
+        self.write_closed = False
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.events.append("registerProducer")
+        super().registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.events.append("unregisterProducer")
+        super().unregisterProducer()
+
+    def loseWriteConnection(self) -> None:
+        assert self.producer is None, "half-closed while a paused producer is registered"
+        self.events.append("loseWriteConnection")
+        self.write_closed = True
+
+    def loseConnection(self) -> None:
+        if not self.disconnecting:
+            self.events.append("loseConnection")
+        super().loseConnection()
+
+
+def open_tcp(reactor: RecordingReactor, device: Device, port: int
+             ) -> tuple[TCPEnd, TCPTransport, DeviceChannel | None]:
+    """Connect to the hub's listener on `port`; returns the hub's TCP end, its
+    transport and the channel the device got (None if none was opened)."""
+    before = len(device.conn.forwarded)
+    end = reactor.listener(port).factory.buildProtocol(IPv4Address("TCP", "203.0.113.9", 51000))
+    tcp = TCPTransport()
+    end.makeConnection(tcp)
+    device.pump.flush()
+    chans = device.conn.forwarded[before:]
+    return end, tcp, chans[0] if chans else None
+
+
+# -- fixtures ----------------------------------------------------------------
+
+@pytest.fixture
+def reactor() -> RecordingReactor:
+    return RecordingReactor()
+
+
+@pytest.fixture
+def hub(tmp_path: Path, reactor: RecordingReactor) -> Hub:
+    return make_hub(tmp_path, reactor, keepalive="0", **{"public-interface": PUBLIC,
+                                                          "port-range": f"{LOW}-{HIGH}"})
+
+
+@pytest.fixture
+def factory(hub: Hub) -> HubSSHFactory:
+    return start_factory(hub)
+
+
+def register(hub: Hub, name: str) -> keys.Key:
+    key = new_key()
+    hub.registry.register(name, key.public().blob(), "fp", "test")
+    return key
+
+
+@pytest.fixture
+def key(hub: Hub) -> keys.Key:
+    return register(hub, "site-a")
+
+
+@pytest.fixture
+def device(factory: HubSSHFactory, reactor: RecordingReactor, key: keys.Key) -> Device:
+    device = Device(factory, reactor, key=key)
+    assert device.connected
+    return device
+
+
+def cli(hub: Hub) -> Any:
+    """The admin CLI's view: a second Registry object on the same file."""
+    return type(hub.registry)(hub.config.db_path, now=lambda: 0.0)
+
+
+# -- tcpip-forward -------------------------------------------------------------
+
+def test_port_zero_is_answered_with_the_allocated_port(
+        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    port = allocated(device.forward(b"", 0))
+    assert port == LOW
+    assert reactor.listening() == {port: LOOPBACK}
+    assert isinstance(reactor.listener(port).factory, ForwardListener)
+    assert reactor.tcpServers[-1][0] == port and reactor.tcpServers[-1][3] == LOOPBACK
+    assert hub.registry.node("site-a").forwards == {"ssh": port}
+
+
+def test_fixed_port_is_a_service_number(hub: Hub, reactor: RecordingReactor,
+                                        device: Device) -> None:
+    assert device.forward(b"", 22) == ("ok", b"")
+    assert device.forward(b"localhost", 443) == ("ok", b"")
+    assert device.forward(b"127.0.0.1", 8080) == ("ok", b"")
+    forwards = hub.registry.node("site-a").forwards
+    assert set(forwards) == {"ssh", "https", "port-8080"}
+    assert reactor.listening() == {p: LOOPBACK for p in forwards.values()}
+    # The port the device asked for is not bound anywhere: it is virtual.
+    assert not {22, 443, 8080} & set(reactor.listening())
+
+
+def test_labelled_forward_names_its_service(hub: Hub, reactor: RecordingReactor,
+                                            device: Device) -> None:
+    ssh = allocated(device.forward(b"", 0))
+    http = allocated(device.forward(b"http", 0))
+    app = allocated(device.forward(b"app", 0))
+    assert hub.registry.node("site-a").forwards == {"ssh": ssh, "http": http, "app": app}
+    assert len({ssh, http, app}) == 3
+
+
+def test_same_forward_twice_is_answered_alike(hub: Hub, reactor: RecordingReactor,
+                                              device: Device) -> None:
+    port = allocated(device.forward(b"http", 0))
+    assert allocated(device.forward(b"http", 0)) == port
+    assert len(reactor.ports) == 1
+
+
+def test_forwarded_channel_carries_the_bind_string_and_requested_port(
+        reactor: RecordingReactor, device: Device) -> None:
+    zero = allocated(device.forward(b"localhost", 0))
+    fixed_answer = device.forward(b"http", 80)
+    assert fixed_answer == ("ok", b"")
+    http = next(p for p in reactor.listening() if p != zero)
+    _, _, chan = open_tcp(reactor, device, zero)
+    assert chan is not None
+    # OpenSSH finds its forward by (bind, port): the allocated one for port 0.
+    assert (chan.bind, chan.port) == (b"localhost", zero)
+    assert (chan.origin, chan.origin_port) == (b"203.0.113.9", 51000)
+    _, _, chan = open_tcp(reactor, device, http)
+    assert chan is not None and (chan.bind, chan.port) == (b"http", 80)
+
+
+def test_port_in_use_by_another_program_is_skipped(
+        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    reactor.squatted = {LOW, LOW + 1}
+    assert allocated(device.forward(b"", 0)) == LOW + 2
+    assert hub.registry.node("site-a").forwards == {"ssh": LOW + 2}
+
+
+def test_exhausted_range_refuses_the_forward(tmp_path: Path, reactor: RecordingReactor) -> None:
+    hub = make_hub(tmp_path, reactor, keepalive="0", **{"port-range": f"{LOW}-{LOW}"})
+    a = Device(start_factory(hub), reactor, key=register(hub, "site-a"))
+    b = Device(start_factory(hub), reactor, key=register(hub, "site-b"), peer="192.0.2.11")
+    assert allocated(a.forward(b"", 0)) == LOW
+    assert b.forward(b"", 0) == ("fail",)
+    assert a.forward(b"http", 0) == ("fail",)
+    assert reactor.listening() == {LOW: LOOPBACK}
+
+
+def test_replies_keep_request_order(hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    answers = [device.request(b"tcpip-forward", b"", 0),
+               device.request(b"cancel-tcpip-forward", b"", 12345),  # nothing to cancel
+               device.request(b"tcpip-forward", b"http", 0),
+               device.request(b"tcpip-forward", b"", 443),
+               device.request(b"no-such-request@example.com", b"", 0)]
+    device.pump.flush()
+    ports = hub.registry.node("site-a").forwards
+    assert [a[0] if a else None for a in answers] == [
+        ("ok", struct.pack(">L", ports["ssh"])), ("fail",),
+        ("ok", struct.pack(">L", ports["http"])), ("ok", b""), ("fail",)]
+
+
+def test_password_login_cannot_forward(hub: Hub, reactor: RecordingReactor,
+                                       factory: HubSSHFactory) -> None:
+    device = Device(factory, reactor, password=b"secret")
+    assert device.connected
+    assert device.forward(b"", 0) == ("fail",)
+    assert device.forward(b"http", 80) == ("fail",)
+    assert device.cancel(b"", 0) == ("fail",)
+    assert reactor.tcpServers == []
+
+
+def test_malformed_forward_request_fails(reactor: RecordingReactor, device: Device) -> None:
+    answers: list[Any] = []
+    device.conn.sendGlobalRequest(b"tcpip-forward", b"\x00\x00", wantReply=1).addCallbacks(
+        answers.append, lambda f: answers.append("fail"))
+    device.pump.flush()
+    assert answers == ["fail"]
+    assert reactor.tcpServers == []
+    assert not device.server.transport.disconnecting
+
+
+# -- cancel-tcpip-forward --------------------------------------------------------
+
+def test_cancel_port_zero_forward_by_its_allocated_port(
+        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    ssh = allocated(device.forward(b"", 0))
+    http = allocated(device.forward(b"http", 0))
+    # OpenSSH cancels a port-0 forward by the port the hub allocated.
+    assert device.cancel(b"http", http) == ("ok", b"")
+    assert reactor.listening() == {ssh: LOOPBACK}
+    assert reactor.events[-1] == ("stopped", http, LOOPBACK)
+    assert device.cancel(b"http", http) == ("fail",)  # already gone
+    # The lease stays with the node: forwarding again gets the same port.
+    assert hub.registry.node("site-a").forwards == {"ssh": ssh, "http": http}
+    assert allocated(device.forward(b"http", 0)) == http
+    assert reactor.listening() == {ssh: LOOPBACK, http: LOOPBACK}
+
+
+def test_cancel_fixed_port_forward(hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    assert device.forward(b"", 80) == ("ok", b"")
+    port = hub.registry.node("site-a").forwards["http"]
+    assert device.cancel(b"", 443) == ("fail",)
+    assert device.cancel(b"other", 80) == ("fail",)
+    assert device.cancel(b"", 80) == ("ok", b"")
+    assert reactor.listening() == {}
+    assert hub.registry.node("site-a").forwards == {"http": port}
+
+
+def test_cancel_answer_waits_for_the_listener_to_stop(
+        reactor: RecordingReactor, device: Device) -> None:
+    port = allocated(device.forward(b"", 0))
+    reactor.hold_stops = True
+    answers = device.request(b"cancel-tcpip-forward", b"", port)
+    device.pump.flush()
+    assert answers == []
+    reactor.release_stops()
+    device.pump.flush()
+    assert answers == [("ok", b"")]
+    assert reactor.listening() == {}
+
+
+# -- takeover --------------------------------------------------------------------
+
+def test_takeover_moves_the_ports_to_the_new_connection(
+        hub: Hub, reactor: RecordingReactor, factory: HubSSHFactory, key: keys.Key,
+        device: Device) -> None:
+    ssh = allocated(device.forward(b"", 0))
+    http = allocated(device.forward(b"http", 0))
+    assert device.forward(b"", 443) == ("ok", b"")
+    https = hub.registry.node("site-a").forwards["https"]
+    reactor.hold_stops = True  # the old listeners take a while to close
+
+    new = Device(factory, reactor, key=key, peer="192.0.2.99")
+    assert new.connected
+    assert device.server.transport.disconnecting
+    assert not new.server.transport.disconnecting
+    assert hub.registry.node("site-a").peer == "192.0.2.99"
+
+    answers = [new.request(b"tcpip-forward", b"http", 0),
+               new.request(b"tcpip-forward", b"", 0),
+               new.request(b"keepalive@openssh.com", b"", 0),  # answered at once, in order
+               new.request(b"tcpip-forward", b"", 443)]
+    new.pump.flush()
+    # Nothing is bound, nor answered, before the old listeners are released.
+    assert answers == [[], [], [], []]
+    assert all(e[0] == "listen" for e in reactor.events)
+    assert len(reactor.held) == 3
+
+    mark = len(reactor.events)
+    reactor.release_stops()
+    new.pump.flush()
+    assert [a[0] for a in answers] == [("ok", struct.pack(">L", http)),
+                                       ("ok", struct.pack(">L", ssh)), ("fail",), ("ok", b"")]
+    after = reactor.events[mark:]
+    assert sorted(e[1] for e in after[:3] if e[0] == "stopped") == sorted([ssh, http, https])
+    assert sorted(e[1] for e in after[3:] if e[0] == "listen") == sorted([ssh, http, https])
+    assert reactor.listening() == {ssh: LOOPBACK, http: LOOPBACK, https: LOOPBACK}
+
+    # New connections on the ports reach the new session.
+    _, _, chan = open_tcp(reactor, new, http)
+    assert chan is not None and chan.bind == b"http"
+
+    # The old connection going away later disturbs nothing.
+    device.pump.flush()
+    reactor.advance(CLOSE_GRACE + 1)
+    device.pump.flush()
+    assert device.client.transport.disconnected
+    assert hub.registry.node("site-a").online
+    assert reactor.listening() == {ssh: LOOPBACK, http: LOOPBACK, https: LOOPBACK}
+    tunnel = hub.sessions.get("site-a")
+    assert tunnel is not None and tunnel.conn is new.server.service
+
+
+def test_takeover_closes_a_silent_old_connection(
+        hub: Hub, reactor: RecordingReactor, factory: HubSSHFactory, key: keys.Key,
+        device: Device) -> None:
+    allocated(device.forward(b"", 0))
+    old_tcp = device.server.transport
+    aborted: list[bool] = []
+    old_tcp.abortConnection = lambda: aborted.append(True)  # iosim cannot tell it apart
+    Device(factory, reactor, key=key, peer="192.0.2.99")
+    # The old peer never reads the disconnect: after the grace it is aborted.
+    assert old_tcp.disconnecting
+    reactor.advance(CLOSE_GRACE - 0.1)
+    assert aborted == []
+    reactor.advance(0.2)
+    assert aborted == [True]
+
+
+# -- revocation and removal ------------------------------------------------------
+
+@pytest.mark.parametrize("action", ["revoke", "remove"])
+def test_enforce_drops_a_revoked_or_removed_node(
+        hub: Hub, reactor: RecordingReactor, device: Device, action: str) -> None:
+    ssh = allocated(device.forward(b"", 0))
+    http = allocated(device.forward(b"http", 0))
+    admin = cli(hub)
+    if action == "revoke":
+        admin.set_state("site-a", "revoked", "cli:test")
+    else:
+        admin.remove("site-a", "cli:test")
+    assert reactor.listening() == {ssh: LOOPBACK, http: LOOPBACK}
+    hub.sync()
+    assert device.server.transport.disconnecting
+    assert reactor.listening() == {}
+    assert hub.sessions.online() == []
+    if action == "revoke":
+        node = hub.registry.node("site-a")
+        assert not node.online and node.forwards == {"ssh": ssh, "http": http}
+    device.pump.flush()
+    # What the device asks on its way out is refused.
+    assert reactor.listening() == {}
+
+
+def test_sync_without_changes_touches_nothing(hub: Hub, reactor: RecordingReactor,
+                                              device: Device) -> None:
+    allocated(device.forward(b"", 0))
+    events = list(reactor.events)
+    hub.sync()
+    hub.sync()
+    assert reactor.events == events
+
+
+# -- public access ---------------------------------------------------------------
+
+def test_access_on_rebinds_on_the_public_interface(
+        hub: Hub, reactor: RecordingReactor, device: Device, factory: HubSSHFactory,
+        key: keys.Key) -> None:
+    ssh = allocated(device.forward(b"", 0))
+    http = allocated(device.forward(b"http", 0))
+    cli(hub).set_public("site-a", True, "cli:test")
+    hub.sync()
+    assert reactor.listening() == {ssh: PUBLIC, http: PUBLIC}
+    # Forwards asked for while public are bound publicly too.
+    https_answer = device.forward(b"", 443)
+    assert https_answer == ("ok", b"")
+    https = hub.registry.node("site-a").forwards["https"]
+    assert reactor.listening() == {ssh: PUBLIC, http: PUBLIC, https: PUBLIC}
+    # A reconnect of a public node binds publicly from the start.
+    new = Device(factory, reactor, key=key, peer="192.0.2.99")
+    assert allocated(new.forward(b"http", 0)) == http
+    assert reactor.listening()[http] == PUBLIC
+
+    cli(hub).set_public("site-a", False, "cli:test")
+    hub.sync()
+    assert reactor.listening() == {http: LOOPBACK}
+    assert [e.detail for e in hub.registry.audit_log() if e.action == "access"] == ["on", "off"]
+
+
+def test_access_toggle_stops_before_it_binds(hub: Hub, reactor: RecordingReactor,
+                                             device: Device) -> None:
+    ssh = allocated(device.forward(b"", 0))
+    reactor.hold_stops = True
+    cli(hub).set_public("site-a", True, "cli:test")
+    hub.sync()
+    assert reactor.listening() == {ssh: LOOPBACK}  # not yet rebound
+    reactor.release_stops()
+    assert reactor.events[-2:] == [("stopped", ssh, LOOPBACK), ("listen", ssh, PUBLIC)]
+
+
+def test_access_toggle_racing_a_disconnect_leaks_no_listener(
+        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    ssh = allocated(device.forward(b"", 0))
+    reactor.hold_stops = True
+    cli(hub).set_public("site-a", True, "cli:test")
+    hub.sync()  # the rebind waits for the loopback listener to stop ...
+    device.hang_up()  # ... and meanwhile the device goes away
+    assert hub.sessions.online() == []
+    reactor.release_stops()
+    assert reactor.listening() == {}, f"port {ssh} is still bound for an offline node"
+
+
+def test_access_toggle_racing_a_cancel_leaks_no_listener(
+        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    ssh = allocated(device.forward(b"", 0))
+    reactor.hold_stops = True
+    cli(hub).set_public("site-a", True, "cli:test")
+    hub.sync()
+    answers = device.request(b"cancel-tcpip-forward", b"", ssh)
+    device.pump.flush()
+    reactor.release_stops()
+    device.pump.flush()
+    assert answers == [("ok", b"")]
+    assert reactor.listening() == {}
+
+
+def test_takeover_racing_an_access_toggle_keeps_the_port(
+        hub: Hub, reactor: RecordingReactor, device: Device, factory: HubSSHFactory,
+        key: keys.Key) -> None:
+    ssh = allocated(device.forward(b"", 0))
+    reactor.hold_stops = True
+    cli(hub).set_public("site-a", True, "cli:test")
+    hub.sync()
+    new = Device(factory, reactor, key=key, peer="192.0.2.99")
+    answers = new.request(b"tcpip-forward", b"", 0)
+    new.pump.flush()
+    reactor.release_stops()
+    new.pump.flush()
+    assert answers == [("ok", struct.pack(">L", ssh))]
+    assert reactor.listening() == {ssh: PUBLIC}
+    assert hub.registry.node("site-a").forwards == {"ssh": ssh}
+
+
+def test_second_forward_of_one_service_keeps_the_registry_consistent(
+        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    # `-R 0:a:22 -R 127.0.0.1:0:b:23`: both are service "ssh" (DESIGN.md).
+    first = allocated(device.forward(b"localhost", 0))
+    device.forward(b"127.0.0.1", 0)
+    leased = set(hub.registry.node("site-a").forwards.values())
+    # Every port the hub listens on for the node is leased to the node ...
+    assert set(reactor.listening()) <= leased
+    # ... and is not handed to another node.
+    other = register(hub, "site-b")
+    b = Device(start_factory(hub), reactor, key=other, peer="192.0.2.11")
+    assert allocated(b.forward(b"", 0)) != first
+
+
+# -- the splice: channel <-> TCP --------------------------------------------------
+
+@pytest.fixture
+def pipe(hub: Hub, reactor: RecordingReactor, device: Device
+         ) -> tuple[TCPEnd, TCPTransport, DeviceChannel, SpliceChannel]:
+    port = allocated(device.forward(b"", 0))
+    end, tcp, chan = open_tcp(reactor, device, port)
+    assert chan is not None and chan.is_open
+    splice = end.channel
+    assert isinstance(splice, SpliceChannel)
+    return end, tcp, chan, splice
+
+
+def test_data_flows_both_ways(device: Device, pipe: Any) -> None:
+    end, tcp, chan, splice = pipe
+    assert tcp.producer is splice and tcp.streaming
+    chan.write(b"from the device")
+    device.pump.flush()
+    assert tcp.value() == b"from the device"
+    end.dataReceived(b"to the device")
+    device.pump.flush()
+    assert bytes(chan.received) == b"to the device"
+    assert (splice.bytes_in, splice.bytes_out) == (15, 13)
+
+
+def test_tcp_reading_waits_for_the_channel_to_open(
+        reactor: RecordingReactor, device: Device) -> None:
+    port = allocated(device.forward(b"", 0))
+    end = reactor.listener(port).factory.buildProtocol(IPv4Address("TCP", "203.0.113.9", 1))
+    tcp = TCPTransport()
+    end.makeConnection(tcp)
+    assert tcp.producerState == "paused" and tcp.producer is None
+    device.pump.flush()
+    assert tcp.producerState == "producing" and tcp.producer is end.channel
+
+
+def test_refused_channel_closes_the_tcp_connection(
+        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    port = allocated(device.forward(b"", 0))
+    device.conn.refuse_channels = True
+    _, tcp, chan = open_tcp(reactor, device, port)
+    assert chan is None
+    assert tcp.disconnecting
+    assert hub.sessions.get("site-a").pipes == set()
+
+
+def test_no_window_adjust_while_the_tcp_side_is_paused(device: Device, pipe: Any) -> None:
+    _end, tcp, chan, _splice = pipe
+    # The TCP reader is slow: its transport asks its producer (the splice) to pause.
+    tcp.producer.pauseProducing()
+    block = b"x" * MAX_PACKET
+    for _ in range(WINDOW // MAX_PACKET + 4):  # more than one window
+        chan.write(block)
+    device.pump.flush()
+    assert device.conn.window_adjusts == []
+    assert chan.remoteWindowLeft == 0
+    assert len(chan.buf) == 4 * MAX_PACKET  # the rest waits on the device
+    assert len(tcp.value()) == WINDOW  # the hub holds one window, no more
+
+    tcp.producer.resumeProducing()
+    device.pump.flush()
+    assert device.conn.window_adjusts and device.conn.window_adjusts[0] == WINDOW
+    assert chan.buf == b""
+    assert len(tcp.value()) == WINDOW + 4 * MAX_PACKET
+
+
+def test_window_is_granted_in_batches(device: Device, pipe: Any) -> None:
+    _end, _tcp, chan, _splice = pipe
+    chan.write(b"y" * (WINDOW // 4 - 1))
+    device.pump.flush()
+    assert device.conn.window_adjusts == []
+    chan.write(b"y")
+    device.pump.flush()
+    assert device.conn.window_adjusts == [WINDOW // 4]
+
+
+def test_tcp_reading_pauses_while_the_device_window_is_full(device: Device, pipe: Any) -> None:
+    end, tcp, chan, _splice = pipe
+    chan.hold_window = True
+    window = chan.localWindowLeft
+    end.dataReceived(b"z" * (window + 1000))
+    device.pump.flush()
+    assert len(chan.received) == window
+    assert tcp.producerState == "paused"
+    device.conn.adjustWindow(chan, window)
+    device.pump.flush()
+    assert len(chan.received) == window + 1000
+    assert tcp.producerState == "producing"
+
+
+def test_channel_eof_half_closes_tcp_after_unregistering(device: Device, pipe: Any) -> None:
+    end, tcp, chan, _splice = pipe
+    tcp.producer.pauseProducing()  # even while the TCP side pushes back
+    chan.write(b"last words")
+    device.conn.sendEOF(chan)
+    device.pump.flush()
+    assert tcp.value() == b"last words"
+    assert tcp.events[-2:] == ["unregisterProducer", "loseWriteConnection"]
+    assert tcp.producer is None and not tcp.disconnecting
+    # The other direction still works until the TCP side is done too.
+    end.dataReceived(b"reply")
+    device.pump.flush()
+    assert bytes(chan.received) == b"reply"
+    assert not chan.is_closed
+    end.readConnectionLost()
+    device.pump.flush()
+    assert chan.events == ["data", "eof", "closed"]
+    assert tcp.disconnecting
+
+
+def test_tcp_eof_waits_for_the_buffered_data(hub: Hub, device: Device, pipe: Any) -> None:
+    end, tcp, chan, _splice = pipe
+    chan.hold_window = True
+    window = chan.localWindowLeft
+    end.dataReceived(b"q" * (window + 5000))
+    end.readConnectionLost()
+    device.pump.flush()
+    assert len(chan.received) == window
+    assert chan.events == ["data"], "EOF overtook data still buffered in the hub"
+    device.conn.adjustWindow(chan, 4000)
+    device.pump.flush()
+    assert chan.events == ["data"]
+    device.conn.adjustWindow(chan, window)
+    device.pump.flush()
+    assert len(chan.received) == window + 5000
+    assert chan.events == ["data", "eof"]
+    # The device closes its side: the pipe is done.
+    device.conn.sendEOF(chan)
+    device.pump.flush()
+    assert chan.events == ["data", "eof", "closed"]
+    assert tcp.disconnecting
+    assert hub.sessions.get("site-a").pipes == set()
+
+
+def test_tcp_gone_before_the_channel_opens(hub: Hub, reactor: RecordingReactor,
+                                           device: Device) -> None:
+    port = allocated(device.forward(b"", 0))
+    end = reactor.listener(port).factory.buildProtocol(IPv4Address("TCP", "203.0.113.9", 1))
+    tcp = TCPTransport()
+    end.makeConnection(tcp)
+    errors = []
+    try:
+        end.connectionLost(None)  # before the device confirmed the channel
+    except Exception as e:  # the reactor would log it and carry on
+        errors.append(e)
+    device.pump.flush()
+    (chan,) = device.conn.forwarded
+    assert errors == []
+    assert chan.is_closed
+    assert hub.sessions.get("site-a").pipes == set()
+
+
+def test_tcp_connection_lost_closes_the_channel(hub: Hub, device: Device, pipe: Any) -> None:
+    end, _tcp, chan, _splice = pipe
+    end.connectionLost(None)
+    device.pump.flush()
+    assert chan.is_closed
+    assert hub.sessions.get("site-a").pipes == set()
+
+
+def test_device_closing_the_channel_closes_tcp(hub: Hub, device: Device, pipe: Any) -> None:
+    _end, tcp, chan, _splice = pipe
+    tcp.producer.pauseProducing()
+    chan.loseConnection()
+    device.pump.flush()
+    assert tcp.disconnecting and tcp.producer is None
+    assert hub.sessions.get("site-a").pipes == set()
+
+
+def test_device_hanging_up_closes_its_pipes(hub: Hub, reactor: RecordingReactor,
+                                            device: Device, pipe: Any) -> None:
+    _end, tcp, _chan, _splice = pipe
+    device.hang_up()
+    assert tcp.disconnecting
+    assert reactor.listening() == {}
+    assert hub.sessions.online() == []
+    assert not hub.registry.node("site-a").online
