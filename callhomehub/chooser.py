@@ -34,6 +34,7 @@ Decision = Select | Quit | None
 class Chooser:
     entries: list[Entry]
     _line: bytearray = field(factory=bytearray)
+    _escape: int = 0
 
     def menu(self) -> bytes:
         if not self.entries:
@@ -50,6 +51,8 @@ class Chooser:
         out = bytearray()
         for byte in data:
             char = bytes([byte])
+            if self._skip_escape(byte):
+                continue
             if char in (b"\r", b"\n"):
                 text = self._line.decode("utf-8", "replace").strip()
                 self._line.clear()
@@ -77,6 +80,20 @@ class Chooser:
                 self._line += char
                 out += char
         return bytes(out), None
+
+    def _skip_escape(self, byte: int) -> bool:
+        """Swallow terminal escape sequences (arrow keys and the like)."""
+        if self._escape == 0:
+            if byte == 0x1B:
+                self._escape = 1
+                return True
+            return False
+        if self._escape == 1:
+            self._escape = 2 if byte in (0x5B, 0x4F) else 0  # CSI "[" or SS3 "O"
+            return True
+        if 0x40 <= byte <= 0x7E:
+            self._escape = 0
+        return True
 
     def choose(self, text: str) -> tuple[Decision, bytes]:
         if text.lower() in ("q", "quit", "exit"):

@@ -172,7 +172,7 @@ def free_port() -> int:
 class DeviceSSHD:
     """A real OpenSSH sshd playing the device, with its own config in a temp dir."""
 
-    def __init__(self, workdir: Path, authorized: Sequence[Path]) -> None:
+    def __init__(self, workdir: Path, authorized: Sequence[Path], extra_config: str = "") -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -189,7 +189,7 @@ class DeviceSSHD:
             f"PidFile {self.dir / 'sshd.pid'}\n"
             "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\nStrictModes no\nUsePAM no\n"
-            "AllowTcpForwarding yes\nLogLevel VERBOSE\n")
+            "AllowTcpForwarding yes\nLogLevel VERBOSE\n" + extra_config)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.dir / "sshd.log"
 
