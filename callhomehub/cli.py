@@ -23,7 +23,7 @@ from .control import ask
 from .errors import HubError
 from .keys import load_hub_keys, parse_public_key
 from .monitoring import status
-from .registry import Node, Registry
+from .registry import NETCONF, Node, Registry
 
 
 def _actor() -> str:
@@ -80,11 +80,11 @@ def cmd_nodes(reg: Registry, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_node_json(n) for n in nodes], indent=2))
         return 0
-    rows = [["#", "NAME", "STATE", "ONLINE", "FINGERPRINT", "FORWARDS", "PUBLIC", "LAST SEEN",
-             "PEER"]]
+    rows = [["#", "NAME", "KIND", "STATE", "ONLINE", "FINGERPRINT", "FORWARDS", "PUBLIC",
+             "LAST SEEN", "PEER"]]
     for i, n in enumerate(nodes, 1):
         forwards = ",".join(f"{s}={p}" for s, p in n.forwards.items()) or "-"
-        rows.append([str(i), n.name, n.state, "online" if n.online else "offline",
+        rows.append([str(i), n.name, n.kind, n.state, "online" if n.online else "offline",
                      n.fingerprint, forwards, "on" if n.public else "off", _when(n.last_seen),
                      n.peer or "-"])
     _print_table(rows)
@@ -93,9 +93,17 @@ def cmd_nodes(reg: Registry, args: argparse.Namespace) -> int:
 
 def cmd_state(state: str) -> Any:
     def run(reg: Registry, args: argparse.Namespace) -> int:
+        if getattr(args, "user", None):
+            reg.set_device_access(args.node, _actor(), device_user=args.user)
         node = reg.set_state(args.node, state, _actor())
         print(f"node {node.name}: {state}")
-        if state == "approved":
+        if state == "approved" and node.kind == NETCONF:
+            # The host key was recorded (after the device proved it) when it called
+            # home; approving pins it. The hub logs in on the device's next call home.
+            fp = node.fingerprint
+            print(f"host key {fp} pinned; the hub logs in as {node.device_user} with its "
+                  "management key when the device calls home next")
+        elif state == "approved":
             answer = ask(args.data, {"op": "verify", "node": node.name, "actor": _actor()})
             if answer is None:
                 print("the hub is not running: the device login is verified on its next "
@@ -112,6 +120,10 @@ def cmd_state(state: str) -> Any:
 
 def cmd_enroll(reg: Registry, args: argparse.Namespace) -> int:
     node = reg.node(args.node)
+    if node.kind == NETCONF:
+        raise HubError(f"enroll {node.name}: not supported for NETCONF nodes; authorize the "
+                       "management key (callhomehub mgmt-key) on the device and run "
+                       f"callhomehub approve {node.name} [--user USER]")
     password = _read_stdin_secret(f"password of {args.user} on {node.name}")
     if not password:
         raise HubError("enroll: empty device password on stdin")
@@ -240,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("nodes", cmd_nodes, "list nodes", listing=True)
     for name, state in (("approve", "approved"), ("revoke", "revoked")):
         add(name, cmd_state(state), f"{name} a node").add_argument("node")
+    approve = sub.choices["approve"]
+    approve.add_argument("--user", help="device user the hub logs in as (default: unchanged, "
+                         "root for a new node)")
     add("remove", cmd_remove, "remove a node").add_argument("node")
     sp = add("enroll", cmd_enroll, "install the management key on a node (password on stdin)")
     sp.add_argument("node")

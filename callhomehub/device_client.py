@@ -98,9 +98,13 @@ class DeviceClientTransport(ModernTransportMixin, transport.SSHClientTransport):
             return defer.fail(self.failure)
         return defer.succeed(True)
 
+    def connection_service(self) -> DeviceConnection:
+        """The ssh-connection service to start once logged in (subclasses add to it)."""
+        return DeviceConnection(self.ready)
+
     def connectionSecure(self) -> None:
         self.requestService(DeviceUserAuth(self.user, self.key, self.password,
-                                           DeviceConnection(self.ready)))
+                                           self.connection_service()))
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         if self.failure is None:

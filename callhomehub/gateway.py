@@ -25,7 +25,7 @@ from .device_client import DeviceConnection, DeviceError, connect
 from .errors import NotFound
 from .hub import Hub
 from .ports import service_name
-from .registry import Node
+from .registry import NETCONF, Node
 from .splice import RelayChannel
 from .sshconnection import ChannelRefused
 from .tunnels import NodeTunnel
@@ -56,6 +56,29 @@ class OperatorAvatar(ConchUser):
 
     def resolve(self, name: str) -> tuple[Node, NodeTunnel]:
         """The node and live tunnel `name` stands for, if this operator may reach it."""
+        node = self.resolve_node(name)
+        return node, self.tunnel_of(node)
+
+    def tunnel_of(self, node: Node) -> NodeTunnel:
+        """The live call-home tunnel of a (non-NETCONF) node."""
+        if node.kind == NETCONF:
+            raise ChannelRefused(connection.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                 f"node {node.name} is a NETCONF device: use "
+                                 f"ssh -s {self.login.user}:{node.name}@hub netconf")
+        tunnel = self.hub.sessions.get(node.name)
+        if tunnel is None:
+            raise ChannelRefused(connection.OPEN_CONNECT_FAILED, f"node {node.name} is offline")
+        return tunnel
+
+    def resolve_netconf(self, node: Node) -> Any:
+        """The live call-home session of a NETCONF node (see `netconf.NetconfSessions`)."""
+        session = self.hub.netconf.get(node.name) if self.hub.netconf is not None else None
+        if session is None:
+            raise ChannelRefused(connection.OPEN_CONNECT_FAILED, f"node {node.name} is offline")
+        return session
+
+    def resolve_node(self, name: str) -> Node:
+        """The approved node `name` stands for, if this operator may reach it."""
         unknown = ChannelRefused(connection.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                  f"node {name!r} does not exist or you may not reach it")
         try:
@@ -69,10 +92,7 @@ class OperatorAvatar(ConchUser):
         if node.state != "approved":
             raise ChannelRefused(connection.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                  f"node {node.name} is {node.state}, not approved")
-        tunnel = self.hub.sessions.get(node.name)
-        if tunnel is None:
-            raise ChannelRefused(connection.OPEN_CONNECT_FAILED, f"node {node.name} is offline")
-        return node, tunnel
+        return node
 
     def reachable(self) -> list[Entry]:
         user = self.hub.registry.user(self.login.user)
@@ -154,6 +174,7 @@ class DeviceSession(RelayChannel):
         kind, data = self.request
         self.conn.sendRequest(self, kind, data, wantReply=1).addErrback(
             lambda f: self.operator.fail(f"the device refused the {kind.decode()} request"))
+        self.operator.flush_early(self)
 
     def openFailed(self, reason: Any) -> None:
         self.operator.fail(f"the device refused a session: {reason}")
@@ -189,6 +210,10 @@ class GatewaySession(RelayChannel):
         self.exit_sent = False
         self._audit: tuple[str, str, float] | None = None
         self._last_node: str | None = None
+        # Operator input that came while the device session was being set up
+        # (bounded by the channel window, which is granted only once it is sent).
+        self._early: list[bytes] | None = None
+        self._early_eof = False
 
     # -- requests from the operator ----------------------------------------
 
@@ -202,6 +227,7 @@ class GatewaySession(RelayChannel):
                 peer.conn.sendRequest(peer, requestType, data)
             return 1
         if requestType in (b"shell", b"exec", b"subsystem"):
+            self._early = []  # input may follow at once; hold it for the device
             self.owner.hub.clock.callLater(0, self.start, requestType, data)
             return 1
         return 0
@@ -211,6 +237,7 @@ class GatewaySession(RelayChannel):
         if login.node is not None:
             self.connect(login.node, kind, data)
         elif kind == b"shell" and self.pty is not None:
+            self._early = None
             self.chooser_mode = True
             self.show_chooser(b"")
         else:
@@ -224,6 +251,9 @@ class GatewaySession(RelayChannel):
         self.write(before + self.chooser.menu())
 
     def dataReceived(self, data: bytes) -> None:
+        if self._early is not None:
+            self._early.append(data)
+            return
         if self.chooser is None:
             RelayChannel.dataReceived(self, data)
             return
@@ -241,10 +271,32 @@ class GatewaySession(RelayChannel):
 
     # -- the device session ------------------------------------------------
 
+    def eofReceived(self) -> None:
+        if self._early is not None:
+            self._early_eof = True
+            return
+        RelayChannel.eofReceived(self)
+
+    def flush_early(self, device: DeviceSession) -> None:
+        early, self._early = self._early, None
+        data = b"".join(early or [])
+        if data:
+            device.write(data)
+            self.relay_received(len(data))
+        if self._early_eof:
+            self._early_eof = False
+            RelayChannel.eofReceived(self)
+
     def connect(self, name: str, kind: bytes, data: bytes) -> None:
         hub = self.owner.hub
+        if self._early is None:
+            self._early = []
         try:
-            node, tunnel = self.owner.resolve(name)
+            node = self.owner.resolve_node(name)
+            if node.kind == NETCONF:
+                self.connect_netconf(node, kind, data)
+                return
+            tunnel = self.owner.tunnel_of(node)
         except ChannelRefused as e:
             self.fail(e.text)
             return
@@ -281,7 +333,22 @@ class GatewaySession(RelayChannel):
 
         ready.addCallbacks(opened, failed)
 
+    def connect_netconf(self, node: Node, kind: bytes, data: bytes) -> None:
+        """A NETCONF node: a new `netconf` subsystem channel on its call-home session."""
+        subsystem = common.getNS(data)[0] if kind == b"subsystem" and data else b""
+        if subsystem != b"netconf" or self.owner.login.port is not None:
+            self.fail(f"node {node.name} is a NETCONF device: only its netconf subsystem is "
+                      f"offered (ssh -s {self.owner.login.user}:{node.name}@hub netconf)")
+            return
+        session = self.owner.resolve_netconf(node)
+        log.info("{actor}: netconf on {node}", actor=self.owner.actor, node=node.name)
+        self._audit = (node.name, "netconf", self.owner.hub.clock.seconds())
+        device = DeviceSession(self, (kind, data))
+        device.relay_peer, self.relay_peer = self, device
+        session.conn.openChannel(device)
+
     def fail(self, message: str) -> None:
+        self._early = None
         if not self.relay_open():
             return
         self.writeExtended(connection.EXTENDED_DATA_STDERR, f"callhomehub: {message}\r\n".encode())
@@ -294,6 +361,7 @@ class GatewaySession(RelayChannel):
         self.after_flush(self.loseConnection)
 
     def device_closed(self, device: DeviceSession) -> None:
+        self._early = None
         self._record()
         self.relay_peer = None
         self._close_device()

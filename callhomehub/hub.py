@@ -27,6 +27,8 @@ class Hub:
     # Set by the NSCA wiring: builds the in-tunnel intake channel, or None.
     nsca_channel_factory: Callable[..., Any] | None = field(default=None)
     monitoring: Any = None
+    # The live NETCONF call-home sessions (`netconf.NetconfSessions`), or None.
+    netconf: Any = None
 
     def sync(self) -> None:
         """Apply changes the admin CLI made to the registry (polled every second)."""

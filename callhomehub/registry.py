@@ -19,6 +19,7 @@ from .errors import NameTaken, NotFound, PortsExhausted, RegistryError
 from .ports import choose_port
 
 STATES = ("pending", "approved", "revoked")
+NETCONF = "netconf"  # node kind of a NETCONF call-home device (identified by its host key)
 _STATE_ACTIONS = {"pending": "pending", "approved": "approve", "revoked": "revoke"}
 
 MIGRATIONS: tuple[str, ...] = (
@@ -223,6 +224,12 @@ class Registry:
         row = self._db.execute("SELECT * FROM nodes WHERE key_blob = ?", (key_blob,)).fetchone()
         return None if row is None else self._node(row)
 
+    def node_by_host_key(self, host_key: bytes) -> Node | None:
+        """The NETCONF node whose recorded device host key this is."""
+        row = self._db.execute("SELECT * FROM nodes WHERE kind = ? AND host_key = ?",
+                               (NETCONF, host_key)).fetchone()
+        return None if row is None else self._node(row)
+
     def _node(self, row: tuple) -> Node:  # type: ignore[type-arg]
         (id_, name, kind, blob, fp, state, created, seen, peer, online, since, public, user,
          host_key, console) = row
@@ -256,6 +263,28 @@ class Registry:
                 existing = None
         if existing is not None:
             return self.node(existing), False
+        return self.node(name), True
+
+    def register_netconf(self, name: str, host_key: bytes, fingerprint: str,
+                         actor: str) -> tuple[Node, bool]:
+        """Record a NETCONF device by its host key as node `name` (pending).
+
+        Returns (node, created); the same host key again returns its node.
+        """
+        with self._tx() as db:
+            row = db.execute("SELECT name FROM nodes WHERE kind = ? AND host_key = ?",
+                             (NETCONF, host_key)).fetchone()
+            if row is None:
+                if db.execute("SELECT 1 FROM nodes WHERE name = ?", (name,)).fetchone():
+                    raise NameTaken(f"node name {name!r} is already registered with another key")
+                db.execute(
+                    "INSERT INTO nodes (name, kind, fingerprint, state, created, host_key)"
+                    " VALUES (?, ?, ?, 'pending', ?, ?)",
+                    (name, NETCONF, fingerprint, self._now(), host_key),
+                )
+                self._audit(db, actor, "register", name, f"netconf host key {fingerprint}")
+        if row is not None:
+            return self.node(row[0]), False
         return self.node(name), True
 
     def set_state(self, name: str, state: str, actor: str) -> Node:

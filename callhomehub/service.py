@@ -26,6 +26,7 @@ from .gateway import OperatorAvatar
 from .hub import Hub
 from .keys import load_hub_keys
 from .monitoring import Monitoring
+from .netconf import CallHomeFactory, NetconfSessions
 from .registrar import RegistrarAvatar
 from .registry import Registry
 from .sshserver import HubSSHFactory
@@ -153,6 +154,7 @@ def build_hub(config: HubConfig, reactor: Any) -> Hub:
                     if config.command_file else None)
     hub.monitoring = Monitoring(registry, config.nsca, clock, command_file)
     hub.nsca_channel_factory = hub.monitoring.channel_factory
+    hub.netconf = NetconfSessions(registry, clock)
     return hub
 
 
@@ -186,7 +188,14 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     if config.nsca_endpoint and hub.monitoring is not None:
         ListenerService("NSCA", config.nsca_endpoint, hub.monitoring.tcp_factory(),
                         reactor).setServiceParent(top)
+    if config.netconf_endpoint:
+        ListenerService("NETCONF", config.netconf_endpoint,
+                        CallHomeFactory(hub, hub.netconf), reactor).setServiceParent(top)
     poll = internet.TimerService(REGISTRY_POLL, hub.sync)
     poll.clock = reactor
     poll.setServiceParent(top)
+    # Revocation and removal of NETCONF nodes (hub.sync consumes the change flag).
+    netconf_poll = internet.TimerService(REGISTRY_POLL, hub.netconf.enforce)
+    netconf_poll.clock = reactor
+    netconf_poll.setServiceParent(top)
     return top
