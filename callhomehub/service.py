@@ -25,6 +25,7 @@ from .errors import HubError
 from .gateway import OperatorAvatar
 from .hub import Hub
 from .keys import load_hub_keys
+from .logs import HubService, parse_level
 from .monitoring import Monitoring
 from .netconf import CallHomeFactory, NetconfSessions
 from .registrar import RegistrarAvatar
@@ -51,10 +52,12 @@ class Options(usage.Options):
         ["command-file", None, None, "Nagios/Icinga external command file"],
         ["netconf", None, None, "RFC 8071 NETCONF call-home listener endpoint"],
         ["config", None, None, "config file (default DATA/callhomehub.toml if present)"],
+        ["log-level", None, "info", "lowest level logged: debug, info, warn, error, critical"],
     ]
 
     def postOptions(self) -> None:
         try:
+            self.log_level = parse_level(self["log-level"])
             self.hub_config = build_config(self)
             prepare_data_dir(self.hub_config)
         except HubError as e:
@@ -180,7 +183,8 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     except HubError as e:
         raise SystemExit(f"callhomehub: {e}") from None
     factory = build_ssh_factory(hub)
-    top = service.MultiService()
+    level = getattr(options, "log_level", None) or parse_level("info")
+    top = HubService(level, getattr(options, "parent", None))
     top.hub = hub  # type: ignore[attr-defined]
     ListenerService("SSH", config.ssh, factory, reactor).setServiceParent(top)
     ListenerService("control socket", control_endpoint(config.data), ControlFactory(hub),

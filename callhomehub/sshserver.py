@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.conch.interfaces import IConchUser as _IConchUser
-from twisted.conch.ssh import common, factory, transport, userauth
+from twisted.conch.ssh import _kex, common, factory, transport, userauth
 from twisted.cred.credentials import UsernamePassword
-from twisted.internet import defer, task
+from twisted.internet import defer, protocol, task
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -116,6 +116,7 @@ class HubSSHFactory(factory.SSHFactory):
     """Builds hub transports; counts and bounds unauthenticated connections."""
 
     protocol = HubServerTransport
+    noisy = False
     services = {
         b"ssh-userauth": HubUserAuthServer,
         b"ssh-connection": HubConnection,
@@ -140,7 +141,13 @@ class HubSSHFactory(factory.SSHFactory):
             log.warn("refusing connection from {peer}: {n} unauthenticated connections already",
                      peer=getattr(addr, "host", addr), n=len(self.unauthenticated))
             return None
-        t: Any = factory.SSHFactory.buildProtocol(self, addr)
+        # Conch's SSHFactory.buildProtocol, without its per-connection log line
+        # about the moduli file: the hub offers no group exchange at all.
+        t: Any = protocol.Factory.buildProtocol(self, addr)
+        t.supportedPublicKeys = [alg for key in self.privateKeys.values()
+                                 for alg in key.supportedSignatureAlgorithms()]
+        t.supportedKeyExchanges = [k for k in t.supportedKeyExchanges
+                                   if not _kex.isDynamicPrimesGroup(k)]
         self.unauthenticated.add(t)
         return t
 
