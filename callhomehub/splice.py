@@ -15,10 +15,12 @@ becomes a TCP write shutdown; the pipe closes once both sides are done.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from typing import Any
 
 from twisted.conch.ssh import channel
+from twisted.conch.ssh.connection import MSG_CHANNEL_DATA
 from twisted.internet import protocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.logger import Logger
@@ -28,6 +30,7 @@ log = Logger()
 
 WINDOW = 2 * 1024 * 1024
 MAX_PACKET = 32768
+_CHANNEL_DATA_HEAD = struct.Struct(">2L")  # recipient channel, data length
 
 
 @implementer(IPushProducer)
@@ -110,7 +113,9 @@ class SpliceChannel(channel.SSHChannel):
 
     def eofReceived(self) -> None:
         transport = self._tcp_done_writing()
-        if transport is not None and not transport.disconnecting:
+        # The TCP side may be gone already (reset by its peer): nothing to shut.
+        if (transport is not None and not transport.disconnecting
+                and getattr(transport, "connected", True)):
             if hasattr(transport, "loseWriteConnection"):
                 transport.loseWriteConnection()
             else:
@@ -123,6 +128,37 @@ class SpliceChannel(channel.SSHChannel):
     def tcp_data(self, data: bytes) -> None:
         self.bytes_out += len(data)
         self.write(data)
+
+    def write(self, data: bytes) -> None:
+        # Conch's SSHChannel.write (same window and buffer rules), except
+        # that each packet's data is a view of `data`, framed by the
+        # transport straight into its packet buffer: Conch slices it and its
+        # sendData and sendPacket join it to headers, 4 copies per packet.
+        if self.buf:
+            self.buf += data
+            return
+        top = len(data)
+        if top > self.remoteWindowLeft:
+            data, self.buf = data[: self.remoteWindowLeft], data[self.remoteWindowLeft :]
+            self.areWriting = 0
+            self.stopWriting()
+            top = self.remoteWindowLeft
+        rmp = self.remoteMaxPacket
+        view = memoryview(data)
+        for offset in range(0, top, rmp):
+            self._send_data(view[offset : offset + rmp])
+        self.remoteWindowLeft -= top
+        if self.closing and not self.buf:
+            self.loseConnection()  # try again
+
+    def _send_data(self, chunk: memoryview) -> None:
+        conn = self.conn
+        send_parts = getattr(conn.transport, "sendPacketParts", None)
+        if send_parts is None:
+            conn.sendData(self, chunk.tobytes())
+        elif not self.localClosed:  # as conn.sendData
+            head = _CHANNEL_DATA_HEAD.pack(conn.channelsToRemoteChannel[self], len(chunk))
+            send_parts(MSG_CHANNEL_DATA, head, chunk)
 
     def stopWriting(self) -> None:
         self.tcp.pause()

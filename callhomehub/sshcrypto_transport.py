@@ -37,6 +37,7 @@ from callhomehub.sshcrypto_algorithms import (
     REKEY_TIME_LIMIT,
     USERAUTH_SIGNATURE_ALGORITHMS,
 )
+from callhomehub.sshcrypto_buffers import Bytes, ReceiveBuffer
 from callhomehub.sshcrypto_ciphers import ModernSSHCiphers, cipherBlockLimit
 from callhomehub.sshcrypto_kex import (
     EXT_INFO_CLIENT,
@@ -49,8 +50,10 @@ from callhomehub.sshcrypto_kex import (
     strictKexAllows,
 )
 from callhomehub.sshcrypto_packet import PacketError
+from callhomehub.sshcrypto_tcpwrite import writeNow
 
 _SEQUENCE_MASK = 0xFFFFFFFF
+_MESSAGE_TYPES = [bytes((n,)) for n in range(256)]
 
 if TYPE_CHECKING:
     _Base = SSHTransportBase
@@ -109,6 +112,7 @@ class ModernTransportMixin(_Base):
 
     def connectionMade(self) -> None:
         self._meter = RekeyMeter(limit=self.rekeyDataLimit)
+        self._input = ReceiveBuffer()
         self.supportedPublicKeys = [
             name for name in self.hostKeyAlgorithms if name in self.supportedPublicKeys
         ]
@@ -236,7 +240,11 @@ class ModernTransportMixin(_Base):
                 self.rekeyTimeLimit, self._rekeyTimeUp
             )
         super()._newKeys()
-        if self.buf and not self._inDataReceived and not self._disconnectSent:
+        if (
+            self._input.pending()
+            and not self._inDataReceived
+            and not self._disconnectSent
+        ):
             # Packets that came after NEWKEYS waited for the new keys.
             self.dataReceived(b"")
 
@@ -314,41 +322,70 @@ class ModernTransportMixin(_Base):
         return bool(super()._allowedKeyExchangeMessageType(messageType))
 
     def sendPacket(self, messageType: int, payload: bytes) -> None:
+        self.sendPacketParts(messageType, b"", payload)
+
+    def sendPacketParts(self, messageType: int, head: bytes, data: Bytes) -> None:
+        """
+        L{sendPacket} for the payload C{head + data}, which is framed,
+        sealed and written without joining the parts (a channel's data goes
+        from its TCP read buffer into the packet buffer in one copy).
+        """
         if self._keyExchangeState != self._KEY_EXCHANGE_NONE:
             if not self._allowedKeyExchangeMessageType(messageType):
-                self._blockedByKeyExchange.append((messageType, payload))
+                self._blockedByKeyExchange.append((messageType, head + bytes(data)))
                 return
-        data = bytes((messageType,)) + payload
+        head = _MESSAGE_TYPES[messageType] + head
         if self.outgoingCompression:
             data = self.outgoingCompression.compress(
-                data
+                head + bytes(data)
             ) + self.outgoingCompression.flush(zlib.Z_SYNC_FLUSH)
+            head = b""
         seqnr = self.outgoingPacketSequence
-        wire = self._currentCiphers().outbound.seal(seqnr, data)
-        assert self.transport is not None
-        self.transport.write(wire)
+        wire = self._currentCiphers().outbound.sealInto(seqnr, head, data)
+        sent = len(wire)
+        writeNow(self.transport, wire)
         self.outgoingPacketSequence = (seqnr + 1) & _SEQUENCE_MASK
         if messageType == MSG_NEWKEYS and self._strict:
             self.outgoingPacketSequence = 0
-        self._meter.sent(len(wire))
+        self._meter.sent(sent)
         self._maybeRekey()
 
-    def getPacket(self) -> bytes | None:
+    # Conch's own code (the version exchange) sees the receive buffer as
+    # self.buf.
+
+    _input: ReceiveBuffer
+
+    @property
+    def buf(self) -> bytes:
+        return self._input.rest()
+
+    @buf.setter
+    def buf(self, value: bytes) -> None:
+        self._input = ReceiveBuffer(value)
+
+    def _nextPayload(self) -> memoryview | None:
+        """
+        The payload (message number first) of the next whole packet
+        received, valid until the next call; L{None} if there is none yet,
+        input is held, or the connection is being dropped.
+        """
         if self._holdInput or self._disconnectSent:
             return None
         seqnr = self.incomingPacketSequence
         try:
-            opened = self._currentCiphers().inbound.open(seqnr, self.buf)
+            opened = self._currentCiphers().inbound.openFrom(
+                seqnr, self._input.data, self._input.pos
+            )
         except PacketError as e:
             self.sendDisconnect(e.reason, e.description)
             return None
         if opened is None:
             return None
         payload, used = opened
-        self.buf = self.buf[used:]
+        self._input.pos += used
         if self.incomingCompression:
             try:
-                payload = self.incomingCompression.decompress(payload)
+                payload = memoryview(self.incomingCompression.decompress(payload))
             except Exception:
                 self._modernLog.failure("Error decompressing payload")
                 self.sendDisconnect(DISCONNECT_COMPRESSION_ERROR, b"compression error")
@@ -367,10 +404,27 @@ class ModernTransportMixin(_Base):
             self._holdInput = True
         return payload
 
+    def getPacket(self) -> bytes | None:
+        payload = self._nextPayload()
+        return None if payload is None else payload.tobytes()
+
     def dataReceived(self, data: bytes) -> None:
         self._inDataReceived = True
         try:
-            super().dataReceived(data)
+            if not self.gotVersion:
+                super().dataReceived(data)  # the version line, then getPacket
+                return
+            if self._disconnectSent:
+                return
+            if data:
+                self._input.append(data)
+            # Conch's loop, less a copy per packet: the payload is copied
+            # once, from the decrypted packet, into the bytes dispatched.
+            while (payload := self._nextPayload()) is not None:
+                number = payload[0]
+                rest = payload[1:].tobytes()
+                payload.release()
+                self.dispatchMessage(number, rest)
         finally:
             self._inDataReceived = False
 

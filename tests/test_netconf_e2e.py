@@ -150,8 +150,9 @@ def site(tmp_path: Path) -> Iterator[Site]:
     if os.geteuid() != 0:
         pytest.skip("sshd -i as the device needs root")
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    # Debug level: the keepalive answers are visible only there.
     hub = HubProcess(tmp_path / "hub", "--keepalive", "2", "--keepalive-count", "2",
-                     "--netconf", "tcp:0:interface=127.0.0.1")
+                     "--netconf", "tcp:0:interface=127.0.0.1", "--log-level", "debug")
     hub.data.mkdir(parents=True)
     (hub.data / "callhomehub.toml").write_text(
         f'[netconf.secrets]\n"router2" = "{SECRET}"\n"router9" = "other-secret"\n')

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -189,11 +190,36 @@ def test_public_access_toggle(tmp_path: Path) -> None:
         hub.stop()
 
 
+@contextlib.contextmanager
+def squat_before_two_free_ports() -> Iterator[socket.socket]:
+    """A listening socket on port P, with P+1 and P+2 free (other programs
+    on a busy machine may hold ports too)."""
+    for _ in range(50):
+        squatter = socket.socket()
+        squatter.bind(("127.0.0.1", 0))
+        port = squatter.getsockname()[1]
+        if port < 65534 and refused(port + 1) and refused(port + 2) and all(
+                _bindable(p) for p in (port + 1, port + 2)):
+            squatter.listen()
+            with squatter:
+                yield squatter
+            return
+        squatter.close()
+    raise AssertionError("no port with two free ones above it")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+        return True
+
+
 def test_exhausted_range_and_taken_port(tmp_path: Path) -> None:
     from conftest import CALLHOME_PASSWORD
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", 0))
-        squatter.listen()
+    with squat_before_two_free_ports() as squatter:
         taken = squatter.getsockname()[1]
         hub = HubProcess(tmp_path / "hub", "--port-range", f"{taken}-{taken + 2}")
         hub.data.mkdir(parents=True)

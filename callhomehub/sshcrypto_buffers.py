@@ -1,0 +1,100 @@
+"""
+Memory the packet layer reuses from one packet to the next, so that a bulk
+transfer costs one copy of each payload and no allocation or system call per
+packet: a scratch buffer that grows to the largest packet seen, and padding
+cut from random bytes fetched in bulk.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+# What the packet layer accepts as data: anything with a byte buffer.
+Bytes = bytes | bytearray | memoryview
+
+_PAGE = 4096
+
+
+class ScratchBuffer:
+    """
+    A reusable buffer for one packet at a time (one per direction and use).
+
+    L{take} hands out a view of the whole buffer; callers slice it.  A larger
+    packet gets a new buffer instead of a resize, so a view still alive
+    somewhere never blocks it.  It stays as large as the largest packet so far
+    (at most a packet plus a page; about 33 KiB for OpenSSH's 32 KiB channel
+    packets).
+    """
+
+    def __init__(self) -> None:
+        self._view = memoryview(bytearray(0))
+
+    def take(self, size: int) -> memoryview:
+        view = self._view
+        if len(view) < size:
+            view = self._view = memoryview(bytearray((size + _PAGE - 1) // _PAGE * _PAGE))
+        return view
+
+
+class PaddingPool:
+    """
+    Random padding (RFC 4253 section 6) for one direction of a connection.
+
+    Padding need not be secret, only not predictable plaintext, so it comes
+    from C{os.urandom} L{REFILL} bytes at a time, as OpenSSH takes it from its
+    user-space arc4random, rather than one C{getrandom} call per packet.  No
+    byte is handed out twice.
+    """
+
+    REFILL = 4096
+
+    def __init__(self, urandom: Callable[[int], bytes] = os.urandom) -> None:
+        self._urandom = urandom
+        self._pool = memoryview(b"")
+        self._pos = 0
+
+    def take(self, count: int) -> memoryview:
+        pos = self._pos
+        if pos + count > len(self._pool):
+            self._pool = memoryview(self._urandom(max(self.REFILL, count)))
+            pos = 0
+        self._pos = pos + count
+        return self._pool[pos : pos + count]
+
+
+class ReceiveBuffer:
+    """
+    Bytes received and not yet taken as packets: C{data[pos:]}.
+
+    While nothing is left over, C{data} is the last read itself (no copy);
+    a partial packet left at the end is moved with the next read into a
+    bytearray that later reads are appended to.
+    """
+
+    def __init__(self, data: Bytes = b"") -> None:
+        self.data: Bytes = data
+        self.pos = 0
+
+    def pending(self) -> int:
+        return len(self.data) - self.pos
+
+    def rest(self) -> bytes:
+        return bytes(memoryview(self.data)[self.pos :])
+
+    def append(self, chunk: bytes) -> None:
+        data, pos = self.data, self.pos
+        if pos >= len(data):
+            self.data, self.pos = chunk, 0
+            return
+        if type(data) is bytearray:
+            try:
+                del data[:pos]  # cheap: CPython moves the buffer's start
+                self.pos = 0
+                data += chunk
+                return
+            except BufferError:  # a view of it is still alive
+                pass
+        fresh = bytearray(memoryview(data)[self.pos :])
+        fresh += chunk
+        self.data, self.pos = fresh, 0
