@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from .errors import HubError
 from .keys import fingerprint
-from .splice import ChannelTransport
+from .splice import ProtocolChannel
 from .sshconnection import WindowedChannelsMixin
 from .sshcrypto import ModernTransportMixin, ModernUserAuthClientMixin
 
@@ -119,30 +119,16 @@ class DeviceClientTransport(ModernTransportMixin, transport.SSHClientTransport):
                 "authorized, or wrong password?)"))
 
 
-class ClientChannel(channel.SSHChannel):
+class ClientChannel(ProtocolChannel):
     """Runs the device client protocol over a forwarded-tcpip channel."""
 
-    conn: Any
-
     def __init__(self, protocol: DeviceClientTransport, **kw: Any) -> None:
-        channel.SSHChannel.__init__(self, localWindow=2 * 1024 * 1024, localMaxPacket=32768, **kw)
+        ProtocolChannel.__init__(self, localWindow=2 * 1024 * 1024, localMaxPacket=32768, **kw)
         self.name = b"forwarded-tcpip"
         self.protocol = protocol
 
-    def channelOpen(self, specificData: bytes) -> None:
-        self.protocol.makeConnection(ChannelTransport(self))  # type: ignore[arg-type]
-
     def openFailed(self, reason: Any) -> None:
         self.protocol.failure = DeviceError(f"the device refused the tunnel channel: {reason}")
-        self.protocol.connectionLost(None)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.protocol.dataReceived(data)
-
-    def eofReceived(self) -> None:
-        self.loseConnection()
-
-    def closed(self) -> None:
         self.protocol.connectionLost(None)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from attrs import define, frozen
-from twisted.conch.ssh import channel
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -20,7 +19,7 @@ from .commandfile import CommandFileWriter
 from .config import NSCAConfig
 from .nsca import CheckResult, NSCAServerFactory, NSCAServerProtocol, NSCASettings, format_command
 from .registry import Registry
-from .splice import ChannelTransport
+from .splice import ProtocolChannel
 
 log = Logger()
 
@@ -87,26 +86,13 @@ def status(registry: Registry, node: str | None = None) -> list[Status]:
     return [Status(*row) for row in rows]
 
 
-class NSCAChannel(channel.SSHChannel):
+class NSCAChannel(ProtocolChannel):
     """A `direct-tcpip` channel to localhost:5667, answered by the in-process intake."""
 
     name = b"direct-tcpip"
-    conn: Any
 
     def __init__(self, monitoring: Monitoring, node: str, actor: str, **kw: Any) -> None:
-        channel.SSHChannel.__init__(self, **kw)
+        ProtocolChannel.__init__(self, **kw)
         self.protocol = NSCAServerProtocol(
             monitoring.settings, lambda r: monitoring.deliver(node, r), monitoring.clock,
             peer=actor)
-
-    def channelOpen(self, specificData: bytes) -> None:
-        self.protocol.makeConnection(ChannelTransport(self))  # type: ignore[arg-type]
-
-    def dataReceived(self, data: bytes) -> None:
-        self.protocol.dataReceived(data)
-
-    def eofReceived(self) -> None:
-        self.loseConnection()
-
-    def closed(self) -> None:
-        self.protocol.connectionLost(None)

@@ -267,6 +267,26 @@ class ChannelTransport:
         return self.chan.conn.transport.getHost()
 
 
+class ProtocolChannel(channel.SSHChannel):
+    """Runs an in-process protocol over a channel (the hub's SSH client to a
+    device, the NSCA intake): the channel is that protocol's transport."""
+
+    conn: Any
+    protocol: Any
+
+    def channelOpen(self, specificData: bytes) -> None:
+        self.protocol.makeConnection(ChannelTransport(self))
+
+    def dataReceived(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def eofReceived(self) -> None:
+        self.loseConnection()
+
+    def closed(self) -> None:
+        self.protocol.connectionLost(None)
+
+
 class RelayMixin:
     """One end of a flow-controlled channel<->channel relay (gateway, jump host).
 

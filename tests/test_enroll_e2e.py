@@ -15,7 +15,7 @@ from tunnel_helpers import Device, node
 
 pytestmark = pytest.mark.e2e
 
-USER = "chh-enroll"
+USER = f"chhe{os.getpid()}"  # per run: concurrent runs must not share an account
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_enroll_installs_the_key_and_pins_the_host_key(hub: HubProcess, tmp_path
         assert len(wrong.stderr.splitlines()) == 1
 
         enrolled = hub.cli("enroll", "site-a", "--user", user, stdin=password.encode())
-        assert b"management key installed for chh-enroll and verified" in enrolled.stdout
+        assert f"management key installed for {user} and verified".encode() in enrolled.stdout
         authorized = Path(f"/home/{user}/.ssh/authorized_keys").read_text()
         assert authorized.count(hub.cli("mgmt-key").stdout.decode().split()[1]) == 1
         assert node(hub, "site-a")["device_user"] == user
@@ -62,7 +62,7 @@ def test_enroll_installs_the_key_and_pins_the_host_key(hub: HubProcess, tmp_path
         hub.cli("user", "add", "alice", "--key", f"{alice}.pub", "--allow", "*")
         operator = SSHClient(tmp_path / "op", hub.port)
         result = operator.run("alice:site-a@127.0.0.1", "id -un", key=alice)
-        assert (result.returncode, result.stdout) == (0, f"{user}\n".encode())
+        assert (result.returncode, result.stdout) == (0, f"{user}\n".encode()), result.stderr
         actions = [e["action"] for e in json.loads(hub.cli("audit", "--json").stdout)]
         assert "enroll" in actions and "gateway" in actions
         assert password not in hub.log_text()
