@@ -16,9 +16,8 @@ import hashlib
 from typing import Any
 
 from attrs import define, field, frozen
-from twisted.conch.error import ConchError
 from twisted.conch.ssh import transport
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -29,6 +28,7 @@ from .hub import Hub
 from .keys import fingerprint
 from .netconf_preamble import PreambleError, PreambleParser, PreambleResult, authenticate
 from .registry import Registry
+from .sshconnection import Keepalive
 from .tunnels import close_connection
 
 log = Logger()
@@ -132,47 +132,22 @@ class NetconfConnection(DeviceConnection):
         self.clock = clock
         self.interval = interval
         self.count = count
-        self.missed = 0
         self.on_stopped: Any = None
-        self._loop: task.LoopingCall | None = None
+        self.keepalive: Keepalive | None = None
 
     def serviceStarted(self) -> None:
         DeviceConnection.serviceStarted(self)
-        if self.interval > 0:
-            self._loop = task.LoopingCall(self._keepalive)
-            self._loop.clock = self.clock
-            self._loop.start(self.interval, now=False)
+        self.keepalive = Keepalive(
+            self, self.clock, self.interval, self.count,
+            lambda: "netconf device " + str(getattr(self.transport, "peer", "?")))
 
     def serviceStopped(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        if self.keepalive is not None:
+            self.keepalive.stop()
         DeviceConnection.serviceStopped(self)
         if self.on_stopped is not None:
             callback, self.on_stopped = self.on_stopped, None
             callback()
-
-    def _keepalive(self) -> None:
-        if self.missed >= self.count:
-            log.info("netconf device {peer}: {n} keepalives unanswered, dropping it",
-                     peer=getattr(self.transport, "peer", "?"), n=self.missed)
-            assert self._loop is not None
-            self._loop.stop()
-            self.transport.sendDisconnect(transport.DISCONNECT_CONNECTION_LOST,
-                                          b"keepalive timeout")
-            self.transport.transport.abortConnection()
-            return
-        self.missed += 1
-
-        def answered(_: object) -> None:
-            self.missed = 0
-
-        def failed(f: Failure) -> None:
-            # A REQUEST_FAILURE proves the peer alive as well as a success.
-            if isinstance(f.value, ConchError) and f.value.args[0] == "global request failed":
-                self.missed = 0
-
-        self.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1).addCallbacks(
-            answered, failed)
 
 
 class NetconfClientTransport(DeviceClientTransport):

@@ -12,6 +12,7 @@ drop a peer that stops answering.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from twisted.conch.error import ConchError
@@ -72,6 +73,53 @@ class WindowedChannelsMixin:
         return False
 
 
+class Keepalive:
+    """Sends `keepalive@openssh.com` every `interval` seconds on a connection and
+    drops the peer once `count` in a row go unanswered (a dead peer behind NAT
+    never says goodbye). Any answer counts: OpenSSH answers REQUEST_FAILURE."""
+
+    def __init__(self, conn: Any, clock: Any, interval: float, count: int,
+                 who: Callable[[], str]) -> None:
+        self.conn = conn
+        self.count = count
+        self.missed = 0
+        self._who = who
+        self._loop: task.LoopingCall | None = None
+        if interval > 0:
+            self._loop = task.LoopingCall(self._tick)
+            self._loop.clock = clock
+            self._loop.start(interval, now=False)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def _tick(self) -> None:
+        ssh_transport = self.conn.transport
+        if self.missed >= self.count:
+            log.info("{peer}: {n} keepalives unanswered, dropping the connection",
+                     peer=self._who(), n=self.missed)
+            self.stop()
+            ssh_transport.sendDisconnect(transport.DISCONNECT_CONNECTION_LOST,
+                                         b"keepalive timeout")
+            # A dead peer never reads the disconnect; do not wait for it.
+            ssh_transport.transport.abortConnection()
+            return
+        self.missed += 1
+
+        def answered(_: object) -> None:
+            self.missed = 0
+
+        def failed(f: Failure) -> None:
+            # A REQUEST_FAILURE proves the peer alive as well as a success would;
+            # "Connection stopped." proves nothing.
+            if isinstance(f.value, ConchError) and f.value.args[0] == "global request failed":
+                self.missed = 0
+
+        self.conn.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1).addCallbacks(
+            answered, failed)
+
+
 class HubConnection(WindowedChannelsMixin, connection.SSHConnection):
     """The connection service: keepalives, and channel opens that can wait or refuse."""
 
@@ -80,49 +128,18 @@ class HubConnection(WindowedChannelsMixin, connection.SSHConnection):
     def serviceStarted(self) -> None:
         connection.SSHConnection.serviceStarted(self)
         hub_factory = self.transport.factory
-        self._missed = 0
         self._replies: list[list[Any]] = []
-        self._keepalive: task.LoopingCall | None = None
         avatar = self.transport.avatar
         avatar.conn = self
-        if hub_factory.keepalive > 0:
-            self._keepalive = task.LoopingCall(self._send_keepalive)
-            self._keepalive.clock = hub_factory.clock
-            self._keepalive.start(hub_factory.keepalive, now=False)
+        self.keepalive = Keepalive(self, hub_factory.clock, hub_factory.keepalive,
+                                   hub_factory.keepalive_count, lambda: self.transport.peer)
         started = getattr(avatar, "connection_started", None)
         if started is not None:
             started(self)
 
     def serviceStopped(self) -> None:
-        if self._keepalive is not None and self._keepalive.running:
-            self._keepalive.stop()
+        self.keepalive.stop()
         connection.SSHConnection.serviceStopped(self)
-
-    def _send_keepalive(self) -> None:
-        hub_factory = self.transport.factory
-        if self._missed >= hub_factory.keepalive_count:
-            log.info("{peer}: {n} keepalives unanswered, dropping the connection",
-                     peer=self.transport.peer, n=self._missed)
-            assert self._keepalive is not None
-            self._keepalive.stop()
-            self.transport.sendDisconnect(
-                transport.DISCONNECT_CONNECTION_LOST, b"keepalive timeout")
-            # A dead peer never reads the disconnect; do not wait for it.
-            self.transport.transport.abortConnection()
-            return
-        self._missed += 1
-
-        def answered(_: object) -> None:
-            self._missed = 0
-
-        def failed(f: Failure) -> None:
-            # OpenSSH answers REQUEST_FAILURE, which proves the peer is alive
-            # as well as a success would; "Connection stopped." proves nothing.
-            if isinstance(f.value, ConchError) and f.value.args[0] == "global request failed":
-                self._missed = 0
-
-        d = self.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
-        d.addCallbacks(answered, failed)
 
     def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
         channel_type, rest = common.getNS(packet)
