@@ -1,0 +1,71 @@
+"""What every benchmark program shares: clean exit on SIGTERM, sizes, the JSON document."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _stop(signum: int, frame: object) -> None:
+    # SystemExit unwinds through the finally blocks that stop servers and clients.
+    raise SystemExit(128 + signum)
+
+
+def install_sigterm() -> None:
+    """SIGTERM (and SIGHUP) stop the program the way Ctrl-C does: via `finally`."""
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGHUP, _stop)
+
+
+def write_doc(path: Path, bench: str, body: dict[str, Any]) -> None:
+    """One benchmark's JSON: which program, the exact command, when, then `body`."""
+    doc = {"bench": bench, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+           "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **body}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by nearest rank on the sorted values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def add_source_option(parser: Any) -> None:
+    parser.add_argument(
+        "--hub-source", metavar="REV",
+        help="run the hub (twistd, CLI) from git revision REV (exported with `git archive` "
+             "to a temporary directory) instead of the work tree, e.g. while it is mid-edit")
+
+
+def use_hub_source(rev: str | None, workdir: Path) -> dict[str, str]:
+    """Export `rev` of the hub to `workdir` and put it first on every child's PYTHONPATH.
+
+    The venv's editable install puts the work tree on sys.path *after*
+    PYTHONPATH, so twistd, the CLI and this process all import the export.
+    Returns what to record: the revision and its commit, or "work tree".
+    """
+    if not rev:
+        return {"hub_source": "work tree"}
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    tree = workdir / "hub-source"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "callhomehub",
+                              "twisted"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(tree), *filter(None, [os.environ.get("PYTHONPATH")])])
+    sys.path.insert(0, str(tree))
+    return {"hub_source": rev, "hub_commit": commit}
