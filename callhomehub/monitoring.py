@@ -59,10 +59,12 @@ class Monitoring:
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (node, result.host, result.service, result.code, result.output,
                  result.timestamp, now))
+            # Everything at or below the oldest id to drop, found through the
+            # (host, service, id) index: cheap whatever the history length.
             db.execute(
-                "DELETE FROM results WHERE host = ? AND service = ? AND id NOT IN"
+                "DELETE FROM results WHERE host = ? AND service = ? AND id <="
                 " (SELECT id FROM results WHERE host = ? AND service = ?"
-                "  ORDER BY id DESC LIMIT ?)",
+                "  ORDER BY id DESC LIMIT 1 OFFSET ?)",
                 (result.host, result.service, result.host, result.service,
                  self.config.history))
         if self.command_file is not None:

@@ -115,3 +115,27 @@ def test_failed_transaction_leaves_nothing(reg: Registry) -> None:
     with pytest.raises(NameTaken):
         reg.register("site-a", b"key2", "SHA256:2", "t")
     assert len(reg.audit_log()) == 1
+
+
+def test_lowest_free_port_agrees_with_the_pure_rule(tmp_path: Path) -> None:
+    import random
+
+    from callhomehub.ports import choose_port
+    reg = Registry(str(tmp_path / "lease.sqlite3"), now=Clock())
+    rng = random.Random(7)
+    for i in range(60):
+        reg.register(f"n{i}", f"k{i}".encode(), "fp", "t")
+    taken: set[int] = set()
+    for i in range(60):
+        low, high = 1000, 1000 + rng.randrange(40, 80)
+        expected = choose_port(taken, low, high)
+        if expected is None:
+            break
+        port, new = reg.lease(f"n{i}", "ssh", low, high)
+        assert (port, new) == (expected, True)
+        taken.add(port)
+        if rng.random() < 0.3:  # free some ports again, leaving holes
+            victim = rng.choice(sorted(taken))
+            owner = next(n.name for n in reg.nodes() if victim in n.forwards.values())
+            reg.remove(owner, "t")
+            taken.discard(victim)
