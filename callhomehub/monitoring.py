@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from attrs import define, frozen
+from attrs import define, field, frozen
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -40,6 +40,8 @@ class Monitoring:
     config: NSCAConfig
     clock: IReactorTime
     command_file: CommandFileWriter | None = None
+    _pending: list[tuple[str, CheckResult, float]] = field(factory=list)
+    _flush_call: Any = None
 
     @property
     def settings(self) -> NSCASettings:
@@ -47,28 +49,44 @@ class Monitoring:
                             max_age=self.config.max_age)
 
     def deliver(self, node: str, result: CheckResult) -> None:
-        """Keep one result from `node` ("" for the plain TCP listener)."""
+        """Keep one result from `node` ("" for the plain TCP listener).
+
+        Results arriving in one reactor turn (a send_nsca burst) are stored in
+        one transaction, at the end of that turn: a transaction per result was
+        the intake's main cost."""
         if self.config.strict_host and node and result.host.lower() != node.lower():
             log.warn("NSCA result for host {host!r} from node {node} dropped (strict_host)",
                      host=result.host, node=node)
             return
-        now = self.clock.seconds()
+        self._pending.append((node, result, self.clock.seconds()))
+        if self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Store the pending results now (also called at shutdown)."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
         with self.registry.transaction() as db:
-            db.execute(
+            db.executemany(
                 "INSERT INTO results (node, host, service, code, output, time, received)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (node, result.host, result.service, result.code, result.output,
-                 result.timestamp, now))
+                [(node, r.host, r.service, r.code, r.output, r.timestamp, now)
+                 for node, r, now in batch])
             # Everything at or below the oldest id to drop, found through the
             # (host, service, id) index: cheap whatever the history length.
-            db.execute(
+            db.executemany(
                 "DELETE FROM results WHERE host = ? AND service = ? AND id <="
                 " (SELECT id FROM results WHERE host = ? AND service = ?"
                 "  ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                (result.host, result.service, result.host, result.service,
-                 self.config.history))
+                [(h, sv, h, sv, self.config.history)
+                 for h, sv in {(r.host, r.service) for _, r, _ in batch}])
         if self.command_file is not None:
-            self.command_file.write(format_command(result, int(now)))
+            for _, r, now in batch:
+                self.command_file.write(format_command(r, int(now)))
 
     def tcp_factory(self) -> NSCAServerFactory:
         return NSCAServerFactory(self.settings, lambda r: self.deliver("", r), self.clock)

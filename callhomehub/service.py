@@ -139,6 +139,17 @@ class ListenerService(service.Service):
         return self._ep.stopService()
 
 
+class FlushOnStop(service.Service):
+    """Stores results still pending in this reactor turn when the hub stops."""
+
+    def __init__(self, flush: Any) -> None:
+        self.flush = flush
+
+    def stopService(self) -> Any:
+        self.flush()
+        return service.Service.stopService(self)
+
+
 def build_hub(config: HubConfig, reactor: Any) -> Hub:
     from twisted.internet.threads import deferToThreadPool
 
@@ -195,6 +206,8 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     if config.netconf_endpoint:
         ListenerService("NETCONF", config.netconf_endpoint,
                         CallHomeFactory(hub, hub.netconf), reactor).setServiceParent(top)
+    if hub.monitoring is not None:
+        FlushOnStop(hub.monitoring.flush).setServiceParent(top)
     poll = internet.TimerService(REGISTRY_POLL, hub.sync)
     poll.clock = reactor
     poll.setServiceParent(top)
