@@ -13,7 +13,7 @@ from collections.abc import Callable
 # What the packet layer accepts as data: anything with a byte buffer.
 Bytes = bytes | bytearray | memoryview
 
-_PAGE = 4096
+_PAGE = 1024
 
 
 class ScratchBuffer:
@@ -47,7 +47,7 @@ class PaddingPool:
     byte is handed out twice.
     """
 
-    REFILL = 4096
+    REFILL = 1024
 
     def __init__(self, urandom: Callable[[int], bytes] = os.urandom) -> None:
         self._urandom = urandom
