@@ -82,11 +82,15 @@ def test_sigkill_during_registrations_leaves_a_consistent_registry(tmp_path: Pat
             failures.append(result.stderr)
 
     threads = [threading.Thread(target=device, args=(i,)) for i in range(len(keys))]
-    for t in threads[:12]:
-        t.start()
-    for t in threads[:12]:
-        t.join()
-    assert len(acknowledged) == 12, failures
+    try:
+        for t in threads[:12]:
+            t.start()
+        for t in threads[:12]:
+            t.join()
+        assert len(acknowledged) == 12, failures
+    except BaseException:
+        hub.stop()  # leave no hub behind when the first wave fails
+        raise
     for t in threads[12:]:
         t.start()
     hub.stop(signal.SIGKILL)  # in the middle of the second wave
