@@ -37,7 +37,7 @@ from attrs import asdict, define, field
 # Run as a script: bench/ is on sys.path.
 from common import SSH, Tunnel, machine_info, make_key, stop_process, tree_cpu, wait_quiet
 from peers import DeviceSSHD, HubProcess
-from runner import add_source_option, install_sigterm, percentile, use_hub_source, write_doc
+from runner import add_common_options, install_sigterm, percentile, use_hub_source, write_doc
 
 PATHS = ("direct", "gateway", "jump")
 MIB = 1 << 20
@@ -207,10 +207,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="runs per path (default 3)")
     p.add_argument("--quick", action="store_true", help="200 round trips, 16 MiB, 1 run")
     p.add_argument("--full", action="store_true", help="10000 round trips, 512 MiB, 3 runs")
-    p.add_argument("--json", type=Path, help="write results and machine info here")
-    p.add_argument("--quiet-wait", type=float, default=20.0, metavar="S")
-    p.add_argument("--quiet-below", type=float, default=0.25, metavar="CORES")
-    add_source_option(p)
+    add_common_options(p)
     args = p.parse_args(argv)
     if args.quick:
         args.round_trips, args.size, args.repeat = 200, 16, 1

@@ -47,7 +47,7 @@ from common import (
     wait_quiet,
 )
 from peers import SEND_NSCA, HubProcess, NscaDaemon, listening_ports, tunnel_port_range
-from runner import add_source_option, install_sigterm, use_hub_source, write_doc
+from runner import add_common_options, install_sigterm, use_hub_source, write_doc
 
 PASSWORD = "bench-nsca-password"  # noqa: S105 - a throwaway daemon's, for one run
 METHOD = 1
@@ -248,11 +248,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--paths", default=",".join(PATHS), help="comma-separated: %(default)s")
     p.add_argument("--quick", action="store_true", help="2 senders x 200 results, 1 run")
     p.add_argument("--full", action="store_true", help="8 senders x 10000 results, 3 runs")
-    p.add_argument("--json", type=Path, help="write results and machine info here")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per run at most")
-    p.add_argument("--quiet-wait", type=float, default=20.0, metavar="S")
-    p.add_argument("--quiet-below", type=float, default=0.25, metavar="CORES")
-    add_source_option(p)
+    add_common_options(p)
     args = p.parse_args(argv)
     if args.quick:
         args.senders, args.results, args.repeat = 2, 200, 1

@@ -42,6 +42,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank]
 
 
+def add_common_options(parser: Any) -> None:
+    """--json, the quiet-machine wait and --hub-source, as every benchmark takes them."""
+    parser.add_argument("--json", type=Path, help="write results and machine info here")
+    parser.add_argument("--quiet-wait", type=float, default=20.0, metavar="S")
+    parser.add_argument("--quiet-below", type=float, default=0.25, metavar="CORES")
+    add_source_option(parser)
+
+
 def add_source_option(parser: Any) -> None:
     parser.add_argument(
         "--hub-source", metavar="REV",

@@ -42,7 +42,7 @@ from attrs import asdict, define
 from common import cpu_seconds, descendants, machine_info, vm_rss_kib, wait_quiet
 from fleet import Generator, make_keys, register_all
 from peers import DeviceSSHD, HubProcess, nofile_limit, tunnel_port_range
-from runner import add_source_option, install_sigterm, use_hub_source, write_doc
+from runner import add_common_options, install_sigterm, use_hub_source, write_doc
 
 
 @define
@@ -323,10 +323,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="keep the temporary directory (hub logs, generator log)")
     p.add_argument("--quick", action="store_true", help="N=100")
     p.add_argument("--full", action="store_true", help="N=10000")
-    p.add_argument("--json", type=Path, help="write results and machine info here")
-    p.add_argument("--quiet-wait", type=float, default=20.0, metavar="S")
-    p.add_argument("--quiet-below", type=float, default=0.25, metavar="CORES")
-    add_source_option(p)
+    add_common_options(p)
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.quiet_wait = "100", min(args.quiet_wait, 2.0)
