@@ -211,8 +211,14 @@ class Registry:
     # -- nodes ------------------------------------------------------------
 
     def nodes(self) -> list[Node]:
+        # Two queries for all nodes, not one per node: the hub reads this on
+        # every CLI change, with thousands of nodes.
         rows = self._db.execute("SELECT * FROM nodes ORDER BY id").fetchall()
-        return [self._node(row) for row in rows]
+        forwards: dict[int, dict[str, int]] = {}
+        for node_id, service, port in self._db.execute(
+                "SELECT node_id, service, port FROM leases ORDER BY port"):
+            forwards.setdefault(node_id, {})[service] = port
+        return [self._node(row, forwards.get(row[0], {})) for row in rows]
 
     def node(self, name: str) -> Node:
         row = self._db.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone()
@@ -230,14 +236,13 @@ class Registry:
                                (NETCONF, host_key)).fetchone()
         return None if row is None else self._node(row)
 
-    def _node(self, row: tuple) -> Node:  # type: ignore[type-arg]
+    def _node(self, row: tuple, forwards: dict[str, int] | None = None  # type: ignore[type-arg]
+              ) -> Node:
         (id_, name, kind, blob, fp, state, created, seen, peer, online, since, public, user,
          host_key, console) = row
-        forwards = dict(
-            self._db.execute(
-                "SELECT service, port FROM leases WHERE node_id = ? ORDER BY port", (id_,)
-            ).fetchall()
-        )
+        if forwards is None:
+            forwards = dict(self._db.execute(
+                "SELECT service, port FROM leases WHERE node_id = ? ORDER BY port", (id_,)))
         return Node(id_, name, kind, blob, fp, state, created, seen, peer, bool(online), since,
                     bool(public), user, host_key, forwards, console)
 

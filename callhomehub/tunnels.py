@@ -284,13 +284,13 @@ class LiveSessions:
 
     def enforce(self) -> None:
         """Apply registry changes: drop revoked or removed nodes, toggle public access."""
+        if not self._live:
+            return
+        nodes = {n.name.lower(): n for n in self.registry.nodes()}
         for key, tunnel in list(self._live.items()):
-            try:
-                node = self.registry.node(key)
-                state = node.state
-            except NotFound:
-                state = "removed"
-            if state in ("revoked", "removed"):
+            node = nodes.get(key)
+            state = node.state if node is not None else "removed"
+            if node is None or state == "revoked":
                 log.info("node {node} {state}: dropping its live session", node=key, state=state)
                 del self._live[key]
                 tunnel.close()
