@@ -6,6 +6,7 @@ Everything that touches the real reactor is wired here and nowhere else.
 from __future__ import annotations
 
 import os
+import resource
 from typing import Any
 
 from twisted.application import internet, service, strports
@@ -150,6 +151,52 @@ class FlushOnStop(service.Service):
         return service.Service.stopService(self)
 
 
+# Descriptors the hub holds whatever the tunnels: log, registry (db, WAL, shm),
+# epoll, the reactor's waker, listeners, the control socket, a few in flight.
+FD_RESERVE = 64
+
+
+def raise_open_file_limit(getrlimit: Any = resource.getrlimit,
+                          setrlimit: Any = resource.setrlimit) -> tuple[int, int]:
+    """Raise the soft open-file limit to the hard one, as a daemon that holds
+    a socket per device must (a default soft limit of 1024 would stop the hub
+    at about 480 tunnels); the (soft, hard) limits now in force."""
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard_cap = 1 << 20
+    else:
+        hard_cap = hard
+    if soft != resource.RLIM_INFINITY and soft < hard_cap:
+        try:
+            setrlimit(resource.RLIMIT_NOFILE, (hard_cap, hard))
+            soft = hard_cap
+        except (ValueError, OSError) as e:
+            log.warn("cannot raise the open-file limit from {soft} to {hard}: {e}",
+                     soft=soft, hard=hard_cap, e=e)
+    return soft, hard
+
+
+class OpenFileLimit(service.Service):
+    """At start-up: raise the open-file limit and say how many tunnels it
+    allows (each holds two descriptors: the device's connection and its
+    forward's listening socket)."""
+
+    def __init__(self, raise_limit: Any = raise_open_file_limit) -> None:
+        self.raise_limit = raise_limit
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        soft, _hard = self.raise_limit()
+        if soft == resource.RLIM_INFINITY:
+            return
+        tunnels = max(0, (soft - FD_RESERVE) // 2)
+        emit = log.warn if tunnels < 1000 else log.info
+        emit("open-file limit {soft}: room for about {tunnels} device tunnels"
+             "{advice}", soft=soft, tunnels=tunnels,
+             advice="" if tunnels >= 1000 else
+             " (raise it, e.g. LimitNOFILE=65536 in the systemd unit)")
+
+
 def build_hub(config: HubConfig, reactor: Any) -> Hub:
     from twisted.internet.threads import deferToThreadPool
 
@@ -197,6 +244,7 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     level = getattr(options, "log_level", None) or parse_level("info")
     top = HubService(level, getattr(options, "parent", None))
     top.hub = hub  # type: ignore[attr-defined]
+    OpenFileLimit().setServiceParent(top)
     ListenerService("SSH", config.ssh, factory, reactor).setServiceParent(top)
     ListenerService("control socket", control_endpoint(config.data), ControlFactory(hub),
                     reactor).setServiceParent(top)

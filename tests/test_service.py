@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.plugin import getPlugins
 
-from callhomehub.service import Options, makeService
+from callhomehub.service import OpenFileLimit, Options, makeService, raise_open_file_limit
 
 
 def test_twistd_finds_the_plugin() -> None:
@@ -32,3 +36,43 @@ def test_make_service_listens_and_polls(tmp_path: Path) -> None:
     reactor.advance(1.0)
     assert not hub.registry.changed()  # the poll already consumed the change
     top.stopService()
+
+
+def test_soft_open_file_limit_is_raised_to_the_hard_one() -> None:
+    set_to: list[tuple[int, int]] = []
+    limits = raise_open_file_limit(lambda _: (1024, 65536),
+                                   lambda _, value: set_to.append(value))
+    assert set_to == [(65536, 65536)] and limits == (65536, 65536)
+
+
+def test_open_file_limit_that_cannot_be_raised_is_kept_and_said() -> None:
+    def refuse(_: int, value: tuple[int, int]) -> None:
+        raise ValueError("not allowed")
+
+    with capture_events() as events:
+        limits = raise_open_file_limit(lambda _: (1024, 4096), refuse)
+        OpenFileLimit(lambda: (1024, 4096)).startService()
+    assert limits == (1024, 4096)
+    text = [formatEvent(e) for e in events]
+    assert "cannot raise the open-file limit from 1024 to 4096: not allowed" in text
+    assert any("open-file limit 1024: room for about 480 device tunnels (raise it" in t
+               for t in text)
+    assert events[-1]["log_level"] == LogLevel.warn
+
+
+def test_a_generous_open_file_limit_is_only_reported() -> None:
+    with capture_events() as events:
+        OpenFileLimit(lambda: (20000, 20000)).startService()
+    [event] = events
+    assert formatEvent(event) == "open-file limit 20000: room for about 9968 device tunnels"
+    assert event["log_level"] == LogLevel.info
+
+
+@contextmanager
+def capture_events() -> Iterator[list[dict[str, Any]]]:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(events.append)
