@@ -26,11 +26,22 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from .sshcrypto_tcpwrite import writeNow
+
 log = Logger()
 
 WINDOW = 2 * 1024 * 1024
 MAX_PACKET = 32768
+READ_SIZE = 256 * 1024
 _CHANNEL_DATA_HEAD = struct.Struct(">2L")  # recipient channel, data length
+
+
+def _never(action: Callable[[], object]) -> bool:
+    return False
+
+
+def _no_batch() -> bool:
+    return False
 
 
 @implementer(IPushProducer)
@@ -38,6 +49,7 @@ class SpliceChannel(channel.SSHChannel):
     """The SSH end of a pipe; `tcp` is the `TCPEnd` on the other side."""
 
     manages_window = True
+    data_views = True
     conn: Any
 
     def __init__(self, tcp: TCPEnd, name: bytes, *, remote_window: int = 0,
@@ -52,6 +64,7 @@ class SpliceChannel(channel.SSHChannel):
         self._unacked = 0
         self._paused = False
         self._eof_sent = False
+        self._pending: bytearray | None = None
         self.bytes_in = 0   # from the channel to TCP
         self.bytes_out = 0  # from TCP to the channel
         self._on_close = on_close
@@ -78,6 +91,7 @@ class SpliceChannel(channel.SSHChannel):
         return transport
 
     def closed(self) -> None:
+        self._flush()
         transport = self._tcp_done_writing()
         if transport is not None:
             transport.loseConnection()
@@ -87,11 +101,25 @@ class SpliceChannel(channel.SSHChannel):
 
     # -- channel -> TCP ----------------------------------------------------
 
-    def dataReceived(self, data: bytes) -> None:
+    def dataReceived(self, data: bytes | memoryview) -> None:
+        # `data` may be a view of the transport's packet buffer (data_views),
+        # valid only now. What the packets of one read carry is gathered and
+        # written with one system call once they are all dispatched.
         self.bytes_in += len(data)
-        self.tcp.transport.write(data)
+        if self._pending is not None:
+            self._pending += data
+        elif getattr(self.conn.transport, "callAfterInput", _never)(self._flush):
+            self._pending = bytearray(data)
+        else:
+            writeNow(self.tcp.transport, data)
         self._unacked += len(data)
         self._grant()
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, None
+        transport = self.tcp.transport
+        if pending and transport is not None and not transport.disconnecting:
+            writeNow(transport, pending)
 
     def _grant(self) -> None:
         # Grant window only for data the TCP side took while not pushing
@@ -112,6 +140,7 @@ class SpliceChannel(channel.SSHChannel):
         self._paused = True
 
     def eofReceived(self) -> None:
+        self._flush()
         transport = self._tcp_done_writing()
         # The TCP side may be gone already (reset by its peer): nothing to shut.
         if (transport is not None and not transport.disconnecting
@@ -145,8 +174,18 @@ class SpliceChannel(channel.SSHChannel):
             top = self.remoteWindowLeft
         rmp = self.remoteMaxPacket
         view = memoryview(data)
-        for offset in range(0, top, rmp):
-            self._send_data(view[offset : offset + rmp])
+        if top <= rmp:
+            self._send_data(view[:top])
+        else:
+            # Several packets from one read: written with one system call.
+            ssh = self.conn.transport
+            batched = getattr(ssh, "beginBatch", _no_batch)()
+            try:
+                for offset in range(0, top, rmp):
+                    self._send_data(view[offset : offset + rmp])
+            finally:
+                if batched:
+                    ssh.endBatch()
         self.remoteWindowLeft -= top
         if self.closing and not self.buf:
             self.loseConnection()  # try again
@@ -205,6 +244,11 @@ class TCPEnd(protocol.Protocol):
     _paused = False
 
     def connectionMade(self) -> None:
+        # Read up to READ_SIZE per system call: a bulk sender's data then
+        # goes out as several channel packets in one write (see
+        # SpliceChannel.write). Twisted also pauses its producer only past
+        # this many bytes queued, so it bounds the TCP write side too.
+        self.transport.bufferSize = READ_SIZE
         self.pause()
         if self.on_connect is not None:
             self.on_connect()

@@ -23,6 +23,8 @@ from twisted.python.failure import Failure
 
 log = Logger()
 
+_DATA_HEAD = struct.Struct(">2L")
+
 
 class ChannelRefused(Exception):
     """A channel open the hub declines; `reason` is an SSH OPEN_* code."""
@@ -52,6 +54,24 @@ class WindowedChannelsMixin:
             return
         channel.localWindowLeft -= length
         channel.dataReceived(packet[8:8 + length])
+
+    def channelDataView(self, payload: memoryview) -> bool:
+        """CHANNEL_DATA (`payload` from its message number on, valid only during
+        this call) for a channel that takes `data_views`: its data goes to
+        `dataReceived` as a view, with no copy. False leaves the packet to
+        `ssh_CHANNEL_DATA` (other channels, malformed packets)."""
+        if len(payload) < 9:
+            return False
+        local, length = _DATA_HEAD.unpack_from(payload, 1)
+        channel = self.channels.get(local)
+        if (channel is None or not getattr(channel, "data_views", False)
+                or len(payload) < 9 + length):
+            return False
+        if self._over_window(channel, length):
+            return True
+        channel.localWindowLeft -= length
+        channel.dataReceived(payload[9:9 + length])
+        return True
 
     def ssh_CHANNEL_EXTENDED_DATA(self, packet: bytes) -> None:
         local, type_code, length = struct.unpack(">3L", packet[:12])

@@ -65,27 +65,59 @@ class PaddingPool:
 
 class ReceiveBuffer:
     """
-    Bytes received and not yet taken as packets: C{data[pos:]}.
+    Bytes received and not yet taken as packets: C{data[pos:]}, then the
+    rest of the last read (C{later}), when there is one.
 
-    While nothing is left over, C{data} is the last read itself (no copy);
-    a partial packet left at the end is moved with the next read into a
-    bytearray that later reads are appended to.
+    While nothing is left over, C{data} is the last read itself (no copy).
+    A partial packet left at the end is completed from the next read: when
+    the packet layer knows how long that packet is (C{wanted}), only the
+    bytes that complete it are copied next to it, and the rest of the read
+    is used in place once that packet is taken (L{advance}); otherwise the
+    leftover and the whole read are joined into a bytearray.
     """
 
     def __init__(self, data: Bytes = b"") -> None:
         self.data: Bytes = data
         self.pos = 0
+        self.later: tuple[bytes, int] | None = None
 
     def pending(self) -> int:
-        return len(self.data) - self.pos
+        extra = len(self.later[0]) - self.later[1] if self.later else 0
+        return len(self.data) - self.pos + extra
 
     def rest(self) -> bytes:
-        return bytes(memoryview(self.data)[self.pos :])
+        head = bytes(memoryview(self.data)[self.pos :])
+        if self.later is None:
+            return head
+        chunk, start = self.later
+        return head + chunk[start:]
 
-    def append(self, chunk: bytes) -> None:
+    def advance(self, used: int) -> None:
+        """
+        Count C{used} bytes of C{data} as taken.
+        """
+        self.pos += used
+        if self.later is not None and self.pos >= len(self.data):
+            (self.data, self.pos), self.later = self.later, None
+
+    def append(self, chunk: bytes, wanted: int = 0) -> None:
+        """
+        Add a read; C{wanted}: the size of the packet that starts at C{pos},
+        if the packet layer knows it (0 if not).
+        """
+        if self.later is not None:
+            self.data, self.pos, self.later = bytearray(self.rest()), 0, None
         data, pos = self.data, self.pos
-        if pos >= len(data):
+        left = len(data) - pos
+        if left <= 0:
             self.data, self.pos = chunk, 0
+            return
+        take = wanted - left
+        if 0 < take < len(chunk):
+            joined = bytearray(wanted)
+            joined[:left] = memoryview(data)[pos:]
+            joined[left:] = memoryview(chunk)[:take]
+            self.data, self.pos, self.later = joined, 0, (chunk, take)
             return
         if type(data) is bytearray:
             try:
@@ -95,6 +127,6 @@ class ReceiveBuffer:
                 return
             except BufferError:  # a view of it is still alive
                 pass
-        fresh = bytearray(memoryview(data)[self.pos :])
+        fresh = bytearray(memoryview(data)[pos:])
         fresh += chunk
         self.data, self.pos = fresh, 0

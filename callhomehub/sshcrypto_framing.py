@@ -42,17 +42,23 @@ class PacketProtection(Protocol):
 
     @ivar blockSize: the padding block size (at least 8).
     @ivar name: the cipher name, for logs.
+    @ivar wanted: after L{openFrom} found a packet incomplete, its whole
+        size on the wire if known (0 if not): the receive buffer then
+        copies only what completes it from the next read.
     """
 
     blockSize: int
     name: bytes
+    wanted: int
 
     def seal(self, seqnr: int, payload: bytes) -> bytes:
         """
         Frame, pad and protect C{payload} as packet number C{seqnr}.
         """
 
-    def sealInto(self, seqnr: int, head: bytes, data: Bytes) -> memoryview:
+    def sealInto(
+        self, seqnr: int, head: bytes, data: Bytes, out: memoryview | None = None
+    ) -> memoryview:
         """
         L{seal} the payload C{head + data} without joining the two; the wire
         bytes, valid until the next call.
@@ -151,12 +157,16 @@ class Framed:
     buffers they use.
     """
 
+    wanted = 0
+
     def __init__(self) -> None:
         self._padding = PaddingPool()
         self._plain = ScratchBuffer()
         self._wire = ScratchBuffer()
 
-    def sealInto(self, seqnr: int, head: bytes, data: Bytes) -> memoryview:
+    def sealInto(
+        self, seqnr: int, head: bytes, data: Bytes, out: memoryview | None = None
+    ) -> memoryview:
         raise NotImplementedError
 
     def openFrom(self, seqnr: int, buf: Bytes, pos: int) -> tuple[memoryview, int] | None:

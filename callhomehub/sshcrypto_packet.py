@@ -14,7 +14,8 @@ A bad packet raises L{PacketError}, which carries the SSH disconnect reason.
 The transport uses the zero-copy forms: L{sealInto} frames a payload given
 in two parts (a small head and the bulk data, e.g. a channel's bytes) into
 the object's own buffer with one copy, encrypts from there into a second
-buffer and returns a view of the wire bytes; L{openFrom} authenticates and
+buffer (or into C{out}, e.g. a batch of packets written together) and
+returns a view of the wire bytes; L{openFrom} authenticates and
 decrypts a packet found at an offset of the receive buffer into the object's
 own buffer and returns a view of the payload.  The views stay valid until
 the next call in the same direction.
@@ -90,6 +91,7 @@ class EncryptAndMAC:
         self._macSize = mac.size if mac else 0
         self._first: bytes | None = None
         self._padding = PaddingPool()
+        self.wanted = 0  # see PacketProtection; unknown here
 
     @classmethod
     def fromCipher(
@@ -116,7 +118,9 @@ class EncryptAndMAC:
         tag = self._mac.mac(seqnr, packet) if self._mac else b""
         return self._enc(packet) + tag
 
-    def sealInto(self, seqnr: int, head: bytes, data: Bytes) -> memoryview:
+    def sealInto(
+        self, seqnr: int, head: bytes, data: Bytes, out: memoryview | None = None
+    ) -> memoryview:
         return memoryview(self.seal(seqnr, head + bytes(data)))
 
     def open(self, seqnr: int, buf: Bytes) -> tuple[bytes, int] | None:
@@ -161,13 +165,15 @@ class EncryptThenMAC(Framed):
         self._enc = cipher.encryptor()
         self._dec = cipher.decryptor()
 
-    def sealInto(self, seqnr: int, head: bytes, data: Bytes) -> memoryview:
+    def sealInto(
+        self, seqnr: int, head: bytes, data: Bytes, out: memoryview | None = None
+    ) -> memoryview:
         pad = padLength(self.blockSize, len(head) + len(data), True)
         length = 1 + len(head) + len(data) + pad
         end = 4 + length
         total = end + self._mac.size
         plain = self._plain.take(length)
-        wire = self._wire.take(total)
+        wire = self._wire.take(total) if out is None else out
         frameInto(plain, head, data, pad, self._padding)
         _UINT32.pack_into(wire, 0, length)
         self._enc.update_into(plain[:length], wire[4:end])
@@ -182,7 +188,9 @@ class EncryptThenMAC(Framed):
         end = pos + 4 + packet_length
         need = 4 + packet_length + self._mac.size
         if len(buf) - pos < need:
+            self.wanted = need
             return None
+        self.wanted = 0
         plain = self._plain.take(packet_length)[:packet_length]
         with memoryview(buf) as view:
             if not self._mac.verify(seqnr, view[pos:end], view[end : pos + need]):
@@ -217,12 +225,14 @@ class AESGCMProtection(Framed):
     def _advance(self) -> None:
         self.invocationCounter = (self.invocationCounter + 1) % (1 << 64)
 
-    def sealInto(self, seqnr: int, head: bytes, data: Bytes) -> memoryview:
+    def sealInto(
+        self, seqnr: int, head: bytes, data: Bytes, out: memoryview | None = None
+    ) -> memoryview:
         pad = padLength(16, len(head) + len(data), True)
         length = 1 + len(head) + len(data) + pad
         total = 4 + length + 16
         plain = self._plain.take(length)
-        wire = self._wire.take(total)
+        wire = self._wire.take(total) if out is None else out
         frameInto(plain, head, data, pad, self._padding)
         aad = _UINT32.pack(length)
         wire[:4] = aad
@@ -237,7 +247,9 @@ class AESGCMProtection(Framed):
         checkLength(packet_length, 16, True)
         need = 4 + packet_length + 16
         if len(buf) - pos < need:
+            self.wanted = need
             return None
+        self.wanted = 0
         plain = self._plain.take(packet_length)[:packet_length]
         with memoryview(buf) as view:
             try:
@@ -301,18 +313,22 @@ class ChaCha20Poly1305Protection(Framed):
         """
         return self._sealFramed(seqnr, memoryview(body)).tobytes()
 
-    def sealInto(self, seqnr: int, head: bytes, data: Bytes) -> memoryview:
+    def sealInto(
+        self, seqnr: int, head: bytes, data: Bytes, out: memoryview | None = None
+    ) -> memoryview:
         pad = padLength(8, len(head) + len(data), True)
         length = 1 + len(head) + len(data) + pad
         plain = self._plain.take(length)
         frameInto(plain, head, data, pad, self._padding)
-        return self._sealFramed(seqnr, plain[:length])
+        return self._sealFramed(seqnr, plain[:length], out)
 
-    def _sealFramed(self, seqnr: int, body: memoryview) -> memoryview:
+    def _sealFramed(
+        self, seqnr: int, body: memoryview, out: memoryview | None = None
+    ) -> memoryview:
         length = len(body)
         end = 4 + length
         total = end + 16
-        wire = self._wire.take(total)
+        wire = self._wire.take(total) if out is None else out
         iv = self._IV.pack(seqnr)
         self._header.reset_nonce(iv)
         self._header.update_into(_UINT32.pack(length), wire[:4])
@@ -336,7 +352,9 @@ class ChaCha20Poly1305Protection(Framed):
         end = pos + 4 + packet_length
         need = 4 + packet_length + 16
         if len(buf) - pos < need:
+            self.wanted = need
             return None
+        self.wanted = 0
         self._pending = None
         plain = self._plain.take(packet_length)[:packet_length]
         self._startBody(iv)

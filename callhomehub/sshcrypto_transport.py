@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from twisted.conch.ssh import _kex
 from twisted.conch.ssh.common import NS
+from twisted.conch.ssh.connection import MSG_CHANNEL_DATA
 from twisted.conch.ssh.transport import (
     DISCONNECT_COMPRESSION_ERROR,
     DISCONNECT_PROTOCOL_ERROR,
@@ -50,9 +52,12 @@ from callhomehub.sshcrypto_kex import (
     strictKexAllows,
 )
 from callhomehub.sshcrypto_packet import PacketError
-from callhomehub.sshcrypto_tcpwrite import writeNow
+from callhomehub.sshcrypto_tcpwrite import batch, writeNow
 
 _SEQUENCE_MASK = 0xFFFFFFFF
+# Room to leave for a packet beyond its payload: length, padding length,
+# padding (under two blocks) and the largest MAC (HMAC-SHA2-512).
+_SEAL_OVERHEAD = 4 + 1 + 2 * 16 + 64
 _MESSAGE_TYPES = [bytes((n,)) for n in range(256)]
 
 if TYPE_CHECKING:
@@ -106,6 +111,7 @@ class ModernTransportMixin(_Base):
     _disconnectSent = False
     _secured = False
     _rekeyTimer: IDelayedCall | None = None
+    _afterInput: list[Callable[[], object]] | None = None
     _meter: RekeyMeter
 
     # Connection set-up
@@ -341,14 +347,31 @@ class ModernTransportMixin(_Base):
             ) + self.outgoingCompression.flush(zlib.Z_SYNC_FLUSH)
             head = b""
         seqnr = self.outgoingPacketSequence
-        wire = self._currentCiphers().outbound.sealInto(seqnr, head, data)
-        sent = len(wire)
-        writeNow(self.transport, wire)
+        outbound = self._currentCiphers().outbound
+        if batch.collecting(self.transport):
+            room = batch.take(len(head) + len(data) + _SEAL_OVERHEAD)
+            wire = outbound.sealInto(seqnr, head, data, room)
+            sent = len(wire)
+            batch.commit(wire)
+        else:
+            wire = outbound.sealInto(seqnr, head, data)
+            sent = len(wire)
+            writeNow(self.transport, wire)
         self.outgoingPacketSequence = (seqnr + 1) & _SEQUENCE_MASK
         if messageType == MSG_NEWKEYS and self._strict:
             self.outgoingPacketSequence = 0
         self._meter.sent(sent)
         self._maybeRekey()
+
+    def beginBatch(self) -> bool:
+        """
+        Gather the packets sent from now on and write them with one system
+        call at L{endBatch} (call it only if this answered True).
+        """
+        return batch.begin(self.transport)
+
+    def endBatch(self) -> None:
+        batch.end()
 
     # Conch's own code (the version exchange) sees the receive buffer as
     # self.buf.
@@ -382,7 +405,7 @@ class ModernTransportMixin(_Base):
         if opened is None:
             return None
         payload, used = opened
-        self._input.pos += used
+        self._input.advance(used)
         if self.incomingCompression:
             try:
                 payload = memoryview(self.incomingCompression.decompress(payload))
@@ -408,25 +431,72 @@ class ModernTransportMixin(_Base):
         payload = self._nextPayload()
         return None if payload is None else payload.tobytes()
 
+    def callAfterInput(self, action: Callable[[], object]) -> bool:
+        """
+        Run C{action} once the packets of the data being received are all
+        dispatched (so that a consumer can write what several packets
+        carried with one system call); False, and nothing is kept, when
+        nothing is being received.
+        """
+        if not self._inDataReceived:
+            return False
+        if self._afterInput is None:
+            self._afterInput = []
+        self._afterInput.append(action)
+        return True
+
+    def _runAfterInput(self) -> None:
+        while self._afterInput:
+            actions, self._afterInput = self._afterInput, None
+            for action in actions:
+                try:
+                    action()
+                except Exception:
+                    self._modernLog.failure("after-input action failed")
+
     def dataReceived(self, data: bytes) -> None:
+        if self._inDataReceived:  # reentered (a synchronous peer in tests)
+            self._dataReceived(data)
+            return
         self._inDataReceived = True
         try:
-            if not self.gotVersion:
-                super().dataReceived(data)  # the version line, then getPacket
-                return
-            if self._disconnectSent:
-                return
-            if data:
-                self._input.append(data)
-            # Conch's loop, less a copy per packet: the payload is copied
-            # once, from the decrypted packet, into the bytes dispatched.
-            while (payload := self._nextPayload()) is not None:
-                number = payload[0]
-                rest = payload[1:].tobytes()
-                payload.release()
-                self.dispatchMessage(number, rest)
+            self._dataReceived(data)
         finally:
             self._inDataReceived = False
+            self._runAfterInput()
+
+    def _dataReceived(self, data: bytes) -> None:
+        if not self.gotVersion:
+            super().dataReceived(data)  # the version line, then getPacket
+            return
+        if self._disconnectSent:
+            return
+        if data:
+            self._input.append(data, self._currentCiphers().inbound.wanted)
+        # Conch's loop, less a copy per packet: the payload is copied
+        # once, from the decrypted packet, into the bytes dispatched.
+        while (payload := self._nextPayload()) is not None:
+            number = payload[0]
+            if number == MSG_CHANNEL_DATA and self._channelDataView(payload):
+                continue
+            rest = payload[1:].tobytes()
+            payload.release()
+            self.dispatchMessage(number, rest)
+
+    def _channelDataView(self, payload: memoryview) -> bool:
+        """
+        Hand a CHANNEL_DATA packet to the service without copying it, if
+        the service takes it that way (C{channelDataView}, see
+        L{callhomehub.sshconnection.WindowedChannelsMixin}); False to
+        dispatch it as usual.
+        """
+        if self._initialKex:
+            return False  # before the first NEWKEYS it is a strict-kex error
+        take = getattr(self.service, "channelDataView", None)
+        if take is None or not take(payload):
+            return False
+        self._maybeRekey()
+        return True
 
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
         if (

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from .auth import PasswordBackoff
 from .config import Limits
 from .keys import HubKeys
+from .splice import READ_SIZE
 from .sshconnection import HubConnection
 from .sshcrypto import ModernTransportMixin
 
@@ -43,6 +44,11 @@ class HubServerTransport(ModernTransportMixin, transport.SSHServerTransport):
     _login_timer: Any = None
 
     def connectionMade(self) -> None:
+        # Read up to READ_SIZE per system call, as sshd does (about 150 KiB
+        # per read in a bulk transfer): fewer reads, and the channel data of
+        # several packets goes out to TCP in one write (SpliceChannel).
+        tcp: Any = self.transport
+        tcp.bufferSize = READ_SIZE
         self.peer = peer_host(self)
         self.clock = self.factory.clock
         # Conch's own login timeout starts only when the client asks for

@@ -5,12 +5,17 @@ receive buffer and writeNow: plain values, no reactor.
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 from hashlib import sha256
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from twisted.internet.testing import StringTransport
+from twisted.internet import tcp
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from callhomehub.sshcrypto_buffers import PaddingPool, ReceiveBuffer, ScratchBuffer
 from callhomehub.sshcrypto_ciphers import AES128_GCM, AES256_GCM, CHACHA20_POLY1305
@@ -23,7 +28,7 @@ from callhomehub.sshcrypto_packet import (
     PacketError,
     PacketProtection,
 )
-from callhomehub.sshcrypto_tcpwrite import writeNow
+from callhomehub.sshcrypto_tcpwrite import OutputBatch, writeNow
 
 
 def _pair(kind: str) -> tuple[PacketProtection, PacketProtection]:
@@ -165,3 +170,151 @@ def test_write_now_queues_on_other_transports() -> None:
     writeNow(transport, memoryview(data)[2:])
     data[:] = bytes(len(data))  # the caller reuses its buffer
     assert transport.value() == b"cket bytes"
+
+
+@pytest.mark.parametrize("read_size", [1, 13, 4096, 40000, 65536, 262144])
+@pytest.mark.parametrize("kind", KINDS)
+def test_reads_split_anywhere_give_every_packet(kind: str, read_size: int) -> None:
+    """The receive loop as the transport runs it: reads of any size, a
+    leftover completed from the next read by what the packet layer wants."""
+    sender, receiver = _pair(kind)
+    payloads = [b"\x5e" + os.urandom(n) for n in (32768, 1, 700, 32768, 32768, 9, 20000)]
+    stream = b"".join(sender.seal(seqnr, p) for seqnr, p in enumerate(payloads))
+    buf = ReceiveBuffer()
+    got: list[bytes] = []
+    for start in range(0, len(stream), read_size):
+        buf.append(stream[start : start + read_size], receiver.wanted)
+        while (opened := receiver.openFrom(len(got), buf.data, buf.pos)) is not None:
+            view, used = opened
+            got.append(view.tobytes())
+            view.release()
+            buf.advance(used)
+    assert got == payloads
+    assert buf.pending() == 0
+
+
+def test_leftover_is_completed_without_copying_the_whole_read() -> None:
+    sender, receiver = _pair("gcm128")
+    first, second = sender.seal(0, b"\x5e" + bytes(1000)), sender.seal(1, b"\x5e" + bytes(5000))
+    buf = ReceiveBuffer()
+    buf.append(first[:100])
+    assert receiver.openFrom(0, buf.data, buf.pos) is None
+    assert receiver.wanted == len(first)
+    read = first[100:] + second
+    buf.append(read, receiver.wanted)
+    assert len(buf.data) == len(first)  # only the first packet was joined
+    opened = receiver.openFrom(0, buf.data, buf.pos)
+    assert opened is not None
+    opened[0].release()
+    buf.advance(opened[1])
+    assert buf.data is read and buf.pos == len(first) - 100  # the read, in place
+    opened = receiver.openFrom(1, buf.data, buf.pos)
+    assert opened is not None and opened[0].tobytes() == b"\x5e" + bytes(5000)
+    assert receiver.wanted == 0
+
+
+def test_a_wrong_wanted_size_costs_a_copy_not_data() -> None:
+    buf = ReceiveBuffer(b"abcdef")
+    buf.advance(2)
+    buf.append(b"ghij", wanted=6)  # "cdef" + "gh" joined, "ij" later
+    assert buf.rest() == b"cdefghij" and buf.pending() == 8
+    buf.advance(3)  # less than the joined part was a packet after all
+    buf.append(b"kl", wanted=0)
+    assert buf.rest() == b"fghijkl" and buf.later is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_seal_into_a_given_buffer(kind: str) -> None:
+    sender, receiver = _pair(kind)
+    out = memoryview(bytearray(40000))
+    wire = sender.sealInto(0, b"\x5e", os.urandom(30000), out).tobytes()
+    assert receiver.open(0, wire) is not None
+
+
+class _CountingSocket:
+    """A socket that counts sends and may fail them."""
+
+    def __init__(self, sock: socket.socket, error: int = 0) -> None:
+        self.sock = sock
+        self.sends: list[int] = []
+        self.error = error
+
+    def send(self, data: Any) -> int:
+        if self.error:
+            raise OSError(self.error, os.strerror(self.error))
+        self.sends.append(len(data))
+        return self.sock.send(data)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+
+def _tcp(error: int = 0) -> tuple[tcp.Connection, _CountingSocket, socket.socket,
+                                  MemoryReactorClock]:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    clock = MemoryReactorClock()
+    conn = tcp.Connection(ours, Protocol(), clock)
+    conn.connected = True
+    counting = _CountingSocket(ours, error)
+    conn.socket = counting  # type: ignore[assignment]
+    return conn, counting, theirs, clock
+
+
+def _read_all(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        data += sock.recv(size - len(data))
+    return data
+
+
+def test_batch_writes_several_packets_with_one_send() -> None:
+    conn, counting, theirs, _ = _tcp()
+    sender, receiver = _pair("gcm128")
+    payloads = [b"\x5e" + os.urandom(n) for n in (32768, 32768, 100, 32768)]
+    batch = OutputBatch(size=128 * 1024)
+    assert batch.begin(conn)
+    assert not batch.begin(conn)  # one batch at a time
+    total = 0
+    for seqnr, payload in enumerate(payloads):
+        wire = sender.sealInto(seqnr, b"", payload, batch.take(len(payload) + 128))
+        total += len(wire)
+        batch.commit(wire)
+    assert counting.sends == []
+    batch.end()
+    assert counting.sends == [total]
+    stream = _read_all(theirs, total)
+    pos = 0
+    for seqnr, payload in enumerate(payloads):
+        opened = receiver.open(seqnr, stream[pos:])
+        assert opened is not None and opened[0] == payload
+        pos += opened[1]
+
+
+def test_a_full_batch_is_written_before_the_next_packet() -> None:
+    conn, counting, theirs, _ = _tcp()
+    batch = OutputBatch(size=1000)
+    assert batch.begin(conn)
+    for chunk in (b"a" * 600, b"b" * 600, b"c" * 5000):  # the last is oversized
+        room = batch.take(len(chunk))
+        room[: len(chunk)] = chunk
+        batch.commit(room[: len(chunk)])
+    batch.end()
+    assert counting.sends == [600, 600, 5000]
+    assert _read_all(theirs, 6200) == b"a" * 600 + b"b" * 600 + b"c" * 5000
+
+
+def test_write_now_aborts_on_a_send_error() -> None:
+    conn, _, _, clock = _tcp(error=errno.ECONNRESET)
+    lost: list[Any] = []
+    conn.connectionLost = lost.append  # type: ignore[method-assign]
+    writeNow(conn, b"data")
+    assert conn._aborting and not conn.dataBuffer and not conn._tempDataBuffer
+    clock.advance(0)
+    assert len(lost) == 1
+
+
+def test_write_now_queues_what_a_full_socket_refuses() -> None:
+    conn, _, _, _ = _tcp(error=errno.EAGAIN)
+    writeNow(conn, memoryview(b"queued"))
+    assert not conn._aborting and conn._tempDataBuffer == [b"queued"]

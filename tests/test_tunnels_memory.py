@@ -266,6 +266,10 @@ class TCPTransport(StringTransport):
         self.events.append("unregisterProducer")
         super().unregisterProducer()
 
+    def write(self, data: bytes) -> None:
+        self.events.append("write")
+        super().write(data)
+
     def loseWriteConnection(self) -> None:
         assert self.producer is None, "half-closed while a paused producer is registered"
         self.events.append("loseWriteConnection")
@@ -695,6 +699,18 @@ def test_data_flows_both_ways(device: Device, pipe: Any) -> None:
     device.pump.flush()
     assert bytes(chan.received) == b"to the device"
     assert (splice.bytes_in, splice.bytes_out) == (15, 13)
+
+
+def test_data_of_one_read_goes_to_tcp_in_one_write(device: Device, pipe: Any) -> None:
+    _end, tcp, chan, _splice = pipe
+    del tcp.events[:]
+    for part in (b"one ", b"two ", b"three"):
+        chan.write(part)  # three CHANNEL_DATA packets, read by the hub at once
+    chan.conn.sendEOF(chan)
+    device.pump.flush()
+    assert tcp.value() == b"one two three"
+    # One write for all three, and before the EOF that came in the same read.
+    assert tcp.events == ["write", "unregisterProducer", "loseWriteConnection"]
 
 
 def test_tcp_reading_waits_for_the_channel_to_open(
