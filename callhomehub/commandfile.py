@@ -3,7 +3,8 @@
 The command file is normally a FIFO that the monitoring core reads; it may have no reader (core
 stopped: open fails with ENXIO), may not exist yet, or may be full (EAGAIN).  Lines wait in a
 bounded in-memory queue and are retried on the injected clock; past the bound the oldest lines
-are dropped with a log line.  A regular file at the path is appended to.
+are dropped, with a log line when that starts and at most one a minute after.  A regular
+file at the path is appended to.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ _PIPE_BUF = 4096
 # Conditions that mean "the core is not there yet / not reading now": wait and retry.
 _RETRY_OPEN = {errno.ENXIO, errno.ENOENT, errno.EAGAIN, errno.EINTR}
 _RETRY_WRITE = {errno.EAGAIN, errno.EINTR}
+# Seconds between two log lines about dropped lines.
+DROP_NOTE_INTERVAL = 60.0
 
 
 @define(eq=False)
@@ -41,6 +44,8 @@ class CommandFileWriter:
     _retry: IDelayedCall | None = field(init=False, default=None)
     _closed: bool = field(init=False, default=False)
     _last_error: int | None = field(init=False, default=None)
+    _drop_noted: float | None = field(init=False, default=None)
+    _dropped_noted: int = field(init=False, default=0)
     _log = Logger()
 
     @property
@@ -64,13 +69,21 @@ class CommandFileWriter:
         while self.pending_bytes > self.max_pending_bytes and self._queue:
             self._queued_bytes -= len(self._queue.popleft())
             dropped += 1
-        if dropped:
-            self.dropped += dropped
-            self._log.warn(
-                "command file {path}: queue over {limit} bytes, dropped {count} oldest "
-                "line(s) ({total} dropped so far)",
-                path=self.path, limit=self.max_pending_bytes, count=dropped, total=self.dropped,
-            )
+        if not dropped:
+            return
+        self.dropped += dropped
+        # Said when dropping starts, then at most every DROP_NOTE_INTERVAL: a core
+        # that stays away must not cost a log line per result.
+        now = self.clock.seconds()
+        if self._drop_noted is not None and now - self._drop_noted < DROP_NOTE_INTERVAL:
+            return
+        self._drop_noted = now
+        count, self._dropped_noted = self.dropped - self._dropped_noted, self.dropped
+        self._log.warn(
+            "command file {path}: queue over {limit} bytes, dropped {count} oldest "
+            "line(s) ({total} dropped so far)",
+            path=self.path, limit=self.max_pending_bytes, count=count, total=self.dropped,
+        )
 
     def flush(self) -> None:
         """Write as much as the file takes now; schedule a retry for the rest."""

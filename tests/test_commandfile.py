@@ -12,7 +12,7 @@ import pytest
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
-from callhomehub.commandfile import CommandFileWriter
+from callhomehub.commandfile import DROP_NOTE_INTERVAL, CommandFileWriter
 
 
 @pytest.fixture
@@ -90,11 +90,19 @@ def test_queue_is_bounded_dropping_oldest(fifo: Path, logged: list[LogEvent]) ->
     for n in range(10):
         writer.write(line(n, 100))
     assert writer.dropped == 7 and writer.pending_bytes == 3 * size
-    assert any("dropped" in formatEvent(e) for e in logged)
+    # Said once when dropping starts, then at most once a minute with the count.
+    notes = [formatEvent(e) for e in logged if "dropped" in formatEvent(e)]
+    assert notes == [f"command file {fifo}: queue over {3 * size} bytes, dropped 1 oldest "
+                     "line(s) (1 dropped so far)"]
+    clock.advance(DROP_NOTE_INTERVAL)
+    writer.write(line(1, 100))
+    notes = [formatEvent(e) for e in logged if "dropped" in formatEvent(e)]
+    assert notes[1:] == [f"command file {fifo}: queue over {3 * size} bytes, dropped 7 oldest "
+                         "line(s) (8 dropped so far)"]
     reader = open_reader(fifo)
     try:
         clock.advance(1)
-        assert drain(reader) == "".join(line(n, 100) for n in (7, 8, 9)).encode()
+        assert drain(reader) == "".join(line(n, 100) for n in (8, 9, 1)).encode()
     finally:
         writer.close()
         os.close(reader)
