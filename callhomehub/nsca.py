@@ -182,7 +182,8 @@ def _xor(a: bytes, b: bytes) -> bytes:
 
 def packet_crc(packet: bytes) -> int:
     """CRC32 of a plaintext packet computed as nsca does, with the CRC field zeroed."""
-    return zlib.crc32(bytes(packet[:4]) + b"\0\0\0\0" + bytes(packet[8:]))
+    view = memoryview(packet)
+    return zlib.crc32(view[8:], zlib.crc32(b"\0\0\0\0", zlib.crc32(view[:4])))
 
 
 def _cstring(packet: bytes, at: int, size: int) -> str:
@@ -207,6 +208,7 @@ class NSCADecoder:
     _buffer: bytearray = field(init=False, factory=bytearray)
     _stream: CipherContext | None = field(init=False, default=None)
     _pad: bytes | None = field(init=False, default=None)
+    _pad_ints: dict[int, int] = field(init=False, factory=dict)
     _packet_size: int | None = field(init=False, default=None)
     _failed: str | None = field(init=False, default=None)
 
@@ -246,7 +248,14 @@ class NSCADecoder:
 
     def _plain(self, size: int) -> bytes:
         chunk = bytes(self._buffer[:size])
-        return _xor(chunk, self._pad) if self._pad is not None else chunk
+        if self._pad is None:
+            return chunk
+        # The pad is the same for every packet of the connection: keep it as an int
+        # per size asked (2, 720, 4304), and XOR one int per packet.
+        pad = self._pad_ints.get(size)
+        if pad is None:
+            pad = self._pad_ints[size] = int.from_bytes(self._pad[:size], "big")
+        return (int.from_bytes(chunk, "big") ^ pad).to_bytes(size, "big")
 
     def _take(self) -> bytes | None:
         if len(self._buffer) < 2:
