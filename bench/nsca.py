@@ -220,6 +220,9 @@ def targets(workdir: Path, paths: list[str]) -> Iterator[list[Target]]:
 
 def hub_targets(stack: contextlib.ExitStack, workdir: Path, paths: list[str]) -> list[Target]:
     config = f'[nsca]\npassword = "{PASSWORD}"\nencryption = {METHOD}\nmax_age = 30\n'
+    # The hub never creates a command file (a core makes its FIFO); without one it
+    # queued, dropped and logged instead of writing, unlike the nsca daemon.
+    (workdir / "hub.cmd").touch()
     hub = HubProcess(workdir, config=config, extra=[
         "--nsca", "tcp:0:interface=127.0.0.1", "--command-file", str(workdir / "hub.cmd")])
     stack.callback(hub.close)
