@@ -97,8 +97,13 @@ class ReceiveBuffer:
         Count C{used} bytes of C{data} as taken.
         """
         self.pos += used
-        if self.later is not None and self.pos >= len(self.data):
-            (self.data, self.pos), self.later = self.later, None
+        if self.pos >= len(self.data):
+            if self.later is not None:
+                (self.data, self.pos), self.later = self.later, None
+            else:
+                # Drop the read (up to 256 KiB) now, not when the next one comes:
+                # an idle connection keeps nothing.
+                self.data, self.pos = b"", 0
 
     def append(self, chunk: bytes, wanted: int = 0) -> None:
         """

@@ -190,7 +190,7 @@ def test_reads_split_anywhere_give_every_packet(kind: str, read_size: int) -> No
             view.release()
             buf.advance(used)
     assert got == payloads
-    assert buf.pending() == 0
+    assert buf.pending() == 0 and buf.data == b""  # nothing kept once all is taken
 
 
 def test_leftover_is_completed_without_copying_the_whole_read() -> None:
