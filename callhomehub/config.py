@@ -58,6 +58,8 @@ class HubConfig:
     nsca: NSCAConfig = field(factory=NSCAConfig)
     limits: Limits = field(factory=Limits)
     netconf_secrets: Mapping[str, str] = field(factory=dict)
+    # Forward listeners held by a helper process (callhomehub.portkeeper).
+    port_keeper: bool = False
 
     @property
     def db_path(self) -> str:
@@ -179,6 +181,7 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         nsca=nsca,
         limits=limits,
         netconf_secrets=dict(secrets),
+        port_keeper=bool(options.get("port-keeper")),
     )
 
 

@@ -29,6 +29,7 @@ from .keys import load_hub_keys
 from .logs import HubService, parse_level
 from .monitoring import Monitoring
 from .netconf import CallHomeFactory, NetconfSessions
+from .portkeeper import PortKeeper
 from .registrar import RegistrarAvatar
 from .registry import Registry
 from .sshserver import HubSSHFactory
@@ -42,6 +43,10 @@ REGISTRY_POLL = 1.0
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = "Run the callhomehub SSH hub. See docs/operator-guide.md."
+    optFlags = [
+        ["port-keeper", None, "hold forward listeners in a helper process (for an "
+         "open-file limit that caps the hub below 2 descriptors per tunnel)"],
+    ]
     optParameters = [
         ["data", None, ".", "state directory (hub.sqlite3, keys/)"],
         ["ssh", None, "tcp:22", "SSH listener endpoint"],
@@ -140,6 +145,22 @@ class ListenerService(service.Service):
         return self._ep.stopService()
 
 
+class PortKeeperService(service.Service):
+    """Starts the port keeper with the hub (after twistd has daemonised) and
+    stops it last: its ports close with it."""
+
+    def __init__(self, keeper: PortKeeper) -> None:
+        self.keeper = keeper
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self.keeper.start()
+
+    def stopService(self) -> Any:
+        self.keeper.stop()
+        return service.Service.stopService(self)
+
+
 class FlushOnStop(service.Service):
     """Stores results still pending in this reactor turn when the hub stops."""
 
@@ -210,6 +231,8 @@ def build_hub(config: HubConfig, reactor: Any) -> Hub:
 
     sessions = LiveSessions(registry, clock, reactor, config.port_low, config.port_high,
                             config.public_interface)
+    if config.port_keeper:
+        sessions.listener = PortKeeper(reactor, on_lost=sessions.drop_all)
     hub = Hub(config, registry, hub_keys, clock, run_in_thread, sessions, reactor)
     command_file = (CommandFileWriter(config.command_file, clock)
                     if config.command_file else None)
@@ -245,6 +268,8 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     top = HubService(level, getattr(options, "parent", None))
     top.hub = hub  # type: ignore[attr-defined]
     OpenFileLimit().setServiceParent(top)
+    if hub.sessions.listener is not None:
+        PortKeeperService(hub.sessions.listener).setServiceParent(top)
     ListenerService("SSH", config.ssh, factory, reactor).setServiceParent(top)
     ListenerService("control socket", control_endpoint(config.data), ControlFactory(hub),
                     reactor).setServiceParent(top)

@@ -168,7 +168,7 @@ class NodeTunnel:
         return (1, struct.pack(">L", forward.port)) if requested == 0 else 1
 
     def _listen(self, forward: Forward) -> None:
-        forward.listener = self.sessions.reactor.listenTCP(
+        forward.listener = (self.sessions.listener or self.sessions.reactor).listenTCP(
             forward.port, ForwardListener(self, forward), interface=self.interface)
 
     def cancel_forward(self, bind: bytes, port: int) -> Any:
@@ -245,6 +245,8 @@ class LiveSessions:
     port_low: int = 49152
     port_high: int = 65535
     public_interface: str = "0.0.0.0"
+    # Where forwards listen: the reactor, or a PortKeeper (anything with listenTCP).
+    listener: Any = None
     _live: dict[str, NodeTunnel] = field(factory=dict)
 
     def attach(self, node: str, conn: Any, peer: str) -> NodeTunnel:
@@ -275,6 +277,14 @@ class LiveSessions:
             del self._live[key]
             self.registry.mark_offline(tunnel.node)
             log.info("node {node} offline", node=tunnel.node)
+
+    def drop_all(self, why: str) -> None:
+        """Close every live session (their listeners are gone); devices call back."""
+        for key, tunnel in list(self._live.items()):
+            del self._live[key]
+            tunnel.close()
+            self.registry.mark_offline(key)
+            close_connection(tunnel.conn, self.clock, f"hub error: {why}")
 
     def get(self, node: str) -> NodeTunnel | None:
         return self._live.get(node.lower())

@@ -1,0 +1,152 @@
+"""The port keeper with the real reactor and a real keeper process."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock
+
+from callhomehub.portkeeper import PortKeeper
+
+
+class Echo(protocol.Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"echo:" + data)  # type: ignore[union-attr]
+
+
+class EchoFactory(protocol.Factory):
+    protocol = Echo
+
+    def __init__(self) -> None:
+        self.peers: list[Any] = []
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol | None:
+        self.peers.append(addr)
+        return super().buildProtocol(addr)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+async def sleep(seconds: float) -> None:
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined]
+    await d
+
+
+async def until(check: Any, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if check():
+            return
+        await sleep(0.02)
+    raise AssertionError("timed out")
+
+
+async def exchange(port: int, data: bytes) -> bytes:
+    """A blocking client in a thread, so the reactor keeps running."""
+    from twisted.internet.threads import deferToThread
+
+    def talk() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(data)
+            return s.recv(100)
+
+    return await deferToThread(talk)
+
+
+@pytest.fixture
+def keeper() -> Iterator[tuple[PortKeeper, list[str]]]:
+    lost: list[str] = []
+    kept = PortKeeper(reactor, on_lost=lost.append)
+    kept.start()
+    yield kept, lost
+    kept.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_reach_the_factory_and_the_hub_holds_no_listener(
+        keeper: tuple[PortKeeper, list[str]]) -> None:
+    kept, _ = keeper
+    port = free_port()
+    before = open_fds()
+    factory = EchoFactory()
+    listening = kept.listenTCP(port, factory, interface="127.0.0.1")
+    assert listening.getHost().port == port
+    assert await exchange(port, b"hello") == b"echo:hello"
+    assert factory.peers[0].host == "127.0.0.1"
+    await until(lambda: open_fds() == before)  # the accepted copy is closed too
+    await listening.stopListening()
+    # The port is free once stopListening fires: it binds again at once.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_taken_port_fails_as_listen_tcp_does(
+        keeper: tuple[PortKeeper, list[str]]) -> None:
+    kept, _ = keeper
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(CannotListenError) as failure:
+            kept.listenTCP(taken.getsockname()[1], EchoFactory(), interface="127.0.0.1")
+    assert failure.value.socketError.errno == errno.EADDRINUSE
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_keeper_is_replaced_and_its_ports_dropped(
+        keeper: tuple[PortKeeper, list[str]]) -> None:
+    kept, lost = keeper
+    port = free_port()
+    first = kept.listenTCP(port, EchoFactory(), interface="127.0.0.1")
+    assert await exchange(port, b"a") == b"echo:a"
+    old_pid = kept._process.pid
+    os.kill(old_pid, signal.SIGKILL)
+    await until(lambda: lost)
+    assert "port keeper" in lost[0]
+    await first.stopListening()  # fired: nothing is held any more
+    await until(lambda: kept._control is not None and kept._process.pid != old_pid)
+    again = kept.listenTCP(port, EchoFactory(), interface="127.0.0.1")
+    assert await exchange(port, b"b") == b"echo:b"
+    await again.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_keeper_exits_with_the_hub(keeper: tuple[PortKeeper, list[str]]) -> None:
+    kept, lost = keeper
+    pid = kept._process.pid
+    kept.stop()
+    await until(lambda: not os.path.exists(f"/proc/{pid}") or
+                open(f"/proc/{pid}/stat").read().split()[2] == "Z")
+    assert lost == []  # a requested stop is no loss
+
+
+def test_a_port_closed_before_the_keeper_had_it_is_closed_here() -> None:
+    # Between a lost keeper and its successor, listens wait in the queue.
+    kept = PortKeeper(MemoryReactorClock())
+    port = free_port()
+    waiting = kept.listenTCP(port, EchoFactory(), interface="127.0.0.1")
+    other = kept.listenTCP(free_port(), EchoFactory(), interface="127.0.0.1")
+    closed: list[object] = []
+    waiting.stopListening().addCallback(closed.append)
+    assert closed == [None]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # free again at once
+    assert [m[:1] for m, _ in kept._out] == [b"K"] and kept._ports == {other.ident: other}
+    kept.stop()
