@@ -252,8 +252,9 @@ class Hub:
             raise RuntimeError(f"register failed: {result.stderr.decode()}")
 
     def pids(self) -> list[int]:
-        """The processes whose CPU and memory count for this server."""
-        return [self.proc.pid] if self.proc is not None else []
+        """The processes whose CPU and memory count for this server: the hub and
+        its helpers (the port keeper of `--port-keeper`)."""
+        return [self.proc.pid, *descendants(self.proc.pid)] if self.proc is not None else []
 
     def close(self) -> None:
         stop_process(self.proc)

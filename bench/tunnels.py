@@ -175,23 +175,27 @@ def idle_figures(outcome: Outcome, pids: list[int], gen: Generator, per: str) ->
 # -- the hub -----------------------------------------------------------------
 
 def hub_run(workdir: Path, n: int, args: argparse.Namespace) -> Outcome:
-    outcome = Outcome("hub", n, nofile_limit=nofile_limit())
+    outcome = Outcome("hub+keeper" if args.port_keeper else "hub", n,
+                      nofile_limit=nofile_limit())
     keys = workdir / "keys.jsonl"
     publics = make_keys(keys, n)
     hub = HubProcess(workdir, port_range=tunnel_port_range(n), backlog=args.backlog,
-                     extra=["--keepalive", str(args.keepalive)])
+                     extra=["--keepalive", str(args.keepalive),
+                            *(["--port-keeper"] if args.port_keeper else [])])
     gen: Generator | None = None
     try:
         outcome.register_s = round(register_all(hub.data / "hub.sqlite3", publics), 2)
         hub.start()
         wait_quiet(args.quiet_below, args.quiet_wait)
         settle(hub.pids(), 10)
-        outcome.rss0_kib, outcome.pss0_kib = vm_rss_kib(hub.proc.pid), pss_kib(hub.proc.pid)
-        outcome.fds0 = open_fds(hub.proc.pid)
+        outcome.rss0_kib = summed(vm_rss_kib, hub.pids())
+        outcome.pss0_kib = summed(pss_kib, hub.pids())
+        outcome.fds0 = summed(open_fds, hub.pids())
         gen = Generator(hub.port, keys, "cms", args.concurrency, args.jitter,
                         args.backoff_max, args.storm_concurrency, workdir / "generator.log",
                         ["--asyncssh-defaults"] if args.asyncssh_defaults else [])
-        bring_up(gen, outcome, lambda: summed_cpu(hub.proc.pid), args.timeout, args.stall)
+        bring_up(gen, outcome, lambda: sum(map(summed_cpu, hub.pids())), args.timeout,
+                 args.stall)
         settle(hub.pids(), 20)
         idle_figures(outcome, hub.pids(), gen, "(RSS_N - RSS_0)/N")
         if args.storm and outcome.up == n:
@@ -230,10 +234,10 @@ def storm(hub: HubProcess, gen: Generator, outcome: Outcome, args: argparse.Name
     stopped = time.monotonic()
     hub.start(hub.port)
     listening = time.monotonic()
-    cpu0, gen0 = summed_cpu(hub.proc.pid), summed_cpu(gen.proc.pid)
+    cpu0, gen0 = sum(map(summed_cpu, hub.pids())), summed_cpu(gen.proc.pid)
     done = wait_all_up(gen, listening, args.timeout, args.stall)
     last = done or gen.latest()
-    outcome.storm_server_cpu_s = round(summed_cpu(hub.proc.pid) - cpu0, 1)
+    outcome.storm_server_cpu_s = round(sum(map(summed_cpu, hub.pids())) - cpu0, 1)
     outcome.storm_generator_cpu_s = round(summed_cpu(gen.proc.pid) - gen0, 1)
     outcome.storm_stop_s = round(stopped - killed, 2)
     outcome.storm_listen_s = round(listening - stopped, 2)
@@ -314,6 +318,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backlog", type=int, default=0,
                    help="listen backlog of the hub's SSH endpoint (default: the hub's own)")
     p.add_argument("--keepalive", type=int, default=15, help="hub --keepalive (default 15)")
+    p.add_argument("--port-keeper", action="store_true",
+                   help="run the hub with --port-keeper (listeners in a helper process, "
+                        "counted with the hub)")
     p.add_argument("--no-storm", dest="storm", action="store_false")
     p.add_argument("--timeout", type=float, default=0.0,
                    help="seconds for a bring-up or a storm at most (default 120 + N/20)")
