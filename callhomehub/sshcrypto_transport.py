@@ -1,28 +1,22 @@
 """
 L{ModernTransportMixin}: the transport half of L{callhomehub.sshcrypto}
-(see that module for why each piece exists).
+(see that module for why each piece exists): set-up, key exchange, strict
+kex and rekeying; packets on the wire are L{callhomehub.sshcrypto_packetio}.
 """
 
 from __future__ import annotations
 
 import struct
-import zlib
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from twisted.conch.ssh import _kex
 from twisted.conch.ssh.common import NS
-from twisted.conch.ssh.connection import MSG_CHANNEL_DATA
 from twisted.conch.ssh.transport import (
-    DISCONNECT_COMPRESSION_ERROR,
     DISCONNECT_PROTOCOL_ERROR,
     MSG_DEBUG,
     MSG_IGNORE,
     MSG_KEXINIT,
     MSG_NEWKEYS,
     MSG_UNIMPLEMENTED,
-    SSHCiphers,
-    SSHTransportBase,
 )
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -39,7 +33,7 @@ from callhomehub.sshcrypto_algorithms import (
     REKEY_TIME_LIMIT,
     USERAUTH_SIGNATURE_ALGORITHMS,
 )
-from callhomehub.sshcrypto_buffers import Bytes, ReceiveBuffer
+from callhomehub.sshcrypto_buffers import ReceiveBuffer
 from callhomehub.sshcrypto_ciphers import ModernSSHCiphers, cipherBlockLimit
 from callhomehub.sshcrypto_kex import (
     EXT_INFO_CLIENT,
@@ -51,8 +45,7 @@ from callhomehub.sshcrypto_kex import (
     macNeutralPeerKexInit,
     strictKexAllows,
 )
-from callhomehub.sshcrypto_packet import PacketError
-from callhomehub.sshcrypto_tcpwrite import batch, writeNow
+from callhomehub.sshcrypto_packetio import PacketIOMixin
 
 _SEQUENCE_MASK = 0xFFFFFFFF
 # Room to leave for a packet beyond its payload: length, padding length,
@@ -60,13 +53,7 @@ _SEQUENCE_MASK = 0xFFFFFFFF
 _SEAL_OVERHEAD = 4 + 1 + 2 * 16 + 64
 _MESSAGE_TYPES = [bytes((n,)) for n in range(256)]
 
-if TYPE_CHECKING:
-    _Base = SSHTransportBase
-else:
-    _Base = object
-
-
-class ModernTransportMixin(_Base):
+class ModernTransportMixin(PacketIOMixin):
     """
     OpenSSH-era algorithms, strict key exchange and rekeying for a Conch
     transport; put it before C{SSHServerTransport}/C{SSHClientTransport}.
@@ -101,18 +88,10 @@ class ModernTransportMixin(_Base):
     clock: IReactorTime | None = None
 
     _modernLog = Logger()
-    _strict = False
-    _initialKex = True
     _peerKexInits = 0
-    _lastIncomingSeq = 0
-    _holdInput = False
-    _inDataReceived = False
     _startingRekey = False
-    _disconnectSent = False
     _secured = False
     _rekeyTimer: IDelayedCall | None = None
-    _afterInput: list[Callable[[], object]] | None = None
-    _meter: RekeyMeter
 
     # Connection set-up
 
@@ -310,13 +289,6 @@ class ModernTransportMixin(_Base):
 
     # Packets
 
-    def _currentCiphers(self) -> ModernSSHCiphers:
-        ciphers = self.currentEncryptions
-        if not isinstance(ciphers, ModernSSHCiphers):
-            assert isinstance(ciphers, SSHCiphers)
-            ciphers = self.currentEncryptions = ModernSSHCiphers.adopt(ciphers)
-        return ciphers
-
     def _allowedKeyExchangeMessageType(self, messageType: int) -> bool:
         # Strict kex: nothing but key exchange until the first NEWKEYS.
         if (
@@ -326,177 +298,6 @@ class ModernTransportMixin(_Base):
         ):
             return False
         return bool(super()._allowedKeyExchangeMessageType(messageType))
-
-    def sendPacket(self, messageType: int, payload: bytes) -> None:
-        self.sendPacketParts(messageType, b"", payload)
-
-    def sendPacketParts(self, messageType: int, head: bytes, data: Bytes) -> None:
-        """
-        L{sendPacket} for the payload C{head + data}, which is framed,
-        sealed and written without joining the parts (a channel's data goes
-        from its TCP read buffer into the packet buffer in one copy).
-        """
-        if self._keyExchangeState != self._KEY_EXCHANGE_NONE:
-            if not self._allowedKeyExchangeMessageType(messageType):
-                self._blockedByKeyExchange.append((messageType, head + bytes(data)))
-                return
-        head = _MESSAGE_TYPES[messageType] + head
-        if self.outgoingCompression:
-            data = self.outgoingCompression.compress(
-                head + bytes(data)
-            ) + self.outgoingCompression.flush(zlib.Z_SYNC_FLUSH)
-            head = b""
-        seqnr = self.outgoingPacketSequence
-        outbound = self._currentCiphers().outbound
-        if batch.collecting(self.transport):
-            room = batch.take(len(head) + len(data) + _SEAL_OVERHEAD)
-            wire = outbound.sealInto(seqnr, head, data, room)
-            sent = len(wire)
-            batch.commit(wire)
-        else:
-            wire = outbound.sealInto(seqnr, head, data)
-            sent = len(wire)
-            writeNow(self.transport, wire)
-        self.outgoingPacketSequence = (seqnr + 1) & _SEQUENCE_MASK
-        if messageType == MSG_NEWKEYS and self._strict:
-            self.outgoingPacketSequence = 0
-        self._meter.sent(sent)
-        self._maybeRekey()
-
-    def beginBatch(self) -> bool:
-        """
-        Gather the packets sent from now on and write them with one system
-        call at L{endBatch} (call it only if this answered True).
-        """
-        return batch.begin(self.transport)
-
-    def endBatch(self) -> None:
-        batch.end()
-
-    # Conch's own code (the version exchange) sees the receive buffer as
-    # self.buf.
-
-    _input: ReceiveBuffer
-
-    @property
-    def buf(self) -> bytes:
-        return self._input.rest()
-
-    @buf.setter
-    def buf(self, value: bytes) -> None:
-        self._input = ReceiveBuffer(value)
-
-    def _nextPayload(self) -> memoryview | None:
-        """
-        The payload (message number first) of the next whole packet
-        received, valid until the next call; L{None} if there is none yet,
-        input is held, or the connection is being dropped.
-        """
-        if self._holdInput or self._disconnectSent:
-            return None
-        seqnr = self.incomingPacketSequence
-        try:
-            opened = self._currentCiphers().inbound.openFrom(
-                seqnr, self._input.data, self._input.pos
-            )
-        except PacketError as e:
-            self.sendDisconnect(e.reason, e.description)
-            return None
-        if opened is None:
-            return None
-        payload, used = opened
-        self._input.advance(used)
-        if self.incomingCompression:
-            try:
-                payload = memoryview(self.incomingCompression.decompress(payload))
-            except Exception:
-                self._modernLog.failure("Error decompressing payload")
-                self.sendDisconnect(DISCONNECT_COMPRESSION_ERROR, b"compression error")
-                return None
-        if not payload:
-            self.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"empty packet")
-            return None
-        self._lastIncomingSeq = seqnr
-        self.incomingPacketSequence = (seqnr + 1) & _SEQUENCE_MASK
-        self._meter.received(used)
-        if payload[0] == MSG_NEWKEYS:
-            if self._strict:
-                self.incomingPacketSequence = 0
-            # What follows NEWKEYS is under the new keys, which the client
-            # may not have yet (host key check pending).
-            self._holdInput = True
-        return payload
-
-    def getPacket(self) -> bytes | None:
-        payload = self._nextPayload()
-        return None if payload is None else payload.tobytes()
-
-    def callAfterInput(self, action: Callable[[], object]) -> bool:
-        """
-        Run C{action} once the packets of the data being received are all
-        dispatched (so that a consumer can write what several packets
-        carried with one system call); False, and nothing is kept, when
-        nothing is being received.
-        """
-        if not self._inDataReceived:
-            return False
-        if self._afterInput is None:
-            self._afterInput = []
-        self._afterInput.append(action)
-        return True
-
-    def _runAfterInput(self) -> None:
-        while self._afterInput:
-            actions, self._afterInput = self._afterInput, None
-            for action in actions:
-                try:
-                    action()
-                except Exception:
-                    self._modernLog.failure("after-input action failed")
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._inDataReceived:  # reentered (a synchronous peer in tests)
-            self._dataReceived(data)
-            return
-        self._inDataReceived = True
-        try:
-            self._dataReceived(data)
-        finally:
-            self._inDataReceived = False
-            self._runAfterInput()
-
-    def _dataReceived(self, data: bytes) -> None:
-        if not self.gotVersion:
-            super().dataReceived(data)  # the version line, then getPacket
-            return
-        if self._disconnectSent:
-            return
-        if data:
-            self._input.append(data, self._currentCiphers().inbound.wanted)
-        # Conch's loop, less a copy per packet: the payload is copied
-        # once, from the decrypted packet, into the bytes dispatched.
-        while (payload := self._nextPayload()) is not None:
-            number = payload[0]
-            if number == MSG_CHANNEL_DATA and self._channelDataView(payload):
-                continue
-            rest = payload[1:].tobytes()
-            payload.release()
-            self.dispatchMessage(number, rest)
-
-    def _channelDataView(self, payload: memoryview) -> bool:
-        """
-        Hand a CHANNEL_DATA packet to the service without copying it, if
-        the service takes it that way (C{channelDataView}, see
-        L{callhomehub.sshconnection.WindowedChannelsMixin}); False to
-        dispatch it as usual.
-        """
-        if self._initialKex:
-            return False  # before the first NEWKEYS it is a strict-kex error
-        take = getattr(self.service, "channelDataView", None)
-        if take is None or not take(payload):
-            return False
-        self._maybeRekey()
-        return True
 
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
         if (
