@@ -60,6 +60,8 @@ _HOST_AT, _HOST_LEN = 14, 64
 _SERVICE_AT, _SERVICE_LEN = 78, 128
 _OUTPUT_AT = 206
 _OUTPUT_LEN = {PACKET_SIZE: 4096, LEGACY_PACKET_SIZE: 512}
+# Method 1 decodes the plugin output this many bytes at a time, up to its NUL.
+_OUTPUT_STEP = 256
 
 
 class NSCAError(Exception):
@@ -208,7 +210,8 @@ class NSCADecoder:
     _buffer: bytearray = field(init=False, factory=bytearray)
     _stream: CipherContext | None = field(init=False, default=None)
     _pad: bytes | None = field(init=False, default=None)
-    _pad_ints: dict[int, int] = field(init=False, factory=dict)
+    _pad_ints: dict[tuple[int, int], int] = field(init=False, factory=dict)
+    _crc_constants: dict[int, int] = field(init=False, factory=dict)
     _packet_size: int | None = field(init=False, default=None)
     _failed: str | None = field(init=False, default=None)
 
@@ -239,8 +242,8 @@ class NSCADecoder:
         self._buffer += self._stream.update(data) if self._stream is not None else data
         results: list[CheckResult] = []
         try:
-            while (packet := self._take()) is not None:
-                results.append(self._parse(packet))
+            while (taken := self._take()) is not None:
+                results.append(self._parse(*taken))
         except NSCAError as e:
             self._failed = e.reason
             raise NSCAError(e.reason, results) from None
@@ -248,16 +251,41 @@ class NSCADecoder:
 
     def _plain(self, size: int) -> bytes:
         chunk = bytes(self._buffer[:size])
-        if self._pad is None:
-            return chunk
-        # The pad is the same for every packet of the connection: keep it as an int
-        # per size asked (2, 720, 4304), and XOR one int per packet.
-        pad = self._pad_ints.get(size)
-        if pad is None:
-            pad = self._pad_ints[size] = int.from_bytes(self._pad[:size], "big")
-        return (int.from_bytes(chunk, "big") ^ pad).to_bytes(size, "big")
+        return chunk if self._pad is None else self._unxor(chunk, 0, size)
 
-    def _take(self) -> bytes | None:
+    def _unxor(self, raw: bytes, start: int, end: int) -> bytes:
+        """`raw[start:end]` XORed with the pad; the pad is the same for every packet
+        of the connection, so its slices are kept as ints."""
+        assert self._pad is not None
+        key = self._pad_ints.get((start, end))
+        if key is None:
+            key = self._pad_ints[start, end] = int.from_bytes(self._pad[start:end], "big")
+        return (int.from_bytes(raw[start:end], "big") ^ key).to_bytes(end - start, "big")
+
+    def _unxor_packet(self, raw: bytes) -> tuple[bytes, int]:
+        """Method 1 without XORing the whole 4304 bytes: the plaintext up to the end
+        of the plugin output (found in steps), and the packet's CRC computed from the
+        ciphertext. CRC-32 is affine: crc(c ^ k) = crc(c) ^ crc(k) ^ crc(0...0) for
+        strings of one length, and the last two are constants of the connection."""
+        size = len(raw)
+        end = _OUTPUT_AT
+        plain = self._unxor(raw, 0, end)
+        limit = _OUTPUT_AT + _OUTPUT_LEN[size]
+        while end < limit:
+            step = min(end + _OUTPUT_STEP, limit)
+            part = self._unxor(raw, end, step)
+            plain += part
+            end = step
+            if b"\0" in part:
+                break
+        constant = self._crc_constants.get(size)
+        if constant is None:
+            assert self._pad is not None
+            constant = self._crc_constants[size] = (
+                packet_crc(self._pad[:size]) ^ packet_crc(bytes(size)))
+        return plain, packet_crc(raw) ^ constant
+
+    def _take(self) -> tuple[bytes, int] | None:
         if len(self._buffer) < 2:
             return None
         (version,) = struct.unpack(">h", self._plain(2))
@@ -276,13 +304,16 @@ class NSCADecoder:
             size = self._packet_size = LEGACY_PACKET_SIZE if legacy else PACKET_SIZE
         if len(self._buffer) < size:
             return None
-        packet = self._plain(size)
+        raw = bytes(self._buffer[:size])
         del self._buffer[:size]
-        return packet
+        if self._pad is None:
+            return raw, packet_crc(raw)
+        return self._unxor_packet(raw)
 
-    def _parse(self, packet: bytes) -> CheckResult:
+    def _parse(self, packet: bytes, computed: int) -> CheckResult:
+        """`packet`: the plaintext, possibly cut after the plugin output's NUL;
+        `computed`: the CRC of the whole plaintext packet."""
         _version, crc, timestamp, code = _HEADER.unpack_from(packet)
-        computed = packet_crc(packet)
         if crc != computed:
             raise NSCAError(
                 f"bad CRC32 {crc:#010x} (computed {computed:#010x}); "
@@ -307,7 +338,7 @@ class NSCADecoder:
             host=host,
             service=_cstring(packet, _SERVICE_AT, _SERVICE_LEN),
             code=code,
-            output=_cstring(packet, _OUTPUT_AT, _OUTPUT_LEN[len(packet)]),
+            output=_cstring(packet, _OUTPUT_AT, _OUTPUT_LEN[self._packet_size or PACKET_SIZE]),
             timestamp=timestamp,
         )
 

@@ -204,6 +204,23 @@ def test_round_trip_property(method: int, legacy: bool, password: str, records: 
     assert got == [CheckResult(h, s, c, o, T0 + skew) for h, s, c, o in records]
 
 
+@pytest.mark.parametrize("size", [PACKET_SIZE, LEGACY_PACKET_SIZE])
+@pytest.mark.parametrize("length", [0, 1, 49, 50, 51, 305, 306, 307, 511, 1000, 4095, 5000])
+def test_xor_outputs_of_every_length_and_their_crc(length: int, size: int) -> None:
+    # Method 1 decodes the output in steps up to its NUL and checks the CRC on the
+    # ciphertext: outputs ending at, before and after a step, and filling the field.
+    output = bytes(range(33, 127)) * (length // 94 + 1)
+    packet = build_packet(b"h", b"s", 2, output[:length], size=size, fill=b"\x17\0z")
+    field = {PACKET_SIZE: 4096, LEGACY_PACKET_SIZE: 512}[size]
+    assert decoder(1).feed(stream(1, [packet])) == [
+        CheckResult("h", "s", 2, output[: min(length, field - 1)].decode(), T0)]
+    # The second packet (the first tells a legacy connection's packet size by its CRC).
+    corrupt = bytearray(stream(1, [packet, packet]))
+    corrupt[-3] ^= 0x40  # in the slack after the output: only the CRC sees it
+    with pytest.raises(NSCAError, match="bad CRC32"):
+        decoder(1).feed(bytes(corrupt))
+
+
 # --- field handling -----------------------------------------------------------------------
 
 def test_strings_are_cut_like_strncpy() -> None:
