@@ -23,7 +23,8 @@ get their ports again from a new keeper) and starts a new one.
 
 Messages: one byte of kind, a uint32 port id, at most one descriptor.
 hub -> keeper: K (keep this listening socket), C (close it);
-keeper -> hub: A (accepted connection), c (closed), E (accept failed; errno).
+keeper -> hub: A (accepted connection), c (closed), E (accept failed; errno),
+F (could not take a listening socket, e.g. out of descriptors; errno).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from .portkeeper_process import ERR, FD_SPACE, MSG, fds_of, with_fd
 log = Logger()
 
 RESTART_DELAY = 1.0
+MESSAGES_PER_READ = 64
 
 
 class KeptPort:
@@ -78,9 +80,11 @@ class PortKeeper:
     """The hub's end: spawns the keeper and offers `listenTCP` like a reactor's."""
 
     def __init__(self, reactor: Any, on_lost: Callable[[str], None] | None = None,
-                 argv: list[str] | None = None, backlog: int = 128) -> None:
+                 argv: list[str] | None = None, backlog: int = 128,
+                 on_port_lost: Callable[[int], None] | None = None) -> None:
         self.reactor = reactor
         self.on_lost = on_lost
+        self.on_port_lost = on_port_lost
         self.argv = argv or [sys.executable, "-m", "callhomehub.portkeeper_process"]
         self.backlog = backlog
         self._ports: dict[int, KeptPort] = {}
@@ -99,6 +103,17 @@ class PortKeeper:
     def start(self) -> None:
         self._restart = None
         self._started = self.reactor.seconds()
+        try:
+            self._spawn()
+        except Exception as e:  # EMFILE above all: the situation --port-keeper is for
+            log.error("cannot start the port keeper ({why}); trying again in {delay} s",
+                      why=e, delay=RESTART_DELAY)
+            self._watch = None
+            self._restart = self.reactor.callLater(RESTART_DELAY, self.start)
+            return
+        self._flush()
+
+    def _spawn(self) -> None:
         hub_end, keeper_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         hub_end.setblocking(False)
         keeper = self
@@ -116,12 +131,14 @@ class PortKeeper:
             self._process = self.reactor.spawnProcess(
                 self._watch, self.argv[0], [*self.argv, "3"], env=dict(os.environ),
                 childFDs={0: "w", 1: "r", 2: "r", 3: keeper_end.fileno()})
+        except BaseException:
+            hub_end.close()
+            raise
         finally:
             keeper_end.close()
         self._control = hub_end
         self.reactor.addReader(self)
         log.info("port keeper started (pid {pid})", pid=self._process.pid)
-        self._flush()
 
     def stop(self) -> None:
         """Close the socketpair: the keeper exits, and its ports with it."""
@@ -242,9 +259,13 @@ class PortKeeper:
 
     def doRead(self) -> None:
         control = self._control
-        while control is not None and control is self._control:
+        # At most a batch of messages per call, as Twisted's Port accepts a batch:
+        # a flood of connections must not starve the rest of the reactor.
+        for _ in range(MESSAGES_PER_READ):
+            if control is None or control is not self._control:
+                return
             try:
-                msg, ancdata, _flags, _addr = control.recvmsg(
+                msg, ancdata, flags, _addr = control.recvmsg(
                     ERR.size, FD_SPACE, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
@@ -254,7 +275,46 @@ class PortKeeper:
             if not msg:
                 self._lost("port keeper closed its end")
                 return
-            self._message(msg, fds_of(ancdata))
+            fds = fds_of(ancdata)
+            try:
+                self._message(msg, fds, truncated=bool(flags & socket.MSG_CTRUNC))
+            except Exception:
+                # One connection's trouble (a protocol that raised): log it and go on;
+                # only the socketpair failing is the keeper's loss.
+                log.failure("port keeper: handling a message failed")
+            finally:
+                for fd in fds:
+                    os.close(fd)  # adoptStreamConnection made its own copy
+
+    def _message(self, msg: bytes, fds: list[int], truncated: bool) -> None:
+        kind, ident = MSG.unpack_from(msg)
+        port = self._ports.get(ident)
+        where = port.getHost().port if port is not None else "?"
+        if kind == b"A":
+            if not fds:
+                log.error("port keeper: a connection to port {port} arrived without its "
+                          "descriptor (hub out of descriptors?); it is lost", port=where)
+            elif port is not None and port._stopped is None:
+                self._adopt(fds[0], port)
+            # else: accepted while the port was being closed; closing the copy ends it
+        elif kind == b"c" and port is not None:
+            del self._ports[ident]
+            port._closed()
+        elif kind == b"E":
+            (_k, _i, code) = ERR.unpack(msg)
+            log.error("port keeper: cannot accept on port {port}: {why}", port=where,
+                      why=os.strerror(code) if code else "unknown error")
+        elif kind == b"F" and port is not None:
+            (_k, _i, code) = ERR.unpack(msg)
+            log.error("port keeper could not take port {port} ({why}): its forward is "
+                      "lost; dropping that tunnel so the device retries", port=where,
+                      why=os.strerror(code) if code else "unknown error")
+            del self._ports[ident]
+            port._closed()
+            if self.on_port_lost is not None:
+                self.on_port_lost(port.getHost().port)
+        if truncated:
+            log.error("port keeper: a message lost its descriptor (hub out of descriptors?)")
 
     def _adopt(self, fd: int, port: KeptPort) -> None:
         try:
@@ -262,21 +322,3 @@ class PortKeeper:
         except OSError as e:  # EMFILE, or the peer already gone: this connection only
             log.error("cannot take a connection to port {port}: {why}",
                       port=port.getHost().port, why=e.strerror)
-
-    def _message(self, msg: bytes, fds: list[int]) -> None:
-        kind, ident = MSG.unpack_from(msg)
-        port = self._ports.get(ident)
-        try:
-            if kind == b"A" and fds and port is not None:
-                self._adopt(fds[0], port)
-            elif kind == b"c" and port is not None:
-                del self._ports[ident]
-                port._closed()
-            elif kind == b"E":
-                (_k, _i, code) = ERR.unpack(msg)
-                log.error("port keeper: cannot accept on port {port}: {why}",
-                                port=port.getHost().port if port else "?",
-                                why=os.strerror(code) if code else "unknown error")
-        finally:
-            for fd in fds:
-                os.close(fd)  # adoptStreamConnection made its own copy

@@ -9,7 +9,9 @@ hub's end closes.
 from __future__ import annotations
 
 import array
+import errno
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -24,6 +26,10 @@ ACCEPTS_PER_WAKEUP = 64
 # After a failed accept (EMFILE, ENFILE, ENOBUFS) a port rests this long, or
 # the still-pending connection would wake the loop again at once, forever.
 ACCEPT_PAUSE = 0.5
+OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# Descriptors kept free for accepting (each accepted connection is passed on
+# and closed at once) and for a message's descriptor in flight.
+ACCEPT_RESERVE = 8
 
 
 def fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -48,6 +54,12 @@ class Keeper:
         self.selector.register(control, selectors.EVENT_READ, None)
         self.ports: dict[int, socket.socket] = {}
         self.resting: dict[int, float] = {}  # port id -> when to listen again
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.limit = soft if soft != resource.RLIM_INFINITY else 1 << 30
+        try:
+            self.base_fds = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            self.base_fds = 16
 
     def serve(self) -> int:
         """Runs until the hub's end closes."""
@@ -75,16 +87,24 @@ class Keeper:
                 return False
             fds = fds_of(ancdata)
             kind, ident = MSG.unpack(msg)
-            if kind == b"K" and len(fds) == 1:
+            if kind == b"K" and len(fds) == 1 and self.room():
                 sock = socket.socket(fileno=fds.pop())
                 sock.setblocking(False)
                 self.ports[ident] = sock
                 self.selector.register(sock, selectors.EVENT_READ, ident)
+            elif kind == b"K":
+                # At our open-file limit (or the kernel dropped the descriptor for
+                # that): refuse, keeping room to accept on the ports we hold.
+                self.control.sendmsg([ERR.pack(b"F", ident, errno.EMFILE)])
             elif kind == b"C":
                 self.close(ident)
                 self.control.sendmsg([MSG.pack(b"c", ident)])
             for fd in fds:  # nothing else carries a descriptor
                 os.close(fd)
+
+    def room(self) -> bool:
+        """Whether one more listener leaves ACCEPT_RESERVE descriptors free."""
+        return self.base_fds + len(self.ports) + 1 + ACCEPT_RESERVE <= self.limit
 
     def close(self, ident: int) -> None:
         sock = self.ports.pop(ident, None)
@@ -102,12 +122,19 @@ class Keeper:
             except BlockingIOError:
                 return
             except OSError as e:
+                if e.errno not in OUT_OF_RESOURCES:
+                    continue  # that connection's trouble (aborted, ...): the next one
                 self.control.sendmsg([ERR.pack(b"E", ident, e.errno or 0)])
                 self.selector.unregister(listening)
                 self.resting[ident] = time.monotonic() + ACCEPT_PAUSE
                 return
             try:
                 self.control.sendmsg([MSG.pack(b"A", ident)], with_fd(conn.fileno()))
+            except OSError as e:
+                if isinstance(e, ConnectionError):
+                    raise  # the hub is gone
+                # ETOOMANYREFS, ENOBUFS: this connection is lost, the keeper goes on.
+                self.control.sendmsg([ERR.pack(b"E", ident, e.errno or 0)])
             finally:
                 conn.close()
 

@@ -232,7 +232,8 @@ def build_hub(config: HubConfig, reactor: Any) -> Hub:
     sessions = LiveSessions(registry, clock, reactor, config.port_low, config.port_high,
                             config.public_interface)
     if config.port_keeper:
-        sessions.listener = PortKeeper(reactor, on_lost=sessions.drop_all)
+        sessions.listener = PortKeeper(reactor, on_lost=sessions.drop_all,
+                                       on_port_lost=sessions.port_lost)
     hub = Hub(config, registry, hub_keys, clock, run_in_thread, sessions, reactor)
     command_file = (CommandFileWriter(config.command_file, clock)
                     if config.command_file else None)

@@ -111,15 +111,20 @@ class SpliceChannel(channel.SSHChannel):
         elif getattr(self.conn.transport, "callAfterInput", _never)(self._flush):
             self._pending = bytearray(data)
         else:
-            writeNow(self.tcp.transport, data)
-        self._unacked += len(data)
-        self._grant()
+            self._to_tcp(data)
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, None
-        transport = self.tcp.transport
-        if pending and transport is not None and not transport.disconnecting:
-            writeNow(transport, pending)
+        if pending:
+            self._to_tcp(pending)
+
+    def _to_tcp(self, data: bytes | bytearray | memoryview) -> None:
+        if self.tcp.transport is not None:
+            writeNow(self.tcp.transport, data)
+        # Window only for what TCP has now taken (queued in Twisted counts: it
+        # pauses us past its buffer size, and then no window is granted).
+        self._unacked += len(data)
+        self._grant()
 
     def _grant(self) -> None:
         # Grant window only for data the TCP side took while not pushing

@@ -85,6 +85,8 @@ class ForwardListener(protocol.Factory):
         self.forward = forward
 
     def buildProtocol(self, addr: Any) -> TCPEnd | None:
+        if self.tunnel.closed:
+            return None  # accepted just before the listener closed (port keeper)
         if len(self.tunnel.pipes) >= MAX_CONNECTIONS_PER_NODE:
             log.warn("node {node}: {n} forwarded connections open, refusing another",
                      node=self.tunnel.node, n=len(self.tunnel.pipes))
@@ -285,6 +287,15 @@ class LiveSessions:
             tunnel.close()
             self.registry.mark_offline(key)
             close_connection(tunnel.conn, self.clock, f"hub error: {why}")
+
+    def port_lost(self, port: int) -> None:
+        """A forward's listener is gone (the port keeper could not take it): drop
+        that node's connection, so that the device calls back and binds again."""
+        for tunnel in self._live.values():
+            if any(f.port == port for f in tunnel.forwards.values()):
+                close_connection(tunnel.conn, self.clock,
+                                 f"hub error: the listener of port {port} was lost")
+                return
 
     def get(self, node: str) -> NodeTunnel | None:
         return self._live.get(node.lower())

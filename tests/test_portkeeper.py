@@ -6,6 +6,7 @@ import errno
 import os
 import signal
 import socket
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -150,3 +151,93 @@ def test_a_port_closed_before_the_keeper_had_it_is_closed_here() -> None:
         s.bind(("127.0.0.1", port))  # free again at once
     assert [m[:1] for m, _ in kept._out] == [b"K"] and kept._ports == {other.ident: other}
     kept.stop()
+
+
+class Exploding(protocol.Factory):
+    def buildProtocol(self, addr: Any) -> protocol.Protocol | None:
+        raise RuntimeError("a bug in one connection's protocol")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_connection_is_logged_and_the_keeper_kept(
+        keeper: tuple[PortKeeper, list[str]]) -> None:
+    kept, lost = keeper
+    bad, good = free_port(), free_port()
+    kept.listenTCP(bad, Exploding(), interface="127.0.0.1")
+    kept.listenTCP(good, EchoFactory(), interface="127.0.0.1")
+    with socket.create_connection(("127.0.0.1", bad), timeout=10):
+        pass
+    assert await exchange(good, b"still") == b"echo:still"
+    assert lost == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_keeper_out_of_descriptors_reports_the_port_it_lost() -> None:
+    limited = [sys.executable, "-c",
+               "import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (20, 20));"
+               "from callhomehub.portkeeper_process import main; sys.exit(main())"]
+    lost_ports: list[int] = []
+    kept = PortKeeper(reactor, argv=limited, on_port_lost=lost_ports.append)
+    kept.start()
+    try:
+        ports = [free_port() for _ in range(12)]
+        for port in ports:
+            kept.listenTCP(port, EchoFactory(), interface="127.0.0.1")
+        await until(lambda: lost_ports)
+        assert set(lost_ports) < set(ports)
+        # The ports it did take still work.
+        held = [p for p in ports if p not in lost_ports]
+        assert await exchange(held[0], b"x") == b"echo:x"
+    finally:
+        kept.stop()
+
+
+class FailingSpawn:
+    """The real reactor, but the first spawnProcess fails (EMFILE)."""
+
+    def __init__(self) -> None:
+        self.failures = 1
+
+    def spawnProcess(self, *args: Any, **kw: Any) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return reactor.spawnProcess(*args, **kw)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(reactor, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_keeper_that_cannot_start_is_tried_again() -> None:
+    before = open_fds()
+    kept = PortKeeper(FailingSpawn())
+    kept.start()
+    try:
+        assert kept._control is None and open_fds() == before  # nothing leaked
+        port = free_port()
+        kept.listenTCP(port, EchoFactory(), interface="127.0.0.1")  # waits for the keeper
+        await until(lambda: kept._control is not None)
+        assert await exchange(port, b"late") == b"echo:late"
+    finally:
+        kept.stop()
+
+
+def test_a_connection_accepted_while_its_port_closes_is_not_taken() -> None:
+    adopted: list[int] = []
+    clock = MemoryReactorClock()
+    clock.adoptStreamConnection = lambda fd, family, factory: adopted.append(fd)  # type: ignore[method-assign]
+    kept = PortKeeper(clock)
+    closing = kept.listenTCP(free_port(), EchoFactory(), interface="127.0.0.1")
+    ours, keepers = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    kept._control = ours  # as if a keeper held the port: the close waits for its answer
+    kept._flush()
+    closing.stopListening()
+    assert not closing.stopListening().called
+    kept._message(b"A" + closing.ident.to_bytes(4, "big"), [99], truncated=False)
+    assert adopted == []
+    kept._message(b"c" + closing.ident.to_bytes(4, "big"), [], truncated=False)
+    assert closing.stopListening().called
+    ours.close()
+    keepers.close()
+    kept._control = None
