@@ -11,7 +11,10 @@ for the plots), throughput. Sizes:
 |-----------|-----------------------|-------------|------------------|----------------------|
 | --quick   | --quick               | --quick     | --quick          | 100                  |
 | (default) | 256 MiB x 1           | 4 x 5000 x5 | 2000 rt, 128 MiB | 300, 1000, 3000      |
-| --full    | 256 MiB x 3           | --full      | --full           | 1000, 3000, 10000    |
+| --full    | 256 MiB x 3           | --full      | --full           | 1000, 3000, 10000 ¹  |
+
+¹ an N whose tunnels need more descriptors than the open-file limit allows one
+process (2 per tunnel) runs with `--port-keeper`, as 10,000 does here (limit 20,000).
 
 The default takes some minutes (mostly waiting for a quiet machine); --full
 is up to half an hour. Then `plots.py` draws docs/perf/*.png from the JSON.
@@ -30,6 +33,7 @@ from typing import Any
 
 # Run as a script: bench/ is on sys.path.
 from common import machine_info
+from peers import nofile_limit
 from plots import render
 from runner import add_source_option, install_sigterm, use_hub_source, write_doc
 
@@ -58,8 +62,12 @@ def commands(args: argparse.Namespace, results: Path) -> list[tuple[str, list[st
         for n in (args.tunnel_n or TUNNEL_N[size]).split(","):
             # sshd once per size: min(N, --sshd-max) repeats for every larger N.
             m = min(int(n), args.sshd_max)
+            # Two descriptors per tunnel in one process: past the open-file limit the
+            # hub runs with its port keeper (listeners in a helper process).
+            keeper = ["--port-keeper"] if 2 * int(n) + 64 > nofile_limit() else []
             runs.append((f"tunnels-{n}", ["tunnels.py", "--n", n, "--sshd-max",
-                                          "0" if m in sshd_done else str(m), *source]))
+                                          "0" if m in sshd_done else str(m), *keeper,
+                                          *source]))
             sshd_done.add(m)
     if "throughput" in args.only:
         extra = {"quick": ["--quick"], "full": ["--repeat", "3"], "default": []}[size]
