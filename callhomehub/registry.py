@@ -344,16 +344,18 @@ class Registry:
                 (now, now, peer, name),
             )
 
-    def mark_offline(self, name: str) -> None:
+    def mark_offline(self, *names: str) -> None:
+        """These nodes went offline (several in one transaction)."""
+        now = self._now()
         with self._tx() as db:
-            db.execute(
+            db.executemany(
                 "UPDATE nodes SET online = 0, online_since = NULL, last_seen = ? WHERE name = ?",
-                (self._now(), name),
+                [(now, name) for name in names],
             )
-            db.execute(
+            db.executemany(
                 "UPDATE leases SET active = 0"
                 " WHERE node_id = (SELECT id FROM nodes WHERE name = ?)",
-                (name,),
+                [(name,) for name in names],
             )
 
     def touch(self, name: str) -> None:

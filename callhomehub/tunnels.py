@@ -282,10 +282,10 @@ class LiveSessions:
 
     def drop_all(self, why: str) -> None:
         """Close every live session (their listeners are gone); devices call back."""
-        for key, tunnel in list(self._live.items()):
-            del self._live[key]
+        live, self._live = self._live, {}
+        self.registry.mark_offline(*live)  # one transaction, not one per node
+        for tunnel in live.values():
             tunnel.close()
-            self.registry.mark_offline(key)
             close_connection(tunnel.conn, self.clock, f"hub error: {why}")
 
     def port_lost(self, port: int) -> None:

@@ -548,6 +548,20 @@ def test_takeover_closes_a_silent_old_connection(
     assert aborted == [True]
 
 
+def test_drop_all_closes_every_session_and_marks_them_offline(
+        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    # What the hub does when its port keeper is lost: the ports are gone.
+    allocated(device.forward(b"", 0))
+    other = Device(start_factory(hub), reactor, key=register(hub, "site-b"), peer="192.0.2.11")
+    allocated(other.forward(b"", 0))
+    assert hub.sessions.online() == ["site-a", "site-b"]
+    hub.sessions.drop_all("port keeper lost")
+    assert hub.sessions.online() == []
+    assert reactor.listening() == {}
+    assert device.server.transport.disconnecting and other.server.transport.disconnecting
+    assert not hub.registry.node("site-a").online and not hub.registry.node("site-b").online
+
+
 # -- revocation and removal ------------------------------------------------------
 
 @pytest.mark.parametrize("action", ["revoke", "remove"])
