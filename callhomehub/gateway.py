@@ -200,6 +200,8 @@ class DeviceSession(RelayChannel):
 class GatewaySession(RelayChannel):
     """An operator's session channel: the chooser, or a device session relayed."""
 
+    data_views = False  # the chooser keeps what it is given
+
     def __init__(self, avatar: OperatorAvatar, **kw: Any) -> None:
         RelayChannel.__init__(self, b"session", **kw)
         self.owner = avatar

@@ -44,8 +44,75 @@ def _no_batch() -> bool:
     return False
 
 
+def gather_output(ssh: Any) -> None:
+    """Gather the packets sent on the SSH transport `ssh` until the data being
+    received is all dispatched, then send them with one system call (a relay
+    passes on several packets per read; each would be a send of its own)."""
+    if not getattr(ssh, "beginBatch", _no_batch)():
+        return  # not our transport, or a batch is already gathering
+    if not ssh.callAfterInput(ssh.endBatch):
+        ssh.endBatch()  # nothing is being received: nothing to gather
+
+
+class PacketWriteMixin:
+    """`write` for an SSHChannel subclass: Conch's rules, no copies (see write)."""
+
+    buf: bytes
+    closing: int
+    conn: Any
+    localClosed: int
+    remoteWindowLeft: int
+    remoteMaxPacket: int
+    areWriting: int
+    stopWriting: Callable[[], None]
+    loseConnection: Callable[[], None]
+
+    def write(self, data: bytes | memoryview) -> None:
+        # Conch's SSHChannel.write (same window and buffer rules), except
+        # that each packet's data is a view of `data`, framed by the
+        # transport straight into its packet buffer: Conch slices it and its
+        # sendData and sendPacket join it to headers, 4 copies per packet.
+        # `data` may be a view valid only now: what waits for window is a copy.
+        if self.buf:
+            self.buf += data
+            return
+        top = len(data)
+        if top > self.remoteWindowLeft:
+            self.buf = bytes(data[self.remoteWindowLeft :])
+            data = data[: self.remoteWindowLeft]
+            self.areWriting = 0
+            self.stopWriting()
+            top = self.remoteWindowLeft
+        rmp = self.remoteMaxPacket
+        view = memoryview(data)
+        if top <= rmp:
+            self._send_data(view[:top])
+        else:
+            # Several packets from one read: written with one system call.
+            ssh = self.conn.transport
+            batched = getattr(ssh, "beginBatch", _no_batch)()
+            try:
+                for offset in range(0, top, rmp):
+                    self._send_data(view[offset : offset + rmp])
+            finally:
+                if batched:
+                    ssh.endBatch()
+        self.remoteWindowLeft -= top
+        if self.closing and not self.buf:
+            self.loseConnection()  # try again
+
+    def _send_data(self, chunk: memoryview) -> None:
+        conn = self.conn
+        send_parts = getattr(conn.transport, "sendPacketParts", None)
+        if send_parts is None:
+            conn.sendData(self, chunk.tobytes())
+        elif not self.localClosed:  # as conn.sendData
+            head = _CHANNEL_DATA_HEAD.pack(conn.channelsToRemoteChannel[self], len(chunk))
+            send_parts(MSG_CHANNEL_DATA, head, chunk)
+
+
 @implementer(IPushProducer)
-class SpliceChannel(channel.SSHChannel):
+class SpliceChannel(PacketWriteMixin, channel.SSHChannel):
     """The SSH end of a pipe; `tcp` is the `TCPEnd` on the other side."""
 
     manages_window = True
@@ -162,47 +229,6 @@ class SpliceChannel(channel.SSHChannel):
     def tcp_data(self, data: bytes) -> None:
         self.bytes_out += len(data)
         self.write(data)
-
-    def write(self, data: bytes) -> None:
-        # Conch's SSHChannel.write (same window and buffer rules), except
-        # that each packet's data is a view of `data`, framed by the
-        # transport straight into its packet buffer: Conch slices it and its
-        # sendData and sendPacket join it to headers, 4 copies per packet.
-        if self.buf:
-            self.buf += data
-            return
-        top = len(data)
-        if top > self.remoteWindowLeft:
-            data, self.buf = data[: self.remoteWindowLeft], data[self.remoteWindowLeft :]
-            self.areWriting = 0
-            self.stopWriting()
-            top = self.remoteWindowLeft
-        rmp = self.remoteMaxPacket
-        view = memoryview(data)
-        if top <= rmp:
-            self._send_data(view[:top])
-        else:
-            # Several packets from one read: written with one system call.
-            ssh = self.conn.transport
-            batched = getattr(ssh, "beginBatch", _no_batch)()
-            try:
-                for offset in range(0, top, rmp):
-                    self._send_data(view[offset : offset + rmp])
-            finally:
-                if batched:
-                    ssh.endBatch()
-        self.remoteWindowLeft -= top
-        if self.closing and not self.buf:
-            self.loseConnection()  # try again
-
-    def _send_data(self, chunk: memoryview) -> None:
-        conn = self.conn
-        send_parts = getattr(conn.transport, "sendPacketParts", None)
-        if send_parts is None:
-            conn.sendData(self, chunk.tobytes())
-        elif not self.localClosed:  # as conn.sendData
-            head = _CHANNEL_DATA_HEAD.pack(conn.channelsToRemoteChannel[self], len(chunk))
-            send_parts(MSG_CHANNEL_DATA, head, chunk)
 
     def stopWriting(self) -> None:
         self.tcp.pause()
@@ -401,8 +427,13 @@ class RelayMixin:
         self._relay_run_after()
 
 
-class RelayChannel(RelayMixin, channel.SSHChannel):
-    """A channel relayed byte for byte to `relay_peer`, another RelayChannel."""
+class RelayChannel(RelayMixin, PacketWriteMixin, channel.SSHChannel):
+    """A channel relayed byte for byte to `relay_peer`, another RelayChannel.
+
+    Its data may come as views of the transport's packet buffer (`data_views`):
+    the peer's `write` seals them straight into its own packets."""
+
+    data_views = True
 
     on_close: Callable[[], None] | None = None
 
@@ -415,6 +446,7 @@ class RelayChannel(RelayMixin, channel.SSHChannel):
 
     def dataReceived(self, data: bytes) -> None:
         if self.relay_peer is not None and self.relay_peer.relay_open():
+            gather_output(self.relay_peer.conn.transport)
             self.relay_peer.write(data)
         self.relay_received(len(data))
 

@@ -35,6 +35,37 @@ _SEQUENCE_MASK = 0xFFFFFFFF
 _SEAL_OVERHEAD = 4 + 1 + 2 * 16 + 64
 _MESSAGE_TYPES = [bytes((n,)) for n in range(256)]
 
+class _InputRound:
+    """
+    The transports' C{dataReceived} calls under way (they nest) and what is
+    to run once the outermost returns.  One per process: the reactor runs
+    one read at a time.
+    """
+
+    _log = Logger()
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self._actions: list[Callable[[], object]] = []
+
+    def defer(self, action: Callable[[], object]) -> bool:
+        if not self.depth:
+            return False
+        self._actions.append(action)
+        return True
+
+    def run(self) -> None:
+        while self._actions:
+            actions, self._actions = self._actions, []
+            for action in actions:
+                try:
+                    action()
+                except Exception:
+                    self._log.failure("after-input action failed")
+
+
+_round = _InputRound()
+
 if TYPE_CHECKING:
     _Base = SSHTransportBase
 else:
@@ -54,7 +85,6 @@ class PacketIOMixin(_Base):
     _holdInput = False
     _inDataReceived = False
     _disconnectSent = False
-    _afterInput: list[Callable[[], object]] | None = None
     _meter: RekeyMeter
     _input: ReceiveBuffer
 
@@ -174,37 +204,27 @@ class PacketIOMixin(_Base):
 
     def callAfterInput(self, action: Callable[[], object]) -> bool:
         """
-        Run C{action} once the packets of the data being received are all
-        dispatched (so that a consumer can write what several packets
-        carried with one system call); False, and nothing is kept, when
-        nothing is being received.
+        Run C{action} once the data being received is all dispatched: the
+        outermost transport's, when transports nest (the hub's SSH client to
+        a device runs inside a device's tunnel), so that a consumer can write
+        what several packets carried with one system call.  False, and
+        nothing is kept, when nothing is being received.
         """
-        if not self._inDataReceived:
-            return False
-        if self._afterInput is None:
-            self._afterInput = []
-        self._afterInput.append(action)
-        return True
-
-    def _runAfterInput(self) -> None:
-        while self._afterInput:
-            actions, self._afterInput = self._afterInput, None
-            for action in actions:
-                try:
-                    action()
-                except Exception:
-                    self._ioLog.failure("after-input action failed")
+        return _round.defer(action)
 
     def dataReceived(self, data: bytes) -> None:
         if self._inDataReceived:  # reentered (a synchronous peer in tests)
             self._dataReceived(data)
             return
         self._inDataReceived = True
+        _round.depth += 1
         try:
             self._dataReceived(data)
         finally:
             self._inDataReceived = False
-            self._runAfterInput()
+            _round.depth -= 1
+            if not _round.depth:
+                _round.run()
 
     def _dataReceived(self, data: bytes) -> None:
         if not self.gotVersion:

@@ -879,3 +879,29 @@ def test_device_hanging_up_closes_its_pipes(hub: Hub, reactor: RecordingReactor,
     assert reactor.listening() == {}
     assert hub.sessions.online() == []
     assert not hub.registry.node("site-a").online
+
+
+class RecordingSSH:
+    """Just enough of a transport and connection for a channel's writes."""
+
+    def __init__(self) -> None:
+        self.packets: list[bytes] = []
+        self.transport = self
+        self.channelsToRemoteChannel: dict[Any, int] = {}
+
+    def sendPacketParts(self, kind: int, head: bytes, data: Any) -> None:
+        self.packets.append(bytes(data))
+
+
+def test_a_relayed_view_waiting_for_window_is_kept_as_a_copy() -> None:
+    from callhomehub.splice import RelayChannel
+
+    ssh = RecordingSSH()
+    chan = RelayChannel(b"session", remoteWindow=10, remoteMaxPacket=4)
+    chan.conn = ssh
+    ssh.channelsToRemoteChannel[chan] = 7
+    packet_buffer = bytearray(b"0123456789abcdef")
+    chan.write(memoryview(packet_buffer))  # a view of the transport's packet buffer
+    packet_buffer[:] = b"X" * 16  # reused for the next packet
+    assert ssh.packets == [b"0123", b"4567", b"89"]
+    assert chan.buf == b"abcdef"  # what waits for window was copied
