@@ -200,17 +200,20 @@ def raise_open_file_limit(getrlimit: Any = resource.getrlimit,
 class OpenFileLimit(service.Service):
     """At start-up: raise the open-file limit and say how many tunnels it
     allows (each holds two descriptors: the device's connection and its
-    forward's listening socket)."""
+    forward's listening socket; one with the port keeper, which holds the
+    listeners under its own limit)."""
 
-    def __init__(self, raise_limit: Any = raise_open_file_limit) -> None:
+    def __init__(self, raise_limit: Any = raise_open_file_limit,
+                 port_keeper: bool = False) -> None:
         self.raise_limit = raise_limit
+        self.per_tunnel = 1 if port_keeper else 2
 
     def startService(self) -> None:
         service.Service.startService(self)
         soft, _hard = self.raise_limit()
         if soft == resource.RLIM_INFINITY:
             return
-        tunnels = max(0, (soft - FD_RESERVE) // 2)
+        tunnels = max(0, (soft - FD_RESERVE) // self.per_tunnel)
         emit = log.warn if tunnels < 1000 else log.info
         emit("open-file limit {soft}: room for about {tunnels} device tunnels"
              "{advice}", soft=soft, tunnels=tunnels,
@@ -268,7 +271,7 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     level = getattr(options, "log_level", None) or parse_level("info")
     top = HubService(level, getattr(options, "parent", None))
     top.hub = hub  # type: ignore[attr-defined]
-    OpenFileLimit().setServiceParent(top)
+    OpenFileLimit(port_keeper=config.port_keeper).setServiceParent(top)
     if hub.sessions.listener is not None:
         PortKeeperService(hub.sessions.listener).setServiceParent(top)
     ListenerService("SSH", config.ssh, factory, reactor).setServiceParent(top)

@@ -76,3 +76,9 @@ def capture_events() -> Iterator[list[dict[str, Any]]]:
         yield events
     finally:
         globalLogPublisher.removeObserver(events.append)
+
+
+def test_with_the_port_keeper_a_tunnel_costs_the_hub_one_descriptor() -> None:
+    with capture_events() as events:
+        OpenFileLimit(lambda: (20000, 20000), port_keeper=True).startService()
+    assert formatEvent(events[0]) == "open-file limit 20000: room for about 19936 device tunnels"
