@@ -26,6 +26,24 @@ def test_filtered_observer_drops_debug() -> None:
     assert "hello operator" in out.getvalue() and "chatter" not in out.getvalue()
 
 
+def test_conch_channel_chatter_is_kept_out_unless_debugging() -> None:
+    from twisted.conch.ssh.channel import SSHChannel
+
+    def lines(level: LogLevel) -> str:
+        out = io.StringIO()
+        chan = SSHChannel()
+        log = Logger(observer=filtered_observer(out, level), source=chan)
+        log.info("opening channel {id}", id=0)
+        log.warn("channel {id} misbehaved", id=0)
+        Logger(observer=filtered_observer(out, level)).info("node {n} online", n="a")
+        return out.getvalue()
+
+    normal = lines(LogLevel.info)
+    assert "opening channel" not in normal
+    assert "channel 0 misbehaved" in normal and "node a online" in normal
+    assert "opening channel 0" in lines(LogLevel.debug)
+
+
 def test_destination_follows_twistd(tmp_path: Path) -> None:
     assert twistd_destination({"nodaemon": True, "logfile": None}) is sys.stdout
     assert twistd_destination({"logfile": "-"}) is sys.stdout
