@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -203,7 +203,9 @@ class Hub:
     name = "hub"
     user = "cms"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra: Sequence[str] = (), name: str = "hub") -> None:
+        self.name = name
+        self.extra = list(extra)
         self.data = workdir / "hub"
         self.data.mkdir()
         self.log = self.data / "hub.log"
@@ -215,7 +217,7 @@ class Hub:
         self.proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "--logfile", str(self.log), "callhomehub",
              "--data", str(self.data), "--ssh", "tcp:0:interface=127.0.0.1",
-             "--port-range", port_range()],
+             "--port-range", port_range(), *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.port = int(wait_for(self._listening, 30, "the hub to listen"))
         return self

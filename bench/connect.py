@@ -1,0 +1,161 @@
+"""Short connections through a per-device port: hub, hub --port-keeper, sshd.
+
+    .venv/bin/python bench/connect.py [--connections N] [--repeat R] [--json FILE]
+
+Each server gets the same `ssh -N -R 0:127.0.0.1:ECHO` device (one tunnel,
+chacha20-poly1305, OpenSSH's default); ECHO is a loopback server in this
+process that answers one byte and closes. A client here then makes N
+connections, one after another, through the port the server allocated:
+connect, send one byte, read the answer, close. That is the cost of a new
+forwarded connection (HTTP requests to a device's web UI, monitoring polls):
+accept, channel open round trip through the tunnel, first byte each way,
+teardown. With `--port-keeper` the hub's listener sits in a helper process
+that passes each accepted connection over a UNIX socket; the run shows what
+that hop costs. Servers alternate in blocks (order flipped every repeat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from common import (
+    Hub,
+    ThrowawaySSHD,
+    Tunnel,
+    machine_info,
+    make_key,
+    tree_cpu,
+    wait_quiet,
+)
+
+CIPHER = "chacha20-poly1305@openssh.com"
+
+
+class Echo:
+    """Answers each connection's first byte, then closes it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(256)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                data = conn.recv(1)
+                if data:
+                    conn.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def one(port: int) -> float:
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"x")
+        if s.recv(1) != b"x":
+            raise RuntimeError(f"no answer through port {port}")
+    return time.perf_counter() - start
+
+
+def block(port: int, n: int) -> list[float]:
+    return [one(port) for _ in range(n)]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--connections", type=int, default=500, help="per block (default 500)")
+    p.add_argument("--repeat", type=int, default=3, help="blocks per server (default 3)")
+    p.add_argument("--servers", default="hub,hub+keeper,sshd")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--quiet-wait", type=float, default=20.0, metavar="S")
+    args = p.parse_args(argv)
+    names = [n for n in args.servers.split(",") if n]
+    with tempfile.TemporaryDirectory(prefix="chh-connect-") as tmp, \
+            contextlib.ExitStack() as stack:
+        workdir = Path(tmp)
+        key = make_key(workdir / "device_key", "bench")
+        echo = Echo()
+        stack.callback(echo.close)
+        routes: dict[str, tuple[int, list[int]]] = {}
+        for name in names:
+            where = workdir / name.replace("+", "-")
+            where.mkdir()
+            server: Hub | ThrowawaySSHD
+            if name == "sshd":
+                server = ThrowawaySSHD(where, key).start()
+                pids = lambda s=server: [s.proc.pid] if s.proc else []  # noqa: E731
+            else:
+                extra = ["--port-keeper"] if name == "hub+keeper" else []
+                server = Hub(where, extra, name).start()
+                server.register(key, where)
+                pids = server.pids
+            stack.callback(server.close)
+            tunnel = Tunnel(where, server, key, echo.port, CIPHER, None).start()
+            stack.callback(tunnel.close)
+            one(tunnel.port)  # the first connection pays for warming up
+            routes[name] = (tunnel.port, pids)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        cpu: dict[str, float] = dict.fromkeys(names, 0.0)
+        for r in range(args.repeat):
+            for name in names if r % 2 == 0 else names[::-1]:
+                if args.quiet_wait > 0:
+                    wait_quiet(0.25, args.quiet_wait)
+                port, pids = routes[name]
+                # sshd forks a process per connection of the device, not per forwarded
+                # connection: its CPU is its listener and the device's session process.
+                procs = pids() if name != "sshd" else _sshd_tree(pids())
+                before = sum(tree_cpu(procs))
+                times[name] += block(port, args.connections)
+                cpu[name] += sum(tree_cpu(procs)) - before
+        rows = []
+        print(f"{'server':12} {'conns':>6} {'p50 us':>8} {'p99 us':>8} {'conn/s':>8} "
+              f"{'server CPU us/conn':>19}")
+        for name in names:
+            values = times[name]
+            row = {
+                "server": name, "connections": len(values),
+                "p50_us": round(statistics.median(values) * 1e6),
+                "p99_us": round(pct(values, 0.99) * 1e6),
+                "per_s": round(len(values) / sum(values)),
+                "server_cpu_us": round(cpu[name] / len(values) * 1e6),
+            }
+            rows.append(row)
+            print(f"{name:12} {row['connections']:>6} {row['p50_us']:>8} {row['p99_us']:>8} "
+                  f"{row['per_s']:>8} {row['server_cpu_us']:>19}")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(
+                {"machine": machine_info(), "cipher": CIPHER, "results": rows}, indent=2))
+    return 0
+
+
+def _sshd_tree(pids: list[int]) -> list[int]:
+    from common import descendants
+
+    return [p for pid in pids for p in (pid, *descendants(pid))]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
