@@ -5,13 +5,13 @@
 
 Runs each program as a subprocess with its own `--json` (so one can also be
 re-run alone), in this order: nsca, gateway, tunnels at several N (the curve
-for the plots), throughput. Sizes:
+for the plots), throughput, connect. Sizes:
 
-| size      | throughput            | nsca        | gateway          | tunnels N            |
-|-----------|-----------------------|-------------|------------------|----------------------|
-| --quick   | --quick               | --quick     | --quick          | 100                  |
-| (default) | 256 MiB x 1           | 4 x 5000 x5 | 2000 rt, 128 MiB | 300, 1000, 3000      |
-| --full    | 256 MiB x 3           | --full      | --full           | 1000, 3000, 10000 ¹  |
+| size      | throughput  | nsca        | gateway          | tunnels N           | connect |
+|-----------|-------------|-------------|------------------|---------------------|---------|
+| --quick   | --quick     | --quick     | --quick          | 100                 | 100 x 1 |
+| (default) | 256 MiB x 1 | 4 x 5000 x5 | 2000 rt, 128 MiB | 300, 1000, 3000     | 500 x 3 |
+| --full    | 256 MiB x 3 | --full      | --full           | 1000, 3000, 10000 ¹ | 500 x 5 |
 
 ¹ an N whose tunnels need more descriptors than the open-file limit allows one
 process (2 per tunnel) runs with `--port-keeper`, as 10,000 does here (limit 20,000).
@@ -38,7 +38,7 @@ from plots import render
 from runner import add_source_option, install_sigterm, use_hub_source, write_doc
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("nsca", "gateway", "tunnels", "throughput")
+BENCHES = ("nsca", "gateway", "tunnels", "throughput", "connect")
 TUNNEL_N = {"quick": "100", "default": "300,1000,3000", "full": "1000,3000,10000"}
 
 
@@ -72,6 +72,10 @@ def commands(args: argparse.Namespace, results: Path) -> list[tuple[str, list[st
     if "throughput" in args.only:
         extra = {"quick": ["--quick"], "full": ["--repeat", "3"], "default": []}[size]
         runs.append(("throughput", ["throughput.py", *extra]))
+    if "connect" in args.only:
+        extra = {"quick": ["--connections", "100", "--repeat", "1"], "full": ["--repeat", "5"],
+                 "default": []}[size]
+        runs.append(("connect", ["connect.py", *extra]))
     return [(name, [sys.executable, str(HERE / argv[0]), *argv[1:], "--json",
                     str(results / f"{name}.json")]) for name, argv in runs]
 
