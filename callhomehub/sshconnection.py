@@ -45,15 +45,13 @@ class WindowedChannelsMixin:
     sendClose: Any  # from SSHConnection
 
     def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
-        local, length = struct.unpack(">2L", packet[:8])
+        local, length = _DATA_HEAD.unpack_from(packet)
         channel = self.channels.get(local)
         if channel is None or not getattr(channel, "manages_window", False):
             super().ssh_CHANNEL_DATA(packet)  # type: ignore[misc]
             return
-        if self._over_window(channel, length):
-            return
-        channel.localWindowLeft -= length
-        channel.dataReceived(packet[8:8 + length])
+        if self._take_window(channel, length):
+            channel.dataReceived(packet[8:8 + length])
 
     def channelDataView(self, payload: memoryview) -> bool:
         """CHANNEL_DATA (`payload` from its message number on, valid only during
@@ -67,10 +65,8 @@ class WindowedChannelsMixin:
         if (channel is None or not getattr(channel, "data_views", False)
                 or len(payload) < 9 + length):
             return False
-        if self._over_window(channel, length):
-            return True
-        channel.localWindowLeft -= length
-        channel.dataReceived(payload[9:9 + length])
+        if self._take_window(channel, length):
+            channel.dataReceived(payload[9:9 + length])
         return True
 
     def ssh_CHANNEL_EXTENDED_DATA(self, packet: bytes) -> None:
@@ -79,18 +75,19 @@ class WindowedChannelsMixin:
         if channel is None or not getattr(channel, "manages_window", False):
             super().ssh_CHANNEL_EXTENDED_DATA(packet)  # type: ignore[misc]
             return
-        if self._over_window(channel, length):
-            return
-        channel.localWindowLeft -= length
-        channel.extReceived(type_code, packet[12:12 + length])
+        if self._take_window(channel, length):
+            channel.extReceived(type_code, packet[12:12 + length])
 
-    def _over_window(self, channel: Any, length: int) -> bool:
+    def _take_window(self, channel: Any, length: int) -> bool:
+        """Count `length` bytes against the channel's window; a peer that sends
+        beyond it (or a packet over the maximum) gets the channel closed: False."""
         if length > channel.localWindowLeft or length > channel.localMaxPacket:
             log.warn("{peer}: channel {id} sent {n} bytes beyond its window; closing it",
                      peer=getattr(self.transport, "peer", "?"), id=channel.id, n=length)
             self.sendClose(channel)
-            return True
-        return False
+            return False
+        channel.localWindowLeft -= length
+        return True
 
 
 class Keepalive:
