@@ -146,9 +146,7 @@ class PortKeeper:
         if self._restart is not None and self._restart.active():
             self._restart.cancel()
         self._drop_control()
-        for port in list(self._ports.values()):
-            port._closed()
-        self._ports.clear()
+        self._release_ports()
 
     def _drop_control(self) -> None:
         if self._control is not None:
@@ -163,6 +161,12 @@ class PortKeeper:
             if sock is not None:
                 sock.close()
 
+    def _release_ports(self) -> None:
+        """The keeper holding them is gone: every port is closed now."""
+        ports, self._ports = self._ports, {}
+        for port in ports.values():
+            port._closed()
+
     def _lost(self, why: str, watch: Any = None) -> None:
         if watch is not None and watch is not self._watch:
             return  # an earlier keeper's end, already handled
@@ -171,9 +175,7 @@ class PortKeeper:
         log.error("{why}: its ports are gone; dropping the tunnels and starting "
                   "a new one", why=why)
         self._drop_control()
-        ports, self._ports = self._ports, {}
-        for port in ports.values():
-            port._closed()
+        self._release_ports()
         if self._process is not None:
             with contextlib.suppress(ProcessExitedAlready):
                 self._process.signalProcess("KILL")
