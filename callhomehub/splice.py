@@ -15,7 +15,6 @@ becomes a TCP write shutdown; the pipe closes once both sides are done.
 
 from __future__ import annotations
 
-import contextlib
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +26,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .sshcrypto_tcpwrite import writeNow
+from .sshcrypto_tcpwrite import no_delay, writeNow
 
 log = Logger()
 
@@ -43,17 +42,6 @@ def _never(action: Callable[[], object]) -> bool:
 
 def _no_batch() -> bool:
     return False
-
-
-def no_delay(transport: Any) -> None:
-    """TCP_NODELAY on a relayed TCP connection. The hub writes what one read
-    brought in one send already; Nagle would only hold a connection's last
-    small segment (a reply, an EOF, a channel open) until the peer's delayed
-    ACK, 40 ms on Linux, for every short request through a tunnel."""
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        with contextlib.suppress(OSError):
-            set_no_delay(True)
 
 
 def gather_output(ssh: Any) -> None:

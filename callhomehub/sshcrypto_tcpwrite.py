@@ -24,6 +24,7 @@ them to L{writeNow} together: one C{send} instead of one per packet.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from typing import Any
 
@@ -68,6 +69,19 @@ def writeNow(transport: Any, data: Bytes) -> None:
 
 
 _NO_ROOM = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.EINTR)
+
+
+def no_delay(transport: Any) -> None:
+    """
+    TCP_NODELAY on C{transport} if it is TCP.  The hub writes what one read
+    brought with one send already; Nagle would only hold a connection's last
+    small segment (a reply, an EOF, a channel open, a window adjust) until
+    the peer's delayed ACK, 40 ms on Linux, for every short request.
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        with contextlib.suppress(OSError):
+            set_no_delay(True)
 
 
 class OutputBatch:

@@ -46,6 +46,7 @@ from callhomehub.sshcrypto_kex import (
     strictKexAllows,
 )
 from callhomehub.sshcrypto_packetio import PacketIOMixin
+from callhomehub.sshcrypto_tcpwrite import no_delay
 
 _SEQUENCE_MASK = 0xFFFFFFFF
 # Room to leave for a packet beyond its payload: length, padding length,
@@ -96,6 +97,7 @@ class ModernTransportMixin(PacketIOMixin):
     # Connection set-up
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)  # when it runs on TCP (not inside a channel)
         self._meter = RekeyMeter(limit=self.rekeyDataLimit)
         self._input = ReceiveBuffer()
         self.supportedPublicKeys = [

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from .auth import PasswordBackoff
 from .config import Limits
 from .keys import HubKeys
-from .splice import READ_SIZE, no_delay
+from .splice import READ_SIZE
 from .sshconnection import HubConnection
 from .sshcrypto import ModernTransportMixin
 
@@ -49,7 +49,6 @@ class HubServerTransport(ModernTransportMixin, transport.SSHServerTransport):
         # several packets goes out to TCP in one write (SpliceChannel).
         tcp: Any = self.transport
         tcp.bufferSize = READ_SIZE
-        no_delay(tcp)
         self.peer = peer_host(self)
         self.clock = self.factory.clock
         # Conch's own login timeout starts only when the client asks for
