@@ -46,8 +46,8 @@ def make_keys(path: Path, count: int) -> list[tuple[str, str]]:
 
 def register_all(database: Path, publics: list[tuple[str, str]]) -> float:
     """Write the devices into the hub's registry (hub stopped); seconds it took."""
-    from callhomehub.keys import parse_public_key
-    from callhomehub.registry import Registry
+    from hub.ssh.keys import parse_public_key
+    from hub.store.registry import Registry
 
     start = time.perf_counter()
     registry = Registry(str(database), time.time)

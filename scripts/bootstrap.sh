@@ -39,7 +39,7 @@ python_env() {  # python_env EXTRAS
         fi
         # twistd finds twisted/plugins/callhomehub.py through sys.path entries.
         "$VENV/bin/python" -c "import site, sys; open(site.getsitepackages()[0] + '/callhomehub-plugins.pth', 'w').write(sys.argv[1] + '\\n')" "$ROOT"
-        "$VENV/bin/python" -c "import callhomehub, twisted.conch, bcrypt"
+        "$VENV/bin/python" -c "import hub, twisted.conch, bcrypt"
         touch "$stamp"
     fi
 }

@@ -12,14 +12,14 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.test.iosim import FakeTransport, IOPump, connect
 
-from callhomehub.auth import hash_password
-from callhomehub.config import build_config
-from callhomehub.hub import Hub
-from callhomehub.keys import load_hub_keys
-from callhomehub.registry import Registry
-from callhomehub.service import build_ssh_factory
-from callhomehub.sshserver import HubSSHFactory
-from callhomehub.tunnels import LiveSessions
+from hub.access.auth import hash_password
+from hub.access.server import HubSSHFactory
+from hub.app.config import build_config
+from hub.app.context import Hub
+from hub.app.service import build_ssh_factory
+from hub.ssh.keys import load_hub_keys
+from hub.store.registry import Registry
+from hub.tunnel.live import LiveSessions
 
 
 def make_hub(tmp_path: Path, clock: MemoryReactorClock, **options: Any) -> Hub:

@@ -12,7 +12,7 @@ import pytest
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
-from callhomehub.commandfile import DROP_NOTE_INTERVAL, CommandFileWriter
+from hub.intake.commandfile import DROP_NOTE_INTERVAL, CommandFileWriter
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from callhomehub.config import build_config, parse_port_range
-from callhomehub.errors import ConfigError
+from hub.app.config import build_config, parse_port_range
+from hub.errors import ConfigError
 
 
 def test_defaults_follow_the_contract(tmp_path: Path) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from twisted.cred.error import UnauthorizedLogin
 
-from callhomehub.auth import OperatorLogin, may_reach, parse_login
-from callhomehub.chooser import PROMPT, Chooser, Entry, Quit, Select
+from hub.rules.chooser import PROMPT, Chooser, Entry, Quit, Select
+from hub.rules.logins import OperatorLogin, may_reach, parse_login
 
 
 @pytest.mark.parametrize(("name", "expected"), [

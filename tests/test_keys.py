@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from helpers import make_key
 
-from callhomehub.errors import BadKey
-from callhomehub.keys import HOST_KEY_FILES, MGMT_KEY_FILE, load_hub_keys, parse_public_key
+from hub.errors import BadKey
+from hub.ssh.keys import HOST_KEY_FILES, MGMT_KEY_FILE, load_hub_keys, parse_public_key
 
 
 def test_keys_created_once_with_mode_0600(tmp_path: Path) -> None:

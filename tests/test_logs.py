@@ -8,8 +8,8 @@ import pytest
 from twisted.application import service
 from twisted.logger import ILogObserver, Logger, LogLevel
 
-from callhomehub.errors import ConfigError
-from callhomehub.logs import HubService, filtered_observer, parse_level, twistd_destination
+from hub.app.logs import HubService, filtered_observer, parse_level, twistd_destination
+from hub.errors import ConfigError
 
 
 def test_parse_level() -> None:

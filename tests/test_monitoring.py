@@ -4,10 +4,10 @@ from pathlib import Path
 
 from twisted.internet.testing import MemoryReactorClock
 
-from callhomehub.config import NSCAConfig
-from callhomehub.monitoring import Monitoring, status
-from callhomehub.nsca import CheckResult
-from callhomehub.registry import Registry
+from hub.app.config import NSCAConfig
+from hub.intake.monitoring import Monitoring, status
+from hub.intake.nsca import CheckResult
+from hub.store.registry import Registry
 
 
 def test_results_of_one_turn_are_stored_together_with_bounded_history(tmp_path: Path) -> None:

@@ -13,8 +13,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from callhomehub.netconf import CallHomeFactory, NetconfSessions, default_name, identify
-from callhomehub.netconf_preamble import (
+from hub.netconf.callhome import CallHomeFactory, NetconfSessions, default_name, identify
+from hub.netconf.preamble import (
     MAX_PREAMBLE,
     Preamble,
     PreambleError,
@@ -22,7 +22,7 @@ from callhomehub.netconf_preamble import (
     authenticate,
     host_key_blob,
 )
-from callhomehub.registry import Registry
+from hub.store.registry import Registry
 
 SSH = b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"
 HOST_KEY = new_key().public().toString("openssh").decode()

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from callhomehub.nsca import (
+from hub.intake.nsca import (
     LEGACY_PACKET_SIZE,
     PACKET_SIZE,
     CheckResult,

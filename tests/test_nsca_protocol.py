@@ -16,13 +16,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
-from callhomehub.nsca import (
-    CheckResult,
-    NSCAServerFactory,
-    NSCAServerProtocol,
-    NSCASettings,
-    make_init_packet,
-)
+from hub.intake.nsca import CheckResult, make_init_packet
+from hub.intake.protocol import NSCAServerFactory, NSCAServerProtocol, NSCASettings
 
 GOOD = build_packet(b"web1", b"HTTP", 0, b"OK")
 RESULT = CheckResult("web1", "HTTP", 0, "OK", T0)

@@ -16,7 +16,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 
-from callhomehub.portkeeper import PortKeeper
+from hub.tunnel.keeper import PortKeeper
 
 
 class Echo(protocol.Protocol):
@@ -175,7 +175,7 @@ async def test_a_failing_connection_is_logged_and_the_keeper_kept(
 async def test_a_keeper_out_of_descriptors_reports_the_port_it_lost() -> None:
     limited = [sys.executable, "-c",
                "import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (20, 20));"
-               "from callhomehub.portkeeper_process import main; sys.exit(main())"]
+               "from hub.tunnel.keeper_process import main; sys.exit(main())"]
     lost_ports: list[int] = []
     kept = PortKeeper(reactor, argv=limited, on_port_lost=lost_ports.append)
     kept.start()

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from callhomehub.errors import NotFound, PortsExhausted
-from callhomehub.ports import choose_port, is_label, service_name
-from callhomehub.registry import Registry
+from hub.errors import NotFound, PortsExhausted
+from hub.rules.ports import choose_port, is_label, service_name
+from hub.store.registry import Registry
 
 LOW, HIGH = 50000, 50009
 

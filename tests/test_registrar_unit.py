@@ -6,9 +6,10 @@ import pytest
 from memory_hub import make_hub, new_key
 from twisted.internet.testing import MemoryReactorClock
 
-from callhomehub.errors import BadName
-from callhomehub.keys import parse_public_key
-from callhomehub.registrar import check_node_name, default_node_name, register
+from hub.access.registrar import register
+from hub.errors import BadName
+from hub.rules.names import check_node_name, default_node_name
+from hub.ssh.keys import parse_public_key
 
 
 def pub_line(comment: str = "") -> bytes:

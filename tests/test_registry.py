@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from callhomehub.errors import NameTaken, NotFound, RegistryError
-from callhomehub.registry import MIGRATIONS, Registry
+from hub.errors import NameTaken, NotFound, RegistryError
+from hub.store.registry import MIGRATIONS, Registry
 
 
 class Clock:
@@ -120,7 +120,7 @@ def test_failed_transaction_leaves_nothing(reg: Registry) -> None:
 def test_lowest_free_port_agrees_with_the_pure_rule(tmp_path: Path) -> None:
     import random
 
-    from callhomehub.ports import choose_port
+    from hub.rules.ports import choose_port
     reg = Registry(str(tmp_path / "lease.sqlite3"), now=Clock())
     rng = random.Random(7)
     for i in range(60):

@@ -10,12 +10,12 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.plugin import getPlugins
 
-from callhomehub.service import OpenFileLimit, Options, makeService, raise_open_file_limit
+from hub.app.service import OpenFileLimit, Options, makeService, raise_open_file_limit
 
 
 def test_twistd_finds_the_plugin() -> None:
     makers = {m.tapname: m for m in getPlugins(IServiceMaker)}
-    assert makers["callhomehub"].module == "callhomehub.service"
+    assert makers["callhomehub"].module == "hub.app.service"
     assert makers["callhomehub"].options is Options
 
 

@@ -19,14 +19,8 @@ from twisted.conch.ssh import keys
 from twisted.internet import defer, endpoints, protocol, task, utils
 from twisted.logger import LogEvent, globalLogPublisher
 
-from callhomehub.sshcrypto import AES128_GCM, AES256_GCM, CHACHA20_POLY1305, MACS
-from callhomehub.sshcrypto_testing import (
-    ClientPeer,
-    CommandChannel,
-    makeServerFactory,
-    newEd25519Key,
-    newRSAKey,
-)
+from hub.ssh.modern import AES128_GCM, AES256_GCM, CHACHA20_POLY1305, MACS
+from hub.ssh.testing import ClientPeer, CommandChannel, makeServerFactory, newEd25519Key, newRSAKey
 
 SSH = shutil.which("ssh")
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"

@@ -15,7 +15,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.test import iosim
 
-from callhomehub.sshcrypto import (
+from hub.ssh.ciphers import IMPLICIT_MAC, isAEAD
+from hub.ssh.modern import (
     AES128_GCM,
     AES256_GCM,
     CHACHA20_POLY1305,
@@ -23,9 +24,8 @@ from callhomehub.sshcrypto import (
     MACS,
     USERAUTH_SIGNATURE_ALGORITHMS,
 )
-from callhomehub.sshcrypto_ciphers import IMPLICIT_MAC, isAEAD
-from callhomehub.sshcrypto_packet import EncryptAndMAC
-from callhomehub.sshcrypto_testing import (
+from hub.ssh.packet import EncryptAndMAC
+from hub.ssh.testing import (
     ClientPeer,
     CommandSession,
     ModernClientTransport,

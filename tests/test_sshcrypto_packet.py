@@ -1,5 +1,5 @@
 """
-Known-answer and rule tests for callhomehub.sshcrypto_packet, _kex and
+Known-answer and rule tests for hub.ssh.packet, _kex and
 _userauth: plain values, no reactor.
 
 The ChaCha20-Poly1305 reference below is written from OpenSSH's
@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from twisted.conch.ssh.common import NS
 
-from callhomehub.sshcrypto_ciphers import (
+from hub.ssh.ciphers import (
     AES128_GCM,
     AES256_GCM,
     CHACHA20_POLY1305,
@@ -27,7 +27,7 @@ from callhomehub.sshcrypto_ciphers import (
     ModernSSHCiphers,
     cipherBlockLimit,
 )
-from callhomehub.sshcrypto_kex import (
+from hub.ssh.kex import (
     STRICT_KEX_CLIENT,
     KexInit,
     RekeyMeter,
@@ -35,7 +35,7 @@ from callhomehub.sshcrypto_kex import (
     negotiatedCiphers,
     strictKexAllows,
 )
-from callhomehub.sshcrypto_packet import (
+from hub.ssh.packet import (
     AESGCMProtection,
     ChaCha20Poly1305Protection,
     EncryptAndMAC,
@@ -44,8 +44,8 @@ from callhomehub.sshcrypto_packet import (
     PacketError,
     padLength,
 )
-from callhomehub.sshcrypto_testing import newEd25519Key, newRSAKey
-from callhomehub.sshcrypto_userauth import chooseSignatureAlgorithm
+from hub.ssh.testing import newEd25519Key, newRSAKey
+from hub.ssh.userauth import chooseSignatureAlgorithm
 
 _M = 0xFFFFFFFF
 

@@ -17,9 +17,9 @@ from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from callhomehub.sshcrypto_buffers import PaddingPool, ReceiveBuffer, ScratchBuffer
-from callhomehub.sshcrypto_ciphers import AES128_GCM, AES256_GCM, CHACHA20_POLY1305
-from callhomehub.sshcrypto_packet import (
+from hub.ssh.buffers import PaddingPool, ReceiveBuffer, ScratchBuffer
+from hub.ssh.ciphers import AES128_GCM, AES256_GCM, CHACHA20_POLY1305
+from hub.ssh.packet import (
     AESGCMProtection,
     ChaCha20Poly1305Protection,
     EncryptAndMAC,
@@ -28,7 +28,7 @@ from callhomehub.sshcrypto_packet import (
     PacketError,
     PacketProtection,
 )
-from callhomehub.sshcrypto_tcpwrite import OutputBatch, writeNow
+from hub.ssh.tcpwrite import OutputBatch, writeNow
 
 
 def _pair(kind: str) -> tuple[PacketProtection, PacketProtection]:

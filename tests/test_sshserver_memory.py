@@ -9,7 +9,7 @@ from memory_hub import connect_client, make_hub, new_key, start_factory
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 
-from callhomehub.hub import Hub
+from hub.app.context import Hub
 
 
 @pytest.fixture

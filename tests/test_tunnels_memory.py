@@ -31,10 +31,11 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.test.iosim import FakeTransport, IOPump, connect
 
-from callhomehub.hub import Hub
-from callhomehub.splice import MAX_PACKET, WINDOW, SpliceChannel, TCPEnd
-from callhomehub.sshserver import HubSSHFactory
-from callhomehub.tunnels import CLOSE_GRACE, ForwardListener
+from hub.access.server import HubSSHFactory
+from hub.app.context import Hub
+from hub.ssh.channels import MAX_PACKET, WINDOW
+from hub.tunnel.live import CLOSE_GRACE, ForwardListener
+from hub.tunnel.splice import SpliceChannel, TCPEnd
 
 PUBLIC = "198.51.100.1"
 LOOPBACK = "127.0.0.1"
@@ -894,7 +895,7 @@ class RecordingSSH:
 
 
 def test_a_relayed_view_waiting_for_window_is_kept_as_a_copy() -> None:
-    from callhomehub.splice import RelayChannel
+    from hub.tunnel.relay import RelayChannel
 
     ssh = RecordingSSH()
     chan = RelayChannel(b"session", remoteWindow=10, remoteMaxPacket=4)

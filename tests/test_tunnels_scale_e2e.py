@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from helpers import SSH, HubProcess, wait_for
 from tunnel_helpers import ALLOCATED, listening_ports, open_fds, rss_kib
 
-from callhomehub.keys import parse_public_key
-from callhomehub.registry import Registry
+from hub.ssh.keys import parse_public_key
+from hub.store.registry import Registry
 
 pytestmark = pytest.mark.e2e
 

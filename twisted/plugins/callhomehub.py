@@ -2,7 +2,7 @@ from twisted.application.service import ServiceMaker
 
 callhomehub = ServiceMaker(
     "callhomehub",
-    "callhomehub.service",
+    "hub.app.service",
     "SSH call-home hub for devices behind NAT",
     "callhomehub",
 )

@@ -1,0 +1,181 @@
+"""Who may log in: credential checkers, avatar identities and password back-off.
+
+The checkers only decide; they return small identity values (`DeviceLogin`)
+that the realm in `service` turns into avatars. bcrypt runs off the reactor
+thread through the injected `run_in_thread`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import bcrypt
+from attrs import define, field
+from twisted.conch.error import ValidPublicKey
+from twisted.conch.ssh import keys
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import ISSHPrivateKey, IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from hub.errors import NotFound
+from hub.rules.logins import DeviceLogin, OperatorLogin, parse_login
+from hub.ssh.algorithms import USERAUTH_SIGNATURE_ALGORITHMS
+from hub.store.registry import Registry
+
+CALLHOME_PASSWORD = "callhome_password"  # noqa: S105 (a settings key, not a secret)
+
+# Signature algorithms we verify for user keys (and announce in server-sig-algs).
+# ssh-rsa (SHA-1) and DSA are off: OpenSSH itself stopped accepting them in 8.8.
+USER_SIG_ALGS: tuple[bytes, ...] = USERAUTH_SIGNATURE_ALGORITHMS
+
+log = Logger()
+
+
+def hash_password(password: bytes, rounds: int = 12) -> str:
+    return bcrypt.hashpw(password, bcrypt.gensalt(rounds)).decode()
+
+
+def check_password(password: bytes, hashed: str) -> bool:
+    try:
+        return bcrypt.checkpw(password, hashed.encode())
+    except ValueError:
+        return False
+
+
+@implementer(ICredentialsChecker)
+class CallHomePasswordChecker:
+    """The registrar user with the Call Home Password, operators with their own
+    password (bcrypt, off the reactor)."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, registry: Registry, registrar_user: str,
+                 run_in_thread: Callable[..., defer.Deferred[Any]]) -> None:
+        self._registry = registry
+        self._user = registrar_user.encode()
+        self._run = run_in_thread
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
+        name = credentials.username.decode("utf-8", "replace")
+        if credentials.username != self._user:
+            return self._operator(name, credentials.password)
+        hashed = self._registry.setting(CALLHOME_PASSWORD)
+        if hashed is None:
+            return defer.fail(UnauthorizedLogin("no Call Home Password is set on this hub"))
+
+        def decide(ok: bool) -> DeviceLogin:
+            if not ok:
+                raise UnauthorizedLogin("wrong Call Home Password")
+            return DeviceLogin(None)
+
+        return self._run(check_password, credentials.password, hashed).addCallback(decide)
+
+    def _operator(self, name: str, password: bytes) -> defer.Deferred[Any]:
+        try:
+            login = parse_login(name)
+            user = self._registry.user(login.user)
+        except (UnauthorizedLogin, NotFound):
+            return defer.fail(UnauthorizedLogin(f"no operator {name!r}"))
+        if user.password_hash is None:
+            return defer.fail(UnauthorizedLogin(f"operator {user.name} has no password"))
+
+        def decide(ok: bool) -> OperatorLogin:
+            if not ok:
+                raise UnauthorizedLogin(f"wrong password for operator {user.name}")
+            return OperatorLogin(user.name, login.node, login.port)
+
+        return self._run(check_password, password, user.password_hash).addCallback(decide)
+
+
+@implementer(ICredentialsChecker)
+class DeviceKeyChecker:
+    """The registrar user with a registered, not revoked device key; operators
+    with one of their keys."""
+
+    credentialInterfaces = (ISSHPrivateKey,)
+
+    def __init__(self, registry: Registry, registrar_user: str) -> None:
+        self._registry = registry
+        self._user = registrar_user.encode()
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
+        return defer.maybeDeferred(self._check, credentials)
+
+    def _check(self, credentials: Any) -> DeviceLogin | OperatorLogin:
+        if credentials.algName not in USER_SIG_ALGS:
+            raise UnauthorizedLogin(f"signature algorithm {credentials.algName!r} not allowed")
+        if credentials.username != self._user:
+            login = parse_login(credentials.username.decode("utf-8", "replace"))
+            try:
+                user = self._registry.user(login.user)
+            except NotFound:
+                raise UnauthorizedLogin(f"no operator {login.user!r}") from None
+            if credentials.blob not in user.keys:
+                raise UnauthorizedLogin(f"key not registered for operator {user.name}")
+            verify_signature(credentials)
+            return OperatorLogin(user.name, login.node, login.port)
+        if credentials.algName not in USER_SIG_ALGS:
+            raise UnauthorizedLogin(f"signature algorithm {credentials.algName!r} not allowed")
+        node = self._registry.node_by_key(credentials.blob)
+        if node is None:
+            raise UnauthorizedLogin("key is not registered")
+        if node.state == "revoked":
+            log.warn("refused revoked key of node {node}", node=node.name)
+            raise UnauthorizedLogin(f"node {node.name} is revoked")
+        verify_signature(credentials)
+        return DeviceLogin(node.name)
+
+
+def verify_signature(credentials: Any) -> None:
+    """Raise ValidPublicKey for a key probe, UnauthorizedLogin for a bad signature."""
+    if credentials.signature is None:
+        raise ValidPublicKey()
+    try:
+        key = keys.Key.fromString(credentials.blob)
+        ok = key.verify(credentials.signature, credentials.sigData)
+    except (keys.BadKeyError, ValueError) as e:
+        raise UnauthorizedLogin(f"bad key or signature: {e}") from None
+    if not ok:
+        raise UnauthorizedLogin("signature does not verify")
+
+
+@define
+class PasswordBackoff:
+    """Exponential delay for password attempts from a source with recent failures.
+
+    Only password attempts wait: key logins are never delayed, so many devices
+    behind one CGNAT address are not punished for one of them (or an attacker)
+    guessing passwords.
+    """
+
+    clock: IReactorTime
+    base: float = 1.0
+    cap: float = 30.0
+    window: float = 600.0
+    max_sources: int = 10000
+    _failures: OrderedDict[str, tuple[int, float]] = field(factory=OrderedDict)
+
+    def delay(self, source: str) -> float:
+        entry = self._failures.get(source)
+        if entry is None:
+            return 0.0
+        count, last = entry
+        if self.clock.seconds() - last > self.window:
+            del self._failures[source]
+            return 0.0
+        return float(min(self.cap, self.base * 2 ** (count - 1)))
+
+    def failed(self, source: str) -> None:
+        now = self.clock.seconds()
+        count, last = self._failures.pop(source, (0, now))
+        if now - last > self.window:
+            count = 0
+        self._failures[source] = (count + 1, now)
+        while len(self._failures) > self.max_sources:
+            self._failures.popitem(last=False)

@@ -1,0 +1,195 @@
+"""The hub as an SSH client to its devices, through their tunnels (no TCP hop).
+
+The client runs in-process over a `forwarded-tcpip` channel to the node's
+`ssh` forward. It logs in as the node's device user with the hub's management
+key (ed25519), or once with a password at enrollment to install that key, and
+checks the device host key pinned at enrollment.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from twisted.conch.ssh import channel, common, connection, keys, transport, userauth
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from hub.errors import HubError
+from hub.ssh.connection import WindowedChannelsMixin
+from hub.ssh.keys import fingerprint
+from hub.ssh.modern import ModernTransportMixin, ModernUserAuthClientMixin
+from hub.tunnel.inprocess import ProtocolChannel
+
+log = Logger()
+
+LOGIN_TIMEOUT = 30.0
+
+
+class DeviceError(HubError):
+    """The device could not be reached or refused the hub; the message says why."""
+
+
+class HostKeyMismatch(DeviceError):
+    """The device presented a host key other than the one pinned at enrollment."""
+
+
+class DeviceConnection(WindowedChannelsMixin, connection.SSHConnection):
+    def __init__(self, ready: defer.Deferred[DeviceConnection]) -> None:
+        connection.SSHConnection.__init__(self)
+        self.ready = ready
+
+    def serviceStarted(self) -> None:
+        connection.SSHConnection.serviceStarted(self)
+        if not self.ready.called:
+            self.ready.callback(self)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+class DeviceUserAuth(ModernUserAuthClientMixin, userauth.SSHUserAuthClient):
+    def __init__(self, user: bytes, key: keys.Key, password: bytes | None,
+                 conn: DeviceConnection) -> None:
+        userauth.SSHUserAuthClient.__init__(self, user, conn)
+        self._key: keys.Key | None = key
+        self._private = key
+        self._password = password
+
+    def getPublicKey(self) -> Any:
+        key, self._key = self._key, None  # offer it once
+        return None if key is None else key.public()
+
+    def getPrivateKey(self) -> defer.Deferred[keys.Key]:
+        return defer.succeed(self._private)
+
+    def getPassword(self, prompt: Any = None) -> Any:
+        password, self._password = self._password, None
+        return None if password is None else defer.succeed(password)
+
+    def getGenericAnswers(self, name: Any, instruction: Any, questions: Any) -> Any:
+        # keyboard-interactive: answer a single password question at enrollment.
+        password, self._password = self._password, None
+        if password is None or len(questions) != 1:
+            return defer.fail(DeviceError("no answer for keyboard-interactive"))
+        return defer.succeed([password])
+
+
+class DeviceClientTransport(ModernTransportMixin, transport.SSHClientTransport):
+    def __init__(self, user: bytes, key: keys.Key, password: bytes | None,
+                 pinned: bytes | None, ready: defer.Deferred[DeviceConnection],
+                 clock: Any) -> None:
+        self.user = user
+        self.key = key
+        self.password = password
+        self.pinned = pinned
+        self.ready = ready
+        self.clock = clock
+        self.host_key: bytes | None = None
+        self.failure: DeviceError | None = None
+
+    def verifyHostKey(self, hostKey: bytes, fingerprint_: bytes) -> defer.Deferred[bool]:
+        self.host_key = hostKey
+        if self.pinned is not None and hostKey != self.pinned:
+            self.failure = HostKeyMismatch(
+                f"device host key changed: pinned {fingerprint(self.pinned)}, "
+                f"now {fingerprint(hostKey)}; re-enroll the node if this is expected")
+            return defer.fail(self.failure)
+        return defer.succeed(True)
+
+    def connection_service(self) -> DeviceConnection:
+        """The ssh-connection service to start once logged in (subclasses add to it)."""
+        return DeviceConnection(self.ready)
+
+    def connectionSecure(self) -> None:
+        self.requestService(DeviceUserAuth(self.user, self.key, self.password,
+                                           self.connection_service()))
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        if self.failure is None:
+            self.failure = DeviceError(description.decode("utf-8", "replace"))
+        transport.SSHClientTransport.receiveError(self, reasonCode, description)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        transport.SSHClientTransport.connectionLost(self, reason)
+        if not self.ready.called:
+            self.ready.errback(self.failure or DeviceError(
+                "the device closed the connection during login (management key not "
+                "authorized, or wrong password?)"))
+
+
+class ClientChannel(ProtocolChannel):
+    """Runs the device client protocol over a forwarded-tcpip channel."""
+
+    def __init__(self, protocol: DeviceClientTransport, **kw: Any) -> None:
+        ProtocolChannel.__init__(self, localWindow=2 * 1024 * 1024, localMaxPacket=32768, **kw)
+        self.name = b"forwarded-tcpip"
+        self.protocol = protocol
+
+    def openFailed(self, reason: Any) -> None:
+        self.protocol.failure = DeviceError(f"the device refused the tunnel channel: {reason}")
+        self.protocol.connectionLost(None)
+
+
+def connect(tunnel: Any, user: str, key: keys.Key, pinned: bytes | None,
+            password: bytes | None = None, clock: Any = None,
+            ) -> tuple[defer.Deferred[DeviceConnection], DeviceClientTransport]:
+    """Log in to the device behind `tunnel` over its `ssh` forward."""
+    ready: defer.Deferred[DeviceConnection] = defer.Deferred()
+    client = DeviceClientTransport(user.encode(), key, password, pinned, ready, clock)
+    forward = tunnel.service_forward("ssh")
+    if forward is None:
+        ready.errback(DeviceError(f"node {tunnel.node} does not forward its ssh service"))
+        return ready, client
+    tunnel.conn.openChannel(ClientChannel(client), tunnel.channel_data(forward))
+    if clock is not None:
+        timer = clock.callLater(LOGIN_TIMEOUT, lambda: None if ready.called else ready.errback(
+            DeviceError(f"the device did not complete the login within {LOGIN_TIMEOUT:g} s")))
+        ready.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+    return ready, client
+
+
+class CommandChannel(channel.SSHChannel):
+    """Runs one command on the device and collects its output and exit status."""
+
+    name = b"session"
+    conn: Any
+
+    def __init__(self, command: bytes, done: defer.Deferred[tuple[int, bytes, bytes]]) -> None:
+        channel.SSHChannel.__init__(self)
+        self.command = command
+        self.done = done
+        self.out = bytearray()
+        self.err = bytearray()
+        self.status = 255
+
+    def channelOpen(self, specificData: bytes) -> None:
+        self.conn.sendRequest(self, b"exec", common.NS(self.command), wantReply=1
+                              ).addErrback(lambda f: self.loseConnection())
+
+    def openFailed(self, reason: Any) -> None:
+        self.done.errback(DeviceError(f"the device refused a session: {reason}"))
+
+    def dataReceived(self, data: bytes) -> None:
+        self.out += data[:65536 - len(self.out)]
+
+    def extReceived(self, dataType: int, data: bytes) -> None:
+        self.err += data[:65536 - len(self.err)]
+
+    def request_exit_status(self, data: bytes) -> int:
+        (self.status,) = struct.unpack(">L", data[:4])
+        return 1
+
+    def eofReceived(self) -> None:
+        self.loseConnection()
+
+    def closed(self) -> None:
+        if not self.done.called:
+            self.done.callback((self.status, bytes(self.out), bytes(self.err)))
+
+
+def run_command(conn: DeviceConnection, command: bytes) -> defer.Deferred[tuple[int, bytes, bytes]]:
+    done: defer.Deferred[tuple[int, bytes, bytes]] = defer.Deferred()
+    conn.openChannel(CommandChannel(command, done))
+    return done

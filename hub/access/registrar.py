@@ -1,0 +1,219 @@
+"""The registrar user (`cms`): what a calling-home device may do, and nothing more.
+
+`register [NAME]` with a public key on stdin records the device; every other
+session request gets the Lighthouse refusal line. Channel types other than
+`session` and the in-tunnel NSCA intake are refused with a reason.
+"""
+
+from __future__ import annotations
+
+import shlex
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from attrs import frozen
+from twisted.conch.avatar import ConchUser
+from twisted.conch.ssh import channel, common, connection
+from twisted.logger import Logger
+
+from hub.app.context import Hub
+from hub.errors import BadKey, BadName, RegistryError
+from hub.rules.logins import DeviceLogin
+from hub.rules.names import check_node_name, default_node_name
+from hub.ssh.connection import ChannelRefused
+from hub.ssh.keys import parse_public_key
+from hub.tunnel.live import NodeTunnel
+
+log = Logger()
+
+MAX_KEY_UPLOAD = 16 * 1024
+NSCA_TARGETS = {(b"localhost", 5667), (b"127.0.0.1", 5667)}
+
+
+def no_shell_line(user: str) -> bytes:
+    return f"User '{user}' does not have shell access on this device\n".encode()
+
+
+@frozen
+class Outcome:
+    status: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+
+
+def register(hub: Hub, args: list[str], upload: bytes, actor: str) -> Outcome:
+    """Run `register [NAME]` on an uploaded key; the outcome a device sees."""
+    if len(args) > 1:
+        return Outcome(1, stderr=b"usage: register [NAME] < id_ed25519.pub\n")
+    try:
+        key = parse_public_key(upload)
+        name = check_node_name(args[0]) if args else default_node_name(key)
+        node, created = hub.registry.register(name, key.blob, key.fingerprint, actor)
+    except (BadKey, BadName, RegistryError) as e:
+        log.info("registration by {actor} refused: {why}", actor=actor, why=str(e))
+        return Outcome(1, stderr=f"register: {e}\n".encode())
+    if node.state == "revoked":
+        return Outcome(1, stderr=f"register: this key belongs to revoked node {node.name}\n"
+                       .encode())
+    note = b""
+    if created:
+        log.info("registered node {node} ({fp}) for {actor}", node=node.name,
+                 fp=node.fingerprint, actor=actor)
+    elif node.name.lower() != name.lower():
+        note = f"register: this key is already registered as node {node.name}\n".encode()
+    return Outcome(0, stdout=hub.keys.mgmt_public_line.encode(), stderr=note)
+
+
+class RegistrarSession(channel.SSHChannel):
+    """A session channel of the registrar user: `register` or a refusal."""
+
+    name = b"session"
+    conn: Any
+
+    def __init__(self, avatar: RegistrarAvatar, **kw: Any) -> None:
+        channel.SSHChannel.__init__(self, avatar=avatar, **kw)
+        self.registrar = avatar
+        self._upload: bytearray | None = None
+        self._args: list[str] = []
+        self._done = False
+
+    def requestReceived(self, requestType: bytes, data: bytes) -> int:
+        handler = {
+            b"pty-req": self.request_pty_req,
+            b"shell": self.request_shell,
+            b"exec": self.request_exec,
+            b"window-change": lambda data: 1,
+        }.get(requestType)
+        if handler is None:
+            # Subsystems, agent and X11 forwarding, env, signals: all refused.
+            log.info("{actor}: refused session request {req}", actor=self.registrar.actor,
+                     req=requestType.decode("ascii", "replace"))
+            return 0
+        return handler(data)
+
+    def request_pty_req(self, data: bytes) -> int:
+        # Accepted (nothing is allocated) so that `ssh -t cms@hub` shows the
+        # refusal line instead of OpenSSH's fatal "PTY allocation failed".
+        return 1
+
+    def request_shell(self, data: bytes) -> int:
+        self.registrar.hub.clock.callLater(0, self._refuse)
+        return 1
+
+    def request_exec(self, data: bytes) -> int:
+        command = common.getNS(data)[0].decode("utf-8", "replace")
+        try:
+            argv = shlex.split(command)
+        except ValueError:
+            argv = []
+        if argv[:1] == ["register"]:
+            self._args = argv[1:]
+            self._upload = bytearray()
+        else:
+            log.info("{actor}: refused command {cmd!r}", actor=self.registrar.actor, cmd=command)
+            self.registrar.hub.clock.callLater(0, self._refuse)
+        return 1
+
+    def _refuse(self) -> None:
+        self._finish(Outcome(1, stderr=no_shell_line(self.registrar.hub.config.registrar_user)))
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._upload is None:
+            return
+        self._upload += data
+        if len(self._upload) > MAX_KEY_UPLOAD:
+            self._upload = None
+            self._finish(Outcome(1, stderr=b"register: input too long for a public key\n"))
+
+    def eofReceived(self) -> None:
+        if self._upload is not None:
+            upload, self._upload = bytes(self._upload), None
+            self._finish(register(self.registrar.hub, self._args, upload, self.registrar.actor))
+
+    def _finish(self, outcome: Outcome) -> None:
+        if self._done or self.closing:
+            return
+        self._done = True
+        if outcome.stdout:
+            self.write(outcome.stdout)
+        if outcome.stderr:
+            self.writeExtended(connection.EXTENDED_DATA_STDERR, outcome.stderr)
+        self.conn.sendRequest(self, b"exit-status", struct.pack(">L", outcome.status))
+        self.conn.sendEOF(self)
+        self.loseConnection()
+
+    def closed(self) -> None:
+        self.loseConnection()
+
+
+class RegistrarAvatar(ConchUser):
+    """The registrar user, logged in by password (node None) or by a node's key."""
+
+    def __init__(self, hub: Hub, login: DeviceLogin, peer: Callable[[], str]) -> None:
+        ConchUser.__init__(self)
+        self.hub = hub
+        self.node = login.node
+        self._peer = peer
+        self.conn: Any = None
+        self.tunnel: NodeTunnel | None = None
+
+    @property
+    def actor(self) -> str:
+        who = self.node or self.hub.config.registrar_user
+        return f"{who}@{self._peer()}"
+
+    def connection_started(self, conn: Any) -> None:
+        if self.node is not None:
+            self.tunnel = self.hub.sessions.attach(self.node, conn, self._peer())
+
+    def logout(self) -> None:
+        if self.tunnel is not None:
+            self.hub.sessions.detach(self.tunnel)
+
+    def lookupChannel(self, channel_type: bytes, window: int, max_packet: int,
+                      data: bytes) -> Any:
+        if channel_type == b"session":
+            return RegistrarSession(self, remoteWindow=window, remoteMaxPacket=max_packet)
+        if channel_type == b"direct-tcpip":
+            host, rest = common.getNS(data)
+            port = struct.unpack(">L", rest[:4])[0]
+            if (host.lower(), port) in NSCA_TARGETS:
+                if self.node is None:
+                    raise ChannelRefused(connection.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                         "only a registered node's key may send results")
+                factory = self.hub.nsca_channel_factory
+                if factory is not None:
+                    return factory(self, window, max_packet)
+                raise ChannelRefused(connection.OPEN_CONNECT_FAILED,
+                                     "the NSCA intake is not running on this hub")
+            raise ChannelRefused(
+                connection.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                f"forwarding to {host.decode('utf-8', 'replace')}:{port} is not allowed; "
+                "only the NSCA intake (localhost:5667)",
+            )
+        raise ChannelRefused(
+            connection.OPEN_ADMINISTRATIVELY_PROHIBITED,
+            f"channel type {channel_type.decode('ascii', 'replace')} is not allowed "
+            f"for {self.hub.config.registrar_user}",
+        )
+
+    def gotGlobalRequest(self, request_type: bytes, data: bytes) -> Any:
+        if request_type in (b"tcpip-forward", b"cancel-tcpip-forward"):
+            if self.tunnel is None:
+                log.info("{actor}: refused {req}: only a registered node's key may forward",
+                         actor=self.actor, req=request_type.decode())
+                return 0
+            try:
+                bind, rest = common.getNS(data)
+                (port,) = struct.unpack(">L", rest[:4])
+            except (struct.error, ValueError):
+                log.info("{actor}: malformed {req}", actor=self.actor, req=request_type.decode())
+                return 0
+            if request_type == b"tcpip-forward":
+                return self.tunnel.request_forward(bind, port)
+            return self.tunnel.cancel_forward(bind, port)
+        if request_type != b"keepalive@openssh.com":  # answered "failure", as sshd does
+            log.info("{actor}: refused global request {req}", actor=self.actor,
+                     req=request_type.decode("ascii", "replace"))
+        return 0

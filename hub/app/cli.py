@@ -1,0 +1,305 @@
+"""The admin CLI, `callhomehub [--data DIR] COMMAND`.
+
+Works on the registry file directly; a running hub notices the change within
+two seconds. Every listing also prints as JSON with `--json`. Errors are one
+line on stderr and exit status 1 (2 for usage errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import pwd
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from hub.access.auth import CALLHOME_PASSWORD, hash_password
+from hub.app.control import ask
+from hub.errors import HubError
+from hub.intake.monitoring import status
+from hub.rules.names import NAME_RE
+from hub.ssh.keys import load_hub_keys, parse_public_key
+from hub.store.registry import NETCONF, Node, Registry
+
+
+def _actor() -> str:
+    try:
+        return f"cli:{pwd.getpwuid(os.getuid()).pw_name}"
+    except KeyError:
+        return f"cli:uid{os.getuid()}"
+
+
+def _when(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _node_json(node: Node) -> dict[str, Any]:
+    return {
+        "name": node.name,
+        "kind": node.kind,
+        "state": node.state,
+        "online": node.online,
+        "fingerprint": node.fingerprint,
+        "forwards": node.forwards,
+        "public": node.public,
+        "last_seen": node.last_seen,
+        "online_since": node.online_since,
+        "peer": node.peer,
+        "device_user": node.device_user,
+    }
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _read_stdin_secret(what: str) -> bytes:
+    if sys.stdin.isatty():
+        return getpass.getpass(f"{what}: ").encode()
+    value = sys.stdin.buffer.read().rstrip(b"\r\n")
+    return value
+
+
+def cmd_callhome_password(reg: Registry, args: argparse.Namespace) -> int:
+    password = _read_stdin_secret("Call Home Password")
+    if not password:
+        raise HubError("callhome-password: empty password on stdin")
+    reg.set_setting(CALLHOME_PASSWORD, hash_password(password), _actor())
+    print("Call Home Password set")
+    return 0
+
+
+def cmd_nodes(reg: Registry, args: argparse.Namespace) -> int:
+    nodes = reg.nodes()
+    if args.json:
+        print(json.dumps([_node_json(n) for n in nodes], indent=2))
+        return 0
+    rows = [["#", "NAME", "KIND", "STATE", "ONLINE", "FINGERPRINT", "FORWARDS", "PUBLIC",
+             "LAST SEEN", "PEER"]]
+    for i, n in enumerate(nodes, 1):
+        forwards = ",".join(f"{s}={p}" for s, p in n.forwards.items()) or "-"
+        rows.append([str(i), n.name, n.kind, n.state, "online" if n.online else "offline",
+                     n.fingerprint, forwards, "on" if n.public else "off", _when(n.last_seen),
+                     n.peer or "-"])
+    _print_table(rows)
+    return 0
+
+
+def cmd_state(state: str) -> Any:
+    def run(reg: Registry, args: argparse.Namespace) -> int:
+        if getattr(args, "user", None):
+            reg.set_device_access(args.node, _actor(), device_user=args.user)
+        node = reg.set_state(args.node, state, _actor())
+        print(f"node {node.name}: {state}")
+        if state == "approved" and node.kind == NETCONF:
+            # The host key was recorded (after the device proved it) when it called
+            # home; approving pins it. The hub logs in on the device's next call home.
+            fp = node.fingerprint
+            print(f"host key {fp} pinned; the hub logs in as {node.device_user} with its "
+                  "management key when the device calls home next")
+        elif state == "approved":
+            answer = ask(args.data, {"op": "verify", "node": node.name, "actor": _actor()})
+            if answer is None:
+                print("the hub is not running: the device login is verified on its next "
+                      "`callhomehub approve` or `enroll`")
+            elif answer["ok"]:
+                print(answer["message"])
+            else:
+                print(f"warning: {answer['message']}; if the device has not authorized the "
+                      f"hub's management key, run: callhomehub enroll {node.name}",
+                      file=sys.stderr)
+        return 0
+    return run
+
+
+def cmd_enroll(reg: Registry, args: argparse.Namespace) -> int:
+    node = reg.node(args.node)
+    if node.kind == NETCONF:
+        raise HubError(f"enroll {node.name}: not supported for NETCONF nodes; authorize the "
+                       "management key (callhomehub mgmt-key) on the device and run "
+                       f"callhomehub approve {node.name} [--user USER]")
+    password = _read_stdin_secret(f"password of {args.user} on {node.name}")
+    if not password:
+        raise HubError("enroll: empty device password on stdin")
+    answer = ask(args.data, {"op": "enroll", "node": node.name, "user": args.user,
+                             "password": password.decode("utf-8", "replace"),
+                             "actor": _actor()})
+    if answer is None:
+        raise HubError("enroll: the hub is not running (it logs in through the node's tunnel)")
+    if not answer["ok"]:
+        raise HubError(f"enroll {node.name}: {answer['message']}")
+    print(f"node {node.name}: {answer['message']}")
+    return 0
+
+
+def cmd_console(reg: Registry, args: argparse.Namespace) -> int:
+    node = reg.set_device_access(args.node, _actor(), console=args.template,
+                                 clear_console=args.template is None)
+    print(f"node {node.name}: console " + (f"template {node.console!r}" if node.console
+                                           else f"ports as {node.device_user}:PORT logins"))
+    return 0
+
+
+def cmd_remove(reg: Registry, args: argparse.Namespace) -> int:
+    reg.remove(args.node, _actor())
+    print(f"node {args.node} removed")
+    return 0
+
+
+def cmd_access(reg: Registry, args: argparse.Namespace) -> int:
+    node = reg.set_public(args.node, args.mode == "on", _actor())
+    print(f"node {node.name}: public access {args.mode}")
+    return 0
+
+
+def cmd_mgmt_key(reg: Registry, args: argparse.Namespace) -> int:
+    print(load_hub_keys(os.path.join(args.data, "keys")).mgmt_public_line, end="")
+    return 0
+
+
+def cmd_user_add(reg: Registry, args: argparse.Namespace) -> int:
+    if not NAME_RE.match(args.name) or args.name == "cms":
+        raise HubError(f"user add: invalid user name {args.name!r}")
+    keys = []
+    for path in args.key or []:
+        try:
+            with open(path, "rb") as f:
+                key = parse_public_key(f.read())
+        except OSError as e:
+            raise HubError(f"user add: --key {path}: {e.strerror}") from None
+        keys.append((key.blob, key.fingerprint))
+    password_hash = None
+    if args.password_stdin:
+        password = _read_stdin_secret("password")
+        if not password:
+            raise HubError("user add: empty password on stdin")
+        password_hash = hash_password(password)
+    if not keys and password_hash is None:
+        raise HubError("user add: give --key FILE and/or --password-stdin")
+    user = reg.add_user(args.name, password_hash, keys, args.allow or [], _actor())
+    print(f"user {user.name} added ({len(user.keys)} key(s), "
+          f"password {'set' if password_hash else 'none'}, allow {' '.join(user.allow) or '-'})")
+    return 0
+
+
+def cmd_user_del(reg: Registry, args: argparse.Namespace) -> int:
+    reg.del_user(args.name, _actor())
+    print(f"user {args.name} deleted")
+    return 0
+
+
+def cmd_users(reg: Registry, args: argparse.Namespace) -> int:
+    users = reg.users()
+    if args.json:
+        print(json.dumps([{"name": u.name, "password": u.password_hash is not None,
+                           "keys": list(u.fingerprints), "allow": list(u.allow)}
+                          for u in users], indent=2))
+        return 0
+    rows = [["NAME", "PASSWORD", "KEYS", "ALLOW"]]
+    for u in users:
+        rows.append([u.name, "yes" if u.password_hash else "no",
+                     ",".join(u.fingerprints) or "-", " ".join(u.allow) or "-"])
+    _print_table(rows)
+    return 0
+
+
+def cmd_audit(reg: Registry, args: argparse.Namespace) -> int:
+    entries = reg.audit_log(args.limit)
+    if args.json:
+        print(json.dumps([{"time": e.time, "actor": e.actor, "action": e.action,
+                           "target": e.target, "detail": e.detail} for e in entries], indent=2))
+        return 0
+    rows = [["TIME", "ACTOR", "ACTION", "TARGET", "DETAIL"]]
+    rows += [[_when(e.time), e.actor, e.action, e.target, e.detail] for e in entries]
+    _print_table(rows)
+    return 0
+
+
+def cmd_status(reg: Registry, args: argparse.Namespace) -> int:
+    results = status(reg, args.node)
+    if args.json:
+        print(json.dumps([{"node": r.node, "host": r.host, "service": r.service,
+                           "code": r.code, "output": r.output, "time": r.time}
+                          for r in results], indent=2))
+        return 0
+    states = {0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN"}
+    rows = [["NODE", "HOST", "SERVICE", "STATE", "TIME", "OUTPUT"]]
+    rows += [[r.node or "-", r.host, r.service or "(host)", states.get(r.code, str(r.code)),
+              _when(r.time), r.output.splitlines()[0] if r.output else ""] for r in results]
+    _print_table(rows)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="callhomehub", description="callhomehub admin CLI")
+    p.add_argument("--data", default=".", help="state directory of the hub (default .)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Any, help: str, listing: bool = False) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help)
+        sp.set_defaults(func=func)
+        if listing:
+            sp.add_argument("--json", action="store_true", help="print JSON")
+        return sp
+
+    add("callhome-password", cmd_callhome_password, "set the Call Home Password (stdin)")
+    add("nodes", cmd_nodes, "list nodes", listing=True)
+    for name, state in (("approve", "approved"), ("revoke", "revoked")):
+        add(name, cmd_state(state), f"{name} a node").add_argument("node")
+    approve = sub.choices["approve"]
+    approve.add_argument("--user", help="device user the hub logs in as (default: unchanged, "
+                         "root for a new node)")
+    add("remove", cmd_remove, "remove a node").add_argument("node")
+    sp = add("enroll", cmd_enroll, "install the management key on a node (password on stdin)")
+    sp.add_argument("node")
+    sp.add_argument("--user", default="root", help="device user (default root)")
+    sp = add("console-template", cmd_console,
+             "command run on the device for NODE:PORT logins ({port} is replaced)")
+    sp.add_argument("node")
+    sp.add_argument("template", nargs="?", help="omit to use DEVICEUSER:PORT logins")
+    sp = add("access", cmd_access, "public access to a node's ports on or off")
+    sp.add_argument("node")
+    sp.add_argument("mode", choices=["on", "off"])
+    add("mgmt-key", cmd_mgmt_key, "print the hub's management public key")
+    sp = add("user", lambda reg, args: 2, "manage operators")
+    usub = sp.add_subparsers(dest="user_command", required=True)
+    ua = usub.add_parser("add", help="add an operator")
+    ua.set_defaults(func=cmd_user_add)
+    ua.add_argument("name")
+    ua.add_argument("--key", action="append", metavar="FILE", help="public key file")
+    ua.add_argument("--password-stdin", action="store_true", help="read a password from stdin")
+    ua.add_argument("--allow", nargs="+", action="extend", metavar="GLOB",
+                    help="node name patterns the user may reach")
+    ud = usub.add_parser("del", help="delete an operator")
+    ud.set_defaults(func=cmd_user_del)
+    ud.add_argument("name")
+    add("users", cmd_users, "list operators", listing=True)
+    add("status", cmd_status, "monitoring: latest result per host/service",
+        listing=True).add_argument("node", nargs="?")
+    add("audit", cmd_audit, "show the audit log", listing=True).add_argument(
+        "--limit", type=int, default=1000)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        os.makedirs(args.data, exist_ok=True)
+        registry = Registry(os.path.join(args.data, "hub.sqlite3"), now=time.time)
+        try:
+            return int(args.func(registry, args))
+        finally:
+            registry.close()
+    except (HubError, OSError) as e:
+        print(f"callhomehub: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

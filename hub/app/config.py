@@ -1,0 +1,194 @@
+"""The hub's configuration: one frozen value, validated once at start-up.
+
+Command-line options (parsed at the edge, in `service.Options`) and the TOML
+config file are merged here; every error names the option or key at fault.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+from attrs import field, frozen
+
+from hub.errors import ConfigError
+from hub.intake.nsca import check_method
+from hub.rules.names import NAME_RE
+
+
+@frozen
+class NSCAConfig:
+    password: str = ""
+    encryption: int = 1
+    max_age: int = 30
+    strict_host: bool = False
+    history: int = 100
+
+
+@frozen
+class Limits:
+    """Bounds that keep a hostile or broken peer from taking the hub down."""
+
+    login_timeout: int = 120
+    max_auth_tries: int = 6
+    max_unauthenticated: int = 256
+    # Failed-password back-off per source address (keys are never delayed,
+    # so devices sharing one CGNAT address keep working).
+    password_backoff_base: float = 1.0
+    password_backoff_max: float = 30.0
+
+
+@frozen
+class HubConfig:
+    data: str = "."
+    ssh: str = "tcp:22"
+    port_low: int = 49152
+    port_high: int = 65535
+    public_interface: str = "0.0.0.0"
+    keepalive: float = 15.0
+    keepalive_count: int = 3
+    nsca_endpoint: str | None = None
+    command_file: str | None = None
+    netconf_endpoint: str | None = None
+    registrar_user: str = "cms"
+    nsca: NSCAConfig = field(factory=NSCAConfig)
+    limits: Limits = field(factory=Limits)
+    netconf_secrets: Mapping[str, str] = field(factory=dict)
+    # Forward listeners held by a helper process (hub.tunnel.keeper).
+    port_keeper: bool = False
+
+    @property
+    def db_path(self) -> str:
+        return os.path.join(self.data, "hub.sqlite3")
+
+    @property
+    def keys_dir(self) -> str:
+        return os.path.join(self.data, "keys")
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """Parse `LOW-HIGH`; raise ConfigError naming --port-range when it is wrong."""
+    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
+    if not m:
+        raise ConfigError(f"--port-range: expected LOW-HIGH, got {text!r}")
+    low, high = int(m.group(1)), int(m.group(2))
+    if not (1 <= low <= high <= 65535):
+        raise ConfigError(f"--port-range: {low}-{high} is not within 1-65535 with LOW <= HIGH")
+    return low, high
+
+
+_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "registrar": {"user": str},
+    "nsca": {
+        "password": str,
+        "encryption": int,
+        "max_age": int,
+        "strict_host": bool,
+        "history": int,
+    },
+    "limits": {
+        "login_timeout": int,
+        "max_auth_tries": int,
+        "max_unauthenticated": int,
+        "password_backoff_base": (int, float),
+        "password_backoff_max": (int, float),
+    },
+    "netconf": {"secrets": dict},
+}
+
+
+def _check_types(doc: Mapping[str, Any], where: str) -> None:
+    for section, value in doc.items():
+        if section not in _SCHEMA:
+            raise ConfigError(f"{where}: unknown section [{section}]")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: [{section}] must be a table")
+        for key, item in value.items():
+            expected = _SCHEMA[section].get(key)
+            if expected is None:
+                raise ConfigError(f"{where}: unknown key {key!r} in [{section}]")
+            # bool is an int in Python; refuse it where a number is meant.
+            if isinstance(item, bool) and expected is not bool:
+                raise ConfigError(f"{where}: [{section}] {key} must be a number, not {item!r}")
+            if not isinstance(item, expected):
+                raise ConfigError(f"{where}: [{section}] {key} has the wrong type: {item!r}")
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read and type-check a TOML config file; ConfigError with the reason."""
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: not valid TOML: {e}") from None
+    _check_types(doc, f"config file {path}")
+    return doc
+
+
+def build_config(options: Mapping[str, Any]) -> HubConfig:
+    """Merge command-line options with the config file and validate the whole."""
+    data = options.get("data") or "."
+    config_path = options.get("config")
+    if config_path is None:
+        default = os.path.join(data, "callhomehub.toml")
+        config_path = default if os.path.exists(default) else None
+    doc = load_config_file(config_path) if config_path else {}
+
+    low, high = parse_port_range(options.get("port-range") or "49152-65535")
+    keepalive = _number(options.get("keepalive", 15), "--keepalive", minimum=0)
+    count = int(_number(options.get("keepalive-count", 3), "--keepalive-count", minimum=1))
+
+    registrar = doc.get("registrar", {}).get("user", "cms")
+    if not NAME_RE.match(registrar):
+        raise ConfigError(f"[registrar] user: {registrar!r} is not a valid user name")
+
+    nsca = NSCAConfig(**doc.get("nsca", {}))
+    try:
+        check_method(nsca.encryption)
+    except ValueError as e:
+        raise ConfigError(f"[nsca] encryption: {e}") from None
+    if nsca.max_age < 0 or nsca.history < 1:
+        raise ConfigError("[nsca] max_age must be >= 0 and history >= 1")
+
+    limits = Limits(**doc.get("limits", {}))
+    if limits.login_timeout < 1 or limits.max_auth_tries < 1 or limits.max_unauthenticated < 1:
+        raise ConfigError(
+            "[limits] login_timeout, max_auth_tries and max_unauthenticated must be >= 1")
+
+    secrets = doc.get("netconf", {}).get("secrets", {})
+    for device, secret in secrets.items():
+        if not isinstance(secret, str):
+            raise ConfigError(f"[netconf.secrets] {device}: the secret must be a string")
+
+    return HubConfig(
+        data=data,
+        ssh=options.get("ssh") or "tcp:22",
+        port_low=low,
+        port_high=high,
+        public_interface=options.get("public-interface") or "0.0.0.0",
+        keepalive=keepalive,
+        keepalive_count=count,
+        nsca_endpoint=options.get("nsca"),
+        command_file=options.get("command-file"),
+        netconf_endpoint=options.get("netconf"),
+        registrar_user=registrar,
+        nsca=nsca,
+        limits=limits,
+        netconf_secrets=dict(secrets),
+        port_keeper=bool(options.get("port-keeper")),
+    )
+
+
+def _number(value: Any, name: str, minimum: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{name}: must be >= {minimum:g}, got {value!r}")
+    return number

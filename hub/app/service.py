@@ -1,0 +1,296 @@
+"""`twistd callhomehub`: command-line options and the service tree.
+
+Everything that touches the real reactor is wired here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from typing import Any
+
+from twisted.application import internet, service, strports
+from twisted.conch.interfaces import IConchUser
+from twisted.cred import portal
+from twisted.internet import error as ierror
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python import usage
+from zope.interface import implementer
+
+from hub.access.auth import CallHomePasswordChecker, DeviceKeyChecker
+from hub.access.gateway import OperatorAvatar
+from hub.access.registrar import RegistrarAvatar
+from hub.access.server import HubSSHFactory
+from hub.app.config import HubConfig, build_config
+from hub.app.context import Hub
+from hub.app.control import ControlFactory, control_endpoint
+from hub.app.logs import HubService, parse_level
+from hub.errors import HubError
+from hub.intake.commandfile import CommandFileWriter
+from hub.intake.monitoring import Monitoring
+from hub.netconf.callhome import CallHomeFactory, NetconfSessions
+from hub.rules.logins import DeviceLogin, OperatorLogin
+from hub.ssh.keys import load_hub_keys
+from hub.store.registry import Registry
+from hub.tunnel.keeper import PortKeeper
+from hub.tunnel.live import LiveSessions
+
+log = Logger()
+
+REGISTRY_POLL = 1.0
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = "Run the callhomehub SSH hub. See docs/operator-guide.md."
+    optFlags = [
+        ["port-keeper", None, "hold forward listeners in a helper process (for an "
+         "open-file limit that caps the hub below 2 descriptors per tunnel)"],
+    ]
+    optParameters = [
+        ["data", None, ".", "state directory (hub.sqlite3, keys/)"],
+        ["ssh", None, "tcp:22", "SSH listener endpoint"],
+        ["port-range", None, "49152-65535", "per-device port range LOW-HIGH"],
+        ["public-interface", None, "0.0.0.0", "address public device ports bind to"],
+        ["keepalive", None, "15", "seconds between server keepalives (0 disables)"],
+        ["keepalive-count", None, "3", "unanswered keepalives before a tunnel is dropped"],
+        ["nsca", None, None, "optional plain-TCP NSCA listener endpoint"],
+        ["command-file", None, None, "Nagios/Icinga external command file"],
+        ["netconf", None, None, "RFC 8071 NETCONF call-home listener endpoint"],
+        ["config", None, None, "config file (default DATA/callhomehub.toml if present)"],
+        ["log-level", None, "info", "lowest level logged: debug, info, warn, error, critical"],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self.log_level = parse_level(self["log-level"])
+            self.hub_config = build_config(self)
+            prepare_data_dir(self.hub_config)
+        except HubError as e:
+            # One line, no usage dump: the option is fine, its value is not.
+            raise SystemExit(f"callhomehub: {e}") from None
+
+
+def prepare_data_dir(config: HubConfig) -> None:
+    """Create the data directory if needed; a clear error if it is unusable."""
+    try:
+        os.makedirs(config.data, exist_ok=True)
+    except OSError as e:
+        raise HubError(f"--data {config.data}: cannot create: {e.strerror}") from None
+    if not os.access(config.data, os.R_OK | os.W_OK | os.X_OK):
+        raise HubError(f"--data {config.data}: not readable and writable by this user")
+
+
+@implementer(portal.IRealm)
+class HubRealm:
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.peer = "?"
+
+    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:
+        if IConchUser not in interfaces:
+            raise NotImplementedError("no such avatar")
+        avatar: RegistrarAvatar | OperatorAvatar
+        # The peer is read lazily: the avatar outlives this call.
+        if isinstance(avatar_id, DeviceLogin):
+            avatar = RegistrarAvatar(self.hub, avatar_id, lambda: self._peer_of(avatar))
+        elif isinstance(avatar_id, OperatorLogin):
+            avatar = OperatorAvatar(self.hub, avatar_id, lambda: self._peer_of(avatar))
+        else:
+            raise NotImplementedError("no such avatar")
+        return IConchUser, avatar, avatar.logout
+
+    @staticmethod
+    def _peer_of(avatar: Any) -> str:
+        conn = avatar.conn
+        return getattr(getattr(conn, "transport", None), "peer", "?")
+
+
+class ListenerService(service.Service):
+    """Binds the SSH endpoint; a taken port stops start-up with one clear line."""
+
+    def __init__(self, description: str, endpoint: str, factory: Any, reactor: Any) -> None:
+        self.description = description
+        self.endpoint = endpoint
+        self.factory = factory
+        self.reactor = reactor
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        service.Service.privilegedStartService(self)
+        ep = strports.service(self.endpoint, self.factory, reactor=self.reactor)
+        ep._raiseSynchronously = True
+        try:
+            ep.privilegedStartService()
+        except (ierror.CannotListenError, OSError, ValueError) as e:
+            raise SystemExit(f"callhomehub: cannot listen on {self.endpoint} "
+                             f"({self.description}): {e}") from None
+        self._ep: Any = ep
+        waiting: Any = ep._waitingForPort
+        waiting.addCallback(self._listening)
+
+    def _listening(self, port: Any) -> Any:
+        self.port = port
+        addr = port.getHost()
+        if hasattr(addr, "port"):
+            log.info("callhomehub {what} listening on {host}:{port}", what=self.description,
+                     host=addr.host, port=addr.port)
+        else:
+            log.info("callhomehub {what} listening on {path}", what=self.description,
+                     path=addr.name.decode() if isinstance(addr.name, bytes) else addr.name)
+        return port
+
+    def stopService(self) -> Any:
+        service.Service.stopService(self)
+        return self._ep.stopService()
+
+
+class PortKeeperService(service.Service):
+    """Starts the port keeper with the hub (after twistd has daemonised) and
+    stops it last: its ports close with it."""
+
+    def __init__(self, keeper: PortKeeper) -> None:
+        self.keeper = keeper
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self.keeper.start()
+
+    def stopService(self) -> Any:
+        self.keeper.stop()
+        return service.Service.stopService(self)
+
+
+class FlushOnStop(service.Service):
+    """Stores results still pending in this reactor turn when the hub stops."""
+
+    def __init__(self, flush: Any) -> None:
+        self.flush = flush
+
+    def stopService(self) -> Any:
+        self.flush()
+        return service.Service.stopService(self)
+
+
+# Descriptors the hub holds whatever the tunnels: log, registry (db, WAL, shm),
+# epoll, the reactor's waker, listeners, the control socket, a few in flight.
+FD_RESERVE = 64
+
+
+def raise_open_file_limit(getrlimit: Any = resource.getrlimit,
+                          setrlimit: Any = resource.setrlimit) -> tuple[int, int]:
+    """Raise the soft open-file limit to the hard one, as a daemon that holds
+    a socket per device must (a default soft limit of 1024 would stop the hub
+    at about 480 tunnels); the (soft, hard) limits now in force."""
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard_cap = 1 << 20
+    else:
+        hard_cap = hard
+    if soft != resource.RLIM_INFINITY and soft < hard_cap:
+        try:
+            setrlimit(resource.RLIMIT_NOFILE, (hard_cap, hard))
+            soft = hard_cap
+        except (ValueError, OSError) as e:
+            log.warn("cannot raise the open-file limit from {soft} to {hard}: {e}",
+                     soft=soft, hard=hard_cap, e=e)
+    return soft, hard
+
+
+class OpenFileLimit(service.Service):
+    """At start-up: raise the open-file limit and say how many tunnels it
+    allows (each holds two descriptors: the device's connection and its
+    forward's listening socket; one with the port keeper, which holds the
+    listeners under its own limit)."""
+
+    def __init__(self, raise_limit: Any = raise_open_file_limit,
+                 port_keeper: bool = False) -> None:
+        self.raise_limit = raise_limit
+        self.per_tunnel = 1 if port_keeper else 2
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        soft, _hard = self.raise_limit()
+        if soft == resource.RLIM_INFINITY:
+            return
+        tunnels = max(0, (soft - FD_RESERVE) // self.per_tunnel)
+        emit = log.warn if tunnels < 1000 else log.info
+        emit("open-file limit {soft}: room for about {tunnels} device tunnels"
+             "{advice}", soft=soft, tunnels=tunnels,
+             advice="" if tunnels >= 1000 else
+             " (raise it, e.g. LimitNOFILE=65536 in the systemd unit)")
+
+
+def build_hub(config: HubConfig, reactor: Any) -> Hub:
+    from twisted.internet.threads import deferToThreadPool
+
+    clock: IReactorTime = reactor
+    registry = Registry(config.db_path, now=clock.seconds)
+    registry.reset_online()
+    hub_keys = load_hub_keys(config.keys_dir)
+
+    def run_in_thread(f: Any, *a: Any) -> Any:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
+
+    sessions = LiveSessions(registry, clock, reactor, config.port_low, config.port_high,
+                            config.public_interface)
+    if config.port_keeper:
+        sessions.listener = PortKeeper(reactor, on_lost=sessions.drop_all,
+                                       on_port_lost=sessions.port_lost)
+    hub = Hub(config, registry, hub_keys, clock, run_in_thread, sessions, reactor)
+    command_file = (CommandFileWriter(config.command_file, clock)
+                    if config.command_file else None)
+    hub.monitoring = Monitoring(registry, config.nsca, clock, command_file)
+    hub.nsca_channel_factory = hub.monitoring.channel_factory
+    hub.netconf = NetconfSessions(registry, clock)
+    return hub
+
+
+def build_ssh_factory(hub: Hub) -> HubSSHFactory:
+    """The SSH listener's factory: portal, checkers and limits from the hub's config."""
+    config = hub.config
+    hub_portal = portal.Portal(HubRealm(hub), [
+        CallHomePasswordChecker(hub.registry, config.registrar_user, hub.run_in_thread),
+        DeviceKeyChecker(hub.registry, config.registrar_user),
+    ])
+    return HubSSHFactory(hub_portal, hub.keys, hub.clock, config.limits, config.keepalive,
+                         config.keepalive_count)
+
+
+def makeService(options: Any, reactor: Any = None) -> service.MultiService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    config: HubConfig = getattr(options, "hub_config", None) or build_config(options)
+    try:
+        hub = build_hub(config, reactor)
+    except HubError as e:
+        raise SystemExit(f"callhomehub: {e}") from None
+    factory = build_ssh_factory(hub)
+    level = getattr(options, "log_level", None) or parse_level("info")
+    top = HubService(level, getattr(options, "parent", None))
+    top.hub = hub  # type: ignore[attr-defined]
+    OpenFileLimit(port_keeper=config.port_keeper).setServiceParent(top)
+    if hub.sessions.listener is not None:
+        PortKeeperService(hub.sessions.listener).setServiceParent(top)
+    ListenerService("SSH", config.ssh, factory, reactor).setServiceParent(top)
+    ListenerService("control socket", control_endpoint(config.data), ControlFactory(hub),
+                    reactor).setServiceParent(top)
+    if config.nsca_endpoint and hub.monitoring is not None:
+        ListenerService("NSCA", config.nsca_endpoint, hub.monitoring.tcp_factory(),
+                        reactor).setServiceParent(top)
+    if config.netconf_endpoint:
+        ListenerService("NETCONF", config.netconf_endpoint,
+                        CallHomeFactory(hub, hub.netconf), reactor).setServiceParent(top)
+    if hub.monitoring is not None:
+        FlushOnStop(hub.monitoring.flush).setServiceParent(top)
+    poll = internet.TimerService(REGISTRY_POLL, hub.sync)
+    poll.clock = reactor
+    poll.setServiceParent(top)
+    # Revocation and removal of NETCONF nodes (hub.sync consumes the change flag).
+    netconf_poll = internet.TimerService(REGISTRY_POLL, hub.netconf.enforce)
+    netconf_poll.clock = reactor
+    netconf_poll.setServiceParent(top)
+    return top

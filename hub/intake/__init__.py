@@ -1,0 +1,1 @@
+"""Monitoring intake: the NSCA wire protocol, check results, the Nagios command file."""

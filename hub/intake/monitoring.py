@@ -1,0 +1,122 @@
+"""Monitoring intake: NSCA results in, latest state and bounded history out.
+
+Results arrive through the in-tunnel intake (a device's `direct-tcpip` to
+localhost:5667, served in-process on an SSH channel) or the optional plain TCP
+listener (`--nsca`). Each is attributed to the node whose tunnel carried it,
+checked against strict-host mode, stored (history bounded per host/service so
+a chatty device cannot fill the disk) and written to the command file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define, field, frozen
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from hub.app.config import NSCAConfig
+from hub.intake.commandfile import CommandFileWriter
+from hub.intake.nsca import CheckResult, format_command
+from hub.intake.protocol import NSCAServerFactory, NSCAServerProtocol, NSCASettings
+from hub.ssh.channels import WINDOW
+from hub.store.registry import Registry
+from hub.tunnel.inprocess import ProtocolChannel
+
+log = Logger()
+
+
+@frozen
+class Status:
+    node: str
+    host: str
+    service: str
+    code: int
+    output: str
+    time: float
+
+
+@define(eq=False)
+class Monitoring:
+    registry: Registry
+    config: NSCAConfig
+    clock: IReactorTime
+    command_file: CommandFileWriter | None = None
+    _pending: list[tuple[str, CheckResult, float]] = field(factory=list)
+    _flush_call: Any = None
+
+    @property
+    def settings(self) -> NSCASettings:
+        return NSCASettings(method=self.config.encryption, password=self.config.password,
+                            max_age=self.config.max_age)
+
+    def deliver(self, node: str, result: CheckResult) -> None:
+        """Keep one result from `node` ("" for the plain TCP listener).
+
+        Results arriving in one reactor turn (a send_nsca burst) are stored in
+        one transaction, at the end of that turn: a transaction per result was
+        the intake's main cost."""
+        if self.config.strict_host and node and result.host.lower() != node.lower():
+            log.warn("NSCA result for host {host!r} from node {node} dropped (strict_host)",
+                     host=result.host, node=node)
+            return
+        self._pending.append((node, result, self.clock.seconds()))
+        if self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Store the pending results now (also called at shutdown)."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        with self.registry.transaction() as db:
+            db.executemany(
+                "INSERT INTO results (node, host, service, code, output, time, received)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(node, r.host, r.service, r.code, r.output, r.timestamp, now)
+                 for node, r, now in batch])
+            # Everything at or below the oldest id to drop, found through the
+            # (host, service, id) index: cheap whatever the history length.
+            db.executemany(
+                "DELETE FROM results WHERE host = ? AND service = ? AND id <="
+                " (SELECT id FROM results WHERE host = ? AND service = ?"
+                "  ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                [(h, sv, h, sv, self.config.history)
+                 for h, sv in {(r.host, r.service) for _, r, _ in batch}])
+        if self.command_file is not None:
+            for _, r, now in batch:
+                self.command_file.write(format_command(r, int(now)))
+
+    def tcp_factory(self) -> NSCAServerFactory:
+        return NSCAServerFactory(self.settings, lambda r: self.deliver("", r), self.clock)
+
+    def channel_factory(self, avatar: Any, window: int, max_packet: int) -> NSCAChannel:
+        # A 2 MiB window as for tunnels: results are decoded as they arrive, so it
+        # holds nothing back, and window adjusts go out every 1 MiB, not every 64 KiB.
+        return NSCAChannel(self, avatar.node or "", avatar.actor, localWindow=WINDOW,
+                           remoteWindow=window, remoteMaxPacket=max_packet)
+
+
+def status(registry: Registry, node: str | None = None) -> list[Status]:
+    """The latest result of every host/service (of one node's results if given)."""
+    rows = registry.query(
+        "SELECT node, host, service, code, output, time FROM results"
+        " WHERE id IN (SELECT MAX(id) FROM results GROUP BY host, service)"
+        " AND (? IS NULL OR node = ? COLLATE NOCASE)"
+        " ORDER BY host, service", (node, node))
+    return [Status(*row) for row in rows]
+
+
+class NSCAChannel(ProtocolChannel):
+    """A `direct-tcpip` channel to localhost:5667, answered by the in-process intake."""
+
+    name = b"direct-tcpip"
+
+    def __init__(self, monitoring: Monitoring, node: str, actor: str, **kw: Any) -> None:
+        ProtocolChannel.__init__(self, **kw)
+        self.protocol = NSCAServerProtocol(
+            monitoring.settings, lambda r: monitoring.deliver(node, r), monitoring.clock,
+            peer=actor)

@@ -1,0 +1,343 @@
+"""NETCONF call home (RFC 8071): the device dials the hub, the hub is the SSH client.
+
+On each TCP connection to `--netconf` the hub first reads an optional Junos
+`outbound-ssh` preamble (`netconf_preamble`), then runs its SSH client (the
+`device_client` classes) over the same socket. The device is identified by its
+host key: an unknown key becomes a pending node of kind `netconf` (named by the
+preamble's DEVICE-ID, else `netconf-` and a fingerprint prefix) and the
+connection is closed until an admin approves it; an approved device logs in with
+the management key and its session is kept up (keepalives both ways) for
+operators' `netconf` subsystem channels. A new call home replaces the old one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from attrs import define, field, frozen
+from twisted.conch.ssh import transport
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from hub.access.device_client import (
+    LOGIN_TIMEOUT,
+    DeviceClientTransport,
+    DeviceConnection,
+    DeviceError,
+)
+from hub.app.context import Hub
+from hub.errors import NameTaken, NotFound
+from hub.netconf.preamble import PreambleError, PreambleParser, PreambleResult, authenticate
+from hub.ssh.connection import Keepalive
+from hub.ssh.keys import fingerprint
+from hub.store.registry import Registry
+from hub.tunnel.live import close_connection
+
+log = Logger()
+
+REFUSE, PENDING, APPROVED = "refuse", "pending", "approved"
+
+
+def default_name(host_key: bytes) -> str:
+    """The node name of a device that gave no DEVICE-ID (valid per config.NAME_RE)."""
+    return "netconf-" + hashlib.sha256(host_key).hexdigest()[:12]
+
+
+@frozen
+class Decision:
+    action: str  # REFUSE, PENDING or APPROVED
+    name: str = ""
+    reason: str = ""
+
+
+def identify(registry: Registry, host_key: bytes, device_id: str | None) -> Decision:
+    """Which node a calling device is, by its host key, and what to do with it."""
+    node = registry.node_by_host_key(host_key)
+    if node is not None:
+        if node.state == "revoked":
+            return Decision(REFUSE, node.name, f"node {node.name} is revoked")
+        return Decision(APPROVED if node.state == "approved" else PENDING, node.name)
+    name = device_id or default_name(host_key)
+    try:
+        existing = registry.node(name)
+    except NotFound:
+        return Decision(PENDING, name)
+    if existing.kind == "netconf" and existing.state == "approved":
+        return Decision(REFUSE, existing.name, (
+            f"node {existing.name}: device host key changed: pinned {existing.fingerprint}, "
+            f"now {fingerprint(host_key)}; remove the node and approve it again if expected"))
+    return Decision(REFUSE, existing.name,
+                    f"node name {existing.name!r} is held by another key")
+
+
+@define(eq=False)
+class NetconfSession:
+    node: str
+    conn: Any
+    peer: str
+
+
+@define(eq=False)
+class NetconfSessions:
+    """The live call-home session of each NETCONF node."""
+
+    registry: Registry
+    clock: IReactorTime
+    _live: dict[str, NetconfSession] = field(factory=dict)
+
+    def attach(self, node: str, conn: Any, peer: str) -> NetconfSession:
+        session = NetconfSession(node, conn, peer)
+        old = self._live.get(node.lower())
+        self._live[node.lower()] = session
+        if old is not None and old.conn is not conn:
+            log.info("netconf node {node} called home again from {peer}: closing its old "
+                     "session", node=node, peer=peer)
+            close_connection(old.conn, self.clock, "superseded by a new call home of this node")
+        self.registry.mark_online(node, peer)
+        log.info("netconf node {node} online from {peer}", node=node, peer=peer)
+        return session
+
+    def detach(self, session: NetconfSession) -> None:
+        if self._live.get(session.node.lower()) is session:
+            del self._live[session.node.lower()]
+            self.registry.mark_offline(session.node)
+            log.info("netconf node {node} offline", node=session.node)
+
+    def get(self, node: str) -> NetconfSession | None:
+        return self._live.get(node.lower())
+
+    def enforce(self) -> None:
+        """Drop the sessions of nodes revoked or removed through the CLI."""
+        for key, session in list(self._live.items()):
+            try:
+                state = self.registry.node(key).state
+            except NotFound:
+                state = "removed"
+            if state in ("revoked", "removed"):
+                log.info("netconf node {node} {state}: dropping its session", node=key,
+                         state=state)
+                del self._live[key]
+                if state == "revoked":
+                    self.registry.mark_offline(key)
+                close_connection(session.conn, self.clock, f"node {key} was {state} on the hub")
+
+
+class NetconfConnection(DeviceConnection):
+    """The hub's side of a call-home connection: sends keepalives, reports its end.
+
+    The device's own keepalives are global requests that Conch's client
+    answers with a failure, which OpenSSH counts as an answer."""
+
+    def __init__(self, ready: defer.Deferred[DeviceConnection], clock: IReactorTime,
+                 interval: float, count: int) -> None:
+        DeviceConnection.__init__(self, ready)
+        self.clock = clock
+        self.interval = interval
+        self.count = count
+        self.on_stopped: Any = None
+        self.keepalive: Keepalive | None = None
+
+    def serviceStarted(self) -> None:
+        DeviceConnection.serviceStarted(self)
+        self.keepalive = Keepalive(
+            self, self.clock, self.interval, self.count,
+            lambda: "netconf device " + str(getattr(self.transport, "peer", "?")))
+
+    def serviceStopped(self) -> None:
+        if self.keepalive is not None:
+            self.keepalive.stop()
+        DeviceConnection.serviceStopped(self)
+        if self.on_stopped is not None:
+            callback, self.on_stopped = self.on_stopped, None
+            callback()
+
+
+class NetconfClientTransport(DeviceClientTransport):
+    """The hub's SSH client on a call-home TCP connection: identifies the device
+    by its host key, then logs in with the management key (approved nodes only)."""
+
+    def __init__(self, hub: Hub, peer: str, device_id: str | None,
+                 vouched: bytes | None) -> None:
+        DeviceClientTransport.__init__(self, b"", hub.keys.mgmt, None, None,
+                                       defer.Deferred(), hub.clock)
+        self.hub = hub
+        self.peer = peer
+        self.device_id = device_id
+        self.vouched = vouched  # the host key the preamble's HMAC vouched for
+        self.decision = Decision(REFUSE, reason="no host key seen")
+        self.node_name: str | None = None
+        self.refusal: str | None = None
+
+    def verifyHostKey(self, hostKey: bytes, fingerprint_: bytes) -> defer.Deferred[bool]:
+        self.host_key = hostKey
+        if self.vouched is not None and hostKey != self.vouched:
+            self.decision = Decision(REFUSE, self.device_id or "", (
+                f"device {self.device_id}: its SSH host key {fingerprint(hostKey)} is not "
+                "the HOST-KEY its preamble vouched for"))
+        else:
+            self.decision = identify(self.hub.registry, hostKey, self.device_id)
+        if self.decision.action == REFUSE:
+            return defer.fail(self._refuse(self.decision.reason))
+        return defer.succeed(True)
+
+    def _refuse(self, why: str) -> DeviceError:
+        log.warn("netconf call home from {peer} refused: {why}", peer=self.peer, why=why)
+        self.refusal = why
+        self.failure = DeviceError(why)
+        return self.failure
+
+    def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        if self.refusal is not None and reason == transport.DISCONNECT_HOST_KEY_NOT_VERIFIABLE:
+            desc = self.refusal.encode()  # say why instead of Conch's "bad host key"
+        DeviceClientTransport.sendDisconnect(self, reason, desc)
+
+    def connectionSecure(self) -> None:
+        # The host key is proven now (the exchange hash is signed): safe to record.
+        registry, decision = self.hub.registry, self.decision
+        assert self.host_key is not None
+        if decision.action == PENDING:
+            fp = fingerprint(self.host_key)
+            try:
+                node, created = registry.register_netconf(decision.name, self.host_key, fp,
+                                                          f"netconf:{self.peer}")
+            except NameTaken as e:
+                self._refuse(str(e))
+                self.sendDisconnect(transport.DISCONNECT_HOST_KEY_NOT_VERIFIABLE, b"")
+                return
+            registry.touch(node.name)
+            log.info("netconf node {node} from {peer} is pending approval (host key {fp}){new}",
+                     node=node.name, peer=self.peer, fp=fp, new=" (new)" if created else "")
+            self.refusal = "pending approval"
+            self.failure = DeviceError(f"node {node.name} is pending approval")
+            self.sendDisconnect(transport.DISCONNECT_BY_APPLICATION,
+                                b"pending approval on the hub")
+            return
+        try:
+            node = registry.node(decision.name)
+        except NotFound:
+            self._refuse(f"node {decision.name} was removed")
+            self.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, b"removed on the hub")
+            return
+        self.node_name = node.name
+        self.user = node.device_user.encode()
+        DeviceClientTransport.connectionSecure(self)
+
+    def connection_service(self) -> DeviceConnection:
+        config = self.hub.config
+        return NetconfConnection(self.ready, self.hub.clock, config.keepalive,
+                                 config.keepalive_count)
+
+
+class CallHomeProtocol(protocol.Protocol):
+    """A device's TCP connection: preamble first, then the hub's SSH client on it."""
+
+    transport: Any
+
+    def __init__(self, factory: CallHomeFactory) -> None:
+        self.factory = factory
+        self.hub = factory.hub
+        self.client: NetconfClientTransport | None = None
+        self.parser: PreambleParser | None = None
+        self.peer = "?"
+        self._timer: Any = None
+        self._refused = False
+
+    def connectionMade(self) -> None:
+        self.peer = getattr(self.transport.getPeer(), "host", "?")
+        self.parser = PreambleParser(self.hub.clock)
+        self._set_timer(self.parser.timeout, "sent no SSH version or preamble")
+
+    def _set_timer(self, seconds: float, what: str) -> None:
+        self._cancel_timer()
+        self._timer = self.hub.clock.callLater(seconds, self._timed_out, seconds, what)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self, seconds: float, what: str) -> None:
+        self._timer = None
+        log.warn("netconf call home from {peer} {what} within {t:g} s; closing", peer=self.peer,
+                 what=what, t=seconds)
+        self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.client is not None:
+            self.client.dataReceived(data)
+            return
+        if self._refused or self.parser is None:
+            return
+        try:
+            result = self.parser.feed(data)
+            if result is None:
+                return
+            vouched = (authenticate(result.preamble, self.hub.config.netconf_secrets)
+                       if result.preamble is not None else None)
+        except PreambleError as e:
+            self._refused = True
+            self._cancel_timer()
+            log.warn("netconf call home from {peer} refused: {why}", peer=self.peer, why=str(e))
+            self.transport.loseConnection()
+            return
+        self._start_client(result, vouched)
+
+    def _start_client(self, result: PreambleResult, vouched: bytes | None) -> None:
+        device_id = result.preamble.device_id if result.preamble is not None else None
+        if device_id is not None:
+            log.info("netconf call home from {peer}: DEVICE-ID {id}{hmac}", peer=self.peer,
+                     id=device_id, hmac=" (HMAC verified)" if vouched else "")
+        self.client = client = NetconfClientTransport(self.hub, self.peer, device_id, vouched)
+        self._set_timer(LOGIN_TIMEOUT, "did not complete the SSH login")
+        client.ready.addCallbacks(self._online, self._failed)
+        client.makeConnection(self.transport)
+        if result.rest:
+            client.dataReceived(result.rest)
+
+    def _online(self, conn: DeviceConnection) -> None:
+        self._cancel_timer()
+        self.factory.authenticated(self)
+        assert self.client is not None and self.client.node_name is not None
+        session = self.factory.sessions.attach(self.client.node_name, conn, self.peer)
+        if isinstance(conn, NetconfConnection):
+            conn.on_stopped = lambda: self.factory.sessions.detach(session)
+
+    def _failed(self, f: Failure) -> None:
+        self._cancel_timer()
+        client = self.client
+        if client is not None and client.refusal is None:
+            log.warn("netconf node {node} from {peer}: login failed: {why}",
+                     node=client.node_name, peer=self.peer, why=f.getErrorMessage())
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._cancel_timer()
+        self.factory.authenticated(self)
+        if self.client is not None:
+            self.client.connectionLost(reason)
+
+
+class CallHomeFactory(protocol.Factory):
+    """The `--netconf` listener; bounds connections that have not logged in yet."""
+
+    noisy = False
+
+    def __init__(self, hub: Hub, sessions: NetconfSessions) -> None:
+        self.hub = hub
+        self.sessions = sessions
+        self.unauthenticated: set[CallHomeProtocol] = set()
+
+    def buildProtocol(self, addr: Any) -> CallHomeProtocol | None:
+        limit = self.hub.config.limits.max_unauthenticated
+        if len(self.unauthenticated) >= limit:
+            log.warn("refusing netconf call home from {peer}: {n} not logged in yet",
+                     peer=getattr(addr, "host", addr), n=len(self.unauthenticated))
+            return None
+        p = CallHomeProtocol(self)
+        self.unauthenticated.add(p)
+        return p
+
+    def authenticated(self, p: CallHomeProtocol) -> None:
+        self.unauthenticated.discard(p)

@@ -1,0 +1,1 @@
+"""Pure rules, values in and values out: names, login names and grants, port choice, the chooser."""

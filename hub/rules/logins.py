@@ -1,0 +1,44 @@
+"""Who a login name is and what it may reach: pure rules, no I/O.
+
+`parse_login` reads the operator's login name (`alice`, `alice:NODE`,
+`alice:NODE:PORT`, the Opengear way); `may_reach` checks a node against an
+operator's grant patterns.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+from attrs import frozen
+from twisted.cred.error import UnauthorizedLogin
+
+
+@frozen
+class DeviceLogin:
+    """A login as the registrar user: `node` is None for a password login."""
+
+    node: str | None
+
+
+@frozen
+class OperatorLogin:
+    """An operator, with what the login name selected (`alice:node[:port]`)."""
+
+    user: str
+    node: str | None = None
+    port: str | None = None
+
+
+def parse_login(name: str) -> OperatorLogin:
+    """`alice`, `alice:NODE` or `alice:NODE:PORT` (the Opengear way)."""
+    parts = name.split(":")
+    if len(parts) > 3 or any(not part for part in parts):
+        raise UnauthorizedLogin(f"malformed login name {name!r}")
+    node = parts[1] if len(parts) > 1 else None
+    port = parts[2] if len(parts) > 2 else None
+    return OperatorLogin(parts[0], node, port)
+
+
+def may_reach(patterns: tuple[str, ...], node: str) -> bool:
+    """Whether grant patterns (shell globs, case-insensitive) allow `node`."""
+    return any(fnmatch.fnmatchcase(node.lower(), p.lower()) for p in patterns)

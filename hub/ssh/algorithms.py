@@ -1,0 +1,96 @@
+"""
+Algorithm preference lists for today's OpenSSH, weak ones left out.
+
+Each is a tuple of SSH names, most preferred first, and is what
+L{hub.ssh.modern.ModernTransportMixin} uses by default.
+"""
+
+from __future__ import annotations
+
+from twisted.conch.ssh import _kex
+
+from hub.ssh.ciphers import (
+    AES128_GCM,
+    AES256_GCM,
+    CHACHA20_POLY1305,
+    HMAC_SHA2_256_ETM,
+    HMAC_SHA2_512_ETM,
+    chachaPolyAvailable,
+)
+
+_CONCH_KEX = set(_kex.getSupportedKeyExchanges())
+
+# Key exchange, most preferred first; SHA-1 ones (group1, group14-sha1,
+# group-exchange-sha1) are left out.  Conch has no sntrup761 or
+# group16/18-sha512.  Group exchange needs a moduli file (SSHFactory drops
+# it otherwise).
+KEX_ALGORITHMS: tuple[bytes, ...] = tuple(
+    name
+    for name in (
+        b"mlkem768x25519-sha256",
+        b"curve25519-sha256",
+        b"curve25519-sha256@libssh.org",
+        b"ecdh-sha2-nistp256",
+        b"ecdh-sha2-nistp384",
+        b"ecdh-sha2-nistp521",
+        b"diffie-hellman-group-exchange-sha256",
+    )
+    if name in _CONCH_KEX
+)
+
+# Conch's client does not implement the post-quantum hybrids yet.
+CLIENT_KEX_ALGORITHMS: tuple[bytes, ...] = tuple(
+    name for name in KEX_ALGORITHMS if not _kex.isPQHybrid(name)
+)
+
+# Host key signature algorithms: no ssh-rsa (SHA-1) and no ssh-dss.
+HOST_KEY_ALGORITHMS: tuple[bytes, ...] = (
+    b"ssh-ed25519",
+    b"ecdsa-sha2-nistp256",
+    b"ecdsa-sha2-nistp384",
+    b"ecdsa-sha2-nistp521",
+    b"rsa-sha2-512",
+    b"rsa-sha2-256",
+)
+
+# User-key signature algorithms the server announces in server-sig-algs.
+USERAUTH_SIGNATURE_ALGORITHMS: tuple[bytes, ...] = (
+    b"ssh-ed25519",
+    b"sk-ssh-ed25519@openssh.com",
+    b"ecdsa-sha2-nistp256",
+    b"ecdsa-sha2-nistp384",
+    b"ecdsa-sha2-nistp521",
+    b"sk-ecdsa-sha2-nistp256@openssh.com",
+    b"rsa-sha2-512",
+    b"rsa-sha2-256",
+)
+
+# Ciphers: AEAD first, then AES-CTR; no CBC, no 3DES.
+CIPHERS: tuple[bytes, ...] = tuple(
+    name
+    for name in (
+        CHACHA20_POLY1305,
+        AES128_GCM,
+        AES256_GCM,
+        b"aes128-ctr",
+        b"aes192-ctr",
+        b"aes256-ctr",
+    )
+    if name != CHACHA20_POLY1305 or chachaPolyAvailable()
+)
+
+# MACs: encrypt-then-MAC first; no SHA-1, no MD5.
+MACS: tuple[bytes, ...] = (
+    HMAC_SHA2_256_ETM,
+    HMAC_SHA2_512_ETM,
+    b"hmac-sha2-256",
+    b"hmac-sha2-512",
+)
+
+# Conch's "zlib" compresses before authentication; OpenSSH servers dropped it.
+COMPRESSIONS: tuple[bytes, ...] = (b"none",)
+
+# OpenSSH RekeyLimit semantics: a data amount (here 1 GiB, further capped
+# per cipher) and a time (here one hour; OpenSSH's default is none).
+REKEY_DATA_LIMIT = 1 << 30
+REKEY_TIME_LIMIT = 3600.0

@@ -1,0 +1,91 @@
+"""How the hub's channels write: Conch's window rules, without its copies.
+
+`PacketWriteMixin` seals each packet's data straight from the caller's buffer
+into the transport's packet buffer; `gather_output` lets a relay send the
+packets of one read with one system call. Shared by the splice (channel <->
+TCP) and the relay (channel <-> channel).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from twisted.conch.ssh.connection import MSG_CHANNEL_DATA
+
+# The window and packet size the hub offers on the channels it relays.
+WINDOW = 2 * 1024 * 1024
+MAX_PACKET = 32768
+_CHANNEL_DATA_HEAD = struct.Struct(">2L")  # recipient channel, data length
+
+
+def _no_batch() -> bool:
+    return False
+
+
+def gather_output(ssh: Any) -> None:
+    """Gather the packets sent on the SSH transport `ssh` until the data being
+    received is all dispatched, then send them with one system call (a relay
+    passes on several packets per read; each would be a send of its own)."""
+    if not getattr(ssh, "beginBatch", _no_batch)():
+        return  # not our transport, or a batch is already gathering
+    if not ssh.callAfterInput(ssh.endBatch):
+        ssh.endBatch()  # nothing is being received: nothing to gather
+
+
+class PacketWriteMixin:
+    """`write` for an SSHChannel subclass: Conch's rules, no copies (see write)."""
+
+    buf: bytes
+    closing: int
+    conn: Any
+    localClosed: int
+    remoteWindowLeft: int
+    remoteMaxPacket: int
+    areWriting: int
+    stopWriting: Callable[[], None]
+    loseConnection: Callable[[], None]
+
+    def write(self, data: bytes | memoryview) -> None:
+        # Conch's SSHChannel.write (same window and buffer rules), except
+        # that each packet's data is a view of `data`, framed by the
+        # transport straight into its packet buffer: Conch slices it and its
+        # sendData and sendPacket join it to headers, 4 copies per packet.
+        # `data` may be a view valid only now: what waits for window is a copy.
+        if self.buf:
+            self.buf += data
+            return
+        top = len(data)
+        if top > self.remoteWindowLeft:
+            self.buf = bytes(data[self.remoteWindowLeft :])
+            data = data[: self.remoteWindowLeft]
+            self.areWriting = 0
+            self.stopWriting()
+            top = self.remoteWindowLeft
+        rmp = self.remoteMaxPacket
+        view = memoryview(data)
+        if top <= rmp:
+            self._send_data(view[:top])
+        else:
+            # Several packets from one read: written with one system call.
+            ssh = self.conn.transport
+            batched = getattr(ssh, "beginBatch", _no_batch)()
+            try:
+                for offset in range(0, top, rmp):
+                    self._send_data(view[offset : offset + rmp])
+            finally:
+                if batched:
+                    ssh.endBatch()
+        self.remoteWindowLeft -= top
+        if self.closing and not self.buf:
+            self.loseConnection()  # try again
+
+    def _send_data(self, chunk: memoryview) -> None:
+        conn = self.conn
+        send_parts = getattr(conn.transport, "sendPacketParts", None)
+        if send_parts is None:
+            conn.sendData(self, chunk.tobytes())
+        elif not self.localClosed:  # as conn.sendData
+            head = _CHANNEL_DATA_HEAD.pack(conn.channelsToRemoteChannel[self], len(chunk))
+            send_parts(MSG_CHANNEL_DATA, head, chunk)

@@ -1,0 +1,182 @@
+"""
+What every way of protecting SSH packets shares: framing and padding
+(RFC 4253 section 6), length checks, the HMAC of the MAC-based modes, the
+errors, and L{Framed}, the base of the modes that frame into their own
+buffers (see L{hub.ssh.packet}).
+"""
+
+from __future__ import annotations
+
+import hmac
+import struct
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from hub.ssh.buffers import Bytes, PaddingPool, ScratchBuffer
+
+# RFC 4253 section 11.1 reason codes used here.
+DISCONNECT_PROTOCOL_ERROR = 2
+DISCONNECT_MAC_ERROR = 5
+
+# Conch's limit on packet_length (OpenSSH uses 256 KiB).
+MAX_PACKET_LENGTH = 1024 * 1024
+
+_UINT32 = struct.Struct("!L")
+
+
+class PacketError(Exception):
+    """
+    A received packet is malformed or fails authentication; the connection
+    must be dropped with C{reason} (an SSH disconnect reason code).
+    """
+
+    def __init__(self, reason: int, description: bytes) -> None:
+        super().__init__(reason, description)
+        self.reason = reason
+        self.description = description
+
+
+class PacketProtection(Protocol):
+    """
+    How packets are framed and protected in one direction.
+
+    @ivar blockSize: the padding block size (at least 8).
+    @ivar name: the cipher name, for logs.
+    @ivar wanted: after L{openFrom} found a packet incomplete, its whole
+        size on the wire if known (0 if not): the receive buffer then
+        copies only what completes it from the next read.
+    """
+
+    blockSize: int
+    name: bytes
+    wanted: int
+
+    def seal(self, seqnr: int, payload: bytes) -> bytes:
+        """
+        Frame, pad and protect C{payload} as packet number C{seqnr}.
+        """
+
+    def sealInto(
+        self, seqnr: int, head: bytes, data: Bytes, out: memoryview | None = None
+    ) -> memoryview:
+        """
+        L{seal} the payload C{head + data} without joining the two; the wire
+        bytes, valid until the next call.
+        """
+
+    def open(self, seqnr: int, buf: Bytes) -> tuple[bytes, int] | None:
+        """
+        Take the packet numbered C{seqnr} from the front of C{buf}.
+        """
+
+    def openFrom(self, seqnr: int, buf: Bytes, pos: int) -> tuple[memoryview, int] | None:
+        """
+        L{open} the packet at C{buf[pos:]}; the payload, valid until the
+        next call, and the bytes used.
+        """
+
+
+def padLength(blockSize: int, payloadLength: int, lengthInClear: bool) -> int:
+    """
+    Padding for a payload, as OpenSSH computes it: the padded part must be a
+    multiple of the block size, and the 4-byte length field does not count
+    when it is kept out of the encrypted stream (EtM, GCM, ChaCha20).
+    """
+    size = 5 + payloadLength - (4 if lengthInClear else 0)
+    pad = blockSize - size % blockSize
+    if pad < 4:
+        pad += blockSize
+    return pad
+
+
+def frameInto(
+    out: memoryview, head: bytes, data: Bytes, pad: int, padding: PaddingPool
+) -> int:
+    """
+    Write C{padding_length || head || data || random padding}, the part of
+    the packet after the length field, at the start of C{out}; its length.
+    """
+    out[0] = pad
+    start = 1 + len(head)
+    out[1:start] = head
+    end = start + len(data)
+    out[start:end] = data
+    out[end : end + pad] = padding.take(pad)
+    return end + pad
+
+
+def unframeBody(body: memoryview) -> memoryview:
+    """
+    The payload from C{padding_length || payload || padding}.
+    """
+    pad = body[0]
+    if pad < 4 or pad + 1 >= len(body):
+        raise PacketError(DISCONNECT_PROTOCOL_ERROR, b"bad padding length")
+    return body[1 : len(body) - pad]
+
+
+def checkLength(packet_length: int, blockSize: int, lengthInClear: bool) -> None:
+    """
+    Refuse a packet_length that is out of range or not block-aligned.
+    """
+    if packet_length < 5 or packet_length > MAX_PACKET_LENGTH:
+        raise PacketError(
+            DISCONNECT_PROTOCOL_ERROR, b"bad packet length %d" % (packet_length,)
+        )
+    aligned = packet_length if lengthInClear else packet_length + 4
+    if aligned % blockSize:
+        raise PacketError(
+            DISCONNECT_PROTOCOL_ERROR, b"bad packet mod (%d)" % (packet_length,)
+        )
+
+
+class HMACAlgorithm:
+    """
+    An SSH C{hmac-*} MAC: HMAC over C{uint32 seqnr || data}.  The keyed
+    state is computed once and copied per packet.
+    """
+
+    def __init__(self, digestmod: Callable[..., Any], key: bytes) -> None:
+        self.size: int = digestmod().digest_size
+        # SSH uses exactly digest-size keys (RFC 4253 section 7.2).
+        self._keyed = hmac.new(key[: self.size], digestmod=digestmod)
+
+    def mac(self, seqnr: int, data: Bytes) -> bytes:
+        h = self._keyed.copy()
+        h.update(_UINT32.pack(seqnr))
+        h.update(data)
+        return h.digest()
+
+    def verify(self, seqnr: int, data: Bytes, tag: Bytes) -> bool:
+        return hmac.compare_digest(self.mac(seqnr, data), tag)
+
+
+class Framed:
+    """
+    L{seal} and L{open} in terms of L{sealInto} and L{openFrom}, and the
+    buffers they use.
+    """
+
+    wanted = 0
+
+    def __init__(self) -> None:
+        self._padding = PaddingPool()
+        self._plain = ScratchBuffer()
+        self._wire = ScratchBuffer()
+
+    def sealInto(
+        self, seqnr: int, head: bytes, data: Bytes, out: memoryview | None = None
+    ) -> memoryview:
+        raise NotImplementedError
+
+    def openFrom(self, seqnr: int, buf: Bytes, pos: int) -> tuple[memoryview, int] | None:
+        raise NotImplementedError
+
+    def seal(self, seqnr: int, payload: bytes) -> bytes:
+        return self.sealInto(seqnr, b"", payload).tobytes()
+
+    def open(self, seqnr: int, buf: Bytes) -> tuple[bytes, int] | None:
+        opened = self.openFrom(seqnr, buf, 0)
+        if opened is None:
+            return None
+        return opened[0].tobytes(), opened[1]

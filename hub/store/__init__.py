@@ -1,0 +1,1 @@
+"""The registry: nodes, leases, operators, settings, results and the audit log."""

@@ -1,0 +1,486 @@
+"""The registry: nodes, port leases, operators, settings and the audit log, in SQLite.
+
+One file (`DATA/hub.sqlite3`) shared by the running hub and the admin CLI.
+WAL mode, a versioned schema with forward-only migrations, and every change in
+one transaction, so a process killed at any instant leaves a consistent file.
+The hub notices the CLI's changes through `PRAGMA data_version` (see `changed`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Collection, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
+
+from attrs import frozen
+
+from hub.errors import NameTaken, NotFound, PortsExhausted, RegistryError
+from hub.rules.ports import choose_port
+
+STATES = ("pending", "approved", "revoked")
+NETCONF = "netconf"  # node kind of a NETCONF call-home device (identified by its host key)
+_STATE_ACTIONS = {"pending": "pending", "approved": "approve", "revoked": "revoke"}
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the foundation schema.
+    """
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE nodes (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE COLLATE NOCASE,
+        kind TEXT NOT NULL DEFAULT 'callhome',
+        key_blob BLOB UNIQUE,
+        fingerprint TEXT NOT NULL DEFAULT '',
+        state TEXT NOT NULL CHECK (state IN ('pending', 'approved', 'revoked')),
+        created REAL NOT NULL,
+        last_seen REAL,
+        peer TEXT NOT NULL DEFAULT '',
+        online INTEGER NOT NULL DEFAULT 0,
+        online_since REAL,
+        public INTEGER NOT NULL DEFAULT 0,
+        device_user TEXT NOT NULL DEFAULT 'root',
+        host_key BLOB
+    );
+    CREATE TABLE leases (
+        node_id INTEGER NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+        service TEXT NOT NULL,
+        port INTEGER NOT NULL UNIQUE,
+        active INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (node_id, service)
+    );
+    CREATE TABLE users (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE COLLATE NOCASE,
+        password_hash TEXT,
+        created REAL NOT NULL
+    );
+    CREATE TABLE user_keys (
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        key_blob BLOB NOT NULL,
+        fingerprint TEXT NOT NULL,
+        PRIMARY KEY (user_id, key_blob)
+    );
+    CREATE TABLE grants (
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        pattern TEXT NOT NULL,
+        PRIMARY KEY (user_id, pattern)
+    );
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        time REAL NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    """,
+    # 2: monitoring results (latest state plus bounded history per host/service).
+    """
+    CREATE TABLE results (
+        id INTEGER PRIMARY KEY,
+        node TEXT NOT NULL,
+        host TEXT NOT NULL,
+        service TEXT NOT NULL,
+        code INTEGER NOT NULL,
+        output TEXT NOT NULL,
+        time REAL NOT NULL,
+        received REAL NOT NULL
+    );
+    CREATE INDEX results_by_check ON results (host, service, id)
+    """,
+    # 3: per-node console command template (serial ports behind a console server).
+    """
+    ALTER TABLE nodes ADD COLUMN console TEXT
+    """,
+)
+
+
+@frozen
+class Node:
+    id: int
+    name: str
+    kind: str
+    key_blob: bytes | None
+    fingerprint: str
+    state: str
+    created: float
+    last_seen: float | None
+    peer: str
+    online: bool
+    online_since: float | None
+    public: bool
+    device_user: str
+    host_key: bytes | None
+    forwards: dict[str, int]
+    console: str | None = None
+
+
+@frozen
+class User:
+    name: str
+    password_hash: str | None
+    keys: tuple[bytes, ...]
+    fingerprints: tuple[str, ...]
+    allow: tuple[str, ...]
+
+
+@frozen
+class AuditEntry:
+    time: float
+    actor: str
+    action: str
+    target: str
+    detail: str
+
+
+class Registry:
+    """Synchronous access to the registry file; each method is one transaction."""
+
+    def __init__(self, path: str, now: Callable[[], float]) -> None:
+        self._now = now
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, timeout=2.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.DatabaseError as e:
+            raise RegistryError(f"registry {path} is unreadable or corrupt: {e}") from None
+        self._migrate(path)
+        self._data_version = self._version()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _migrate(self, path: str) -> None:
+        try:
+            with self._tx():
+                current = self._db.execute("PRAGMA user_version").fetchone()[0]
+                if current > len(MIGRATIONS):
+                    raise RegistryError(
+                        f"registry {path} has schema {current}, newer than this hub "
+                        f"({len(MIGRATIONS)}); upgrade callhomehub"
+                    )
+                for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+                    for statement in filter(str.strip, script.split(";")):
+                        self._db.execute(statement)
+                    self._db.execute(f"PRAGMA user_version = {version}")
+        except sqlite3.DatabaseError as e:
+            raise RegistryError(f"registry {path} is unreadable or corrupt: {e}") from None
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """A read for modules that keep their own tables here (monitoring)."""
+        return self._db.execute(sql, params).fetchall()
+
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        """One write transaction, for modules that keep their own tables here."""
+        return self._tx()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _version(self) -> int:
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    def changed(self) -> bool:
+        """True once after another process (the CLI) committed a change."""
+        version = self._version()
+        if version != self._data_version:
+            self._data_version = version
+            return True
+        return False
+
+    # -- settings ---------------------------------------------------------
+
+    def setting(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_setting(self, key: str, value: str, actor: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value))
+            self._audit(db, actor, "setting", key, "")
+
+    # -- nodes ------------------------------------------------------------
+
+    def nodes(self) -> list[Node]:
+        # Two queries for all nodes, not one per node: the hub reads this on
+        # every CLI change, with thousands of nodes.
+        rows = self._db.execute("SELECT * FROM nodes ORDER BY id").fetchall()
+        forwards: dict[int, dict[str, int]] = {}
+        for node_id, service, port in self._db.execute(
+                "SELECT node_id, service, port FROM leases ORDER BY port"):
+            forwards.setdefault(node_id, {})[service] = port
+        return [self._node(row, forwards.get(row[0], {})) for row in rows]
+
+    def node(self, name: str) -> Node:
+        row = self._db.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"no node named {name!r}")
+        return self._node(row)
+
+    def node_by_key(self, key_blob: bytes) -> Node | None:
+        row = self._db.execute("SELECT * FROM nodes WHERE key_blob = ?", (key_blob,)).fetchone()
+        return None if row is None else self._node(row)
+
+    def node_by_host_key(self, host_key: bytes) -> Node | None:
+        """The NETCONF node whose recorded device host key this is."""
+        row = self._db.execute("SELECT * FROM nodes WHERE kind = ? AND host_key = ?",
+                               (NETCONF, host_key)).fetchone()
+        return None if row is None else self._node(row)
+
+    def _node(self, row: tuple, forwards: dict[str, int] | None = None  # type: ignore[type-arg]
+              ) -> Node:
+        (id_, name, kind, blob, fp, state, created, seen, peer, online, since, public, user,
+         host_key, console) = row
+        if forwards is None:
+            forwards = dict(self._db.execute(
+                "SELECT service, port FROM leases WHERE node_id = ? ORDER BY port", (id_,)))
+        return Node(id_, name, kind, blob, fp, state, created, seen, peer, bool(online), since,
+                    bool(public), user, host_key, forwards, console)
+
+    def register(self, name: str, key_blob: bytes, fingerprint: str,
+                 actor: str) -> tuple[Node, bool]:
+        """Record a device key as node `name` (pending). Returns (node, created).
+
+        The same key again is not an error: the existing node is returned.
+        """
+        with self._tx() as db:
+            row = db.execute("SELECT name FROM nodes WHERE key_blob = ?", (key_blob,)).fetchone()
+            if row is not None:
+                existing = row[0]
+            else:
+                if db.execute("SELECT 1 FROM nodes WHERE name = ?", (name,)).fetchone():
+                    raise NameTaken(f"node name {name!r} is already registered with another key")
+                db.execute(
+                    "INSERT INTO nodes (name, key_blob, fingerprint, state, created)"
+                    " VALUES (?, ?, ?, 'pending', ?)",
+                    (name, key_blob, fingerprint, self._now()),
+                )
+                self._audit(db, actor, "register", name, fingerprint)
+                existing = None
+        if existing is not None:
+            return self.node(existing), False
+        return self.node(name), True
+
+    def register_netconf(self, name: str, host_key: bytes, fingerprint: str,
+                         actor: str) -> tuple[Node, bool]:
+        """Record a NETCONF device by its host key as node `name` (pending).
+
+        Returns (node, created); the same host key again returns its node.
+        """
+        with self._tx() as db:
+            row = db.execute("SELECT name FROM nodes WHERE kind = ? AND host_key = ?",
+                             (NETCONF, host_key)).fetchone()
+            if row is None:
+                if db.execute("SELECT 1 FROM nodes WHERE name = ?", (name,)).fetchone():
+                    raise NameTaken(f"node name {name!r} is already registered with another key")
+                db.execute(
+                    "INSERT INTO nodes (name, kind, fingerprint, state, created, host_key)"
+                    " VALUES (?, ?, ?, 'pending', ?, ?)",
+                    (name, NETCONF, fingerprint, self._now(), host_key),
+                )
+                self._audit(db, actor, "register", name, f"netconf host key {fingerprint}")
+        if row is not None:
+            return self.node(row[0]), False
+        return self.node(name), True
+
+    def set_state(self, name: str, state: str, actor: str) -> Node:
+        if state not in STATES:
+            raise RegistryError(f"unknown node state {state!r}")
+        with self._tx() as db:
+            if db.execute("UPDATE nodes SET state = ? WHERE name = ?", (state, name)).rowcount == 0:
+                raise NotFound(f"no node named {name!r}")
+            self._audit(db, actor, _STATE_ACTIONS[state], name, "")
+        return self.node(name)
+
+    def remove(self, name: str, actor: str) -> None:
+        with self._tx() as db:
+            if db.execute("DELETE FROM nodes WHERE name = ?", (name,)).rowcount == 0:
+                raise NotFound(f"no node named {name!r}")
+            self._audit(db, actor, "remove", name, "")
+
+    def set_public(self, name: str, public: bool, actor: str) -> Node:
+        with self._tx() as db:
+            updated = db.execute("UPDATE nodes SET public = ? WHERE name = ?", (int(public), name))
+            if updated.rowcount == 0:
+                raise NotFound(f"no node named {name!r}")
+            self._audit(db, actor, "access", name, "on" if public else "off")
+        return self.node(name)
+
+    def set_device_access(self, name: str, actor: str, *, host_key: bytes | None = None,
+                          device_user: str | None = None, console: str | None = None,
+                          clear_console: bool = False) -> Node:
+        """Pin the device host key, set the device user or the console template."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM nodes WHERE name = ?", (name,)).fetchone() is None:
+                raise NotFound(f"no node named {name!r}")
+            changes = []
+            if host_key is not None:
+                db.execute("UPDATE nodes SET host_key = ? WHERE name = ?", (host_key, name))
+                changes.append("host key pinned")
+            if device_user is not None:
+                db.execute("UPDATE nodes SET device_user = ? WHERE name = ?", (device_user, name))
+                changes.append(f"device user {device_user}")
+            if console is not None or clear_console:
+                db.execute("UPDATE nodes SET console = ? WHERE name = ?", (console, name))
+                changes.append(f"console {console!r}")
+            self._audit(db, actor, "device-access", name, ", ".join(changes))
+        return self.node(name)
+
+    def mark_online(self, name: str, peer: str) -> None:
+        now = self._now()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE nodes SET online = 1, online_since = ?, last_seen = ?, peer = ?"
+                " WHERE name = ?",
+                (now, now, peer, name),
+            )
+
+    def mark_offline(self, *names: str) -> None:
+        """These nodes went offline (several in one transaction)."""
+        now = self._now()
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE nodes SET online = 0, online_since = NULL, last_seen = ? WHERE name = ?",
+                [(now, name) for name in names],
+            )
+            db.executemany(
+                "UPDATE leases SET active = 0"
+                " WHERE node_id = (SELECT id FROM nodes WHERE name = ?)",
+                [(name,) for name in names],
+            )
+
+    def touch(self, name: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE nodes SET last_seen = ? WHERE name = ?", (self._now(), name))
+
+    def reset_online(self) -> None:
+        """At hub start nothing is connected, whatever a killed hub left behind."""
+        with self._tx() as db:
+            db.execute("UPDATE nodes SET online = 0, online_since = NULL WHERE online = 1")
+            db.execute("UPDATE leases SET active = 0")
+
+    # -- port leases ------------------------------------------------------
+
+    def lease(self, node: str, service: str, low: int, high: int,
+              avoid: Collection[int] = ()) -> tuple[int, bool]:
+        """The node's port for `service`: its lease when it has a usable one,
+        else a new lease on the lowest free port. Returns (port, is_new)."""
+        with self._tx() as db:
+            row = db.execute("SELECT id FROM nodes WHERE name = ?", (node,)).fetchone()
+            if row is None:
+                raise NotFound(f"no node named {node!r}")
+            node_id = row[0]
+            row = db.execute("SELECT port FROM leases WHERE node_id = ? AND service = ?",
+                             (node_id, service)).fetchone()
+            if row is not None and low <= row[0] <= high and row[0] not in avoid:
+                return int(row[0]), False
+            if row is not None:
+                db.execute("DELETE FROM leases WHERE node_id = ? AND service = ?",
+                           (node_id, service))
+            port = self._lowest_free(db, low, high) if not avoid else choose_port(
+                {p for (p,) in db.execute(
+                    "SELECT port FROM leases WHERE port BETWEEN ? AND ?", (low, high))},
+                low, high, avoid)
+            if port is None:
+                raise PortsExhausted(f"no free port left in {low}-{high}")
+            db.execute("INSERT INTO leases (node_id, service, port) VALUES (?, ?, ?)",
+                       (node_id, service, port))
+            self._audit(db, "hub", "lease", node, f"{service}={port}")
+            return port, True
+
+    @staticmethod
+    def _lowest_free(db: sqlite3.Connection, low: int, high: int) -> int | None:
+        """The lowest unleased port in [low, high], through the port index
+        (a reconnect storm of thousands of new leases stays linear)."""
+        row = db.execute(
+            "SELECT ? WHERE NOT EXISTS (SELECT 1 FROM leases WHERE port = ?)"
+            " UNION ALL"
+            " SELECT l.port + 1 FROM leases l WHERE l.port BETWEEN ? AND ?"
+            " AND NOT EXISTS (SELECT 1 FROM leases m WHERE m.port = l.port + 1)"
+            " ORDER BY 1 LIMIT 1", (low, low, low, high - 1)).fetchone()
+        return None if row is None else int(row[0])
+
+    def set_lease_active(self, node: str, service: str, active: bool) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE leases SET active = ? WHERE service = ?"
+                " AND node_id = (SELECT id FROM nodes WHERE name = ?)",
+                (int(active), service, node))
+
+    # -- operators --------------------------------------------------------
+
+    def add_user(self, name: str, password_hash: str | None, keys: list[tuple[bytes, str]],
+                 allow: list[str], actor: str) -> User:
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
+                raise NameTaken(f"user {name!r} already exists")
+            cur = db.execute(
+                "INSERT INTO users (name, password_hash, created) VALUES (?, ?, ?)",
+                (name, password_hash, self._now()),
+            )
+            uid = cur.lastrowid
+            db.executemany(
+                "INSERT OR IGNORE INTO user_keys (user_id, key_blob, fingerprint) VALUES (?, ?, ?)",
+                [(uid, blob, fp) for blob, fp in keys],
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO grants (user_id, pattern) VALUES (?, ?)",
+                [(uid, pattern) for pattern in allow],
+            )
+            self._audit(db, actor, "user-add", name, " ".join(allow))
+        return self.user(name)
+
+    def del_user(self, name: str, actor: str) -> None:
+        with self._tx() as db:
+            if db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount == 0:
+                raise NotFound(f"no user named {name!r}")
+            self._audit(db, actor, "user-del", name, "")
+
+    def user(self, name: str) -> User:
+        row = self._db.execute(
+            "SELECT id, name, password_hash FROM users WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no user named {name!r}")
+        uid, uname, pw = row
+        keys = self._db.execute(
+            "SELECT key_blob, fingerprint FROM user_keys WHERE user_id = ? ORDER BY rowid", (uid,)
+        ).fetchall()
+        allow = self._db.execute(
+            "SELECT pattern FROM grants WHERE user_id = ? ORDER BY rowid", (uid,)
+        ).fetchall()
+        return User(uname, pw, tuple(k for k, _ in keys), tuple(f for _, f in keys),
+                    tuple(p for (p,) in allow))
+
+    def users(self) -> list[User]:
+        names = self._db.execute("SELECT name FROM users ORDER BY id").fetchall()
+        return [self.user(name) for (name,) in names]
+
+    # -- audit ------------------------------------------------------------
+
+    def audit(self, actor: str, action: str, target: str, detail: str = "") -> None:
+        with self._tx() as db:
+            self._audit(db, actor, action, target, detail)
+
+    def _audit(self, db: sqlite3.Connection, actor: str, action: str, target: str,
+               detail: str) -> None:
+        db.execute(
+            "INSERT INTO audit (time, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+            (self._now(), actor, action, target, detail),
+        )
+
+    def audit_log(self, limit: int = 1000) -> list[AuditEntry]:
+        rows = self._db.execute(
+            "SELECT time, actor, action, target, detail FROM audit ORDER BY id DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [AuditEntry(*row) for row in reversed(rows)]

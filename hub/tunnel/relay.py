@@ -1,0 +1,122 @@
+"""Flow-controlled channel <-> channel relays: the console gateway and the jump host.
+
+Bytes from one SSH channel go to another (operator <-> device) with window
+granted back only while the other side has room; EOF, exit status and close
+wait for buffered data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.conch.ssh import channel
+
+from hub.ssh.channels import MAX_PACKET, WINDOW, PacketWriteMixin, gather_output
+
+
+class RelayMixin:
+    """One end of a flow-controlled channel<->channel relay (gateway, jump host).
+
+    Mixed into an SSHChannel subclass. Data from this channel's remote side
+    goes to `peer.write`; window is granted back only while the peer's remote
+    window has room (its `stopWriting`/`startWriting` hold and release us).
+    EOF, exit status and close wait for the peer's buffered data (`after_flush`),
+    because Conch would send them ahead of it.
+    """
+
+    manages_window = True
+    relay_peer: Any = None
+    conn: Any
+    buf: bytes
+    extBuf: list[Any]
+    closing: int
+    localWindowSize: int
+    relay_bytes_in = 0
+    _relay_unacked = 0
+    _relay_held = False
+    _relay_after: list[Callable[[], object]] | None = None
+
+    def relay_received(self, n: int) -> None:
+        self.relay_bytes_in += n
+        self._relay_unacked += n
+        self._relay_grant()
+
+    def _relay_grant(self) -> None:
+        if self._relay_held or self.closing or self._relay_unacked < self.localWindowSize // 4:
+            return
+        granted, self._relay_unacked = self._relay_unacked, 0
+        self.conn.adjustWindow(self, granted)
+
+    def relay_hold(self) -> None:
+        self._relay_held = True
+
+    def relay_release(self) -> None:
+        self._relay_held = False
+        self._relay_grant()
+
+    # The peer calls these through its stopWriting/startWriting.
+    def stopWriting(self) -> None:
+        if self.relay_peer is not None:
+            self.relay_peer.relay_hold()
+
+    def startWriting(self) -> None:
+        if self.relay_peer is not None:
+            self.relay_peer.relay_release()
+
+    def after_flush(self, action: Callable[[], object]) -> None:
+        """Run `action` once everything written so far has gone out."""
+        if self._relay_after is None:
+            self._relay_after = []
+        self._relay_after.append(action)
+        self._relay_run_after()
+
+    def _relay_run_after(self) -> None:
+        while self._relay_after and not self.buf and not self.extBuf:
+            self._relay_after.pop(0)()
+
+    def addWindowBytes(self, data: int) -> None:
+        super().addWindowBytes(data)  # type: ignore[misc]
+        self._relay_run_after()
+
+
+class RelayChannel(RelayMixin, PacketWriteMixin, channel.SSHChannel):
+    """A channel relayed byte for byte to `relay_peer`, another RelayChannel.
+
+    Its data may come as views of the transport's packet buffer (`data_views`):
+    the peer's `write` seals them straight into its own packets."""
+
+    data_views = True
+
+    on_close: Callable[[], None] | None = None
+
+    def __init__(self, name: bytes, **kw: Any) -> None:
+        channel.SSHChannel.__init__(self, localWindow=WINDOW, localMaxPacket=MAX_PACKET, **kw)
+        self.name = name
+
+    def relay_open(self) -> bool:
+        return getattr(self, "conn", None) is not None and not self.closing
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.relay_peer is not None and self.relay_peer.relay_open():
+            gather_output(self.relay_peer.conn.transport)
+            self.relay_peer.write(data)
+        self.relay_received(len(data))
+
+    def extReceived(self, dataType: int, data: bytes) -> None:
+        if self.relay_peer is not None and self.relay_peer.relay_open():
+            self.relay_peer.writeExtended(dataType, data)
+        self.relay_received(len(data))
+
+    def eofReceived(self) -> None:
+        peer = self.relay_peer
+        if peer is not None and peer.relay_open():
+            peer.after_flush(lambda: peer.conn.sendEOF(peer) if peer.relay_open() else None)
+
+    def closed(self) -> None:
+        peer = self.relay_peer
+        if peer is not None and peer.relay_open():
+            peer.after_flush(peer.loseConnection)
+        if self.on_close is not None:
+            callback, self.on_close = self.on_close, None
+            callback()
