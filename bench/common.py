@@ -23,6 +23,12 @@ from typing import TypeVar
 BIN = Path(sys.executable).parent
 TWISTD = str(BIN / "twistd")
 CLI = str(BIN / "callhomehub")
+
+
+def cli_command() -> list[str]:
+    """The admin CLI, from the export when `--hub-source` chose one (see runner.use_hub_source)."""
+    module = os.environ.get("CALLHOMEHUB_BENCH_CLI")
+    return [sys.executable, "-m", module] if module else [CLI]
 SSH = shutil.which("ssh") or "ssh"
 SSH_KEYGEN = shutil.which("ssh-keygen") or "ssh-keygen"
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -232,7 +238,7 @@ class Hub:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def cli(self, *args: str, stdin: bytes = b"") -> str:
-        result = subprocess.run([CLI, "--data", str(self.data), *args], input=stdin,
+        result = subprocess.run([*cli_command(), "--data", str(self.data), *args], input=stdin,
                                 capture_output=True, timeout=60)
         if result.returncode != 0:
             raise RuntimeError(f"callhomehub {' '.join(args)}: {result.stderr.decode()}")
@@ -416,7 +422,7 @@ def source_state() -> dict[str, object]:
     root = Path(__file__).resolve().parent.parent
     head = _first_line(["git", "-C", str(root), "rev-parse", "HEAD"])
     status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--",
-                             "callhomehub", "twisted"], capture_output=True, timeout=10)
+                             "hub", "twisted"], capture_output=True, timeout=10)
     changed = [line[3:] for line in status.stdout.decode().splitlines()]
     return {"commit": head, "uncommitted": changed}
 

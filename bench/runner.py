@@ -60,20 +60,31 @@ def add_source_option(parser: Any) -> None:
 def use_hub_source(rev: str | None, workdir: Path) -> dict[str, str]:
     """Export `rev` of the hub to `workdir` and put it first on every child's PYTHONPATH.
 
-    The venv's editable install puts the work tree on sys.path *after*
-    PYTHONPATH, so twistd, the CLI and this process all import the export.
+    The venv's editable install finds the work tree's package after PYTHONPATH,
+    so twistd, the CLI and this process all import the export. The work tree's
+    own twistd plugin would still be found (a .pth file puts the work tree on
+    sys.path, and twistd keeps the last plugin of a name), so the export carries
+    a `sitecustomize` that takes the work tree off sys.path in every child.
+    Works for revisions before the move to `hub/` too (package `callhomehub`).
     Returns what to record: the revision and its commit, or "work tree".
     """
     if not rev:
         return {"hub_source": "work tree"}
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"],
                             capture_output=True, text=True, check=True).stdout.strip()
+    package = "hub" if subprocess.run(
+        ["git", "-C", str(ROOT), "cat-file", "-e", f"{commit}:hub"],
+        capture_output=True).returncode == 0 else "callhomehub"
     tree = workdir / "hub-source"
     tree.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "callhomehub",
-                              "twisted"], capture_output=True, check=True).stdout
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, package, "twisted"],
+                             capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    (tree / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        f"sys.path[:] = [p for p in sys.path if os.path.realpath(p or '.') != {str(ROOT)!r}]\n")
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [str(tree), *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["CALLHOMEHUB_BENCH_CLI"] = "hub.app.cli" if package == "hub" else "callhomehub.cli"
     sys.path.insert(0, str(tree))
     return {"hub_source": rev, "hub_commit": commit}
