@@ -71,7 +71,7 @@ def commands(args: argparse.Namespace, results: Path) -> list[tuple[str, list[st
             sshd_done.add(m)
     if "throughput" in args.only:
         extra = {"quick": ["--quick"], "full": ["--repeat", "3"], "default": []}[size]
-        runs.append(("throughput", ["throughput.py", *extra]))
+        runs.append(("throughput", ["throughput.py", *extra, *source]))
     if "connect" in args.only:
         extra = {"quick": ["--connections", "100", "--repeat", "1"], "full": ["--repeat", "5"],
                  "default": []}[size]
@@ -128,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="callhomehub-runall-") as tmp:
-        # Exported once here too, so throughput.py (which has no --hub-source)
-        # runs the same hub: children inherit PYTHONPATH.
+        # Exported once here to pin the commit each program then exports.
         source = use_hub_source(args.hub_source, Path(tmp))
         # One commit for every program, even if the branch moves meanwhile.
         args.hub_source = source.get("hub_commit", args.hub_source)

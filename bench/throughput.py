@@ -54,6 +54,7 @@ from common import (
     wait_quiet,
 )
 from loopback import DIRECTIONS, MIB, DeviceEndpoint, Pattern, transfer
+from runner import add_source_option, use_hub_source
 
 DEFAULT_CIPHERS = ("chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com",
                    "aes256-gcm@openssh.com", "aes128-ctr")
@@ -242,6 +243,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "summarise with bench/stacks.py")
     p.add_argument("--native", action="store_true",
                    help="with --profile: native (C) frames too")
+    add_source_option(p)
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.repeat, args.quiet_wait = 32, 1, min(args.quiet_wait, 2.0)
@@ -379,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{machine['cpu_model']}, {machine['cores']} cores; {args.size} MiB x "
           f"{args.repeat} per case", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="callhomehub-bench-") as tmp:
+        machine.update(use_hub_source(args.hub_source, Path(tmp)))
         results = run(args, Path(tmp))
     print(table(results))
     if args.json:
