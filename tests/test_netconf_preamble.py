@@ -13,6 +13,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
+from hub.access.device_client import LOGIN_TIMEOUT
 from hub.netconf.callhome import CallHomeFactory, NetconfSessions, default_name, identify
 from hub.netconf.preamble import (
     MAX_PREAMBLE,
@@ -184,3 +185,13 @@ def test_protocol_closes_on_a_bad_preamble_and_starts_ssh_after_a_good_one(
     assert tr.value() == b""  # the hub waits for the device's version line
     proto.dataReceived(SSH[2:])  # type: ignore[attr-defined]
     assert tr.value().startswith(b"SSH-2.0-") and not tr.disconnecting
+
+
+def test_protocol_gives_the_ssh_login_its_own_deadline(tmp_path: Path) -> None:
+    clock, tr, proto = _connect(tmp_path)
+    clock.advance(9)
+    proto.dataReceived(preamble() + SSH)  # type: ignore[attr-defined]
+    clock.advance(LOGIN_TIMEOUT - 1)  # past the preamble's 10 s: that deadline is gone
+    assert not tr.disconnecting
+    clock.advance(1)
+    assert tr.disconnecting

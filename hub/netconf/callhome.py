@@ -34,6 +34,7 @@ from hub.netconf.preamble import PreambleError, PreambleParser, PreambleResult, 
 from hub.ssh.connection import Keepalive
 from hub.ssh.keys import fingerprint
 from hub.store.registry import Registry
+from hub.timeouts import ClockTimeout
 from hub.tunnel.live import close_connection
 
 log = Logger()
@@ -231,38 +232,36 @@ class NetconfClientTransport(DeviceClientTransport):
                                  config.keepalive_count)
 
 
-class CallHomeProtocol(protocol.Protocol):
-    """A device's TCP connection: preamble first, then the hub's SSH client on it."""
+class CallHomeProtocol(ClockTimeout, protocol.Protocol):
+    """A device's TCP connection: preamble first, then the hub's SSH client on it.
+
+    One deadline at a time (`ClockTimeout`): for the preamble or
+    SSH version line, then for the SSH login."""
 
     transport: Any
 
     def __init__(self, factory: CallHomeFactory) -> None:
         self.factory = factory
         self.hub = factory.hub
+        self.clock = self.hub.clock
         self.client: NetconfClientTransport | None = None
         self.parser: PreambleParser | None = None
         self.peer = "?"
-        self._timer: Any = None
+        self._waiting_for = ""
         self._refused = False
 
     def connectionMade(self) -> None:
         self.peer = getattr(self.transport.getPeer(), "host", "?")
         self.parser = PreambleParser(self.hub.clock)
-        self._set_timer(self.parser.timeout, "sent no SSH version or preamble")
+        self._deadline(self.parser.timeout, "sent no SSH version or preamble")
 
-    def _set_timer(self, seconds: float, what: str) -> None:
-        self._cancel_timer()
-        self._timer = self.hub.clock.callLater(seconds, self._timed_out, seconds, what)
+    def _deadline(self, seconds: float | None, what: str = "") -> None:
+        self._waiting_for = what
+        self.setTimeout(seconds)
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _timed_out(self, seconds: float, what: str) -> None:
-        self._timer = None
+    def timeoutConnection(self) -> None:
         log.warn("netconf call home from {peer} {what} within {t:g} s; closing", peer=self.peer,
-                 what=what, t=seconds)
+                 what=self._waiting_for, t=self.timeOut)
         self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
@@ -279,7 +278,7 @@ class CallHomeProtocol(protocol.Protocol):
                        if result.preamble is not None else None)
         except PreambleError as e:
             self._refused = True
-            self._cancel_timer()
+            self._deadline(None)
             log.warn("netconf call home from {peer} refused: {why}", peer=self.peer, why=str(e))
             self.transport.loseConnection()
             return
@@ -291,14 +290,14 @@ class CallHomeProtocol(protocol.Protocol):
             log.info("netconf call home from {peer}: DEVICE-ID {id}{hmac}", peer=self.peer,
                      id=device_id, hmac=" (HMAC verified)" if vouched else "")
         self.client = client = NetconfClientTransport(self.hub, self.peer, device_id, vouched)
-        self._set_timer(LOGIN_TIMEOUT, "did not complete the SSH login")
+        self._deadline(LOGIN_TIMEOUT, "did not complete the SSH login")
         client.ready.addCallbacks(self._online, self._failed)
         client.makeConnection(self.transport)
         if result.rest:
             client.dataReceived(result.rest)
 
     def _online(self, conn: DeviceConnection) -> None:
-        self._cancel_timer()
+        self._deadline(None)
         self.factory.authenticated(self)
         assert self.client is not None and self.client.node_name is not None
         session = self.factory.sessions.attach(self.client.node_name, conn, self.peer)
@@ -306,14 +305,14 @@ class CallHomeProtocol(protocol.Protocol):
             conn.on_stopped = lambda: self.factory.sessions.detach(session)
 
     def _failed(self, f: Failure) -> None:
-        self._cancel_timer()
+        self._deadline(None)
         client = self.client
         if client is not None and client.refusal is None:
             log.warn("netconf node {node} from {peer}: login failed: {why}",
                      node=client.node_name, peer=self.peer, why=f.getErrorMessage())
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self._cancel_timer()
+        self._deadline(None)
         self.factory.authenticated(self)
         if self.client is not None:
             self.client.connectionLost(reason)
