@@ -35,3 +35,7 @@ class BadName(HubError):
 
 class PortsExhausted(RegistryError):
     """The per-device port range has no free port left."""
+
+
+class BadPassword(HubError):
+    """A password the hub cannot store (bcrypt takes at most 72 bytes)."""

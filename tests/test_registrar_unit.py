@@ -28,7 +28,8 @@ def test_default_node_name(comment: str, expected: str | None) -> None:
         assert name == expected
 
 
-@pytest.mark.parametrize("name", ["a:b", "-x", "", "x" * 64, "white space", "a/b"])
+@pytest.mark.parametrize("name", ["a:b", "-x", "", "x" * 64, "white space", "a/b", "nlname\n",
+                                  "a\nb"])
 def test_bad_node_names(name: str) -> None:
     with pytest.raises(BadName):
         check_node_name(name)

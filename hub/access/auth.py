@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from hub.errors import NotFound
+from hub.errors import BadPassword, NotFound
 from hub.rules.logins import DeviceLogin, OperatorLogin, parse_login
 from hub.ssh.algorithms import USERAUTH_SIGNATURE_ALGORITHMS
 from hub.store.registry import Registry
@@ -37,7 +37,14 @@ USER_SIG_ALGS: tuple[bytes, ...] = USERAUTH_SIGNATURE_ALGORITHMS
 log = Logger()
 
 
+# bcrypt uses the first 72 bytes only; newer bcrypt refuses longer input.
+MAX_PASSWORD = 72
+
+
 def hash_password(password: bytes, rounds: int = 12) -> str:
+    if len(password) > MAX_PASSWORD:
+        raise BadPassword(f"the password is {len(password)} bytes long; "
+                          f"at most {MAX_PASSWORD} bytes can be stored (bcrypt's limit)")
     return bcrypt.hashpw(password, bcrypt.gensalt(rounds)).decode()
 
 

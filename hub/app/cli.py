@@ -21,7 +21,7 @@ from hub.access.auth import CALLHOME_PASSWORD, hash_password
 from hub.app.control import ask
 from hub.errors import HubError
 from hub.intake.monitoring import status
-from hub.rules.names import NAME_RE
+from hub.rules.names import is_valid_name
 from hub.ssh.keys import load_hub_keys, parse_public_key
 from hub.store.registry import NETCONF, Node, Registry
 
@@ -164,7 +164,7 @@ def cmd_mgmt_key(reg: Registry, args: argparse.Namespace) -> int:
 
 
 def cmd_user_add(reg: Registry, args: argparse.Namespace) -> int:
-    if not NAME_RE.match(args.name) or args.name == "cms":
+    if not is_valid_name(args.name) or args.name.lower() == "cms":
         raise HubError(f"user add: invalid user name {args.name!r}")
     keys = []
     for path in args.key or []:

@@ -16,7 +16,7 @@ from attrs import field, frozen
 
 from hub.errors import ConfigError
 from hub.intake.nsca import check_method
-from hub.rules.names import NAME_RE
+from hub.rules.names import is_valid_name
 
 
 @frozen
@@ -144,7 +144,7 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
     count = int(_number(options.get("keepalive-count", 3), "--keepalive-count", minimum=1))
 
     registrar = doc.get("registrar", {}).get("user", "cms")
-    if not NAME_RE.match(registrar):
+    if not is_valid_name(registrar):
         raise ConfigError(f"[registrar] user: {registrar!r} is not a valid user name")
 
     nsca = NSCAConfig(**doc.get("nsca", {}))

@@ -43,7 +43,7 @@ REFUSE, PENDING, APPROVED = "refuse", "pending", "approved"
 
 
 def default_name(host_key: bytes) -> str:
-    """The node name of a device that gave no DEVICE-ID (valid per config.NAME_RE)."""
+    """The node name of a device that gave no DEVICE-ID (a valid name, see rules.names)."""
     return "netconf-" + hashlib.sha256(host_key).hexdigest()[:12]
 
 

@@ -28,7 +28,7 @@ from attrs import define, field, frozen
 from twisted.internet.interfaces import IReactorTime
 
 from hub.errors import HubError
-from hub.rules.names import NAME_RE
+from hub.rules.names import is_valid_name
 
 MAX_PREAMBLE = 8 * 1024
 PREAMBLE_TIMEOUT = 10.0
@@ -140,7 +140,7 @@ class PreambleParser:
         device_id = f.get("DEVICE-ID")
         if not device_id:
             raise PreambleError("preamble without DEVICE-ID")
-        if not NAME_RE.match(device_id):
+        if not is_valid_name(device_id):
             raise PreambleError(f"DEVICE-ID {device_id!r} is not a valid node name")
         if ("HOST-KEY" in f) != ("HMAC" in f):
             raise PreambleError("preamble has one of HOST-KEY and HMAC without the other")

@@ -1,0 +1,44 @@
+"""The admin CLI in-process: one clear line and exit status 1 for what it refuses."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from hub.app.cli import main
+from hub.store.registry import Registry
+
+
+def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        *args: str, stdin: bytes = b"") -> tuple[int, str, str]:
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    code = main(["--data", str(tmp_path), *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_password_longer_than_bcrypt_takes_is_one_line_and_status_1(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(tmp_path, monkeypatch, capsys, "callhome-password", stdin=b"x" * 73)
+    assert (code, out) == (1, "")
+    assert err == ("callhomehub: the password is 73 bytes long; at most 72 bytes can be "
+                   "stored (bcrypt's limit)\n")
+    code, _, err = run(tmp_path, monkeypatch, capsys, "user", "add", "alice",
+                       "--password-stdin", stdin=b"y" * 100)
+    assert code == 1 and err.count("\n") == 1 and "100 bytes" in err
+    registry = Registry(str(tmp_path / "hub.sqlite3"), now=lambda: 0.0)
+    assert registry.setting("callhome_password") is None and registry.users() == []
+    code, out, _ = run(tmp_path, monkeypatch, capsys, "callhome-password", stdin=b"x" * 72)
+    assert (code, out) == (0, "Call Home Password set\n")
+
+
+@pytest.mark.parametrize("name", ["cms", "CMS", "Cms", "alice\n", "alice\nbob", ".x"])
+def test_user_add_refuses_the_registrar_name_in_any_case_and_bad_names(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        name: str) -> None:
+    code, _, err = run(tmp_path, monkeypatch, capsys, "user", "add", name, "--password-stdin",
+                       stdin=b"secret")
+    assert code == 1 and err == f"callhomehub: user add: invalid user name {name!r}\n"
