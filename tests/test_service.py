@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
@@ -82,3 +84,30 @@ def test_with_the_port_keeper_a_tunnel_costs_the_hub_one_descriptor() -> None:
     with capture_events() as events:
         OpenFileLimit(lambda: (20000, 20000), port_keeper=True).startService()
     assert formatEvent(events[0]) == "open-file limit 20000: room for about 19936 device tunnels"
+
+
+def test_a_second_hub_on_the_same_data_directory_stops_before_touching_the_registry(
+        tmp_path: Path) -> None:
+    def make() -> Any:
+        options = Options()
+        options.parseOptions(["--data", str(tmp_path), "--ssh", "tcp:0:interface=127.0.0.1"])
+        return makeService(options, reactor=MemoryReactorClock())
+
+    first = make()
+    first.privilegedStartService()
+    first.startService()
+    registry = first.hub.registry
+    registry.register("site-a", b"k", "fp", "cli")
+    registry.mark_online("site-a", "192.0.2.1")
+    with pytest.raises(SystemExit) as stopped:
+        make()
+    assert str(stopped.value) == (
+        f"callhomehub: --data {tmp_path}: another hub is running on this data directory "
+        f"(pid {os.getpid()}); stop it first")
+    assert registry.node("site-a").online  # the second hub reset nothing
+    first.stopService()
+    second = make()  # the lock went with the first hub
+    assert not second.hub.registry.node("site-a").online
+    second.privilegedStartService()
+    second.startService()
+    second.stopService()

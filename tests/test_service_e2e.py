@@ -37,6 +37,27 @@ def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
     assert "Address already in use" in result.stderr + result.stdout
 
 
+def test_second_hub_on_one_data_directory_is_one_line_and_touches_nothing(
+        tmp_path: Path) -> None:
+    hub = HubProcess(tmp_path / "hub").start()
+    try:
+        hub.cli("user", "add", "alice", "--password-stdin", stdin=b"pw")
+        with sqlite3.connect(hub.data / "hub.sqlite3") as db:
+            db.execute("INSERT INTO nodes (name, state, created, online) "
+                       "VALUES ('site-a', 'approved', 0, 1)")
+        result = start_fails(tmp_path, "--data", str(hub.data),
+                             "--ssh", "tcp:0:interface=127.0.0.1")
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"callhomehub: --data {hub.data}: another hub is running on this data directory "
+            f"(pid {hub.proc.pid}); stop it first")
+        with sqlite3.connect(hub.data / "hub.sqlite3") as db:
+            assert db.execute("SELECT online FROM nodes WHERE name = 'site-a'").fetchall() == [
+                (1,)]
+        assert hub.proc.poll() is None
+    finally:
+        hub.stop()
+
+
 @pytest.mark.parametrize(("setup", "args", "message"), [
     ("config", [], "unknown key 'pasword' in [nsca]"),
     (None, ["--port-range", "70000-80000"], "--port-range: 70000-80000 is not within"),

@@ -25,6 +25,7 @@ from hub.access.server import HubSSHFactory
 from hub.app.config import HubConfig, build_config
 from hub.app.context import Hub
 from hub.app.control import ControlFactory, control_endpoint
+from hub.app.datalock import DataLock, DataLockService
 from hub.app.logs import HubService, parse_level
 from hub.errors import HubError
 from hub.intake.commandfile import CommandFileWriter
@@ -265,13 +266,19 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
         reactor = default_reactor
     config: HubConfig = getattr(options, "hub_config", None) or build_config(options)
     try:
+        lock = DataLock.take(config.data)
+    except HubError as e:
+        raise SystemExit(f"callhomehub: {e}") from None
+    try:
         hub = build_hub(config, reactor)
     except HubError as e:
+        lock.release()
         raise SystemExit(f"callhomehub: {e}") from None
     factory = build_ssh_factory(hub)
     level = getattr(options, "log_level", None) or parse_level("info")
     top = HubService(level, getattr(options, "parent", None))
     top.hub = hub  # type: ignore[attr-defined]
+    DataLockService(lock).setServiceParent(top)
     OpenFileLimit(port_keeper=config.port_keeper).setServiceParent(top)
     if hub.sessions.listener is not None:
         PortKeeperService(hub.sessions.listener).setServiceParent(top)
