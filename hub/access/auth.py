@@ -37,6 +37,9 @@ USER_SIG_ALGS: tuple[bytes, ...] = USERAUTH_SIGNATURE_ALGORITHMS
 log = Logger()
 
 
+# Checked instead of a real hash for an unknown operator (same cost as hash_password's).
+DUMMY_HASH = "$2b$12$T2nifPv27R4PV.XWJS0l3OeUkytkhCJ95stWgsiywh.iIyx0cY3X6"  # noqa: S105
+
 # bcrypt uses the first 72 bytes only; newer bcrypt refuses longer input.
 MAX_PASSWORD = 72
 
@@ -88,9 +91,9 @@ class CallHomePasswordChecker:
             login = parse_login(name)
             user = self._registry.user(login.user)
         except (UnauthorizedLogin, NotFound):
-            return defer.fail(UnauthorizedLogin(f"no operator {name!r}"))
+            return self._refuse_alike(password, f"no operator {name!r}")
         if user.password_hash is None:
-            return defer.fail(UnauthorizedLogin(f"operator {user.name} has no password"))
+            return self._refuse_alike(password, f"operator {user.name} has no password")
 
         def decide(ok: bool) -> OperatorLogin:
             if not ok:
@@ -98,6 +101,15 @@ class CallHomePasswordChecker:
             return OperatorLogin(user.name, login.node, login.port)
 
         return self._run(check_password, password, user.password_hash).addCallback(decide)
+
+    def _refuse_alike(self, password: bytes, why: str) -> defer.Deferred[Any]:
+        """Refuse after the same bcrypt work as a real check, so that the time
+        taken does not tell which operator names exist or have a password."""
+
+        def refuse(_: bool) -> Any:
+            raise UnauthorizedLogin(why)
+
+        return self._run(check_password, password, DUMMY_HASH).addCallback(refuse)
 
 
 @implementer(ICredentialsChecker)
