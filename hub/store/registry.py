@@ -9,12 +9,12 @@ The hub notices the CLI's changes through `PRAGMA data_version` (see `changed`).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
 from hub.errors import NameTaken, NotFound, PortsExhausted, RegistryError
-from hub.rules.ports import choose_port
+from hub.rules.ports import lease_port
 from hub.store.rows import (
     AUDIT_COLUMNS,
     NETCONF,
@@ -251,8 +251,8 @@ class Registry:
 
     def lease(self, node: str, service: str, low: int, high: int,
               avoid: Collection[int] = ()) -> tuple[int, bool]:
-        """The node's port for `service`: its lease when it has a usable one,
-        else a new lease on the lowest free port. Returns (port, is_new)."""
+        """The node's port for `service`, as `lease_port` decides from the leases
+        on file, recorded. Returns (port, is_new)."""
         with self._tx() as db:
             row = db.execute("SELECT id FROM nodes WHERE name = ?", (node,)).fetchone()
             if row is None:
@@ -260,33 +260,37 @@ class Registry:
             node_id = row[0]
             row = db.execute("SELECT port FROM leases WHERE node_id = ? AND service = ?",
                              (node_id, service)).fetchone()
-            if row is not None and low <= row[0] <= high and row[0] not in avoid:
-                return int(row[0]), False
-            if row is not None:
-                db.execute("DELETE FROM leases WHERE node_id = ? AND service = ?",
-                           (node_id, service))
-            port = self._lowest_free(db, low, high) if not avoid else choose_port(
-                {p for (p,) in db.execute(
-                    "SELECT port FROM leases WHERE port BETWEEN ? AND ?", (low, high))},
-                low, high, avoid)
+            previous = None if row is None else int(row[0])
+            port = lease_port(low, high, self._free_ports(db, low, high), avoid, previous)
             if port is None:
                 raise PortsExhausted(f"no free port left in {low}-{high}")
+            if port == previous:
+                return port, False
+            db.execute("DELETE FROM leases WHERE node_id = ? AND service = ?",
+                       (node_id, service))
             db.execute("INSERT INTO leases (node_id, service, port) VALUES (?, ?, ?)",
                        (node_id, service, port))
             self._audit(db, "hub", "lease", node, f"{service}={port}")
             return port, True
 
     @staticmethod
-    def _lowest_free(db: sqlite3.Connection, low: int, high: int) -> int | None:
-        """The lowest unleased port in [low, high], through the port index
-        (a reconnect storm of thousands of new leases stays linear)."""
-        row = db.execute(
-            "SELECT ? WHERE NOT EXISTS (SELECT 1 FROM leases WHERE port = ?)"
+    def _free_ports(db: sqlite3.Connection, low: int, high: int) -> Iterator[int]:
+        """The unleased ports of [low, high], lowest first.
+
+        The port index finds where each free stretch starts (`low`, or just above
+        a lease) and ends (just below the next lease), so a new lease never loads
+        every leased port: a reconnect storm of thousands of new leases stays linear.
+        Nothing is queried unless the caller reads past the sticky lease.
+        """
+        stretches = db.execute(
+            "SELECT start, (SELECT MIN(port) FROM leases WHERE port > start) - 1 FROM ("
+            " SELECT ? AS start WHERE NOT EXISTS (SELECT 1 FROM leases WHERE port = ?)"
             " UNION ALL"
             " SELECT l.port + 1 FROM leases l WHERE l.port BETWEEN ? AND ?"
-            " AND NOT EXISTS (SELECT 1 FROM leases m WHERE m.port = l.port + 1)"
-            " ORDER BY 1 LIMIT 1", (low, low, low, high - 1)).fetchone()
-        return None if row is None else int(row[0])
+            " AND NOT EXISTS (SELECT 1 FROM leases m WHERE m.port = l.port + 1))"
+            " ORDER BY start", (low, low, low, high - 1)).fetchall()
+        for start, last in stretches:
+            yield from range(start, high + 1 if last is None else min(last, high) + 1)
 
     def set_lease_active(self, node: str, service: str, active: bool) -> None:
         with self._tx() as db:
