@@ -4,16 +4,16 @@ from pathlib import Path
 
 from twisted.internet.testing import MemoryReactorClock
 
-from hub.app.config import NSCAConfig
 from hub.intake.monitoring import Monitoring, status
 from hub.intake.nsca import CheckResult
+from hub.intake.settings import NSCASettings
 from hub.store.registry import Registry
 
 
 def test_results_of_one_turn_are_stored_together_with_bounded_history(tmp_path: Path) -> None:
     clock = MemoryReactorClock()
     registry = Registry(str(tmp_path / "hub.sqlite3"), now=clock.seconds)
-    monitoring = Monitoring(registry, NSCAConfig(history=2, strict_host=True), clock)
+    monitoring = Monitoring(registry, NSCASettings(history=2, strict_host=True), clock)
     for i in range(5):
         monitoring.deliver("site-a", CheckResult("site-a", "load", i % 3, f"run {i}", 100 + i))
     monitoring.deliver("site-a", CheckResult("spoof", "load", 2, "fake", 100))

@@ -17,7 +17,8 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from hub.intake.nsca import CheckResult, make_init_packet
-from hub.intake.protocol import NSCAServerFactory, NSCAServerProtocol, NSCASettings
+from hub.intake.protocol import NSCAServerFactory, NSCAServerProtocol
+from hub.intake.settings import NSCASettings
 
 GOOD = build_packet(b"web1", b"HTTP", 0, b"OK")
 RESULT = CheckResult("web1", "HTTP", 0, "OK", T0)
@@ -37,7 +38,7 @@ def connect(
     clock = MemoryReactorClock()
     clock.advance(T0)
     results: list[CheckResult] = []
-    settings = NSCASettings(method=method, password=PASSWORD, read_timeout=read_timeout)
+    settings = NSCASettings(encryption=method, password=PASSWORD, read_timeout=read_timeout)
     factory = NSCAServerFactory(settings, deliver or results.append, clock,
                                 iv_source=lambda n: IV[:n])
     proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4242))
@@ -126,7 +127,7 @@ def test_failing_deliver_does_not_lose_the_other_results(logged: list[LogEvent])
 
 def test_settings_refuse_unsupported_method() -> None:
     with pytest.raises(ValueError, match="method 8"):
-        NSCASettings(method=8)
+        NSCASettings(encryption=8)
     with pytest.raises(ValueError):
         NSCASettings(max_age=-1)
 
@@ -145,7 +146,7 @@ def test_real_send_nsca_to_real_listener(tmp_path: Path) -> Iterator[defer.Defer
         if len(results) == 3:
             all_in.callback(None)
 
-    factory = NSCAServerFactory(NSCASettings(method=14, password=PASSWORD), deliver, reactor)
+    factory = NSCAServerFactory(NSCASettings(encryption=14, password=PASSWORD), deliver, reactor)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     try:
         cfg = tmp_path / "send_nsca.cfg"

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hub.errors import NotFound, PortsExhausted
-from hub.rules.ports import choose_port, is_label, service_name
+from hub.rules.ports import choose_port, free_ports, is_label, lease_port, service_name
 from hub.store.registry import Registry
 
 LOW, HIGH = 50000, 50009
@@ -85,6 +90,67 @@ def test_choose_port_exhausted() -> None:
     assert choose_port(full - {HIGH}, LOW, HIGH, avoid={HIGH}) is None
     assert choose_port(set(), LOW, LOW) == LOW
     assert choose_port(set(), LOW, LOW, avoid={LOW}) is None
+
+
+# -- lease_port: the one rule ----------------------------------------------
+
+def test_lease_port_is_sticky() -> None:
+    # The previous lease wins over a lower free port.
+    assert lease_port(LOW, HIGH, [LOW, LOW + 5], previous=LOW + 3) == LOW + 3
+    # Unless it is avoided or outside the range: then the lowest usable free port.
+    assert lease_port(LOW, HIGH, [LOW, LOW + 5], {LOW + 3}, LOW + 3) == LOW
+    assert lease_port(LOW, HIGH, [LOW, LOW + 5], {LOW}, LOW + 3) == LOW + 3
+    assert lease_port(LOW, HIGH, [LOW, LOW + 5], {LOW}, LOW - 1) == LOW + 5
+    assert lease_port(LOW, HIGH, [LOW, LOW + 5], {LOW}, HIGH + 1) == LOW + 5
+
+
+def test_lease_port_exhausted() -> None:
+    assert lease_port(LOW, HIGH, []) is None
+    assert lease_port(LOW, HIGH, [LOW + 2], avoid={LOW + 2}) is None
+    # A full range still hands a node its own lease.
+    assert lease_port(LOW, HIGH, [], previous=HIGH) == HIGH
+    assert lease_port(LOW, HIGH, [], {HIGH}, HIGH) is None
+
+
+def test_lease_port_ignores_free_ports_outside_the_range() -> None:
+    assert lease_port(LOW, HIGH, [LOW - 3, HIGH + 1]) is None
+    assert lease_port(LOW, HIGH, [LOW - 3, LOW + 7]) == LOW + 7
+
+
+def test_lease_port_reads_free_ports_only_as_far_as_needed() -> None:
+    def unread() -> Iterator[int]:
+        raise AssertionError("the free ports were read although the lease was usable")
+        yield LOW
+
+    assert lease_port(LOW, HIGH, unread(), previous=LOW + 4) == LOW + 4
+    # An endless supply is fine: the first usable port ends the search.
+    assert lease_port(LOW, HIGH, itertools.count(LOW), {LOW, LOW + 1}) == LOW + 2
+
+
+@given(low=st.integers(1, 100), width=st.integers(0, 30),
+       leased=st.frozensets(st.integers(0, 140)), avoid=st.frozensets(st.integers(0, 140)),
+       previous=st.none() | st.integers(0, 140))
+def test_lease_port_rule(low: int, width: int, leased: frozenset[int], avoid: frozenset[int],
+                         previous: int | None) -> None:
+    high = low + width
+    others = leased - {previous}  # the node's own lease is not someone else's port
+    port = lease_port(low, high, free_ports(leased | {previous} - {None}, low, high),
+                      avoid, previous)
+    usable = [p for p in range(low, high + 1) if p not in others and p not in avoid]
+    if previous is not None and previous in usable:
+        assert port == previous
+    elif port is None:
+        assert not usable
+    else:
+        # Within the range, never another's port nor an avoided one: the lowest such.
+        assert low <= port <= high and port not in others and port not in avoid
+        assert port == min(usable)
+
+
+def test_free_ports() -> None:
+    assert list(free_ports({LOW + 1, LOW + 3, HIGH + 1}, LOW, LOW + 4)) == [LOW, LOW + 2, LOW + 4]
+    assert list(free_ports(set(), LOW, LOW)) == [LOW]
+    assert list(free_ports({LOW}, LOW, LOW)) == []
 
 
 # -- Registry.lease --------------------------------------------------------
@@ -207,3 +273,34 @@ def test_removing_a_node_frees_its_ports(registry: Registry) -> None:
     port = registry.lease("site-a", "ssh", LOW, HIGH)[0]
     registry.remove("site-a", "test")
     assert registry.lease("site-b", "ssh", LOW, HIGH) == (port, True)
+
+
+def test_registry_leases_follow_the_rule(registry: Registry) -> None:
+    """Random leases, moves and removals: the registry's answer (free ports from
+    its index) is always the rule's answer over a model of the leases."""
+    rng = random.Random(12)
+    nodes = [f"n{i}" for i in range(12)]
+    for i, name in enumerate(nodes):
+        registry.register(name, f"rk-{i}".encode(), "fp", "test")
+    model: dict[tuple[str, str], int] = {}
+    for _ in range(400):
+        node, service = rng.choice(nodes), rng.choice(("ssh", "http", "port-8080"))
+        if rng.random() < 0.1:
+            registry.remove(node, "test")
+            registry.register(node, f"rk-{node}-{rng.random()}".encode(), "fp", "test")
+            model = {k: v for k, v in model.items() if k[0] != node}
+            continue
+        low = rng.choice((LOW, LOW + 6))
+        high = low + rng.randrange(4, 16)
+        avoid = set(rng.sample(range(LOW - 2, LOW + 24), rng.randrange(0, 4)))
+        previous = model.get((node, service))
+        leased = set(model.values())
+        expected = lease_port(low, high, free_ports(leased, low, high), avoid, previous)
+        if expected is None:
+            with pytest.raises(PortsExhausted):
+                registry.lease(node, service, low, high, avoid)
+        else:
+            assert registry.lease(node, service, low, high, avoid) == (
+                expected, expected != previous)
+            model[node, service] = expected
+        assert {(n.name, s): p for n in registry.nodes() for s, p in n.forwards.items()} == model

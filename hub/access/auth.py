@@ -38,7 +38,7 @@ log = Logger()
 
 
 # Checked instead of a real hash for an unknown operator (same cost as hash_password's).
-DUMMY_HASH = "$2b$12$T2nifPv27R4PV.XWJS0l3OeUkytkhCJ95stWgsiywh.iIyx0cY3X6"  # noqa: S105
+DUMMY_HASH = "$2b$12$T2nifPv27R4PV.XWJS0l3OeUkytkhCJ95stWgsiywh.iIyx0cY3X6"
 
 # bcrypt uses the first 72 bytes only; newer bcrypt refuses longer input.
 MAX_PASSWORD = 72

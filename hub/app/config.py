@@ -15,17 +15,8 @@ from typing import Any
 from attrs import field, frozen
 
 from hub.errors import ConfigError
-from hub.intake.nsca import check_method
+from hub.intake.settings import NSCASettings
 from hub.rules.names import is_valid_name
-
-
-@frozen
-class NSCAConfig:
-    password: str = ""
-    encryption: int = 1
-    max_age: int = 30
-    strict_host: bool = False
-    history: int = 100
 
 
 @frozen
@@ -54,7 +45,7 @@ class HubConfig:
     command_file: str | None = None
     netconf_endpoint: str | None = None
     registrar_user: str = "cms"
-    nsca: NSCAConfig = field(factory=NSCAConfig)
+    nsca: NSCASettings = field(factory=NSCASettings)
     limits: Limits = field(factory=Limits)
     netconf_secrets: Mapping[str, str] = field(factory=dict)
     # Forward listeners held by a helper process (hub.tunnel.keeper).
@@ -147,13 +138,10 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
     if not is_valid_name(registrar):
         raise ConfigError(f"[registrar] user: {registrar!r} is not a valid user name")
 
-    nsca = NSCAConfig(**doc.get("nsca", {}))
     try:
-        check_method(nsca.encryption)
+        nsca = NSCASettings(**doc.get("nsca", {}))
     except ValueError as e:
-        raise ConfigError(f"[nsca] encryption: {e}") from None
-    if nsca.max_age < 0 or nsca.history < 1:
-        raise ConfigError("[nsca] max_age must be >= 0 and history >= 1")
+        raise ConfigError(f"[nsca] {e}") from None
 
     limits = Limits(**doc.get("limits", {}))
     if limits.login_timeout < 1 or limits.max_auth_tries < 1 or limits.max_unauthenticated < 1:

@@ -15,10 +15,10 @@ from attrs import define, field, frozen
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from hub.app.config import NSCAConfig
 from hub.intake.commandfile import CommandFileWriter
 from hub.intake.nsca import CheckResult, format_command
-from hub.intake.protocol import NSCAServerFactory, NSCAServerProtocol, NSCASettings
+from hub.intake.protocol import NSCAServerFactory, NSCAServerProtocol
+from hub.intake.settings import NSCASettings
 from hub.ssh.channels import WINDOW
 from hub.store.registry import Registry
 from hub.tunnel.inprocess import ProtocolChannel
@@ -39,16 +39,11 @@ class Status:
 @define(eq=False)
 class Monitoring:
     registry: Registry
-    config: NSCAConfig
+    config: NSCASettings
     clock: IReactorTime
     command_file: CommandFileWriter | None = None
     _pending: list[tuple[str, CheckResult, float]] = field(factory=list)
     _flush_call: Any = None
-
-    @property
-    def settings(self) -> NSCASettings:
-        return NSCASettings(method=self.config.encryption, password=self.config.password,
-                            max_age=self.config.max_age)
 
     def deliver(self, node: str, result: CheckResult) -> None:
         """Keep one result from `node` ("" for the plain TCP listener).
@@ -91,7 +86,7 @@ class Monitoring:
                 self.command_file.write(format_command(r, int(now)))
 
     def tcp_factory(self) -> NSCAServerFactory:
-        return NSCAServerFactory(self.settings, lambda r: self.deliver("", r), self.clock)
+        return NSCAServerFactory(self.config, lambda r: self.deliver("", r), self.clock)
 
     def channel_factory(self, avatar: Any, window: int, max_packet: int) -> NSCAChannel:
         # A 2 MiB window as for tunnels: results are decoded as they arrive, so it
@@ -118,5 +113,5 @@ class NSCAChannel(ProtocolChannel):
     def __init__(self, monitoring: Monitoring, node: str, actor: str, **kw: Any) -> None:
         ProtocolChannel.__init__(self, **kw)
         self.protocol = NSCAServerProtocol(
-            monitoring.settings, lambda r: monitoring.deliver(node, r), monitoring.clock,
+            monitoring.config, lambda r: monitoring.deliver(node, r), monitoring.clock,
             peer=actor)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
-from attrs import field, frozen, validators
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -18,28 +17,12 @@ from twisted.python.failure import Failure
 
 from hub.intake.nsca import (
     IV_SIZE,
-    METHOD_XOR,
     CheckResult,
     NSCADecoder,
     NSCAError,
-    _to_bytes,
-    check_method,
     make_init_packet,
 )
-
-
-def _check_method_attr(_instance: object, _attribute: object, value: int) -> None:
-    check_method(value)
-
-
-@frozen
-class NSCASettings:
-    """The intake's configuration: the `[nsca]` section plus the stall timeout."""
-
-    method: int = field(default=METHOD_XOR, validator=_check_method_attr)
-    password: bytes = field(default=b"", converter=_to_bytes, repr=False)
-    max_age: int = field(default=30, validator=validators.ge(0))
-    read_timeout: float = field(default=30.0, validator=validators.gt(0))
+from hub.intake.settings import NSCASettings
 
 
 class NSCAServerProtocol(Protocol):
@@ -67,7 +50,7 @@ class NSCAServerProtocol(Protocol):
     def connectionMade(self) -> None:
         iv = self._iv_source(IV_SIZE)
         s = self._settings
-        self.decoder = NSCADecoder(s.method, s.password, iv, self._clock.seconds, s.max_age)
+        self.decoder = NSCADecoder(s.encryption, s.password, iv, self._clock.seconds, s.max_age)
         self._timer = self._clock.callLater(s.read_timeout, self._timedOut)
         assert self.transport is not None
         self.transport.write(make_init_packet(iv, int(self._clock.seconds())))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Iterator
 
 WELL_KNOWN = {22: "ssh", 80: "http", 443: "https"}
 _LABEL = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -36,10 +36,28 @@ def service_name(bind_address: str, requested_port: int) -> str:
     return WELL_KNOWN.get(requested_port, f"port-{requested_port}")
 
 
+def lease_port(low: int, high: int, free: Iterable[int], avoid: Collection[int] = (),
+               previous: int | None = None) -> int | None:
+    """The port a node's service gets in [low, high], or None when none is left.
+
+    Leases are sticky: the node's `previous` port for the service while it is
+    in the range and not in `avoid` (ports another program was found holding).
+    Else the first of `free` (the range's unleased ports, lowest first) that is
+    in the range and not avoided. `free` is read only as far as needed, so the
+    registry can compute it lazily from its index.
+    """
+    if previous is not None and low <= previous <= high and previous not in avoid:
+        return previous
+    return next((port for port in free if low <= port <= high and port not in avoid), None)
+
+
+def free_ports(leased: Collection[int], low: int, high: int) -> Iterator[int]:
+    """The ports of [low, high] not in `leased`, lowest first."""
+    return (port for port in range(low, high + 1) if port not in leased)
+
+
 def choose_port(taken: Collection[int], low: int, high: int,
                 avoid: Collection[int] = ()) -> int | None:
-    """The lowest port in [low, high] neither leased nor known to be unusable."""
-    for port in range(low, high + 1):
-        if port not in taken and port not in avoid:
-            return port
-    return None
+    """The lowest port in [low, high] neither leased nor known to be unusable
+    (`lease_port` for a service that holds no lease yet)."""
+    return lease_port(low, high, free_ports(taken, low, high), avoid)

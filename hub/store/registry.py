@@ -9,135 +9,35 @@ The hub notices the CLI's changes through `PRAGMA data_version` (see `changed`).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Collection, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
-from attrs import frozen
-
 from hub.errors import NameTaken, NotFound, PortsExhausted, RegistryError
-from hub.rules.ports import choose_port
-
-STATES = ("pending", "approved", "revoked")
-NETCONF = "netconf"  # node kind of a NETCONF call-home device (identified by its host key)
-_STATE_ACTIONS = {"pending": "pending", "approved": "approve", "revoked": "revoke"}
-
-MIGRATIONS: tuple[str, ...] = (
-    # 1: the foundation schema.
-    """
-    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    CREATE TABLE nodes (
-        id INTEGER PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE COLLATE NOCASE,
-        kind TEXT NOT NULL DEFAULT 'callhome',
-        key_blob BLOB UNIQUE,
-        fingerprint TEXT NOT NULL DEFAULT '',
-        state TEXT NOT NULL CHECK (state IN ('pending', 'approved', 'revoked')),
-        created REAL NOT NULL,
-        last_seen REAL,
-        peer TEXT NOT NULL DEFAULT '',
-        online INTEGER NOT NULL DEFAULT 0,
-        online_since REAL,
-        public INTEGER NOT NULL DEFAULT 0,
-        device_user TEXT NOT NULL DEFAULT 'root',
-        host_key BLOB
-    );
-    CREATE TABLE leases (
-        node_id INTEGER NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
-        service TEXT NOT NULL,
-        port INTEGER NOT NULL UNIQUE,
-        active INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (node_id, service)
-    );
-    CREATE TABLE users (
-        id INTEGER PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE COLLATE NOCASE,
-        password_hash TEXT,
-        created REAL NOT NULL
-    );
-    CREATE TABLE user_keys (
-        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
-        key_blob BLOB NOT NULL,
-        fingerprint TEXT NOT NULL,
-        PRIMARY KEY (user_id, key_blob)
-    );
-    CREATE TABLE grants (
-        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
-        pattern TEXT NOT NULL,
-        PRIMARY KEY (user_id, pattern)
-    );
-    CREATE TABLE audit (
-        id INTEGER PRIMARY KEY,
-        time REAL NOT NULL,
-        actor TEXT NOT NULL,
-        action TEXT NOT NULL,
-        target TEXT NOT NULL,
-        detail TEXT NOT NULL DEFAULT ''
-    );
-    """,
-    # 2: monitoring results (latest state plus bounded history per host/service).
-    """
-    CREATE TABLE results (
-        id INTEGER PRIMARY KEY,
-        node TEXT NOT NULL,
-        host TEXT NOT NULL,
-        service TEXT NOT NULL,
-        code INTEGER NOT NULL,
-        output TEXT NOT NULL,
-        time REAL NOT NULL,
-        received REAL NOT NULL
-    );
-    CREATE INDEX results_by_check ON results (host, service, id)
-    """,
-    # 3: per-node console command template (serial ports behind a console server).
-    """
-    ALTER TABLE nodes ADD COLUMN console TEXT
-    """,
+from hub.rules.ports import lease_port
+from hub.store.rows import (
+    AUDIT_COLUMNS,
+    NETCONF,
+    NODE_COLUMNS,
+    STATES,
+    AuditEntry,
+    Node,
+    User,
+    select,
 )
+from hub.store.schema import MIGRATIONS, migrate, transaction
 
+_STATE_ACTIONS = {"pending": "pending", "approved": "approve", "revoked": "revoke"}
+_NODES = select(NODE_COLUMNS, "nodes")
 
-@frozen
-class Node:
-    id: int
-    name: str
-    kind: str
-    key_blob: bytes | None
-    fingerprint: str
-    state: str
-    created: float
-    last_seen: float | None
-    peer: str
-    online: bool
-    online_since: float | None
-    public: bool
-    device_user: str
-    host_key: bytes | None
-    forwards: dict[str, int]
-    console: str | None = None
-
-
-@frozen
-class User:
-    name: str
-    password_hash: str | None
-    keys: tuple[bytes, ...]
-    fingerprints: tuple[str, ...]
-    allow: tuple[str, ...]
-
-
-@frozen
-class AuditEntry:
-    time: float
-    actor: str
-    action: str
-    target: str
-    detail: str
+__all__ = ["MIGRATIONS", "NETCONF", "STATES", "AuditEntry", "Node", "Registry", "User"]
 
 
 class Registry:
     """Synchronous access to the registry file; each method is one transaction."""
 
-    def __init__(self, path: str, now: Callable[[], float]) -> None:
+    def __init__(self, path: str, now: Callable[[], float], *,
+                 migrations: Sequence[str] = MIGRATIONS) -> None:
         self._now = now
         try:
             self._db = sqlite3.connect(path, isolation_level=None, timeout=2.0)
@@ -146,27 +46,15 @@ class Registry:
             self._db.execute("PRAGMA foreign_keys=ON")
         except sqlite3.DatabaseError as e:
             raise RegistryError(f"registry {path} is unreadable or corrupt: {e}") from None
-        self._migrate(path)
+        try:
+            migrate(self._db, path, migrations)
+        except RegistryError:
+            self._db.close()
+            raise
         self._data_version = self._version()
 
     def close(self) -> None:
         self._db.close()
-
-    def _migrate(self, path: str) -> None:
-        try:
-            with self._tx():
-                current = self._db.execute("PRAGMA user_version").fetchone()[0]
-                if current > len(MIGRATIONS):
-                    raise RegistryError(
-                        f"registry {path} has schema {current}, newer than this hub "
-                        f"({len(MIGRATIONS)}); upgrade callhomehub"
-                    )
-                for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
-                    for statement in filter(str.strip, script.split(";")):
-                        self._db.execute(statement)
-                    self._db.execute(f"PRAGMA user_version = {version}")
-        except sqlite3.DatabaseError as e:
-            raise RegistryError(f"registry {path} is unreadable or corrupt: {e}") from None
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """A read for modules that keep their own tables here (monitoring)."""
@@ -176,15 +64,8 @@ class Registry:
         """One write transaction, for modules that keep their own tables here."""
         return self._tx()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db)
 
     def _version(self) -> int:
         return int(self._db.execute("PRAGMA data_version").fetchone()[0])
@@ -213,38 +94,36 @@ class Registry:
     def nodes(self) -> list[Node]:
         # Two queries for all nodes, not one per node: the hub reads this on
         # every CLI change, with thousands of nodes.
-        rows = self._db.execute("SELECT * FROM nodes ORDER BY id").fetchall()
+        rows = self._db.execute(f"{_NODES} ORDER BY id").fetchall()
         forwards: dict[int, dict[str, int]] = {}
         for node_id, service, port in self._db.execute(
                 "SELECT node_id, service, port FROM leases ORDER BY port"):
             forwards.setdefault(node_id, {})[service] = port
-        return [self._node(row, forwards.get(row[0], {})) for row in rows]
+        ids = NODE_COLUMNS.index("id")
+        return [Node.from_row(row, forwards.get(row[ids], {})) for row in rows]
 
     def node(self, name: str) -> Node:
-        row = self._db.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone()
+        row = self._db.execute(f"{_NODES} WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise NotFound(f"no node named {name!r}")
         return self._node(row)
 
     def node_by_key(self, key_blob: bytes) -> Node | None:
-        row = self._db.execute("SELECT * FROM nodes WHERE key_blob = ?", (key_blob,)).fetchone()
+        row = self._db.execute(f"{_NODES} WHERE key_blob = ?", (key_blob,)).fetchone()
         return None if row is None else self._node(row)
 
     def node_by_host_key(self, host_key: bytes) -> Node | None:
         """The NETCONF node whose recorded device host key this is."""
-        row = self._db.execute("SELECT * FROM nodes WHERE kind = ? AND host_key = ?",
+        row = self._db.execute(f"{_NODES} WHERE kind = ? AND host_key = ?",
                                (NETCONF, host_key)).fetchone()
         return None if row is None else self._node(row)
 
-    def _node(self, row: tuple, forwards: dict[str, int] | None = None  # type: ignore[type-arg]
-              ) -> Node:
-        (id_, name, kind, blob, fp, state, created, seen, peer, online, since, public, user,
-         host_key, console) = row
-        if forwards is None:
-            forwards = dict(self._db.execute(
-                "SELECT service, port FROM leases WHERE node_id = ? ORDER BY port", (id_,)))
-        return Node(id_, name, kind, blob, fp, state, created, seen, peer, bool(online), since,
-                    bool(public), user, host_key, forwards, console)
+    def _node(self, row: Sequence[Any]) -> Node:
+        """The node of one `_NODES` row, with its leases."""
+        node_id = row[NODE_COLUMNS.index("id")]
+        forwards = dict(self._db.execute(
+            "SELECT service, port FROM leases WHERE node_id = ? ORDER BY port", (node_id,)))
+        return Node.from_row(row, forwards)
 
     def register(self, name: str, key_blob: bytes, fingerprint: str,
                  actor: str) -> tuple[Node, bool]:
@@ -372,8 +251,8 @@ class Registry:
 
     def lease(self, node: str, service: str, low: int, high: int,
               avoid: Collection[int] = ()) -> tuple[int, bool]:
-        """The node's port for `service`: its lease when it has a usable one,
-        else a new lease on the lowest free port. Returns (port, is_new)."""
+        """The node's port for `service`, as `lease_port` decides from the leases
+        on file, recorded. Returns (port, is_new)."""
         with self._tx() as db:
             row = db.execute("SELECT id FROM nodes WHERE name = ?", (node,)).fetchone()
             if row is None:
@@ -381,33 +260,37 @@ class Registry:
             node_id = row[0]
             row = db.execute("SELECT port FROM leases WHERE node_id = ? AND service = ?",
                              (node_id, service)).fetchone()
-            if row is not None and low <= row[0] <= high and row[0] not in avoid:
-                return int(row[0]), False
-            if row is not None:
-                db.execute("DELETE FROM leases WHERE node_id = ? AND service = ?",
-                           (node_id, service))
-            port = self._lowest_free(db, low, high) if not avoid else choose_port(
-                {p for (p,) in db.execute(
-                    "SELECT port FROM leases WHERE port BETWEEN ? AND ?", (low, high))},
-                low, high, avoid)
+            previous = None if row is None else int(row[0])
+            port = lease_port(low, high, self._free_ports(db, low, high), avoid, previous)
             if port is None:
                 raise PortsExhausted(f"no free port left in {low}-{high}")
+            if port == previous:
+                return port, False
+            db.execute("DELETE FROM leases WHERE node_id = ? AND service = ?",
+                       (node_id, service))
             db.execute("INSERT INTO leases (node_id, service, port) VALUES (?, ?, ?)",
                        (node_id, service, port))
             self._audit(db, "hub", "lease", node, f"{service}={port}")
             return port, True
 
     @staticmethod
-    def _lowest_free(db: sqlite3.Connection, low: int, high: int) -> int | None:
-        """The lowest unleased port in [low, high], through the port index
-        (a reconnect storm of thousands of new leases stays linear)."""
-        row = db.execute(
-            "SELECT ? WHERE NOT EXISTS (SELECT 1 FROM leases WHERE port = ?)"
+    def _free_ports(db: sqlite3.Connection, low: int, high: int) -> Iterator[int]:
+        """The unleased ports of [low, high], lowest first.
+
+        The port index finds where each free stretch starts (`low`, or just above
+        a lease) and ends (just below the next lease), so a new lease never loads
+        every leased port: a reconnect storm of thousands of new leases stays linear.
+        Nothing is queried unless the caller reads past the sticky lease.
+        """
+        stretches = db.execute(
+            "SELECT start, (SELECT MIN(port) FROM leases WHERE port > start) - 1 FROM ("
+            " SELECT ? AS start WHERE NOT EXISTS (SELECT 1 FROM leases WHERE port = ?)"
             " UNION ALL"
             " SELECT l.port + 1 FROM leases l WHERE l.port BETWEEN ? AND ?"
-            " AND NOT EXISTS (SELECT 1 FROM leases m WHERE m.port = l.port + 1)"
-            " ORDER BY 1 LIMIT 1", (low, low, low, high - 1)).fetchone()
-        return None if row is None else int(row[0])
+            " AND NOT EXISTS (SELECT 1 FROM leases m WHERE m.port = l.port + 1))"
+            " ORDER BY start", (low, low, low, high - 1)).fetchall()
+        for start, last in stretches:
+            yield from range(start, high + 1 if last is None else min(last, high) + 1)
 
     def set_lease_active(self, node: str, service: str, active: bool) -> None:
         with self._tx() as db:
@@ -451,15 +334,15 @@ class Registry:
         ).fetchone()
         if row is None:
             raise NotFound(f"no user named {name!r}")
-        uid, uname, pw = row
+        uid, uname, password_hash = row
         keys = self._db.execute(
             "SELECT key_blob, fingerprint FROM user_keys WHERE user_id = ? ORDER BY rowid", (uid,)
         ).fetchall()
         allow = self._db.execute(
             "SELECT pattern FROM grants WHERE user_id = ? ORDER BY rowid", (uid,)
         ).fetchall()
-        return User(uname, pw, tuple(k for k, _ in keys), tuple(f for _, f in keys),
-                    tuple(p for (p,) in allow))
+        return User(name=uname, password_hash=password_hash, keys=tuple(k for k, _ in keys),
+                    fingerprints=tuple(f for _, f in keys), allow=tuple(p for (p,) in allow))
 
     def users(self) -> list[User]:
         names = self._db.execute("SELECT name FROM users ORDER BY id").fetchall()
@@ -480,7 +363,5 @@ class Registry:
 
     def audit_log(self, limit: int = 1000) -> list[AuditEntry]:
         rows = self._db.execute(
-            "SELECT time, actor, action, target, detail FROM audit ORDER BY id DESC LIMIT ?",
-            (limit,),
-        ).fetchall()
-        return [AuditEntry(*row) for row in reversed(rows)]
+            f"{select(AUDIT_COLUMNS, 'audit')} ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [AuditEntry.from_row(row) for row in reversed(rows)]
