@@ -204,10 +204,10 @@ class Device:
 
     def __init__(self, factory: HubSSHFactory, reactor: RecordingReactor, *,
                  key: keys.Key | None = None, password: bytes | None = None,
-                 peer: str = "192.0.2.10") -> None:
+                 peer: str = "192.0.2.10", user: bytes = b"cms") -> None:
         addr = IPv4Address("TCP", peer, 40000)
         self.server: Any = factory.buildProtocol(addr)
-        self.client = DeviceTransport(b"cms", key, password)
+        self.client = DeviceTransport(user, key, password)
         self.pump: IOPump = connect(
             self.server, FakeTransport(self.server, isServer=True, peerAddress=addr),
             self.client, FakeTransport(self.client, isServer=False), greet=False,
@@ -1081,3 +1081,71 @@ def test_dial_after_the_session_closed_is_refused(device: Device, hub: Hub) -> N
     tunnel.dial("ssh", probe).addBoth(results.append)
     (failure,) = results
     assert failure.check(ChannelRefused)
+
+
+# -- the jump host: an operator's direct-tcpip to a node --------------------------
+
+@pytest.fixture
+def operator(hub: Hub, factory: HubSSHFactory, reactor: RecordingReactor, device: Device
+             ) -> Device:
+    """alice, an operator granted every node, logged in; site-a approved and online."""
+    key = new_key()
+    hub.registry.add_user("alice", None, [(key.public().blob(), "fp")], ["*"], "test")
+    hub.registry.set_state("site-a", "approved", "test")
+    alice = Device(factory, reactor, key=key, user=b"alice", peer="198.51.100.7")
+    assert alice.connected
+    return alice
+
+
+def jump(operator: Device, device: Device, data: bytes) -> Opener:
+    opener = Opener()
+    operator.conn.openChannel(opener, data)
+    for _ in range(3):  # operator -> hub -> device -> hub -> operator
+        operator.pump.flush()
+        device.pump.flush()
+    return opener
+
+
+def test_jump_reaches_the_node_through_dial(hub: Hub, device: Device, operator: Device) -> None:
+    allocated(device.forward(b"", 0))
+    opener = jump(operator, device, common.NS(b"SITE-A") + struct.pack(">L", 22)
+                  + common.NS(b"10.9.8.7") + struct.pack(">L", 5555))
+    assert opener.outcome == ["open"]
+    (chan,) = device.conn.forwarded
+    # The operator's originator fields are passed on as they came.
+    assert (chan.bind, chan.origin, chan.origin_port) == (b"", b"10.9.8.7", 5555)
+    opener.write(b"hello device")
+    operator.pump.flush()
+    device.pump.flush()
+    assert bytes(chan.received) == b"hello device"
+
+
+@pytest.mark.parametrize(("port", "refuse", "code", "text"), [
+    (443, False, OPEN_CONNECT_FAILED, b"node site-a does not forward port 443"),
+    (22, True, OPEN_CONNECT_FAILED, b"node site-a port 22: (b'connect failed', 2)"),
+])
+def test_jump_refusals(hub: Hub, device: Device, operator: Device, port: int, refuse: bool,
+                       code: int, text: bytes) -> None:
+    allocated(device.forward(b"", 0))
+    device.conn.refuse_channels = refuse
+    opener = jump(operator, device, common.NS(b"site-a") + struct.pack(">L", port)
+                  + common.NS(b"10.9.8.7") + struct.pack(">L", 5555))
+    (reason,) = opener.outcome
+    assert (reason.data, reason.value) == (code, text)
+    assert not [e for e in hub.registry.audit_log() if e.action == "jump"]
+
+
+@pytest.mark.parametrize(("data", "why"), [
+    (common.NS(b"site-a") + b"\0", "tcpip channel open: truncated port"),
+    (common.NS(b"site-\xff") + struct.pack(">L", 22) + common.NS(b"") + struct.pack(">L", 0),
+     "host: bad UTF-8"),
+])
+def test_malformed_jump_is_refused(device: Device, operator: Device, data: bytes,
+                                   why: str) -> None:
+    allocated(device.forward(b"", 0))
+    opener = jump(operator, device, data)
+    (reason,) = opener.outcome
+    assert reason.data == OPEN_ADMINISTRATIVELY_PROHIBITED
+    assert reason.value == f"malformed direct-tcpip request: {why}".encode()
+    assert device.conn.forwarded == []
+    assert not operator.server.transport.disconnecting
