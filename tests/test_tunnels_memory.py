@@ -32,6 +32,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.test.iosim import FakeTransport, IOPump, connect
 
+from hub.access import device_client
 from hub.access.server import HubSSHFactory
 from hub.app.context import Hub
 from hub.ssh.channels import MAX_PACKET, WINDOW
@@ -1149,3 +1150,39 @@ def test_malformed_jump_is_refused(device: Device, operator: Device, data: bytes
     assert reason.value == f"malformed direct-tcpip request: {why}".encode()
     assert device.conn.forwarded == []
     assert not operator.server.transport.disconnecting
+
+
+# -- the hub's SSH client to a device goes through dial too ------------------------
+
+@pytest.mark.parametrize(("forward", "refuse", "text"), [
+    (b"http", False, "node site-a does not forward its ssh service"),
+    (b"", True, "the device refused the tunnel channel: (b'connect failed', 2)"),
+])
+def test_device_client_refusals(hub: Hub, reactor: RecordingReactor, device: Device,
+                                forward: bytes, refuse: bool, text: str) -> None:
+    allocated(device.forward(forward, 0))
+    device.conn.refuse_channels = refuse
+    tunnel = hub.sessions.get("site-a")
+    assert tunnel is not None
+    timers = set(reactor.getDelayedCalls())
+    ready, _client = device_client.connect(tunnel, "root", new_key(), None, clock=reactor)
+    failures: list[Any] = []
+    ready.addErrback(failures.append)
+    device.pump.flush()
+    (failure,) = failures
+    assert failure.check(device_client.DeviceError)
+    assert str(failure.value) == text
+    assert set(reactor.getDelayedCalls()) == timers  # no login timer left behind
+
+
+def test_device_client_opens_the_ssh_forward(hub: Hub, reactor: RecordingReactor,
+                                             device: Device) -> None:
+    port = allocated(device.forward(b"localhost", 0))
+    tunnel = hub.sessions.get("site-a")
+    assert tunnel is not None
+    device_client.connect(tunnel, "root", new_key(), None, clock=reactor)
+    device.pump.flush()
+    (chan,) = device.conn.forwarded
+    assert (chan.bind, chan.port, chan.origin, chan.origin_port) == (
+        b"localhost", port, b"127.0.0.1", 0)
+    assert chan.is_open
