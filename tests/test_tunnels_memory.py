@@ -25,15 +25,19 @@ from memory_hub import (
 )
 from twisted.conch.error import ConchError
 from twisted.conch.ssh import channel, common, keys
+from twisted.conch.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.test.iosim import FakeTransport, IOPump, connect
 
+from hub.access import device_client
 from hub.access.server import HubSSHFactory
 from hub.app.context import Hub
 from hub.ssh.channels import MAX_PACKET, WINDOW
+from hub.ssh.connection import ChannelRefused
+from hub.tunnel.dial import DeviceRefused, OpenNotice
 from hub.tunnel.live import CLOSE_GRACE, ForwardListener
 from hub.tunnel.splice import SpliceChannel, TCPEnd
 
@@ -81,12 +85,15 @@ class RecordingReactor(MemoryReactorClock):
         self.hold_stops = False
         self.held: list[tuple[RecordingPort, defer.Deferred[None]]] = []
         self.squatted: set[int] = set()  # held by other programs
+        self.listen_errors: list[Exception] = []  # raised by the next listenTCP calls
 
     def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = ""
                   ) -> RecordingPort:
         def overlaps(a: str, b: str) -> bool:
             return a == b or "0.0.0.0" in (a, b) or "" in (a, b)
 
+        if self.listen_errors:
+            raise self.listen_errors.pop(0)
         if port in self.squatted or any(
                 p.listening and p.port == port and overlaps(p.interface, interface)
                 for p in self.ports):
@@ -198,10 +205,10 @@ class Device:
 
     def __init__(self, factory: HubSSHFactory, reactor: RecordingReactor, *,
                  key: keys.Key | None = None, password: bytes | None = None,
-                 peer: str = "192.0.2.10") -> None:
+                 peer: str = "192.0.2.10", user: bytes = b"cms") -> None:
         addr = IPv4Address("TCP", peer, 40000)
         self.server: Any = factory.buildProtocol(addr)
-        self.client = DeviceTransport(b"cms", key, password)
+        self.client = DeviceTransport(user, key, password)
         self.pump: IOPump = connect(
             self.server, FakeTransport(self.server, isServer=True, peerAddress=addr),
             self.client, FakeTransport(self.client, isServer=False), greet=False,
@@ -421,6 +428,45 @@ def test_replies_keep_request_order(hub: Hub, reactor: RecordingReactor, device:
         ("ok", struct.pack(">L", ports["http"])), ("ok", b""), ("fail",)]
 
 
+def test_a_failed_request_without_reply_does_not_refuse_the_next(
+        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    reactor.listen_errors = [RuntimeError("the port keeper broke")]
+    device.conn.sendGlobalRequest(b"tcpip-forward", common.NS(b"http") + struct.pack(">L", 0),
+                                  wantReply=0)
+    device.pump.flush()
+    assert reactor.listening() == {}
+    port = allocated(device.forward(b"", 0))
+    assert reactor.listening() == {port: LOOPBACK}
+    # And the failed one may be asked for again.
+    http = allocated(device.forward(b"http", 0))
+    assert hub.registry.node("site-a").forwards == {"ssh": port, "http": http}
+
+
+def test_a_failed_request_with_reply_fails_alone(
+        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    reactor.listen_errors = [RuntimeError("the port keeper broke")]
+    answers = [device.request(b"tcpip-forward", b"http", 0),
+               device.request(b"tcpip-forward", b"", 0)]
+    device.pump.flush()
+    ports = hub.registry.node("site-a").forwards
+    assert [a[0] for a in answers] == [("fail",), ("ok", struct.pack(">L", ports["ssh"]))]
+
+
+def test_forward_after_cancel_waits_for_the_port_to_be_free(
+        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    port = allocated(device.forward(b"", 0))
+    reactor.hold_stops = True
+    answers = [device.request(b"cancel-tcpip-forward", b"", port),
+               device.request(b"tcpip-forward", b"", 0)]
+    device.pump.flush()
+    assert answers == [[], []]
+    reactor.release_stops()
+    device.pump.flush()
+    # The same port again, not another one because the old listener held it.
+    assert [a[0] for a in answers] == [("ok", b""), ("ok", struct.pack(">L", port))]
+    assert reactor.listening() == {port: LOOPBACK}
+
+
 def test_password_login_cannot_forward(hub: Hub, reactor: RecordingReactor,
                                        factory: HubSSHFactory) -> None:
     device = Device(factory, reactor, password=b"secret")
@@ -438,6 +484,39 @@ def test_malformed_forward_request_fails(reactor: RecordingReactor, device: Devi
     device.pump.flush()
     assert answers == ["fail"]
     assert reactor.tcpServers == []
+    assert not device.server.transport.disconnecting
+
+
+class Opener(channel.SSHChannel):
+    """A channel the device opens to the hub; records how its open ended."""
+
+    name = b"direct-tcpip"
+
+    def __init__(self) -> None:
+        channel.SSHChannel.__init__(self)
+        self.outcome: list[Any] = []
+
+    def channelOpen(self, specificData: bytes) -> None:
+        self.outcome.append("open")
+
+    def openFailed(self, reason: Any) -> None:
+        self.outcome.append(reason)
+
+
+@pytest.mark.parametrize(("data", "why"), [
+    (b"\0\0", "truncated host length"),
+    (common.NS(b"localhost") + struct.pack(">L", 5667), "truncated originator address length"),
+    (common.NS(b"localhost") + struct.pack(">L", 5667) + common.NS(b"::1")
+     + struct.pack(">L", 1) + b"!", "1 trailing bytes"),
+])
+def test_malformed_direct_tcpip_is_refused(device: Device, data: bytes, why: str) -> None:
+    opener = Opener()
+    device.conn.openChannel(opener, data)
+    device.pump.flush()
+    (reason,) = opener.outcome
+    assert isinstance(reason, ConchError)
+    assert reason.data == OPEN_ADMINISTRATIVELY_PROHIBITED
+    assert reason.value == f"malformed direct-tcpip request: tcpip channel open: {why}".encode()
     assert not device.server.transport.disconnecting
 
 
@@ -906,3 +985,204 @@ def test_a_relayed_view_waiting_for_window_is_kept_as_a_copy() -> None:
     packet_buffer[:] = b"X" * 16  # reused for the next packet
     assert ssh.packets == [b"0123", b"4567", b"89"]
     assert chan.buf == b"abcdef"  # what waits for window was copied
+
+
+# -- dialling into the device ---------------------------------------------------
+
+class Probe(OpenNotice, channel.SSHChannel):
+    """A channel dialled into the device; records how its open ended."""
+
+    name = b"forwarded-tcpip"
+
+    def __init__(self) -> None:
+        channel.SSHChannel.__init__(self)
+        self.outcome: list[Any] = []
+
+    def channelOpen(self, specificData: bytes) -> None:
+        self.outcome.append("open")
+        self.notify_open()
+
+    def openFailed(self, reason: Any) -> None:
+        self.outcome.append(reason)
+        self.notify_failed(reason)
+
+
+def dial(device: Device, hub: Hub, target: str | int,
+         origin: tuple[str | bytes, int] = ("127.0.0.1", 0)) -> tuple[Probe, list[Any]]:
+    tunnel = hub.sessions.get("site-a")
+    assert tunnel is not None
+    probe = Probe()
+    results: list[Any] = []
+    tunnel.dial(target, probe, origin).addBoth(results.append)
+    device.pump.flush()
+    return probe, results
+
+
+def test_dial_a_service_opens_its_forward(hub: Hub, device: Device) -> None:
+    port = allocated(device.forward(b"localhost", 0))
+    probe, results = dial(device, hub, "ssh", (b"10.1.2.3", 4444))
+    assert results == [probe] and probe.outcome == ["open"]
+    (chan,) = device.conn.forwarded
+    assert (chan.bind, chan.port, chan.origin, chan.origin_port) == (
+        b"localhost", port, b"10.1.2.3", 4444)
+    assert chan.is_open
+
+
+@pytest.mark.parametrize(("bind", "requested", "target"), [
+    (b"", 22, 22),              # the service a port names: 22 is ssh
+    (b"", 8080, 8080),          # port-8080
+    (b"web", 80, 80),           # no "http" service, but the device asked for port 80
+    (b"", 8080, "port-8080"),   # by service name
+    (b"HTTP", 0, "Http"),       # service names are case-insensitive
+])
+def test_dial_finds_the_forward_an_operator_means(
+        device: Device, hub: Hub, bind: bytes, requested: int, target: str | int) -> None:
+    device.forward(bind, requested)
+    probe, results = dial(device, hub, target)
+    assert results == [probe]
+    (chan,) = device.conn.forwarded
+    assert chan.bind == bind
+
+
+@pytest.mark.parametrize(("target", "text"), [
+    ("http", "node site-a does not forward its http service"),
+    (443, "node site-a does not forward port 443"),
+])
+def test_dial_an_unknown_service_is_refused(device: Device, hub: Hub, target: str | int,
+                                            text: str) -> None:
+    allocated(device.forward(b"", 0))
+    probe, results = dial(device, hub, target)
+    (failure,) = results
+    assert failure.check(ChannelRefused) and not failure.check(DeviceRefused)
+    assert (failure.value.reason, failure.value.text) == (OPEN_CONNECT_FAILED, text)
+    assert probe.outcome == [failure.value]  # the channel hears it too
+    assert device.conn.forwarded == []
+
+
+def test_dial_refused_by_the_device(device: Device, hub: Hub) -> None:
+    allocated(device.forward(b"", 0))
+    device.conn.refuse_channels = True
+    probe, results = dial(device, hub, 22)
+    (failure,) = results
+    assert failure.check(DeviceRefused)
+    refusal = failure.value
+    assert refusal.reason == OPEN_CONNECT_FAILED
+    assert isinstance(refusal.cause, ConchError) and refusal.cause.data == 2
+    assert refusal.text == f"node site-a port 22: {refusal.cause}"
+    assert probe.outcome == [refusal.cause]
+
+
+def test_dial_after_the_session_closed_is_refused(device: Device, hub: Hub) -> None:
+    allocated(device.forward(b"", 0))
+    tunnel = hub.sessions.get("site-a")
+    device.hang_up()
+    assert tunnel is not None and tunnel.closed
+    probe = Probe()
+    results: list[Any] = []
+    tunnel.dial("ssh", probe).addBoth(results.append)
+    (failure,) = results
+    assert failure.check(ChannelRefused)
+
+
+# -- the jump host: an operator's direct-tcpip to a node --------------------------
+
+@pytest.fixture
+def operator(hub: Hub, factory: HubSSHFactory, reactor: RecordingReactor, device: Device
+             ) -> Device:
+    """alice, an operator granted every node, logged in; site-a approved and online."""
+    key = new_key()
+    hub.registry.add_user("alice", None, [(key.public().blob(), "fp")], ["*"], "test")
+    hub.registry.set_state("site-a", "approved", "test")
+    alice = Device(factory, reactor, key=key, user=b"alice", peer="198.51.100.7")
+    assert alice.connected
+    return alice
+
+
+def jump(operator: Device, device: Device, data: bytes) -> Opener:
+    opener = Opener()
+    operator.conn.openChannel(opener, data)
+    for _ in range(3):  # operator -> hub -> device -> hub -> operator
+        operator.pump.flush()
+        device.pump.flush()
+    return opener
+
+
+def test_jump_reaches_the_node_through_dial(hub: Hub, device: Device, operator: Device) -> None:
+    allocated(device.forward(b"", 0))
+    opener = jump(operator, device, common.NS(b"SITE-A") + struct.pack(">L", 22)
+                  + common.NS(b"10.9.8.7") + struct.pack(">L", 5555))
+    assert opener.outcome == ["open"]
+    (chan,) = device.conn.forwarded
+    # The operator's originator fields are passed on as they came.
+    assert (chan.bind, chan.origin, chan.origin_port) == (b"", b"10.9.8.7", 5555)
+    opener.write(b"hello device")
+    operator.pump.flush()
+    device.pump.flush()
+    assert bytes(chan.received) == b"hello device"
+
+
+@pytest.mark.parametrize(("port", "refuse", "code", "text"), [
+    (443, False, OPEN_CONNECT_FAILED, b"node site-a does not forward port 443"),
+    (22, True, OPEN_CONNECT_FAILED, b"node site-a port 22: (b'connect failed', 2)"),
+])
+def test_jump_refusals(hub: Hub, device: Device, operator: Device, port: int, refuse: bool,
+                       code: int, text: bytes) -> None:
+    allocated(device.forward(b"", 0))
+    device.conn.refuse_channels = refuse
+    opener = jump(operator, device, common.NS(b"site-a") + struct.pack(">L", port)
+                  + common.NS(b"10.9.8.7") + struct.pack(">L", 5555))
+    (reason,) = opener.outcome
+    assert (reason.data, reason.value) == (code, text)
+    assert not [e for e in hub.registry.audit_log() if e.action == "jump"]
+
+
+@pytest.mark.parametrize(("data", "why"), [
+    (common.NS(b"site-a") + b"\0", "tcpip channel open: truncated port"),
+    (common.NS(b"site-\xff") + struct.pack(">L", 22) + common.NS(b"") + struct.pack(">L", 0),
+     "host: bad UTF-8"),
+])
+def test_malformed_jump_is_refused(device: Device, operator: Device, data: bytes,
+                                   why: str) -> None:
+    allocated(device.forward(b"", 0))
+    opener = jump(operator, device, data)
+    (reason,) = opener.outcome
+    assert reason.data == OPEN_ADMINISTRATIVELY_PROHIBITED
+    assert reason.value == f"malformed direct-tcpip request: {why}".encode()
+    assert device.conn.forwarded == []
+    assert not operator.server.transport.disconnecting
+
+
+# -- the hub's SSH client to a device goes through dial too ------------------------
+
+@pytest.mark.parametrize(("forward", "refuse", "text"), [
+    (b"http", False, "node site-a does not forward its ssh service"),
+    (b"", True, "the device refused the tunnel channel: (b'connect failed', 2)"),
+])
+def test_device_client_refusals(hub: Hub, reactor: RecordingReactor, device: Device,
+                                forward: bytes, refuse: bool, text: str) -> None:
+    allocated(device.forward(forward, 0))
+    device.conn.refuse_channels = refuse
+    tunnel = hub.sessions.get("site-a")
+    assert tunnel is not None
+    timers = set(reactor.getDelayedCalls())
+    ready, _client = device_client.connect(tunnel, "root", new_key(), None, clock=reactor)
+    failures: list[Any] = []
+    ready.addErrback(failures.append)
+    device.pump.flush()
+    (failure,) = failures
+    assert failure.check(device_client.DeviceError)
+    assert str(failure.value) == text
+    assert set(reactor.getDelayedCalls()) == timers  # no login timer left behind
+
+
+def test_device_client_opens_the_ssh_forward(hub: Hub, reactor: RecordingReactor,
+                                             device: Device) -> None:
+    port = allocated(device.forward(b"localhost", 0))
+    tunnel = hub.sessions.get("site-a")
+    assert tunnel is not None
+    device_client.connect(tunnel, "root", new_key(), None, clock=reactor)
+    device.pump.flush()
+    (chan,) = device.conn.forwarded
+    assert (chan.bind, chan.port, chan.origin, chan.origin_port) == (
+        b"localhost", port, b"127.0.0.1", 0)
+    assert chan.is_open

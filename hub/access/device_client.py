@@ -14,12 +14,15 @@ from typing import Any
 from twisted.conch.ssh import channel, common, connection, keys, transport, userauth
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hub.errors import HubError
-from hub.ssh.connection import WindowedChannelsMixin
+from hub.ssh.connection import ChannelRefused, WindowedChannelsMixin
 from hub.ssh.keys import fingerprint
 from hub.ssh.modern import ModernTransportMixin, ModernUserAuthClientMixin
+from hub.tunnel.dial import DeviceRefused, OpenNotice
 from hub.tunnel.inprocess import ProtocolChannel
+from hub.tunnel.live import NodeTunnel
 
 log = Logger()
 
@@ -119,7 +122,7 @@ class DeviceClientTransport(ModernTransportMixin, transport.SSHClientTransport):
                 "authorized, or wrong password?)"))
 
 
-class ClientChannel(ProtocolChannel):
+class ClientChannel(OpenNotice, ProtocolChannel):
     """Runs the device client protocol over a forwarded-tcpip channel."""
 
     def __init__(self, protocol: DeviceClientTransport, **kw: Any) -> None:
@@ -127,23 +130,34 @@ class ClientChannel(ProtocolChannel):
         self.name = b"forwarded-tcpip"
         self.protocol = protocol
 
+    def channelOpen(self, specificData: bytes) -> None:
+        ProtocolChannel.channelOpen(self, specificData)
+        self.notify_open()
+
     def openFailed(self, reason: Any) -> None:
-        self.protocol.failure = DeviceError(f"the device refused the tunnel channel: {reason}")
-        self.protocol.connectionLost(None)
+        self.notify_failed(reason)  # `connect` tells the client why
 
 
-def connect(tunnel: Any, user: str, key: keys.Key, pinned: bytes | None,
+def connect(tunnel: NodeTunnel, user: str, key: keys.Key, pinned: bytes | None,
             password: bytes | None = None, clock: Any = None,
             ) -> tuple[defer.Deferred[DeviceConnection], DeviceClientTransport]:
     """Log in to the device behind `tunnel` over its `ssh` forward."""
     ready: defer.Deferred[DeviceConnection] = defer.Deferred()
     client = DeviceClientTransport(user.encode(), key, password, pinned, ready, clock)
-    forward = tunnel.service_forward("ssh")
-    if forward is None:
-        ready.errback(DeviceError(f"node {tunnel.node} does not forward its ssh service"))
-        return ready, client
-    tunnel.conn.openChannel(ClientChannel(client), tunnel.channel_data(forward))
-    if clock is not None:
+
+    def refused(f: Failure) -> Failure | None:
+        why = f.value
+        if isinstance(why, DeviceRefused):
+            client.failure = DeviceError(f"the device refused the tunnel channel: {why.cause}")
+            client.connectionLost(None)
+        elif isinstance(why, ChannelRefused):  # the node does not forward ssh
+            ready.errback(DeviceError(why.text))
+        else:
+            return f
+        return None
+
+    tunnel.dial("ssh", ClientChannel(client)).addErrback(refused)
+    if clock is not None and not ready.called:
         timer = clock.callLater(LOGIN_TIMEOUT, lambda: None if ready.called else ready.errback(
             DeviceError(f"the device did not complete the login within {LOGIN_TIMEOUT:g} s")))
         ready.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])

@@ -9,13 +9,11 @@ with the hub's management key; nothing is contacted before the grant check.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from typing import Any
 
 from twisted.conch.avatar import ConchUser
-from twisted.conch.ssh import common, connection
-from twisted.internet import defer
+from twisted.conch.ssh import connection
 from twisted.logger import Logger
 
 from hub.access.session import GatewaySession
@@ -24,10 +22,11 @@ from hub.app.context import Hub
 from hub.errors import NotFound
 from hub.rules.chooser import Entry
 from hub.rules.logins import OperatorLogin, may_reach
-from hub.rules.ports import service_name
 from hub.rules.routes import Refusal, Route, reach, session_route, tunnel_refusal
 from hub.ssh.connection import ChannelRefused
+from hub.ssh.wire import WireError, text, unpack_tcpip_open
 from hub.store.registry import NETCONF, Node
+from hub.tunnel.dial import OpenNotice
 from hub.tunnel.live import NodeTunnel
 from hub.tunnel.relay import RelayChannel
 
@@ -117,20 +116,17 @@ class OperatorAvatar(ConchUser):
                              "is not offered by the gateway")
 
     def jump(self, data: bytes, window: int, max_packet: int) -> Any:
-        host, rest = common.getNS(data)
-        (port,) = struct.unpack(">L", rest[:4])
-        origin, rest = common.getNS(rest[4:])
-        (origin_port,) = struct.unpack(">L", rest[:4])
-        name = host.decode("utf-8", "replace")
+        try:
+            request = unpack_tcpip_open(data)
+            name = text(request.host, "host")
+        except WireError as e:
+            raise ChannelRefused(connection.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                 f"malformed direct-tcpip request: {e}") from None
+        port = request.port
         node, tunnel = self.resolve(name)
-        forward = tunnel.service_forward(service_name("", port)) or next(
-            (f for f in tunnel.forwards.values() if f.channel_port == port), None)
-        if forward is None:
-            raise ChannelRefused(connection.OPEN_CONNECT_FAILED,
-                                 f"node {node.name} does not forward port {port}")
         operator = RelayChannel(b"direct-tcpip", remoteWindow=window,
                                 remoteMaxPacket=max_packet)
-        device = JumpDeviceChannel(operator, node.name, port)
+        device = JumpDeviceChannel()
         operator.relay_peer, device.relay_peer = device, operator
         started = self.hub.clock.seconds()
 
@@ -139,28 +135,25 @@ class OperatorAvatar(ConchUser):
                 self.actor, "jump", node.name,
                 f"port {port} start {_stamp(started)} end {_stamp(self.hub.clock.seconds())}"
                 f" bytes to-device {operator.relay_bytes_in} from-device {device.relay_bytes_in}")
-        operator.on_close = audit
-        log.info("{actor}: jump to {node}:{port}", actor=self.actor, node=node.name, port=port)
-        tunnel.conn.openChannel(device, tunnel.channel_data(
-            forward, origin.decode("utf-8", "replace"), origin_port))
-        return device.opened.addCallback(lambda _: operator)
+        opened = tunnel.dial(port, device, (request.origin, request.origin_port))
+        if not opened.called:  # a port the node does not forward is refused at once
+            operator.on_close = audit
+            log.info("{actor}: jump to {node}:{port}", actor=self.actor, node=node.name,
+                     port=port)
+        return opened.addCallback(lambda _: operator)
 
     def gotGlobalRequest(self, request_type: bytes, data: bytes) -> Any:
         return 0
 
 
-class JumpDeviceChannel(RelayChannel):
+class JumpDeviceChannel(OpenNotice, RelayChannel):
     """The device end of a jump-host relay; the operator's open waits for it."""
 
-    def __init__(self, operator: RelayChannel, node: str, port: int) -> None:
+    def __init__(self) -> None:
         RelayChannel.__init__(self, b"forwarded-tcpip")
-        self.opened: defer.Deferred[None] = defer.Deferred()
-        self.node = node
-        self.port = port
 
     def channelOpen(self, specificData: bytes) -> None:
-        self.opened.callback(None)
+        self.notify_open()
 
     def openFailed(self, reason: Any) -> None:
-        self.opened.errback(ChannelRefused(
-            connection.OPEN_CONNECT_FAILED, f"node {self.node} port {self.port}: {reason}"))
+        self.notify_failed(reason)

@@ -23,6 +23,7 @@ from hub.rules.logins import DeviceLogin
 from hub.rules.names import check_node_name, default_node_name
 from hub.ssh.connection import ChannelRefused
 from hub.ssh.keys import parse_public_key
+from hub.ssh.wire import WireError, unpack_forward_request, unpack_tcpip_open
 from hub.tunnel.live import NodeTunnel
 
 log = Logger()
@@ -176,8 +177,12 @@ class RegistrarAvatar(ConchUser):
         if channel_type == b"session":
             return RegistrarSession(self, remoteWindow=window, remoteMaxPacket=max_packet)
         if channel_type == b"direct-tcpip":
-            host, rest = common.getNS(data)
-            port = struct.unpack(">L", rest[:4])[0]
+            try:
+                target = unpack_tcpip_open(data)
+            except WireError as e:
+                raise ChannelRefused(connection.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                     f"malformed direct-tcpip request: {e}") from None
+            host, port = target.host, target.port
             if (host.lower(), port) in NSCA_TARGETS:
                 if self.node is None:
                     raise ChannelRefused(connection.OPEN_ADMINISTRATIVELY_PROHIBITED,
@@ -205,14 +210,14 @@ class RegistrarAvatar(ConchUser):
                          actor=self.actor, req=request_type.decode())
                 return 0
             try:
-                bind, rest = common.getNS(data)
-                (port,) = struct.unpack(">L", rest[:4])
-            except (struct.error, ValueError):
-                log.info("{actor}: malformed {req}", actor=self.actor, req=request_type.decode())
+                request = unpack_forward_request(data)
+            except WireError as e:
+                log.info("{actor}: malformed {req}: {why}", actor=self.actor,
+                         req=request_type.decode(), why=str(e))
                 return 0
             if request_type == b"tcpip-forward":
-                return self.tunnel.request_forward(bind, port)
-            return self.tunnel.cancel_forward(bind, port)
+                return self.tunnel.request_forward(request.bind, request.port)
+            return self.tunnel.cancel_forward(request.bind, request.port)
         if request_type != b"keepalive@openssh.com":  # answered "failure", as sshd does
             log.info("{actor}: refused global request {req}", actor=self.actor,
                      req=request_type.decode("ascii", "replace"))

@@ -3,28 +3,35 @@
 A node's `tcpip-forward` requests become listeners on the hub's own ports
 (leased in the registry, the same port whenever the node asks for the same
 service again). Connections to a listener are piped into `forwarded-tcpip`
-channels on the node's SSH connection. A node that connects again takes over
-at once: the old connection is closed and its listeners released before the
-new connection binds the same ports. A node revoked or removed through the CLI
-is dropped when the hub notices the registry change.
+channels on the node's SSH connection; `NodeTunnel.dial` is the one way into
+a device for every part of the hub (port listeners, jump host, gateway). The
+forward decisions are `ForwardTable`'s; a session carries its requests out one
+by one, in order (`RequestQueue`). A node that connects again takes over at
+once: the old connection is closed and its listeners released before the new
+connection binds the same ports. A node revoked or removed through the CLI is
+dropped when the hub notices the registry change.
 """
 
 from __future__ import annotations
 
 import errno
-import struct
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from attrs import define, field
-from twisted.conch.ssh import common, transport
+from twisted.conch.ssh import transport
 from twisted.internet import defer, protocol
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hub.errors import NotFound, PortsExhausted
-from hub.rules.ports import service_name
+from hub.ssh.connection import ChannelRefused
 from hub.store.registry import Registry
+from hub.tunnel.dial import DeviceRefused, Dialled, OpenNotice, Target, not_forwarded
+from hub.tunnel.fifo import RequestQueue
+from hub.tunnel.forwards import Answer, Duplicate, Forward, ForwardTable, Lease
 from hub.tunnel.splice import SpliceChannel, TCPEnd
 
 log = Logger()
@@ -35,6 +42,8 @@ LOOPBACK = "127.0.0.1"
 MAX_CONNECTIONS_PER_NODE = 1024
 # Attempts to find a port nobody else on the machine holds.
 BIND_ATTEMPTS = 256
+
+D = TypeVar("D", bound=Dialled)
 
 
 def close_connection(conn: Any, clock: IReactorTime, why: str) -> None:
@@ -49,19 +58,17 @@ def close_connection(conn: Any, clock: IReactorTime, why: str) -> None:
 
 
 @define(eq=False)
-class Forward:
-    service: str
-    bind: bytes          # the bind string exactly as the device sent it
-    channel_port: int    # the port put in forwarded-tcpip (what the device asked for)
-    port: int            # the hub's real port
-    listener: Any = None
-    stopping: defer.Deferred[Any] | None = None  # the last listener's close, until done
+class PortListener:
+    """The listener of one forward, and its close while one is under way."""
+
+    port: Any = None
+    stopping: defer.Deferred[Any] | None = None
 
     def stop(self) -> defer.Deferred[None]:
         """Close the listener; fires once the port is free (also for a close under way)."""
-        if self.listener is not None:
-            listener, self.listener = self.listener, None
-            self.stopping = defer.maybeDeferred(listener.stopListening)
+        if self.port is not None:
+            port, self.port = self.port, None
+            self.stopping = defer.maybeDeferred(port.stopListening)
         pending = self.stopping
         if pending is None or pending.called:
             return defer.succeed(None)
@@ -73,6 +80,18 @@ class Forward:
 
         pending.addBoth(relay)
         return done
+
+
+class TunnelSplice(OpenNotice, SpliceChannel):
+    """A per-device port's connection piped into the tunnel (see `NodeTunnel.dial`)."""
+
+    def channelOpen(self, specificData: bytes) -> None:
+        SpliceChannel.channelOpen(self, specificData)
+        self.notify_open()
+
+    def openFailed(self, reason: Any) -> None:
+        SpliceChannel.openFailed(self, reason)  # logs it, closes the TCP side
+        self.notify_failed(reason)
 
 
 class ForwardListener(protocol.Factory):
@@ -98,15 +117,17 @@ class ForwardListener(protocol.Factory):
 
 @define(eq=False)
 class NodeTunnel:
-    """The forwards of one live session of a node."""
+    """The forwards of one live session of a node, and the way into the device."""
 
     sessions: LiveSessions
     node: str
     conn: Any
     public: bool
-    # Fires when the previous session's listeners are released.
-    ready: defer.Deferred[None] = field(factory=lambda: defer.succeed(None))
-    forwards: dict[tuple[bytes, int], Forward] = field(factory=dict)
+    table: ForwardTable = field(factory=ForwardTable)
+    listeners: dict[Forward, PortListener] = field(factory=dict)
+    # Forward and cancel requests, in order; the first wait for the previous
+    # session of the node to release its listeners.
+    requests: RequestQueue = field(factory=RequestQueue)
     pipes: set[SpliceChannel] = field(factory=set)
     closed: bool = False
 
@@ -114,24 +135,83 @@ class NodeTunnel:
     def interface(self) -> str:
         return self.sessions.public_interface if self.public else LOOPBACK
 
-    def request_forward(self, bind: bytes, port: int) -> defer.Deferred[Any]:
-        service = service_name(bind.decode("utf-8", "replace"), port)
-        return self.ready.addCallback(lambda _: self._forward(bind, port, service))
+    # -- the way into the device ---------------------------------------------
 
-    def _forward(self, bind: bytes, port: int, service: str) -> Any:
+    def dial(self, target: Target, channel: D, origin: tuple[str | bytes, int] = (LOOPBACK, 0)
+             ) -> defer.Deferred[D]:
+        """Open `channel` as a forwarded-tcpip channel to the device's `target`:
+        a service name ("ssh", "port-8080"), or a port as an operator asks for it.
+
+        `origin` is the originator address and port put in the open. The
+        Deferred fires with the channel once the device confirms it; it fails
+        with ChannelRefused if the node does not forward `target`, or with
+        DeviceRefused if the device refuses. The channel hears either outcome
+        through its own channelOpen / openFailed.
+        """
+        forward = self.table.lookup(target)
+        opened: defer.Deferred[D] = channel.opened
+
+        def refused(f: Failure) -> Failure:
+            if isinstance(f.value, ChannelRefused):
+                return f
+            return Failure(DeviceRefused(self.node, target, f.value))
+
+        opened.addErrback(refused)
+        if forward is None:
+            channel.openFailed(not_forwarded(self.node, target))
+        else:
+            host, port = origin
+            self.conn.openChannel(channel, forward.open_data(
+                host.encode() if isinstance(host, str) else host, port))
+        return opened
+
+    def open_pipe(self, forward: Forward, end: TCPEnd, addr: Any) -> None:
+        chan = TunnelSplice(end, b"forwarded-tcpip",
+                            on_close=lambda i, o: self.pipes.discard(chan))
+        self.pipes.add(chan)
+        origin = (getattr(addr, "host", "0.0.0.0"), getattr(addr, "port", 0))
+        # A refusal was logged by the splice, which closed its TCP side.
+        self.dial(forward.service, chan, origin).addErrback(lambda f: f.trap(ChannelRefused))
+
+    # -- forward requests --------------------------------------------------------
+
+    def request_forward(self, bind: bytes, port: int) -> defer.Deferred[Any]:
+        """Carry out `tcpip-forward`; fires with the global request's answer."""
+        return self._queue("forward", lambda: self._forward(bind, port))
+
+    def cancel_forward(self, bind: bytes, port: int) -> defer.Deferred[Any]:
+        """Carry out `cancel-tcpip-forward`; fires with the global request's answer."""
+        return self._queue("cancel", lambda: self._cancel(bind, port))
+
+    def _queue(self, what: str, request: Callable[[], Any]) -> defer.Deferred[Any]:
+        def failed(f: Failure) -> int:
+            log.failure("node {node}: {what} request failed", f, node=self.node, what=what)
+            return 0
+
+        return self.requests.run(request).addErrback(failed)
+
+    def _forward(self, bind: bytes, port: int) -> Any:
         if self.closed:
             return 0
-        key = (bind, port)
-        if key in self.forwards:
-            return self._reply(self.forwards[key], port)
-        same = next((f for f in self.forwards.values() if f.service == service), None)
-        if same is not None:
-            # Its lease is the port the other forward holds: refuse rather than
-            # move the node's port or share one listener between two targets.
+        decision = self.table.request(bind, port)
+        if isinstance(decision, Answer):
+            return decision.forward.reply()
+        if isinstance(decision, Duplicate):
             log.warn("node {node}: service {service} is already forwarded on port {port}; "
-                     "refusing a second forward of it", node=self.node, service=service,
-                     port=same.port)
+                     "refusing a second forward of it", node=self.node, service=decision.service,
+                     port=decision.holder.port)
             return 0
+        forward = self._lease_and_listen(decision)
+        if forward is None:
+            return 0
+        self.table.add(forward)
+        self.sessions.registry.set_lease_active(self.node, forward.service, True)
+        return forward.reply()
+
+    def _lease_and_listen(self, lease: Lease) -> Forward | None:
+        """A leased port for the new forward, listened on; a port another program
+        holds is avoided and another leased."""
+        service = lease.service
         avoid: set[int] = set()
         for _ in range(BIND_ATTEMPTS):
             try:
@@ -140,71 +220,54 @@ class NodeTunnel:
             except PortsExhausted as e:
                 log.error("node {node}: forward {service} refused: {why}", node=self.node,
                           service=service, why=str(e))
-                return 0
-            forward = Forward(service, bind, port if port else real, real)
+                return None
+            forward = lease.forward(real)
             try:
                 self._listen(forward)
             except CannotListenError as e:
                 if getattr(e.socketError, "errno", None) != errno.EADDRINUSE:
                     log.error("node {node}: cannot listen on {port}: {why}", node=self.node,
                               port=real, why=str(e.socketError))
-                    return 0
+                    return None
                 if not avoid:
                     log.warn("node {node}: port {port} is in use by another program; "
                              "choosing another", node=self.node, port=real)
                 avoid.add(real)
                 continue
-            self.forwards[key] = forward
-            self.sessions.registry.set_lease_active(self.node, service, True)
             log.info("node {node}: forward {service} on {iface}:{port}{new}", node=self.node,
                      service=service, iface=self.interface, port=real,
                      new=" (new lease)" if new else "")
-            return self._reply(forward, port)
+            return forward
         log.error("node {node}: no usable port for {service}", node=self.node, service=service)
-        return 0
-
-    @staticmethod
-    def _reply(forward: Forward, requested: int) -> Any:
-        # Port 0 is answered with the allocated port (OpenSSH prints it);
-        # a fixed port is a virtual service number and needs no data.
-        return (1, struct.pack(">L", forward.port)) if requested == 0 else 1
+        return None
 
     def _listen(self, forward: Forward) -> None:
-        forward.listener = (self.sessions.listener or self.sessions.reactor).listenTCP(
+        port = (self.sessions.listener or self.sessions.reactor).listenTCP(
             forward.port, ForwardListener(self, forward), interface=self.interface)
+        self.listeners.setdefault(forward, PortListener()).port = port
 
-    def cancel_forward(self, bind: bytes, port: int) -> Any:
-        key = (bind, port)
-        if key not in self.forwards:
-            # OpenSSH cancels a port-0 forward by the port it was allocated.
-            key = next((k for k, f in self.forwards.items()
-                        if k[0] == bind and k[1] == 0 and f.port == port), key)
-        forward = self.forwards.pop(key, None)
+    def _cancel(self, bind: bytes, port: int) -> Any:
+        forward = self.table.cancel(bind, port)
         if forward is None:
             return 0
         self.sessions.registry.set_lease_active(self.node, forward.service, False)
         log.info("node {node}: forward {service} cancelled", node=self.node,
                  service=forward.service)
-        return forward.stop().addCallback(lambda _: 1)
+        return self._release(forward).addCallback(lambda _: 1)
 
-    def open_pipe(self, forward: Forward, end: TCPEnd, addr: Any) -> None:
-        chan = SpliceChannel(end, b"forwarded-tcpip",
-                             on_close=lambda i, o: self.pipes.discard(chan))
-        self.pipes.add(chan)
-        self.conn.openChannel(chan, self.channel_data(
-            forward, getattr(addr, "host", "0.0.0.0"), getattr(addr, "port", 0)))
+    def _release(self, forward: Forward) -> defer.Deferred[None]:
+        """Stop the forward's listener; it is forgotten once the port is free."""
+        listener = self.listeners.get(forward)
+        if listener is None:
+            return defer.succeed(None)
 
-    def service_forward(self, service: str) -> Forward | None:
-        """The live forward of `service` (case-insensitive), if the node has one."""
-        return next((f for f in self.forwards.values() if f.service == service.lower()), None)
+        def forget(_: object) -> None:
+            if self.listeners.get(forward) is listener and listener.port is None:
+                del self.listeners[forward]
 
-    @staticmethod
-    def channel_data(forward: Forward, origin: str = "127.0.0.1", origin_port: int = 0
-                     ) -> bytes:
-        """forwarded-tcpip open data: the device's own bind string and port, as
-        OpenSSH checks them against the forwards it asked for."""
-        return (common.NS(forward.bind) + struct.pack(">L", forward.channel_port)
-                + common.NS(origin.encode()) + struct.pack(">L", origin_port))
+        return listener.stop().addCallback(forget)
+
+    # -- the session -----------------------------------------------------------
 
     def set_public(self, public: bool) -> defer.Deferred[None]:
         """Rebind every forward on the public interface or back on loopback."""
@@ -212,10 +275,10 @@ class NodeTunnel:
             return defer.succeed(None)
         self.public = public
 
-        def rebind(key: tuple[bytes, int], forward: Forward) -> defer.Deferred[None]:
+        def rebind(forward: Forward) -> defer.Deferred[None]:
             def listen(_: object) -> None:
                 # The tunnel may have closed, or the forward been cancelled, meanwhile.
-                if self.closed or self.forwards.get(key) is not forward:
+                if self.closed or not self.table.holds(forward):
                     return
                 try:
                     self._listen(forward)
@@ -223,17 +286,19 @@ class NodeTunnel:
                     log.error("node {node}: cannot rebind {port} on {iface}: {why}",
                               node=self.node, port=forward.port, iface=self.interface,
                               why=str(e.socketError))
-            return forward.stop().addCallback(listen)
+            return self.listeners[forward].stop().addCallback(listen)
 
         log.info("node {node}: ports now on {iface}", node=self.node, iface=self.interface)
-        return defer.gatherResults([rebind(k, f) for k, f in list(self.forwards.items())]
+        return defer.gatherResults([rebind(f) for f in self.table if f in self.listeners]
                                    ).addCallback(lambda _: None)
 
     def close(self) -> defer.Deferred[None]:
-        """Release every listener; the leases stay with the node."""
+        """Release every listener (also those being cancelled); the leases stay
+        with the node."""
         self.closed = True
-        stops = [f.stop() for f in self.forwards.values()]
-        self.forwards.clear()
+        self.table.clear()
+        stops = [listener.stop() for listener in self.listeners.values()]
+        self.listeners.clear()
         return defer.gatherResults(stops).addCallback(lambda _: None)
 
 
@@ -260,7 +325,7 @@ class LiveSessions:
         if old is not None and old.conn is not conn:
             log.info("node {node} reconnected from {peer}: closing its old session",
                      node=node, peer=peer)
-            tunnel.ready = old.close()
+            tunnel.requests.wait_for(old.close())
             close_connection(old.conn, self.clock, "superseded by a new connection of this node")
         self.registry.mark_online(node, peer)
         log.info("node {node} online from {peer}", node=node, peer=peer)
@@ -292,7 +357,7 @@ class LiveSessions:
         """A forward's listener is gone (the port keeper could not take it): drop
         that node's connection, so that the device calls back and binds again."""
         for tunnel in self._live.values():
-            if any(f.port == port for f in tunnel.forwards.values()):
+            if any(f.port == port for f in tunnel.table):
                 close_connection(tunnel.conn, self.clock,
                                  f"hub error: the listener of port {port} was lost")
                 return

@@ -1,0 +1,68 @@
+"""What a channel dialled into a device through its tunnel tells the dialler.
+
+`NodeTunnel.dial` opens a `forwarded-tcpip` channel on the node's connection
+and waits for the device to confirm it. The channel classes it opens (the
+port listener's splice, the jump host's relay end, the hub's SSH client) mix
+in `OpenNotice` and report their open or refusal through it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from twisted.conch.ssh import connection
+from twisted.internet import defer
+
+from hub.ssh.connection import ChannelRefused
+
+Target = str | int  # a service name ("ssh", "port-8080"), or a port as an operator gives it
+
+
+def describe(target: Target) -> str:
+    return f"port {target}" if isinstance(target, int) else f"service {target}"
+
+
+def not_forwarded(node: str, target: Target) -> ChannelRefused:
+    """The refusal for a dial to a service the node does not forward."""
+    what = f"port {target}" if isinstance(target, int) else f"its {target} service"
+    return ChannelRefused(connection.OPEN_CONNECT_FAILED, f"node {node} does not forward {what}")
+
+
+class DeviceRefused(ChannelRefused):
+    """The device refused the channel; `cause` is its reason as Conch reported it."""
+
+    def __init__(self, node: str, target: Target, cause: Any) -> None:
+        super().__init__(connection.OPEN_CONNECT_FAILED, f"node {node} {describe(target)}: {cause}")
+        self.cause = cause
+
+
+class Dialled(Protocol):
+    """A channel `NodeTunnel.dial` can open (see `OpenNotice`)."""
+
+    @property
+    def opened(self) -> defer.Deferred[Any]: ...
+
+    def openFailed(self, reason: Any) -> None: ...
+
+
+class OpenNotice:
+    """Mixed into a channel the hub dials into a device: its `channelOpen` calls
+    `notify_open()`, its `openFailed` calls `notify_failed(reason)`, and
+    `opened` fires with the channel, or fails with that reason."""
+
+    _opened: defer.Deferred[Any] | None = None
+
+    @property
+    def opened(self) -> defer.Deferred[Any]:
+        if self._opened is None:
+            self._opened = defer.Deferred()
+        return self._opened
+
+    def notify_open(self) -> None:
+        if not self.opened.called:
+            self.opened.callback(self)
+
+    def notify_failed(self, reason: Any) -> None:
+        if not self.opened.called:
+            self.opened.errback(reason if isinstance(reason, BaseException)
+                                else ChannelRefused(connection.OPEN_CONNECT_FAILED, str(reason)))
