@@ -38,13 +38,13 @@ def test_bad_node_names(name: str) -> None:
 def test_register_outcomes(tmp_path: Path) -> None:
     hub = make_hub(tmp_path, MemoryReactorClock())
     line = pub_line("x")
-    ok = register(hub, ["site-a"], line, "t")
+    ok = register(hub.registrar_needs(), ["site-a"], line, "t")
     assert (ok.status, ok.stdout) == (0, hub.keys.mgmt_public_line.encode())
-    assert register(hub, ["site-a"], line, "t").status == 0
-    moved = register(hub, ["other"], line, "t")
+    assert register(hub.registrar_needs(), ["site-a"], line, "t").status == 0
+    moved = register(hub.registrar_needs(), ["other"], line, "t")
     assert moved.status == 0 and b"already registered as node site-a" in moved.stderr
-    assert register(hub, ["site-a"], pub_line(), "t").status == 1
-    assert register(hub, ["a", "b"], line, "t").stderr.startswith(b"usage:")
+    assert register(hub.registrar_needs(), ["site-a"], pub_line(), "t").status == 1
+    assert register(hub.registrar_needs(), ["a", "b"], line, "t").stderr.startswith(b"usage:")
     hub.registry.set_state("site-a", "revoked", "t")
-    revoked = register(hub, [], line, "t")
+    revoked = register(hub.registrar_needs(), [], line, "t")
     assert revoked.status == 1 and b"revoked" in revoked.stderr

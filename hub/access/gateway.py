@@ -16,9 +16,9 @@ from twisted.conch.avatar import ConchUser
 from twisted.conch.ssh import connection
 from twisted.logger import Logger
 
+from hub.access.needs import GatewayNeeds, NetconfLink
 from hub.access.session import GatewaySession
 from hub.access.session import stamp as _stamp
-from hub.app.context import Hub
 from hub.errors import NotFound
 from hub.rules.chooser import Entry
 from hub.rules.logins import OperatorLogin, may_reach
@@ -40,9 +40,10 @@ def _refused(refusal: Refusal) -> ChannelRefused:
 class OperatorAvatar(ConchUser):
     """An operator logged in to the hub."""
 
-    def __init__(self, hub: Hub, login: OperatorLogin, peer: Callable[[], str]) -> None:
+    def __init__(self, needs: GatewayNeeds, login: OperatorLogin, peer: Callable[[], str]
+                 ) -> None:
         ConchUser.__init__(self)
-        self.hub = hub
+        self.needs = needs
         self.login = login
         self._peer = peer
         self.conn: Any = None
@@ -61,7 +62,7 @@ class OperatorAvatar(ConchUser):
 
     def tunnel_of(self, node: Node) -> NodeTunnel:
         """The live call-home tunnel of a (non-NETCONF) node."""
-        tunnel = self.hub.sessions.get(node.name)
+        tunnel = self.needs.tunnels.get(node.name)
         refusal = tunnel_refusal(self.login.user, node, tunnel is not None)
         if refusal is not None:
             raise _refused(refusal)
@@ -76,20 +77,22 @@ class OperatorAvatar(ConchUser):
         return found
 
     def route(self, name: str, kind: bytes, data: bytes, port: str | None
-              ) -> tuple[Route | Refusal, Any]:
+              ) -> tuple[Route | Refusal, NodeTunnel | NetconfLink | None]:
         """Where a session request for node `name` goes, with the node's live tunnel
         (or NETCONF call-home session) to reach it through."""
         found = self._reach(name)
         if isinstance(found, Refusal):
             return found, None
         if found.kind == NETCONF:
-            link = self.hub.netconf.get(found.name) if self.hub.netconf is not None else None
+            netconf = self.needs.netconf
+            link: NodeTunnel | NetconfLink | None = (
+                netconf.get(found.name) if netconf is not None else None)
         else:
-            link = self.hub.sessions.get(found.name)
+            link = self.needs.tunnels.get(found.name)
         return session_route(self.login.user, found, link is not None, kind, data, port), link
 
     def _reach(self, name: str) -> Node | Refusal:
-        registry = self.hub.registry
+        registry = self.needs.grants
         try:
             grants: tuple[str, ...] | None = registry.user(self.login.user).allow
             node: Node | None = registry.node(name)
@@ -101,8 +104,9 @@ class OperatorAvatar(ConchUser):
         return found
 
     def reachable(self) -> list[Entry]:
-        user = self.hub.registry.user(self.login.user)
-        return [Entry(n.name, n.online) for n in self.hub.registry.nodes()
+        grants = self.needs.grants
+        user = grants.user(self.login.user)
+        return [Entry(n.name, n.online) for n in grants.nodes()
                 if n.state == "approved" and may_reach(user.allow, n.name)]
 
     def lookupChannel(self, channel_type: bytes, window: int, max_packet: int,
@@ -128,12 +132,12 @@ class OperatorAvatar(ConchUser):
                                 remoteMaxPacket=max_packet)
         device = JumpDeviceChannel()
         operator.relay_peer, device.relay_peer = device, operator
-        started = self.hub.clock.seconds()
+        started = self.needs.clock.seconds()
 
         def audit() -> None:
-            self.hub.registry.audit(
+            self.needs.grants.audit(
                 self.actor, "jump", node.name,
-                f"port {port} start {_stamp(started)} end {_stamp(self.hub.clock.seconds())}"
+                f"port {port} start {_stamp(started)} end {_stamp(self.needs.clock.seconds())}"
                 f" bytes to-device {operator.relay_bytes_in} from-device {device.relay_bytes_in}")
         opened = tunnel.dial(port, device, (request.origin, request.origin_port))
         if not opened.called:  # a port the node does not forward is refused at once

@@ -17,7 +17,7 @@ from twisted.conch.avatar import ConchUser
 from twisted.conch.ssh import channel, common, connection
 from twisted.logger import Logger
 
-from hub.app.context import Hub
+from hub.access.needs import RegistrarNeeds
 from hub.errors import BadKey, BadName, RegistryError
 from hub.rules.logins import DeviceLogin
 from hub.rules.names import check_node_name, default_node_name
@@ -43,14 +43,14 @@ class Outcome:
     stderr: bytes = b""
 
 
-def register(hub: Hub, args: list[str], upload: bytes, actor: str) -> Outcome:
+def register(needs: RegistrarNeeds, args: list[str], upload: bytes, actor: str) -> Outcome:
     """Run `register [NAME]` on an uploaded key; the outcome a device sees."""
     if len(args) > 1:
         return Outcome(1, stderr=b"usage: register [NAME] < id_ed25519.pub\n")
     try:
         key = parse_public_key(upload)
         name = check_node_name(args[0]) if args else default_node_name(key)
-        node, created = hub.registry.register(name, key.blob, key.fingerprint, actor)
+        node, created = needs.enrollment.register(name, key.blob, key.fingerprint, actor)
     except (BadKey, BadName, RegistryError) as e:
         log.info("registration by {actor} refused: {why}", actor=actor, why=str(e))
         return Outcome(1, stderr=f"register: {e}\n".encode())
@@ -63,7 +63,7 @@ def register(hub: Hub, args: list[str], upload: bytes, actor: str) -> Outcome:
                  fp=node.fingerprint, actor=actor)
     elif node.name.lower() != name.lower():
         note = f"register: this key is already registered as node {node.name}\n".encode()
-    return Outcome(0, stdout=hub.keys.mgmt_public_line.encode(), stderr=note)
+    return Outcome(0, stdout=needs.mgmt_public_line.encode(), stderr=note)
 
 
 class RegistrarSession(channel.SSHChannel):
@@ -99,7 +99,7 @@ class RegistrarSession(channel.SSHChannel):
         return 1
 
     def request_shell(self, data: bytes) -> int:
-        self.registrar.hub.clock.callLater(0, self._refuse)
+        self.registrar.needs.clock.callLater(0, self._refuse)
         return 1
 
     def request_exec(self, data: bytes) -> int:
@@ -113,11 +113,11 @@ class RegistrarSession(channel.SSHChannel):
             self._upload = bytearray()
         else:
             log.info("{actor}: refused command {cmd!r}", actor=self.registrar.actor, cmd=command)
-            self.registrar.hub.clock.callLater(0, self._refuse)
+            self.registrar.needs.clock.callLater(0, self._refuse)
         return 1
 
     def _refuse(self) -> None:
-        self._finish(Outcome(1, stderr=no_shell_line(self.registrar.hub.config.registrar_user)))
+        self._finish(Outcome(1, stderr=no_shell_line(self.registrar.needs.user)))
 
     def dataReceived(self, data: bytes) -> None:
         if self._upload is None:
@@ -130,7 +130,7 @@ class RegistrarSession(channel.SSHChannel):
     def eofReceived(self) -> None:
         if self._upload is not None:
             upload, self._upload = bytes(self._upload), None
-            self._finish(register(self.registrar.hub, self._args, upload, self.registrar.actor))
+            self._finish(register(self.registrar.needs, self._args, upload, self.registrar.actor))
 
     def _finish(self, outcome: Outcome) -> None:
         if self._done or self.closing:
@@ -151,9 +151,10 @@ class RegistrarSession(channel.SSHChannel):
 class RegistrarAvatar(ConchUser):
     """The registrar user, logged in by password (node None) or by a node's key."""
 
-    def __init__(self, hub: Hub, login: DeviceLogin, peer: Callable[[], str]) -> None:
+    def __init__(self, needs: RegistrarNeeds, login: DeviceLogin, peer: Callable[[], str]
+                 ) -> None:
         ConchUser.__init__(self)
-        self.hub = hub
+        self.needs = needs
         self.node = login.node
         self._peer = peer
         self.conn: Any = None
@@ -161,16 +162,16 @@ class RegistrarAvatar(ConchUser):
 
     @property
     def actor(self) -> str:
-        who = self.node or self.hub.config.registrar_user
+        who = self.node or self.needs.user
         return f"{who}@{self._peer()}"
 
     def connection_started(self, conn: Any) -> None:
         if self.node is not None:
-            self.tunnel = self.hub.sessions.attach(self.node, conn, self._peer())
+            self.tunnel = self.needs.tunnels.attach(self.node, conn, self._peer())
 
     def logout(self) -> None:
         if self.tunnel is not None:
-            self.hub.sessions.detach(self.tunnel)
+            self.needs.tunnels.detach(self.tunnel)
 
     def lookupChannel(self, channel_type: bytes, window: int, max_packet: int,
                       data: bytes) -> Any:
@@ -187,9 +188,9 @@ class RegistrarAvatar(ConchUser):
                 if self.node is None:
                     raise ChannelRefused(connection.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                          "only a registered node's key may send results")
-                factory = self.hub.nsca_channel_factory
-                if factory is not None:
-                    return factory(self, window, max_packet)
+                intake = self.needs.intake
+                if intake is not None:
+                    return intake(self.node, self.actor, window, max_packet)
                 raise ChannelRefused(connection.OPEN_CONNECT_FAILED,
                                      "the NSCA intake is not running on this hub")
             raise ChannelRefused(
@@ -200,7 +201,7 @@ class RegistrarAvatar(ConchUser):
         raise ChannelRefused(
             connection.OPEN_ADMINISTRATIVELY_PROHIBITED,
             f"channel type {channel_type.decode('ascii', 'replace')} is not allowed "
-            f"for {self.hub.config.registrar_user}",
+            f"for {self.needs.user}",
         )
 
     def gotGlobalRequest(self, request_type: bytes, data: bytes) -> Any:

@@ -39,6 +39,7 @@ from hub.rules.session import (
     ToDevice,
     Write,
 )
+from hub.tunnel.live import NodeTunnel
 from hub.tunnel.relay import RelayChannel
 
 if TYPE_CHECKING:
@@ -144,7 +145,7 @@ class GatewaySession(RelayChannel):
             self.relay_received(output.n)
         elif isinstance(output, StartSoon):
             # After the reply to the request has gone out.
-            self.owner.hub.clock.callLater(0, lambda: self.run(self.machine.start()))
+            self.owner.needs.clock.callLater(0, lambda: self.run(self.machine.start()))
         elif isinstance(output, Dial):
             self._dial(output)
         elif isinstance(output, DeviceRequest):
@@ -180,20 +181,22 @@ class GatewaySession(RelayChannel):
     # -- the device ------------------------------------------------------------
 
     def _dial(self, dial: Dial) -> None:
-        owner, hub = self.owner, self.owner.hub
+        owner, needs = self.owner, self.owner.needs
         route, link = owner.route(dial.node, dial.kind, dial.data, dial.port)
         if isinstance(route, Refusal):
             self.run(self.machine.failed(route.message))
             return
         log.info("{actor}: {kind} on {node}", actor=owner.actor, kind=route.label,
                  node=route.node)
-        self.run(self.machine.routed(route, hub.clock.seconds()))
+        self.run(self.machine.routed(route, needs.clock.seconds()))
         if route.netconf:
             # A new `netconf` subsystem channel on the node's call-home session.
+            assert link is not None  # a route is only given for a live link
             self._open_device(link.conn)
             return
-        ready, _client = connect(link, route.user, hub.keys.mgmt, route.host_key,
-                                 clock=hub.clock)
+        assert isinstance(link, NodeTunnel)
+        ready, _client = connect(link, route.user, needs.mgmt_key, route.host_key,
+                                 clock=needs.clock)
         ready.addCallbacks(self._logged_in, self._login_failed, errbackArgs=(route.node,))
 
     def _logged_in(self, conn: DeviceConnection) -> None:
@@ -240,9 +243,9 @@ class GatewaySession(RelayChannel):
 
     def _record(self, record: Record) -> None:
         device = self.relay_peer
-        hub = self.owner.hub
-        hub.registry.audit(
+        needs = self.owner.needs
+        needs.grants.audit(
             self.owner.actor, "gateway", record.node,
-            f"{record.label} start {stamp(record.started)} end {stamp(hub.clock.seconds())}"
+            f"{record.label} start {stamp(record.started)} end {stamp(needs.clock.seconds())}"
             f" bytes to-device {self.relay_bytes_in}"
             f" from-device {device.relay_bytes_in if device is not None else 0}")

@@ -1,18 +1,27 @@
-"""The running hub's shared parts, handed to every avatar and service."""
+"""The running hub's shared parts, built once by the service wiring.
+
+Avatars do not get this object: they get the narrow views of it that
+`registrar_needs` and `gateway_needs` build (see `hub.access.needs`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from attrs import define, field
+from attrs import define
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
+from hub.access.needs import GatewayNeeds, RegistrarNeeds
 from hub.app.config import HubConfig
 from hub.ssh.keys import HubKeys
 from hub.store.registry import Registry
 from hub.tunnel.live import LiveSessions
+
+if TYPE_CHECKING:
+    from hub.intake.monitoring import Monitoring
+    from hub.netconf.callhome import NetconfSessions
 
 
 @define(eq=False)
@@ -24,13 +33,23 @@ class Hub:
     run_in_thread: Callable[..., defer.Deferred[Any]]
     sessions: LiveSessions
     reactor: Any = None
-    # Set by the NSCA wiring: builds the in-tunnel intake channel, or None.
-    nsca_channel_factory: Callable[..., Any] | None = field(default=None)
-    monitoring: Any = None
-    # The live NETCONF call-home sessions (`netconf.NetconfSessions`), or None.
-    netconf: Any = None
+    # The monitoring intake (results from NSCA in the tunnel or on --nsca), or None.
+    monitoring: Monitoring | None = None
+    # The live NETCONF call-home sessions, or None.
+    netconf: NetconfSessions | None = None
 
     def sync(self) -> None:
         """Apply changes the admin CLI made to the registry (polled every second)."""
         if self.registry.changed():
             self.sessions.enforce()
+
+    def registrar_needs(self) -> RegistrarNeeds:
+        return RegistrarNeeds(
+            user=self.config.registrar_user, enrollment=self.registry,
+            mgmt_public_line=self.keys.mgmt_public_line, tunnels=self.sessions,
+            intake=self.monitoring.channel_factory if self.monitoring is not None else None,
+            clock=self.clock)
+
+    def gateway_needs(self) -> GatewayNeeds:
+        return GatewayNeeds(grants=self.registry, tunnels=self.sessions, netconf=self.netconf,
+                            mgmt_key=self.keys.mgmt, clock=self.clock)

@@ -95,9 +95,11 @@ class HubRealm:
         avatar: RegistrarAvatar | OperatorAvatar
         # The peer is read lazily: the avatar outlives this call.
         if isinstance(avatar_id, DeviceLogin):
-            avatar = RegistrarAvatar(self.hub, avatar_id, lambda: self._peer_of(avatar))
+            avatar = RegistrarAvatar(self.hub.registrar_needs(), avatar_id,
+                                     lambda: self._peer_of(avatar))
         elif isinstance(avatar_id, OperatorLogin):
-            avatar = OperatorAvatar(self.hub, avatar_id, lambda: self._peer_of(avatar))
+            avatar = OperatorAvatar(self.hub.gateway_needs(), avatar_id,
+                                    lambda: self._peer_of(avatar))
         else:
             raise NotImplementedError("no such avatar")
         return IConchUser, avatar, avatar.logout
@@ -243,7 +245,6 @@ def build_hub(config: HubConfig, reactor: Any) -> Hub:
     command_file = (CommandFileWriter(config.command_file, clock)
                     if config.command_file else None)
     hub.monitoring = Monitoring(registry, config.nsca, clock, command_file)
-    hub.nsca_channel_factory = hub.monitoring.channel_factory
     hub.netconf = NetconfSessions(registry, clock)
     return hub
 
@@ -288,16 +289,18 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     if config.nsca_endpoint and hub.monitoring is not None:
         ListenerService("NSCA", config.nsca_endpoint, hub.monitoring.tcp_factory(),
                         reactor).setServiceParent(top)
+    netconf = hub.netconf
+    assert netconf is not None  # build_hub made it
     if config.netconf_endpoint:
         ListenerService("NETCONF", config.netconf_endpoint,
-                        CallHomeFactory(hub, hub.netconf), reactor).setServiceParent(top)
+                        CallHomeFactory(hub, netconf), reactor).setServiceParent(top)
     if hub.monitoring is not None:
         FlushOnStop(hub.monitoring.flush).setServiceParent(top)
     poll = internet.TimerService(REGISTRY_POLL, hub.sync)
     poll.clock = reactor
     poll.setServiceParent(top)
     # Revocation and removal of NETCONF nodes (hub.sync consumes the change flag).
-    netconf_poll = internet.TimerService(REGISTRY_POLL, hub.netconf.enforce)
+    netconf_poll = internet.TimerService(REGISTRY_POLL, netconf.enforce)
     netconf_poll.clock = reactor
     netconf_poll.setServiceParent(top)
     return top

@@ -88,10 +88,11 @@ class Monitoring:
     def tcp_factory(self) -> NSCAServerFactory:
         return NSCAServerFactory(self.config, lambda r: self.deliver("", r), self.clock)
 
-    def channel_factory(self, avatar: Any, window: int, max_packet: int) -> NSCAChannel:
+    def channel_factory(self, node: str, actor: str, window: int, max_packet: int
+                        ) -> NSCAChannel:
         # A 2 MiB window as for tunnels: results are decoded as they arrive, so it
         # holds nothing back, and window adjusts go out every 1 MiB, not every 64 KiB.
-        return NSCAChannel(self, avatar.node or "", avatar.actor, localWindow=WINDOW,
+        return NSCAChannel(self, node, actor, localWindow=WINDOW,
                            remoteWindow=window, remoteMaxPacket=max_packet)
 
 

@@ -1,0 +1,89 @@
+"""What the SSH avatars are given: narrow, typed views of the running hub.
+
+The registrar and the gateway see only what they use (enrollment, live tunnels,
+grants, the monitoring intake, the management key), each typed by a Protocol
+that the real part (the registry, `LiveSessions`, `NetconfSessions`,
+`Monitoring`) satisfies and a test can stand in for. `hub.app.context.Hub`
+builds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from attrs import frozen
+from twisted.conch.ssh import keys
+from twisted.conch.ssh.channel import SSHChannel
+from twisted.internet.interfaces import IReactorTime
+
+if TYPE_CHECKING:
+    from hub.store.registry import Node, User
+    from hub.tunnel.live import NodeTunnel
+
+
+class Enrollment(Protocol):
+    """Records a device's key as a (pending) node."""
+
+    def register(self, name: str, key_blob: bytes, fingerprint: str,
+                 actor: str) -> tuple[Node, bool]: ...
+
+
+class Tunnels(Protocol):
+    """The live call-home tunnel of each node."""
+
+    def attach(self, node: str, conn: Any, peer: str) -> NodeTunnel: ...
+
+    def detach(self, tunnel: NodeTunnel) -> None: ...
+
+    def get(self, node: str) -> NodeTunnel | None: ...
+
+
+class NetconfLink(Protocol):
+    """A NETCONF node's call-home session: the SSH connection to open channels on."""
+
+    @property
+    def conn(self) -> Any: ...
+
+
+class NetconfLinks(Protocol):
+    def get(self, node: str) -> NetconfLink | None: ...
+
+
+class Grants(Protocol):
+    """What the gateway reads (operators, their grants, nodes) and writes (the audit log)."""
+
+    def user(self, name: str) -> User: ...
+
+    def node(self, name: str) -> Node: ...
+
+    def nodes(self) -> list[Node]: ...
+
+    def audit(self, actor: str, action: str, target: str, detail: str = "") -> None: ...
+
+
+# Builds the in-tunnel NSCA intake channel: (node, actor, window, max packet) -> channel.
+IntakeFactory = Callable[[str, str, int, int], SSHChannel]
+
+
+@frozen
+class RegistrarNeeds:
+    """What the registrar user (`cms`) may touch."""
+
+    user: str                   # the registrar user's name (`cms`)
+    enrollment: Enrollment
+    mgmt_public_line: str       # what a registering device is told to authorize
+    tunnels: Tunnels
+    intake: IntakeFactory | None
+    clock: IReactorTime
+
+
+@frozen
+class GatewayNeeds:
+    """What the console gateway and jump host may touch."""
+
+    grants: Grants
+    tunnels: Tunnels
+    netconf: NetconfLinks | None
+    mgmt_key: keys.Key          # the hub's identity when it logs in to a device
+    clock: IReactorTime
