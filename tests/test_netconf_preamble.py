@@ -156,7 +156,7 @@ def test_identify_by_host_key(tmp_path: Path) -> None:
 def _connect(tmp_path: Path, **options: str) -> tuple[MemoryReactorClock, StringTransport, object]:
     clock = MemoryReactorClock()
     hub = make_hub(tmp_path, clock, **options)
-    factory = CallHomeFactory(hub, NetconfSessions(hub.registry, clock))
+    factory = CallHomeFactory(hub.netconf_needs(), NetconfSessions(hub.registry, clock))
     proto = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 4334))
     assert proto is not None
     tr = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 50000))

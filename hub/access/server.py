@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hub.access.auth import PasswordBackoff
-from hub.app.config import Limits
+from hub.access.limits import Limits
 from hub.ssh.connection import HubConnection
 from hub.ssh.keys import HubKeys
 from hub.ssh.modern import ModernTransportMixin

@@ -14,22 +14,10 @@ from typing import Any
 
 from attrs import field, frozen
 
+from hub.access.limits import Limits
 from hub.errors import ConfigError
 from hub.intake.settings import NSCASettings
 from hub.rules.names import is_valid_name
-
-
-@frozen
-class Limits:
-    """Bounds that keep a hostile or broken peer from taking the hub down."""
-
-    login_timeout: int = 120
-    max_auth_tries: int = 6
-    max_unauthenticated: int = 256
-    # Failed-password back-off per source address (keys are never delayed,
-    # so devices sharing one CGNAT address keep working).
-    password_backoff_base: float = 1.0
-    password_backoff_max: float = 30.0
 
 
 @frozen

@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from hub.access.needs import GatewayNeeds, RegistrarNeeds
 from hub.app.config import HubConfig
+from hub.netconf.callhome import CallHomeNeeds
 from hub.ssh.keys import HubKeys
 from hub.store.registry import Registry
 from hub.tunnel.live import LiveSessions
@@ -49,6 +50,14 @@ class Hub:
             mgmt_public_line=self.keys.mgmt_public_line, tunnels=self.sessions,
             intake=self.monitoring.channel_factory if self.monitoring is not None else None,
             clock=self.clock)
+
+    def netconf_needs(self) -> CallHomeNeeds:
+        config = self.config
+        return CallHomeNeeds(
+            registry=self.registry, mgmt_key=self.keys.mgmt, clock=self.clock,
+            secrets=config.netconf_secrets, keepalive=config.keepalive,
+            keepalive_count=config.keepalive_count,
+            max_unauthenticated=config.limits.max_unauthenticated)
 
     def gateway_needs(self) -> GatewayNeeds:
         return GatewayNeeds(grants=self.registry, tunnels=self.sessions, netconf=self.netconf,

@@ -292,8 +292,8 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     netconf = hub.netconf
     assert netconf is not None  # build_hub made it
     if config.netconf_endpoint:
-        ListenerService("NETCONF", config.netconf_endpoint,
-                        CallHomeFactory(hub, netconf), reactor).setServiceParent(top)
+        ListenerService("NETCONF", config.netconf_endpoint, CallHomeFactory(
+            hub.netconf_needs(), netconf), reactor).setServiceParent(top)
     if hub.monitoring is not None:
         FlushOnStop(hub.monitoring.flush).setServiceParent(top)
     poll = internet.TimerService(REGISTRY_POLL, hub.sync)

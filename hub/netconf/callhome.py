@@ -13,10 +13,11 @@ operators' `netconf` subsystem channels. A new call home replaces the old one.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 from attrs import define, field, frozen
-from twisted.conch.ssh import transport
+from twisted.conch.ssh import keys, transport
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -28,7 +29,6 @@ from hub.access.device_client import (
     DeviceConnection,
     DeviceError,
 )
-from hub.app.context import Hub
 from hub.errors import NameTaken, NotFound
 from hub.netconf.preamble import PreambleError, PreambleParser, PreambleResult, authenticate
 from hub.ssh.connection import Keepalive
@@ -156,15 +156,28 @@ class NetconfConnection(DeviceConnection):
             callback()
 
 
+@frozen
+class CallHomeNeeds:
+    """What NETCONF call home uses of the running hub."""
+
+    registry: Registry
+    mgmt_key: keys.Key          # the hub's identity when it logs in to a device
+    clock: IReactorTime
+    secrets: Mapping[str, str]  # Junos outbound-ssh shared secrets by device id
+    keepalive: float
+    keepalive_count: int
+    max_unauthenticated: int    # call-home connections not logged in yet
+
+
 class NetconfClientTransport(DeviceClientTransport):
     """The hub's SSH client on a call-home TCP connection: identifies the device
     by its host key, then logs in with the management key (approved nodes only)."""
 
-    def __init__(self, hub: Hub, peer: str, device_id: str | None,
+    def __init__(self, needs: CallHomeNeeds, peer: str, device_id: str | None,
                  vouched: bytes | None) -> None:
-        DeviceClientTransport.__init__(self, b"", hub.keys.mgmt, None, None,
-                                       defer.Deferred(), hub.clock)
-        self.hub = hub
+        DeviceClientTransport.__init__(self, b"", needs.mgmt_key, None, None,
+                                       defer.Deferred(), needs.clock)
+        self.needs = needs
         self.peer = peer
         self.device_id = device_id
         self.vouched = vouched  # the host key the preamble's HMAC vouched for
@@ -179,7 +192,7 @@ class NetconfClientTransport(DeviceClientTransport):
                 f"device {self.device_id}: its SSH host key {fingerprint(hostKey)} is not "
                 "the HOST-KEY its preamble vouched for"))
         else:
-            self.decision = identify(self.hub.registry, hostKey, self.device_id)
+            self.decision = identify(self.needs.registry, hostKey, self.device_id)
         if self.decision.action == REFUSE:
             return defer.fail(self._refuse(self.decision.reason))
         return defer.succeed(True)
@@ -197,7 +210,7 @@ class NetconfClientTransport(DeviceClientTransport):
 
     def connectionSecure(self) -> None:
         # The host key is proven now (the exchange hash is signed): safe to record.
-        registry, decision = self.hub.registry, self.decision
+        registry, decision = self.needs.registry, self.decision
         assert self.host_key is not None
         if decision.action == PENDING:
             fp = fingerprint(self.host_key)
@@ -227,9 +240,9 @@ class NetconfClientTransport(DeviceClientTransport):
         DeviceClientTransport.connectionSecure(self)
 
     def connection_service(self) -> DeviceConnection:
-        config = self.hub.config
-        return NetconfConnection(self.ready, self.hub.clock, config.keepalive,
-                                 config.keepalive_count)
+        needs = self.needs
+        return NetconfConnection(self.ready, needs.clock, needs.keepalive,
+                                 needs.keepalive_count)
 
 
 class CallHomeProtocol(ClockTimeout, protocol.Protocol):
@@ -242,8 +255,8 @@ class CallHomeProtocol(ClockTimeout, protocol.Protocol):
 
     def __init__(self, factory: CallHomeFactory) -> None:
         self.factory = factory
-        self.hub = factory.hub
-        self.clock = self.hub.clock
+        self.needs = factory.needs
+        self.clock = self.needs.clock
         self.client: NetconfClientTransport | None = None
         self.parser: PreambleParser | None = None
         self.peer = "?"
@@ -252,7 +265,7 @@ class CallHomeProtocol(ClockTimeout, protocol.Protocol):
 
     def connectionMade(self) -> None:
         self.peer = getattr(self.transport.getPeer(), "host", "?")
-        self.parser = PreambleParser(self.hub.clock)
+        self.parser = PreambleParser(self.clock)
         self._deadline(self.parser.timeout, "sent no SSH version or preamble")
 
     def _deadline(self, seconds: float | None, what: str = "") -> None:
@@ -274,7 +287,7 @@ class CallHomeProtocol(ClockTimeout, protocol.Protocol):
             result = self.parser.feed(data)
             if result is None:
                 return
-            vouched = (authenticate(result.preamble, self.hub.config.netconf_secrets)
+            vouched = (authenticate(result.preamble, self.needs.secrets)
                        if result.preamble is not None else None)
         except PreambleError as e:
             self._refused = True
@@ -289,7 +302,7 @@ class CallHomeProtocol(ClockTimeout, protocol.Protocol):
         if device_id is not None:
             log.info("netconf call home from {peer}: DEVICE-ID {id}{hmac}", peer=self.peer,
                      id=device_id, hmac=" (HMAC verified)" if vouched else "")
-        self.client = client = NetconfClientTransport(self.hub, self.peer, device_id, vouched)
+        self.client = client = NetconfClientTransport(self.needs, self.peer, device_id, vouched)
         self._deadline(LOGIN_TIMEOUT, "did not complete the SSH login")
         client.ready.addCallbacks(self._online, self._failed)
         client.makeConnection(self.transport)
@@ -323,13 +336,13 @@ class CallHomeFactory(protocol.Factory):
 
     noisy = False
 
-    def __init__(self, hub: Hub, sessions: NetconfSessions) -> None:
-        self.hub = hub
+    def __init__(self, needs: CallHomeNeeds, sessions: NetconfSessions) -> None:
+        self.needs = needs
         self.sessions = sessions
         self.unauthenticated: set[CallHomeProtocol] = set()
 
     def buildProtocol(self, addr: Any) -> CallHomeProtocol | None:
-        limit = self.hub.config.limits.max_unauthenticated
+        limit = self.needs.max_unauthenticated
         if len(self.unauthenticated) >= limit:
             log.warn("refusing netconf call home from {peer}: {n} not logged in yet",
                      peer=getattr(addr, "host", addr), n=len(self.unauthenticated))

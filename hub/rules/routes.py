@@ -15,7 +15,7 @@ from twisted.conch.ssh.common import NS, getNS
 from twisted.conch.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
 
 from hub.rules.logins import may_reach
-from hub.store.registry import NETCONF, Node
+from hub.store.rows import NETCONF, Node
 
 # The session requests an operator may make, and how the audit log names them.
 LABELS = {b"shell": "shell", b"exec": "exec", b"subsystem": "subsystem"}
