@@ -1186,3 +1186,20 @@ def test_device_client_opens_the_ssh_forward(hub: Hub, reactor: RecordingReactor
     assert (chan.bind, chan.port, chan.origin, chan.origin_port) == (
         b"localhost", port, b"127.0.0.1", 0)
     assert chan.is_open
+
+
+def test_device_client_gives_up_on_a_device_that_never_logs_in(
+        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    allocated(device.forward(b"localhost", 0))
+    tunnel = hub.sessions.get("site-a")
+    assert tunnel is not None
+    ready, _client = device_client.connect(tunnel, "root", new_key(), None, clock=reactor)
+    failures: list[Any] = []
+    ready.addErrback(failures.append)
+    device.pump.flush()  # the channel opens; the device never answers SSH
+    reactor.advance(device_client.LOGIN_TIMEOUT - 1)
+    assert failures == []
+    reactor.advance(1)
+    (failure,) = failures
+    assert failure.check(device_client.DeviceError)
+    assert str(failure.value) == "the device did not complete the login within 30 s"

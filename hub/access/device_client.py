@@ -158,10 +158,12 @@ def connect(tunnel: NodeTunnel, user: str, key: keys.Key, pinned: bytes | None,
 
     tunnel.dial("ssh", ClientChannel(client)).addErrback(refused)
     if clock is not None and not ready.called:
-        timer = clock.callLater(LOGIN_TIMEOUT, lambda: None if ready.called else ready.errback(
-            DeviceError(f"the device did not complete the login within {LOGIN_TIMEOUT:g} s")))
-        ready.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+        ready.addTimeout(LOGIN_TIMEOUT, clock, onTimeoutCancel=_login_too_slow)
     return ready, client
+
+
+def _login_too_slow(result: object, timeout: float) -> Failure:
+    return Failure(DeviceError(f"the device did not complete the login within {timeout:g} s"))
 
 
 class CommandChannel(channel.SSHChannel):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -23,10 +23,12 @@ from hub.intake.nsca import (
     make_init_packet,
 )
 from hub.intake.settings import NSCASettings
+from hub.timeouts import ClockTimeout
 
 
-class NSCAServerProtocol(Protocol):
-    """One NSCA client connection: init packet out, results to `deliver`, errors logged."""
+class NSCAServerProtocol(ClockTimeout, Protocol):
+    """One NSCA client connection: init packet out, results to `deliver`, errors logged;
+    closed after `read_timeout` seconds without a byte."""
 
     _log = Logger()
 
@@ -40,26 +42,24 @@ class NSCAServerProtocol(Protocol):
     ) -> None:
         self._settings = settings
         self._deliver = deliver
-        self._clock = clock
+        self.clock = clock
         self._iv_source = iv_source
         self.peer = peer
         self.decoder: NSCADecoder | None = None
-        self._timer: IDelayedCall | None = None
         self._closing = False
 
     def connectionMade(self) -> None:
         iv = self._iv_source(IV_SIZE)
         s = self._settings
-        self.decoder = NSCADecoder(s.encryption, s.password, iv, self._clock.seconds, s.max_age)
-        self._timer = self._clock.callLater(s.read_timeout, self._timedOut)
+        self.decoder = NSCADecoder(s.encryption, s.password, iv, self.clock.seconds, s.max_age)
+        self.setTimeout(s.read_timeout)
         assert self.transport is not None
-        self.transport.write(make_init_packet(iv, int(self._clock.seconds())))
+        self.transport.write(make_init_packet(iv, int(self.clock.seconds())))
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing or self.decoder is None:
             return
-        if self._timer is not None:
-            self._timer.reset(self._settings.read_timeout)
+        self.resetTimeout()
         try:
             results = self.decoder.feed(data)
         except NSCAError as e:
@@ -82,8 +82,7 @@ class NSCAServerProtocol(Protocol):
                     peer=self.peer, host=result.host, service=result.service,
                 )
 
-    def _timedOut(self) -> None:
-        self._timer = None
+    def timeoutConnection(self) -> None:
         pending = self.decoder.pending if self.decoder is not None else 0
         self._log.info(
             "NSCA {peer}: nothing received for {timeout} s ({pending} bytes of a packet "
@@ -94,17 +93,12 @@ class NSCAServerProtocol(Protocol):
 
     def _close(self) -> None:
         self._closing = True
-        self._cancelTimer()
+        self.setTimeout(None)
         if self.transport is not None:
             self.transport.loseConnection()
 
-    def _cancelTimer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self._cancelTimer()
+        self.setTimeout(None)
         if not self._closing and self.decoder is not None and self.decoder.pending:
             self._log.warn(
                 "NSCA {peer}: connection closed mid-packet ({pending} bytes dropped)",
