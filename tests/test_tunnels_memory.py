@@ -31,12 +31,14 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.test.iosim import FakeTransport, IOPump, connect
+from zope.interface import implementer
 
 from hub.access import device_client
 from hub.access.server import HubSSHFactory
 from hub.app.context import Hub
 from hub.ssh.channels import MAX_PACKET, WINDOW
 from hub.ssh.connection import ChannelRefused
+from hub.ssh.sink import IPacketSink
 from hub.tunnel.dial import DeviceRefused, OpenNotice
 from hub.tunnel.live import CLOSE_GRACE, ForwardListener
 from hub.tunnel.splice import SpliceChannel, TCPEnd
@@ -961,6 +963,7 @@ def test_device_hanging_up_closes_its_pipes(hub: Hub, reactor: RecordingReactor,
     assert not hub.registry.node("site-a").online
 
 
+@implementer(IPacketSink)
 class RecordingSSH:
     """Just enough of a transport and connection for a channel's writes."""
 
@@ -971,6 +974,15 @@ class RecordingSSH:
 
     def sendPacketParts(self, kind: int, head: bytes, data: Any) -> None:
         self.packets.append(bytes(data))
+
+    def beginBatch(self) -> bool:
+        return False
+
+    def endBatch(self) -> None:
+        pass
+
+    def callAfterInput(self, action: Any) -> bool:
+        return False
 
 
 def test_a_relayed_view_waiting_for_window_is_kept_as_a_copy() -> None:

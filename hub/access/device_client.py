@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 
 from hub.errors import HubError
 from hub.ssh.connection import ChannelRefused, WindowedChannelsMixin
+from hub.ssh.iogroup import IOGroup
 from hub.ssh.keys import fingerprint
 from hub.ssh.modern import ModernTransportMixin, ModernUserAuthClientMixin
 from hub.tunnel.dial import DeviceRefused, OpenNotice
@@ -82,13 +83,16 @@ class DeviceUserAuth(ModernUserAuthClientMixin, userauth.SSHUserAuthClient):
 class DeviceClientTransport(ModernTransportMixin, transport.SSHClientTransport):
     def __init__(self, user: bytes, key: keys.Key, password: bytes | None,
                  pinned: bytes | None, ready: defer.Deferred[DeviceConnection],
-                 clock: Any) -> None:
+                 clock: Any, io_group: IOGroup | None = None) -> None:
         self.user = user
         self.key = key
         self.password = password
         self.pinned = pinned
         self.ready = ready
         self.clock = clock
+        # Inside a tunnel, the group of the hub transport it runs in: its
+        # input ends with the read that carried it (see hub.ssh.iogroup).
+        self.ioGroup = io_group
         self.host_key: bytes | None = None
         self.failure: DeviceError | None = None
 
@@ -143,7 +147,8 @@ def connect(tunnel: NodeTunnel, user: str, key: keys.Key, pinned: bytes | None,
             ) -> tuple[defer.Deferred[DeviceConnection], DeviceClientTransport]:
     """Log in to the device behind `tunnel` over its `ssh` forward."""
     ready: defer.Deferred[DeviceConnection] = defer.Deferred()
-    client = DeviceClientTransport(user.encode(), key, password, pinned, ready, clock)
+    client = DeviceClientTransport(user.encode(), key, password, pinned, ready, clock,
+                                   tunnel.conn.transport.ioGroup)
 
     def refused(f: Failure) -> Failure | None:
         why = f.value

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from hub.access.auth import PasswordBackoff
 from hub.access.limits import Limits
 from hub.ssh.connection import HubConnection
+from hub.ssh.iogroup import IOGroup
 from hub.ssh.keys import HubKeys
 from hub.ssh.modern import ModernTransportMixin
 from hub.tunnel.splice import READ_SIZE
@@ -141,6 +142,9 @@ class HubSSHFactory(factory.SSHFactory):
         self.backoff = PasswordBackoff(clock, limits.password_backoff_base,
                                        limits.password_backoff_max)
         self.unauthenticated: set[HubServerTransport] = set()
+        # Shared by this hub's transports only: another hub (or client) in
+        # the same process has its own.
+        self.io_group = IOGroup()
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         if len(self.unauthenticated) >= self.limits.max_unauthenticated:
@@ -150,6 +154,7 @@ class HubSSHFactory(factory.SSHFactory):
         # Conch's SSHFactory.buildProtocol, without its per-connection log line
         # about the moduli file: the hub offers no group exchange at all.
         t: Any = protocol.Factory.buildProtocol(self, addr)
+        t.ioGroup = self.io_group
         t.supportedPublicKeys = [alg for key in self.privateKeys.values()
                                  for alg in key.supportedSignatureAlgorithms()]
         t.supportedKeyExchanges = [k for k in t.supportedKeyExchanges

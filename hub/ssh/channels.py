@@ -3,7 +3,8 @@
 `PacketWriteMixin` seals each packet's data straight from the caller's buffer
 into the transport's packet buffer; `gather_output` lets a relay send the
 packets of one read with one system call. Shared by the splice (channel <->
-TCP) and the relay (channel <-> channel).
+TCP) and the relay (channel <-> channel). Both reach the transport through its
+`IPacketSink` only (see hub.ssh.sink).
 """
 
 from __future__ import annotations
@@ -14,24 +15,22 @@ from typing import Any
 
 from twisted.conch.ssh.connection import MSG_CHANNEL_DATA
 
+from hub.ssh.sink import IPacketSink, sink_for
+
 # The window and packet size the hub offers on the channels it relays.
 WINDOW = 2 * 1024 * 1024
 MAX_PACKET = 32768
 _CHANNEL_DATA_HEAD = struct.Struct(">2L")  # recipient channel, data length
 
 
-def _no_batch() -> bool:
-    return False
-
-
-def gather_output(ssh: Any) -> None:
-    """Gather the packets sent on the SSH transport `ssh` until the data being
-    received is all dispatched, then send them with one system call (a relay
-    passes on several packets per read; each would be a send of its own)."""
-    if not getattr(ssh, "beginBatch", _no_batch)():
+def gather_output(sink: IPacketSink) -> None:
+    """Gather the packets sent to `sink` until the data being received is all
+    dispatched, then send them with one system call (a relay passes on
+    several packets per read; each would be a send of its own)."""
+    if not sink.beginBatch():
         return  # not our transport, or a batch is already gathering
-    if not ssh.callAfterInput(ssh.endBatch):
-        ssh.endBatch()  # nothing is being received: nothing to gather
+    if not sink.callAfterInput(sink.endBatch):
+        sink.endBatch()  # nothing is being received: nothing to gather
 
 
 class PacketWriteMixin:
@@ -46,6 +45,15 @@ class PacketWriteMixin:
     areWriting: int
     stopWriting: Callable[[], None]
     loseConnection: Callable[[], None]
+    _sink: IPacketSink | None = None
+
+    def packet_sink(self) -> IPacketSink:
+        """The `IPacketSink` of this channel's transport (found once: the
+        channel is open, so its `conn` is set)."""
+        sink = self._sink
+        if sink is None:
+            sink = self._sink = sink_for(self.conn.transport)
+        return sink
 
     def write(self, data: bytes | memoryview) -> None:
         # Conch's SSHChannel.write (same window and buffer rules), except
@@ -65,27 +73,24 @@ class PacketWriteMixin:
             top = self.remoteWindowLeft
         rmp = self.remoteMaxPacket
         view = memoryview(data)
+        sink = self._sink or self.packet_sink()
         if top <= rmp:
-            self._send_data(view[:top])
+            self._send_data(sink, view[:top])
         else:
             # Several packets from one read: written with one system call.
-            ssh = self.conn.transport
-            batched = getattr(ssh, "beginBatch", _no_batch)()
+            batched = sink.beginBatch()
             try:
                 for offset in range(0, top, rmp):
-                    self._send_data(view[offset : offset + rmp])
+                    self._send_data(sink, view[offset : offset + rmp])
             finally:
                 if batched:
-                    ssh.endBatch()
+                    sink.endBatch()
         self.remoteWindowLeft -= top
         if self.closing and not self.buf:
             self.loseConnection()  # try again
 
-    def _send_data(self, chunk: memoryview) -> None:
-        conn = self.conn
-        send_parts = getattr(conn.transport, "sendPacketParts", None)
-        if send_parts is None:
-            conn.sendData(self, chunk.tobytes())
-        elif not self.localClosed:  # as conn.sendData
-            head = _CHANNEL_DATA_HEAD.pack(conn.channelsToRemoteChannel[self], len(chunk))
-            send_parts(MSG_CHANNEL_DATA, head, chunk)
+    def _send_data(self, sink: IPacketSink, chunk: memoryview) -> None:
+        if not self.localClosed:  # as conn.sendData
+            head = _CHANNEL_DATA_HEAD.pack(
+                self.conn.channelsToRemoteChannel[self], len(chunk))
+            sink.sendPacketParts(MSG_CHANNEL_DATA, head, chunk)

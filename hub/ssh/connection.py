@@ -20,6 +20,9 @@ from twisted.conch.ssh import common, connection, transport
 from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from hub.ssh.sink import IChannelDataViews
 
 log = Logger()
 
@@ -35,6 +38,7 @@ class ChannelRefused(Exception):
         self.text = text
 
 
+@implementer(IChannelDataViews)
 class WindowedChannelsMixin:
     """For SSHConnection subclasses (server and client side): channels that say
     `manages_window = True` get their data without Conch's automatic window
@@ -117,10 +121,9 @@ class Keepalive:
             log.info("{peer}: {n} keepalives unanswered, dropping the connection",
                      peer=self._who(), n=self.missed)
             self.stop()
-            ssh_transport.sendDisconnect(transport.DISCONNECT_CONNECTION_LOST,
-                                         b"keepalive timeout")
             # A dead peer never reads the disconnect; do not wait for it.
-            ssh_transport.transport.abortConnection()
+            ssh_transport.disconnectNow(transport.DISCONNECT_CONNECTION_LOST,
+                                        b"keepalive timeout")
             return
         self.missed += 1
 
@@ -211,8 +214,7 @@ class HubConnection(WindowedChannelsMixin, connection.SSHConnection):
         )
 
     def _gone(self) -> bool:
-        tcp = self.transport.transport
-        return tcp is None or bool(tcp.disconnecting) or self.transport.service is not self
+        return bool(self.transport.isDisconnecting() or self.transport.service is not self)
 
     # -- global requests: answers may come later, replies stay in order ----
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.conch.ssh.connection import MSG_CHANNEL_DATA
 from twisted.conch.ssh.transport import (
@@ -22,12 +22,15 @@ from twisted.conch.ssh.transport import (
     SSHTransportBase,
 )
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from hub.ssh.buffers import Bytes, ReceiveBuffer
 from hub.ssh.ciphers import ModernSSHCiphers
+from hub.ssh.iogroup import InputRound, IOGroup
 from hub.ssh.kex import RekeyMeter
 from hub.ssh.packet import PacketError
-from hub.ssh.tcpwrite import batch, writeNow
+from hub.ssh.sink import IChannelDataViews, IPacketSink
+from hub.ssh.tcpwrite import OutputBatch, writeNow
 
 _SEQUENCE_MASK = 0xFFFFFFFF
 # Room to leave for a packet beyond its payload: length, padding length,
@@ -35,36 +38,6 @@ _SEQUENCE_MASK = 0xFFFFFFFF
 _SEAL_OVERHEAD = 4 + 1 + 2 * 16 + 64
 _MESSAGE_TYPES = [bytes((n,)) for n in range(256)]
 
-class _InputRound:
-    """
-    The transports' C{dataReceived} calls under way (they nest) and what is
-    to run once the outermost returns.  One per process: the reactor runs
-    one read at a time.
-    """
-
-    _log = Logger()
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self._actions: list[Callable[[], object]] = []
-
-    def defer(self, action: Callable[[], object]) -> bool:
-        if not self.depth:
-            return False
-        self._actions.append(action)
-        return True
-
-    def run(self) -> None:
-        while self._actions:
-            actions, self._actions = self._actions, []
-            for action in actions:
-                try:
-                    action()
-                except Exception:
-                    self._log.failure("after-input action failed")
-
-
-_round = _InputRound()
 
 if TYPE_CHECKING:
     _Base = SSHTransportBase
@@ -72,11 +45,18 @@ else:
     _Base = object
 
 
+@implementer(IPacketSink)
 class PacketIOMixin(_Base):
     """
     The packet layer of L{hub.ssh.modern.ModernTransportMixin}, which
     keeps the state below up to date (key exchange, rekeying).
+
+    @cvar ioGroup: the L{IOGroup} this transport shares with the others of
+        its factory (set on the instance before C{connectionMade}); a group of
+        its own when left L{None}.
     """
+
+    ioGroup: IOGroup | None = None
 
     _ioLog = Logger()
     _strict = False
@@ -87,6 +67,27 @@ class PacketIOMixin(_Base):
     _disconnectSent = False
     _meter: RekeyMeter
     _input: ReceiveBuffer
+    # The group's round and batch, looked up once per packet as the module
+    # globals they replace were.
+    _round: InputRound
+    _batch: OutputBatch
+    _takeDataView: Callable[[memoryview], bool] | None = None
+
+    def _joinIOGroup(self) -> None:
+        """
+        Take the round and batch of L{ioGroup} (called by C{connectionMade}).
+        """
+        if self.ioGroup is None:
+            self.ioGroup = IOGroup()
+        self._round = self.ioGroup.round
+        self._batch = self.ioGroup.batch
+
+    def setService(self, service: Any) -> None:
+        # The upward hook for channel data, found once per service.
+        self._takeDataView = (
+            service.channelDataView if IChannelDataViews.providedBy(service) else None
+        )
+        super().setService(service)
 
     def _maybeRekey(self) -> None:
         """
@@ -121,6 +122,7 @@ class PacketIOMixin(_Base):
             head = b""
         seqnr = self.outgoingPacketSequence
         outbound = self._currentCiphers().outbound
+        batch = self._batch
         if batch.collecting(self.transport):
             room = batch.take(len(head) + len(data) + _SEAL_OVERHEAD)
             wire = outbound.sealInto(seqnr, head, data, room)
@@ -141,10 +143,10 @@ class PacketIOMixin(_Base):
         Gather the packets sent from now on and write them with one system
         call at L{endBatch} (call it only if this answered True).
         """
-        return batch.begin(self.transport)
+        return self._batch.begin(self.transport)
 
     def endBatch(self) -> None:
-        batch.end()
+        self._batch.end()
 
     # Conch's own code (the version exchange) sees the receive buffer as
     # self.buf.
@@ -210,21 +212,22 @@ class PacketIOMixin(_Base):
         what several packets carried with one system call.  False, and
         nothing is kept, when nothing is being received.
         """
-        return _round.defer(action)
+        return self._round.defer(action)
 
     def dataReceived(self, data: bytes) -> None:
         if self._inDataReceived:  # reentered (a synchronous peer in tests)
             self._dataReceived(data)
             return
         self._inDataReceived = True
-        _round.depth += 1
+        round_ = self._round
+        round_.depth += 1
         try:
             self._dataReceived(data)
         finally:
             self._inDataReceived = False
-            _round.depth -= 1
-            if not _round.depth:
-                _round.run()
+            round_.depth -= 1
+            if not round_.depth:
+                round_.run()
 
     def _dataReceived(self, data: bytes) -> None:
         if not self.gotVersion:
@@ -247,13 +250,13 @@ class PacketIOMixin(_Base):
     def _channelDataView(self, payload: memoryview) -> bool:
         """
         Hand a CHANNEL_DATA packet to the service without copying it, if
-        the service takes it that way (C{channelDataView}, see
+        the service takes it that way (L{IChannelDataViews}, see
         L{hub.ssh.connection.WindowedChannelsMixin}); False to
         dispatch it as usual.
         """
         if self._initialKex:
             return False  # before the first NEWKEYS it is a strict-kex error
-        take = getattr(self.service, "channelDataView", None)
+        take = self._takeDataView
         if take is None or not take(payload):
             return False
         self._maybeRekey()

@@ -88,10 +88,11 @@ class OutputBatch:
     """
     Packets framed back to back into one buffer, then written together.
 
-    One per process: the reactor is single-threaded and a batch is written
-    out before L{end} returns, so a batch never outlives the call that
-    began it.  A batch begun while one is open (a write that causes a write
-    on another connection) is refused, and its packets go out one by one.
+    One per L{hub.ssh.iogroup.IOGroup}: the reactor is single-threaded and
+    a batch is written out before L{end} returns, so a batch never outlives
+    the call that began it.  A batch begun while one is open (a write that
+    causes a write on another connection) is refused, and its packets go out
+    one by one.
     """
 
     def __init__(self, size: int = 256 * 1024) -> None:
@@ -148,5 +149,3 @@ class OutputBatch:
         finally:
             self._transport = None
 
-
-batch = OutputBatch()

@@ -7,6 +7,7 @@ kex and rekeying; packets on the wire are L{hub.ssh.packetio}.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from twisted.conch.ssh import _kex
 from twisted.conch.ssh.common import NS
@@ -98,6 +99,7 @@ class ModernTransportMixin(PacketIOMixin):
 
     def connectionMade(self) -> None:
         no_delay(self.transport)  # when it runs on TCP (not inside a channel)
+        self._joinIOGroup()
         self._meter = RekeyMeter(limit=self.rekeyDataLimit)
         self._input = ReceiveBuffer()
         self.supportedPublicKeys = [
@@ -114,6 +116,26 @@ class ModernTransportMixin(PacketIOMixin):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._cancelRekeyTimer()
         super().connectionLost(reason)
+
+    # The connection under the transport (TCP, or a channel of another
+    # transport), for the services above: they need not reach through.
+
+    def disconnectNow(self, reason: int, description: bytes) -> None:
+        """
+        Send DISCONNECT and drop the connection at once, without waiting for
+        what is queued: a dead peer never reads it.
+        """
+        self.sendDisconnect(reason, description)
+        lower: Any = self.transport
+        if lower is not None:
+            lower.abortConnection()
+
+    def isDisconnecting(self) -> bool:
+        """
+        Whether the connection under this transport is gone or closing.
+        """
+        lower: Any = self.transport
+        return lower is None or bool(lower.disconnecting)
 
     # Key exchange
 

@@ -99,7 +99,7 @@ class RelayChannel(RelayMixin, PacketWriteMixin, channel.SSHChannel):
 
     def dataReceived(self, data: bytes) -> None:
         if self.relay_peer is not None and self.relay_peer.relay_open():
-            gather_output(self.relay_peer.conn.transport)
+            gather_output(self.relay_peer.packet_sink())
             self.relay_peer.write(data)
         self.relay_received(len(data))
 

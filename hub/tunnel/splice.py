@@ -32,9 +32,6 @@ log = Logger()
 READ_SIZE = 256 * 1024
 
 
-def _never(action: Callable[[], object]) -> bool:
-    return False
-
 @implementer(IPushProducer)
 class SpliceChannel(PacketWriteMixin, channel.SSHChannel):
     """The SSH end of a pipe; `tcp` is the `TCPEnd` on the other side."""
@@ -99,7 +96,7 @@ class SpliceChannel(PacketWriteMixin, channel.SSHChannel):
         self.bytes_in += len(data)
         if self._pending is not None:
             self._pending += data
-        elif getattr(self.conn.transport, "callAfterInput", _never)(self._flush):
+        elif (self._sink or self.packet_sink()).callAfterInput(self._flush):
             self._pending = bytearray(data)
         else:
             self._to_tcp(data)
