@@ -27,6 +27,7 @@ from hub.ssh.connection import HubConnection
 from hub.ssh.iogroup import IOGroup
 from hub.ssh.keys import HubKeys
 from hub.ssh.modern import ModernTransportMixin
+from hub.timeouts import ClockTimeout
 from hub.tunnel.splice import READ_SIZE
 
 log = Logger()
@@ -36,13 +37,13 @@ def peer_host(t: Any) -> str:
     return getattr(peer, "host", "?")
 
 
-class HubServerTransport(ModernTransportMixin, transport.SSHServerTransport):
+class HubServerTransport(ClockTimeout, ModernTransportMixin, transport.SSHServerTransport):
     """Server transport: modern algorithms, strict kex and rekeying (the mixin),
-    our login timer, and the hub's accounting of unauthenticated connections."""
+    the login deadline (`ClockTimeout`), and the hub's accounting of
+    unauthenticated connections."""
 
     factory: HubSSHFactory
     authenticated = False
-    _login_timer: Any = None
 
     def connectionMade(self) -> None:
         # Read up to READ_SIZE per system call, as sshd does (about 150 KiB
@@ -54,12 +55,10 @@ class HubServerTransport(ModernTransportMixin, transport.SSHServerTransport):
         self.clock = self.factory.clock
         # Conch's own login timeout starts only when the client asks for
         # ssh-userauth; a peer that stalls before that would be kept forever.
-        self._login_timer: Any = self.factory.clock.callLater(
-            self.factory.limits.login_timeout, self._login_timed_out)
+        self.setTimeout(self.factory.limits.login_timeout)
         super().connectionMade()
 
-    def _login_timed_out(self) -> None:
-        self._login_timer = None
+    def timeoutConnection(self) -> None:
         log.info("{peer}: not authenticated within {t} s, disconnecting", peer=self.peer,
                  t=self.factory.limits.login_timeout)
         self.sendDisconnect(transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
@@ -67,15 +66,11 @@ class HubServerTransport(ModernTransportMixin, transport.SSHServerTransport):
 
     def authenticated_now(self) -> None:
         self.authenticated = True
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-            self._login_timer = None
+        self.setTimeout(None)
         self.factory.connection_authenticated(self)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-            self._login_timer = None
+        self.setTimeout(None)
         self.factory.connection_closed(self)
         super().connectionLost(reason)
 

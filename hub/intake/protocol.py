@@ -31,6 +31,7 @@ class NSCAServerProtocol(ClockTimeout, Protocol):
     closed after `read_timeout` seconds without a byte."""
 
     _log = Logger()
+    clock: IReactorTime
 
     def __init__(
         self,

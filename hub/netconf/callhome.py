@@ -252,6 +252,7 @@ class CallHomeProtocol(ClockTimeout, protocol.Protocol):
     SSH version line, then for the SSH login."""
 
     transport: Any
+    clock: IReactorTime
 
     def __init__(self, factory: CallHomeFactory) -> None:
         self.factory = factory
