@@ -49,11 +49,6 @@ from hub.ssh.kex import (
 from hub.ssh.packetio import PacketIOMixin
 from hub.ssh.tcpwrite import no_delay
 
-_SEQUENCE_MASK = 0xFFFFFFFF
-# Room to leave for a packet beyond its payload: length, padding length,
-# padding (under two blocks) and the largest MAC (HMAC-SHA2-512).
-_SEAL_OVERHEAD = 4 + 1 + 2 * 16 + 64
-_MESSAGE_TYPES = [bytes((n,)) for n in range(256)]
 
 class ModernTransportMixin(PacketIOMixin):
     """
@@ -129,6 +124,19 @@ class ModernTransportMixin(PacketIOMixin):
         lower: Any = self.transport
         if lower is not None:
             lower.abortConnection()
+
+    def disconnectWithin(self, seconds: float, clock: IReactorTime, reason: int,
+                         description: bytes) -> None:
+        """
+        Send DISCONNECT, then drop the connection if the peer has not closed
+        it within C{seconds}: a dead peer never drains what was written.
+        """
+        lower: Any = self.transport
+        if lower is None or lower.disconnected:
+            return
+        self.sendDisconnect(reason, description)
+        clock.callLater(seconds,
+                        lambda: None if lower.disconnected else lower.abortConnection())
 
     def isDisconnecting(self) -> bool:
         """

@@ -48,13 +48,9 @@ D = TypeVar("D", bound=Dialled)
 
 def close_connection(conn: Any, clock: IReactorTime, why: str) -> None:
     """Tell the peer why, then make sure the TCP connection really goes away."""
-    ssh_transport = conn.transport
-    tcp = ssh_transport.transport if ssh_transport is not None else None
-    if tcp is None or getattr(tcp, "disconnected", False):
-        return
-    ssh_transport.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, why.encode())
-    # A dead peer never drains what we wrote; do not wait for TCP to time out.
-    clock.callLater(CLOSE_GRACE, lambda: None if tcp.disconnected else tcp.abortConnection())
+    if conn.transport is not None:
+        conn.transport.disconnectWithin(CLOSE_GRACE, clock, transport.DISCONNECT_BY_APPLICATION,
+                                        why.encode())
 
 
 @define(eq=False)
