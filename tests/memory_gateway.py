@@ -33,7 +33,7 @@ from zope.interface import implementer
 
 from hub.access.server import HubSSHFactory
 from hub.app.context import Hub
-from hub.ssh.testing import makeServerFactory
+from hub.ssh.testing import CommandSession, makeServerFactory
 from hub.tunnel.inprocess import ProtocolChannel
 
 DEVICE_USERS = (b"root", b"root:port02")
@@ -41,7 +41,7 @@ DEVICE_USERS = (b"root", b"root:port02")
 
 # -- the device's sshd ---------------------------------------------------------
 
-class DeviceShell(channel.SSHChannel):
+class DeviceShell(CommandSession):
     """A device session. exec commands: `hello` (stdout, stderr, exit 3), `cat` (echo
     until EOF), `bulk N` (N bytes), `refuse` (the request is refused), anything else
     is echoed back as `ran <command> as <user>`. A shell prompts `<user># ` and runs
@@ -50,12 +50,10 @@ class DeviceShell(channel.SSHChannel):
     name = b"session"
 
     def __init__(self, device: DeviceSSHD, user: bytes, **kw: Any) -> None:
-        channel.SSHChannel.__init__(self, **kw)
+        CommandSession.__init__(self, device.clock, **kw)
         self.device = device
         self.user = user
         self.pty: bytes | None = None
-        self.command: bytes | None = None
-        self.received = b""
         self.line = b""
         device.sessions.append(self)
 
@@ -90,10 +88,8 @@ class DeviceShell(channel.SSHChannel):
             self.exit(0)
 
     def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        if self.command == b"cat":
-            self.write(data)
-        elif self.command == b"shell":
+        CommandSession.dataReceived(self, data)  # keeps it; echoes it for `cat`
+        if self.command == b"shell":
             self.line += data
             while b"\r" in self.line:
                 line, self.line = self.line.split(b"\r", 1)
@@ -101,16 +97,6 @@ class DeviceShell(channel.SSHChannel):
                     self.exit(0)
                     return
                 self.write(line + b"\r\nran " + line + b"\r\n" + self.user + b"# ")
-
-    def eofReceived(self) -> None:
-        if self.command == b"cat":
-            self.exit(0)
-
-    def exit(self, status: int) -> None:
-        assert self.conn is not None
-        self.conn.sendRequest(self, b"exit-status", struct.pack(">L", status))
-        self.conn.sendEOF(self)
-        self.loseConnection()
 
 
 @implementer(IRealm)

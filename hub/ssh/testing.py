@@ -78,7 +78,7 @@ class CommandSession(SSHChannel):
         self.command = command
         if command == b"true":
             # After the reply to this request has gone out.
-            self._clock.callLater(0, self._exit, 0)
+            self._clock.callLater(0, self.exit, 0)
         return 1
 
     def dataReceived(self, data: bytes) -> None:
@@ -88,9 +88,10 @@ class CommandSession(SSHChannel):
 
     def eofReceived(self) -> None:
         if self.command == b"cat":
-            self._exit(0)
+            self.exit(0)
 
-    def _exit(self, status: int) -> None:
+    def exit(self, status: int) -> None:
+        """Send the exit status, EOF and close."""
         assert self.conn is not None
         self.conn.sendRequest(self, b"exit-status", struct.pack(">L", status))
         self.conn.sendEOF(self)
