@@ -1,7 +1,7 @@
 """The SSH server plumbing: factory, transport, user-auth and connection service.
 
 Thin Conch subclasses that fix what Conch's defaults get wrong for an
-Internet-facing hub: the modern transport of `sshcrypto` (AEAD ciphers, EtM
+Internet-facing hub: the modern transport of `hub.ssh` (AEAD ciphers, EtM
 MACs, strict kex, rekeying, a user-key `server-sig-algs`), a 120 s login
 timeout instead of 10 hours (counted from the TCP connect), a bound
 on auth attempts and on unauthenticated connections, password back-off per
