@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from hub.access.auth import CallHomePasswordChecker, DeviceKeyChecker
 from hub.access.gateway import OperatorAvatar
+from hub.access.needs import GatewayNeeds, RegistrarNeeds
 from hub.access.registrar import RegistrarAvatar
 from hub.access.server import HubSSHFactory
 from hub.app.config import HubConfig, build_config
@@ -88,6 +89,9 @@ class HubRealm:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.peer = "?"
+        # Built at the first login (the hub is wired by then), shared by every avatar.
+        self._registrar: RegistrarNeeds | None = None
+        self._gateway: GatewayNeeds | None = None
 
     def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:
         if IConchUser not in interfaces:
@@ -95,11 +99,13 @@ class HubRealm:
         avatar: RegistrarAvatar | OperatorAvatar
         # The peer is read lazily: the avatar outlives this call.
         if isinstance(avatar_id, DeviceLogin):
-            avatar = RegistrarAvatar(self.hub.registrar_needs(), avatar_id,
-                                     lambda: self._peer_of(avatar))
+            if self._registrar is None:
+                self._registrar = self.hub.registrar_needs()
+            avatar = RegistrarAvatar(self._registrar, avatar_id, lambda: self._peer_of(avatar))
         elif isinstance(avatar_id, OperatorLogin):
-            avatar = OperatorAvatar(self.hub.gateway_needs(), avatar_id,
-                                    lambda: self._peer_of(avatar))
+            if self._gateway is None:
+                self._gateway = self.hub.gateway_needs()
+            avatar = OperatorAvatar(self._gateway, avatar_id, lambda: self._peer_of(avatar))
         else:
             raise NotImplementedError("no such avatar")
         return IConchUser, avatar, avatar.logout
