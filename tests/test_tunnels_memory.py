@@ -760,7 +760,7 @@ def test_takeover_racing_an_access_toggle_keeps_the_port(
 
 def test_second_forward_of_one_service_keeps_the_registry_consistent(
         hub: Hub, reactor: RecordingReactor, device: Device) -> None:
-    # `-R 0:a:22 -R 127.0.0.1:0:b:23`: both are service "ssh" (DESIGN.md).
+    # `-R 0:a:22 -R 127.0.0.1:0:b:23`: both are service "ssh" (rules.ports.service_name).
     first = allocated(device.forward(b"localhost", 0))
     device.forward(b"127.0.0.1", 0)
     leased = set(hub.registry.node("site-a").forwards.values())

@@ -28,7 +28,7 @@ def is_label(bind_address: str) -> bool:
 
 
 def service_name(bind_address: str, requested_port: int) -> str:
-    """The service a `tcpip-forward` request stands for (DESIGN.md, Registrar)."""
+    """The service a `tcpip-forward` request stands for (see docs/operator-guide.md)."""
     if is_label(bind_address):
         return bind_address.lower()
     if requested_port == 0:

@@ -42,7 +42,7 @@ Smaller Conch fixes on the way: UNIMPLEMENTED names the offending packet's
 sequence number (Conch sends the next one), and input after NEWKEYS waits
 for the new keys instead of being decrypted with the old ones.
 
-DESIGN.md also files these gaps under twisted#12184 and #12057.
+Twisted's tracker has these gaps as twisted#12184 and #12057 too.
 
 Compose::
 
