@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from hub import __version__
 from hub.app.cli import main
 from hub.store.registry import Registry
 
@@ -42,3 +43,18 @@ def test_user_add_refuses_the_registrar_name_in_any_case_and_bad_names(
     code, _, err = run(tmp_path, monkeypatch, capsys, "user", "add", name, "--password-stdin",
                        stdin=b"secret")
     assert code == 1 and err == f"callhomehub: user add: invalid user name {name!r}\n"
+
+
+def test_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                 capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"callhomehub {__version__}\n"
+
+
+def test_status_of_an_unknown_node_is_an_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(tmp_path, monkeypatch, capsys, "status")[0] == 0
+    code, out, err = run(tmp_path, monkeypatch, capsys, "status", "NOSUCH")
+    assert (code, out, err) == (1, "", "callhomehub: no node named 'NOSUCH'\n")

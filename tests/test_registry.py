@@ -139,3 +139,15 @@ def test_lowest_free_port_agrees_with_the_pure_rule(tmp_path: Path) -> None:
             owner = next(n.name for n in reg.nodes() if victim in n.forwards.values())
             reg.remove(owner, "t")
             taken.discard(victim)
+
+
+def test_the_registry_file_is_private(tmp_path: Path) -> None:
+    path = tmp_path / "hub.sqlite3"
+    reg = Registry(str(path), now=lambda: 0.0)
+    reg.set_setting("callhome_password", "$2b$12$hash", "test")
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {
+        "hub.sqlite3": 0o600, "hub.sqlite3-wal": 0o600, "hub.sqlite3-shm": 0o600}
+    reg.close()
+    path.chmod(0o644)  # as hubs before this one created it
+    Registry(str(path), now=lambda: 0.0).close()
+    assert path.stat().st_mode & 0o777 == 0o600

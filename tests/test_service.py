@@ -12,6 +12,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.plugin import getPlugins
 
+import hub
 from hub.app.service import OpenFileLimit, Options, makeService, raise_open_file_limit
 
 
@@ -111,3 +112,10 @@ def test_a_second_hub_on_the_same_data_directory_stops_before_touching_the_regis
     second.privilegedStartService()
     second.startService()
     second.stopService()
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        Options().parseOptions(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"callhomehub {hub.__version__}\n"

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from hub import __version__
 from hub.access.auth import CALLHOME_PASSWORD, hash_password
 from hub.app.control import ask
 from hub.errors import HubError
@@ -222,6 +223,8 @@ def cmd_audit(reg: Registry, args: argparse.Namespace) -> int:
 
 
 def cmd_status(reg: Registry, args: argparse.Namespace) -> int:
+    if args.node is not None:
+        reg.node(args.node)  # an unknown node is an error, not an empty table
     results = status(reg, args.node)
     if args.json:
         print(json.dumps([{"node": r.node, "host": r.host, "service": r.service,
@@ -238,6 +241,7 @@ def cmd_status(reg: Registry, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="callhomehub", description="callhomehub admin CLI")
+    p.add_argument("--version", action="version", version=f"callhomehub {__version__}")
     p.add_argument("--data", default=".", help="state directory of the hub (default .)")
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
+from hub import __version__
 from hub.access.auth import CallHomePasswordChecker, DeviceKeyChecker
 from hub.access.gateway import OperatorAvatar
 from hub.access.needs import GatewayNeeds, RegistrarNeeds
@@ -63,6 +64,11 @@ class Options(usage.Options):
         ["config", None, None, "config file (default DATA/callhomehub.toml if present)"],
         ["log-level", None, "info", "lowest level logged: debug, info, warn, error, critical"],
     ]
+
+    def opt_version(self) -> None:
+        """Print the version and exit"""
+        print(f"callhomehub {__version__}")
+        raise SystemExit(0)
 
     def postOptions(self) -> None:
         try:

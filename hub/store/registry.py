@@ -8,6 +8,7 @@ The hub notices the CLI's changes through `PRAGMA data_version` (see `changed`).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -33,6 +34,21 @@ _NODES = select(NODE_COLUMNS, "nodes")
 __all__ = ["MIGRATIONS", "NETCONF", "STATES", "AuditEntry", "Node", "Registry", "User"]
 
 
+def keep_private(path: str) -> None:
+    """The registry holds bcrypt hashes: create it 0600, and take group and other
+    access away from an existing one (and its WAL files, which SQLite creates
+    with the database's mode)."""
+    if not os.path.exists(path):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        try:
+            mode = os.stat(name).st_mode
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            os.chmod(name, mode & 0o700)
+
+
 class Registry:
     """Synchronous access to the registry file; each method is one transaction."""
 
@@ -40,12 +56,15 @@ class Registry:
                  migrations: Sequence[str] = MIGRATIONS) -> None:
         self._now = now
         try:
+            keep_private(path)
             self._db = sqlite3.connect(path, isolation_level=None, timeout=2.0)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
         except sqlite3.DatabaseError as e:
             raise RegistryError(f"registry {path} is unreadable or corrupt: {e}") from None
+        except OSError as e:
+            raise RegistryError(f"registry {path}: {e.strerror}") from None
         try:
             migrate(self._db, path, migrations)
         except RegistryError:

@@ -1,0 +1,44 @@
+"""The wheel on its own: installed into a clean venv, `twistd callhomehub` and the CLI work
+from any directory, without the checkout on sys.path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str | Path, cwd: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    result = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_the_wheel_gives_twistd_callhomehub_and_the_cli(tmp_path: Path) -> None:
+    run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp_path / "dist", ROOT,
+        cwd=tmp_path)
+    (wheel,) = (tmp_path / "dist").glob("callhomehub-*.whl")
+    venv = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
+    run(venv / "bin" / "pip", "install", "-q", "--disable-pip-version-check", wheel, cwd=tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = run(venv / "bin" / "python", "-c", "import hub; print(hub.__file__)", cwd=elsewhere)
+    assert where.startswith(str(venv))
+    assert "Usage: twistd [options] callhomehub" in run(
+        venv / "bin" / "twistd", "callhomehub", "--help", cwd=elsewhere)
+    assert run(venv / "bin" / "twistd", "callhomehub", "--version", cwd=elsewhere).startswith(
+        "callhomehub ")
+    # The schema's .sql migrations ship too: the CLI can create a registry.
+    data = tmp_path / "data"
+    run(venv / "bin" / "callhomehub", "--data", data, "users", cwd=elsewhere)
+    assert (data / "hub.sqlite3").stat().st_mode & 0o777 == 0o600
