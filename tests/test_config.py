@@ -32,6 +32,8 @@ def test_config_file_in_data_dir_is_read(tmp_path: Path) -> None:
     ('[nsac]\n', "unknown section [nsac]"),
     ('[nsca]\nencryption = "one"\n', "[nsca] encryption has the wrong type"),
     ('[nsca]\nmax_age = true\n', "[nsca] max_age must be a number"),
+    ('[nsca]\nmax_connections = 0\n', "[nsca] 'max_connections' must be >= 1"),
+    ('[nsca]\nmax_connections_per_source = 0\n', "[nsca] 'max_connections_per_source' must"),
     ('[registrar]\nuser = "no spaces"\n', "[registrar] user"),
     ('[nsca\n', "not valid TOML"),
     ('[limits]\nmax_auth_tries = 0\n', "[limits]"),

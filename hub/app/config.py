@@ -67,6 +67,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "max_age": int,
         "strict_host": bool,
         "history": int,
+        "max_connections": int,
+        "max_connections_per_source": int,
     },
     "limits": {
         "login_timeout": int,

@@ -27,6 +27,9 @@ class NSCASettings:
     max_age: int = 30  # seconds a packet's timestamp may be off the hub's clock
     strict_host: bool = False  # drop results whose host is not the sending node
     history: int = 100  # results kept per host/service
+    # The --nsca TCP listener's connections: all together, and from one address.
+    max_connections: int = field(default=128, validator=validators.ge(1))
+    max_connections_per_source: int = field(default=32, validator=validators.ge(1))
     # Not in the config file: how long a connection may stall mid-packet.
     read_timeout: float = field(default=30.0, validator=validators.gt(0))
 
