@@ -69,6 +69,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "history": int,
         "max_connections": int,
         "max_connections_per_source": int,
+        "hosts": dict,
     },
     "limits": {
         "login_timeout": int,
