@@ -32,8 +32,14 @@ def test_config_file_in_data_dir_is_read(tmp_path: Path) -> None:
     ('[nsac]\n', "unknown section [nsac]"),
     ('[nsca]\nencryption = "one"\n', "[nsca] encryption has the wrong type"),
     ('[nsca]\nmax_age = true\n', "[nsca] max_age must be a number"),
+    ('[nsca]\nmax_connections = 0\n', "[nsca] 'max_connections' must be >= 1"),
+    ('[nsca]\nmax_connections_per_source = 0\n', "[nsca] 'max_connections_per_source' must"),
     ('[registrar]\nuser = "no spaces"\n', "[registrar] user"),
     ('[nsca\n', "not valid TOML"),
+    ('[netconf]\nallow = ["router*", ""]\n', "[netconf] allow: expected a list"),
+    ('[netconf]\nallow = "router*"\n', "[netconf] allow has the wrong type"),
+    ('[netconf]\nunknown_per_minute = 0\n', "[netconf] unknown_per_minute must be >= 1"),
+    ('[netconf]\nunknown_per_minute_total = 0\n', "[netconf] unknown_per_minute_total must"),
     ('[limits]\nmax_auth_tries = 0\n', "[limits]"),
 ])
 def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:

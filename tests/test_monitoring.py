@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from hub.intake.monitoring import Monitoring, status
 from hub.intake.nsca import CheckResult
@@ -10,10 +14,20 @@ from hub.intake.settings import NSCASettings
 from hub.store.registry import Registry
 
 
+@pytest.fixture
+def logged() -> Iterator[list[LogEvent]]:
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
 def test_results_of_one_turn_are_stored_together_with_bounded_history(tmp_path: Path) -> None:
     clock = MemoryReactorClock()
     registry = Registry(str(tmp_path / "hub.sqlite3"), now=clock.seconds)
     monitoring = Monitoring(registry, NSCASettings(history=2, strict_host=True), clock)
+    registry.register("site-a", b"key-a", "fp-a", "test")
+    registry.set_state("site-a", "approved", "test")
     for i in range(5):
         monitoring.deliver("site-a", CheckResult("site-a", "load", i % 3, f"run {i}", 100 + i))
     monitoring.deliver("site-a", CheckResult("spoof", "load", 2, "fake", 100))
@@ -31,3 +45,67 @@ def test_results_of_one_turn_are_stored_together_with_bounded_history(tmp_path: 
     assert status(registry, "SITE-A")[0].host == "site-a"
     clock.advance(0)  # the cancelled flush does nothing more
     assert len(registry.query("SELECT id FROM results")) == 3
+
+
+def _monitoring(tmp_path: Path, **settings: object
+                ) -> tuple[Monitoring, Registry, MemoryReactorClock]:
+    clock = MemoryReactorClock()
+    registry = Registry(str(tmp_path / "hub.sqlite3"), now=clock.seconds)
+    return Monitoring(registry, NSCASettings(**settings), clock), registry, clock  # type: ignore[arg-type]
+
+
+def test_results_from_a_pending_node_are_dropped_and_logged_once_a_minute(
+        tmp_path: Path, logged: list[LogEvent]) -> None:
+    monitoring, registry, clock = _monitoring(tmp_path, strict_host=False)
+    registry.register("site-p", b"pending-key", "fp-p", "test")  # not approved
+    for i in range(50):
+        monitoring.deliver("site-p", CheckResult("prod-1", "load", 2, f"CRITICAL {i}", 100))
+        clock.advance(1)
+    assert status(registry) == []
+    drops = [formatEvent(e) for e in logged if "not approved" in formatEvent(e)]
+    assert len(drops) == 1 and "site-p" in drops[0]
+    clock.advance(60)
+    monitoring.deliver("site-p", CheckResult("prod-1", "load", 2, "again", 100))
+    clock.advance(0)
+    drops = [formatEvent(e) for e in logged if "not approved" in formatEvent(e)]
+    assert len(drops) == 2 and "49 more" in drops[1]
+    registry.register("gone", b"gone-key", "fp-g", "test")
+    registry.set_state("gone", "approved", "test")
+    registry.set_state("site-p", "approved", "test")
+    monitoring.deliver("site-p", CheckResult("site-p", "load", 0, "OK", 100))
+    monitoring.deliver("nobody", CheckResult("nobody", "load", 0, "OK", 100))  # not a node
+    clock.advance(0)
+    assert [(s.node, s.output) for s in status(registry)] == [("site-p", "OK")]
+
+
+def test_strict_host_is_the_default_and_allows_the_mapped_hosts(
+        tmp_path: Path, logged: list[LogEvent]) -> None:
+    assert NSCASettings().strict_host
+    monitoring, registry, clock = _monitoring(
+        tmp_path, hosts={"Site-A": ["prod-1", "db-*"]})
+    for name in ("site-a", "site-b"):
+        registry.register(name, name.encode(), "fp", "test")
+        registry.set_state(name, "approved", "test")
+    for host in ("site-a", "PROD-1", "db-7", "prod-2"):
+        monitoring.deliver("site-a", CheckResult(host, "load", 0, "OK", 100))
+    for _ in range(20):
+        monitoring.deliver("site-b", CheckResult("prod-1", "load", 2, "forged", 100))
+    # The --nsca TCP listener has no node: strict mode does not apply to it.
+    monitoring.deliver("", CheckResult("anything", "load", 0, "tcp", 100))
+    clock.advance(0)
+    assert sorted((s.node, s.host) for s in status(registry)) == [
+        ("", "anything"), ("site-a", "PROD-1"), ("site-a", "db-7"), ("site-a", "site-a")]
+    drops = [formatEvent(e) for e in logged if "strict_host" in formatEvent(e)]
+    assert len(drops) == 2  # one per node and minute, not one per result
+    assert any("site-b" in d and "prod-1" in d for d in drops)
+
+
+@pytest.mark.parametrize(("hosts", "message"), [
+    ({"bad name!": ["x"]}, "hosts: 'bad name!' is not a valid node name"),
+    ({"site-a": "prod-1"}, "hosts: site-a: expected a list of host names"),
+    ({"site-a": ["ok", ""]}, "hosts: site-a: expected a list of host names"),
+    ({"site-a": [3]}, "hosts: site-a: expected a list of host names"),
+])
+def test_host_mapping_is_validated(hosts: object, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        NSCASettings(hosts=hosts)  # type: ignore[arg-type]

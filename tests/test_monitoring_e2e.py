@@ -60,6 +60,7 @@ def status(hub: HubProcess, *args: str) -> list[dict]:
 def test_send_nsca_through_the_tunnel(tmp_path: Path, local_forward: None, method: int) -> None:
     hub = start_hub(tmp_path, f'[nsca]\npassword = "n5ca-pw"\nencryption = {method}\n')
     device = Device(hub, tmp_path, "site-a")
+    hub.cli("approve", "site-a")  # results from pending nodes are dropped
     local = free_port()
     try:
         device.connect(wait=False, extra=("-L", f"{local}:localhost:5667"))
@@ -118,8 +119,14 @@ def test_command_file_and_strict_host(tmp_path: Path, local_forward: None) -> No
     try:
         device.connect(wait=False, extra=("-L", f"{local}:localhost:5667"))
         cfg = write_cfg(tmp_path, 0, "")
+        # Pending (anyone with the Call Home Password): its results are dropped.
+        forged = b"prod-1\tload\t2\tCRITICAL forged\x17site-a\tload\t2\tpending\x17"
+        wait_for(lambda: send_nsca(local, cfg, forged).returncode == 0, 20, "send_nsca")
+        wait_for(lambda: "node site-a dropped: the node is pending" in hub.log_text(), 10)
+        assert status(hub) == []
+        hub.cli("approve", "site-a")
         records = b"site-a\tload\t0\tOK\x17spoofed-host\tload\t2\tfake\x17"
-        wait_for(lambda: send_nsca(local, cfg, records).returncode == 0, 20, "send_nsca")
+        assert send_nsca(local, cfg, records).returncode == 0
         assert [(s["host"], s["service"]) for s in status(hub)] == [("site-a", "load")]
         assert "dropped (strict_host)" in hub.log_text()
         # The hub stayed responsive while the FIFO had no reader.

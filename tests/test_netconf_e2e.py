@@ -154,7 +154,10 @@ def site(tmp_path: Path) -> Iterator[Site]:
     hub = HubProcess(tmp_path / "hub", "--keepalive", "2", "--keepalive-count", "2",
                      "--netconf", "tcp:0:interface=127.0.0.1", "--log-level", "debug")
     hub.data.mkdir(parents=True)
+    # Unknown devices enrol only when allowed: router1 (no HMAC) and the devices
+    # without a preamble by name; router2 by its verified HMAC.
     (hub.data / "callhomehub.toml").write_text(
+        '[netconf]\nallow = ["router1", "netconf-*"]\n'
         f'[netconf.secrets]\n"router2" = "{SECRET}"\n"router9" = "other-secret"\n')
     hub.start()
     found = wait_for(lambda: dict((w, int(p)) for w, _h, p in LISTEN_RE.findall(
@@ -232,6 +235,13 @@ def test_call_home_approve_and_operators_get_the_netconf_subsystem(site: Site) -
     result = site.netconf("router1", CLIENT_HELLO + rpc(4, b"<close-session/>"))
     assert result.stdout == HELLO + reply(4, b"<close-session/>"), result.stderr
     assert "subsystem 'netconf'" in again_log.read_text()
+
+    # A device that is not allowed creates nothing, and is refused before SSH.
+    stranger = site.device("stranger")
+    refused, _ = stranger.call_home(site.netconf_port, junos_preamble("site-new"))
+    assert refused.wait(15) is not None
+    assert "site-new" not in site.nodes()
+    assert "unknown device site-new is not on the [netconf] allow list" in site.hub.log_text()
 
     # Another host key claiming router1 is refused and logged; the real session stays.
     imposter = site.device("imposter")

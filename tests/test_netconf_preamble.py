@@ -14,7 +14,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from hub.access.device_client import LOGIN_TIMEOUT
-from hub.netconf.callhome import CallHomeFactory, NetconfSessions, default_name, identify
+from hub.netconf.callhome import CallHomeFactory, Decision, NetconfSessions, default_name
+from hub.netconf.callhome import identify as identify_with
 from hub.netconf.preamble import (
     MAX_PREAMBLE,
     Preamble,
@@ -133,6 +134,13 @@ def test_slow() -> None:
 def test_identify_by_host_key(tmp_path: Path) -> None:
     reg = Registry(str(tmp_path / "hub.sqlite3"), now=lambda: 1000.0)
     key_a, key_b = b"host-key-a", b"host-key-b"
+    closed = identify_with(reg, key_a, "router1", lambda name: False)
+    assert (closed.action, closed.known) == ("refuse", False)
+    assert "not on the [netconf] allow list" in closed.reason
+
+    def identify(reg: Registry, key: bytes, device_id: str | None) -> Decision:
+        return identify_with(reg, key, device_id, lambda name: True)
+
     new = identify(reg, key_a, None)
     assert (new.action, new.name) == ("pending", default_name(key_a))
     assert identify(reg, key_a, "router1").name == "router1"
@@ -155,6 +163,8 @@ def test_identify_by_host_key(tmp_path: Path) -> None:
 
 def _connect(tmp_path: Path, **options: str) -> tuple[MemoryReactorClock, StringTransport, object]:
     clock = MemoryReactorClock()
+    # The test device may enrol (unknown devices must be on the allow list).
+    (tmp_path / "callhomehub.toml").write_text('[netconf]\nallow = ["router*"]\n')
     hub = make_hub(tmp_path, clock, **options)
     factory = CallHomeFactory(hub.netconf_needs(), NetconfSessions(hub.registry, clock))
     proto = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 4334))

@@ -93,12 +93,12 @@ def test_stalled_client_times_out(logged: list[LogEvent]) -> None:
     proto, transport, clock, results = connect(0, read_timeout=30)
     proto.dataReceived(GOOD[:100])
     clock.advance(20)
-    proto.dataReceived(GOOD[100:200])  # data resets the timer
-    clock.advance(29)
+    proto.dataReceived(GOOD[100:200])  # data in the middle of a packet: same deadline
+    clock.advance(9)
     assert not transport.disconnecting
     clock.advance(1)
     assert transport.disconnecting
-    assert "nothing received for 30" in messages(logged) and "200 bytes" in messages(logged)
+    assert "not complete within 30 s" in messages(logged) and "200 bytes" in messages(logged)
     assert clock.getDelayedCalls() == []
     assert results == []
 
@@ -170,3 +170,72 @@ def test_real_send_nsca_to_real_listener(tmp_path: Path) -> Iterator[defer.Defer
         ("web1", "", 1, "host warn"),
         ("db", "disk /", 2, "line1\nline2 C:\\path;semi"),
     ]
+
+
+def test_trickling_client_is_closed_within_the_timeout_of_its_first_byte(
+        logged: list[LogEvent]) -> None:
+    # 2 bytes, then 1 byte every 20 s: every byte used to restart the 30 s timer.
+    proto, transport, clock, results = connect(0, read_timeout=30)
+    proto.dataReceived(GOOD[:2])
+    for i in range(2, 4):
+        clock.advance(20)
+        if transport.disconnecting:
+            break
+        proto.dataReceived(GOOD[i:i + 1])
+    assert transport.disconnecting and results == []
+    assert clock.seconds() - T0 <= 40  # 30 s after the first byte, at the 20 s tick after
+    assert "not complete within 30 s of its first byte" in messages(logged)
+    assert clock.getDelayedCalls() == []
+
+
+def test_each_packet_gets_the_timeout_from_its_own_first_byte() -> None:
+    proto, transport, clock, results = connect(0, read_timeout=30)
+    clock.advance(5)  # idle after the init packet: allowed up to the timeout
+    proto.dataReceived(GOOD[:10])
+    clock.advance(20)
+    proto.dataReceived(GOOD[10:] + GOOD[:10])  # completes one packet, starts the next
+    assert results == [RESULT]
+    clock.advance(20)
+    proto.dataReceived(GOOD[10:20])  # more of it does not move its deadline
+    clock.advance(9)
+    assert not transport.disconnecting
+    clock.advance(1)  # the second packet started 30 s ago
+    assert transport.disconnecting
+
+
+def test_silent_client_is_closed_after_the_timeout_from_the_connection_start(
+        logged: list[LogEvent]) -> None:
+    _proto, transport, clock, _results = connect(0, read_timeout=30)
+    clock.advance(29.9)
+    assert not transport.disconnecting
+    clock.advance(0.1)
+    assert transport.disconnecting and "nothing received for 30 s" in messages(logged)
+
+
+def test_listener_caps_connections_globally_and_per_source(logged: list[LogEvent]) -> None:
+    clock = MemoryReactorClock()
+    settings = NSCASettings(max_connections=4, max_connections_per_source=2)
+    factory = NSCAServerFactory(settings, lambda r: None, clock, iv_source=lambda n: IV[:n])
+
+    def open_from(host: str, port: int) -> NSCAServerProtocol | None:
+        proto = factory.buildProtocol(IPv4Address("TCP", host, port))
+        if proto is not None:
+            proto.makeConnection(StringTransport())
+        return proto
+
+    a1, a2 = open_from("127.0.0.2", 1), open_from("127.0.0.2", 2)
+    assert a1 is not None and a2 is not None
+    assert open_from("127.0.0.2", 3) is None  # per source
+    b1, b2 = open_from("127.0.0.3", 1), open_from("127.0.0.3", 2)
+    assert b1 is not None and b2 is not None
+    assert open_from("127.0.0.4", 1) is None  # global
+    for port in range(4, 50):
+        assert open_from("127.0.0.2", port) is None
+    refusals = [e for e in logged if "refusing NSCA" in e.get("log_format", "")]
+    assert len(refusals) == 1  # one line, not one per refused connection
+    a1.connectionLost(None)
+    assert open_from("127.0.0.4", 2) is not None  # a closed connection frees its slot
+    clock.advance(60)
+    assert open_from("127.0.0.2", 99) is None
+    refusals = [formatEvent(e) for e in logged if "refusing NSCA" in e.get("log_format", "")]
+    assert len(refusals) == 2 and "47 more refused" in refusals[1]

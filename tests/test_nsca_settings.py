@@ -29,7 +29,17 @@ def test_the_section_is_the_intake_settings(tmp_path: Path) -> None:
 
 def test_defaults(tmp_path: Path) -> None:
     assert build_config({"data": str(tmp_path)}).nsca == NSCASettings(
-        password="", encryption=1, max_age=30, strict_host=False, history=100)
+        password="", encryption=1, max_age=30, strict_host=True, history=100, hosts={})
+
+
+def test_host_mapping(tmp_path: Path) -> None:
+    settings = config_with(tmp_path, '[nsca.hosts]\n"site-a" = ["prod-1", "DB-*"]\n')
+    assert settings.hosts == {"site-a": ("prod-1", "db-*")}
+    assert settings.may_report("Site-A", "db-2") and not settings.may_report("site-b", "db-2")
+    with pytest.raises(ConfigError, match=r"^\[nsca\] hosts: site-a: expected a list"):
+        config_with(tmp_path, '[nsca.hosts]\n"site-a" = "prod-1"\n')
+    with pytest.raises(ConfigError, match=r"\[nsca\] hosts has the wrong type"):
+        config_with(tmp_path, 'hosts = 3\n')
 
 
 @pytest.mark.parametrize(("section", "message"), [

@@ -38,6 +38,11 @@ class HubConfig:
     netconf_secrets: Mapping[str, str] = field(factory=dict)
     # Forward listeners held by a helper process (hub.tunnel.keeper).
     port_keeper: bool = False
+    # NETCONF call home: globs of unknown devices that may enrol, and how many
+    # unknown devices a minute are handled per source address and in total.
+    netconf_allow: tuple[str, ...] = ()
+    netconf_unknown_per_minute: int = 10
+    netconf_unknown_per_minute_total: int = 60
 
     @property
     def db_path(self) -> str:
@@ -67,6 +72,9 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "max_age": int,
         "strict_host": bool,
         "history": int,
+        "max_connections": int,
+        "max_connections_per_source": int,
+        "hosts": dict,
     },
     "limits": {
         "login_timeout": int,
@@ -75,7 +83,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "password_backoff_base": (int, float),
         "password_backoff_max": (int, float),
     },
-    "netconf": {"secrets": dict},
+    "netconf": {"secrets": dict, "allow": list, "unknown_per_minute": int,
+                "unknown_per_minute_total": int},
 }
 
 
@@ -141,6 +150,17 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         if not isinstance(secret, str):
             raise ConfigError(f"[netconf.secrets] {device}: the secret must be a string")
 
+    netconf = doc.get("netconf", {})
+    allow = netconf.get("allow", [])
+    if not all(isinstance(p, str) and p.strip() for p in allow):
+        raise ConfigError("[netconf] allow: expected a list of device names or globs, "
+                          f"got {allow!r}")
+    rates = {key: netconf.get(key, default) for key, default in
+             (("unknown_per_minute", 10), ("unknown_per_minute_total", 60))}
+    for key, rate in rates.items():
+        if rate < 1:
+            raise ConfigError(f"[netconf] {key} must be >= 1, got {rate!r}")
+
     return HubConfig(
         data=data,
         ssh=options.get("ssh") or "tcp:22",
@@ -157,6 +177,9 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         limits=limits,
         netconf_secrets=dict(secrets),
         port_keeper=bool(options.get("port-keeper")),
+        netconf_allow=tuple(p.strip() for p in allow),
+        netconf_unknown_per_minute=rates["unknown_per_minute"],
+        netconf_unknown_per_minute_total=rates["unknown_per_minute_total"],
     )
 
 

@@ -57,7 +57,10 @@ class Hub:
             registry=self.registry, mgmt_key=self.keys.mgmt, clock=self.clock,
             secrets=config.netconf_secrets, keepalive=config.keepalive,
             keepalive_count=config.keepalive_count,
-            max_unauthenticated=config.limits.max_unauthenticated)
+            max_unauthenticated=config.limits.max_unauthenticated,
+            allow=config.netconf_allow,
+            unknown_per_minute=config.netconf_unknown_per_minute,
+            unknown_per_minute_total=config.netconf_unknown_per_minute_total)
 
     def gateway_needs(self) -> GatewayNeeds:
         return GatewayNeeds(grants=self.registry, tunnels=self.sessions, netconf=self.netconf,

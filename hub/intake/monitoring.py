@@ -3,8 +3,10 @@
 Results arrive through the in-tunnel intake (a device's `direct-tcpip` to
 localhost:5667, served in-process on an SSH channel) or the optional plain TCP
 listener (`--nsca`). Each is attributed to the node whose tunnel carried it,
-checked against strict-host mode, stored (history bounded per host/service so
-a chatty device cannot fill the disk) and written to the command file.
+checked against strict-host mode, dropped unless that node is approved (anyone
+with the Call Home Password has a pending node), stored (history bounded per
+host/service so a chatty device cannot fill the disk) and written to the
+command file. Drops are logged once a minute per node, with the count held back.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from attrs import define, field, frozen
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from hub.errors import NotFound
 from hub.intake.commandfile import CommandFileWriter
 from hub.intake.nsca import CheckResult, format_command
 from hub.intake.protocol import NSCAServerFactory, NSCAServerProtocol
 from hub.intake.settings import NSCASettings
+from hub.rules.throttle import OncePer
 from hub.ssh.channels import WINDOW
 from hub.store.registry import Registry
 from hub.tunnel.inprocess import ProtocolChannel
@@ -44,6 +48,7 @@ class Monitoring:
     command_file: CommandFileWriter | None = None
     _pending: list[tuple[str, CheckResult, float]] = field(factory=list)
     _flush_call: Any = None
+    _drops: OncePer = field(factory=OncePer)
 
     def deliver(self, node: str, result: CheckResult) -> None:
         """Keep one result from `node` ("" for the plain TCP listener).
@@ -51,9 +56,10 @@ class Monitoring:
         Results arriving in one reactor turn (a send_nsca burst) are stored in
         one transaction, at the end of that turn: a transaction per result was
         the intake's main cost."""
-        if self.config.strict_host and node and result.host.lower() != node.lower():
-            log.warn("NSCA result for host {host!r} from node {node} dropped (strict_host)",
-                     host=result.host, node=node)
+        if not self.config.may_report(node, result.host):
+            self._dropped(node, "strict", "NSCA result for host {host!r} from node {node} "
+                          "dropped (strict_host): not its name nor mapped to it in "
+                          "[nsca.hosts]{more}", host=result.host)
             return
         self._pending.append((node, result, self.clock.seconds()))
         if self._flush_call is None:
@@ -65,6 +71,13 @@ class Monitoring:
             self._flush_call.cancel()
         self._flush_call = None
         batch, self._pending = self._pending, []
+        states = {node: self._state(node) for node in {node for node, _, _ in batch} if node}
+        kept = [item for item in batch if not item[0] or states[item[0]] == "approved"]
+        for node, state in states.items():
+            if state != "approved":
+                self._dropped(node, "state", "NSCA results from node {node} dropped: the "
+                              "node is {state}, not approved{more}", state=state)
+        batch = kept
         if not batch:
             return
         with self.registry.transaction() as db:
@@ -84,6 +97,18 @@ class Monitoring:
         if self.command_file is not None:
             for _, r, now in batch:
                 self.command_file.write(format_command(r, int(now)))
+
+    def _state(self, node: str) -> str:
+        try:
+            return self.registry.node(node).state
+        except NotFound:
+            return "not registered"
+
+    def _dropped(self, node: str, why: str, fmt: str, **fields: object) -> None:
+        held = self._drops.due(self.clock.seconds(), f"{why}:{node.lower()}")
+        if held is not None:
+            log.warn(fmt, node=node, more=f" ({held} more dropped since the last line)"
+                     if held else "", **fields)
 
     def tcp_factory(self) -> NSCAServerFactory:
         return NSCAServerFactory(self.config, lambda r: self.deliver("", r), self.clock)

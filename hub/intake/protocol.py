@@ -2,7 +2,8 @@
 
 Sends the init packet, feeds what arrives to the decoder, hands results to a
 `deliver` callback, and closes a connection that stalls or sends a bad packet.
-Serves both the plain TCP listener (`--nsca`) and the in-tunnel channel.
+Serves both the plain TCP listener (`--nsca`) and the in-tunnel channel; the
+listener's factory bounds its connections, globally and per source address.
 """
 
 from __future__ import annotations
@@ -23,12 +24,17 @@ from hub.intake.nsca import (
     make_init_packet,
 )
 from hub.intake.settings import NSCASettings
+from hub.rules.throttle import OncePer
 from hub.timeouts import ClockTimeout
 
 
 class NSCAServerProtocol(ClockTimeout, Protocol):
-    """One NSCA client connection: init packet out, results to `deliver`, errors logged;
-    closed after `read_timeout` seconds without a byte."""
+    """One NSCA client connection: init packet out, results to `deliver`, errors logged.
+
+    Deadlines are absolute, never moved by single bytes (a byte every 20 s once
+    held a connection for ever): the client has `read_timeout` seconds from the
+    connection start or from its last complete packet to start the next, and
+    `read_timeout` seconds from a packet's first byte to complete it."""
 
     _log = Logger()
     clock: IReactorTime
@@ -48,6 +54,7 @@ class NSCAServerProtocol(ClockTimeout, Protocol):
         self.peer = peer
         self.decoder: NSCADecoder | None = None
         self._closing = False
+        self.on_lost: Callable[[], object] | None = None
 
     def connectionMade(self) -> None:
         iv = self._iv_source(IV_SIZE)
@@ -58,9 +65,9 @@ class NSCAServerProtocol(ClockTimeout, Protocol):
         self.transport.write(make_init_packet(iv, int(self.clock.seconds())))
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closing or self.decoder is None:
+        if self._closing or self.decoder is None or not data:
             return
-        self.resetTimeout()
+        idle = self.decoder.pending == 0
         try:
             results = self.decoder.feed(data)
         except NSCAError as e:
@@ -70,6 +77,10 @@ class NSCAServerProtocol(ClockTimeout, Protocol):
             )
             self._close()
             return
+        if idle or results:
+            # A packet completed or a new one started: the next deadline counts from
+            # now; bytes in the middle of a packet leave it where it is.
+            self.setTimeout(self._settings.read_timeout)
         self._deliverAll(results)
 
     def _deliverAll(self, results: Sequence[CheckResult]) -> None:
@@ -85,11 +96,15 @@ class NSCAServerProtocol(ClockTimeout, Protocol):
 
     def timeoutConnection(self) -> None:
         pending = self.decoder.pending if self.decoder is not None else 0
-        self._log.info(
-            "NSCA {peer}: nothing received for {timeout} s ({pending} bytes of a packet "
-            "pending); closing",
-            peer=self.peer, timeout=self._settings.read_timeout, pending=pending,
-        )
+        if pending:
+            self._log.info(
+                "NSCA {peer}: packet not complete within {timeout:g} s of its first byte "
+                "({pending} bytes of it received); closing",
+                peer=self.peer, timeout=self._settings.read_timeout, pending=pending,
+            )
+        else:
+            self._log.info("NSCA {peer}: nothing received for {timeout:g} s; closing",
+                           peer=self.peer, timeout=self._settings.read_timeout)
         self._close()
 
     def _close(self) -> None:
@@ -100,6 +115,9 @@ class NSCAServerProtocol(ClockTimeout, Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.setTimeout(None)
+        if self.on_lost is not None:
+            on_lost, self.on_lost = self.on_lost, None
+            on_lost()
         if not self._closing and self.decoder is not None and self.decoder.pending:
             self._log.warn(
                 "NSCA {peer}: connection closed mid-packet ({pending} bytes dropped)",
@@ -108,7 +126,14 @@ class NSCAServerProtocol(ClockTimeout, Protocol):
 
 
 class NSCAServerFactory(Factory):
-    """Builds an `NSCAServerProtocol` per connection (TCP listener or in-tunnel channel)."""
+    """The `--nsca` listener: an `NSCAServerProtocol` per connection, at most
+    `max_connections` at once and `max_connections_per_source` from one address.
+
+    A connection over a cap is closed at once (Twisted closes it when
+    `buildProtocol` returns None), with one log line a minute for all of them."""
+
+    noisy = False
+    _log = Logger()
 
     protocol = NSCAServerProtocol  # type: ignore[assignment]
 
@@ -123,12 +148,40 @@ class NSCAServerFactory(Factory):
         self.deliver = deliver
         self.clock = clock
         self.iv_source = iv_source
+        self.open = 0
+        self.by_source: dict[str, int] = {}
+        self._refusals = OncePer(60.0)
 
-    def buildProtocol(self, addr: IAddress | None) -> NSCAServerProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> NSCAServerProtocol | None:
         host, port = getattr(addr, "host", None), getattr(addr, "port", None)
         peer = f"{host}:{port}" if host is not None else str(addr)
+        source = str(host)
+        s = self.settings
+        if self.open >= s.max_connections:
+            self._refuse(peer, f"{self.open} connections open (max_connections)")
+            return None
+        if self.by_source.get(source, 0) >= s.max_connections_per_source:
+            self._refuse(peer, f"{self.by_source[source]} connections open from "
+                               f"{source} (max_connections_per_source)")
+            return None
         proto = NSCAServerProtocol(
             self.settings, self.deliver, self.clock, self.iv_source, peer=peer
         )
         proto.factory = self
+        self.open += 1
+        self.by_source[source] = self.by_source.get(source, 0) + 1
+        proto.on_lost = lambda: self._closed(source)
         return proto
+
+    def _closed(self, source: str) -> None:
+        self.open -= 1
+        left = self.by_source.pop(source) - 1
+        if left:
+            self.by_source[source] = left
+
+    def _refuse(self, peer: str, why: str) -> None:
+        held = self._refusals.due(self.clock.seconds())
+        if held is not None:
+            self._log.warn("refusing NSCA connection from {peer}: {why}{more}", peer=peer,
+                           why=why, more=f" ({held} more refused since the last line)"
+                           if held else "")

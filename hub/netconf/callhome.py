@@ -3,17 +3,20 @@
 On each TCP connection to `--netconf` the hub first reads an optional Junos
 `outbound-ssh` preamble (`netconf_preamble`), then runs its SSH client (the
 `device_client` classes) over the same socket. The device is identified by its
-host key: an unknown key becomes a pending node of kind `netconf` (named by the
+host key: an unknown key allowed by `admission` (the `[netconf] allow` list or a
+verified preamble HMAC) becomes a pending node of kind `netconf` (named by the
 preamble's DEVICE-ID, else `netconf-` and a fingerprint prefix) and the
-connection is closed until an admin approves it; an approved device logs in with
-the management key and its session is kept up (keepalives both ways) for
-operators' `netconf` subsystem channels. A new call home replaces the old one.
+connection is closed until an admin approves it; any other unknown device is
+refused without creating anything (so it takes no name a `register` may claim).
+An approved device logs in with the management key and its session is kept up
+(keepalives both ways) for operators' `netconf` subsystem channels. A new call
+home replaces the old one.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from attrs import define, field, frozen
@@ -30,6 +33,7 @@ from hub.access.device_client import (
     DeviceError,
 )
 from hub.errors import NameTaken, NotFound
+from hub.netconf.admission import Admission
 from hub.netconf.preamble import PreambleError, PreambleParser, PreambleResult, authenticate
 from hub.ssh.connection import Keepalive
 from hub.ssh.keys import fingerprint
@@ -52,10 +56,15 @@ class Decision:
     action: str  # REFUSE, PENDING or APPROVED
     name: str = ""
     reason: str = ""
+    known: bool = True  # False: the registry does not know the device's host key
+    conflict: bool = False  # an unknown key claims the name of an existing node
 
 
-def identify(registry: Registry, host_key: bytes, device_id: str | None) -> Decision:
-    """Which node a calling device is, by its host key, and what to do with it."""
+def identify(registry: Registry, host_key: bytes, device_id: str | None,
+             may_enroll: Callable[[str], bool]) -> Decision:
+    """Which node a calling device is, by its host key, and what to do with it.
+
+    An unknown device becomes pending only if `may_enroll(name)`."""
     node = registry.node_by_host_key(host_key)
     if node is not None:
         if node.state == "revoked":
@@ -65,13 +74,18 @@ def identify(registry: Registry, host_key: bytes, device_id: str | None) -> Deci
     try:
         existing = registry.node(name)
     except NotFound:
-        return Decision(PENDING, name)
+        if may_enroll(name):
+            return Decision(PENDING, name, known=False)
+        return Decision(REFUSE, name, f"unknown device {name} is not on the [netconf] allow "
+                        "list and sent no verified HMAC", known=False)
     if existing.kind == "netconf" and existing.state == "approved":
         return Decision(REFUSE, existing.name, (
             f"node {existing.name}: device host key changed: pinned {existing.fingerprint}, "
-            f"now {fingerprint(host_key)}; remove the node and approve it again if expected"))
+            f"now {fingerprint(host_key)}; remove the node and approve it again if expected"),
+            known=False, conflict=True)
     return Decision(REFUSE, existing.name,
-                    f"node name {existing.name!r} is held by another key")
+                    f"node name {existing.name!r} is held by another key", known=False,
+                    conflict=True)
 
 
 @define(eq=False)
@@ -167,6 +181,9 @@ class CallHomeNeeds:
     keepalive: float
     keepalive_count: int
     max_unauthenticated: int    # call-home connections not logged in yet
+    allow: tuple[str, ...] = ()  # globs of device names that may enrol (`[netconf] allow`)
+    unknown_per_minute: int = 10        # unknown devices per source address
+    unknown_per_minute_total: int = 60  # unknown devices from all addresses
 
 
 class NetconfClientTransport(DeviceClientTransport):
@@ -174,10 +191,11 @@ class NetconfClientTransport(DeviceClientTransport):
     by its host key, then logs in with the management key (approved nodes only)."""
 
     def __init__(self, needs: CallHomeNeeds, peer: str, device_id: str | None,
-                 vouched: bytes | None) -> None:
+                 vouched: bytes | None, admission: Admission) -> None:
         DeviceClientTransport.__init__(self, b"", needs.mgmt_key, None, None,
                                        defer.Deferred(), needs.clock)
         self.needs = needs
+        self.admission = admission
         self.peer = peer
         self.device_id = device_id
         self.vouched = vouched  # the host key the preamble's HMAC vouched for
@@ -192,13 +210,27 @@ class NetconfClientTransport(DeviceClientTransport):
                 f"device {self.device_id}: its SSH host key {fingerprint(hostKey)} is not "
                 "the HOST-KEY its preamble vouched for"))
         else:
-            self.decision = identify(self.needs.registry, hostKey, self.device_id)
-        if self.decision.action == REFUSE:
-            return defer.fail(self._refuse(self.decision.reason))
+            vouched = self.vouched is not None
+            self.decision = identify(self.needs.registry, hostKey, self.device_id,
+                                     lambda name: self.admission.may_enroll(name, vouched))
+        if not self.decision.known and not self.admission.spend(
+                self.peer, self.needs.clock.seconds()):
+            return defer.fail(self._refuse(
+                f"too many unknown devices from {self.peer} (more than "
+                f"{self.needs.unknown_per_minute} a minute, or "
+                f"{self.needs.unknown_per_minute_total} from all addresses)",
+                f"limit:{self.peer}"))
+        decision = self.decision
+        if decision.action == REFUSE:
+            # A claim on an existing node's name is logged apart, once a minute per
+            # name and address, so a flood of strangers does not hide it.
+            key = ("" if decision.known else f"conflict:{decision.name}:{self.peer}"
+                   if decision.conflict else f"unknown:{self.peer}")
+            return defer.fail(self._refuse(decision.reason, key))
         return defer.succeed(True)
 
-    def _refuse(self, why: str) -> DeviceError:
-        log.warn("netconf call home from {peer} refused: {why}", peer=self.peer, why=why)
+    def _refuse(self, why: str, throttle: str = "") -> DeviceError:
+        refuse_logged(self.admission, self.needs.clock, self.peer, why, throttle)
         self.refusal = why
         self.failure = DeviceError(why)
         return self.failure
@@ -243,6 +275,16 @@ class NetconfClientTransport(DeviceClientTransport):
         needs = self.needs
         return NetconfConnection(self.ready, needs.clock, needs.keepalive,
                                  needs.keepalive_count)
+
+
+def refuse_logged(admission: Admission, clock: IReactorTime, peer: str, why: str,
+                  throttle: str = "") -> None:
+    """Log a refusal; refusals of unknown devices (`throttle`: the kind and address,
+    "" for none) once a minute each, with the count held back since the last line."""
+    held = admission.say(clock.seconds(), throttle) if throttle else 0
+    if held is not None:
+        log.warn("netconf call home from {peer} refused: {why}{more}", peer=peer, why=why,
+                 more=f" ({held} more refused from {peer} since the last line)" if held else "")
 
 
 class CallHomeProtocol(ClockTimeout, protocol.Protocol):
@@ -300,15 +342,37 @@ class CallHomeProtocol(ClockTimeout, protocol.Protocol):
 
     def _start_client(self, result: PreambleResult, vouched: bytes | None) -> None:
         device_id = result.preamble.device_id if result.preamble is not None else None
+        admission = self.factory.admission
+        if device_id is not None and not self._may_call(device_id, vouched is not None):
+            # Refused before the SSH key exchange: an unknown name costs no crypto.
+            self._refused = True
+            self._deadline(None)
+            refuse_logged(admission, self.clock, self.peer,
+                          f"unknown device {device_id} is not on the [netconf] allow list "
+                          "and sent no verified HMAC", f"unknown:{self.peer}")
+            self.transport.loseConnection()
+            return
         if device_id is not None:
             log.info("netconf call home from {peer}: DEVICE-ID {id}{hmac}", peer=self.peer,
                      id=device_id, hmac=" (HMAC verified)" if vouched else "")
-        self.client = client = NetconfClientTransport(self.needs, self.peer, device_id, vouched)
+        self.client = client = NetconfClientTransport(self.needs, self.peer, device_id, vouched,
+                                                      admission)
         self._deadline(LOGIN_TIMEOUT, "did not complete the SSH login")
         client.ready.addCallbacks(self._online, self._failed)
         client.makeConnection(self.transport)
         if result.rest:
             client.dataReceived(result.rest)
+
+    def _may_call(self, device_id: str, vouched: bool) -> bool:
+        """Whether to run SSH for this DEVICE-ID: a node of that name exists (the
+        host key then decides), or the device may enrol."""
+        if self.factory.admission.may_enroll(device_id, vouched):
+            return True
+        try:
+            self.needs.registry.node(device_id)
+        except NotFound:
+            return False
+        return True
 
     def _online(self, conn: DeviceConnection) -> None:
         self._deadline(None)
@@ -341,6 +405,8 @@ class CallHomeFactory(protocol.Factory):
         self.needs = needs
         self.sessions = sessions
         self.unauthenticated: set[CallHomeProtocol] = set()
+        self.admission = Admission(needs.allow, needs.unknown_per_minute,
+                                   needs.unknown_per_minute_total)
 
     def buildProtocol(self, addr: Any) -> CallHomeProtocol | None:
         limit = self.needs.max_unauthenticated
