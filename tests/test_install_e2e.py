@@ -42,3 +42,19 @@ def test_the_wheel_gives_twistd_callhomehub_and_the_cli(tmp_path: Path) -> None:
     data = tmp_path / "data"
     run(venv / "bin" / "callhomehub", "--data", data, "users", cwd=elsewhere)
     assert (data / "hub.sqlite3").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
+    unit = (ROOT / "contrib" / "systemd" / "callhomehub.service").read_text()
+    for directive in ("User=callhomehub", "StateDirectory=callhomehub",
+                      "AmbientCapabilities=CAP_NET_BIND_SERVICE", "LimitNOFILE=65536",
+                      "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes",
+                      "PrivateTmp=yes", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"):
+        assert f"\n{directive}\n" in unit, directive
+    # verify checks that ExecStart's program exists: use this venv's twistd for /opt's.
+    twistd = Path(sys.executable).parent / "twistd"
+    (tmp_path / "callhomehub.service").write_text(
+        unit.replace("/opt/callhomehub/bin/twistd", str(twistd)))
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "callhomehub.service")],
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
