@@ -73,3 +73,12 @@ def test_bad_port_range(text: str) -> None:
 def test_bad_keepalive(tmp_path: Path, key: str, value: str) -> None:
     with pytest.raises(ConfigError, match=f"--{key}"):
         build_config({"data": str(tmp_path), key: value})
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("ssh", "2222"), ("nsca", "tcp:x"), ("netconf", "tcpp:4334"), ("ssh", "tcp:22:bogus=1")])
+def test_a_bad_endpoint_is_one_line_naming_the_option(tmp_path: Path, option: str,
+                                                      value: str) -> None:
+    with pytest.raises(ConfigError, match=f"^--{option}: '{value}' is not a listening endpoint"):
+        build_config({"data": str(tmp_path), option: value})
+    assert build_config({"data": str(tmp_path), option: "tcp:0:interface=127.0.0.1"})

@@ -62,6 +62,8 @@ def test_second_hub_on_one_data_directory_is_one_line_and_touches_nothing(
     ("config", [], "unknown key 'pasword' in [nsca]"),
     (None, ["--port-range", "70000-80000"], "--port-range: 70000-80000 is not within"),
     (None, ["--keepalive", "often"], "--keepalive: expected a number"),
+    (None, ["--ssh", "2222"], "--ssh: '2222' is not a listening endpoint"),
+    (None, ["--nsca", "tcp:x"], "--nsca: 'tcp:x' is not a listening endpoint"),
     ("file-as-data", [], "cannot create"),
     ("corrupt-db", [], "is unreadable or corrupt"),
 ])

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from attrs import field, frozen
+from twisted.internet.endpoints import serverFromString
 
 from hub.access.limits import Limits
 from hub.errors import ConfigError
@@ -118,6 +119,19 @@ def load_config_file(path: str) -> dict[str, Any]:
     return doc
 
 
+def check_endpoint(option: str, description: str | None) -> str | None:
+    """An endpoint string as twistd takes it (`tcp:22`, `tcp:0:interface=127.0.0.1`,
+    `unix:/run/x.sock`), parsed now so that a typo stops start-up with one line."""
+    if description is None:
+        return None
+    try:
+        serverFromString(None, description)  # parses only; nothing listens yet
+    except (ValueError, TypeError, KeyError, ImportError, OSError) as e:
+        raise ConfigError(f"{option}: {description!r} is not a listening endpoint ({e}); "
+                          "write it as tcp:PORT or tcp:PORT:interface=ADDRESS") from None
+    return description
+
+
 def build_config(options: Mapping[str, Any]) -> HubConfig:
     """Merge command-line options with the config file and validate the whole."""
     data = options.get("data") or "."
@@ -163,15 +177,15 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
 
     return HubConfig(
         data=data,
-        ssh=options.get("ssh") or "tcp:22",
+        ssh=check_endpoint("--ssh", options.get("ssh") or "tcp:22") or "tcp:22",
         port_low=low,
         port_high=high,
         public_interface=options.get("public-interface") or "0.0.0.0",
         keepalive=keepalive,
         keepalive_count=count,
-        nsca_endpoint=options.get("nsca"),
+        nsca_endpoint=check_endpoint("--nsca", options.get("nsca")),
         command_file=options.get("command-file"),
-        netconf_endpoint=options.get("netconf"),
+        netconf_endpoint=check_endpoint("--netconf", options.get("netconf")),
         registrar_user=registrar,
         nsca=nsca,
         limits=limits,
