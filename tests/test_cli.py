@@ -55,6 +55,31 @@ def test_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 def test_status_of_an_unknown_node_is_an_error(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(tmp_path, monkeypatch, capsys, "callhome-password", stdin=b"pw")[0] == 0
     assert run(tmp_path, monkeypatch, capsys, "status")[0] == 0
     code, out, err = run(tmp_path, monkeypatch, capsys, "status", "NOSUCH")
     assert (code, out, err) == (1, "", "callhomehub: no node named 'NOSUCH'\n")
+
+
+@pytest.mark.parametrize("command", [["nodes"], ["users"], ["approve", "x"], ["mgmt-key"]])
+def test_a_directory_without_a_registry_is_refused_not_created(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        command: list[str]) -> None:
+    elsewhere = tmp_path / "nosuch" / "dir"
+    code, out, err = run(elsewhere, monkeypatch, capsys, *command)
+    assert (code, out) == (1, "")
+    assert err == (f"callhomehub: no hub registry in {elsewhere}: start the hub there first, "
+                   "or pass --data (or set CALLHOMEHUB_DATA)\n")
+    assert not (tmp_path / "nosuch").exists()
+
+
+def test_callhomehub_data_stands_in_for_data(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CALLHOMEHUB_DATA", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"pw")))
+    assert main(["callhome-password"]) == 0
+    assert (tmp_path / "hub" / "hub.sqlite3").exists()
+    assert main(["users"]) == 0
+    assert not (tmp_path / "hub.sqlite3").exists()

@@ -15,10 +15,10 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(*args: str | Path, cwd: Path) -> str:
+def run(*args: str | Path, cwd: Path, stdin: str = "") -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     result = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=300, input=stdin)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -40,7 +40,8 @@ def test_the_wheel_gives_twistd_callhomehub_and_the_cli(tmp_path: Path) -> None:
         "callhomehub ")
     # The schema's .sql migrations ship too: the CLI can create a registry.
     data = tmp_path / "data"
-    run(venv / "bin" / "callhomehub", "--data", data, "users", cwd=elsewhere)
+    run(venv / "bin" / "callhomehub", "--data", data, "callhome-password", cwd=elsewhere,
+        stdin="long-random-secret")
     assert (data / "hub.sqlite3").stat().st_mode & 0o777 == 0o600
 
 

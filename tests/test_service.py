@@ -119,3 +119,23 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         Options().parseOptions(["--version"])
     assert done.value.code == 0
     assert capsys.readouterr().out == f"callhomehub {hub.__version__}\n"
+
+
+def test_start_says_where_the_state_is_and_warns_without_a_call_home_password(
+        tmp_path: Path) -> None:
+    options = Options()
+    options.parseOptions(["--data", str(tmp_path), "--ssh", "tcp:0:interface=127.0.0.1"])
+    top = makeService(options, reactor=MemoryReactorClock())
+    top.hub.registry.register("site-a", b"k", "fp", "cli")  # type: ignore[attr-defined]
+    with capture_events() as events:
+        top.privilegedStartService()
+        top.startService()
+    top.stopService()
+    text = [formatEvent(e) for e in events]
+    assert (f"data directory {tmp_path}: 1 nodes (0 approved), 0 operators, Call Home Password "
+            "not set") in text
+    [warning] = [e for e in events if e["log_level"] == LogLevel.warn
+                 and "Call Home Password" in formatEvent(e)]
+    assert formatEvent(warning) == (
+        "no Call Home Password is set: new devices cannot register; set one with "
+        f"callhomehub --data {tmp_path} callhome-password")

@@ -242,7 +242,8 @@ def cmd_status(reg: Registry, args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="callhomehub", description="callhomehub admin CLI")
     p.add_argument("--version", action="version", version=f"callhomehub {__version__}")
-    p.add_argument("--data", default=".", help="state directory of the hub (default .)")
+    p.add_argument("--data", default=None,
+                   help="state directory of the hub (default $CALLHOMEHUB_DATA, else .)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, func: Any, help: str, listing: bool = False) -> argparse.ArgumentParser:
@@ -291,11 +292,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# What a first set-up does before the hub ever ran: these may create the registry.
+SETUP = (cmd_callhome_password, cmd_user_add)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.data = args.data or os.environ.get("CALLHOMEHUB_DATA") or "."
+    path = os.path.join(args.data, "hub.sqlite3")
     try:
+        if args.func not in SETUP and not os.path.exists(path):
+            # Not a new empty hub: a mistyped --data or the wrong directory.
+            raise HubError(f"no hub registry in {os.path.abspath(args.data)}: start the hub "
+                           "there first, or pass --data (or set CALLHOMEHUB_DATA)")
         os.makedirs(args.data, exist_ok=True)
-        registry = Registry(os.path.join(args.data, "hub.sqlite3"), now=time.time)
+        registry = Registry(path, now=time.time)
         try:
             return int(args.func(registry, args))
         finally:

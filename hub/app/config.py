@@ -134,7 +134,7 @@ def check_endpoint(option: str, description: str | None) -> str | None:
 
 def build_config(options: Mapping[str, Any]) -> HubConfig:
     """Merge command-line options with the config file and validate the whole."""
-    data = options.get("data") or "."
+    data = options.get("data") or os.environ.get("CALLHOMEHUB_DATA") or "."
     config_path = options.get("config")
     if config_path is None:
         default = os.path.join(data, "callhomehub.toml")

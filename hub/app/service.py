@@ -19,7 +19,7 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from hub import __version__
-from hub.access.auth import CallHomePasswordChecker, DeviceKeyChecker
+from hub.access.auth import CALLHOME_PASSWORD, CallHomePasswordChecker, DeviceKeyChecker
 from hub.access.gateway import OperatorAvatar
 from hub.access.needs import GatewayNeeds, RegistrarNeeds
 from hub.access.registrar import RegistrarAvatar
@@ -52,7 +52,8 @@ class Options(usage.Options):
          "open-file limit that caps the hub below 2 descriptors per tunnel)"],
     ]
     optParameters = [
-        ["data", None, ".", "state directory (hub.sqlite3, keys/)"],
+        ["data", None, None, "state directory (hub.sqlite3, keys/); default "
+         "$CALLHOMEHUB_DATA, else ."],
         ["ssh", None, "tcp:22", "SSH listener endpoint"],
         ["port-range", None, "49152-65535", "per-device port range LOW-HIGH"],
         ["public-interface", None, "0.0.0.0", "address public device ports bind to"],
@@ -188,6 +189,28 @@ class FlushOnStop(service.Service):
         return service.Service.stopService(self)
 
 
+class StartupReport(service.Service):
+    """Says at start which state the hub serves: where, how many nodes and operators,
+    and whether devices can register at all (no Call Home Password: they cannot)."""
+
+    def __init__(self, data: str, registry: Registry) -> None:
+        self.data = data
+        self.registry = registry
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        nodes = self.registry.nodes()
+        approved = sum(1 for n in nodes if n.state == "approved")
+        has_password = self.registry.setting(CALLHOME_PASSWORD) is not None
+        log.info("data directory {data}: {n} nodes ({approved} approved), {users} operators, "
+                 "Call Home Password {password}", data=os.path.abspath(self.data), n=len(nodes),
+                 approved=approved, users=len(self.registry.users()),
+                 password="set" if has_password else "not set")
+        if not has_password:
+            log.warn("no Call Home Password is set: new devices cannot register; set one with "
+                     "callhomehub --data {data} callhome-password", data=self.data)
+
+
 # Descriptors the hub holds whatever the tunnels: log, registry (db, WAL, shm),
 # epoll, the reactor's waker, listeners, the control socket, a few in flight.
 FD_RESERVE = 64
@@ -292,6 +315,7 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     top = HubService(level, getattr(options, "parent", None))
     top.hub = hub  # type: ignore[attr-defined]
     DataLockService(lock).setServiceParent(top)
+    StartupReport(config.data, hub.registry).setServiceParent(top)
     OpenFileLimit(port_keeper=config.port_keeper).setServiceParent(top)
     if hub.sessions.listener is not None:
         PortKeeperService(hub.sessions.listener).setServiceParent(top)
