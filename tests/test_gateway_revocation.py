@@ -154,3 +154,11 @@ def test_a_removed_key_or_changed_password_ends_the_login(site: Site) -> None:
     site.settle()
     assert got == [(11, b"the key operator alice logged in with was removed on the hub")]
 
+
+
+def test_a_connection_that_ends_leaves_the_roll(site: Site) -> None:
+    session = site.operator(b"alice:site-a", exec_(b"echo"))
+    assert session.status == 0 and len(site.hub.operators) == 1
+    session.conn.transport.loseConnection()
+    site.settle()
+    assert len(site.hub.operators) == 0
