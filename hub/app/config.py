@@ -18,6 +18,7 @@ from hub.access.limits import Limits
 from hub.errors import ConfigError
 from hub.intake.settings import NSCASettings
 from hub.rules.names import is_valid_name
+from hub.ssh.algorithms import TransportPolicy
 
 
 @frozen
@@ -38,6 +39,7 @@ class HubConfig:
     netconf_secrets: Mapping[str, str] = field(factory=dict)
     # Forward listeners held by a helper process (hub.tunnel.keeper).
     port_keeper: bool = False
+    transport: TransportPolicy = field(factory=TransportPolicy)
 
     @property
     def db_path(self) -> str:
@@ -76,6 +78,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "password_backoff_max": (int, float),
     },
     "netconf": {"secrets": dict},
+    "transport": {"legacy_algorithms": bool},
 }
 
 
@@ -157,6 +160,7 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         limits=limits,
         netconf_secrets=dict(secrets),
         port_keeper=bool(options.get("port-keeper")),
+        transport=TransportPolicy(**doc.get("transport", {})),
     )
 
 

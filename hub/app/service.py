@@ -266,7 +266,7 @@ def build_ssh_factory(hub: Hub) -> HubSSHFactory:
         DeviceKeyChecker(hub.registry, config.registrar_user),
     ])
     return HubSSHFactory(hub_portal, hub.keys, hub.clock, config.limits, config.keepalive,
-                         config.keepalive_count)
+                         config.keepalive_count, transport_policy=config.transport)
 
 
 def makeService(options: Any, reactor: Any = None) -> service.MultiService:
