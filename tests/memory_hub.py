@@ -18,6 +18,7 @@ from hub.app.config import build_config
 from hub.app.context import Hub
 from hub.app.service import build_ssh_factory
 from hub.ssh.keys import load_hub_keys
+from hub.ssh.modern import ModernTransportMixin
 from hub.store.registry import Registry
 from hub.tunnel.live import LiveSessions
 
@@ -60,7 +61,12 @@ class ClientAuth(userauth.SSHUserAuthClient):
         return None if password is None else defer.succeed(password)
 
 
-class ClientTransport(transport.SSHClientTransport):
+class ClientTransport(ModernTransportMixin, transport.SSHClientTransport):
+    """A client as OpenSSH's today: the hub offers no encrypt-and-MAC, NIST-curve kex or
+    ECDSA host key by default, and Conch's own client has nothing else."""
+
+    rekeyTimeLimit = None  # no timer on the global reactor
+
     def __init__(self, user: bytes | None, key: keys.Key | None, password: bytes | None) -> None:
         self.user, self.key, self.password = user, key, password
         self.factory_state: dict[str, Any] = {}

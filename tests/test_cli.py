@@ -6,9 +6,11 @@ import io
 from pathlib import Path
 
 import pytest
+from memory_hub import new_key
 
 from hub import __version__
 from hub.app.cli import main
+from hub.ssh.keys import parse_public_key
 from hub.store.registry import Registry
 
 
@@ -83,3 +85,54 @@ def test_callhomehub_data_stands_in_for_data(
     assert (tmp_path / "hub" / "hub.sqlite3").exists()
     assert main(["users"]) == 0
     assert not (tmp_path / "hub.sqlite3").exists()
+def test_user_set_replaces_what_is_given_and_keeps_the_rest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    paths = []
+    for name in ("k1", "k2"):
+        path = tmp_path / f"{name}.pub"
+        path.write_bytes(new_key().public().toString("openssh") + b" " + name.encode())
+        paths.append(str(path))
+    code, _, _ = run(tmp_path, monkeypatch, capsys, "user", "add", "alice", "--key", paths[0],
+                     "--allow", "site-*", "lab")
+    assert code == 0
+    code, out, err = run(tmp_path, monkeypatch, capsys, "user", "set", "alice",
+                         "--allow", "edge-*")
+    assert (code, out, err) == (0, "user alice changed (1 key(s), password none, "
+                                   "allow edge-*)\n", "")
+    code, out, _ = run(tmp_path, monkeypatch, capsys, "user", "set", "ALICE", "--key", paths[1],
+                       "--password-stdin", stdin=b"pw\n")
+    assert (code, out) == (0, "user alice changed (1 key(s), password set, allow edge-*)\n")
+    registry = Registry(str(tmp_path / "hub.sqlite3"), now=lambda: 0.0)
+    alice = registry.user("alice")
+    assert alice.keys == (parse_public_key(Path(paths[1]).read_bytes()).blob,)
+    assert alice.password_hash is not None and alice.allow == ("edge-*",)
+    code, out, _ = run(tmp_path, monkeypatch, capsys, "user", "set", "alice", "--no-allow")
+    assert (code, out) == (0, "user alice changed (1 key(s), password set, allow -)\n")
+    assert [e.action for e in registry.audit_log()][-3:] == ["user-set"] * 3
+    registry.close()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("nobody", "--allow", "x"), "no user named 'nobody'"),
+    (("alice",), "user set: nothing to change (--key, --allow, --no-allow, "
+                 "--password-stdin, --no-password)"),
+    (("alice", "--password-stdin", "--no-password"),
+     "user set: give --password-stdin or --no-password, not both"),
+    (("alice", "--allow", "x", "--no-allow"), "user set: give --allow or --no-allow, not both"),
+    (("alice", "--no-password"), "user alice: would have neither a key nor a password"),
+    (("alice", "--key", "/nonexistent.pub"),
+     "user set: --key /nonexistent.pub: No such file or directory"),
+])
+def test_user_set_refusals_are_one_line_and_change_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        args: tuple[str, ...], message: str) -> None:
+    code, _, _ = run(tmp_path, monkeypatch, capsys, "user", "add", "alice",
+                     "--password-stdin", "--allow", "site-*", stdin=b"pw")
+    assert code == 0
+    registry = Registry(str(tmp_path / "hub.sqlite3"), now=lambda: 0.0)
+    before = registry.user("alice")
+    code, out, err = run(tmp_path, monkeypatch, capsys, "user", "set", *args)
+    assert (code, out, err) == (1, "", f"callhomehub: {message}\n")
+    assert registry.user("alice") == before
+    registry.close()

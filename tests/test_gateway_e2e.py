@@ -244,3 +244,35 @@ def test_bulk_output_through_the_gateway_is_flow_controlled(site: Site) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_deleting_an_operator_ends_their_session_and_jump_within_2s(site: Site) -> None:
+    session = site.operator.popen("alice:site-a@127.0.0.1", "sleep 60", key=site.alice,
+                                  options=["-o", "LogLevel=INFO"])
+    base = site.operator.base(key=site.alice)
+    # -W with its stdin kept open, as when it carries another ssh's connection.
+    stdio = subprocess.Popen([base[0], "-o", "LogLevel=INFO", *base[1:], "-W", "site-a:22",
+                              "alice@127.0.0.1"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert stdio.stdout is not None
+        assert stdio.stdout.readline().startswith(b"SSH-2.0-OpenSSH")
+        wait_for(lambda: "Accepted publickey" in site.sshd.log.read_text(), 15,
+                 "the session's login to the device")
+        started = time.monotonic()
+        site.hub.cli("user", "del", "alice")
+        session.wait(5)
+        stdio.wait(5)
+        took = time.monotonic() - started
+    finally:
+        for proc in (session, stdio):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert stdio.stdin is not None
+        stdio.stdin.close()
+    assert took <= 2.0, f"the operator's connections ended {took:.2f} s after user del"
+    assert session.returncode == 255
+    for proc in (session, stdio):
+        assert proc.stderr is not None
+        assert b"operator alice was deleted on the hub" in proc.stderr.read()

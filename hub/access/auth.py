@@ -98,7 +98,8 @@ class CallHomePasswordChecker:
         def decide(ok: bool) -> OperatorLogin:
             if not ok:
                 raise UnauthorizedLogin(f"wrong password for operator {user.name}")
-            return OperatorLogin(user.name, login.node, login.port)
+            return OperatorLogin(user.name, login.node, login.port, identity=user.identity,
+                                 credential=user.password_hash)
 
         return self._run(check_password, password, user.password_hash).addCallback(decide)
 
@@ -138,7 +139,8 @@ class DeviceKeyChecker:
             if credentials.blob not in user.keys:
                 raise UnauthorizedLogin(f"key not registered for operator {user.name}")
             verify_signature(credentials)
-            return OperatorLogin(user.name, login.node, login.port)
+            return OperatorLogin(user.name, login.node, login.port, identity=user.identity,
+                                 credential=credentials.blob)
         if credentials.algName not in USER_SIG_ALGS:
             raise UnauthorizedLogin(f"signature algorithm {credentials.algName!r} not allowed")
         node = self._registry.node_by_key(credentials.blob)

@@ -17,6 +17,7 @@ from twisted.conch.ssh import connection
 from twisted.logger import Logger
 
 from hub.access.needs import GatewayNeeds, NetconfLink
+from hub.access.operators import lapsed
 from hub.access.session import GatewaySession
 from hub.access.session import stamp as _stamp
 from hub.errors import NotFound
@@ -25,9 +26,9 @@ from hub.rules.logins import OperatorLogin, may_reach
 from hub.rules.routes import Refusal, Route, reach, session_route, tunnel_refusal
 from hub.ssh.connection import ChannelRefused
 from hub.ssh.wire import WireError, text, unpack_tcpip_open
-from hub.store.registry import NETCONF, Node
+from hub.store.registry import NETCONF, Node, User
 from hub.tunnel.dial import OpenNotice
-from hub.tunnel.live import NodeTunnel
+from hub.tunnel.live import NodeTunnel, close_connection
 from hub.tunnel.relay import RelayChannel
 
 log = Logger()
@@ -52,8 +53,37 @@ class OperatorAvatar(ConchUser):
     def actor(self) -> str:
         return f"{self.login.user}@{self._peer()}"
 
+    def connection_started(self, conn: Any) -> None:
+        if self.needs.operators is not None:
+            self.needs.operators.add(self)
+
     def logout(self) -> None:
-        pass
+        if self.needs.operators is not None:
+            self.needs.operators.discard(self)
+
+    # -- re-checked when the registry changes (hub.access.operators) -------------
+
+    def end(self, why: str) -> None:
+        """The login no longer stands: disconnect, telling the operator why."""
+        log.info("{actor}: {why}, disconnecting", actor=self.actor, why=why)
+        if self.conn is not None:
+            close_connection(self.conn, self.needs.clock, why)
+
+    def narrow(self, allow: tuple[str, ...]) -> None:
+        """Close the gateway sessions and jump channels to nodes `allow` no longer grants."""
+        if self.conn is None:
+            return
+        for chan in list(self.conn.channels.values()):
+            if isinstance(chan, GatewaySession | JumpChannel):
+                chan.narrow(allow)
+
+    def user(self) -> User | None:
+        """The operator's user row while this login still stands on it, else None."""
+        try:
+            user = self.needs.grants.user(self.login.user)
+        except NotFound:
+            return None
+        return user if lapsed(self.login, user) is None else None
 
     def resolve(self, name: str) -> tuple[Node, NodeTunnel]:
         """The node and live tunnel `name` stands for, if this operator may reach it."""
@@ -92,21 +122,22 @@ class OperatorAvatar(ConchUser):
         return session_route(self.login.user, found, link is not None, kind, data, port), link
 
     def _reach(self, name: str) -> Node | Refusal:
-        registry = self.needs.grants
+        user = self.user()
+        grants: tuple[str, ...] | None = None if user is None else user.allow
         try:
-            grants: tuple[str, ...] | None = registry.user(self.login.user).allow
-            node: Node | None = registry.node(name)
+            node: Node | None = self.needs.grants.node(name)
         except NotFound:
-            grants = node = None
+            node = None
         found = reach(grants, node, name)
         if isinstance(found, Refusal) and found.note is not None:
             log.info("{actor}: {note}", actor=self.actor, note=found.note)
         return found
 
     def reachable(self) -> list[Entry]:
-        grants = self.needs.grants
-        user = grants.user(self.login.user)
-        return [Entry(n.name, n.online) for n in grants.nodes()
+        user = self.user()
+        if user is None:
+            return []
+        return [Entry(n.name, n.online) for n in self.needs.grants.nodes()
                 if n.state == "approved" and may_reach(user.allow, n.name)]
 
     def lookupChannel(self, channel_type: bytes, window: int, max_packet: int,
@@ -128,8 +159,7 @@ class OperatorAvatar(ConchUser):
                                  f"malformed direct-tcpip request: {e}") from None
         port = request.port
         node, tunnel = self.resolve(name)
-        operator = RelayChannel(b"direct-tcpip", remoteWindow=window,
-                                remoteMaxPacket=max_packet)
+        operator = JumpChannel(node.name, remoteWindow=window, remoteMaxPacket=max_packet)
         device = JumpDeviceChannel()
         operator.relay_peer, device.relay_peer = device, operator
         started = self.needs.clock.seconds()
@@ -144,10 +174,37 @@ class OperatorAvatar(ConchUser):
             operator.on_close = audit
             log.info("{actor}: jump to {node}:{port}", actor=self.actor, node=node.name,
                      port=port)
-        return opened.addCallback(lambda _: operator)
+        return opened.addCallback(lambda _: self._still_granted(operator, device))
+
+    def _still_granted(self, operator: JumpChannel, device: JumpDeviceChannel) -> JumpChannel:
+        # The grant may have been withdrawn while the device end was opening.
+        user = self.user()
+        if user is None or not may_reach(user.allow, operator.node):
+            device.relay_peer = None
+            device.loseConnection()
+            raise ChannelRefused(connection.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                 f"access to node {operator.node} was withdrawn")
+        return operator
 
     def gotGlobalRequest(self, request_type: bytes, data: bytes) -> Any:
         return 0
+
+
+class JumpChannel(RelayChannel):
+    """The operator end of a jump-host relay to `node`."""
+
+    def __init__(self, node: str, **kw: Any) -> None:
+        RelayChannel.__init__(self, b"direct-tcpip", **kw)
+        self.node = node
+
+    def narrow(self, allow: tuple[str, ...]) -> None:
+        if may_reach(allow, self.node) or not self.relay_open():
+            return
+        log.info("access to node {node} withdrawn: closing a jump channel", node=self.node)
+        peer = self.relay_peer
+        if peer is not None and peer.relay_open():
+            peer.loseConnection()
+        self.loseConnection()
 
 
 class JumpDeviceChannel(OpenNotice, RelayChannel):

@@ -62,6 +62,14 @@ class Grants(Protocol):
     def audit(self, actor: str, action: str, target: str, detail: str = "") -> None: ...
 
 
+class Operators(Protocol):
+    """The live operator connections (`hub.access.operators.LiveOperators`)."""
+
+    def add(self, operator: Any) -> None: ...
+
+    def discard(self, operator: Any) -> None: ...
+
+
 # Builds the in-tunnel NSCA intake channel: (node, actor, window, max packet) -> channel.
 IntakeFactory = Callable[[str, str, int, int], SSHChannel]
 
@@ -87,3 +95,4 @@ class GatewayNeeds:
     netconf: NetconfLinks | None
     mgmt_key: keys.Key          # the hub's identity when it logs in to a device
     clock: IReactorTime
+    operators: Operators | None = None  # where a login registers to be re-checked

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from hub.access.auth import PasswordBackoff
 from hub.access.limits import Limits
+from hub.ssh.algorithms import DEFAULT_POLICY, TransportPolicy
 from hub.ssh.connection import HubConnection
 from hub.ssh.iogroup import IOGroup
 from hub.ssh.keys import HubKeys
@@ -125,8 +126,10 @@ class HubSSHFactory(factory.SSHFactory):
     }
 
     def __init__(self, portal: Any, hub_keys: HubKeys, clock: IReactorTime, limits: Limits,
-                 keepalive: float, keepalive_count: int) -> None:
+                 keepalive: float, keepalive_count: int,
+                 transport_policy: TransportPolicy = DEFAULT_POLICY) -> None:
         self.portal = portal
+        self.transport_policy = transport_policy
         self.publicKeys = hub_keys.host_public
         self.privateKeys = hub_keys.host_private
         self.primes = None  # no group-exchange: every modern client has curve25519
@@ -150,10 +153,12 @@ class HubSSHFactory(factory.SSHFactory):
         # about the moduli file: the hub offers no group exchange at all.
         t: Any = protocol.Factory.buildProtocol(self, addr)
         t.ioGroup = self.io_group
-        t.supportedPublicKeys = [alg for key in self.privateKeys.values()
-                                 for alg in key.supportedSignatureAlgorithms()]
-        t.supportedKeyExchanges = [k for k in t.supportedKeyExchanges
-                                   if not _kex.isDynamicPrimesGroup(k)]
+        policy = self.transport_policy
+        t.supportedPublicKeys = policy.host_keys(
+            alg for key in self.privateKeys.values() for alg in key.supportedSignatureAlgorithms())
+        t.supportedKeyExchanges = policy.kex(k for k in t.supportedKeyExchanges
+                                             if not _kex.isDynamicPrimesGroup(k))
+        t.supportedMACs = policy.macs(t.supportedMACs)
         self.unauthenticated.add(t)
         return t
 

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hub.access.device_client import DeviceConnection, DeviceError, connect
+from hub.rules.logins import may_reach
 from hub.rules.routes import Refusal
 from hub.rules.session import (
     Close,
@@ -94,6 +95,7 @@ class GatewaySession(RelayChannel):
         login = avatar.login
         self.machine = SessionMachine(login.user, login.node, login.port)
         self.device_conn: DeviceConnection | None = None
+        self.node: str | None = None  # the node being reached or relayed to
 
     # -- Conch callbacks: machine inputs ---------------------------------------
 
@@ -188,6 +190,7 @@ class GatewaySession(RelayChannel):
             return
         log.info("{actor}: {kind} on {node}", actor=owner.actor, kind=route.label,
                  node=route.node)
+        self.node = route.node
         self.run(self.machine.routed(route, needs.clock.seconds()))
         if route.netconf:
             # A new `netconf` subsystem channel on the node's call-home session.
@@ -198,6 +201,17 @@ class GatewaySession(RelayChannel):
         ready, _client = connect(link, route.user, needs.mgmt_key, route.host_key,
                                  clock=needs.clock)
         ready.addCallbacks(self._logged_in, self._login_failed, errbackArgs=(route.node,))
+
+    def narrow(self, allow: tuple[str, ...]) -> None:
+        """End the device session if `allow` no longer grants its node (the operator is
+        told on stderr; a chooser session goes back to the menu)."""
+        node = self.node
+        if (node is None or may_reach(allow, node)
+                or self.machine.state not in (State.CONNECTING, State.RELAYING)):
+            return
+        log.info("{actor}: access to node {node} withdrawn, ending the session",
+                 actor=self.owner.actor, node=node)
+        self.run(self.machine.failed(f"access to node {node} was withdrawn"))
 
     def _logged_in(self, conn: DeviceConnection) -> None:
         if self.machine.state is not State.CONNECTING:

@@ -18,13 +18,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from hub import __version__
-from hub.access.auth import CALLHOME_PASSWORD, hash_password
-from hub.app.control import ask
 from hub.errors import HubError
-from hub.intake.monitoring import status
 from hub.rules.names import is_valid_name
-from hub.ssh.keys import load_hub_keys, parse_public_key
 from hub.store.registry import NETCONF, Node, Registry
+
+# The commands import Conch, bcrypt and the control client when they need them:
+# `revoke` and `user del` take effect on the running hub about as fast as this
+# process starts, and those imports tripled its start-up time.
 
 
 def _actor() -> str:
@@ -71,6 +71,8 @@ def cmd_callhome_password(reg: Registry, args: argparse.Namespace) -> int:
     password = _read_stdin_secret("Call Home Password")
     if not password:
         raise HubError("callhome-password: empty password on stdin")
+    from hub.access.auth import CALLHOME_PASSWORD, hash_password
+
     reg.set_setting(CALLHOME_PASSWORD, hash_password(password), _actor())
     print("Call Home Password set")
     return 0
@@ -105,6 +107,8 @@ def cmd_state(state: str) -> Any:
             print(f"host key {fp} pinned; the hub logs in as {node.device_user} with its "
                   "management key when the device calls home next")
         elif state == "approved":
+            from hub.app.control import ask
+
             answer = ask(args.data, {"op": "verify", "node": node.name, "actor": _actor()})
             if answer is None:
                 print("the hub is not running: the device login is verified on its next "
@@ -128,6 +132,8 @@ def cmd_enroll(reg: Registry, args: argparse.Namespace) -> int:
     password = _read_stdin_secret(f"password of {args.user} on {node.name}")
     if not password:
         raise HubError("enroll: empty device password on stdin")
+    from hub.app.control import ask
+
     answer = ask(args.data, {"op": "enroll", "node": node.name, "user": args.user,
                              "password": password.decode("utf-8", "replace"),
                              "actor": _actor()})
@@ -160,6 +166,8 @@ def cmd_access(reg: Registry, args: argparse.Namespace) -> int:
 
 
 def cmd_mgmt_key(reg: Registry, args: argparse.Namespace) -> int:
+    from hub.ssh.keys import load_hub_keys
+
     print(load_hub_keys(os.path.join(args.data, "keys")).mgmt_public_line, end="")
     return 0
 
@@ -167,25 +175,64 @@ def cmd_mgmt_key(reg: Registry, args: argparse.Namespace) -> int:
 def cmd_user_add(reg: Registry, args: argparse.Namespace) -> int:
     if not is_valid_name(args.name) or args.name.lower() == "cms":
         raise HubError(f"user add: invalid user name {args.name!r}")
-    keys = []
-    for path in args.key or []:
-        try:
-            with open(path, "rb") as f:
-                key = parse_public_key(f.read())
-        except OSError as e:
-            raise HubError(f"user add: --key {path}: {e.strerror}") from None
-        keys.append((key.blob, key.fingerprint))
+    keys = _read_keys("user add", args.key or [])
     password_hash = None
     if args.password_stdin:
-        password = _read_stdin_secret("password")
-        if not password:
-            raise HubError("user add: empty password on stdin")
-        password_hash = hash_password(password)
+        password_hash = _read_password("user add")
     if not keys and password_hash is None:
         raise HubError("user add: give --key FILE and/or --password-stdin")
     user = reg.add_user(args.name, password_hash, keys, args.allow or [], _actor())
     print(f"user {user.name} added ({len(user.keys)} key(s), "
           f"password {'set' if password_hash else 'none'}, allow {' '.join(user.allow) or '-'})")
+    return 0
+
+
+def _read_keys(command: str, paths: list[str]) -> list[tuple[bytes, str]]:
+    from hub.ssh.keys import parse_public_key
+
+    keys = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                key = parse_public_key(f.read())
+        except OSError as e:
+            raise HubError(f"{command}: --key {path}: {e.strerror}") from None
+        keys.append((key.blob, key.fingerprint))
+    return keys
+
+
+def _read_password(command: str) -> str:
+    password = _read_stdin_secret("password")
+    if not password:
+        raise HubError(f"{command}: empty password on stdin")
+    from hub.access.auth import hash_password
+
+    return hash_password(password)
+
+
+def cmd_user_set(reg: Registry, args: argparse.Namespace) -> int:
+    """Replace what is given; the running hub re-checks the operator's live sessions."""
+    if args.password_stdin and args.no_password:
+        raise HubError("user set: give --password-stdin or --no-password, not both")
+    if not (args.key or args.allow or args.no_allow or args.password_stdin
+            or args.no_password):
+        raise HubError("user set: nothing to change (--key, --allow, --no-allow, "
+                       "--password-stdin, --no-password)")
+    if args.allow and args.no_allow:
+        raise HubError("user set: give --allow or --no-allow, not both")
+    change: dict[str, Any] = {}
+    if args.key:
+        change["keys"] = _read_keys("user set", args.key)
+    if args.allow or args.no_allow:
+        change["allow"] = args.allow or []
+    if args.password_stdin:
+        change["password_hash"] = _read_password("user set")
+    elif args.no_password:
+        change["password_hash"] = None
+    user = reg.set_user(args.name, _actor(), **change)
+    print(f"user {user.name} changed ({len(user.keys)} key(s), "
+          f"password {'set' if user.password_hash else 'none'}, "
+          f"allow {' '.join(user.allow) or '-'})")
     return 0
 
 
@@ -223,6 +270,8 @@ def cmd_audit(reg: Registry, args: argparse.Namespace) -> int:
 
 
 def cmd_status(reg: Registry, args: argparse.Namespace) -> int:
+    from hub.intake.monitoring import status
+
     if args.node is not None:
         reg.node(args.node)  # an unknown node is an error, not an empty table
     results = status(reg, args.node)
@@ -281,6 +330,17 @@ def build_parser() -> argparse.ArgumentParser:
     ua.add_argument("--password-stdin", action="store_true", help="read a password from stdin")
     ua.add_argument("--allow", nargs="+", action="extend", metavar="GLOB",
                     help="node name patterns the user may reach")
+    us = usub.add_parser("set", help="change an operator: what is given replaces what was "
+                         "there; live sessions are re-checked")
+    us.set_defaults(func=cmd_user_set)
+    us.add_argument("name")
+    us.add_argument("--key", action="append", metavar="FILE",
+                    help="public key file (the keys given replace the user's keys)")
+    us.add_argument("--password-stdin", action="store_true", help="read a new password from stdin")
+    us.add_argument("--no-password", action="store_true", help="remove the password")
+    us.add_argument("--allow", nargs="+", action="extend", metavar="GLOB",
+                    help="node name patterns the user may reach (replace the grants)")
+    us.add_argument("--no-allow", action="store_true", help="remove every grant")
     ud = usub.add_parser("del", help="delete an operator")
     ud.set_defaults(func=cmd_user_del)
     ud.add_argument("name")

@@ -19,6 +19,7 @@ from hub.access.limits import Limits
 from hub.errors import ConfigError
 from hub.intake.settings import NSCASettings
 from hub.rules.names import is_valid_name
+from hub.ssh.algorithms import TransportPolicy
 
 
 @frozen
@@ -44,6 +45,7 @@ class HubConfig:
     netconf_allow: tuple[str, ...] = ()
     netconf_unknown_per_minute: int = 10
     netconf_unknown_per_minute_total: int = 60
+    transport: TransportPolicy = field(factory=TransportPolicy)
 
     @property
     def db_path(self) -> str:
@@ -86,6 +88,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     },
     "netconf": {"secrets": dict, "allow": list, "unknown_per_minute": int,
                 "unknown_per_minute_total": int},
+    "transport": {"legacy_algorithms": bool},
 }
 
 
@@ -194,6 +197,7 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         netconf_allow=tuple(p.strip() for p in allow),
         netconf_unknown_per_minute=rates["unknown_per_minute"],
         netconf_unknown_per_minute_total=rates["unknown_per_minute_total"],
+        transport=TransportPolicy(**doc.get("transport", {})),
     )
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from attrs import define
+from attrs import Factory, define, field
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from hub.access.needs import GatewayNeeds, RegistrarNeeds
+from hub.access.operators import LiveOperators
 from hub.app.config import HubConfig
 from hub.netconf.callhome import CallHomeNeeds
 from hub.ssh.keys import HubKeys
@@ -38,11 +39,18 @@ class Hub:
     monitoring: Monitoring | None = None
     # The live NETCONF call-home sessions, or None.
     netconf: NetconfSessions | None = None
+    # The live operator connections, re-checked on every registry change.
+    operators: LiveOperators = field(
+        default=Factory(lambda self: LiveOperators(self.registry), takes_self=True))
 
     def sync(self) -> None:
-        """Apply changes the admin CLI made to the registry (polled every second)."""
+        """Apply changes the admin CLI made to the registry (polled, see REGISTRY_POLL):
+        revoked or removed nodes, operators deleted, replaced or with fewer grants."""
         if self.registry.changed():
             self.sessions.enforce()
+            if self.netconf is not None:
+                self.netconf.enforce()
+            self.operators.enforce()
 
     def registrar_needs(self) -> RegistrarNeeds:
         return RegistrarNeeds(
@@ -64,4 +72,5 @@ class Hub:
 
     def gateway_needs(self) -> GatewayNeeds:
         return GatewayNeeds(grants=self.registry, tunnels=self.sessions, netconf=self.netconf,
-                            mgmt_key=self.keys.mgmt, clock=self.clock)
+                            mgmt_key=self.keys.mgmt, clock=self.clock,
+                            operators=self.operators)

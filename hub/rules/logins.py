@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 
-from attrs import frozen
+from attrs import field, frozen
 from twisted.cred.error import UnauthorizedLogin
 
 
@@ -27,6 +27,11 @@ class OperatorLogin:
     user: str
     node: str | None = None
     port: str | None = None
+    # What the login stands on, for re-checking a live connection when the
+    # operator is changed: the user row's identity (id, created) and the key blob
+    # (bytes) or the password hash (str) it used. Not part of what the name selected.
+    identity: tuple[int, float] | None = field(default=None, eq=False)
+    credential: bytes | str | None = field(default=None, eq=False)
 
 
 def parse_login(name: str) -> OperatorLogin:

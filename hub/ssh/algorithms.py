@@ -7,6 +7,9 @@ L{hub.ssh.modern.ModernTransportMixin} uses by default.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from attrs import frozen
 from twisted.conch.ssh import _kex
 
 from hub.ssh.ciphers import (
@@ -21,9 +24,9 @@ from hub.ssh.ciphers import (
 _CONCH_KEX = set(_kex.getSupportedKeyExchanges())
 
 # Key exchange, most preferred first; SHA-1 ones (group1, group14-sha1,
-# group-exchange-sha1) are left out.  Conch has no sntrup761 or
-# group16/18-sha512.  Group exchange needs a moduli file (SSHFactory drops
-# it otherwise).
+# group-exchange-sha1) are left out.  Neither Conch nor `cryptography` has
+# sntrup761 (so no sntrup761x25519-sha512@openssh.com), nor group16/18-sha512.
+# Group exchange needs a moduli file (SSHFactory drops it otherwise).
 KEX_ALGORITHMS: tuple[bytes, ...] = tuple(
     name
     for name in (
@@ -89,6 +92,47 @@ MACS: tuple[bytes, ...] = (
 
 # Conch's "zlib" compresses before authentication; OpenSSH servers dropped it.
 COMPRESSIONS: tuple[bytes, ...] = (b"none",)
+
+# What ssh-audit flags on a server: ECDH on the NIST curves and ECDSA host keys
+# (curves whose constants are unexplained, and ECDSA fails badly on a weak
+# random nonce), and encrypt-and-MAC (the MAC over the plaintext).  The
+# lists above keep them, for clients and for any Conch server; the hub's own
+# server offers them only when `TransportPolicy.legacy_algorithms` is set, for
+# old devices that have nothing better.
+LEGACY_KEX_ALGORITHMS: tuple[bytes, ...] = (
+    b"ecdh-sha2-nistp256",
+    b"ecdh-sha2-nistp384",
+    b"ecdh-sha2-nistp521",
+)
+LEGACY_HOST_KEY_ALGORITHMS: tuple[bytes, ...] = (
+    b"ecdsa-sha2-nistp256",
+    b"ecdsa-sha2-nistp384",
+    b"ecdsa-sha2-nistp521",
+)
+LEGACY_MACS: tuple[bytes, ...] = (b"hmac-sha2-256", b"hmac-sha2-512")
+
+
+@frozen
+class TransportPolicy:
+    """Which algorithms a server offers (the config file's `[transport]` section)."""
+
+    # Also offer LEGACY_KEX_ALGORITHMS, LEGACY_HOST_KEY_ALGORITHMS and LEGACY_MACS.
+    legacy_algorithms: bool = False
+
+    def kex(self, names: Iterable[bytes]) -> list[bytes]:
+        return self._offer(names, LEGACY_KEX_ALGORITHMS)
+
+    def host_keys(self, names: Iterable[bytes]) -> list[bytes]:
+        return self._offer(names, LEGACY_HOST_KEY_ALGORITHMS)
+
+    def macs(self, names: Iterable[bytes]) -> list[bytes]:
+        return self._offer(names, LEGACY_MACS)
+
+    def _offer(self, names: Iterable[bytes], legacy: tuple[bytes, ...]) -> list[bytes]:
+        return [n for n in names if self.legacy_algorithms or n not in legacy]
+
+
+DEFAULT_POLICY = TransportPolicy()
 
 # OpenSSH RekeyLimit semantics: a data amount (here 1 GiB, further capped
 # per cipher) and a time (here one hour; OpenSSH's default is none).

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from attrs import frozen
+from attrs import field, frozen
 
 STATES = ("pending", "approved", "revoked")
 NETCONF = "netconf"  # node kind of a NETCONF call-home device (identified by its host key)
@@ -60,6 +60,9 @@ class User:
     keys: tuple[bytes, ...]
     fingerprints: tuple[str, ...]
     allow: tuple[str, ...]
+    # Which row this is: (id, created). A user deleted and added again under the
+    # same name is another user (SQLite may reuse the id); not part of the value.
+    identity: tuple[int, float] | None = field(default=None, eq=False)
 
 
 @frozen
