@@ -30,6 +30,7 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from zope.interface import implementer
 
@@ -824,10 +825,22 @@ def test_refused_channel_closes_the_tcp_connection(
         hub: Hub, reactor: RecordingReactor, device: Device) -> None:
     port = allocated(device.forward(b"", 0))
     device.conn.refuse_channels = True
-    _, tcp, chan = open_tcp(reactor, device, port)
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        end, tcp, chan = open_tcp(reactor, device, port)
+        end.connectionLost(None)  # the TCP side goes away, as it does after the refusal
+        device.pump.flush()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
     assert chan is None
     assert tcp.disconnecting
     assert hub.sessions.get("site-a").pipes == set()
+    # One info line, no traceback (a refused open used to end in KeyError in sendClose).
+    hub_events = [e for e in events if e.get("log_namespace", "").startswith("hub.")]
+    assert [e for e in hub_events if "log_failure" in e or e.get("isError")] == []
+    assert [formatEvent(e) for e in hub_events if "channel open failed" in formatEvent(e)] == [
+        "forwarded-tcpip channel open failed: connect failed"]
 
 
 def test_no_window_adjust_while_the_tcp_side_is_paused(device: Device, pipe: Any) -> None:

@@ -94,3 +94,18 @@ class PacketWriteMixin:
             head = _CHANNEL_DATA_HEAD.pack(
                 self.conn.channelsToRemoteChannel[self], len(chunk))
             sink.sendPacketParts(MSG_CHANNEL_DATA, head, chunk)
+
+
+_OPEN_FAILURES = {1: "administratively prohibited", 2: "connect failed",
+                  3: "unknown channel type", 4: "resource shortage"}
+
+
+def open_failure_text(reason: object) -> str:
+    """A channel-open refusal (Conch's `ConchError(description, code)`) as words:
+    `connect failed: Connection refused`, not `(b'Connection refused', 2)`."""
+    args: tuple[object, ...] = tuple(getattr(reason, "args", ()))
+    if len(args) == 2 and isinstance(args[1], int):
+        text = args[0].decode("utf-8", "replace") if isinstance(args[0], bytes) else str(args[0])
+        kind = _OPEN_FAILURES.get(args[1], f"code {args[1]}")
+        return kind if text in ("", kind) else f"{kind}: {text}"
+    return str(reason)

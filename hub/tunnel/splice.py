@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from hub.ssh.channels import MAX_PACKET, WINDOW, PacketWriteMixin
+from hub.ssh.channels import MAX_PACKET, WINDOW, PacketWriteMixin, open_failure_text
 from hub.ssh.tcpwrite import no_delay, writeNow
 
 log = Logger()
@@ -37,6 +37,7 @@ class SpliceChannel(PacketWriteMixin, channel.SSHChannel):
     """The SSH end of a pipe; `tcp` is the `TCPEnd` on the other side."""
 
     manages_window = True
+    is_open = False  # the device confirmed the channel
     data_views = True
     conn: Any
 
@@ -60,6 +61,7 @@ class SpliceChannel(PacketWriteMixin, channel.SSHChannel):
     # -- lifecycle ---------------------------------------------------------
 
     def channelOpen(self, specificData: bytes) -> None:
+        self.is_open = True
         if self.tcp.read_closed and self.tcp.write_closed:
             self.loseConnection()  # the TCP side died while the device was opening
             return
@@ -67,7 +69,8 @@ class SpliceChannel(PacketWriteMixin, channel.SSHChannel):
         self.tcp.resume()
 
     def openFailed(self, reason: Any) -> None:
-        log.info("{name} channel open failed: {why}", name=self.name.decode(), why=reason)
+        log.info("{name} channel open failed: {why}", name=self.name.decode(),
+                 why=open_failure_text(reason))
         self.closed()
 
     def _tcp_done_writing(self) -> Any:
@@ -179,9 +182,9 @@ class SpliceChannel(PacketWriteMixin, channel.SSHChannel):
             self.loseConnection()
 
     def tcp_lost(self) -> None:
-        if self.conn is None:
-            return  # not open yet: channelOpen closes it
-        self.loseConnection()
+        # Not open (yet): channelOpen closes it; refused: there is nothing to close.
+        if self.is_open:
+            self.loseConnection()
 
 
 @implementer(IHalfCloseableProtocol)
