@@ -15,9 +15,20 @@ apt_install() {  # apt_install PACKAGE:COMMAND ...
     local sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     echo "bootstrap: installing Debian packages: ${missing[*]}" >&2
+    echo "bootstrap: apt-get update" >&2
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-        "${missing[@]}" >/dev/null
+    # One line per package as apt sets it up, instead of minutes of silence.
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends \
+        "${missing[@]}" 2>&1 | progress "^Setting up " "apt: "
+}
+
+progress() {  # progress PATTERN PREFIX: pass on the lines matching PATTERN, prefixed
+    local line
+    while IFS= read -r line; do
+        case "$line" in E:*|ERROR:*|error:*) echo "bootstrap: $2$line" >&2 ;; esac
+        [[ "$line" =~ $1 ]] && echo "bootstrap: $2$line" >&2
+    done
+    return 0
 }
 
 python_env() {  # python_env EXTRAS
@@ -33,7 +44,7 @@ python_env() {  # python_env EXTRAS
         echo "bootstrap: installing Python packages into $VENV" >&2
         "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
         if ! "$VENV/bin/pip" install --disable-pip-version-check -e "$ROOT$extras" \
-                >"$VENV/pip.log" 2>&1; then
+                > >(tee "$VENV/pip.log" | progress "^(Collecting|Successfully installed) " "pip: ") 2>&1; then
             cat "$VENV/pip.log" >&2
             exit 1
         fi
