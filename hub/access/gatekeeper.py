@@ -61,12 +61,14 @@ class Gatekeeper:
             if silent is not None:
                 # The oldest connection that has not sent a byte makes room:
                 # a device from a flooded address still gets in.
-                self._refused(source, "dropped a silent connection: source at its cap")
+                self._limited_log(source, "{what} connection from {peer}: {why}",
+                                  what="dropping a silent", why="its address is at its cap")
                 silent.drop_silent()
                 return True
         if verdict is Verdict.ACCEPT:
             return True
-        self._refused(source, verdict.value)
+        self._limited_log(source, "{what} connection from {peer}: {why}",
+                          what="refusing", why=verdict.value)
         return False
 
     def opened(self, t: Unauthenticated) -> None:
@@ -89,13 +91,14 @@ class Gatekeeper:
             log.warn("{peer}: penalized for {t} s: its connections keep ending without a login",
                      peer=t.peer, t=self.admission.policy.penalty_time)
 
-    def _refused(self, source: str, why: str) -> None:
-        key = f"{source} {why}"
+    def _limited_log(self, source: str, text: str, what: str, why: str) -> None:
+        key = f"{source} {what} {why}"
         if not self._log_tokens.take(key, self.clock.seconds()):
             self._quiet[key] = self._quiet.get(key, 0) + 1
             return
-        log.info("refusing connection from {peer}: {why}{more}", peer=source, why=why,
-                 more=f" ({n} more not logged)" if (n := self._quiet.pop(key, 0)) else "")
+        n = self._quiet.pop(key, 0)
+        log.info(text + "{more}", what=what, peer=source, why=why,
+                 more=f" ({n} more not logged)" if n else "")
 
 
 class PasswordBudget:
