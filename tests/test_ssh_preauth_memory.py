@@ -224,8 +224,26 @@ def test_penalty_expires_and_exempt_sources_are_never_penalized(
     factory = start_factory(hub)
     for _ in range(50):
         assert silent(factory, "198.51.100.7") is not None
+    assert len(factory.unauthenticated) == 50  # no per-source cap either
     for _ in range(50):
         silent(factory, "203.0.113.9")
     assert silent(factory, "203.0.113.9") is None
     clock.advance(31)
     assert silent(factory, "203.0.113.9") is not None
+
+
+def test_exempt_source_takes_from_the_global_password_budget_only(
+        tmp_path: Path, clock: MemoryReactorClock) -> None:
+    hub, threads = slow_hub(tmp_path, clock, '[limits]\npassword_checks_burst = 2\n'
+                                             'password_checks_global_burst = 5\n'
+                                             'penalty_exempt = ["198.51.100.7"]\n')
+    factory = start_factory(hub)
+    pumps = []
+    for _ in range(8):
+        _, client, pump = connect_client(factory, clock, None, peer="198.51.100.7")
+        pipeline_passwords(client, 1)
+        pumps.append(pump)
+    for pump in pumps:
+        pump.flush()
+    # Past the per-source burst of 2, up to the hub's burst of 5.
+    assert threads.checks == 5

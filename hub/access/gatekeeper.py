@@ -105,7 +105,11 @@ class PasswordBudget:
     """Token buckets of bcrypt checks, per source and for the whole hub, so
     that password guessing cannot take the CPU from anyone else."""
 
-    def __init__(self, limits: Limits, clock: IReactorTime, max_wait: float) -> None:
+    def __init__(self, limits: Limits, clock: IReactorTime, max_wait: float,
+                 exempt: Callable[[str], bool] = lambda source: False) -> None:
+        # Exempt addresses (the hub's host, a proxy) take from the hub's
+        # bucket only: every login through a proxy comes from its address.
+        self.exempt = exempt
         self.per_source = Buckets(rate=limits.password_checks_per_minute / 60,
                                   burst=limits.password_checks_burst)
         self.overall = Buckets(rate=limits.password_checks_global_per_minute / 60,
@@ -116,17 +120,20 @@ class PasswordBudget:
     def reserve(self, source: str) -> float | None:
         """Seconds until a check for `source` may run, or None: refuse it."""
         now = self.clock.seconds()
-        mine = self.per_source.reserve(source, now, self.max_wait)
+        exempt = self.exempt(source)
+        mine = 0.0 if exempt else self.per_source.reserve(source, now, self.max_wait)
         if mine is None:
             return None
         everyone = self.overall.reserve("", now, self.max_wait)
         if everyone is None:
-            self.per_source.refund(source, now)
+            if not exempt:
+                self.per_source.refund(source, now)
             return None
         return max(mine, everyone)
 
     def refund(self, source: str) -> None:
         """A booked check that will not run (its connection is gone)."""
         now = self.clock.seconds()
-        self.per_source.refund(source, now)
+        if not self.exempt(source):
+            self.per_source.refund(source, now)
         self.overall.refund("", now)

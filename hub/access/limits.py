@@ -20,13 +20,14 @@ class Limits:
     # "start:rate:full", unauthenticated connections per source (more for a
     # source whose devices log in with keys), seconds to finish key exchange,
     # penalties for sources whose connections keep ending without a login.
-    max_startups: str = "64:30:256"
+    max_startups: str = "128:30:256"
     per_source_unauthenticated: int = 10
     per_device_source_unauthenticated: int = 100
     kex_grace: int = 10
     penalty_points: int = 10
     penalty_time: int = 60
-    penalty_exempt: tuple[str, ...] = field(default=(), converter=tuple)
+    # The hub's own host (a health check, a TCP proxy): no per-source cap, no penalty.
+    penalty_exempt: tuple[str, ...] = field(default=("127.0.0.1", "::1"), converter=tuple)
     # bcrypt checks (password logins): token buckets per source and global.
     password_checks_burst: int = 6
     password_checks_per_minute: int = 20

@@ -238,7 +238,8 @@ class HubSSHFactory(factory.SSHFactory):
         self.unauthenticated: set[HubServerTransport] = set()
         self.gate = Gatekeeper(limits, clock)
         self.password_budget = PasswordBudget(limits, clock,
-                                              max_wait=min(10.0, limits.login_timeout))
+                                              max_wait=min(10.0, limits.login_timeout),
+                                              exempt=self.gate.admission.exempt)
         # Shared by this hub's transports only: another hub (or client) in
         # the same process has its own.
         self.io_group = IOGroup()

@@ -75,7 +75,7 @@ class Verdict(Enum):
 class AdmissionPolicy:
     """The `[limits]` keys that shape admission."""
 
-    start: int = 64  # unauthenticated connections before random early drop
+    start: int = 128  # unauthenticated connections before random early drop
     rate: int = 30  # percent dropped at `start`, rising linearly to 100 at `full`
     full: int = 256
     per_source: int = 10
