@@ -5,7 +5,7 @@
 
 Flood: N silent TCP connections to the hub's SSH port from 127.0.0.2 (the
 client socket bound to it), re-opened as the hub drops them, for S seconds at
-most and 20*N connections at most. Meanwhile a registered device logs in with
+most and 100*N connections at most. Meanwhile a registered device logs in with
 its key (the real `ssh`) from 127.0.0.3 and from 127.0.0.2 (the flooded
 address, where the device had logged in before the flood: a CGNAT address
 shared by devices and an attacker); each login is timed.
@@ -50,7 +50,7 @@ class Flood(threading.Thread):
         super().__init__(daemon=True)
         self.port, self.source, self.target = port, source, target
         self.deadline = time.monotonic() + seconds
-        self.max_opens = 20 * target
+        self.max_opens = 100 * target
         self.opens = 0
         self.dropped = 0
         self.open_now = 0
@@ -114,7 +114,8 @@ def probe(hub: Hub) -> dict[str, int]:
     return {"fds": open_fds(hub.proc.pid), "rss_kib": vm_rss_kib(hub.proc.pid)}
 
 
-def run_flood(hub: Hub, key: Path, count: int, seconds: float) -> dict[str, object]:
+def run_flood(hub: Hub, key: Path, count: int, seconds: float,
+              logins_each: int) -> dict[str, object]:
     before = probe(hub)
     ok, _ = key_login(hub.port, key, FLOOD_SOURCE)  # the device source's earlier login
     flood = Flood(hub.port, FLOOD_SOURCE, count, seconds)
@@ -122,17 +123,23 @@ def run_flood(hub: Hub, key: Path, count: int, seconds: float) -> dict[str, obje
     time.sleep(min(3.0, seconds / 4))  # let the flood reach its size
     logins = []
     during = probe(hub)
-    for source in (OTHER_SOURCE, FLOOD_SOURCE) * 3:
+    for source in (OTHER_SOURCE, FLOOD_SOURCE) * logins_each:
         if not flood.is_alive():
             break
         logged_in, took = key_login(hub.port, key, source)
         logins.append({"source": source, "ok": logged_in, "seconds": round(took, 3),
                        "flood_open": flood.open_now})
     during_end = probe(hub)
+    opens_during_logins = flood.opens
     flood.stop.set()
     flood.join(30)
     time.sleep(1)
+    summary = {src: f"{sum(x['ok'] for x in logins if x['source'] == src)}"
+                    f"/{sum(x['source'] == src for x in logins)} in, max "
+                    f"{max((x['seconds'] for x in logins if x['source'] == src), default=0)} s"
+               for src in (OTHER_SOURCE, FLOOD_SOURCE)}
     return {"flood_connections": count, "device_source_login_before": ok,
+            "summary": summary, "opens_until_logins_done": opens_during_logins,
             "opens": flood.opens, "dropped_by_hub": flood.dropped, "logins": logins,
             "before": before, "during": during, "during_end": during_end, "after": probe(hub),
             "refusal_log_lines": hub.log_text().count("refusing connection from")}
@@ -198,6 +205,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--flood", type=int, default=1000, metavar="N")
     parser.add_argument("--seconds", type=float, default=40.0, metavar="S")
+    parser.add_argument("--logins", type=int, default=5, metavar="K",
+                        help="key logins from each source during the flood")
     parser.add_argument("--pipeline", type=int, default=800, metavar="M",
                         help="password requests on one connection (0: skip)")
     parser.add_argument("--json", type=Path)
@@ -217,7 +226,7 @@ def main() -> None:
             hub.register(key, work)
             results: dict[str, object] = {**source}
             if args.flood:
-                results["flood"] = run_flood(hub, key, args.flood, args.seconds)
+                results["flood"] = run_flood(hub, key, args.flood, args.seconds, args.logins)
                 print("flood:", results["flood"], flush=True)
             if args.pipeline:
                 results["pipeline"] = run_pipeline(hub, args.pipeline)

@@ -26,7 +26,9 @@ class Unauthenticated(Protocol):
     """What the gate needs of a transport not yet logged in."""
 
     peer: str
-    heard: bool
+
+    def silent(self) -> bool:
+        """Whether the peer has sent nothing, not even what waits unread."""
 
     def drop_silent(self) -> None: ...
 
@@ -57,7 +59,7 @@ class Gatekeeper:
         mine = self.by_source.get(source, [])
         verdict = self.admission.decide(source, now, self.total, len(mine), self.draw())
         if verdict is Verdict.REPLACE_SILENT:
-            silent = next((t for t in mine if not t.heard), None)
+            silent = next((t for t in mine if t.silent()), None)
             if silent is not None:
                 # The oldest connection that has not sent a byte makes room:
                 # a device from a flooded address still gets in.
@@ -67,6 +69,9 @@ class Gatekeeper:
                 return True
         if verdict is Verdict.ACCEPT:
             return True
+        if verdict is Verdict.REPLACE_SILENT:
+            # A source that keeps hitting its cap earns points towards a penalty.
+            self._bad_ending(source, now)
         self._limited_log(source, "{what} connection from {peer}: {why}",
                           what="refusing", why=verdict.value)
         return False
@@ -87,9 +92,13 @@ class Gatekeeper:
         now = self.clock.seconds()
         if key:
             self.admission.key_login(t.peer, now)
-        elif not login and self.admission.bad_ending(t.peer, now):
+        elif not login:
+            self._bad_ending(t.peer, now)
+
+    def _bad_ending(self, source: str, now: float) -> None:
+        if self.admission.bad_ending(source, now):
             log.warn("{peer}: penalized for {t} s: its connections keep ending without a login",
-                     peer=t.peer, t=self.admission.policy.penalty_time)
+                     peer=source, t=self.admission.policy.penalty_time)
 
     def _limited_log(self, source: str, text: str, what: str, why: str) -> None:
         key = f"{source} {what} {why}"

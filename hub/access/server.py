@@ -16,6 +16,7 @@ authentication requests are handled one at a time, as sshd does.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.conch import error as conch_error
@@ -89,6 +90,22 @@ class HubServerTransport(ClockTimeout, ModernTransportMixin, transport.SSHServer
         log.info("{peer}: no key exchange within {t} s, disconnecting", peer=self.peer,
                  t=self.factory.limits.kex_grace)
         self.disconnectNow(transport.DISCONNECT_KEY_EXCHANGE_FAILED, b"key exchange timeout")
+
+    def silent(self) -> bool:
+        """Nothing read from the peer and nothing waiting to be read: the hub
+        may accept a burst of connections before it reads any of them, and a
+        real client's version line is then in the socket's buffer."""
+        if self.heard:
+            return False
+        sock = getattr(self.transport, "socket", None)
+        if sock is None:
+            return True
+        try:
+            waiting = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:
+            return True  # nothing yet (EAGAIN), or the connection is broken
+        self.heard = waiting != b""
+        return not self.heard
 
     def drop_silent(self) -> None:
         """Make room for a newer connection from the same source (counted as
