@@ -142,7 +142,8 @@ def run_flood(hub: Hub, key: Path, count: int, seconds: float,
             "summary": summary, "opens_until_logins_done": opens_during_logins,
             "opens": flood.opens, "dropped_by_hub": flood.dropped, "logins": logins,
             "before": before, "during": during, "during_end": during_end, "after": probe(hub),
-            "refusal_log_lines": hub.log_text().count("refusing connection from")}
+            "refusal_log_lines": hub.log_text().count(f"connection from {FLOOD_SOURCE}: "),
+            "tracebacks": hub.log_text().count("Traceback")}
 
 
 PIPELINE_CLIENT = r"""
