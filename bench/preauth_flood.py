@@ -232,8 +232,9 @@ def main() -> None:
             if args.pipeline:
                 results["pipeline"] = run_pipeline(hub, args.pipeline)
                 print("pipeline:", results["pipeline"], flush=True)
-                if args.v:
-                    print(hub.log_text()[-3000:])
+            if args.v:
+                print("\n".join(line for line in hub.log_text().splitlines()
+                                if FLOOD_SOURCE in line)[-3000:])
         finally:
             hub.close()
     if args.json:

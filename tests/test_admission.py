@@ -110,3 +110,11 @@ def test_device_sources_and_exempt_sources_are_not_penalized() -> None:
     a.bad_ending("198.51.100.1", 90001)
     a.bad_ending("198.51.100.1", 90002)
     assert a.decide("198.51.100.1", 90003, 0, 0, 0.99) is Verdict.PENALIZED
+
+
+def test_a_penalty_is_earned_once_and_never_by_a_device_source() -> None:
+    a = Admission(POLICY)
+    a.key_login("198.51.100.1", 0)
+    assert not any(a.bad_ending("198.51.100.1", t) for t in range(20))
+    earned = [a.bad_ending("198.51.100.2", t / 10) for t in range(20)]
+    assert earned.count(True) == 1  # not again while it lasts

@@ -187,8 +187,9 @@ class Admission:
 
     def bad_ending(self, source: str, now: float) -> bool:
         """A connection from `source` ended without a login (silent, timed out,
-        too many failures); True when that earns the source a penalty."""
-        if self.exempt(source):
+        too many failures); True when that earns the source a new penalty."""
+        if (self.exempt(source) or self.device_source(source, now)
+                or self.penalized(source, now)):
             return False
         times = [t for t in self._points.pop(source, []) if now - t <= self.policy.penalty_window]
         times.append(now)
