@@ -82,3 +82,29 @@ def test_a_bad_endpoint_is_one_line_naming_the_option(tmp_path: Path, option: st
     with pytest.raises(ConfigError, match=f"^--{option}: '{value}' is not a listening endpoint"):
         build_config({"data": str(tmp_path), option: value})
     assert build_config({"data": str(tmp_path), option: "tcp:0:interface=127.0.0.1"})
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[limits]\nmax_startups = "10:30"\n', "[limits] max_startups: expected START:RATE:FULL"),
+    ('[limits]\nmax_startups = "50:30:10"\n', "[limits] max_startups: need 1 <= START"),
+    ('[limits]\nper_source_unauthenticated = 0\n', "[limits] per_source_unauthenticated must"),
+    ('[limits]\nkex_grace = 200\n', "[limits] kex_grace (200) must not exceed"),
+    ('[limits]\npenalty_exempt = ["10.0.0.0/8", "x"]\n', "[limits] penalty_exempt: 'x'"),
+    ('[limits]\npenalty_exempt = [1]\n', "[limits] penalty_exempt must be a list"),
+    ('[limits]\npassword_checks_per_minute = 0\n', "[limits] password_checks_per_minute"),
+])
+def test_bad_admission_limits_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "callhomehub.toml").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        build_config({"data": str(tmp_path)})
+    assert message in str(e.value)
+
+
+def test_admission_limits_are_read(tmp_path: Path) -> None:
+    (tmp_path / "callhomehub.toml").write_text(
+        '[limits]\nmax_startups = "20:50:200"\npenalty_exempt = ["192.0.2.0/24"]\n'
+        'kex_grace = 5\npassword_checks_global_per_minute = 60\n')
+    limits = build_config({"data": str(tmp_path)}).limits
+    assert limits.max_startups == "20:50:200" and limits.kex_grace == 5
+    assert limits.penalty_exempt == ("192.0.2.0/24",)
+    assert limits.password_checks_global_per_minute == 60

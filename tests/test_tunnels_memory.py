@@ -1228,3 +1228,38 @@ def test_device_client_gives_up_on_a_device_that_never_logs_in(
     (failure,) = failures
     assert failure.check(device_client.DeviceError)
     assert str(failure.value) == "the device did not complete the login within 30 s"
+
+
+def test_forward_port_leaves_the_descriptor_reserve_to_ssh(
+        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    from hub.tunnel.descriptors import DescriptorReserve
+
+    port = allocated(device.forward(b"", 0))
+    open_now = [900]
+    hub.sessions.descriptors = DescriptorReserve(reactor, reserve=100, limit=lambda: 1000,
+                                                 count=lambda: open_now[0])
+    listener = reactor.listener(port).factory
+    addr = IPv4Address("TCP", "203.0.113.9", 51000)
+    assert listener.buildProtocol(addr) is None
+    # Logins still have their descriptors; once some are free, the port accepts again.
+    open_now[0] = 500
+    reactor.advance(1)
+    end, _tcp, chan = open_tcp(reactor, device, port)
+    assert end is not None and chan is not None
+
+
+def test_descriptor_estimate_counts_what_it_let_in() -> None:
+    from hub.tunnel.descriptors import DescriptorReserve
+
+    clock = MemoryReactorClock()
+    counts = []
+
+    def count() -> int:
+        counts.append(1)
+        return 890
+
+    reserve = DescriptorReserve(clock, reserve=100, limit=lambda: 1000, count=count)
+    assert [reserve.allows("port 1") for _ in range(12)] == [True] * 10 + [False] * 2
+    assert len(counts) == 1  # one directory read for the burst
+    clock.advance(1)
+    assert reserve.allows("port 1")

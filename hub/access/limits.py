@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from attrs import frozen
+from attrs import field, frozen
 
 
 @frozen
@@ -16,3 +16,20 @@ class Limits:
     # so devices sharing one CGNAT address keep working).
     password_backoff_base: float = 1.0
     password_backoff_max: float = 30.0
+    # Before login (see hub.rules.admission): sshd's MaxStartups as
+    # "start:rate:full", unauthenticated connections per source (more for a
+    # source whose devices log in with keys), seconds to finish key exchange,
+    # penalties for sources whose connections keep ending without a login.
+    max_startups: str = "128:30:256"
+    per_source_unauthenticated: int = 10
+    per_device_source_unauthenticated: int = 100
+    kex_grace: int = 10
+    penalty_points: int = 10
+    penalty_time: int = 60
+    # The hub's own host (a health check, a TCP proxy): no per-source cap, no penalty.
+    penalty_exempt: tuple[str, ...] = field(default=("127.0.0.1", "::1"), converter=tuple)
+    # bcrypt checks (password logins): token buckets per source and global.
+    password_checks_burst: int = 6
+    password_checks_per_minute: int = 20
+    password_checks_global_burst: int = 20
+    password_checks_global_per_minute: int = 240

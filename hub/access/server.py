@@ -7,21 +7,30 @@ timeout instead of 10 hours (counted from the TCP connect), a bound
 on auth attempts and on unauthenticated connections, password back-off per
 source address, server keepalives, and channel opens that may be refused with
 a clear reason or answered later (a Deferred).
+
+Before login, `hub.access.gatekeeper` decides which connections are accepted
+(per-source caps, random early drop, penalties) and budgets bcrypt work; a
+connection must finish key exchange within `kex_grace` seconds, and its
+authentication requests are handled one at a time, as sshd does.
 """
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
+from twisted.conch import error as conch_error
 from twisted.conch.interfaces import IConchUser as _IConchUser
 from twisted.conch.ssh import _kex, common, factory, transport, userauth
 from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol, task
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hub.access.auth import PasswordBackoff
+from hub.access.gatekeeper import Gatekeeper, PasswordBudget
 from hub.access.limits import Limits
 from hub.ssh.algorithms import DEFAULT_POLICY, TransportPolicy
 from hub.ssh.connection import HubConnection
@@ -45,6 +54,8 @@ class HubServerTransport(ClockTimeout, ModernTransportMixin, transport.SSHServer
 
     factory: HubSSHFactory
     authenticated = False
+    heard = False  # any byte from the peer yet
+    _kex_grace: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         # Read up to READ_SIZE per system call, as sshd does (about 150 KiB
@@ -57,7 +68,53 @@ class HubServerTransport(ClockTimeout, ModernTransportMixin, transport.SSHServer
         # Conch's own login timeout starts only when the client asks for
         # ssh-userauth; a peer that stalls before that would be kept forever.
         self.setTimeout(self.factory.limits.login_timeout)
+        # A peer has far less time to finish key exchange: a silent socket
+        # must not hold a slot for the whole login window.
+        self._kex_grace = self.clock.callLater(self.factory.limits.kex_grace, self._kex_too_slow)
         super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.heard = True
+        super().dataReceived(data)
+
+    def _newKeys(self) -> None:
+        self._cancel_kex_grace()
+        super()._newKeys()
+
+    def _cancel_kex_grace(self) -> None:
+        if self._kex_grace is not None and self._kex_grace.active():
+            self._kex_grace.cancel()
+        self._kex_grace = None
+
+    def _kex_too_slow(self) -> None:
+        self._kex_grace = None
+        log.info("{peer}: no key exchange within {t} s, disconnecting", peer=self.peer,
+                 t=self.factory.limits.kex_grace)
+        self.disconnectNow(transport.DISCONNECT_KEY_EXCHANGE_FAILED, b"key exchange timeout")
+
+    def silent(self) -> bool:
+        """Nothing read from the peer and nothing waiting to be read: the hub
+        may accept a burst of connections before it reads any of them, and a
+        real client's version line is then in the socket's buffer."""
+        if self.heard:
+            return False
+        sock = getattr(self.transport, "socket", None)
+        if sock is None:
+            return True
+        try:
+            waiting = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:
+            return True  # nothing yet (EAGAIN), or the connection is broken
+        self.heard = waiting != b""
+        return not self.heard
+
+    def drop_silent(self) -> None:
+        """Make room for a newer connection from the same source (counted as
+        gone at once: TCP reports the loss only on the next reactor turn)."""
+        self.factory.connection_closed(self)
+        lower: Any = self.transport
+        if lower is not None:
+            lower.abortConnection()
 
     def timeoutConnection(self) -> None:
         log.info("{peer}: not authenticated within {t} s, disconnecting", peer=self.peer,
@@ -65,21 +122,25 @@ class HubServerTransport(ClockTimeout, ModernTransportMixin, transport.SSHServer
         self.sendDisconnect(transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
                             b"login timeout")
 
-    def authenticated_now(self) -> None:
+    def authenticated_now(self, key: bool) -> None:
         self.authenticated = True
         self.setTimeout(None)
-        self.factory.connection_authenticated(self)
+        self.factory.connection_authenticated(self, key)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.setTimeout(None)
+        self._cancel_kex_grace()
         self.factory.connection_closed(self)
         super().connectionLost(reason)
 
 
 class HubUserAuthServer(userauth.SSHUserAuthServer):
-    """User-auth with our limits and per-source password back-off."""
+    """User-auth with our limits, one request at a time, per-source password
+    back-off and the bcrypt budget."""
 
     transport: Any
+    _busy = False
+    _waiting: defer.Deferred[Any] | None = None
 
     def serviceStarted(self) -> None:
         hub_factory: HubSSHFactory = self.transport.factory
@@ -87,28 +148,83 @@ class HubUserAuthServer(userauth.SSHUserAuthServer):
         self.loginTimeout = hub_factory.limits.login_timeout
         self.attemptsBeforeDisconnect = hub_factory.limits.max_auth_tries - 1
         self.backoff = hub_factory.backoff
+        self.budget = hub_factory.password_budget
+        # Requests that came while one was being checked (a client that does
+        # not wait for the answer): at most one connection's worth of tries.
+        self._queue: list[bytes] = []
         userauth.SSHUserAuthServer.serviceStarted(self)
+
+    def serviceStopped(self) -> None:
+        self._queue.clear()
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.cancel()  # no bcrypt for a connection that is gone
+        userauth.SSHUserAuthServer.serviceStopped(self)
+
+    def ssh_USERAUTH_REQUEST(self, packet: bytes) -> Any:
+        if self._busy:
+            if len(self._queue) >= self.attemptsBeforeDisconnect + 1:
+                log.info("{peer}: too many authentication requests at once, disconnecting",
+                         peer=self.transport.peer)
+                self._queue.clear()
+                self.transport.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR,
+                                              b"too many authentication requests at once")
+                return None
+            self._queue.append(packet)
+            return None
+        self._busy = True
+        d = userauth.SSHUserAuthServer.ssh_USERAUTH_REQUEST(self, packet)
+        if d is None:
+            self._next(None)
+            return None
+        return d.addBoth(self._next)
+
+    def _next(self, result: Any) -> Any:
+        self._busy = False
+        t = self.transport
+        if self._queue and not t.isDisconnecting() and not t.authenticated:
+            self.ssh_USERAUTH_REQUEST(self._queue.pop(0))
+        return result
 
     def auth_password(self, packet: bytes) -> defer.Deferred[Any]:
         source = self.transport.peer
         user: bytes = self.user or b""
-        wait = self.backoff.delay(source)
-        d: defer.Deferred[Any] = (
-            task.deferLater(self.clock, wait, lambda: None) if wait else defer.succeed(None))
 
         def record(f: Failure) -> Failure:
+            if f.check(defer.CancelledError):
+                return Failure(conch_error.IgnoreAuthentication())
             self.backoff.failed(source)
             log.info("failed password for {user!r} from {peer}: {why}",
                      user=self.user, peer=source, why=f.getErrorMessage())
             return f
 
+        budget = self.budget.reserve(source)
+        if budget is None:
+            return defer.fail(UnauthorizedLogin(
+                "too many password checks from this address or on this hub; try later"
+            )).addErrback(record)
+        wait = max(budget, self.backoff.delay(source))
+
+        def check(_: None) -> defer.Deferred[Any]:
+            self._waiting = None
+            return self.portal.login(_password_credentials(user, packet), None, _IConchUser)
+
+        def cancelled(f: Failure) -> Failure:
+            f.trap(defer.CancelledError)
+            self.budget.refund(source)
+            return f
+
         # Skip Conch's fixed passwordDelay: the back-off above replaces it.
-        return d.addCallback(lambda _: self.portal.login(
-            _password_credentials(user, packet), None, _IConchUser)).addErrback(record)
+        if wait:
+            d = self._waiting = task.deferLater(self.clock, wait, lambda: None)
+            d.addErrback(cancelled)
+        else:
+            d = defer.succeed(None)
+        return d.addCallback(check).addErrback(record)
 
     def _cbFinishedAuth(self, result: Any) -> None:
         userauth.SSHUserAuthServer._cbFinishedAuth(self, result)
-        self.transport.authenticated_now()
+        self.transport.authenticated_now(key=self.method == b"publickey")
 
 
 def _password_credentials(user: bytes, packet: bytes) -> UsernamePassword:
@@ -140,6 +256,10 @@ class HubSSHFactory(factory.SSHFactory):
         self.backoff = PasswordBackoff(clock, limits.password_backoff_base,
                                        limits.password_backoff_max)
         self.unauthenticated: set[HubServerTransport] = set()
+        self.gate = Gatekeeper(limits, clock)
+        self.password_budget = PasswordBudget(limits, clock,
+                                              max_wait=min(10.0, limits.login_timeout),
+                                              exempt=self.gate.admission.exempt)
         # Shared by this hub's transports only: another hub (or client) in
         # the same process has its own.
         self.io_group = IOGroup()
@@ -148,6 +268,9 @@ class HubSSHFactory(factory.SSHFactory):
         if len(self.unauthenticated) >= self.limits.max_unauthenticated:
             log.warn("refusing connection from {peer}: {n} unauthenticated connections already",
                      peer=getattr(addr, "host", addr), n=len(self.unauthenticated))
+            return None
+        source = str(getattr(addr, "host", addr))
+        if not self.gate.admit(source):
             return None
         # Conch's SSHFactory.buildProtocol, without its per-connection log line
         # about the moduli file: the hub offers no group exchange at all.
@@ -159,11 +282,15 @@ class HubSSHFactory(factory.SSHFactory):
         t.supportedKeyExchanges = policy.kex(k for k in t.supportedKeyExchanges
                                              if not _kex.isDynamicPrimesGroup(k))
         t.supportedMACs = policy.macs(t.supportedMACs)
+        t.peer = source
         self.unauthenticated.add(t)
+        self.gate.opened(t)
         return t
 
-    def connection_authenticated(self, t: HubServerTransport) -> None:
+    def connection_authenticated(self, t: HubServerTransport, key: bool) -> None:
         self.unauthenticated.discard(t)
+        self.gate.done(t, login=True, key=key)
 
     def connection_closed(self, t: HubServerTransport) -> None:
         self.unauthenticated.discard(t)
+        self.gate.done(t, login=False)

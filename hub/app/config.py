@@ -18,6 +18,7 @@ from twisted.internet.endpoints import serverFromString
 from hub.access.limits import Limits
 from hub.errors import ConfigError
 from hub.intake.settings import NSCASettings
+from hub.rules.admission import parse_networks, parse_startups
 from hub.rules.names import is_valid_name
 from hub.ssh.algorithms import TransportPolicy
 
@@ -85,6 +86,17 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "max_unauthenticated": int,
         "password_backoff_base": (int, float),
         "password_backoff_max": (int, float),
+        "max_startups": str,
+        "per_source_unauthenticated": int,
+        "per_device_source_unauthenticated": int,
+        "kex_grace": int,
+        "penalty_points": int,
+        "penalty_time": int,
+        "penalty_exempt": list,
+        "password_checks_burst": int,
+        "password_checks_per_minute": int,
+        "password_checks_global_burst": int,
+        "password_checks_global_per_minute": int,
     },
     "netconf": {"secrets": dict, "allow": list, "unknown_per_minute": int,
                 "unknown_per_minute_total": int},
@@ -161,6 +173,7 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
     if limits.login_timeout < 1 or limits.max_auth_tries < 1 or limits.max_unauthenticated < 1:
         raise ConfigError(
             "[limits] login_timeout, max_auth_tries and max_unauthenticated must be >= 1")
+    _check_admission(limits)
 
     secrets = doc.get("netconf", {}).get("secrets", {})
     for device, secret in secrets.items():
@@ -199,6 +212,30 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         netconf_unknown_per_minute_total=rates["unknown_per_minute_total"],
         transport=TransportPolicy(**doc.get("transport", {})),
     )
+
+
+def _check_admission(limits: Limits) -> None:
+    try:
+        parse_startups(limits.max_startups)
+    except ValueError as e:
+        raise ConfigError(f"[limits] max_startups: {e}") from None
+    for key in ("per_source_unauthenticated", "per_device_source_unauthenticated",
+                "kex_grace", "penalty_points", "password_checks_burst",
+                "password_checks_per_minute", "password_checks_global_burst",
+                "password_checks_global_per_minute"):
+        if getattr(limits, key) < 1:
+            raise ConfigError(f"[limits] {key} must be >= 1, got {getattr(limits, key)}")
+    if limits.penalty_time < 0:
+        raise ConfigError(f"[limits] penalty_time must be >= 0, got {limits.penalty_time}")
+    if limits.kex_grace > limits.login_timeout:
+        raise ConfigError(f"[limits] kex_grace ({limits.kex_grace}) must not exceed "
+                          f"login_timeout ({limits.login_timeout})")
+    if not all(isinstance(x, str) for x in limits.penalty_exempt):
+        raise ConfigError("[limits] penalty_exempt must be a list of addresses or networks")
+    try:
+        parse_networks(limits.penalty_exempt)
+    except ValueError as e:
+        raise ConfigError(f"[limits] penalty_exempt: {e}") from None
 
 
 def _number(value: Any, name: str, minimum: float) -> float:

@@ -36,6 +36,7 @@ from hub.netconf.callhome import CallHomeFactory, NetconfSessions
 from hub.rules.logins import DeviceLogin, OperatorLogin
 from hub.ssh.keys import load_hub_keys
 from hub.store.registry import Registry
+from hub.tunnel.descriptors import DescriptorReserve
 from hub.tunnel.keeper import PortKeeper
 from hub.tunnel.live import LiveSessions
 
@@ -217,6 +218,8 @@ class StartupReport(service.Service):
 # Descriptors the hub holds whatever the tunnels: log, registry (db, WAL, shm),
 # epoll, the reactor's waker, listeners, the control socket, a few in flight.
 FD_RESERVE = 64
+# And what forward ports leave free on top, for SSH logins (hub.tunnel.descriptors).
+LOGIN_FD_RESERVE = 128
 
 
 def raise_open_file_limit(getrlimit: Any = resource.getrlimit,
@@ -276,6 +279,7 @@ def build_hub(config: HubConfig, reactor: Any) -> Hub:
 
     sessions = LiveSessions(registry, clock, reactor, config.port_low, config.port_high,
                             config.public_interface)
+    sessions.descriptors = DescriptorReserve(clock, FD_RESERVE + LOGIN_FD_RESERVE)
     if config.port_keeper:
         sessions.listener = PortKeeper(reactor, on_lost=sessions.drop_all,
                                        on_port_lost=sessions.port_lost)

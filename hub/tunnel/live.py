@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from hub.errors import NotFound, PortsExhausted
 from hub.ssh.connection import ChannelRefused
 from hub.store.registry import Registry
+from hub.tunnel.descriptors import DescriptorReserve
 from hub.tunnel.dial import DeviceRefused, Dialled, OpenNotice, Target, not_forwarded
 from hub.tunnel.fifo import RequestQueue
 from hub.tunnel.forwards import Answer, Duplicate, Forward, ForwardTable, Lease
@@ -102,6 +103,9 @@ class ForwardListener(protocol.Factory):
     def buildProtocol(self, addr: Any) -> TCPEnd | None:
         if self.tunnel.closed:
             return None  # accepted just before the listener closed (port keeper)
+        reserve = self.tunnel.sessions.descriptors
+        if reserve is not None and not reserve.allows(f"port {self.forward.port}"):
+            return None
         if len(self.tunnel.pipes) >= MAX_CONNECTIONS_PER_NODE:
             log.warn("node {node}: {n} forwarded connections open, refusing another",
                      node=self.tunnel.node, n=len(self.tunnel.pipes))
@@ -311,6 +315,8 @@ class LiveSessions:
     # Where forwards listen: the reactor, or a PortKeeper (anything with listenTCP).
     listener: Any = None
     _live: dict[str, NodeTunnel] = field(factory=dict)
+    # Forward ports stop accepting while the SSH listener's reserve is short.
+    descriptors: DescriptorReserve | None = None
 
     def attach(self, node: str, conn: Any, peer: str) -> NodeTunnel:
         key = node.lower()
