@@ -19,6 +19,7 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from hub.intake.nsca import CheckResult, make_init_packet
 from hub.intake.protocol import NSCAServerFactory, NSCAServerProtocol
 from hub.intake.settings import NSCASettings
+from hub.tunnel.descriptors import DescriptorReserve
 
 GOOD = build_packet(b"web1", b"HTTP", 0, b"OK")
 RESULT = CheckResult("web1", "HTTP", 0, "OK", T0)
@@ -239,3 +240,18 @@ def test_listener_caps_connections_globally_and_per_source(logged: list[LogEvent
     assert open_from("127.0.0.2", 99) is None
     refusals = [formatEvent(e) for e in logged if "refusing NSCA" in e.get("log_format", "")]
     assert len(refusals) == 2 and "47 more refused" in refusals[1]
+
+
+def test_listener_gives_way_to_the_descriptors_kept_for_ssh_logins() -> None:
+    clock = MemoryReactorClock()
+    in_use = [100]
+    reserve = DescriptorReserve(clock, reserve=50, limit=lambda: 200, count=lambda: in_use[0])
+    factory = NSCAServerFactory(NSCASettings(), lambda r: None, clock,
+                                iv_source=lambda n: IV[:n], descriptors=reserve)
+    assert factory.buildProtocol(IPv4Address("TCP", "127.0.0.2", 1)) is not None
+    in_use[0] = 160  # fewer than 50 left free
+    clock.advance(1)
+    assert factory.buildProtocol(IPv4Address("TCP", "127.0.0.2", 2)) is None
+    in_use[0] = 100
+    clock.advance(1)
+    assert factory.buildProtocol(IPv4Address("TCP", "127.0.0.2", 3)) is not None

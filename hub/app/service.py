@@ -330,8 +330,8 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     ListenerService("control socket", control_endpoint(config.data), ControlFactory(hub),
                     reactor).setServiceParent(top)
     if config.nsca_endpoint and hub.monitoring is not None:
-        ListenerService("NSCA", config.nsca_endpoint, hub.monitoring.tcp_factory(),
-                        reactor).setServiceParent(top)
+        nsca = hub.monitoring.tcp_factory(hub.sessions.descriptors)
+        ListenerService("NSCA", config.nsca_endpoint, nsca, reactor).setServiceParent(top)
     netconf = hub.netconf
     assert netconf is not None  # build_hub made it
     if config.netconf_endpoint:

@@ -25,6 +25,7 @@ from hub.intake.settings import NSCASettings
 from hub.rules.throttle import OncePer
 from hub.ssh.channels import WINDOW
 from hub.store.registry import Registry
+from hub.tunnel.descriptors import DescriptorReserve
 from hub.tunnel.inprocess import ProtocolChannel
 
 log = Logger()
@@ -110,8 +111,9 @@ class Monitoring:
             log.warn(fmt, node=node, more=f" ({held} more dropped since the last line)"
                      if held else "", **fields)
 
-    def tcp_factory(self) -> NSCAServerFactory:
-        return NSCAServerFactory(self.config, lambda r: self.deliver("", r), self.clock)
+    def tcp_factory(self, descriptors: DescriptorReserve | None = None) -> NSCAServerFactory:
+        return NSCAServerFactory(self.config, lambda r: self.deliver("", r), self.clock,
+                                 descriptors=descriptors)
 
     def channel_factory(self, node: str, actor: str, window: int, max_packet: int
                         ) -> NSCAChannel:

@@ -26,6 +26,7 @@ from hub.intake.nsca import (
 from hub.intake.settings import NSCASettings
 from hub.rules.throttle import OncePer
 from hub.timeouts import ClockTimeout
+from hub.tunnel.descriptors import DescriptorReserve
 
 
 class NSCAServerProtocol(ClockTimeout, Protocol):
@@ -143,11 +144,14 @@ class NSCAServerFactory(Factory):
         deliver: Callable[[CheckResult], object],
         clock: IReactorTime,
         iv_source: Callable[[int], bytes] = os.urandom,
+        descriptors: DescriptorReserve | None = None,
     ) -> None:
         self.settings = settings
         self.deliver = deliver
         self.clock = clock
         self.iv_source = iv_source
+        # Descriptors kept for SSH logins: NSCA gives way before they run out.
+        self.descriptors = descriptors
         self.open = 0
         self.by_source: dict[str, int] = {}
         self._refusals = OncePer(60.0)
@@ -164,6 +168,8 @@ class NSCAServerFactory(Factory):
             self._refuse(peer, f"{self.by_source[source]} connections open from "
                                f"{source} (max_connections_per_source)")
             return None
+        if self.descriptors is not None and not self.descriptors.allows("NSCA"):
+            return None  # DescriptorReserve logs when refusing starts and ends
         proto = NSCAServerProtocol(
             self.settings, self.deliver, self.clock, self.iv_source, peer=peer
         )
