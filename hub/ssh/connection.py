@@ -27,6 +27,7 @@ from hub.ssh.sink import IChannelDataViews
 log = Logger()
 
 _DATA_HEAD = struct.Struct(">2L")
+_UINT32 = struct.Struct(">L")
 
 
 class ChannelRefused(Exception):
@@ -81,6 +82,18 @@ class WindowedChannelsMixin:
             return
         if self._take_window(channel, length):
             channel.extReceived(type_code, packet[12:12 + length])
+
+    # Conch ignores a reply for a channel that does not exist; OpenSSH, like
+    # every other message naming one, treats it as the peer's protocol error
+    # (the transport's dispatch drops the connection over the KeyError).
+
+    def ssh_CHANNEL_SUCCESS(self, packet: bytes) -> None:
+        self.channels[_UINT32.unpack_from(packet)[0]]
+        super().ssh_CHANNEL_SUCCESS(packet)  # type: ignore[misc]
+
+    def ssh_CHANNEL_FAILURE(self, packet: bytes) -> None:
+        self.channels[_UINT32.unpack_from(packet)[0]]
+        super().ssh_CHANNEL_FAILURE(packet)  # type: ignore[misc]
 
     def _take_window(self, channel: Any, length: int) -> bool:
         """Count `length` bytes against the channel's window; a peer that sends
