@@ -16,3 +16,8 @@ class Limits:
     # so devices sharing one CGNAT address keep working).
     password_backoff_base: float = 1.0
     password_backoff_max: float = 30.0
+    # Channels a peer may have open (or opening) on one connection: session
+    # channels like sshd's MaxSessions (the registrar needs one or two), and
+    # all channels together (jump-host forwards, the NSCA intake).
+    max_sessions: int = 10
+    max_channels: int = 64

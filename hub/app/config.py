@@ -74,6 +74,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "max_unauthenticated": int,
         "password_backoff_base": (int, float),
         "password_backoff_max": (int, float),
+        "max_sessions": int,
+        "max_channels": int,
     },
     "netconf": {"secrets": dict},
 }
@@ -135,6 +137,9 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
     if limits.login_timeout < 1 or limits.max_auth_tries < 1 or limits.max_unauthenticated < 1:
         raise ConfigError(
             "[limits] login_timeout, max_auth_tries and max_unauthenticated must be >= 1")
+    for key in ("max_sessions", "max_channels"):
+        if getattr(limits, key) < 1:
+            raise ConfigError(f"[limits] {key} must be >= 1")
 
     secrets = doc.get("netconf", {}).get("secrets", {})
     for device, secret in secrets.items():

@@ -153,6 +153,41 @@ class Keepalive:
             answered, failed)
 
 
+class PeerChannels:
+    """The channels a peer opened on one connection, open or still opening,
+    against two caps: session channels, and channels of any kind. Channels
+    the hub opens to the peer (`forwarded-tcpip` to a device) do not count."""
+
+    def __init__(self, max_sessions: int, max_channels: int) -> None:
+        self.max_sessions = max_sessions
+        self.max_channels = max_channels
+        self.sessions = 0
+        self._kinds: dict[object, bool] = {}  # token or channel -> is a session
+
+    def __len__(self) -> int:
+        return len(self._kinds)
+
+    def over_limit(self, channel_type: bytes) -> str | None:
+        """Why another channel of this type is refused, or None."""
+        if channel_type == b"session" and self.sessions >= self.max_sessions:
+            return f"too many sessions on this connection (at most {self.max_sessions})"
+        if len(self._kinds) >= self.max_channels:
+            return f"too many channels on this connection (at most {self.max_channels})"
+        return None
+
+    def opening(self, channel_type: bytes) -> object:
+        token = object()
+        self._kinds[token] = channel_type == b"session"
+        self.sessions += self._kinds[token]
+        return token
+
+    def opened(self, token: object, channel: object) -> None:
+        self._kinds[channel] = self._kinds.pop(token)
+
+    def closed(self, key: object) -> None:
+        self.sessions -= self._kinds.pop(key, False)
+
+
 class HubConnection(WindowedChannelsMixin, connection.SSHConnection):
     """The connection service: keepalives, and channel opens that can wait or refuse."""
 
@@ -162,6 +197,8 @@ class HubConnection(WindowedChannelsMixin, connection.SSHConnection):
         connection.SSHConnection.serviceStarted(self)
         hub_factory = self.transport.factory
         self._replies: list[list[Any]] = []
+        limits = hub_factory.limits
+        self._peer_channels = PeerChannels(limits.max_sessions, limits.max_channels)
         avatar = self.transport.avatar
         avatar.conn = self
         self.keepalive = Keepalive(self, hub_factory.clock, hub_factory.keepalive,
@@ -178,6 +215,10 @@ class HubConnection(WindowedChannelsMixin, connection.SSHConnection):
         channel_type, rest = common.getNS(packet)
         sender, window, max_packet = struct.unpack(">3L", rest[:12])
         data = rest[12:]
+        over = self._peer_channels.over_limit(channel_type)
+        if over is not None:
+            self._refuse(sender, connection.OPEN_RESOURCE_SHORTAGE, over, channel_type)
+            return
         try:
             result = self.transport.avatar.lookupChannel(channel_type, window, max_packet, data)
         except ChannelRefused as e:
@@ -187,14 +228,21 @@ class HubConnection(WindowedChannelsMixin, connection.SSHConnection):
             text, reason = e.args if isinstance(e.args[1], int) else (e.args[1], e.args[0])
             self._refuse(sender, reason, str(text), channel_type)
             return
+        token = self._peer_channels.opening(channel_type)
         d = defer.maybeDeferred(lambda: result)
-        d.addCallback(self._confirm, sender, data)
-        d.addErrback(self._open_failed, sender, channel_type)
+        d.addCallback(self._confirm, sender, data, token)
+        d.addErrback(self._open_failed, sender, channel_type, token)
 
-    def _confirm(self, channel: Any, sender: int, data: bytes) -> None:
+    def channelClosed(self, channel: Any) -> None:
+        connection.SSHConnection.channelClosed(self, channel)
+        self._peer_channels.closed(channel)
+
+    def _confirm(self, channel: Any, sender: int, data: bytes, token: object) -> None:
         if self._gone():
+            self._peer_channels.closed(token)
             channel.closed()  # the peer left while we were opening the other side
             return
+        self._peer_channels.opened(token, channel)
         channel.conn = self
         local = self.localChannelID
         self.localChannelID += 1
@@ -209,7 +257,9 @@ class HubConnection(WindowedChannelsMixin, connection.SSHConnection):
         )
         channel.channelOpen(data)
 
-    def _open_failed(self, f: Failure, sender: int, channel_type: bytes) -> None:
+    def _open_failed(self, f: Failure, sender: int, channel_type: bytes, token: object
+                     ) -> None:
+        self._peer_channels.closed(token)
         if isinstance(f.value, ChannelRefused):
             self._refuse(sender, f.value.reason, f.value.text, channel_type)
             return
