@@ -3,7 +3,8 @@
 `RawPeer` speaks to the hub's real server transport before key exchange,
 packet by packet in the clear; `LoggedInPeer` logs in to an in-memory hub
 with a Conch client and then sends whatever payloads it is given, sealed
-under the negotiated keys. Both watch the log: `LogWatch.tracebacks` must stay
+under the negotiated keys; `HostileServer` does the same to the hub's own
+SSH client once it has logged in. Both watch the log: `LogWatch.tracebacks` must stay
 empty, whatever the peer sends.
 """
 
@@ -18,13 +19,17 @@ from typing import Any
 from memory_hub import connect_client, make_hub, new_key, start_factory
 from twisted.conch.ssh import keys
 from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, globalLogPublisher
+from twisted.test import iosim
 
+from hub.access.device_client import DeviceClientTransport
 from hub.access.server import HubSSHFactory
 from hub.app.context import Hub
 from hub.ssh.packet import EncryptAndMAC
+from hub.ssh.testing import makeServerFactory, newEd25519Key
 
 VERSION = b"SSH-2.0-OpenSSH_9.6\r\n"
 _CLEAR = EncryptAndMAC.fromCipher(b"none", None, None)
@@ -132,6 +137,49 @@ class LoggedInPeer:
         if not self.server.transport.disconnected:
             self.server.transport.loseConnection()
             self.pump.flush()
+
+
+class HostileServer:
+    """The hub's SSH client (to a device, or NETCONF call home) logged in to
+    a Conch server that then sends whatever payloads it is given."""
+
+    def __init__(self, clock: MemoryReactorClock | None = None) -> None:
+        self.clock = clock or MemoryReactorClock()
+        user_key = _cached_key("user")
+        factory = makeServerFactory(_cached_key("host"), b"root", user_key, self.clock)
+        factory.startFactory()
+        self.server: Any = factory.buildProtocol(None)
+        self.client = DeviceClientTransport(b"root", user_key, None, None, defer.Deferred(),
+                                            self.clock)
+        self.client.ready.addErrback(lambda _: None)
+        self.pump = iosim.connect(self.server, iosim.makeFakeServer(self.server), self.client,
+                                  iosim.makeFakeClient(self.client), greet=False,
+                                  clock=self.clock)
+        self.pump.flush()
+        assert self.client.ready.called and self.client.service is not None, "login failed"
+        # What the client answers is recorded, not parsed: the server asked nothing.
+        self.server.service.packetReceived = lambda n, p: None
+
+    def send(self, number: int, payload: bytes) -> None:
+        self.server.sendPacket(number, payload)
+        self.pump.flush()
+
+    @property
+    def dropped(self) -> bool:
+        return bool(self.client.transport.disconnecting)
+
+    def close(self) -> None:
+        self.client.transport.loseConnection()
+        self.pump.flush()
+
+
+_KEYS: dict[str, keys.Key] = {}
+
+
+def _cached_key(name: str) -> keys.Key:
+    if name not in _KEYS:
+        _KEYS[name] = newEd25519Key()
+    return _KEYS[name]
 
 
 def uint32(n: int) -> bytes:

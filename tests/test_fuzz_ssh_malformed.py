@@ -6,13 +6,22 @@ line, never a traceback; well-formed traffic keeps Conch's behaviour.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fuzz_peers import LoggedInPeer, LogWatch, RawPeer, new_hub, uint32, watching
+from fuzz_peers import (
+    HostileServer,
+    LoggedInPeer,
+    LogWatch,
+    RawPeer,
+    new_hub,
+    uint32,
+    watching,
+)
 from twisted.conch.ssh import connection, transport
 from twisted.conch.ssh.common import NS
 
@@ -108,3 +117,43 @@ def test_truncated_global_request(hub_parts: Any, watch: LogWatch, payload: byte
     peer = LoggedInPeer(factory, clock, key)
     peer.send(connection.MSG_GLOBAL_REQUEST, payload)
     assert_dropped_cleanly(watch, peer.server, peer.dropped)
+
+
+@pytest.mark.parametrize("want_reply", [b"\x00", b"\x01"])
+def test_unparsable_channel_request_is_refused(hub_parts: Any, watch: LogWatch,
+                                              want_reply: bytes) -> None:
+    # Found by fuzzing: a short `exec` that asked for no reply left an
+    # unhandled failure in a Deferred, logged as a traceback when collected.
+    _hub, clock, factory, key = hub_parts
+    peer = LoggedInPeer(factory, clock, key)
+    peer.send(connection.MSG_CHANNEL_OPEN, NS(b"session") + uint32(0) + uint32(65536)
+              + uint32(32768))
+    peer.send(connection.MSG_CHANNEL_REQUEST, uint32(0) + NS(b"exec") + want_reply + b"\x00")
+    gc.collect()
+    assert watch.tracebacks() == []
+    assert not peer.dropped
+    assert any(e.get("req") == "exec" and "refused" in e.get("log_format", "")
+               for e in watch.events)
+    failures = [r for r in peer.replies if r[0] == connection.MSG_CHANNEL_FAILURE]
+    assert len(failures) == (1 if want_reply == b"\x01" else 0)
+
+
+@pytest.mark.parametrize("channel_type", [b"session", b"x11", b"auth-agent@openssh.com"])
+def test_hub_client_refuses_channels_a_device_opens(watch: LogWatch,
+                                                    channel_type: bytes) -> None:
+    # Found by fuzzing: Conch's client refused them with a traceback.
+    device = HostileServer()
+    device.send(connection.MSG_CHANNEL_OPEN, NS(channel_type) + uint32(0) + uint32(65536)
+                + uint32(32768))
+    assert watch.tracebacks() == []
+    assert not device.dropped
+    assert any("refused channel" in e.get("log_format", "") for e in watch.events)
+
+
+def test_hub_client_drops_a_device_naming_unknown_channels(watch: LogWatch) -> None:
+    device = HostileServer()
+    device.send(connection.MSG_CHANNEL_REQUEST, uint32(5) + NS(b"exit-status") + b"\x00"
+                + uint32(0))
+    assert watch.tracebacks() == []
+    assert device.dropped
+    assert len(watch.protocol_errors(device.client)) == 1

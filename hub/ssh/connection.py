@@ -46,7 +46,11 @@ class WindowedChannelsMixin:
     adjust, and grant window themselves once their consumer took the data."""
 
     channels: dict[int, Any]
+    channelsToRemoteChannel: dict[Any, int]
+    localToRemoteChannel: dict[int, int]
+    localChannelID: int
     transport: Any
+    getChannel: Any  # from SSHConnection
     sendClose: Any  # from SSHConnection
 
     def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
@@ -82,6 +86,67 @@ class WindowedChannelsMixin:
             return
         if self._take_window(channel, length):
             channel.extReceived(type_code, packet[12:12 + length])
+
+    def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
+        # Conch's, less the traceback it logged for every refusal (its client
+        # refuses whatever channel a server opens: the hub offers devices no
+        # agent or X11 forwarding): a refusal is one line.
+        channel_type, rest = common.getNS(packet)
+        sender, window, max_packet = struct.unpack(">3L", rest[:12])
+        try:
+            channel = self.getChannel(channel_type, window, max_packet, rest[12:])
+        except ConchError as e:
+            text, reason = e.args if isinstance(e.args[1], int) else (e.args[1], e.args[0])
+            log.info("{peer}: refused channel {type}: {text}",
+                     peer=getattr(self.transport, "peer", "?"),
+                     type=channel_type.decode("ascii", "replace"), text=text)
+            self.transport.sendPacket(
+                connection.MSG_CHANNEL_OPEN_FAILURE,
+                struct.pack(">2L", sender, reason) + common.NS(str(text).encode())
+                + common.NS(b""))
+            return
+        local = self.localChannelID
+        self.localChannelID += 1
+        channel.id = local
+        self.channels[local] = channel
+        self.channelsToRemoteChannel[channel] = sender
+        self.localToRemoteChannel[local] = sender
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_OPEN_CONFIRMATION,
+            struct.pack(">4L", sender, local, channel.localWindowSize, channel.localMaxPacket)
+            + channel.specificData)
+        channel.channelOpen(rest[12:])
+
+    def ssh_CHANNEL_REQUEST(self, packet: bytes) -> Any:
+        # Conch's, less its unhandled Deferred: a request whose data the
+        # channel cannot parse (a short `exec`, `exit-status`) raised into a
+        # Deferred nobody waited on when no reply was wanted, a traceback in
+        # the log when it was collected.  Now the channel refuses it, in one
+        # line, and the peer gets CHANNEL_FAILURE if it asked.
+        local = _UINT32.unpack_from(packet)[0]
+        request_type, rest = common.getNS(packet[4:])
+        want_reply = rest[0]
+        channel = self.channels[local]
+        d = defer.maybeDeferred(channel.requestReceived, request_type, rest[1:])
+
+        def refused(f: Failure) -> int:
+            log.info("{peer}: channel {id} request {req} refused: {why}",
+                     peer=getattr(self.transport, "peer", "?"), id=local,
+                     req=request_type.decode("ascii", "replace"), why=f.getErrorMessage())
+            return 0
+
+        d.addErrback(refused)
+        if want_reply:
+            d.addCallback(self._reply_to_channel_request, local)
+        return d
+
+    def _reply_to_channel_request(self, result: object, local: int) -> None:
+        if local not in self.channels or self.transport.isDisconnecting():
+            return
+        remote = self.localToRemoteChannel[local]
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_SUCCESS if result else connection.MSG_CHANNEL_FAILURE,
+            _UINT32.pack(remote))
 
     # Conch ignores a reply for a channel that does not exist; OpenSSH, like
     # every other message naming one, treats it as the peer's protocol error
