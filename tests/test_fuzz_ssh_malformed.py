@@ -157,3 +157,20 @@ def test_hub_client_drops_a_device_naming_unknown_channels(watch: LogWatch) -> N
     assert watch.tracebacks() == []
     assert device.dropped
     assert len(watch.protocol_errors(device.client)) == 1
+
+
+@pytest.mark.parametrize("number", [connection.MSG_CHANNEL_OPEN_CONFIRMATION,
+                                    connection.MSG_CHANNEL_OPEN_FAILURE])
+def test_open_reply_for_a_channel_already_open(hub_parts: Any, watch: LogWatch,
+                                               number: int) -> None:
+    # Found by fuzzing: OPEN_FAILURE for the session the peer itself had
+    # opened made Conch forget the channel halfway, and the connection's end
+    # raised KeyError.  Open replies are only for opens the hub is waiting on.
+    _hub, clock, factory, key = hub_parts
+    peer = LoggedInPeer(factory, clock, key)
+    peer.send(connection.MSG_CHANNEL_OPEN, NS(b"session") + uint32(0) + uint32(65536)
+              + uint32(32768))
+    peer.send(number, uint32(0) * 4)
+    peer.close()
+    gc.collect()
+    assert_dropped_cleanly(watch, peer.server, peer.dropped)

@@ -148,6 +148,23 @@ class WindowedChannelsMixin:
             connection.MSG_CHANNEL_SUCCESS if result else connection.MSG_CHANNEL_FAILURE,
             _UINT32.pack(remote))
 
+    # Open replies are only for channels this side opened and is waiting on
+    # (not yet given a remote number): Conch re-opened or half-forgot a
+    # channel that was open already, and its end raised KeyError.
+
+    def ssh_CHANNEL_OPEN_CONFIRMATION(self, packet: bytes) -> None:
+        self._awaiting_reply(packet)
+        super().ssh_CHANNEL_OPEN_CONFIRMATION(packet)  # type: ignore[misc]
+
+    def ssh_CHANNEL_OPEN_FAILURE(self, packet: bytes) -> None:
+        self._awaiting_reply(packet)
+        super().ssh_CHANNEL_OPEN_FAILURE(packet)  # type: ignore[misc]
+
+    def _awaiting_reply(self, packet: bytes) -> None:
+        channel = self.channels[_UINT32.unpack_from(packet)[0]]
+        if channel in self.channelsToRemoteChannel:
+            raise ValueError(f"channel {channel.id} is open already")
+
     # Conch ignores a reply for a channel that does not exist; OpenSSH, like
     # every other message naming one, treats it as the peer's protocol error
     # (the transport's dispatch drops the connection over the KeyError).
