@@ -33,3 +33,8 @@ class Limits:
     password_checks_per_minute: int = 20
     password_checks_global_burst: int = 20
     password_checks_global_per_minute: int = 240
+    # Channels a peer may have open (or opening) on one connection: session
+    # channels like sshd's MaxSessions (the registrar needs one or two), and
+    # all channels together (jump-host forwards, the NSCA intake).
+    max_sessions: int = 10
+    max_channels: int = 64

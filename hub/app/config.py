@@ -97,6 +97,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "password_checks_per_minute": int,
         "password_checks_global_burst": int,
         "password_checks_global_per_minute": int,
+        "max_sessions": int,
+        "max_channels": int,
     },
     "netconf": {"secrets": dict, "allow": list, "unknown_per_minute": int,
                 "unknown_per_minute_total": int},
@@ -174,6 +176,9 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         raise ConfigError(
             "[limits] login_timeout, max_auth_tries and max_unauthenticated must be >= 1")
     _check_admission(limits)
+    for key in ("max_sessions", "max_channels"):
+        if getattr(limits, key) < 1:
+            raise ConfigError(f"[limits] {key} must be >= 1")
 
     secrets = doc.get("netconf", {}).get("secrets", {})
     for device, secret in secrets.items():

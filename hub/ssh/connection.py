@@ -27,6 +27,7 @@ from hub.ssh.sink import IChannelDataViews
 log = Logger()
 
 _DATA_HEAD = struct.Struct(">2L")
+_UINT32 = struct.Struct(">L")
 
 
 class ChannelRefused(Exception):
@@ -45,7 +46,11 @@ class WindowedChannelsMixin:
     adjust, and grant window themselves once their consumer took the data."""
 
     channels: dict[int, Any]
+    channelsToRemoteChannel: dict[Any, int]
+    localToRemoteChannel: dict[int, int]
+    localChannelID: int
     transport: Any
+    getChannel: Any  # from SSHConnection
     sendClose: Any  # from SSHConnection
 
     def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
@@ -81,6 +86,96 @@ class WindowedChannelsMixin:
             return
         if self._take_window(channel, length):
             channel.extReceived(type_code, packet[12:12 + length])
+
+    def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
+        # Conch's, less the traceback it logged for every refusal (its client
+        # refuses whatever channel a server opens: the hub offers devices no
+        # agent or X11 forwarding): a refusal is one line.
+        channel_type, rest = common.getNS(packet)
+        sender, window, max_packet = struct.unpack(">3L", rest[:12])
+        try:
+            channel = self.getChannel(channel_type, window, max_packet, rest[12:])
+        except ConchError as e:
+            text, reason = e.args if isinstance(e.args[1], int) else (e.args[1], e.args[0])
+            log.info("{peer}: refused channel {type}: {text}",
+                     peer=getattr(self.transport, "peer", "?"),
+                     type=channel_type.decode("ascii", "replace"), text=text)
+            self.transport.sendPacket(
+                connection.MSG_CHANNEL_OPEN_FAILURE,
+                struct.pack(">2L", sender, reason) + common.NS(str(text).encode())
+                + common.NS(b""))
+            return
+        local = self.localChannelID
+        self.localChannelID += 1
+        channel.id = local
+        self.channels[local] = channel
+        self.channelsToRemoteChannel[channel] = sender
+        self.localToRemoteChannel[local] = sender
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_OPEN_CONFIRMATION,
+            struct.pack(">4L", sender, local, channel.localWindowSize, channel.localMaxPacket)
+            + channel.specificData)
+        channel.channelOpen(rest[12:])
+
+    def ssh_CHANNEL_REQUEST(self, packet: bytes) -> Any:
+        # Conch's, less its unhandled Deferred: a request whose data the
+        # channel cannot parse (a short `exec`, `exit-status`) raised into a
+        # Deferred nobody waited on when no reply was wanted, a traceback in
+        # the log when it was collected.  Now the channel refuses it, in one
+        # line, and the peer gets CHANNEL_FAILURE if it asked.
+        local = _UINT32.unpack_from(packet)[0]
+        request_type, rest = common.getNS(packet[4:])
+        want_reply = rest[0]
+        channel = self.channels[local]
+        d = defer.maybeDeferred(channel.requestReceived, request_type, rest[1:])
+
+        def refused(f: Failure) -> int:
+            log.info("{peer}: channel {id} request {req} refused: {why}",
+                     peer=getattr(self.transport, "peer", "?"), id=local,
+                     req=request_type.decode("ascii", "replace"), why=f.getErrorMessage())
+            return 0
+
+        d.addErrback(refused)
+        if want_reply:
+            d.addCallback(self._reply_to_channel_request, local)
+        return d
+
+    def _reply_to_channel_request(self, result: object, local: int) -> None:
+        if local not in self.channels or self.transport.isDisconnecting():
+            return
+        remote = self.localToRemoteChannel[local]
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_SUCCESS if result else connection.MSG_CHANNEL_FAILURE,
+            _UINT32.pack(remote))
+
+    # Open replies are only for channels this side opened and is waiting on
+    # (not yet given a remote number): Conch re-opened or half-forgot a
+    # channel that was open already, and its end raised KeyError.
+
+    def ssh_CHANNEL_OPEN_CONFIRMATION(self, packet: bytes) -> None:
+        self._awaiting_reply(packet)
+        super().ssh_CHANNEL_OPEN_CONFIRMATION(packet)  # type: ignore[misc]
+
+    def ssh_CHANNEL_OPEN_FAILURE(self, packet: bytes) -> None:
+        self._awaiting_reply(packet)
+        super().ssh_CHANNEL_OPEN_FAILURE(packet)  # type: ignore[misc]
+
+    def _awaiting_reply(self, packet: bytes) -> None:
+        channel = self.channels[_UINT32.unpack_from(packet)[0]]
+        if channel in self.channelsToRemoteChannel:
+            raise ValueError(f"channel {channel.id} is open already")
+
+    # Conch ignores a reply for a channel that does not exist; OpenSSH, like
+    # every other message naming one, treats it as the peer's protocol error
+    # (the transport's dispatch drops the connection over the KeyError).
+
+    def ssh_CHANNEL_SUCCESS(self, packet: bytes) -> None:
+        self.channels[_UINT32.unpack_from(packet)[0]]
+        super().ssh_CHANNEL_SUCCESS(packet)  # type: ignore[misc]
+
+    def ssh_CHANNEL_FAILURE(self, packet: bytes) -> None:
+        self.channels[_UINT32.unpack_from(packet)[0]]
+        super().ssh_CHANNEL_FAILURE(packet)  # type: ignore[misc]
 
     def _take_window(self, channel: Any, length: int) -> bool:
         """Count `length` bytes against the channel's window; a peer that sends
@@ -140,6 +235,41 @@ class Keepalive:
             answered, failed)
 
 
+class PeerChannels:
+    """The channels a peer opened on one connection, open or still opening,
+    against two caps: session channels, and channels of any kind. Channels
+    the hub opens to the peer (`forwarded-tcpip` to a device) do not count."""
+
+    def __init__(self, max_sessions: int, max_channels: int) -> None:
+        self.max_sessions = max_sessions
+        self.max_channels = max_channels
+        self.sessions = 0
+        self._kinds: dict[object, bool] = {}  # token or channel -> is a session
+
+    def __len__(self) -> int:
+        return len(self._kinds)
+
+    def over_limit(self, channel_type: bytes) -> str | None:
+        """Why another channel of this type is refused, or None."""
+        if channel_type == b"session" and self.sessions >= self.max_sessions:
+            return f"too many sessions on this connection (at most {self.max_sessions})"
+        if len(self._kinds) >= self.max_channels:
+            return f"too many channels on this connection (at most {self.max_channels})"
+        return None
+
+    def opening(self, channel_type: bytes) -> object:
+        token = object()
+        self._kinds[token] = channel_type == b"session"
+        self.sessions += self._kinds[token]
+        return token
+
+    def opened(self, token: object, channel: object) -> None:
+        self._kinds[channel] = self._kinds.pop(token)
+
+    def closed(self, key: object) -> None:
+        self.sessions -= self._kinds.pop(key, False)
+
+
 class HubConnection(WindowedChannelsMixin, connection.SSHConnection):
     """The connection service: keepalives, and channel opens that can wait or refuse."""
 
@@ -149,6 +279,8 @@ class HubConnection(WindowedChannelsMixin, connection.SSHConnection):
         connection.SSHConnection.serviceStarted(self)
         hub_factory = self.transport.factory
         self._replies: list[list[Any]] = []
+        limits = hub_factory.limits
+        self._peer_channels = PeerChannels(limits.max_sessions, limits.max_channels)
         avatar = self.transport.avatar
         avatar.conn = self
         self.keepalive = Keepalive(self, hub_factory.clock, hub_factory.keepalive,
@@ -165,6 +297,10 @@ class HubConnection(WindowedChannelsMixin, connection.SSHConnection):
         channel_type, rest = common.getNS(packet)
         sender, window, max_packet = struct.unpack(">3L", rest[:12])
         data = rest[12:]
+        over = self._peer_channels.over_limit(channel_type)
+        if over is not None:
+            self._refuse(sender, connection.OPEN_RESOURCE_SHORTAGE, over, channel_type)
+            return
         try:
             result = self.transport.avatar.lookupChannel(channel_type, window, max_packet, data)
         except ChannelRefused as e:
@@ -174,14 +310,21 @@ class HubConnection(WindowedChannelsMixin, connection.SSHConnection):
             text, reason = e.args if isinstance(e.args[1], int) else (e.args[1], e.args[0])
             self._refuse(sender, reason, str(text), channel_type)
             return
+        token = self._peer_channels.opening(channel_type)
         d = defer.maybeDeferred(lambda: result)
-        d.addCallback(self._confirm, sender, data)
-        d.addErrback(self._open_failed, sender, channel_type)
+        d.addCallback(self._confirm, sender, data, token)
+        d.addErrback(self._open_failed, sender, channel_type, token)
 
-    def _confirm(self, channel: Any, sender: int, data: bytes) -> None:
+    def channelClosed(self, channel: Any) -> None:
+        connection.SSHConnection.channelClosed(self, channel)
+        self._peer_channels.closed(channel)
+
+    def _confirm(self, channel: Any, sender: int, data: bytes, token: object) -> None:
         if self._gone():
+            self._peer_channels.closed(token)
             channel.closed()  # the peer left while we were opening the other side
             return
+        self._peer_channels.opened(token, channel)
         channel.conn = self
         local = self.localChannelID
         self.localChannelID += 1
@@ -196,7 +339,9 @@ class HubConnection(WindowedChannelsMixin, connection.SSHConnection):
         )
         channel.channelOpen(data)
 
-    def _open_failed(self, f: Failure, sender: int, channel_type: bytes) -> None:
+    def _open_failed(self, f: Failure, sender: int, channel_type: bytes, token: object
+                     ) -> None:
+        self._peer_channels.closed(token)
         if isinstance(f.value, ChannelRefused):
             self._refuse(sender, f.value.reason, f.value.text, channel_type)
             return

@@ -10,10 +10,12 @@ import struct
 from typing import Any
 
 from twisted.conch.ssh import _kex
+from twisted.conch.ssh import transport as _conch_transport
 from twisted.conch.ssh.common import NS
 from twisted.conch.ssh.transport import (
     DISCONNECT_PROTOCOL_ERROR,
     MSG_DEBUG,
+    MSG_DISCONNECT,
     MSG_IGNORE,
     MSG_KEXINIT,
     MSG_NEWKEYS,
@@ -345,8 +347,42 @@ class ModernTransportMixin(PacketIOMixin):
             return
         if messageNum == MSG_NEWKEYS:
             self._initialKex = False
-        super().dispatchMessage(messageNum, payload)
+        # The one boundary between the peer's bytes and Conch's handlers,
+        # which index, unpack and look up without checking: whatever a
+        # packet makes them raise is the peer's protocol error.  (A try
+        # costs nothing until something is raised.)
+        try:
+            super().dispatchMessage(messageNum, payload)
+        except Exception as e:
+            self._dropMalformed(messageNum, e)
+            return
         self._maybeRekey()
+
+    def _dropMalformed(self, messageNum: int, error: Exception) -> None:
+        """
+        End the connection over a packet the handlers could not take: one
+        log line with what was wrong, DISCONNECT (protocol error) to the peer.
+        """
+        name = messageName(messageNum, self.service)
+        description = b"malformed or unexpected %s" % name.encode("ascii")
+        self._modernLog.warn(
+            "{peer}: {description} ({error}); disconnecting, code {code}",
+            peer=peerOf(self),
+            description=description,
+            error=f"{type(error).__name__}: {error}",
+            code=DISCONNECT_PROTOCOL_ERROR,
+        )
+        if self._disconnectSent:
+            return
+        self._disconnectSent = True
+        self._cancelRekeyTimer()
+        # Conch's sendDisconnect, less its second log line.
+        self.sendPacket(
+            MSG_DISCONNECT,
+            struct.pack(">L", DISCONNECT_PROTOCOL_ERROR) + NS(description) + NS(b""),
+        )
+        lower: Any = self.transport
+        lower.loseConnection()
 
     def sendUnimplemented(self) -> None:
         # Conch reports the sequence number after the offending packet's.
@@ -357,3 +393,26 @@ class ModernTransportMixin(PacketIOMixin):
         self._cancelRekeyTimer()
         super().sendDisconnect(reason, desc)
 
+
+def messageName(number: int, service: Any) -> str:
+    """
+    The name of SSH message C{number} (C{CHANNEL_OPEN}), as the transport or
+    the running C{service} knows it, else its number.
+    """
+    if number < 50:
+        name = _conch_transport.messages.get(number)
+    else:
+        name = getattr(service, "protocolMessages", {}).get(number)
+    return name[4:] if name else f"message {number}"
+
+
+def peerOf(ssh: Any) -> str:
+    """
+    Who is at the other end, for the log: the server's C{peer} or the
+    address under the transport.
+    """
+    peer = getattr(ssh, "peer", None)
+    if peer is None and ssh.transport is not None:
+        address = ssh.transport.getPeer()
+        peer = getattr(address, "host", address)
+    return str(peer)
