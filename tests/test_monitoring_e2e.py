@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import CALLHOME_PASSWORD
-from helpers import HubProcess, free_port, wait_for
+from helpers import CLI, HubProcess, free_port, wait_for
 from tunnel_helpers import Device
 
 pytestmark = pytest.mark.e2e
@@ -76,7 +76,12 @@ def test_send_nsca_through_the_tunnel(tmp_path: Path, local_forward: None, metho
         assert got[("site-a", "load")]["output"] == "WARNING - load 4.2"
         assert got[("site-a", "")]["code"] == 2
         assert all(s["node"] == "site-a" for s in got.values())
-        assert status(hub, "other-node") == []
+        assert {(s["node"], s["service"]) for s in status(hub, "SITE-A")} == {
+            ("site-a", "load"), ("site-a", "disk"), ("site-a", "")}
+        unknown = subprocess.run([CLI, "--data", str(hub.data), "status", "other-node"],
+                                 capture_output=True, text=True, timeout=30)
+        assert (unknown.returncode, unknown.stderr) == (
+            1, "callhomehub: no node named 'other-node'\n")
     finally:
         device.close()
         hub.stop()
