@@ -100,4 +100,8 @@ def test_forwards_through_the_port_keeper(keeper_hub: HubProcess, tmp_path: Path
     hub.stop()
     wait_for(lambda: not os.path.exists(f"/proc/{keeper}"), 10, "the keeper to exit")
     with socket.socket() as s:
+        # SO_REUSEADDR: a connection the hub closed first may sit in TIME_WAIT on
+        # the port; a listener still holding it would fail the bind all the same.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+        s.listen()
