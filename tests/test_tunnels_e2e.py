@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import DeviceSSHD, HubProcess, make_key, wait_for
 from tunnel_helpers import (
+    ALLOCATED,
     Device,
     Listener,
     PatternStream,
@@ -300,3 +301,25 @@ def test_fast_sender_slow_reader_bounded_memory(hub: HubProcess, tmp_path: Path,
         gate.set()
         device.close()
         device_server.close()
+
+
+def test_duplicate_and_excess_forwards_fail_the_ssh_client(hub: HubProcess,
+                                                           tmp_path: Path) -> None:
+    device = Device(hub, tmp_path, "site-a")
+    # The same bind and port twice: OpenSSH got "Allocated port N" twice for
+    # one N, and ExitOnForwardFailure never fired.
+    twice = device.client.run("cms@127.0.0.1", key=device.key, options=[
+        "-N", "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=INFO",
+        "-R", "0:localhost:22", "-R", "0:localhost:80"])
+    assert twice.returncode == 255 and b"remote port forwarding failed" in twice.stderr
+    assert len(ALLOCATED.findall(twice.stderr)) == 1
+    assert "is already forwarded on port" in hub.log_text()
+    # A pending node holds three forwards at most.
+    four = device.client.run("cms@127.0.0.1", key=device.key, options=[
+        "-N", "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=INFO",
+        *[arg for i in range(4) for arg in ("-R", f"s{i}:0:localhost:22")]])
+    assert four.returncode == 255 and b"remote port forwarding failed" in four.stderr
+    # Its sticky lease of "ssh" counts: two more services, not three.
+    assert "pending nodes may hold at most 3 port leases (s0, s1, ssh)" in hub.log_text()
+    assert set(device.forwards()) == {"ssh", "s0", "s1"}
+

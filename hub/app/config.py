@@ -74,6 +74,9 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "max_unauthenticated": int,
         "password_backoff_base": (int, float),
         "password_backoff_max": (int, float),
+        "max_forwards_pending": int,
+        "max_forwards": int,
+        "pending_lease_expiry": (int, float),
     },
     "netconf": {"secrets": dict},
 }
@@ -135,6 +138,12 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
     if limits.login_timeout < 1 or limits.max_auth_tries < 1 or limits.max_unauthenticated < 1:
         raise ConfigError(
             "[limits] login_timeout, max_auth_tries and max_unauthenticated must be >= 1")
+    if limits.max_forwards < 1:
+        raise ConfigError("[limits] max_forwards must be >= 1")
+    if limits.max_forwards_pending < 0:
+        raise ConfigError("[limits] max_forwards_pending must be >= 0")
+    if limits.pending_lease_expiry < 60:
+        raise ConfigError("[limits] pending_lease_expiry must be >= 60 (seconds)")
 
     secrets = doc.get("netconf", {}).get("secrets", {})
     for device, secret in secrets.items():

@@ -18,6 +18,7 @@ from hub.app.config import HubConfig
 from hub.netconf.callhome import CallHomeNeeds
 from hub.ssh.keys import HubKeys
 from hub.store.registry import Registry
+from hub.tunnel.expiry import PendingLeaseExpiry
 from hub.tunnel.live import LiveSessions
 
 if TYPE_CHECKING:
@@ -38,11 +39,15 @@ class Hub:
     monitoring: Monitoring | None = None
     # The live NETCONF call-home sessions, or None.
     netconf: NetconfSessions | None = None
+    # Releases the leases of pending nodes that never came back, or None.
+    lease_expiry: PendingLeaseExpiry | None = None
 
     def sync(self) -> None:
         """Apply changes the admin CLI made to the registry (polled every second)."""
         if self.registry.changed():
             self.sessions.enforce()
+        if self.lease_expiry is not None:
+            self.lease_expiry.poll()
 
     def registrar_needs(self) -> RegistrarNeeds:
         return RegistrarNeeds(

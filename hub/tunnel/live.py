@@ -27,11 +27,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hub.errors import NotFound, PortsExhausted
+from hub.rules.ports import ForwardCaps
 from hub.ssh.connection import ChannelRefused
-from hub.store.registry import Registry
+from hub.store.registry import Node, Registry
 from hub.tunnel.dial import DeviceRefused, Dialled, OpenNotice, Target, not_forwarded
 from hub.tunnel.fifo import RequestQueue
-from hub.tunnel.forwards import Answer, Duplicate, Forward, ForwardTable, Lease
+from hub.tunnel.forwards import Duplicate, Forward, ForwardTable, Lease, Refused
 from hub.tunnel.splice import SpliceChannel, TCPEnd
 
 log = Logger()
@@ -190,12 +191,20 @@ class NodeTunnel:
         if self.closed:
             return 0
         decision = self.table.request(bind, port)
-        if isinstance(decision, Answer):
-            return decision.forward.reply()
+        asked = f"{bind.decode('utf-8', 'replace')}:{port}"
+        if isinstance(decision, Refused):
+            log.warn("node {node}: forward {asked} refused: {why}", node=self.node, asked=asked,
+                     why=decision.why)
+            return 0
         if isinstance(decision, Duplicate):
-            log.warn("node {node}: service {service} is already forwarded on port {port}; "
-                     "refusing a second forward of it", node=self.node, service=decision.service,
-                     port=decision.holder.port)
+            log.warn("node {node}: forward {asked} refused: service {service} is already "
+                     "forwarded on port {port}", node=self.node, asked=asked,
+                     service=decision.service, port=decision.holder.port)
+            return 0
+        why = self.sessions.cap_refusal(self.node, len(self.table), decision.service)
+        if why is not None:
+            log.warn("node {node}: forward {service} refused: {why}", node=self.node,
+                     service=decision.service, why=why)
             return 0
         forward = self._lease_and_listen(decision)
         if forward is None:
@@ -311,12 +320,13 @@ class LiveSessions:
     # Where forwards listen: the reactor, or a PortKeeper (anything with listenTCP).
     listener: Any = None
     _live: dict[str, NodeTunnel] = field(factory=dict)
+    caps: ForwardCaps = field(factory=ForwardCaps)
 
     def attach(self, node: str, conn: Any, peer: str) -> NodeTunnel:
         key = node.lower()
         old = self._live.get(key)
-        public = self._node_public(node)
-        tunnel = NodeTunnel(self, node, conn, public)
+        record = self._node(node)
+        tunnel = NodeTunnel(self, node, conn, record is not None and record.public)
         self._live[key] = tunnel
         if old is not None and old.conn is not conn:
             log.info("node {node} reconnected from {peer}: closing its old session",
@@ -327,11 +337,19 @@ class LiveSessions:
         log.info("node {node} online from {peer}", node=node, peer=peer)
         return tunnel
 
-    def _node_public(self, node: str) -> bool:
+    def _node(self, node: str) -> Node | None:
         try:
-            return self.registry.node(node).public
+            return self.registry.node(node)
         except NotFound:
-            return False
+            return None
+
+    def cap_refusal(self, node: str, live: int, service: str) -> str | None:
+        """Why `node`, holding `live` forwards, may not forward `service` now
+        (its state is read now: an approval counts at once)."""
+        record = self._node(node)
+        if record is None:
+            return "the node was removed"
+        return self.caps.refusal(record.state, live, record.forwards, service)
 
     def detach(self, tunnel: NodeTunnel) -> None:
         key = tunnel.node.lower()
