@@ -323,3 +323,25 @@ def test_duplicate_and_excess_forwards_fail_the_ssh_client(hub: HubProcess,
     assert "pending nodes may hold at most 3 port leases (s0, s1, ssh)" in hub.log_text()
     assert set(device.forwards()) == {"ssh", "s0", "s1"}
 
+
+def test_a_second_login_without_forwards_keeps_the_tunnel(hub: HubProcess,
+                                                          tmp_path: Path) -> None:
+    web = Listener(lambda conn: (conn.sendall(b"v"), conn.close()))
+    device = Device(hub, tmp_path, "site-a")
+    device.connect(f"http:0:127.0.0.1:{web.port}")
+    try:
+        port = device.forwards()["http"]
+        # A re-register and a stray `ssh cms@hub` with the device's key.
+        again = device.client.run("cms@127.0.0.1", "register", "site-a", key=device.key,
+                                  stdin=Path(f"{device.key}.pub").read_bytes())
+        assert again.returncode == 0, again.stderr
+        by_hand = device.client.run("cms@127.0.0.1", key=device.key)
+        assert by_hand.returncode == 1
+        assert device.proc is not None and device.proc.poll() is None
+        assert node(hub, "site-a")["online"]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            assert s.recv(1) == b"v"
+        assert "reconnected from" not in hub.log_text()
+    finally:
+        device.close()
+        web.close()

@@ -659,15 +659,16 @@ def test_takeover_moves_the_ports_to_the_new_connection(
 
     new = Device(factory, reactor, key=key, peer="192.0.2.99")
     assert new.connected
-    assert device.server.transport.disconnecting
-    assert not new.server.transport.disconnecting
-    assert hub.registry.node("site-a").peer == "192.0.2.99"
-
+    # Logging in takes nothing over: the first forward request does.
+    assert not device.server.transport.disconnecting
     answers = [new.request(b"tcpip-forward", b"http", 0),
                new.request(b"tcpip-forward", b"", 0),
                new.request(b"keepalive@openssh.com", b"", 0),  # answered at once, in order
                new.request(b"tcpip-forward", b"", 443)]
     new.pump.flush()
+    assert device.server.transport.disconnecting
+    assert not new.server.transport.disconnecting
+    assert hub.registry.node("site-a").peer == "192.0.2.99"
     # Nothing is bound, nor answered, before the old listeners are released.
     assert answers == [[], [], [], []]
     assert all(e[0] == "listen" for e in reactor.events)
@@ -705,13 +706,62 @@ def test_takeover_closes_a_silent_old_connection(
     old_tcp = device.server.transport
     aborted: list[bool] = []
     old_tcp.abortConnection = lambda: aborted.append(True)  # iosim cannot tell it apart
-    Device(factory, reactor, key=key, peer="192.0.2.99")
+    new = Device(factory, reactor, key=key, peer="192.0.2.99")
+    new.forward(b"", 0)
     # The old peer never reads the disconnect: after the grace it is aborted.
     assert old_tcp.disconnecting
     reactor.advance(CLOSE_GRACE - 0.1)
     assert aborted == []
     reactor.advance(0.2)
     assert aborted == [True]
+
+
+def test_a_login_that_does_not_forward_takes_nothing_over(
+        hub: Hub, reactor: RecordingReactor, factory: HubSSHFactory, key: keys.Key,
+        device: Device) -> None:
+    # A re-register, a check, `ssh cms@hub` by hand: the running tunnel stays.
+    ssh = allocated(device.forward(b"", 0))
+    check = Device(factory, reactor, key=key, peer="192.0.2.99")
+    assert check.connected
+    assert check.cancel(b"", ssh) == ("fail",)  # nothing of its own to cancel
+    assert check.forward(b"", 2**32 - 1) == ("fail",)  # a refused request takes nothing either
+    assert not device.server.transport.disconnecting
+    check.hang_up()
+    node = hub.registry.node("site-a")
+    assert node.online and node.peer == "192.0.2.10"
+    assert reactor.listening() == {ssh: LOOPBACK}
+    _, _, chan = open_tcp(reactor, device, ssh)
+    assert chan is not None and chan.is_open
+    tunnel = hub.sessions.get("site-a")
+    assert tunnel is not None and tunnel.conn is device.server.service
+
+
+def test_a_node_without_a_tunnel_is_online_while_a_connection_is(
+        hub: Hub, reactor: RecordingReactor, factory: HubSSHFactory, key: keys.Key) -> None:
+    # A device that keeps `ssh -N cms@hub` up to send results, with no forward.
+    first = Device(factory, reactor, key=key)
+    node = hub.registry.node("site-a")
+    assert node.online and node.peer == "192.0.2.10"
+    second = Device(factory, reactor, key=key, peer="192.0.2.99")
+    assert not first.server.transport.disconnecting
+    first.hang_up()
+    assert hub.registry.node("site-a").online
+    second.hang_up()
+    assert not hub.registry.node("site-a").online
+    assert hub.sessions.online() == []
+
+
+def test_revocation_drops_a_login_that_does_not_forward(
+        hub: Hub, reactor: RecordingReactor, factory: HubSSHFactory, key: keys.Key) -> None:
+    idle = Device(factory, reactor, key=key)
+    assert idle.connected
+    cli(hub).set_state("site-a", "revoked", "cli:test")
+    hub.sync()
+    assert idle.server.transport.disconnecting
+    # What it asks on its way out is refused.
+    assert idle.forward(b"", 0) == ("fail",)
+    assert reactor.listening() == {}
+    assert not hub.registry.node("site-a").online
 
 
 def test_drop_all_closes_every_session_and_marks_them_offline(

@@ -6,10 +6,12 @@ service again). Connections to a listener are piped into `forwarded-tcpip`
 channels on the node's SSH connection; `NodeTunnel.dial` is the one way into
 a device for every part of the hub (port listeners, jump host, gateway). The
 forward decisions are `ForwardTable`'s; a session carries its requests out one
-by one, in order (`RequestQueue`). A node that connects again takes over at
-once: the old connection is closed and its listeners released before the new
-connection binds the same ports. A node revoked or removed through the CLI is
-dropped when the hub notices the registry change.
+by one, in order (`RequestQueue`). A node's connection that asks for a
+forward takes over: the old connection is closed and its listeners released
+before the new connection binds the same ports. A login that forwards nothing
+(a re-register, a check) takes nothing over. A node revoked or removed through
+the CLI is dropped, with every connection it has, when the hub notices the
+registry change.
 """
 
 from __future__ import annotations
@@ -321,12 +323,50 @@ class LiveSessions:
     listener: Any = None
     _live: dict[str, NodeTunnel] = field(factory=dict)
     caps: ForwardCaps = field(factory=ForwardCaps)
+    # Logged-in connections of a node that carry no tunnel (yet): a device
+    # that only sends results, a re-register, a check. They take nothing over
+    # and are dropped on revocation like tunnels.
+    _guests: dict[str, set[Any]] = field(factory=dict)
 
-    def attach(self, node: str, conn: Any, peer: str) -> NodeTunnel:
+    def join(self, node: str, conn: Any, peer: str) -> None:
+        """A connection of `node` logged in; it takes over only once it forwards.
+        Without a tunnel the node is online from this connection."""
         key = node.lower()
-        old = self._live.get(key)
+        self._guests.setdefault(key, set()).add(conn)
+        if key not in self._live:
+            self.registry.mark_online(node, peer)
+            log.info("node {node} online from {peer}", node=node, peer=peer)
+
+    def leave(self, node: str, conn: Any) -> None:
+        """A connection that never forwarded went away: the node's tunnel, if
+        any, is not its own and stays; else the node is offline with its last
+        connection."""
+        key = node.lower()
+        if self._forget_guest(key, conn) and key not in self._live and key not in self._guests:
+            self.registry.mark_offline(node)
+            log.info("node {node} offline", node=node)
+
+    def _forget_guest(self, key: str, conn: Any) -> bool:
+        guests = self._guests.get(key)
+        if guests is None or conn not in guests:
+            return False
+        guests.discard(conn)
+        if not guests:
+            del self._guests[key]
+        return True
+
+    def attach(self, node: str, conn: Any, peer: str) -> NodeTunnel | None:
+        """Make `conn` the node's tunnel, taking over from the one before;
+        None if the node is revoked or gone meanwhile."""
+        key = node.lower()
         record = self._node(node)
-        tunnel = NodeTunnel(self, node, conn, record is not None and record.public)
+        if record is None or record.state == "revoked":
+            log.info("node {node}: forward refused, the node is {state}", node=node,
+                     state="removed" if record is None else record.state)
+            return None
+        self._forget_guest(key, conn)
+        old = self._live.get(key)
+        tunnel = NodeTunnel(self, node, conn, record.public)
         self._live[key] = tunnel
         if old is not None and old.conn is not conn:
             log.info("node {node} reconnected from {peer}: closing its old session",
@@ -384,9 +424,20 @@ class LiveSessions:
 
     def enforce(self) -> None:
         """Apply registry changes: drop revoked or removed nodes, toggle public access."""
-        if not self._live:
+        if not self._live and not self._guests:
             return
         nodes = {n.name.lower(): n for n in self.registry.nodes()}
+        for key, guests in list(self._guests.items()):
+            node = nodes.get(key)
+            if node is None or node.state == "revoked":
+                state = "removed" if node is None else node.state
+                log.info("node {node} {state}: dropping {n} connection(s) without a tunnel",
+                         node=key, state=state, n=len(guests))
+                del self._guests[key]
+                if state == "revoked" and key not in self._live:
+                    self.registry.mark_offline(key)
+                for conn in guests:
+                    close_connection(conn, self.clock, f"node {key} was {state} on the hub")
         for key, tunnel in list(self._live.items()):
             node = nodes.get(key)
             state = node.state if node is not None else "removed"
