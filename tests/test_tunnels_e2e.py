@@ -326,7 +326,9 @@ def test_duplicate_and_excess_forwards_fail_the_ssh_client(hub: HubProcess,
 
 def test_a_second_login_without_forwards_keeps_the_tunnel(hub: HubProcess,
                                                           tmp_path: Path) -> None:
-    web = Listener(lambda conn: (conn.sendall(b"v"), conn.close()))
+    # The web server closes only after the client: the hub's end of the port
+    # must not be left in TIME-WAIT, where a later test binds the same port.
+    web = Listener(lambda conn: (conn.sendall(b"v"), conn.recv(1), conn.close()))
     device = Device(hub, tmp_path, "site-a")
     device.connect(f"http:0:127.0.0.1:{web.port}")
     try:
