@@ -10,6 +10,7 @@ empty, whatever the peer sends.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,11 +81,20 @@ def new_hub(data: Path) -> tuple[Hub, MemoryReactorClock, HubSSHFactory, keys.Ke
     return hub, clock, start_factory(hub), key
 
 
+_ADDRESSES = (f"198.18.{n // 256 % 256}.{n % 256}" for n in itertools.count())
+
+
+def next_address() -> str:
+    """A peer address of its own for each case: thousands of cases from one address
+    would meet the per-source caps and penalties (tested on their own elsewhere)."""
+    return next(_ADDRESSES)
+
+
 class RawPeer:
     """A connection to the hub's server transport that writes raw bytes."""
 
-    def __init__(self, factory: HubSSHFactory, peer: str = "192.0.2.66") -> None:
-        address = IPv4Address("TCP", peer, 40000)
+    def __init__(self, factory: HubSSHFactory, peer: str | None = None) -> None:
+        address = IPv4Address("TCP", peer or next_address(), 40000)
         self.server: Any = factory.buildProtocol(address)
         self.wire = StringTransport(peerAddress=address)
         self.server.makeConnection(self.wire)

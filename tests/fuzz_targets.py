@@ -13,7 +13,15 @@ import gc
 import struct
 from typing import Any
 
-from fuzz_peers import VERSION, HostileServer, LoggedInPeer, RawPeer, clear_packet, watching
+from fuzz_peers import (
+    VERSION,
+    HostileServer,
+    LoggedInPeer,
+    RawPeer,
+    clear_packet,
+    next_address,
+    watching,
+)
 from hypothesis import strategies as st
 from twisted.conch.ssh import connection, transport
 from twisted.conch.ssh.common import NS
@@ -223,7 +231,8 @@ def check_ssh_client_after_login(messages: list[bytes]) -> None:
 def _unauthenticated(factory: Any, clock: Any) -> LoggedInPeer:
     peer = LoggedInPeer.__new__(LoggedInPeer)
     from memory_hub import connect_client
-    peer.server, peer.client, peer.pump = connect_client(factory, clock, None)
+    peer.server, peer.client, peer.pump = connect_client(factory, clock, None,
+                                                         peer=next_address())
     peer.replies = []
     return peer
 

@@ -20,6 +20,7 @@ from hub.app.service import build_ssh_factory
 from hub.ssh.keys import load_hub_keys
 from hub.ssh.modern import ModernTransportMixin
 from hub.store.registry import Registry
+from hub.tunnel.expiry import PendingLeaseExpiry
 from hub.tunnel.live import LiveSessions
 
 
@@ -28,9 +29,11 @@ def make_hub(tmp_path: Path, clock: MemoryReactorClock, **options: Any) -> Hub:
     registry = Registry(config.db_path, now=clock.seconds)
     registry.set_setting("callhome_password", hash_password(b"secret", rounds=4), "test")
     sessions = LiveSessions(registry, clock, clock, config.port_low, config.port_high,
-                            config.public_interface)
-    return Hub(config, registry, load_hub_keys(config.keys_dir), clock,
-               lambda f, *a: defer.maybeDeferred(f, *a), sessions, clock)
+                            config.public_interface, caps=config.limits.forward_caps())
+    hub = Hub(config, registry, load_hub_keys(config.keys_dir), clock,
+              lambda f, *a: defer.maybeDeferred(f, *a), sessions, clock)
+    hub.lease_expiry = PendingLeaseExpiry(registry, clock, config.limits.pending_lease_expiry)
+    return hub
 
 
 def new_key() -> keys.Key:

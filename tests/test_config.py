@@ -13,6 +13,8 @@ def test_defaults_follow_the_contract(tmp_path: Path) -> None:
     assert (config.ssh, config.port_low, config.port_high) == ("tcp:22", 49152, 65535)
     assert (config.keepalive, config.keepalive_count, config.registrar_user) == (15, 3, "cms")
     assert config.limits.login_timeout == 120
+    assert (config.limits.max_forwards_pending, config.limits.max_forwards) == (3, 16)
+    assert config.limits.pending_lease_expiry == 86400
     assert config.db_path == str(tmp_path / "hub.sqlite3")
 
 
@@ -41,6 +43,10 @@ def test_config_file_in_data_dir_is_read(tmp_path: Path) -> None:
     ('[netconf]\nunknown_per_minute = 0\n', "[netconf] unknown_per_minute must be >= 1"),
     ('[netconf]\nunknown_per_minute_total = 0\n', "[netconf] unknown_per_minute_total must"),
     ('[limits]\nmax_auth_tries = 0\n', "[limits]"),
+    ('[limits]\nmax_forwards = 0\n', "[limits] max_forwards must be >= 1"),
+    ('[limits]\nmax_forwards_pending = -1\n', "[limits] max_forwards_pending must be >= 0"),
+    ('[limits]\npending_lease_expiry = 5\n', "[limits] pending_lease_expiry must be >= 60"),
+    ('[limits]\nmax_forwards = 2.5\n', "[limits] max_forwards has the wrong type"),
 ])
 def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "hub.toml"

@@ -7,9 +7,10 @@ from typing import Any
 import pytest
 from twisted.internet import defer
 
+from hub.rules.ports import ForwardCaps
 from hub.ssh.wire import TcpipOpen, unpack_allocated_port, unpack_tcpip_open
 from hub.tunnel.fifo import RequestQueue
-from hub.tunnel.forwards import Answer, Duplicate, Forward, ForwardTable, Lease
+from hub.tunnel.forwards import Duplicate, Forward, ForwardTable, Lease, Refused
 
 
 def granted(table: ForwardTable, bind: bytes, port: int, real: int) -> Forward:
@@ -31,11 +32,44 @@ def test_a_new_forward_needs_a_lease_for_its_service(bind: bytes, port: int,
     assert ForwardTable().request(bind, port) == Lease(service, bind, port)
 
 
-def test_the_same_request_is_answered_again() -> None:
+def test_the_same_request_again_is_a_duplicate() -> None:
+    # `ssh -R 0:localhost:22 -R 0:localhost:80`: one (bind, port), two targets.
     table = ForwardTable()
-    forward = granted(table, b"http", 0, 50001)
-    assert table.request(b"http", 0) == Answer(forward)
+    forward = granted(table, b"localhost", 0, 50001)
+    assert table.request(b"localhost", 0) == Duplicate("ssh", forward)
     assert len(table) == 1
+    # Cancelled, it is a new forward again.
+    assert table.cancel(b"localhost", 50001) is forward
+    assert table.request(b"localhost", 0) == Lease("ssh", b"localhost", 0)
+
+
+@pytest.mark.parametrize("port", [65536, 2**32 - 1])
+def test_a_port_above_65535_is_refused(port: int) -> None:
+    assert ForwardTable().request(b"", port) == Refused(f"port {port} is above 65535")
+    assert isinstance(ForwardTable().request(b"", 65535), Lease)
+
+
+# -- ForwardCaps --------------------------------------------------------------------
+
+def test_a_pending_node_gets_a_few_forwards_counted_by_lease() -> None:
+    caps = ForwardCaps(pending=3, approved=16)
+    assert caps.refusal("pending", 2, {"a", "b"}, "c") is None
+    assert caps.refusal("pending", 3, {"a", "b", "c"}, "a") == (
+        "pending nodes may hold at most 3 forwards")
+    # A cancelled forward keeps its lease: no new service in its place ...
+    assert caps.refusal("pending", 2, {"a", "b", "c"}, "d") == (
+        "pending nodes may hold at most 3 port leases (a, b, c); approve it for more")
+    # ... but the same service again.
+    assert caps.refusal("pending", 2, {"a", "b", "c"}, "c") is None
+
+
+def test_an_approved_node_gets_more_forwards_whatever_it_leased() -> None:
+    caps = ForwardCaps(pending=3, approved=16)
+    leased = {f"s{i}" for i in range(20)}
+    assert caps.refusal("approved", 15, leased, "new") is None
+    assert caps.refusal("approved", 16, leased, "new") == (
+        "approved nodes may hold at most 16 forwards")
+    assert ForwardCaps(pending=0).refusal("pending", 0, set(), "ssh") is not None
 
 
 def test_a_second_forward_of_one_service_is_a_duplicate() -> None:

@@ -93,9 +93,12 @@ async def test_connections_reach_the_factory_and_the_hub_holds_no_listener(
     assert factory.peers[0].host == "127.0.0.1"
     await until(lambda: open_fds() == before)  # the accepted copy is closed too
     await listening.stopListening()
-    # The port is free once stopListening fires: it binds again at once.
+    # The port is free once stopListening fires: it binds again at once (SO_REUSEADDR:
+    # the exchange may have left TIME_WAIT on it; a listener would fail listen()).
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+        s.listen()
 
 
 @pytest_twisted.ensureDeferred

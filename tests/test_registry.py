@@ -151,3 +151,27 @@ def test_the_registry_file_is_private(tmp_path: Path) -> None:
     path.chmod(0o644)  # as hubs before this one created it
     Registry(str(path), now=lambda: 0.0).close()
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_pending_leases_expire_once_the_node_stayed_away(tmp_path: Path) -> None:
+    clock = Clock()
+    reg = Registry(str(tmp_path / "hub.sqlite3"), now=clock)
+    for name in ("squat", "device", "live"):
+        reg.register(name, name.encode(), "fp", "test")
+        reg.lease(name, "ssh", 50000, 50099)
+        reg.mark_online(name, "192.0.2.1")
+    reg.lease("squat", "http", 50000, 50099)
+    reg.set_state("device", "approved", "test")
+    reg.mark_offline("squat", "device")  # "live" stays online, its lease inactive
+    clock.now += 100
+    assert reg.expire_pending_leases(before=clock.now - 100) == []
+    assert reg.expire_pending_leases(before=clock.now - 99) == [
+        ("squat", "ssh", 50000), ("squat", "http", 50003)]
+    assert reg.node("squat").forwards == {}
+    assert reg.node("device").forwards == {"ssh": 50001}
+    assert reg.node("live").forwards == {"ssh": 50002}
+    assert [e.detail for e in reg.audit_log() if e.action == "lease-expired"] == [
+        "ssh=50000", "http=50003"]
+    # The released ports are free again.
+    reg.register("next", b"next", "fp", "test")
+    assert reg.lease("next", "ssh", 50000, 50099) == (50000, True)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 from memory_hub import connect_client, make_hub, new_key, start_factory
+from twisted.conch.ssh import common
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 
@@ -125,11 +128,26 @@ def test_revoked_node_cannot_log_in_and_is_dropped(hub: Hub, clock: MemoryReacto
     assert not again.factory_state.get("connected")
 
 
-def test_reconnect_takes_over(hub: Hub, clock: MemoryReactorClock) -> None:
+def forward(client: Any, pump: Any) -> None:
+    """Ask for `-R 0:...` on the client's connection."""
+    client.service.sendGlobalRequest(b"tcpip-forward", common.NS(b"") + struct.pack(">L", 0),
+                                     wantReply=1)
+    for _ in range(10):
+        pump.pump()
+
+
+def test_reconnect_takes_over_once_it_forwards(hub: Hub, clock: MemoryReactorClock) -> None:
     key = register(hub, "site-a")
     factory = start_factory(hub)
-    old, _, _ = connect_client(factory, clock, b"cms", key=key, peer="192.0.2.1")
-    new, _, _ = connect_client(factory, clock, b"cms", key=key, peer="192.0.2.2")
+    old, old_client, old_pump = connect_client(factory, clock, b"cms", key=key,
+                                               peer="192.0.2.1")
+    forward(old_client, old_pump)
+    new, client, pump = connect_client(factory, clock, b"cms", key=key, peer="192.0.2.2")
+    # Logging in takes nothing over (a re-register, a check) ...
+    assert not old.transport.disconnecting
+    assert hub.registry.node("site-a").peer == "192.0.2.1"
+    # ... the first forward request does.
+    forward(client, pump)
     assert old.transport.disconnecting and not new.transport.disconnecting
     assert hub.registry.node("site-a").peer == "192.0.2.2"
     old.connectionLost(None)  # the old one's logout must not mark the node offline

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import DeviceSSHD, HubProcess, make_key, wait_for
 from tunnel_helpers import (
+    ALLOCATED,
     Device,
     Listener,
     PatternStream,
@@ -300,3 +301,49 @@ def test_fast_sender_slow_reader_bounded_memory(hub: HubProcess, tmp_path: Path,
         gate.set()
         device.close()
         device_server.close()
+
+
+def test_duplicate_and_excess_forwards_fail_the_ssh_client(hub: HubProcess,
+                                                           tmp_path: Path) -> None:
+    device = Device(hub, tmp_path, "site-a")
+    # The same bind and port twice: OpenSSH got "Allocated port N" twice for
+    # one N, and ExitOnForwardFailure never fired.
+    twice = device.client.run("cms@127.0.0.1", key=device.key, options=[
+        "-N", "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=INFO",
+        "-R", "0:localhost:22", "-R", "0:localhost:80"])
+    assert twice.returncode == 255 and b"remote port forwarding failed" in twice.stderr
+    assert len(ALLOCATED.findall(twice.stderr)) == 1
+    assert "is already forwarded on port" in hub.log_text()
+    # A pending node holds three forwards at most.
+    four = device.client.run("cms@127.0.0.1", key=device.key, options=[
+        "-N", "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=INFO",
+        *[arg for i in range(4) for arg in ("-R", f"s{i}:0:localhost:22")]])
+    assert four.returncode == 255 and b"remote port forwarding failed" in four.stderr
+    # Its sticky lease of "ssh" counts: two more services, not three.
+    assert "pending nodes may hold at most 3 port leases (s0, s1, ssh)" in hub.log_text()
+    assert set(device.forwards()) == {"ssh", "s0", "s1"}
+
+
+def test_a_second_login_without_forwards_keeps_the_tunnel(hub: HubProcess,
+                                                          tmp_path: Path) -> None:
+    # The web server closes only after the client: the hub's end of the port
+    # must not be left in TIME-WAIT, where a later test binds the same port.
+    web = Listener(lambda conn: (conn.sendall(b"v"), conn.recv(1), conn.close()))
+    device = Device(hub, tmp_path, "site-a")
+    device.connect(f"http:0:127.0.0.1:{web.port}")
+    try:
+        port = device.forwards()["http"]
+        # A re-register and a stray `ssh cms@hub` with the device's key.
+        again = device.client.run("cms@127.0.0.1", "register", "site-a", key=device.key,
+                                  stdin=Path(f"{device.key}.pub").read_bytes())
+        assert again.returncode == 0, again.stderr
+        by_hand = device.client.run("cms@127.0.0.1", key=device.key)
+        assert by_hand.returncode == 1
+        assert device.proc is not None and device.proc.poll() is None
+        assert node(hub, "site-a")["online"]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            assert s.recv(1) == b"v"
+        assert "reconnected from" not in hub.log_text()
+    finally:
+        device.close()
+        web.close()

@@ -379,11 +379,95 @@ def test_labelled_forward_names_its_service(hub: Hub, reactor: RecordingReactor,
     assert len({ssh, http, app}) == 3
 
 
-def test_same_forward_twice_is_answered_alike(hub: Hub, reactor: RecordingReactor,
-                                              device: Device) -> None:
-    port = allocated(device.forward(b"http", 0))
-    assert allocated(device.forward(b"http", 0)) == port
-    assert len(reactor.ports) == 1
+def test_same_forward_twice_is_refused(hub: Hub, reactor: RecordingReactor,
+                                      device: Device) -> None:
+    # `ssh -R 0:localhost:22 -R 0:localhost:80`: the same (bind, port) twice.
+    # Answering the second with the first's port sent both targets' users to
+    # the first one, and ExitOnForwardFailure never fired.
+    port = allocated(device.forward(b"localhost", 0))
+    assert device.forward(b"localhost", 0) == ("fail",)
+    assert device.forward(b"http", 80) == ("ok", b"")
+    assert device.forward(b"http", 80) == ("fail",)
+    assert len(reactor.ports) == 2
+    # Cancelled, it may be asked for again, and gets its port back.
+    assert device.cancel(b"localhost", port) == ("ok", b"")
+    assert allocated(device.forward(b"localhost", 0)) == port
+
+
+@pytest.mark.parametrize("port", [65536, 2**32 - 1])
+def test_a_port_above_65535_is_refused(hub: Hub, reactor: RecordingReactor, device: Device,
+                                       port: int) -> None:
+    assert device.forward(b"", port) == ("fail",)
+    assert device.forward(b"app", port) == ("fail",)
+    assert hub.registry.node("site-a").forwards == {}
+    assert reactor.listening() == {}
+    assert allocated(device.forward(b"", 0)) == LOW
+
+
+# -- how many forwards a node may hold ------------------------------------------------
+
+def test_a_pending_node_holds_at_most_three_forwards(
+        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    # Anyone with the shared Call Home Password can be a pending node: asking
+    # for labels s0, s1, ... took every free port of the hub.
+    ports = [allocated(device.forward(f"s{i}".encode(), 0)) for i in range(3)]
+    assert device.forward(b"s3", 0) == ("fail",)
+    assert device.forward(b"", 8080) == ("fail",)
+    # Cancelling one does not make room for a new service: the lease stays.
+    assert device.cancel(b"s0", ports[0]) == ("ok", b"")
+    assert device.forward(b"s3", 0) == ("fail",)
+    assert allocated(device.forward(b"s0", 0)) == ports[0]
+    assert set(hub.registry.node("site-a").forwards) == {"s0", "s1", "s2"}
+    # Approved, the node may hold 16.
+    cli(hub).set_state("site-a", "approved", "cli:test")
+    hub.sync()
+    more = [allocated(device.forward(f"s{i}".encode(), 0)) for i in range(3, 16)]
+    assert device.forward(b"s16", 0) == ("fail",)
+    assert len(set(ports + more)) == 16
+    assert len(reactor.listening()) == 16
+
+
+def test_forward_caps_come_from_the_config(tmp_path: Path, reactor: RecordingReactor) -> None:
+    (tmp_path / "callhomehub.toml").write_text(
+        "[limits]\nmax_forwards_pending = 1\nmax_forwards = 2\n")
+    hub = make_hub(tmp_path, reactor, keepalive="0", **{"port-range": f"{LOW}-{HIGH}"})
+    a = Device(start_factory(hub), reactor, key=register(hub, "site-a"))
+    allocated(a.forward(b"", 0))
+    assert a.forward(b"http", 0) == ("fail",)
+    hub.registry.set_state("site-a", "approved", "test")
+    allocated(a.forward(b"http", 0))
+    assert a.forward(b"app", 0) == ("fail",)
+
+
+def test_leases_of_a_pending_node_that_never_came_back_expire(
+        hub: Hub, reactor: RecordingReactor, factory: HubSSHFactory, device: Device) -> None:
+    squatted = {allocated(device.forward(f"s{i}".encode(), 0)) for i in range(3)}
+    approved = Device(factory, reactor, key=register(hub, "site-b"), peer="192.0.2.11")
+    hub.registry.set_state("site-b", "approved", "test")
+    kept = allocated(approved.forward(b"", 0))
+    device.hang_up()
+    approved.hang_up()
+    reactor.advance(86400 - 120)
+    hub.sync()
+    assert set(hub.registry.node("site-a").forwards.values()) == squatted
+    reactor.advance(240)
+    hub.sync()
+    assert hub.registry.node("site-a").forwards == {}
+    assert hub.registry.node("site-b").forwards == {"ssh": kept}
+    assert [e.detail for e in hub.registry.audit_log() if e.action == "lease-expired"] == [
+        f"s{i}={p}" for i, p in enumerate(sorted(squatted))]
+    # The released ports go back to the pool.
+    c = Device(factory, reactor, key=register(hub, "site-c"), peer="192.0.2.12")
+    assert allocated(c.forward(b"", 0)) == min(squatted)
+
+
+def test_leases_of_a_live_pending_node_do_not_expire(
+        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    port = allocated(device.forward(b"", 0))
+    assert device.cancel(b"", port) == ("ok", b"")  # an inactive lease of an online node
+    reactor.advance(3 * 86400)
+    hub.sync()
+    assert hub.registry.node("site-a").forwards == {"ssh": port}
 
 
 def test_forwarded_channel_carries_the_bind_string_and_requested_port(
@@ -576,15 +660,16 @@ def test_takeover_moves_the_ports_to_the_new_connection(
 
     new = Device(factory, reactor, key=key, peer="192.0.2.99")
     assert new.connected
-    assert device.server.transport.disconnecting
-    assert not new.server.transport.disconnecting
-    assert hub.registry.node("site-a").peer == "192.0.2.99"
-
+    # Logging in takes nothing over: the first forward request does.
+    assert not device.server.transport.disconnecting
     answers = [new.request(b"tcpip-forward", b"http", 0),
                new.request(b"tcpip-forward", b"", 0),
                new.request(b"keepalive@openssh.com", b"", 0),  # answered at once, in order
                new.request(b"tcpip-forward", b"", 443)]
     new.pump.flush()
+    assert device.server.transport.disconnecting
+    assert not new.server.transport.disconnecting
+    assert hub.registry.node("site-a").peer == "192.0.2.99"
     # Nothing is bound, nor answered, before the old listeners are released.
     assert answers == [[], [], [], []]
     assert all(e[0] == "listen" for e in reactor.events)
@@ -622,13 +707,62 @@ def test_takeover_closes_a_silent_old_connection(
     old_tcp = device.server.transport
     aborted: list[bool] = []
     old_tcp.abortConnection = lambda: aborted.append(True)  # iosim cannot tell it apart
-    Device(factory, reactor, key=key, peer="192.0.2.99")
+    new = Device(factory, reactor, key=key, peer="192.0.2.99")
+    new.forward(b"", 0)
     # The old peer never reads the disconnect: after the grace it is aborted.
     assert old_tcp.disconnecting
     reactor.advance(CLOSE_GRACE - 0.1)
     assert aborted == []
     reactor.advance(0.2)
     assert aborted == [True]
+
+
+def test_a_login_that_does_not_forward_takes_nothing_over(
+        hub: Hub, reactor: RecordingReactor, factory: HubSSHFactory, key: keys.Key,
+        device: Device) -> None:
+    # A re-register, a check, `ssh cms@hub` by hand: the running tunnel stays.
+    ssh = allocated(device.forward(b"", 0))
+    check = Device(factory, reactor, key=key, peer="192.0.2.99")
+    assert check.connected
+    assert check.cancel(b"", ssh) == ("fail",)  # nothing of its own to cancel
+    assert check.forward(b"", 2**32 - 1) == ("fail",)  # a refused request takes nothing either
+    assert not device.server.transport.disconnecting
+    check.hang_up()
+    node = hub.registry.node("site-a")
+    assert node.online and node.peer == "192.0.2.10"
+    assert reactor.listening() == {ssh: LOOPBACK}
+    _, _, chan = open_tcp(reactor, device, ssh)
+    assert chan is not None and chan.is_open
+    tunnel = hub.sessions.get("site-a")
+    assert tunnel is not None and tunnel.conn is device.server.service
+
+
+def test_a_node_without_a_tunnel_is_online_while_a_connection_is(
+        hub: Hub, reactor: RecordingReactor, factory: HubSSHFactory, key: keys.Key) -> None:
+    # A device that keeps `ssh -N cms@hub` up to send results, with no forward.
+    first = Device(factory, reactor, key=key)
+    node = hub.registry.node("site-a")
+    assert node.online and node.peer == "192.0.2.10"
+    second = Device(factory, reactor, key=key, peer="192.0.2.99")
+    assert not first.server.transport.disconnecting
+    first.hang_up()
+    assert hub.registry.node("site-a").online
+    second.hang_up()
+    assert not hub.registry.node("site-a").online
+    assert hub.sessions.online() == []
+
+
+def test_revocation_drops_a_login_that_does_not_forward(
+        hub: Hub, reactor: RecordingReactor, factory: HubSSHFactory, key: keys.Key) -> None:
+    idle = Device(factory, reactor, key=key)
+    assert idle.connected
+    cli(hub).set_state("site-a", "revoked", "cli:test")
+    hub.sync()
+    assert idle.server.transport.disconnecting
+    # What it asks on its way out is refused.
+    assert idle.forward(b"", 0) == ("fail",)
+    assert reactor.listening() == {}
+    assert not hub.registry.node("site-a").online
 
 
 def test_drop_all_closes_every_session_and_marks_them_offline(

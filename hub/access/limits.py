@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from attrs import field, frozen
 
+from hub.rules.ports import ForwardCaps
+
 
 @frozen
 class Limits:
@@ -38,3 +40,12 @@ class Limits:
     # all channels together (jump-host forwards, the NSCA intake).
     max_sessions: int = 10
     max_channels: int = 64
+    # Forwards a node may hold: a pending node is anyone with the shared Call
+    # Home Password; its port leases are released after it stayed away
+    # `pending_lease_expiry` seconds.
+    max_forwards_pending: int = 3
+    max_forwards: int = 16
+    pending_lease_expiry: float = 86400.0
+
+    def forward_caps(self) -> ForwardCaps:
+        return ForwardCaps(pending=self.max_forwards_pending, approved=self.max_forwards)

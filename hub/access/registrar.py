@@ -21,6 +21,7 @@ from hub.access.needs import RegistrarNeeds
 from hub.errors import BadKey, BadName, RegistryError
 from hub.rules.logins import DeviceLogin
 from hub.rules.names import check_node_name, default_node_name
+from hub.rules.ports import MAX_PORT
 from hub.ssh.connection import ChannelRefused
 from hub.ssh.keys import parse_public_key
 from hub.ssh.wire import WireError, unpack_forward_request, unpack_tcpip_open
@@ -166,12 +167,24 @@ class RegistrarAvatar(ConchUser):
         return f"{who}@{self._peer()}"
 
     def connection_started(self, conn: Any) -> None:
+        # No takeover at login: a re-register or a check by the device, or
+        # `ssh cms@hub` by hand, must not drop its running tunnel. The first
+        # forward request takes over (`_tunnel`).
+        self.conn = conn
         if self.node is not None:
-            self.tunnel = self.needs.tunnels.attach(self.node, conn, self._peer())
+            self.needs.tunnels.join(self.node, conn, self._peer())
 
     def logout(self) -> None:
         if self.tunnel is not None:
             self.needs.tunnels.detach(self.tunnel)
+        elif self.node is not None and self.conn is not None:
+            self.needs.tunnels.leave(self.node, self.conn)
+
+    def _tunnel(self) -> NodeTunnel | None:
+        """This connection's tunnel; the first call takes the node over."""
+        if self.tunnel is None and self.node is not None and self.conn is not None:
+            self.tunnel = self.needs.tunnels.attach(self.node, self.conn, self._peer())
+        return self.tunnel
 
     def lookupChannel(self, channel_type: bytes, window: int, max_packet: int,
                       data: bytes) -> Any:
@@ -206,7 +219,7 @@ class RegistrarAvatar(ConchUser):
 
     def gotGlobalRequest(self, request_type: bytes, data: bytes) -> Any:
         if request_type in (b"tcpip-forward", b"cancel-tcpip-forward"):
-            if self.tunnel is None:
+            if self.node is None:
                 log.info("{actor}: refused {req}: only a registered node's key may forward",
                          actor=self.actor, req=request_type.decode())
                 return 0
@@ -216,9 +229,22 @@ class RegistrarAvatar(ConchUser):
                 log.info("{actor}: malformed {req}: {why}", actor=self.actor,
                          req=request_type.decode(), why=str(e))
                 return 0
-            if request_type == b"tcpip-forward":
-                return self.tunnel.request_forward(request.bind, request.port)
-            return self.tunnel.cancel_forward(request.bind, request.port)
+            if request_type == b"cancel-tcpip-forward":
+                # A connection that never forwarded has nothing to cancel and
+                # takes nothing over.
+                if self.tunnel is None:
+                    return 0
+                return self.tunnel.cancel_forward(request.bind, request.port)
+            if request.port > MAX_PORT:
+                # Refused before the takeover: a request no forward can be made of.
+                log.warn("{actor}: forward {bind}:{port} refused: port {port} is above {max}",
+                         actor=self.actor, bind=request.bind.decode("utf-8", "replace"),
+                         port=request.port, max=MAX_PORT)
+                return 0
+            tunnel = self._tunnel()
+            if tunnel is None:
+                return 0
+            return tunnel.request_forward(request.bind, request.port)
         if request_type != b"keepalive@openssh.com":  # answered "failure", as sshd does
             log.info("{actor}: refused global request {req}", actor=self.actor,
                      req=request_type.decode("ascii", "replace"))

@@ -99,6 +99,9 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "password_checks_global_per_minute": int,
         "max_sessions": int,
         "max_channels": int,
+        "max_forwards_pending": int,
+        "max_forwards": int,
+        "pending_lease_expiry": (int, float),
     },
     "netconf": {"secrets": dict, "allow": list, "unknown_per_minute": int,
                 "unknown_per_minute_total": int},
@@ -179,6 +182,12 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
     for key in ("max_sessions", "max_channels"):
         if getattr(limits, key) < 1:
             raise ConfigError(f"[limits] {key} must be >= 1")
+    if limits.max_forwards < 1:
+        raise ConfigError("[limits] max_forwards must be >= 1")
+    if limits.max_forwards_pending < 0:
+        raise ConfigError("[limits] max_forwards_pending must be >= 0")
+    if limits.pending_lease_expiry < 60:
+        raise ConfigError("[limits] pending_lease_expiry must be >= 60 (seconds)")
 
     secrets = doc.get("netconf", {}).get("secrets", {})
     for device, secret in secrets.items():

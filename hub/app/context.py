@@ -19,6 +19,7 @@ from hub.app.config import HubConfig
 from hub.netconf.callhome import CallHomeNeeds
 from hub.ssh.keys import HubKeys
 from hub.store.registry import Registry
+from hub.tunnel.expiry import PendingLeaseExpiry
 from hub.tunnel.live import LiveSessions
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ class Hub:
     # The live operator connections, re-checked on every registry change.
     operators: LiveOperators = field(
         default=Factory(lambda self: LiveOperators(self.registry), takes_self=True))
+    # Releases the leases of pending nodes that never came back, or None.
+    lease_expiry: PendingLeaseExpiry | None = None
 
     def sync(self) -> None:
         """Apply changes the admin CLI made to the registry (polled, see REGISTRY_POLL):
@@ -51,6 +54,8 @@ class Hub:
             if self.netconf is not None:
                 self.netconf.enforce()
             self.operators.enforce()
+        if self.lease_expiry is not None:
+            self.lease_expiry.poll()
 
     def registrar_needs(self) -> RegistrarNeeds:
         return RegistrarNeeds(

@@ -37,6 +37,7 @@ from hub.rules.logins import DeviceLogin, OperatorLogin
 from hub.ssh.keys import load_hub_keys
 from hub.store.registry import Registry
 from hub.tunnel.descriptors import DescriptorReserve
+from hub.tunnel.expiry import PendingLeaseExpiry
 from hub.tunnel.keeper import PortKeeper
 from hub.tunnel.live import LiveSessions
 
@@ -278,7 +279,7 @@ def build_hub(config: HubConfig, reactor: Any) -> Hub:
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
 
     sessions = LiveSessions(registry, clock, reactor, config.port_low, config.port_high,
-                            config.public_interface)
+                            config.public_interface, caps=config.limits.forward_caps())
     sessions.descriptors = DescriptorReserve(clock, FD_RESERVE + LOGIN_FD_RESERVE)
     if config.port_keeper:
         sessions.listener = PortKeeper(reactor, on_lost=sessions.drop_all,
@@ -288,6 +289,7 @@ def build_hub(config: HubConfig, reactor: Any) -> Hub:
                     if config.command_file else None)
     hub.monitoring = Monitoring(registry, config.nsca, clock, command_file)
     hub.netconf = NetconfSessions(registry, clock)
+    hub.lease_expiry = PendingLeaseExpiry(registry, clock, config.limits.pending_lease_expiry)
     return hub
 
 

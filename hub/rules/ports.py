@@ -9,9 +9,12 @@ import ipaddress
 import re
 from collections.abc import Collection, Iterable, Iterator
 
+from attrs import frozen
+
 WELL_KNOWN = {22: "ssh", 80: "http", 443: "https"}
 _LABEL = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _NOT_LABELS = {"localhost"}
+MAX_PORT = 65535  # a forward request's port is a uint32 on the wire (RFC 4254)
 
 
 def is_label(bind_address: str) -> bool:
@@ -61,3 +64,25 @@ def choose_port(taken: Collection[int], low: int, high: int,
     """The lowest port in [low, high] neither leased nor known to be unusable
     (`lease_port` for a service that holds no lease yet)."""
     return lease_port(low, high, free_ports(taken, low, high), avoid)
+
+
+@frozen
+class ForwardCaps:
+    """How many forwards a node may hold. A pending node is anyone with the
+    shared Call Home Password, so it gets a few ports, counted by lease: a
+    cancelled forward keeps its lease, and a new service must not take another."""
+
+    pending: int = 3
+    approved: int = 16
+
+    def refusal(self, state: str, live: int, leased: Collection[str], service: str
+                ) -> str | None:
+        """Why a node in `state` with `live` forwards and leases for the `leased`
+        services may not forward `service` now, or None if it may."""
+        cap = self.pending if state == "pending" else self.approved
+        if live >= cap:
+            return f"{state} nodes may hold at most {cap} forwards"
+        if state == "pending" and service not in leased and len(leased) >= cap:
+            return (f"pending nodes may hold at most {cap} port leases "
+                    f"({', '.join(sorted(leased))}); approve it for more")
+        return None

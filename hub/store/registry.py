@@ -326,6 +326,20 @@ class Registry:
                 " AND node_id = (SELECT id FROM nodes WHERE name = ?)",
                 (int(active), service, node))
 
+    def expire_pending_leases(self, before: float) -> list[tuple[str, str, int]]:
+        """Release the leases of pending nodes offline and last seen before
+        `before` (a node that connected but never came back: its last_seen is
+        when it went away). Returns the (node, service, port) released."""
+        with self._tx() as db:
+            expired = db.execute(
+                "SELECT n.name, l.service, l.port FROM leases l JOIN nodes n ON n.id = l.node_id"
+                " WHERE n.state = 'pending' AND n.online = 0 AND l.active = 0"
+                " AND COALESCE(n.last_seen, n.created) < ? ORDER BY l.port", (before,)).fetchall()
+            db.executemany("DELETE FROM leases WHERE port = ?", [(p,) for _, _, p in expired])
+            for name, service, port in expired:
+                self._audit(db, "hub", "lease-expired", name, f"{service}={port}")
+        return [(str(n), str(s), int(p)) for n, s, p in expired]
+
     # -- operators --------------------------------------------------------
 
     def add_user(self, name: str, password_hash: str | None, keys: list[tuple[bytes, str]],

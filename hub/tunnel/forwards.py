@@ -2,8 +2,8 @@
 
 A device asks for `tcpip-forward (bind, port)`; the port it asks for is
 virtual (0, or a service number). The table decides whether that request is
-answered again from a forward the session already has, refused because the
-same service is forwarded under another bind string, or needs a port leased;
+refused (a port that is no TCP port; a forward of the same bind and port, or
+of the same service, that the session already has) or needs a port leased;
 which forward a `cancel-tcpip-forward` means; and which forward a dial into
 the device uses. `NodeTunnel` carries the decisions out.
 """
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from attrs import define, field, frozen
 
-from hub.rules.ports import service_name
+from hub.rules.ports import MAX_PORT, service_name
 from hub.ssh.wire import TcpipOpen, pack_allocated_port, pack_tcpip_open
 
 Key = tuple[bytes, int]  # (bind, requested port): how the device names a forward
@@ -51,17 +51,19 @@ class Forward:
 
 
 @frozen
-class Answer:
-    """The session has this forward already: answer the request again."""
+class Refused:
+    """A request no forward can be made of."""
 
-    forward: Forward
+    why: str
 
 
 @frozen
 class Duplicate:
-    """The service is forwarded already under another bind or port. Its lease is
-    the port that forward holds: refuse rather than move the node's port or
-    share one listener between two targets."""
+    """The service is forwarded already, under this or another bind and port.
+    Its lease is the port that forward holds: refuse rather than move the node's
+    port or share one listener between two targets (`-R 0:localhost:22 -R
+    0:localhost:80` would send both targets' users to the first, and the
+    device's ExitOnForwardFailure would never fire)."""
 
     service: str
     holder: Forward
@@ -79,7 +81,7 @@ class Lease:
         return Forward(self.service, self.bind, self.requested, port)
 
 
-Decision = Answer | Duplicate | Lease
+Decision = Refused | Duplicate | Lease
 
 
 @define
@@ -89,10 +91,12 @@ class ForwardTable:
     _forwards: dict[Key, Forward] = field(factory=dict)
 
     def request(self, bind: bytes, port: int) -> Decision:
+        if port > MAX_PORT:
+            return Refused(f"port {port} is above {MAX_PORT}")
+        service = service_name(bind.decode("utf-8", "replace"), port)
         existing = self._forwards.get((bind, port))
         if existing is not None:
-            return Answer(existing)
-        service = service_name(bind.decode("utf-8", "replace"), port)
+            return Duplicate(existing.service, existing)
         holder = self.service_forward(service)
         if holder is not None:
             return Duplicate(service, holder)

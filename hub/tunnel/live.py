@@ -6,10 +6,12 @@ service again). Connections to a listener are piped into `forwarded-tcpip`
 channels on the node's SSH connection; `NodeTunnel.dial` is the one way into
 a device for every part of the hub (port listeners, jump host, gateway). The
 forward decisions are `ForwardTable`'s; a session carries its requests out one
-by one, in order (`RequestQueue`). A node that connects again takes over at
-once: the old connection is closed and its listeners released before the new
-connection binds the same ports. A node revoked or removed through the CLI is
-dropped when the hub notices the registry change.
+by one, in order (`RequestQueue`). A node's connection that asks for a
+forward takes over: the old connection is closed and its listeners released
+before the new connection binds the same ports. A login that forwards nothing
+(a re-register, a check) takes nothing over. A node revoked or removed through
+the CLI is dropped, with every connection it has, when the hub notices the
+registry change.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hub.errors import NotFound, PortsExhausted
+from hub.rules.ports import ForwardCaps
 from hub.ssh.connection import ChannelRefused
-from hub.store.registry import Registry
+from hub.store.registry import Node, Registry
 from hub.tunnel.descriptors import DescriptorReserve
 from hub.tunnel.dial import DeviceRefused, Dialled, OpenNotice, Target, not_forwarded
 from hub.tunnel.fifo import RequestQueue
-from hub.tunnel.forwards import Answer, Duplicate, Forward, ForwardTable, Lease
+from hub.tunnel.forwards import Duplicate, Forward, ForwardTable, Lease, Refused
 from hub.tunnel.splice import SpliceChannel, TCPEnd
 
 log = Logger()
@@ -194,12 +197,20 @@ class NodeTunnel:
         if self.closed:
             return 0
         decision = self.table.request(bind, port)
-        if isinstance(decision, Answer):
-            return decision.forward.reply()
+        asked = f"{bind.decode('utf-8', 'replace')}:{port}"
+        if isinstance(decision, Refused):
+            log.warn("node {node}: forward {asked} refused: {why}", node=self.node, asked=asked,
+                     why=decision.why)
+            return 0
         if isinstance(decision, Duplicate):
-            log.warn("node {node}: service {service} is already forwarded on port {port}; "
-                     "refusing a second forward of it", node=self.node, service=decision.service,
-                     port=decision.holder.port)
+            log.warn("node {node}: forward {asked} refused: service {service} is already "
+                     "forwarded on port {port}", node=self.node, asked=asked,
+                     service=decision.service, port=decision.holder.port)
+            return 0
+        why = self.sessions.cap_refusal(self.node, len(self.table), decision.service)
+        if why is not None:
+            log.warn("node {node}: forward {service} refused: {why}", node=self.node,
+                     service=decision.service, why=why)
             return 0
         forward = self._lease_and_listen(decision)
         if forward is None:
@@ -317,12 +328,51 @@ class LiveSessions:
     _live: dict[str, NodeTunnel] = field(factory=dict)
     # Forward ports stop accepting while the SSH listener's reserve is short.
     descriptors: DescriptorReserve | None = None
+    caps: ForwardCaps = field(factory=ForwardCaps)
+    # Logged-in connections of a node that carry no tunnel (yet): a device
+    # that only sends results, a re-register, a check. They take nothing over
+    # and are dropped on revocation like tunnels.
+    _guests: dict[str, set[Any]] = field(factory=dict)
 
-    def attach(self, node: str, conn: Any, peer: str) -> NodeTunnel:
+    def join(self, node: str, conn: Any, peer: str) -> None:
+        """A connection of `node` logged in; it takes over only once it forwards.
+        Without a tunnel the node is online from this connection."""
         key = node.lower()
+        self._guests.setdefault(key, set()).add(conn)
+        if key not in self._live:
+            self.registry.mark_online(node, peer)
+            log.info("node {node} online from {peer}", node=node, peer=peer)
+
+    def leave(self, node: str, conn: Any) -> None:
+        """A connection that never forwarded went away: the node's tunnel, if
+        any, is not its own and stays; else the node is offline with its last
+        connection."""
+        key = node.lower()
+        if self._forget_guest(key, conn) and key not in self._live and key not in self._guests:
+            self.registry.mark_offline(node)
+            log.info("node {node} offline", node=node)
+
+    def _forget_guest(self, key: str, conn: Any) -> bool:
+        guests = self._guests.get(key)
+        if guests is None or conn not in guests:
+            return False
+        guests.discard(conn)
+        if not guests:
+            del self._guests[key]
+        return True
+
+    def attach(self, node: str, conn: Any, peer: str) -> NodeTunnel | None:
+        """Make `conn` the node's tunnel, taking over from the one before;
+        None if the node is revoked or gone meanwhile."""
+        key = node.lower()
+        record = self._node(node)
+        if record is None or record.state == "revoked":
+            log.info("node {node}: forward refused, the node is {state}", node=node,
+                     state="removed" if record is None else record.state)
+            return None
+        self._forget_guest(key, conn)
         old = self._live.get(key)
-        public = self._node_public(node)
-        tunnel = NodeTunnel(self, node, conn, public)
+        tunnel = NodeTunnel(self, node, conn, record.public)
         self._live[key] = tunnel
         if old is not None and old.conn is not conn:
             log.info("node {node} reconnected from {peer}: closing its old session",
@@ -333,11 +383,19 @@ class LiveSessions:
         log.info("node {node} online from {peer}", node=node, peer=peer)
         return tunnel
 
-    def _node_public(self, node: str) -> bool:
+    def _node(self, node: str) -> Node | None:
         try:
-            return self.registry.node(node).public
+            return self.registry.node(node)
         except NotFound:
-            return False
+            return None
+
+    def cap_refusal(self, node: str, live: int, service: str) -> str | None:
+        """Why `node`, holding `live` forwards, may not forward `service` now
+        (its state is read now: an approval counts at once)."""
+        record = self._node(node)
+        if record is None:
+            return "the node was removed"
+        return self.caps.refusal(record.state, live, record.forwards, service)
 
     def detach(self, tunnel: NodeTunnel) -> None:
         key = tunnel.node.lower()
@@ -372,9 +430,20 @@ class LiveSessions:
 
     def enforce(self) -> None:
         """Apply registry changes: drop revoked or removed nodes, toggle public access."""
-        if not self._live:
+        if not self._live and not self._guests:
             return
         nodes = {n.name.lower(): n for n in self.registry.nodes()}
+        for key, guests in list(self._guests.items()):
+            node = nodes.get(key)
+            if node is None or node.state == "revoked":
+                state = "removed" if node is None else node.state
+                log.info("node {node} {state}: dropping {n} connection(s) without a tunnel",
+                         node=key, state=state, n=len(guests))
+                del self._guests[key]
+                if state == "revoked" and key not in self._live:
+                    self.registry.mark_offline(key)
+                for conn in guests:
+                    close_connection(conn, self.clock, f"node {key} was {state} on the hub")
         for key, tunnel in list(self._live.items()):
             node = nodes.get(key)
             state = node.state if node is not None else "removed"
