@@ -21,7 +21,7 @@ from hub.ssh.keys import load_hub_keys
 from hub.ssh.modern import ModernTransportMixin
 from hub.store.registry import Registry
 from hub.tunnel.expiry import PendingLeaseExpiry
-from hub.tunnel.live import LiveSessions
+from hub.tunnel.sessions import LiveSessions
 
 
 def make_hub(tmp_path: Path, clock: MemoryReactorClock, **options: Any) -> Hub:

@@ -20,7 +20,7 @@ from hub.netconf.callhome import CallHomeNeeds
 from hub.ssh.keys import HubKeys
 from hub.store.registry import Registry
 from hub.tunnel.expiry import PendingLeaseExpiry
-from hub.tunnel.live import LiveSessions
+from hub.tunnel.sessions import LiveSessions
 
 if TYPE_CHECKING:
     from hub.intake.monitoring import Monitoring

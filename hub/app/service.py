@@ -39,7 +39,7 @@ from hub.store.registry import Registry
 from hub.tunnel.descriptors import DescriptorReserve
 from hub.tunnel.expiry import PendingLeaseExpiry
 from hub.tunnel.keeper import PortKeeper
-from hub.tunnel.live import LiveSessions
+from hub.tunnel.sessions import LiveSessions
 
 log = Logger()
 

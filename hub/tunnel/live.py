@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from attrs import define, field
 from twisted.conch.ssh import transport
@@ -28,15 +28,15 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hub.errors import NotFound, PortsExhausted
-from hub.rules.ports import ForwardCaps
+from hub.errors import PortsExhausted
 from hub.ssh.connection import ChannelRefused
-from hub.store.registry import Node, Registry
-from hub.tunnel.descriptors import DescriptorReserve
 from hub.tunnel.dial import DeviceRefused, Dialled, OpenNotice, Target, not_forwarded
 from hub.tunnel.fifo import RequestQueue
 from hub.tunnel.forwards import Duplicate, Forward, ForwardTable, Lease, Refused
 from hub.tunnel.splice import SpliceChannel, TCPEnd
+
+if TYPE_CHECKING:
+    from hub.tunnel.sessions import LiveSessions
 
 log = Logger()
 
@@ -311,148 +311,3 @@ class NodeTunnel:
         stops = [listener.stop() for listener in self.listeners.values()]
         self.listeners.clear()
         return defer.gatherResults(stops).addCallback(lambda _: None)
-
-
-@define(eq=False)
-class LiveSessions:
-    """Which connection (and tunnel) carries each node now."""
-
-    registry: Registry
-    clock: IReactorTime
-    reactor: Any = None
-    port_low: int = 49152
-    port_high: int = 65535
-    public_interface: str = "0.0.0.0"
-    # Where forwards listen: the reactor, or a PortKeeper (anything with listenTCP).
-    listener: Any = None
-    _live: dict[str, NodeTunnel] = field(factory=dict)
-    # Forward ports stop accepting while the SSH listener's reserve is short.
-    descriptors: DescriptorReserve | None = None
-    caps: ForwardCaps = field(factory=ForwardCaps)
-    # Logged-in connections of a node that carry no tunnel (yet): a device
-    # that only sends results, a re-register, a check. They take nothing over
-    # and are dropped on revocation like tunnels.
-    _guests: dict[str, set[Any]] = field(factory=dict)
-
-    def join(self, node: str, conn: Any, peer: str) -> None:
-        """A connection of `node` logged in; it takes over only once it forwards.
-        Without a tunnel the node is online from this connection."""
-        key = node.lower()
-        self._guests.setdefault(key, set()).add(conn)
-        if key not in self._live:
-            self.registry.mark_online(node, peer)
-            log.info("node {node} online from {peer}", node=node, peer=peer)
-
-    def leave(self, node: str, conn: Any) -> None:
-        """A connection that never forwarded went away: the node's tunnel, if
-        any, is not its own and stays; else the node is offline with its last
-        connection."""
-        key = node.lower()
-        if self._forget_guest(key, conn) and key not in self._live and key not in self._guests:
-            self.registry.mark_offline(node)
-            log.info("node {node} offline", node=node)
-
-    def _forget_guest(self, key: str, conn: Any) -> bool:
-        guests = self._guests.get(key)
-        if guests is None or conn not in guests:
-            return False
-        guests.discard(conn)
-        if not guests:
-            del self._guests[key]
-        return True
-
-    def attach(self, node: str, conn: Any, peer: str) -> NodeTunnel | None:
-        """Make `conn` the node's tunnel, taking over from the one before;
-        None if the node is revoked or gone meanwhile."""
-        key = node.lower()
-        record = self._node(node)
-        if record is None or record.state == "revoked":
-            log.info("node {node}: forward refused, the node is {state}", node=node,
-                     state="removed" if record is None else record.state)
-            return None
-        self._forget_guest(key, conn)
-        old = self._live.get(key)
-        tunnel = NodeTunnel(self, node, conn, record.public)
-        self._live[key] = tunnel
-        if old is not None and old.conn is not conn:
-            log.info("node {node} reconnected from {peer}: closing its old session",
-                     node=node, peer=peer)
-            tunnel.requests.wait_for(old.close())
-            close_connection(old.conn, self.clock, "superseded by a new connection of this node")
-        self.registry.mark_online(node, peer)
-        log.info("node {node} online from {peer}", node=node, peer=peer)
-        return tunnel
-
-    def _node(self, node: str) -> Node | None:
-        try:
-            return self.registry.node(node)
-        except NotFound:
-            return None
-
-    def cap_refusal(self, node: str, live: int, service: str) -> str | None:
-        """Why `node`, holding `live` forwards, may not forward `service` now
-        (its state is read now: an approval counts at once)."""
-        record = self._node(node)
-        if record is None:
-            return "the node was removed"
-        return self.caps.refusal(record.state, live, record.forwards, service)
-
-    def detach(self, tunnel: NodeTunnel) -> None:
-        key = tunnel.node.lower()
-        tunnel.close()
-        if self._live.get(key) is tunnel:
-            del self._live[key]
-            self.registry.mark_offline(tunnel.node)
-            log.info("node {node} offline", node=tunnel.node)
-
-    def drop_all(self, why: str) -> None:
-        """Close every live session (their listeners are gone); devices call back."""
-        live, self._live = self._live, {}
-        self.registry.mark_offline(*live)  # one transaction, not one per node
-        for tunnel in live.values():
-            tunnel.close()
-            close_connection(tunnel.conn, self.clock, f"hub error: {why}")
-
-    def port_lost(self, port: int) -> None:
-        """A forward's listener is gone (the port keeper could not take it): drop
-        that node's connection, so that the device calls back and binds again."""
-        for tunnel in self._live.values():
-            if any(f.port == port for f in tunnel.table):
-                close_connection(tunnel.conn, self.clock,
-                                 f"hub error: the listener of port {port} was lost")
-                return
-
-    def get(self, node: str) -> NodeTunnel | None:
-        return self._live.get(node.lower())
-
-    def online(self) -> list[str]:
-        return sorted(self._live)
-
-    def enforce(self) -> None:
-        """Apply registry changes: drop revoked or removed nodes, toggle public access."""
-        if not self._live and not self._guests:
-            return
-        nodes = {n.name.lower(): n for n in self.registry.nodes()}
-        for key, guests in list(self._guests.items()):
-            node = nodes.get(key)
-            if node is None or node.state == "revoked":
-                state = "removed" if node is None else node.state
-                log.info("node {node} {state}: dropping {n} connection(s) without a tunnel",
-                         node=key, state=state, n=len(guests))
-                del self._guests[key]
-                if state == "revoked" and key not in self._live:
-                    self.registry.mark_offline(key)
-                for conn in guests:
-                    close_connection(conn, self.clock, f"node {key} was {state} on the hub")
-        for key, tunnel in list(self._live.items()):
-            node = nodes.get(key)
-            state = node.state if node is not None else "removed"
-            if node is None or state == "revoked":
-                log.info("node {node} {state}: dropping its live session", node=key, state=state)
-                del self._live[key]
-                tunnel.close()
-                if state == "revoked":
-                    self.registry.mark_offline(key)
-                close_connection(tunnel.conn, self.clock, f"node {key} was {state} on the hub")
-            else:
-                tunnel.set_public(node.public)
