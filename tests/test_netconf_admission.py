@@ -16,7 +16,8 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.test.iosim import FakeTransport, connect
 
 from hub.errors import NotFound
-from hub.netconf.callhome import CallHomeFactory, NetconfSessions
+from hub.netconf.callhome import CallHomeFactory
+from hub.netconf.devices import NetconfSessions
 from hub.ssh.testing import makeServerFactory
 
 

@@ -14,8 +14,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from hub.access.device_client import LOGIN_TIMEOUT
-from hub.netconf.callhome import CallHomeFactory, Decision, NetconfSessions, default_name
-from hub.netconf.callhome import identify as identify_with
+from hub.netconf.callhome import CallHomeFactory
+from hub.netconf.devices import Decision, NetconfSessions, default_name
+from hub.netconf.devices import identify as identify_with
 from hub.netconf.preamble import (
     MAX_PREAMBLE,
     Preamble,

@@ -24,7 +24,7 @@ from hub.tunnel.sessions import LiveSessions
 
 if TYPE_CHECKING:
     from hub.intake.monitoring import Monitoring
-    from hub.netconf.callhome import NetconfSessions
+    from hub.netconf.devices import NetconfSessions
 
 
 @define(eq=False)

@@ -32,7 +32,8 @@ from hub.app.logs import HubService, parse_level
 from hub.errors import HubError
 from hub.intake.commandfile import CommandFileWriter
 from hub.intake.monitoring import Monitoring
-from hub.netconf.callhome import CallHomeFactory, NetconfSessions
+from hub.netconf.callhome import CallHomeFactory
+from hub.netconf.devices import NetconfSessions
 from hub.rules.logins import DeviceLogin, OperatorLogin
 from hub.ssh.keys import load_hub_keys
 from hub.store.registry import Registry

@@ -15,11 +15,10 @@ home replaces the old one.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from attrs import define, field, frozen
+from attrs import frozen
 from twisted.conch.ssh import keys, transport
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IReactorTime
@@ -34,110 +33,15 @@ from hub.access.device_client import (
 )
 from hub.errors import NameTaken, NotFound
 from hub.netconf.admission import Admission
+from hub.netconf.devices import PENDING, REFUSE, Decision, NetconfSessions, identify
 from hub.netconf.preamble import PreambleError, PreambleParser, PreambleResult, authenticate
 from hub.ssh.connection import Keepalive
 from hub.ssh.keys import fingerprint
 from hub.store.registry import Registry
 from hub.timeouts import ClockTimeout
-from hub.tunnel.live import close_connection
 
 log = Logger()
 
-REFUSE, PENDING, APPROVED = "refuse", "pending", "approved"
-
-
-def default_name(host_key: bytes) -> str:
-    """The node name of a device that gave no DEVICE-ID (a valid name, see rules.names)."""
-    return "netconf-" + hashlib.sha256(host_key).hexdigest()[:12]
-
-
-@frozen
-class Decision:
-    action: str  # REFUSE, PENDING or APPROVED
-    name: str = ""
-    reason: str = ""
-    known: bool = True  # False: the registry does not know the device's host key
-    conflict: bool = False  # an unknown key claims the name of an existing node
-
-
-def identify(registry: Registry, host_key: bytes, device_id: str | None,
-             may_enroll: Callable[[str], bool]) -> Decision:
-    """Which node a calling device is, by its host key, and what to do with it.
-
-    An unknown device becomes pending only if `may_enroll(name)`."""
-    node = registry.node_by_host_key(host_key)
-    if node is not None:
-        if node.state == "revoked":
-            return Decision(REFUSE, node.name, f"node {node.name} is revoked")
-        return Decision(APPROVED if node.state == "approved" else PENDING, node.name)
-    name = device_id or default_name(host_key)
-    try:
-        existing = registry.node(name)
-    except NotFound:
-        if may_enroll(name):
-            return Decision(PENDING, name, known=False)
-        return Decision(REFUSE, name, f"unknown device {name} is not on the [netconf] allow "
-                        "list and sent no verified HMAC", known=False)
-    if existing.kind == "netconf" and existing.state == "approved":
-        return Decision(REFUSE, existing.name, (
-            f"node {existing.name}: device host key changed: pinned {existing.fingerprint}, "
-            f"now {fingerprint(host_key)}; remove the node and approve it again if expected"),
-            known=False, conflict=True)
-    return Decision(REFUSE, existing.name,
-                    f"node name {existing.name!r} is held by another key", known=False,
-                    conflict=True)
-
-
-@define(eq=False)
-class NetconfSession:
-    node: str
-    conn: Any
-    peer: str
-
-
-@define(eq=False)
-class NetconfSessions:
-    """The live call-home session of each NETCONF node."""
-
-    registry: Registry
-    clock: IReactorTime
-    _live: dict[str, NetconfSession] = field(factory=dict)
-
-    def attach(self, node: str, conn: Any, peer: str) -> NetconfSession:
-        session = NetconfSession(node, conn, peer)
-        old = self._live.get(node.lower())
-        self._live[node.lower()] = session
-        if old is not None and old.conn is not conn:
-            log.info("netconf node {node} called home again from {peer}: closing its old "
-                     "session", node=node, peer=peer)
-            close_connection(old.conn, self.clock, "superseded by a new call home of this node")
-        self.registry.mark_online(node, peer)
-        log.info("netconf node {node} online from {peer}", node=node, peer=peer)
-        return session
-
-    def detach(self, session: NetconfSession) -> None:
-        if self._live.get(session.node.lower()) is session:
-            del self._live[session.node.lower()]
-            self.registry.mark_offline(session.node)
-            log.info("netconf node {node} offline", node=session.node)
-
-    def get(self, node: str) -> NetconfSession | None:
-        return self._live.get(node.lower())
-
-    def enforce(self) -> None:
-        """Drop the sessions of nodes revoked or removed through the CLI."""
-        for key, session in list(self._live.items()):
-            try:
-                state = self.registry.node(key).state
-            except NotFound:
-                state = "removed"
-            if state in ("revoked", "removed"):
-                log.info("netconf node {node} {state}: dropping its session", node=key,
-                         state=state)
-                del self._live[key]
-                if state == "revoked":
-                    self.registry.mark_offline(key)
-                close_connection(session.conn, self.clock, f"node {key} was {state} on the hub")
 
 
 class NetconfConnection(DeviceConnection):

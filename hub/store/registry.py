@@ -16,6 +16,7 @@ from typing import Any
 
 from hub.errors import NameTaken, NotFound, PortsExhausted, RegistryError
 from hub.rules.ports import lease_port
+from hub.store.operators import KEEP, Keep, OperatorRecords
 from hub.store.rows import (
     AUDIT_COLUMNS,
     NETCONF,
@@ -35,13 +36,6 @@ __all__ = ["KEEP", "MIGRATIONS", "NETCONF", "STATES", "AuditEntry", "Keep", "Nod
            "User"]
 
 
-class Keep:
-    """`set_user`'s marker for a password left as it is (None removes it)."""
-
-
-KEEP = Keep()
-
-
 def keep_private(path: str) -> None:
     """The registry holds bcrypt hashes: create it 0600, and take group and other
     access away from an existing one (and its WAL files, which SQLite creates
@@ -57,7 +51,7 @@ def keep_private(path: str) -> None:
             os.chmod(name, mode & 0o700)
 
 
-class Registry:
+class Registry(OperatorRecords):
     """Synchronous access to the registry file; each method is one transaction."""
 
     def __init__(self, path: str, now: Callable[[], float], *,
@@ -341,100 +335,6 @@ class Registry:
         return [(str(n), str(s), int(p)) for n, s, p in expired]
 
     # -- operators --------------------------------------------------------
-
-    def add_user(self, name: str, password_hash: str | None, keys: list[tuple[bytes, str]],
-                 allow: list[str], actor: str) -> User:
-        with self._tx() as db:
-            if db.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
-                raise NameTaken(f"user {name!r} already exists")
-            uid = self._new_user_id(db)
-            db.execute(
-                "INSERT INTO users (id, name, password_hash, created) VALUES (?, ?, ?, ?)",
-                (uid, name, password_hash, self._now()),
-            )
-            db.executemany(
-                "INSERT OR IGNORE INTO user_keys (user_id, key_blob, fingerprint) VALUES (?, ?, ?)",
-                [(uid, blob, fp) for blob, fp in keys],
-            )
-            db.executemany(
-                "INSERT OR IGNORE INTO grants (user_id, pattern) VALUES (?, ?)",
-                [(uid, pattern) for pattern in allow],
-            )
-            self._audit(db, actor, "user-add", name, " ".join(allow))
-        return self.user(name)
-
-    @staticmethod
-    def _new_user_id(db: sqlite3.Connection) -> int:
-        # Never an id a deleted user had (SQLite reuses the highest rowid): a live
-        # connection of a deleted operator must not pass for one added later.
-        last = db.execute("SELECT value FROM settings WHERE key = 'last-user-id'").fetchone()
-        (highest,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM users").fetchone()
-        uid = max(int(last[0]) if last else 0, int(highest)) + 1
-        db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES ('last-user-id', ?)",
-                   (str(uid),))
-        return uid
-
-    def del_user(self, name: str, actor: str) -> None:
-        with self._tx() as db:
-            if db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount == 0:
-                raise NotFound(f"no user named {name!r}")
-            self._audit(db, actor, "user-del", name, "")
-
-    def set_user(self, name: str, actor: str, *, password_hash: str | Keep | None = KEEP,
-                 keys: list[tuple[bytes, str]] | None = None,
-                 allow: list[str] | None = None) -> User:
-        """Replace what is given of an operator's password, keys and grants."""
-        with self._tx() as db:
-            row = db.execute("SELECT id, password_hash FROM users WHERE name = ?",
-                             (name,)).fetchone()
-            if row is None:
-                raise NotFound(f"no user named {name!r}")
-            uid, old_hash = row
-            new_hash = old_hash if isinstance(password_hash, Keep) else password_hash
-            has_keys = (bool(keys) if keys is not None else db.execute(
-                "SELECT 1 FROM user_keys WHERE user_id = ?", (uid,)).fetchone() is not None)
-            if new_hash is None and not has_keys:
-                raise RegistryError(f"user {name}: would have neither a key nor a password")
-            changed = []
-            if not isinstance(password_hash, Keep):
-                db.execute("UPDATE users SET password_hash = ? WHERE id = ?", (new_hash, uid))
-                changed.append("password " + ("set" if new_hash else "none"))
-            if keys is not None:
-                db.execute("DELETE FROM user_keys WHERE user_id = ?", (uid,))
-                db.executemany(
-                    "INSERT OR IGNORE INTO user_keys (user_id, key_blob, fingerprint)"
-                    " VALUES (?, ?, ?)", [(uid, blob, fp) for blob, fp in keys])
-                changed.append(f"keys {' '.join(fp for _, fp in keys)}")
-            if allow is not None:
-                db.execute("DELETE FROM grants WHERE user_id = ?", (uid,))
-                db.executemany("INSERT OR IGNORE INTO grants (user_id, pattern) VALUES (?, ?)",
-                               [(uid, pattern) for pattern in allow])
-                changed.append(f"allow {' '.join(allow) or '-'}")
-            self._audit(db, actor, "user-set", name, "; ".join(changed))
-        return self.user(name)
-
-    def user(self, name: str) -> User:
-        row = self._db.execute(
-            "SELECT id, name, password_hash, created FROM users WHERE name = ?", (name,)
-        ).fetchone()
-        if row is None:
-            raise NotFound(f"no user named {name!r}")
-        uid, uname, password_hash, created = row
-        keys = self._db.execute(
-            "SELECT key_blob, fingerprint FROM user_keys WHERE user_id = ? ORDER BY rowid", (uid,)
-        ).fetchall()
-        allow = self._db.execute(
-            "SELECT pattern FROM grants WHERE user_id = ? ORDER BY rowid", (uid,)
-        ).fetchall()
-        return User(name=uname, password_hash=password_hash, keys=tuple(k for k, _ in keys),
-                    fingerprints=tuple(f for _, f in keys), allow=tuple(p for (p,) in allow),
-                    identity=(uid, created))
-
-    def users(self) -> list[User]:
-        names = self._db.execute("SELECT name FROM users ORDER BY id").fetchall()
-        return [self.user(name) for (name,) in names]
-
-    # -- audit ------------------------------------------------------------
 
     def audit(self, actor: str, action: str, target: str, detail: str = "") -> None:
         with self._tx() as db:
