@@ -11,6 +11,7 @@ from memory_hub import connect_client, make_hub, new_key, start_factory
 from twisted.conch.ssh import common
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from hub.app.context import Hub
 
@@ -152,3 +153,24 @@ def test_reconnect_takes_over_once_it_forwards(hub: Hub, clock: MemoryReactorClo
     assert hub.registry.node("site-a").peer == "192.0.2.2"
     old.connectionLost(None)  # the old one's logout must not mark the node offline
     assert hub.registry.node("site-a").online
+
+
+@pytest.mark.parametrize(("code", "level", "line"), [
+    (11, LogLevel.info, "192.0.2.10 disconnected: disconnected by user (by application)"),
+    (2, LogLevel.warn, "192.0.2.10 disconnected: disconnected by user (protocol error)")])
+def test_a_client_that_leaves_is_one_line_at_the_level_it_deserves(
+        hub: Hub, clock: MemoryReactorClock, code: int, level: LogLevel, line: str) -> None:
+    key = register(hub, "site-a")
+    _server, client, pump = connect_client(start_factory(hub), clock, b"cms", key=key)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        client.sendDisconnect(code, b"disconnected by user")
+        pump.flush()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    hubs = [e for e in events if e.get("log_namespace", "").startswith("hub.")
+            or "HubServerTransport" in e.get("log_namespace", "")]
+    assert [(e["log_level"], formatEvent(e)) for e in hubs
+            if "disconnected" in formatEvent(e)] == [(level, line)]
+    assert not [e for e in hubs if e["log_level"] >= LogLevel.error]

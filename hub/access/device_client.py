@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 
 from hub.errors import HubError
 from hub.ssh.connection import ChannelRefused, WindowedChannelsMixin
+from hub.ssh.disconnect import log_peer_disconnect
 from hub.ssh.iogroup import IOGroup
 from hub.ssh.keys import fingerprint
 from hub.ssh.modern import ModernTransportMixin, ModernUserAuthClientMixin
@@ -116,7 +117,7 @@ class DeviceClientTransport(ModernTransportMixin, transport.SSHClientTransport):
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         if self.failure is None:
             self.failure = DeviceError(description.decode("utf-8", "replace"))
-        transport.SSHClientTransport.receiveError(self, reasonCode, description)
+        log_peer_disconnect(log, "the device", reasonCode, description)
 
     def connectionLost(self, reason: Any = None) -> None:
         transport.SSHClientTransport.connectionLost(self, reason)

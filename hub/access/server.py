@@ -34,6 +34,7 @@ from hub.access.gatekeeper import Gatekeeper, PasswordBudget
 from hub.access.limits import Limits
 from hub.ssh.algorithms import DEFAULT_POLICY, TransportPolicy
 from hub.ssh.connection import HubConnection
+from hub.ssh.disconnect import log_peer_disconnect
 from hub.ssh.iogroup import IOGroup
 from hub.ssh.keys import HubKeys
 from hub.ssh.modern import ModernTransportMixin
@@ -115,6 +116,9 @@ class HubServerTransport(ClockTimeout, ModernTransportMixin, transport.SSHServer
         lower: Any = self.transport
         if lower is not None:
             lower.abortConnection()
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        log_peer_disconnect(log, self.peer, reasonCode, description)
 
     def timeoutConnection(self) -> None:
         log.info("{peer}: not authenticated within {t} s, disconnecting", peer=self.peer,
