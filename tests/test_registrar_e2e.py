@@ -14,6 +14,9 @@ from helpers import HubProcess, SSHClient, make_key, wait_for
 pytestmark = pytest.mark.e2e
 
 NO_SHELL = b"User 'cms' does not have shell access on this device\n"
+USAGE = (b"cms can only register a device and carry its tunnel:\n"
+         b"  ssh cms@HUB register [NAME] < id_ed25519.pub   (once, with the Call Home Password)\n"
+         b"  ssh -N -R 0:localhost:22 cms@HUB              (then, with the device's key)\n")
 
 
 def register(client: SSHClient, key: Path, *name: str, password: str = CALLHOME_PASSWORD):
@@ -33,6 +36,7 @@ def test_register_with_password_then_key_login(hub: HubProcess, client: SSHClien
     result = register(client, key, "site-a")
     assert result.returncode == 0, result.stderr
     assert result.stdout == mgmt
+    assert result.stderr == b"register: node site-a is pending approval on the hub\n"
     assert mgmt.startswith(b"ssh-ed25519 ")
     [node] = nodes(hub)
     assert node["name"] == "site-a"
@@ -50,9 +54,12 @@ def test_register_with_password_then_key_login(hub: HubProcess, client: SSHClien
     assert shell.returncode == 1
     assert shell.stderr == NO_SHELL
     command = client.run("cms@127.0.0.1", "uname", "-a", key=key)
-    assert (command.returncode, command.stderr, command.stdout) == (1, NO_SHELL, b"")
+    assert (command.returncode, command.stderr, command.stdout) == (1, NO_SHELL + USAGE, b"")
+    help_ = client.run("cms@127.0.0.1", "help", key=key)
+    assert (help_.returncode, help_.stderr, help_.stdout) == (1, NO_SHELL + USAGE, b"")
     pty = client.run("cms@127.0.0.1", key=key, options=["-tt"])
-    assert pty.returncode == 1 and NO_SHELL.rstrip() in pty.stderr
+    # Under a terminal the line ends in CR LF, so the next line starts at column 0.
+    assert pty.returncode == 1 and NO_SHELL.replace(b"\n", b"\r\n") in pty.stderr
 
 
 def test_default_name_from_key_comment(hub: HubProcess, client: SSHClient,

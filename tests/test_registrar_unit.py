@@ -40,9 +40,15 @@ def test_register_outcomes(tmp_path: Path) -> None:
     line = pub_line("x")
     ok = register(hub.registrar_needs(), ["site-a"], line, "t")
     assert (ok.status, ok.stdout) == (0, hub.keys.mgmt_public_line.encode())
+    assert ok.stderr == b"register: node site-a is pending approval on the hub\n"
     assert register(hub.registrar_needs(), ["site-a"], line, "t").status == 0
     moved = register(hub.registrar_needs(), ["other"], line, "t")
-    assert moved.status == 0 and b"already registered as node site-a" in moved.stderr
+    assert (moved.status, moved.stderr) == (
+        0, b"register: this key is already registered as node site-a "
+           b"(pending approval on the hub)\n")
+    hub.registry.set_state("site-a", "approved", "t")
+    assert register(hub.registrar_needs(), ["site-a"], line, "t").stderr == (
+        b"register: node site-a is approved\n")
     assert register(hub.registrar_needs(), ["site-a"], pub_line(), "t").status == 1
     assert register(hub.registrar_needs(), ["a", "b"], line, "t").stderr.startswith(b"usage:")
     hub.registry.set_state("site-a", "revoked", "t")

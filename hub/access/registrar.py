@@ -37,6 +37,15 @@ def no_shell_line(user: str) -> bytes:
     return f"User '{user}' does not have shell access on this device\n".encode()
 
 
+def usage(user: str) -> bytes:
+    """What the registrar user can do, shown after the refusal of anything else."""
+    return (f"{user} can only register a device and carry its tunnel:\n"
+            f"  ssh {user}@HUB register [NAME] < id_ed25519.pub   (once, with the Call Home "
+            "Password)\n"
+            f"  ssh -N -R 0:localhost:22 {user}@HUB              (then, with the device's key)\n"
+            ).encode()
+
+
 @frozen
 class Outcome:
     status: int
@@ -58,13 +67,16 @@ def register(needs: RegistrarNeeds, args: list[str], upload: bytes, actor: str) 
     if node.state == "revoked":
         return Outcome(1, stderr=f"register: this key belongs to revoked node {node.name}\n"
                        .encode())
-    note = b""
     if created:
         log.info("registered node {node} ({fp}) for {actor}", node=node.name,
                  fp=node.fingerprint, actor=actor)
-    elif node.name.lower() != name.lower():
-        note = f"register: this key is already registered as node {node.name}\n".encode()
-    return Outcome(0, stdout=needs.mgmt_public_line.encode(), stderr=note)
+    state = ("pending approval on the hub" if node.state == "pending" else node.state)
+    if node.name.lower() != name.lower():
+        note = f"register: this key is already registered as node {node.name} ({state})\n"
+    else:
+        note = f"register: node {node.name} is {state}\n"
+    # stdout is the management key alone: a device script appends it as it is.
+    return Outcome(0, stdout=needs.mgmt_public_line.encode(), stderr=note.encode())
 
 
 class RegistrarSession(channel.SSHChannel):
@@ -79,6 +91,7 @@ class RegistrarSession(channel.SSHChannel):
         self._upload: bytearray | None = None
         self._args: list[str] = []
         self._done = False
+        self._pty = False  # lines end in CR LF on a terminal
 
     def requestReceived(self, requestType: bytes, data: bytes) -> int:
         handler = {
@@ -97,6 +110,7 @@ class RegistrarSession(channel.SSHChannel):
     def request_pty_req(self, data: bytes) -> int:
         # Accepted (nothing is allocated) so that `ssh -t cms@hub` shows the
         # refusal line instead of OpenSSH's fatal "PTY allocation failed".
+        self._pty = True
         return 1
 
     def request_shell(self, data: bytes) -> int:
@@ -114,11 +128,13 @@ class RegistrarSession(channel.SSHChannel):
             self._upload = bytearray()
         else:
             log.info("{actor}: refused command {cmd!r}", actor=self.registrar.actor, cmd=command)
-            self.registrar.needs.clock.callLater(0, self._refuse)
+            self.registrar.needs.clock.callLater(0, self._refuse, True)
         return 1
 
-    def _refuse(self) -> None:
-        self._finish(Outcome(1, stderr=no_shell_line(self.registrar.needs.user)))
+    def _refuse(self, with_usage: bool = False) -> None:
+        user = self.registrar.needs.user
+        text = no_shell_line(user) + (usage(user) if with_usage else b"")
+        self._finish(Outcome(1, stderr=text))
 
     def dataReceived(self, data: bytes) -> None:
         if self._upload is None:
@@ -137,10 +153,13 @@ class RegistrarSession(channel.SSHChannel):
         if self._done or self.closing:
             return
         self._done = True
-        if outcome.stdout:
-            self.write(outcome.stdout)
-        if outcome.stderr:
-            self.writeExtended(connection.EXTENDED_DATA_STDERR, outcome.stderr)
+        stdout, stderr = outcome.stdout, outcome.stderr
+        if self._pty:  # a terminal in raw mode: a bare LF would not return the cursor
+            stdout, stderr = (b.replace(b"\n", b"\r\n") for b in (stdout, stderr))
+        if stdout:
+            self.write(stdout)
+        if stderr:
+            self.writeExtended(connection.EXTENDED_DATA_STDERR, stderr)
         self.conn.sendRequest(self, b"exit-status", struct.pack(">L", outcome.status))
         self.conn.sendEOF(self)
         self.loseConnection()
