@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import CALLHOME_PASSWORD
 from helpers import CLI, TWISTD, HubProcess, SSHClient, make_key
+from tunnel_helpers import Device
 
 pytestmark = pytest.mark.e2e
 
@@ -169,3 +170,20 @@ def test_cli_users_and_errors(tmp_path: Path) -> None:
     assert actions == ["user-add", "user-del"]
     empty_pw = cli("callhome-password")
     assert empty_pw.returncode == 1 and "empty password" in empty_pw.stderr
+
+
+def test_devices_hear_why_when_the_hub_stops(tmp_path: Path) -> None:
+    hub = HubProcess(tmp_path / "hub")
+    hub.data.mkdir(parents=True)
+    hub.cli("callhome-password", stdin=CALLHOME_PASSWORD.encode())
+    hub.start()
+    device = Device(hub, tmp_path, "site-a")
+    try:
+        device.connect("0:127.0.0.1:22")
+        hub.stop()
+        assert device.proc is not None
+        device.proc.wait(timeout=10)
+        assert b"the hub is shutting down" in device.stderr()
+    finally:
+        device.close()
+        hub.stop()

@@ -174,3 +174,21 @@ def test_a_client_that_leaves_is_one_line_at_the_level_it_deserves(
     assert [(e["log_level"], formatEvent(e)) for e in hubs
             if "disconnected" in formatEvent(e)] == [(level, line)]
     assert not [e for e in hubs if e["log_level"] >= LogLevel.error]
+
+
+def test_clients_hear_why_when_the_hub_stops(hub: Hub, clock: MemoryReactorClock) -> None:
+    factory = start_factory(hub)
+    key = register(hub, "site-a")
+    _server, client, pump = connect_client(factory, clock, b"cms", key=key)
+    heard: list[tuple[int, bytes]] = []
+    client.receiveError = lambda code, why: heard.append((code, why))  # type: ignore[method-assign]
+    stopped = factory.disconnect_all("the hub is shutting down", grace=2.0)
+    pump.flush()
+    assert heard == [(11, b"the hub is shutting down")]
+    assert stopped.called and not factory.connections
+    # A client that never reads its disconnect does not hold the stop up for long.
+    _server2, _client2, _pump2 = connect_client(factory, clock, b"cms", key=key)
+    stalled = factory.disconnect_all("the hub is shutting down", grace=2.0)
+    assert not stalled.called
+    clock.advance(2)
+    assert stalled.called

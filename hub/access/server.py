@@ -17,6 +17,7 @@ authentication requests are handled one at a time, as sshd does.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from twisted.conch import error as conch_error
@@ -260,6 +261,8 @@ class HubSSHFactory(factory.SSHFactory):
         self.backoff = PasswordBackoff(clock, limits.password_backoff_base,
                                        limits.password_backoff_max)
         self.unauthenticated: set[HubServerTransport] = set()
+        self.connections: set[HubServerTransport] = set()  # every open one, for shutdown
+        self.on_closed: Callable[[], None] | None = None
         self.gate = Gatekeeper(limits, clock)
         self.password_budget = PasswordBudget(limits, clock,
                                               max_wait=min(10.0, limits.login_timeout),
@@ -288,6 +291,7 @@ class HubSSHFactory(factory.SSHFactory):
         t.supportedMACs = policy.macs(t.supportedMACs)
         t.peer = source
         self.unauthenticated.add(t)
+        self.connections.add(t)
         self.gate.opened(t)
         return t
 
@@ -297,4 +301,28 @@ class HubSSHFactory(factory.SSHFactory):
 
     def connection_closed(self, t: HubServerTransport) -> None:
         self.unauthenticated.discard(t)
+        self.connections.discard(t)
+        if self.on_closed is not None:
+            self.on_closed()
         self.gate.done(t, login=False)
+
+    def disconnect_all(self, why: str, grace: float) -> defer.Deferred[None]:
+        """Say `why` to every client (SSH_MSG_DISCONNECT, by application) and fire
+        once they are all gone, or after `grace` seconds, whichever comes first."""
+        open_now = [t for t in self.connections if not t.isDisconnecting()]
+        if not open_now:
+            return defer.succeed(None)
+        log.info("disconnecting {n} SSH connections: {why}", n=len(open_now), why=why)
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def check() -> None:
+            if not done.called and not self.connections.intersection(open_now):
+                done.callback(None)
+
+        self.on_closed = check
+        for t in open_now:
+            t.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, why.encode())
+        timer = self.clock.callLater(grace, lambda: None if done.called else done.callback(None))
+        done.addCallback(lambda _: timer.cancel() if timer.active() else None)
+        check()
+        return done

@@ -195,6 +195,19 @@ class FlushOnStop(service.Service):
         return service.Service.stopService(self)
 
 
+class DisconnectOnStop(service.Service):
+    """When the hub stops, clients hear why (SSH_MSG_DISCONNECT) instead of a dropped
+    TCP connection; stopping waits for them, at most `grace` seconds."""
+
+    def __init__(self, factory: HubSSHFactory, grace: float = 2.0) -> None:
+        self.factory = factory
+        self.grace = grace
+
+    def stopService(self) -> Any:
+        service.Service.stopService(self)
+        return self.factory.disconnect_all("the hub is shutting down", self.grace)
+
+
 class StartupReport(service.Service):
     """Says at start which state the hub serves: where, how many nodes and operators,
     and whether devices can register at all (no Call Home Password: they cannot)."""
@@ -330,6 +343,7 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     if hub.sessions.listener is not None:
         PortKeeperService(hub.sessions.listener).setServiceParent(top)
     ListenerService("SSH", config.ssh, factory, reactor).setServiceParent(top)
+    DisconnectOnStop(factory).setServiceParent(top)  # stopped before the listener
     ListenerService("control socket", control_endpoint(config.data), ControlFactory(hub),
                     reactor).setServiceParent(top)
     if config.nsca_endpoint and hub.monitoring is not None:
