@@ -58,6 +58,11 @@ def check_password(password: bytes, hashed: str) -> bool:
         return False
 
 
+class InvalidUser(UnauthorizedLogin):
+    """A login name that is neither the registrar user nor an operator (sshd's
+    "Invalid user")."""
+
+
 @implementer(ICredentialsChecker)
 class CallHomePasswordChecker:
     """The registrar user with the Call Home Password, operators with their own
@@ -91,9 +96,10 @@ class CallHomePasswordChecker:
             login = parse_login(name)
             user = self._registry.user(login.user)
         except (UnauthorizedLogin, NotFound):
-            return self._refuse_alike(password, f"no operator {name!r}")
+            return self._refuse_alike(password, InvalidUser(f"no operator {name!r}"))
         if user.password_hash is None:
-            return self._refuse_alike(password, f"operator {user.name} has no password")
+            return self._refuse_alike(
+                password, UnauthorizedLogin(f"operator {user.name} has no password"))
 
         def decide(ok: bool) -> OperatorLogin:
             if not ok:
@@ -103,12 +109,12 @@ class CallHomePasswordChecker:
 
         return self._run(check_password, password, user.password_hash).addCallback(decide)
 
-    def _refuse_alike(self, password: bytes, why: str) -> defer.Deferred[Any]:
+    def _refuse_alike(self, password: bytes, why: UnauthorizedLogin) -> defer.Deferred[Any]:
         """Refuse after the same bcrypt work as a real check, so that the time
         taken does not tell which operator names exist or have a password."""
 
         def refuse(_: bool) -> Any:
-            raise UnauthorizedLogin(why)
+            raise why
 
         return self._run(check_password, password, DUMMY_HASH).addCallback(refuse)
 
@@ -131,11 +137,12 @@ class DeviceKeyChecker:
         if credentials.algName not in USER_SIG_ALGS:
             raise UnauthorizedLogin(f"signature algorithm {credentials.algName!r} not allowed")
         if credentials.username != self._user:
-            login = parse_login(credentials.username.decode("utf-8", "replace"))
+            name = credentials.username.decode("utf-8", "replace")
             try:
+                login = parse_login(name)
                 user = self._registry.user(login.user)
-            except NotFound:
-                raise UnauthorizedLogin(f"no operator {login.user!r}") from None
+            except (UnauthorizedLogin, NotFound):
+                raise InvalidUser(f"no operator {name!r}") from None
             if credentials.blob not in user.keys:
                 raise UnauthorizedLogin(f"key not registered for operator {user.name}")
             verify_signature(credentials)

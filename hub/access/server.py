@@ -17,6 +17,7 @@ authentication requests are handled one at a time, as sshd does.
 from __future__ import annotations
 
 import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,8 @@ from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hub.access.auth import PasswordBackoff
+from hub.access import authlog
+from hub.access.auth import InvalidUser, PasswordBackoff
 from hub.access.gatekeeper import Gatekeeper, PasswordBudget
 from hub.access.limits import Limits
 from hub.ssh.algorithms import DEFAULT_POLICY, TransportPolicy
@@ -157,6 +159,8 @@ class HubUserAuthServer(userauth.SSHUserAuthServer):
         # Requests that came while one was being checked (a client that does
         # not wait for the answer): at most one connection's worth of tries.
         self._queue: list[bytes] = []
+        self._key: tuple[str, bool] | None = None
+        self._invalid_named: set[bytes] = set()
         userauth.SSHUserAuthServer.serviceStarted(self)
 
     def serviceStopped(self) -> None:
@@ -199,8 +203,8 @@ class HubUserAuthServer(userauth.SSHUserAuthServer):
             if f.check(defer.CancelledError):
                 return Failure(conch_error.IgnoreAuthentication())
             self.backoff.failed(source)
-            log.info("failed password for {user!r} from {peer}: {why}",
-                     user=self.user, peer=source, why=f.getErrorMessage())
+            log.debug("password refused for {user}: {why}", user=authlog.who(user),
+                      why=f.getErrorMessage())
             return f
 
         budget = self.budget.reserve(source)
@@ -227,7 +231,50 @@ class HubUserAuthServer(userauth.SSHUserAuthServer):
             d = defer.succeed(None)
         return d.addCallback(check).addErrback(record)
 
+    def auth_publickey(self, packet: bytes) -> defer.Deferred[Any]:
+        # What sshd names in its log line: the key's type and fingerprint, and
+        # whether this was a real attempt (signed) or a probe (not worth a line).
+        try:
+            algorithm, rest = common.getNS(packet[1:])
+            blob = common.getNS(rest)[0]
+            self._key = (authlog.key_text(algorithm, blob), packet[:1] != b"\x00")
+        except (ValueError, struct.error):
+            self._key = None
+        return userauth.SSHUserAuthServer.auth_publickey(self, packet)  # type: ignore[no-any-return]
+
+    def _where(self) -> tuple[str, int]:
+        peer = self.transport.transport.getPeer() if self.transport.transport else None
+        return self.transport.peer, int(getattr(peer, "port", 0))
+
+    def _ebBadAuth(self, reason: Failure) -> None:
+        if not reason.check(conch_error.IgnoreAuthentication) and self.method != b"none":
+            self._log_failure(reason)
+        userauth.SSHUserAuthServer._ebBadAuth(self, reason)
+
+    def _log_failure(self, reason: Failure) -> None:
+        host, port = self._where()
+        user = self.user or b""
+        invalid = bool(reason.check(InvalidUser))
+        if invalid and user not in self._invalid_named:
+            self._invalid_named.add(user)
+            log.info(authlog.invalid_user(user, host, port))
+        key = None
+        if self.method == b"publickey":
+            if self._key is None or not self._key[1]:
+                return  # an unsigned probe: clients try each key they have
+            key = self._key[0]
+        elif self.method != b"password":
+            return
+        log.info(authlog.failed(self.method, user, host, port, key, invalid))
+        audit = self.transport.factory.audit
+        if audit is not None:
+            audit(f"{authlog.who(user)}@{host}", "login-failed", authlog.who(user),
+                  f"{self.method.decode()}{' ' + key if key else ''} port {port}")
+
     def _cbFinishedAuth(self, result: Any) -> None:
+        host, port = self._where()
+        key = self._key[0] if self.method == b"publickey" and self._key else None
+        log.info(authlog.accepted(self.method, self.user or b"", host, port, key))
         userauth.SSHUserAuthServer._cbFinishedAuth(self, result)
         self.transport.authenticated_now(key=self.method == b"publickey")
 
@@ -262,6 +309,8 @@ class HubSSHFactory(factory.SSHFactory):
                                        limits.password_backoff_max)
         self.unauthenticated: set[HubServerTransport] = set()
         self.connections: set[HubServerTransport] = set()  # every open one, for shutdown
+        # Where denied logins are also recorded (the registry's audit), if anywhere.
+        self.audit: Callable[[str, str, str, str], None] | None = None
         self.on_closed: Callable[[], None] | None = None
         self.gate = Gatekeeper(limits, clock)
         self.password_budget = PasswordBudget(limits, clock,

@@ -314,8 +314,10 @@ def build_ssh_factory(hub: Hub) -> HubSSHFactory:
         CallHomePasswordChecker(hub.registry, config.registrar_user, hub.run_in_thread),
         DeviceKeyChecker(hub.registry, config.registrar_user),
     ])
-    return HubSSHFactory(hub_portal, hub.keys, hub.clock, config.limits, config.keepalive,
-                         config.keepalive_count, transport_policy=config.transport)
+    factory = HubSSHFactory(hub_portal, hub.keys, hub.clock, config.limits, config.keepalive,
+                            config.keepalive_count, transport_policy=config.transport)
+    factory.audit = hub.registry.audit  # denied logins are audited too
+    return factory
 
 
 def makeService(options: Any, reactor: Any = None) -> service.MultiService:
