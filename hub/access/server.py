@@ -203,8 +203,8 @@ class HubUserAuthServer(userauth.SSHUserAuthServer):
             if f.check(defer.CancelledError):
                 return Failure(conch_error.IgnoreAuthentication())
             self.backoff.failed(source)
-            log.debug("password refused for {user}: {why}", user=authlog.who(user),
-                      why=f.getErrorMessage())
+            log.info("password refused for {user}: {why}", user=authlog.who(user),
+                     why=f.getErrorMessage())
             return f
 
         budget = self.budget.reserve(source)
