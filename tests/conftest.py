@@ -5,6 +5,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from twisted.logger import LogEvent, globalLogPublisher
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -29,3 +30,12 @@ def hub(tmp_path: Path) -> Iterator[HubProcess]:
 @pytest.fixture
 def client(hub: HubProcess, tmp_path: Path) -> SSHClient:
     return SSHClient(tmp_path / "client", hub.port)
+
+
+@pytest.fixture
+def logged() -> Iterator[list[LogEvent]]:
+    """Every log event emitted while the test runs."""
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)

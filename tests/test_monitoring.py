@@ -1,25 +1,16 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent
 
 from hub.intake.monitoring import Monitoring, status
 from hub.intake.nsca import CheckResult
 from hub.intake.settings import NSCASettings
 from hub.store.registry import Registry
-
-
-@pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def test_results_of_one_turn_are_stored_together_with_bounded_history(tmp_path: Path) -> None:

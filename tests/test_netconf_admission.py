@@ -3,7 +3,6 @@ CallHomeFactory and a Conch SSH server playing the device, joined by iosim."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,21 +11,13 @@ from memory_hub import make_hub, new_key
 from twisted.conch.ssh import keys
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent
 from twisted.test.iosim import FakeTransport, connect
 
 from hub.errors import NotFound
 from hub.netconf.callhome import CallHomeFactory
 from hub.netconf.devices import NetconfSessions
 from hub.ssh.testing import makeServerFactory
-
-
-@pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def preamble(device: str) -> bytes:

@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent
 
 from hub.intake.nsca import CheckResult, make_init_packet
 from hub.intake.protocol import NSCAServerFactory, NSCAServerProtocol
@@ -25,12 +25,6 @@ GOOD = build_packet(b"web1", b"HTTP", 0, b"OK")
 RESULT = CheckResult("web1", "HTTP", 0, "OK", T0)
 
 
-@pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def connect(

@@ -105,6 +105,12 @@ class WindowedChannelsMixin:
                 struct.pack(">2L", sender, reason) + common.NS(str(text).encode())
                 + common.NS(b""))
             return
+        self._accept_channel(channel, sender)
+        channel.channelOpen(rest[12:])
+
+    def _accept_channel(self, channel: Any, sender: int) -> None:
+        """Number a channel the peer opened, pair it with the peer's number and
+        confirm the open, as Conch's SSHConnection does."""
         local = self.localChannelID
         self.localChannelID += 1
         channel.id = local
@@ -115,7 +121,6 @@ class WindowedChannelsMixin:
             connection.MSG_CHANNEL_OPEN_CONFIRMATION,
             struct.pack(">4L", sender, local, channel.localWindowSize, channel.localMaxPacket)
             + channel.specificData)
-        channel.channelOpen(rest[12:])
 
     def ssh_CHANNEL_REQUEST(self, packet: bytes) -> Any:
         # Conch's, less its unhandled Deferred: a request whose data the
@@ -326,17 +331,7 @@ class HubConnection(WindowedChannelsMixin, connection.SSHConnection):
             return
         self._peer_channels.opened(token, channel)
         channel.conn = self
-        local = self.localChannelID
-        self.localChannelID += 1
-        channel.id = local
-        self.channels[local] = channel
-        self.channelsToRemoteChannel[channel] = sender
-        self.localToRemoteChannel[local] = sender
-        self.transport.sendPacket(
-            connection.MSG_CHANNEL_OPEN_CONFIRMATION,
-            struct.pack(">4L", sender, local, channel.localWindowSize, channel.localMaxPacket)
-            + channel.specificData,
-        )
+        self._accept_channel(channel, sender)
         channel.channelOpen(data)
 
     def _open_failed(self, f: Failure, sender: int, channel_type: bytes, token: object
