@@ -95,18 +95,26 @@ def test_no_bcrypt_for_a_connection_that_is_gone(tmp_path: Path,
     assert threads.checks == 1
 
 
+def one_password_each_from(factory: Any, clock: MemoryReactorClock, peer: str,
+                           connections: int) -> list[Any]:
+    """`connections` connections from `peer`, each sending one password at once;
+    their pumps."""
+    pumps = []
+    for _ in range(connections):
+        _, client, pump = connect_client(factory, clock, None, peer=peer)
+        pipeline_passwords(client, 1)
+        pumps.append(pump)
+    for pump in pumps:
+        pump.flush()
+    return pumps
+
+
 def test_password_budget_per_source_across_connections(tmp_path: Path,
                                                        clock: MemoryReactorClock) -> None:
     hub, threads = slow_hub(tmp_path, clock, "[limits]\npassword_checks_burst = 3\n"
                                              "password_checks_per_minute = 6\n")
     factory = start_factory(hub)
-    pumps = []
-    for _ in range(8):
-        _, client, pump = connect_client(factory, clock, None, peer="198.51.100.7")
-        pipeline_passwords(client, 1)
-        pumps.append(pump)
-    for pump in pumps:
-        pump.flush()
+    pumps = one_password_each_from(factory, clock, "198.51.100.7", connections=8)
     clock.advance(BCRYPT_TIME)
     # Three at once (the burst); the rest wait their turn or are refused.
     assert threads.checks == 3
@@ -237,13 +245,6 @@ def test_exempt_source_takes_from_the_global_password_budget_only(
     hub, threads = slow_hub(tmp_path, clock, '[limits]\npassword_checks_burst = 2\n'
                                              'password_checks_global_burst = 5\n'
                                              'penalty_exempt = ["198.51.100.7"]\n')
-    factory = start_factory(hub)
-    pumps = []
-    for _ in range(8):
-        _, client, pump = connect_client(factory, clock, None, peer="198.51.100.7")
-        pipeline_passwords(client, 1)
-        pumps.append(pump)
-    for pump in pumps:
-        pump.flush()
+    one_password_each_from(start_factory(hub), clock, "198.51.100.7", connections=8)
     # Past the per-source burst of 2, up to the hub's burst of 5.
     assert threads.checks == 5
