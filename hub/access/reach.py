@@ -1,0 +1,106 @@
+"""What one operator may reach: the grant check every way in to a device shares.
+
+The console gateway and jump host (`gateway`), and any other front end that acts
+for a logged-in operator, ask an `OperatorReach` which node a name stands for,
+whether the operator's grants still allow it, and which live tunnel (or NETCONF
+call-home session) reaches it. Nothing is contacted before this check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.logger import Logger
+
+from hub.access.needs import GatewayNeeds, NetconfLink
+from hub.access.operators import lapsed
+from hub.errors import NotFound
+from hub.rules.chooser import Entry
+from hub.rules.logins import OperatorLogin, may_reach
+from hub.rules.routes import Refusal, Route, reach, session_route, tunnel_refusal
+from hub.ssh.connection import ChannelRefused
+from hub.store.registry import NETCONF, Node, User
+from hub.tunnel.live import NodeTunnel
+
+log = Logger()
+
+
+def refused(refusal: Refusal) -> ChannelRefused:
+    return ChannelRefused(refusal.reason, refusal.message)
+
+
+class OperatorReach:
+    """An operator's login and grants, checked against the registry at every use."""
+
+    def __init__(self, needs: GatewayNeeds, login: OperatorLogin,
+                 peer: Callable[[], str]) -> None:
+        self.needs = needs
+        self.login = login
+        self._peer = peer
+
+    @property
+    def actor(self) -> str:
+        return f"{self.login.user}@{self._peer()}"
+
+    def user(self) -> User | None:
+        """The operator's user row while this login still stands on it, else None."""
+        try:
+            user = self.needs.grants.user(self.login.user)
+        except NotFound:
+            return None
+        return user if lapsed(self.login, user) is None else None
+
+    def resolve(self, name: str) -> tuple[Node, NodeTunnel]:
+        """The node and live tunnel `name` stands for, if this operator may reach it."""
+        node = self.resolve_node(name)
+        return node, self.tunnel_of(node)
+
+    def tunnel_of(self, node: Node) -> NodeTunnel:
+        """The live call-home tunnel of a (non-NETCONF) node."""
+        tunnel = self.needs.tunnels.get(node.name)
+        refusal = tunnel_refusal(self.login.user, node, tunnel is not None)
+        if refusal is not None:
+            raise refused(refusal)
+        assert tunnel is not None
+        return tunnel
+
+    def resolve_node(self, name: str) -> Node:
+        """The approved node `name` stands for, if this operator may reach it."""
+        found = self._reach(name)
+        if isinstance(found, Refusal):
+            raise refused(found)
+        return found
+
+    def route(self, name: str, kind: bytes, data: bytes, port: str | None
+              ) -> tuple[Route | Refusal, NodeTunnel | NetconfLink | None]:
+        """Where a session request for node `name` goes, with the node's live tunnel
+        (or NETCONF call-home session) to reach it through."""
+        found = self._reach(name)
+        if isinstance(found, Refusal):
+            return found, None
+        if found.kind == NETCONF:
+            netconf = self.needs.netconf
+            link: NodeTunnel | NetconfLink | None = (
+                netconf.get(found.name) if netconf is not None else None)
+        else:
+            link = self.needs.tunnels.get(found.name)
+        return session_route(self.login.user, found, link is not None, kind, data, port), link
+
+    def _reach(self, name: str) -> Node | Refusal:
+        user = self.user()
+        grants: tuple[str, ...] | None = None if user is None else user.allow
+        try:
+            node: Node | None = self.needs.grants.node(name)
+        except NotFound:
+            node = None
+        found = reach(grants, node, name)
+        if isinstance(found, Refusal) and found.note is not None:
+            log.info("{actor}: {note}", actor=self.actor, note=found.note)
+        return found
+
+    def reachable(self) -> list[Entry]:
+        user = self.user()
+        if user is None:
+            return []
+        return [Entry(n.name, n.online) for n in self.needs.grants.nodes()
+                if n.state == "approved" and may_reach(user.allow, n.name)]
