@@ -349,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
         listing=True).add_argument("node", nargs="?")
     add("audit", cmd_audit, "show the audit log", listing=True).add_argument(
         "--limit", type=int, default=1000)
+    from hub.app import fleet
+
+    fleet.add_parser(sub, _actor())
     return p
 
 

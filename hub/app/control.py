@@ -5,6 +5,8 @@ carrying one JSON request and one JSON answer per connection:
 `verify` (after `approve`: log in with the management key, pin the host key)
 and `enroll` (log in once with the device password, install the management
 key, pin the host key; the password is used and forgotten, never stored).
+`run` (a fleet command) answers one JSON line per node as each one ends, then
+the summary.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, protocol
@@ -19,14 +22,18 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
 from hub.access.device_client import DeviceError, connect, run_command
+from hub.access.fleet import run_on_node, run_on_nodes
 from hub.app.context import Hub
 from hub.errors import HubError, NotFound
+from hub.rules.fleet import OFFLINE, Outcome, select, summary_line, tally
 from hub.ssh.keys import fingerprint
 
 log = Logger()
 
 SOCKET_NAME = "control.sock"
 MAX_REQUEST = 16 * 1024
+MAX_PARALLEL = 100
+MAX_RUN_TIMEOUT = 3600.0
 
 
 def install_key_command(key_line: str) -> bytes:
@@ -87,17 +94,57 @@ class Controller:
         return (f"management key installed for {user} and verified; host key "
                 f"{fingerprint(client.host_key)} pinned")
 
-    async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def run(self, request: dict[str, Any], emit: Callable[[dict[str, Any]], None]
+                  ) -> dict[str, Any]:
+        """A fleet command: `command` on the approved nodes matching `nodes`."""
+        pattern, command = str(request.get("nodes") or "*"), str(request.get("command", ""))
+        parallel, timeout = int(request.get("parallel", 10)), float(request.get("timeout", 60))
+        actor = str(request.get("actor", "cli"))
+        if not command.strip():
+            raise HubError("run: no command given")
+        if not 1 <= parallel <= MAX_PARALLEL or not 0 < timeout <= MAX_RUN_TIMEOUT:
+            raise HubError(f"run: --parallel must be 1-{MAX_PARALLEL} and --timeout "
+                           f"0-{MAX_RUN_TIMEOUT:g} s")
+        nodes = {n.name: n for n in self.hub.registry.nodes()}
+        online, offline = select(pattern, ((n.name, n.state, self.hub.sessions.get(n.name)
+                                            is not None) for n in nodes.values()))
+        log.info("{actor}: run {command!r} on {n} node(s) matching {pattern} "
+                 "({offline} offline)", actor=actor, command=command, n=len(online),
+                 pattern=pattern, offline=len(offline))
+        emit({"plan": {"nodes": len(online) + len(offline), "offline": len(offline)}})
+        outcomes = [Outcome(name, OFFLINE, message="no tunnel now") for name in offline]
+        for outcome in outcomes:
+            emit({"outcome": outcome.as_json()})
+
+        def start(name: str) -> defer.Deferred[Outcome]:
+            tunnel = self.hub.sessions.get(name)
+            if tunnel is None:  # went away while waiting for its turn
+                return defer.succeed(Outcome(name, OFFLINE, message="no tunnel now"))
+            return run_on_node(nodes[name], tunnel, self.hub.keys.mgmt, command.encode(),
+                               timeout, self.hub.clock)
+
+        outcomes += await run_on_nodes(online, start, parallel,
+                                       lambda o: emit({"outcome": o.as_json()}))
+        counts = tally(outcomes)
+        self.hub.registry.audit(actor, "run", pattern,
+                                f"command {command!r}: {summary_line(counts)}")
+        return {"ok": True, "summary": counts,
+                "message": f"{len(outcomes)} node(s): {summary_line(counts)}"}
+
+    async def handle(self, request: dict[str, Any],
+                     emit: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         op, actor = request.get("op"), str(request.get("actor", "cli"))
         try:
             if op == "verify":
                 message = await self.verify(str(request["node"]), actor)
+            elif op == "run" and emit is not None:
+                return await self.run(request, emit)
             elif op == "enroll":
                 message = await self.enroll(str(request["node"]), str(request["user"]),
                                             str(request["password"]), actor)
             else:
                 return {"ok": False, "message": f"unknown operation {op!r}"}
-        except (HubError, NotFound, KeyError) as e:
+        except (HubError, NotFound, KeyError, ValueError) as e:
             return {"ok": False, "message": str(e)}
         return {"ok": True, "message": message}
 
@@ -117,9 +164,13 @@ class ControlProtocol(LineOnlyReceiver):
         except ValueError as e:
             self._answer({"ok": False, "message": f"malformed request: {e}"})
             return
-        d = defer.ensureDeferred(self.controller.handle(request))
+        d = defer.ensureDeferred(self.controller.handle(request, self._emit))
         d.addCallbacks(self._answer, lambda f: self._answer(
             {"ok": False, "message": f"internal error: {f.getErrorMessage()}"}))
+
+    def _emit(self, line: dict[str, Any]) -> None:
+        if self.transport is not None:
+            self.transport.write(json.dumps(line).encode() + b"\n")
 
     def _answer(self, answer: dict[str, Any]) -> None:
         if self.transport is not None:
@@ -142,8 +193,13 @@ def control_endpoint(data_dir: str) -> str:
     return "unix:" + path.replace("\\", "\\\\").replace(":", "\\:") + ":mode=600:lockfile=1"
 
 
-def ask(data_dir: str, request: dict[str, Any], timeout: float = 90.0) -> dict[str, Any] | None:
-    """Send one request to the running hub; None when no hub is listening."""
+def ask(data_dir: str, request: dict[str, Any], timeout: float = 90.0,
+        progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
+    """Send one request to the running hub; None when no hub is listening.
+
+    Lines the hub sends before its answer (a fleet command's outcomes) go to
+    `progress`; `timeout` bounds the wait for each line.
+    """
     path = os.path.join(data_dir, SOCKET_NAME)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -155,13 +211,20 @@ def ask(data_dir: str, request: dict[str, Any], timeout: float = 90.0) -> dict[s
     with sock:
         sock.sendall(json.dumps(request).encode() + b"\n")
         data = b""
-        while not data.endswith(b"\n"):
+        while True:
             chunk = sock.recv(65536)
             if not chunk:
-                break
+                return {"ok": False, "message": "the hub gave no answer"}
             data += chunk
-    try:
-        answer = json.loads(data)
-    except ValueError:
-        return {"ok": False, "message": "the hub gave no answer"}
-    return answer if isinstance(answer, dict) else None
+            while b"\n" in data:
+                line, data = data.split(b"\n", 1)
+                try:
+                    answer = json.loads(line)
+                except ValueError:
+                    return {"ok": False, "message": "the hub gave no answer"}
+                if not isinstance(answer, dict):
+                    return None
+                if "ok" not in answer and progress is not None:
+                    progress(answer)
+                    continue
+                return answer
