@@ -116,7 +116,7 @@ def test_user_set_replaces_what_is_given_and_keeps_the_rest(
 @pytest.mark.parametrize(("args", "message"), [
     (("nobody", "--allow", "x"), "no user named 'nobody'"),
     (("alice",), "user set: nothing to change (--key, --allow, --no-allow, "
-                 "--password-stdin, --no-password)"),
+                 "--password-stdin, --no-password, --cert-only)"),
     (("alice", "--password-stdin", "--no-password"),
      "user set: give --password-stdin or --no-password, not both"),
     (("alice", "--allow", "x", "--no-allow"), "user set: give --allow or --no-allow, not both"),

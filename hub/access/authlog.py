@@ -9,6 +9,10 @@ filter for them.
 
 from __future__ import annotations
 
+from twisted.conch.ssh import keys
+from twisted.cred.error import UnauthorizedLogin
+
+from hub.access import certs
 from hub.ssh.keys import fingerprint
 
 _KEY_TYPES = (
@@ -17,12 +21,25 @@ _KEY_TYPES = (
 )
 
 
-def key_text(algorithm: bytes, blob: bytes) -> str:
-    """`ED25519 SHA256:…`, as sshd names a key."""
+def _kind(algorithm: bytes) -> str:
     name = algorithm.decode("ascii", "replace")
-    kind = next((label for prefix, label in _KEY_TYPES if name.startswith(prefix)),
+    return next((label for prefix, label in _KEY_TYPES if name.startswith(prefix)),
                 name.upper())
-    return f"{kind} {fingerprint(blob)}"
+
+
+def key_text(algorithm: bytes, blob: bytes) -> str:
+    """`ED25519 SHA256:…`, as sshd names a key; a certificate as
+    `ED25519-CERT SHA256:… ID alice@corp (serial 7) CA ED25519 SHA256:…`."""
+    if not certs.is_certificate(algorithm):
+        return f"{_kind(algorithm)} {fingerprint(blob)}"
+    try:
+        cert = certs.parse_certificate(algorithm, blob)
+        key, ca = keys.Key(cert.public_key()), keys.Key(cert.signature_key())
+    except (UnauthorizedLogin, ValueError, keys.BadKeyError):
+        return f"{_kind(algorithm)}-CERT (malformed)"
+    return (f"{_kind(algorithm)}-CERT {fingerprint(key.blob())} ID "
+            f"{who(cert.key_id)} (serial {cert.serial}) CA {_kind(ca.sshType())} "
+            f"{fingerprint(ca.blob())}")
 
 
 def who(user: bytes) -> str:

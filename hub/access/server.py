@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 
 from hub.access import authlog
 from hub.access.auth import InvalidUser, PasswordBackoff
+from hub.access.certs import CertificateCredentials, is_certificate
 from hub.access.gatekeeper import Gatekeeper, PasswordBudget
 from hub.access.limits import Limits
 from hub.ssh.algorithms import DEFAULT_POLICY, TransportPolicy
@@ -236,11 +237,30 @@ class HubUserAuthServer(userauth.SSHUserAuthServer):
         # whether this was a real attempt (signed) or a probe (not worth a line).
         try:
             algorithm, rest = common.getNS(packet[1:])
-            blob = common.getNS(rest)[0]
-            self._key = (authlog.key_text(algorithm, blob), packet[:1] != b"\x00")
+            blob, rest = common.getNS(rest)
+            signature = common.getNS(rest)[0] if packet[:1] != b"\x00" else None
         except (ValueError, struct.error):
             self._key = None
+            return userauth.SSHUserAuthServer.auth_publickey(self, packet)  # type: ignore[no-any-return]
+        self._key = (authlog.key_text(algorithm, blob), signature is not None)
+        if is_certificate(algorithm):  # Conch cannot read certificates
+            return self._auth_certificate(algorithm, blob, signature, packet)
         return userauth.SSHUserAuthServer.auth_publickey(self, packet)  # type: ignore[no-any-return]
+
+    def _auth_certificate(self, algorithm: bytes, blob: bytes, signature: bytes | None,
+                          packet: bytes) -> defer.Deferred[Any]:
+        signed, user, service = None, self.user or b"", self.nextService or b""
+        if signature is not None:  # what the client signed, as for a plain key
+            signed = (common.NS(self.transport.sessionID) + bytes((userauth.MSG_USERAUTH_REQUEST,))
+                      + common.NS(user) + common.NS(service)
+                      + common.NS(b"publickey") + b"\x01" + common.NS(algorithm)
+                      + common.NS(blob))
+        credentials = CertificateCredentials(user, algorithm, blob, signed,
+                                             signature, self.transport.peer)
+        d = self.portal.login(credentials, None, _IConchUser)
+        if signature is None:  # a probe: PK_OK if the certificate would be accepted
+            d.addErrback(self._ebCheckKey, packet[1:])
+        return d  # type: ignore[no-any-return]
 
     def _where(self) -> tuple[str, int]:
         peer = self.transport.transport.getPeer() if self.transport.transport else None

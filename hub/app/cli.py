@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hub import __version__
+from hub.app import certs, fleet
 from hub.errors import HubError
 from hub.rules.names import is_valid_name
 from hub.store.registry import NETCONF, Node, Registry
@@ -179,11 +180,15 @@ def cmd_user_add(reg: Registry, args: argparse.Namespace) -> int:
     password_hash = None
     if args.password_stdin:
         password_hash = _read_password("user add")
-    if not keys and password_hash is None:
-        raise HubError("user add: give --key FILE and/or --password-stdin")
+    if args.cert_only and (keys or password_hash is not None):
+        raise HubError("user add: --cert-only takes no --key or --password-stdin")
+    if not keys and password_hash is None and not args.cert_only:
+        raise HubError("user add: give --key FILE and/or --password-stdin (or --cert-only "
+                       "for an operator who logs in with a certificate only)")
     user = reg.add_user(args.name, password_hash, keys, args.allow or [], _actor())
     print(f"user {user.name} added ({len(user.keys)} key(s), "
-          f"password {'set' if password_hash else 'none'}, allow {' '.join(user.allow) or '-'})")
+          f"password {'set' if password_hash else 'none'}, allow {' '.join(user.allow) or '-'})"
+          + ("; certificate logins only" if args.cert_only else ""))
     return 0
 
 
@@ -215,9 +220,11 @@ def cmd_user_set(reg: Registry, args: argparse.Namespace) -> int:
     if args.password_stdin and args.no_password:
         raise HubError("user set: give --password-stdin or --no-password, not both")
     if not (args.key or args.allow or args.no_allow or args.password_stdin
-            or args.no_password):
+            or args.no_password or args.cert_only):
         raise HubError("user set: nothing to change (--key, --allow, --no-allow, "
-                       "--password-stdin, --no-password)")
+                       "--password-stdin, --no-password, --cert-only)")
+    if args.cert_only and (args.key or args.password_stdin):
+        raise HubError("user set: --cert-only takes no --key or --password-stdin")
     if args.allow and args.no_allow:
         raise HubError("user set: give --allow or --no-allow, not both")
     change: dict[str, Any] = {}
@@ -229,6 +236,8 @@ def cmd_user_set(reg: Registry, args: argparse.Namespace) -> int:
         change["password_hash"] = _read_password("user set")
     elif args.no_password:
         change["password_hash"] = None
+    if args.cert_only:
+        change.update(keys=[], password_hash=None, cert_only=True)
     user = reg.set_user(args.name, _actor(), **change)
     print(f"user {user.name} changed ({len(user.keys)} key(s), "
           f"password {'set' if user.password_hash else 'none'}, "
@@ -330,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     ua.add_argument("--password-stdin", action="store_true", help="read a password from stdin")
     ua.add_argument("--allow", nargs="+", action="extend", metavar="GLOB",
                     help="node name patterns the user may reach")
+    ua.add_argument("--cert-only", action="store_true", help="no key and no password: the "
+                    "operator logs in with a certificate from a trusted user CA only")
     us = usub.add_parser("set", help="change an operator: what is given replaces what was "
                          "there; live sessions are re-checked")
     us.set_defaults(func=cmd_user_set)
@@ -341,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     us.add_argument("--allow", nargs="+", action="extend", metavar="GLOB",
                     help="node name patterns the user may reach (replace the grants)")
     us.add_argument("--no-allow", action="store_true", help="remove every grant")
+    us.add_argument("--cert-only", action="store_true", help="remove the keys and the "
+                    "password: certificate logins only")
     ud = usub.add_parser("del", help="delete an operator")
     ud.set_defaults(func=cmd_user_del)
     ud.add_argument("name")
@@ -349,9 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
         listing=True).add_argument("node", nargs="?")
     add("audit", cmd_audit, "show the audit log", listing=True).add_argument(
         "--limit", type=int, default=1000)
-    from hub.app import fleet
-
-    fleet.add_parser(sub, _actor())
+    fleet.add_parser(sub, _actor)
+    certs.add_parser(sub, _actor)
     return p
 
 

@@ -47,6 +47,8 @@ class HubConfig:
     netconf_unknown_per_minute: int = 10
     netconf_unknown_per_minute_total: int = 60
     transport: TransportPolicy = field(factory=TransportPolicy)
+    # Public-key blobs of the user CAs whose certificates log operators in.
+    trusted_ca_keys: tuple[bytes, ...] = ()
 
     @property
     def db_path(self) -> str:
@@ -106,6 +108,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "netconf": {"secrets": dict, "allow": list, "unknown_per_minute": int,
                 "unknown_per_minute_total": int},
     "transport": {"legacy_algorithms": bool},
+    "operators": {"trusted_ca_keys": list},
 }
 
 
@@ -225,7 +228,39 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         netconf_unknown_per_minute=rates["unknown_per_minute"],
         netconf_unknown_per_minute_total=rates["unknown_per_minute_total"],
         transport=TransportPolicy(**doc.get("transport", {})),
+        trusted_ca_keys=trusted_ca_keys(doc.get("operators", {}).get("trusted_ca_keys", []),
+                                        os.path.dirname(config_path or "")),
     )
+
+
+def trusted_ca_keys(entries: list[Any], base: str) -> tuple[bytes, ...]:
+    """`[operators] trusted_ca_keys`: public-key lines or files of them (sshd's
+    `TrustedUserCAKeys` format; a relative path is read from the config file's folder)."""
+    from twisted.conch.ssh import keys
+
+    found: list[bytes] = []
+    for i, entry in enumerate(entries):
+        where = f"[operators] trusted_ca_keys[{i}]"
+        if not isinstance(entry, str) or not entry.strip():
+            raise ConfigError(f"{where}: expected a public-key line or a file path")
+        lines = [entry.strip()]
+        if not re.match(r"(ssh-|ecdsa-|sk-)\S+ ", lines[0]):
+            path = os.path.join(base, os.path.expanduser(lines[0]))
+            try:
+                with open(path, encoding="utf-8") as f:
+                    lines = [line.strip() for line in f
+                             if line.strip() and not line.lstrip().startswith("#")]
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{where}: cannot read {path}: {e}") from None
+        for line in lines:
+            try:
+                key = keys.Key.fromString(line.encode())
+            except (keys.BadKeyError, ValueError, IndexError) as e:
+                raise ConfigError(f"{where}: not a public key: {line[:40]!r} ({e})") from None
+            if not key.isPublic():
+                raise ConfigError(f"{where}: a private key; give the CA's public key")
+            found.append(key.blob())
+    return tuple(found)
 
 
 def _check_admission(limits: Limits) -> None:

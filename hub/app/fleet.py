@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from hub.errors import HubError
@@ -18,10 +19,10 @@ from hub.rules.fleet import OK, Outcome, summary_line, tally
 from hub.store.registry import Registry
 
 
-def add_parser(sub: Any, actor: str) -> None:
+def add_parser(sub: Any, actor: Callable[[], str]) -> None:
     sp = sub.add_parser("run", help="run a command on every approved online node that "
                         "matches, over the management login")
-    sp.set_defaults(func=lambda reg, args: cmd_run(reg, args, actor))
+    sp.set_defaults(func=lambda reg, args: cmd_run(reg, args, actor()))
     sp.add_argument("--nodes", default="*", metavar="GLOB",
                     help="node name pattern (default: every approved node)")
     sp.add_argument("--parallel", type=int, default=10, metavar="N",

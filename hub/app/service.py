@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from hub import __version__
 from hub.access.auth import CALLHOME_PASSWORD, CallHomePasswordChecker, DeviceKeyChecker
+from hub.access.certs import CertificateChecker
 from hub.access.gateway import OperatorAvatar
 from hub.access.needs import GatewayNeeds, RegistrarNeeds
 from hub.access.registrar import RegistrarAvatar
@@ -35,7 +36,7 @@ from hub.intake.monitoring import Monitoring
 from hub.netconf.callhome import CallHomeFactory
 from hub.netconf.devices import NetconfSessions
 from hub.rules.logins import DeviceLogin, OperatorLogin
-from hub.ssh.keys import load_hub_keys
+from hub.ssh.keys import fingerprint, load_hub_keys
 from hub.store.registry import Registry
 from hub.tunnel.descriptors import DescriptorReserve
 from hub.tunnel.expiry import PendingLeaseExpiry
@@ -313,7 +314,12 @@ def build_ssh_factory(hub: Hub) -> HubSSHFactory:
     hub_portal = portal.Portal(HubRealm(hub), [
         CallHomePasswordChecker(hub.registry, config.registrar_user, hub.run_in_thread),
         DeviceKeyChecker(hub.registry, config.registrar_user),
+        CertificateChecker(hub.registry, config.trusted_ca_keys, hub.clock),
     ])
+    if config.trusted_ca_keys:
+        log.info("operators may log in with certificates from {n} trusted user CA(s): {cas}",
+                 n=len(config.trusted_ca_keys),
+                 cas=", ".join(fingerprint(ca) for ca in config.trusted_ca_keys))
     factory = HubSSHFactory(hub_portal, hub.keys, hub.clock, config.limits, config.keepalive,
                             config.keepalive_count, transport_policy=config.transport)
     factory.audit = hub.registry.audit  # denied logins are audited too

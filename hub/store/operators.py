@@ -69,8 +69,9 @@ class OperatorRecords:
 
     def set_user(self, name: str, actor: str, *, password_hash: str | Keep | None = KEEP,
                  keys: list[tuple[bytes, str]] | None = None,
-                 allow: list[str] | None = None) -> User:
-        """Replace what is given of an operator's password, keys and grants."""
+                 allow: list[str] | None = None, cert_only: bool = False) -> User:
+        """Replace what is given of an operator's password, keys and grants
+        (`cert_only`: neither is left, on purpose)."""
         with self._tx() as db:
             row = db.execute("SELECT id, password_hash FROM users WHERE name = ?",
                              (name,)).fetchone()
@@ -80,7 +81,7 @@ class OperatorRecords:
             new_hash = old_hash if isinstance(password_hash, Keep) else password_hash
             has_keys = (bool(keys) if keys is not None else db.execute(
                 "SELECT 1 FROM user_keys WHERE user_id = ?", (uid,)).fetchone() is not None)
-            if new_hash is None and not has_keys:
+            if new_hash is None and not has_keys and not cert_only:
                 raise RegistryError(f"user {name}: would have neither a key nor a password")
             changed = []
             if not isinstance(password_hash, Keep):
@@ -120,5 +121,31 @@ class OperatorRecords:
     def users(self) -> list[User]:
         names = self._db.execute("SELECT name FROM users ORDER BY id").fetchall()
         return [self.user(name) for (name,) in names]
+
+    # -- certificates ---------------------------------------------------------
+
+    def revoke_certificate(self, actor: str, *, serial: int | None = None,
+                           key_id: str | None = None) -> bool:
+        """Refuse certificates with this serial or key ID from now on; False if already."""
+        if (serial is None) == (key_id is None):
+            raise RegistryError("revoke a certificate by serial or by key ID")
+        with self._tx() as db:
+            added = db.execute(
+                "INSERT OR IGNORE INTO revoked_certificates (serial, key_id, time, actor) "
+                "VALUES (?, ?, ?, ?)", (serial, key_id, self._now(), actor)).rowcount
+            if added:
+                what = f"serial {serial}" if serial is not None else f"key ID {key_id}"
+                self._audit(db, actor, "cert-revoke", what, "")
+        return bool(added)
+
+    def certificate_revoked(self, serial: int, key_id: str) -> bool:
+        return self._db.execute(
+            "SELECT 1 FROM revoked_certificates WHERE serial = ? OR key_id = ?",
+            (serial, key_id)).fetchone() is not None
+
+    def revoked_certificates(self) -> list[tuple[int | None, str | None, float, str]]:
+        """(serial, key ID, time, actor) of every revocation, oldest first."""
+        return [tuple(row) for row in self._db.execute(  # type: ignore[misc]
+            "SELECT serial, key_id, time, actor FROM revoked_certificates ORDER BY id")]
 
     # -- audit ------------------------------------------------------------
