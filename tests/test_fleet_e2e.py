@@ -5,28 +5,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import CALLHOME_PASSWORD
 from helpers import DeviceSSHD, HubProcess, wait_for
 from tunnel_helpers import Device, node
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def hub(tmp_path: Path) -> Iterator[HubProcess]:
-    """A hub where 20 devices may register from one address without waiting for the
-    per-address password budget (they would come from 20 addresses in the field)."""
-    process = HubProcess(tmp_path / "hub", "--keepalive", "2")
-    process.data.mkdir(parents=True)
-    (process.data / "callhomehub.toml").write_text('[limits]\npenalty_exempt = ["127.0.0.1"]\n')
-    process.cli("callhome-password", stdin=CALLHOME_PASSWORD.encode())
-    yield process.start()
-    process.stop()
 
 
 def test_run_reaches_the_online_nodes_and_reports_the_rest(hub: HubProcess,

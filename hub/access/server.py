@@ -258,6 +258,14 @@ class HubUserAuthServer(userauth.SSHUserAuthServer):
         credentials = CertificateCredentials(user, algorithm, blob, signed,
                                              signature, self.transport.peer)
         d = self.portal.login(credentials, None, _IConchUser)
+
+        def refused(f: Failure) -> Failure:
+            if f.check(UnauthorizedLogin) and not f.check(InvalidUser):
+                # sshd says why too ("Certificate invalid: expired").
+                log.info("certificate refused for {user}: {why}", user=authlog.who(user),
+                         why=f.getErrorMessage())
+            return f
+        d.addErrback(refused)
         if signature is None:  # a probe: PK_OK if the certificate would be accepted
             d.addErrback(self._ebCheckKey, packet[1:])
         return d  # type: ignore[no-any-return]
