@@ -47,6 +47,8 @@ class HubConfig:
     netconf_unknown_per_minute: int = 10
     netconf_unknown_per_minute_total: int = 60
     transport: TransportPolicy = field(factory=TransportPolicy)
+    # Prometheus /metrics listener (hub.web.metrics), or None (`--metrics none`).
+    metrics: str | None = "tcp:9721:interface=127.0.0.1"
 
     @property
     def db_path(self) -> str:
@@ -152,6 +154,17 @@ def check_endpoint(option: str, description: str | None) -> str | None:
     return description
 
 
+DEFAULT_METRICS = "tcp:9721:interface=127.0.0.1"
+
+
+def metrics_endpoint(value: str | None) -> str | None:
+    """`--metrics`: a listening endpoint, or `none` for no metrics listener."""
+    value = DEFAULT_METRICS if value is None else value
+    if value.strip().lower() == "none":
+        return None
+    return check_endpoint("--metrics", value)
+
+
 def build_config(options: Mapping[str, Any]) -> HubConfig:
     """Merge command-line options with the config file and validate the whole."""
     data = options.get("data") or os.environ.get("CALLHOMEHUB_DATA") or "."
@@ -225,6 +238,7 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         netconf_unknown_per_minute=rates["unknown_per_minute"],
         netconf_unknown_per_minute_total=rates["unknown_per_minute_total"],
         transport=TransportPolicy(**doc.get("transport", {})),
+        metrics=metrics_endpoint(options.get("metrics")),
     )
 
 
