@@ -19,13 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from memory_hub import make_hub, start_factory  # noqa: E402
-from prometheus_client import generate_latest  # noqa: E402
-from twisted.internet.testing import MemoryReactorClock  # noqa: E402
+from memory_hub import make_hub, start_factory
+from prometheus_client import generate_latest
+from twisted.internet.testing import MemoryReactorClock
 
-from hub.tunnel.forwards import Forward  # noqa: E402
-from hub.tunnel.live import NodeTunnel, PortListener  # noqa: E402
-from hub.web.metrics import metrics_registry  # noqa: E402
+from hub.tunnel.forwards import Forward
+from hub.tunnel.live import NodeTunnel, PortListener
+from hub.web.metrics import metrics_registry
 
 
 def main() -> None:
