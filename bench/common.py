@@ -222,7 +222,7 @@ class Hub:
         self.cli("callhome-password", stdin=PASSWORD.encode())
         self.proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "--logfile", str(self.log), "callhomehub",
-             "--data", str(self.data), "--ssh", "tcp:0:interface=127.0.0.1",
+             "--data", str(self.data), "--ssh", "tcp:0:interface=127.0.0.1", "--metrics", "none",
              "--port-range", port_range(), *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.port = int(wait_for(self._listening, 30, "the hub to listen"))

@@ -63,6 +63,11 @@ class InvalidUser(UnauthorizedLogin):
     "Invalid user")."""
 
 
+class NoCallHomePassword(UnauthorizedLogin):
+    """The registrar user tried a password, but none is set on this hub: no
+    device can register (counted apart: it is the operator's to fix)."""
+
+
 @implementer(ICredentialsChecker)
 class CallHomePasswordChecker:
     """The registrar user with the Call Home Password, operators with their own
@@ -82,7 +87,7 @@ class CallHomePasswordChecker:
             return self._operator(name, credentials.password)
         hashed = self._registry.setting(CALLHOME_PASSWORD)
         if hashed is None:
-            return defer.fail(UnauthorizedLogin("no Call Home Password is set on this hub"))
+            return defer.fail(NoCallHomePassword("no Call Home Password is set on this hub"))
 
         def decide(ok: bool) -> DeviceLogin:
             if not ok:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hub.access import authlog
-from hub.access.auth import InvalidUser, PasswordBackoff
+from hub.access.auth import InvalidUser, NoCallHomePassword, PasswordBackoff
 from hub.access.certs import CertificateCredentials, is_certificate
 from hub.access.gatekeeper import Gatekeeper, PasswordBudget
 from hub.access.limits import Limits
@@ -283,6 +284,9 @@ class HubUserAuthServer(userauth.SSHUserAuthServer):
         host, port = self._where()
         user = self.user or b""
         invalid = bool(reason.check(InvalidUser))
+        kind = failure_kind(self.method, reason)
+        if kind is not None:
+            self.transport.factory.auth_failures[kind] += 1
         if invalid and user not in self._invalid_named:
             self._invalid_named.add(user)
             log.info(authlog.invalid_user(user, host, port))
@@ -305,6 +309,20 @@ class HubUserAuthServer(userauth.SSHUserAuthServer):
         log.info(authlog.accepted(self.method, self.user or b"", host, port, key))
         userauth.SSHUserAuthServer._cbFinishedAuth(self, result)
         self.transport.authenticated_now(key=self.method == b"publickey")
+
+
+def failure_kind(method: bytes, reason: Failure) -> str | None:
+    """What the metrics count a refused login attempt as (the kinds of the
+    sshd-style log lines, hub.access.authlog). A key refused when the client
+    only offers it counts too (unlike the log): an unknown key is refused
+    there, before any signature."""
+    if reason.check(InvalidUser):
+        return "invalid_user"
+    if method == b"password":
+        return "no_callhome_password" if reason.check(NoCallHomePassword) else "password"
+    if method == b"publickey":
+        return "publickey"
+    return None
 
 
 def _password_credentials(user: bytes, packet: bytes) -> UsernamePassword:
@@ -347,14 +365,21 @@ class HubSSHFactory(factory.SSHFactory):
         # Shared by this hub's transports only: another hub (or client) in
         # the same process has its own.
         self.io_group = IOGroup()
+        # Plain counts the metrics read (hub.web.metrics): refused logins by
+        # kind (failure_kind, and "refused_preauth" for connections refused
+        # before login), channel opens refused by SSH reason code (HubConnection).
+        self.auth_failures: Counter[str] = Counter()
+        self.channel_refusals: Counter[int] = Counter()
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         if len(self.unauthenticated) >= self.limits.max_unauthenticated:
             log.warn("refusing connection from {peer}: {n} unauthenticated connections already",
                      peer=getattr(addr, "host", addr), n=len(self.unauthenticated))
+            self.auth_failures["refused_preauth"] += 1
             return None
         source = str(getattr(addr, "host", addr))
         if not self.gate.admit(source):
+            self.auth_failures["refused_preauth"] += 1
             return None
         # Conch's SSHFactory.buildProtocol, without its per-connection log line
         # about the moduli file: the hub offers no group exchange at all.

@@ -49,6 +49,8 @@ class HubConfig:
     transport: TransportPolicy = field(factory=TransportPolicy)
     # Public-key blobs of the user CAs whose certificates log operators in.
     trusted_ca_keys: tuple[bytes, ...] = ()
+    # Prometheus /metrics listener (hub.web.metrics), or None (`--metrics none`).
+    metrics: str | None = "tcp:9721:interface=127.0.0.1"
 
     @property
     def db_path(self) -> str:
@@ -155,6 +157,17 @@ def check_endpoint(option: str, description: str | None) -> str | None:
     return description
 
 
+DEFAULT_METRICS = "tcp:9721:interface=127.0.0.1"
+
+
+def metrics_endpoint(value: str | None) -> str | None:
+    """`--metrics`: a listening endpoint, or `none` for no metrics listener."""
+    value = DEFAULT_METRICS if value is None else value
+    if value.strip().lower() == "none":
+        return None
+    return check_endpoint("--metrics", value)
+
+
 def build_config(options: Mapping[str, Any]) -> HubConfig:
     """Merge command-line options with the config file and validate the whole."""
     data = options.get("data") or os.environ.get("CALLHOMEHUB_DATA") or "."
@@ -230,6 +243,7 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         transport=TransportPolicy(**doc.get("transport", {})),
         trusted_ca_keys=trusted_ca_keys(doc.get("operators", {}).get("trusted_ca_keys", []),
                                         os.path.dirname(config_path or "")),
+        metrics=metrics_endpoint(options.get("metrics")),
     )
 
 

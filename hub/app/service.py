@@ -42,6 +42,7 @@ from hub.tunnel.descriptors import DescriptorReserve
 from hub.tunnel.expiry import PendingLeaseExpiry
 from hub.tunnel.keeper import PortKeeper
 from hub.tunnel.sessions import LiveSessions
+from hub.web.metrics import metrics_registry, metrics_site
 
 log = Logger()
 
@@ -71,6 +72,8 @@ class Options(usage.Options):
         ["netconf", None, None, "RFC 8071 NETCONF call-home listener endpoint"],
         ["config", None, None, "config file (default DATA/callhomehub.toml if present)"],
         ["log-level", None, "info", "lowest level logged: debug, info, warn, error, critical"],
+        ["metrics", None, "tcp:9721:interface=127.0.0.1", "Prometheus /metrics listener "
+         "endpoint, or none"],
     ]
 
     def opt_version(self) -> None:
@@ -362,6 +365,11 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     if config.netconf_endpoint:
         ListenerService("NETCONF", config.netconf_endpoint, CallHomeFactory(
             hub.netconf_needs(), netconf), reactor).setServiceParent(top)
+    if config.metrics is not None:
+        metrics = metrics_registry(hub.registry, hub.sessions, factory, hub.monitoring.counts
+                                   if hub.monitoring is not None else None)
+        ListenerService("metrics", config.metrics, metrics_site(metrics),
+                        reactor).setServiceParent(top)
     if hub.monitoring is not None:
         FlushOnStop(hub.monitoring.flush).setServiceParent(top)
     poll = internet.TimerService(REGISTRY_POLL, hub.sync)

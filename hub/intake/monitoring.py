@@ -11,6 +11,7 @@ command file. Drops are logged once a minute per node, with the count held back.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from attrs import define, field, frozen
@@ -41,12 +42,26 @@ class Status:
     time: float
 
 
+@define
+class IntakeCounts:
+    """Results taken and refused since start, as plain counts the metrics read:
+    refused by kind (a packet the decoder rejects: NSCAError.kind; strict_host;
+    node_state: from a node not approved)."""
+
+    accepted: int = 0
+    rejected: Counter[str] = field(factory=Counter)
+
+    def reject(self, kind: str, n: int = 1) -> None:
+        self.rejected[kind] += n
+
+
 @define(eq=False)
 class Monitoring:
     registry: Registry
     config: NSCASettings
     clock: IReactorTime
     command_file: CommandFileWriter | None = None
+    counts: IntakeCounts = field(factory=IntakeCounts)
     _pending: list[tuple[str, CheckResult, float]] = field(factory=list)
     _flush_call: Any = None
     _drops: OncePer = field(factory=OncePer)
@@ -58,6 +73,7 @@ class Monitoring:
         one transaction, at the end of that turn: a transaction per result was
         the intake's main cost."""
         if not self.config.may_report(node, result.host):
+            self.counts.reject("strict_host")
             self._dropped(node, "strict", "NSCA result for host {host!r} from node {node} "
                           "dropped (strict_host): not its name nor mapped to it in "
                           "[nsca.hosts]{more}", host=result.host)
@@ -76,11 +92,13 @@ class Monitoring:
         kept = [item for item in batch if not item[0] or states[item[0]] == "approved"]
         for node, state in states.items():
             if state != "approved":
+                self.counts.reject("node_state", sum(1 for n, _, _ in batch if n == node))
                 self._dropped(node, "state", "NSCA results from node {node} dropped: the "
                               "node is {state}, not approved{more}", state=state)
         batch = kept
         if not batch:
             return
+        self.counts.accepted += len(batch)
         with self.registry.transaction() as db:
             db.executemany(
                 "INSERT INTO results (node, host, service, code, output, time, received)"
@@ -113,7 +131,7 @@ class Monitoring:
 
     def tcp_factory(self, descriptors: DescriptorReserve | None = None) -> NSCAServerFactory:
         return NSCAServerFactory(self.config, lambda r: self.deliver("", r), self.clock,
-                                 descriptors=descriptors)
+                                 descriptors=descriptors, on_reject=self.counts.reject)
 
     def channel_factory(self, node: str, actor: str, window: int, max_packet: int
                         ) -> NSCAChannel:
@@ -142,4 +160,4 @@ class NSCAChannel(ProtocolChannel):
         ProtocolChannel.__init__(self, **kw)
         self.protocol = NSCAServerProtocol(
             monitoring.config, lambda r: monitoring.deliver(node, r), monitoring.clock,
-            peer=actor)
+            peer=actor, on_reject=monitoring.counts.reject)

@@ -66,10 +66,14 @@ class NSCAError(Exception):
     so the caller can still deliver them ("lose nothing else").
     """
 
-    def __init__(self, reason: str, results: Sequence[CheckResult] = ()) -> None:
+    def __init__(self, reason: str, results: Sequence[CheckResult] = (), *,
+                 kind: str = "invalid") -> None:
         super().__init__(reason)
         self.reason = reason
         self.results = tuple(results)
+        # One word for what was wrong (a metrics label): version, crc, stale,
+        # future, garbage, or invalid for input after an earlier error.
+        self.kind = kind
 
 
 @frozen
@@ -241,7 +245,7 @@ class NSCADecoder:
                 results.append(self._parse(*taken))
         except NSCAError as e:
             self._failed = e.reason
-            raise NSCAError(e.reason, results) from None
+            raise NSCAError(e.reason, results, kind=e.kind) from None
         return results
 
     def _plain(self, size: int) -> bytes:
@@ -288,7 +292,8 @@ class NSCADecoder:
             # Checked as soon as two bytes are in, so garbage is refused without waiting.
             raise NSCAError(
                 f"bad packet version {version} (expected {PACKET_VERSION}); "
-                "wrong password or encryption method?"
+                "wrong password or encryption method?",
+                kind="version",
             )
         size = self._packet_size
         if size is None:
@@ -312,23 +317,26 @@ class NSCADecoder:
         if crc != computed:
             raise NSCAError(
                 f"bad CRC32 {crc:#010x} (computed {computed:#010x}); "
-                "wrong password or encryption method?"
+                "wrong password or encryption method?",
+                kind="crc",
             )
         now = int(self.now())
         age = now - timestamp
         if self.max_age > 0 and age > self.max_age:
             raise NSCAError(
                 f"stale packet: timestamp {timestamp} is {age} s before now {now} "
-                f"(max age {self.max_age} s)"
+                f"(max age {self.max_age} s)",
+                kind="stale",
             )
         if self.max_age > 0 and -age > self.max_age:
             raise NSCAError(
                 f"packet from the future: timestamp {timestamp} is {-age} s after now {now} "
-                f"(max age {self.max_age} s)"
+                f"(max age {self.max_age} s)",
+                kind="future",
             )
         host = _cstring(packet, _HOST_AT, _HOST_LEN)
         if not host:
-            raise NSCAError("garbage packet: empty host name")
+            raise NSCAError("garbage packet: empty host name", kind="garbage")
         return CheckResult(
             host=host,
             service=_cstring(packet, _SERVICE_AT, _SERVICE_LEN),

@@ -47,8 +47,11 @@ class NSCAServerProtocol(ClockTimeout, Protocol):
         clock: IReactorTime,
         iv_source: Callable[[int], bytes] = os.urandom,
         peer: str = "?",
+        on_reject: Callable[[str], object] | None = None,
     ) -> None:
         self._settings = settings
+        # Told the kind of each rejected packet (NSCAError.kind), for metrics.
+        self._on_reject = on_reject
         self._deliver = deliver
         self.clock = clock
         self._iv_source = iv_source
@@ -73,6 +76,8 @@ class NSCAServerProtocol(ClockTimeout, Protocol):
             results = self.decoder.feed(data)
         except NSCAError as e:
             self._deliverAll(e.results)
+            if self._on_reject is not None:
+                self._on_reject(e.kind)
             self._log.warn(
                 "NSCA {peer}: rejected: {reason}; closing", peer=self.peer, reason=e.reason
             )
@@ -145,8 +150,10 @@ class NSCAServerFactory(Factory):
         clock: IReactorTime,
         iv_source: Callable[[int], bytes] = os.urandom,
         descriptors: DescriptorReserve | None = None,
+        on_reject: Callable[[str], object] | None = None,
     ) -> None:
         self.settings = settings
+        self.on_reject = on_reject
         self.deliver = deliver
         self.clock = clock
         self.iv_source = iv_source
@@ -171,7 +178,8 @@ class NSCAServerFactory(Factory):
         if self.descriptors is not None and not self.descriptors.allows("NSCA"):
             return None  # DescriptorReserve logs when refusing starts and ends
         proto = NSCAServerProtocol(
-            self.settings, self.deliver, self.clock, self.iv_source, peer=peer
+            self.settings, self.deliver, self.clock, self.iv_source, peer=peer,
+            on_reject=self.on_reject,
         )
         proto.factory = self
         self.open += 1

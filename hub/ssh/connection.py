@@ -346,6 +346,10 @@ class HubConnection(WindowedChannelsMixin, connection.SSHConnection):
     def _refuse(self, sender: int, reason: int, text: str, channel_type: bytes) -> None:
         log.info("{peer}: refused channel {type}: {text}", peer=self.transport.peer,
                  type=channel_type.decode("ascii", "replace"), text=text)
+        # Counted for metrics where the factory keeps a count (the hub's server).
+        refusals = getattr(self.transport.factory, "channel_refusals", None)
+        if refusals is not None:
+            refusals[reason] += 1
         if self._gone():
             return
         self.transport.sendPacket(

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from hub.errors import NameTaken, NotFound, PortsExhausted, RegistryError
 from hub.rules.ports import lease_port
+from hub.store.latency import Latency
 from hub.store.operators import KEEP, Keep, OperatorRecords
 from hub.store.rows import (
     AUDIT_COLUMNS,
@@ -55,8 +57,13 @@ class Registry(OperatorRecords):
     """Synchronous access to the registry file; each method is one transaction."""
 
     def __init__(self, path: str, now: Callable[[], float], *,
-                 migrations: Sequence[str] = MIGRATIONS) -> None:
+                 migrations: Sequence[str] = MIGRATIONS,
+                 timer: Callable[[], float] = time.perf_counter) -> None:
         self._now = now
+        # How long each write transaction takes (read by the metrics).
+        self.latency = Latency()
+        self._timer = timer
+        self._counts: tuple[tuple[int, int], dict[str, int]] | None = None
         try:
             keep_private(path)
             self._db = sqlite3.connect(path, isolation_level=None, timeout=2.0)
@@ -85,8 +92,14 @@ class Registry(OperatorRecords):
         """One write transaction, for modules that keep their own tables here."""
         return self._tx()
 
-    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
-        return transaction(self._db)
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        start = self._timer()
+        try:
+            with transaction(self._db) as db:
+                yield db
+        finally:
+            self.latency.observe(self._timer() - start)
 
     def _version(self) -> int:
         return int(self._db.execute("PRAGMA data_version").fetchone()[0])
@@ -122,6 +135,18 @@ class Registry(OperatorRecords):
             forwards.setdefault(node_id, {})[service] = port
         ids = NODE_COLUMNS.index("id")
         return [Node.from_row(row, forwards.get(row[ids], {})) for row in rows]
+
+    def node_counts(self) -> dict[str, int]:
+        """How many nodes are in each state. Counted again only after a change
+        (this connection's or another process's): a metrics scrape of an
+        unchanged registry reads no rows."""
+        key = (self._db.total_changes, self._version())
+        if self._counts is None or self._counts[0] != key:
+            counts = dict.fromkeys(STATES, 0)
+            counts.update(self._db.execute(
+                "SELECT state, COUNT(*) FROM nodes GROUP BY state").fetchall())
+            self._counts = (key, counts)
+        return dict(self._counts[1])
 
     def node(self, name: str) -> Node:
         row = self._db.execute(f"{_NODES} WHERE name = ?", (name,)).fetchone()

@@ -10,6 +10,8 @@ from typing import Any
 
 from twisted.conch.ssh import channel
 
+from hub.tunnel.traffic import Traffic
+
 
 class ChannelTransport:
     """Just enough of ITransport for an in-process protocol to run on a channel
@@ -47,12 +49,21 @@ class ProtocolChannel(channel.SSHChannel):
 
     conn: Any
     protocol: Any
+    # Set by NodeTunnel.dial (the hub's SSH client to a device): bytes through tunnels.
+    traffic: Traffic | None = None
 
     def channelOpen(self, specificData: bytes) -> None:
         self.protocol.makeConnection(ChannelTransport(self))
 
     def dataReceived(self, data: bytes) -> None:
+        if self.traffic is not None:
+            self.traffic.from_device += len(data)
         self.protocol.dataReceived(data)
+
+    def write(self, data: bytes) -> None:
+        if self.traffic is not None:
+            self.traffic.to_device += len(data)
+        channel.SSHChannel.write(self, data)
 
     def eofReceived(self) -> None:
         self.loseConnection()

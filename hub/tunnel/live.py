@@ -153,6 +153,8 @@ class NodeTunnel:
         """
         forward = self.table.lookup(target)
         opened: defer.Deferred[D] = channel.opened
+        if hasattr(channel, "traffic"):  # splice, relay, in-process: they count their bytes
+            channel.traffic = self.sessions.traffic
 
         def refused(f: Failure) -> Failure:
             if isinstance(f.value, ChannelRefused):

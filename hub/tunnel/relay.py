@@ -13,6 +13,7 @@ from typing import Any
 from twisted.conch.ssh import channel
 
 from hub.ssh.channels import MAX_PACKET, WINDOW, PacketWriteMixin, gather_output
+from hub.tunnel.traffic import Traffic
 
 
 class RelayMixin:
@@ -89,6 +90,8 @@ class RelayChannel(RelayMixin, PacketWriteMixin, channel.SSHChannel):
     data_views = True
 
     on_close: Callable[[], None] | None = None
+    # Set by NodeTunnel.dial on the device end: the hub's count of bytes through tunnels.
+    traffic: Traffic | None = None
 
     def __init__(self, name: bytes, **kw: Any) -> None:
         channel.SSHChannel.__init__(self, localWindow=WINDOW, localMaxPacket=MAX_PACKET, **kw)
@@ -101,7 +104,14 @@ class RelayChannel(RelayMixin, PacketWriteMixin, channel.SSHChannel):
         if self.relay_peer is not None and self.relay_peer.relay_open():
             gather_output(self.relay_peer.packet_sink())
             self.relay_peer.write(data)
+        if self.traffic is not None:
+            self.traffic.from_device += len(data)
         self.relay_received(len(data))
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.traffic is not None:
+            self.traffic.to_device += len(data)
+        PacketWriteMixin.write(self, data)
 
     def extReceived(self, dataType: int, data: bytes) -> None:
         if self.relay_peer is not None and self.relay_peer.relay_open():

@@ -19,6 +19,7 @@ from hub.rules.ports import ForwardCaps
 from hub.store.registry import Node, Registry
 from hub.tunnel.descriptors import DescriptorReserve
 from hub.tunnel.live import NodeTunnel, close_connection
+from hub.tunnel.traffic import Traffic
 
 log = Logger()
 
@@ -43,6 +44,8 @@ class LiveSessions:
     # that only sends results, a re-register, a check. They take nothing over
     # and are dropped on revocation like tunnels.
     _guests: dict[str, set[Any]] = field(factory=dict)
+    # Bytes through every tunnel since start (the channels dialled add to it).
+    traffic: Traffic = field(factory=Traffic)
 
     def join(self, node: str, conn: Any, peer: str) -> None:
         """A connection of `node` logged in; it takes over only once it forwards.
@@ -137,6 +140,10 @@ class LiveSessions:
 
     def online(self) -> list[str]:
         return sorted(self._live)
+
+    def tunnels(self) -> list[NodeTunnel]:
+        """The live tunnels now (for metrics: read, never changed)."""
+        return list(self._live.values())
 
     def enforce(self) -> None:
         """Apply registry changes: drop revoked or removed nodes, toggle public access."""

@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from hub.ssh.channels import MAX_PACKET, WINDOW, PacketWriteMixin, open_failure_text
 from hub.ssh.tcpwrite import no_delay, writeNow
+from hub.tunnel.traffic import Traffic
 
 log = Logger()
 
@@ -40,6 +41,8 @@ class SpliceChannel(PacketWriteMixin, channel.SSHChannel):
     is_open = False  # the device confirmed the channel
     data_views = True
     conn: Any
+    # Set by NodeTunnel.dial: the hub's count of bytes through tunnels.
+    traffic: Traffic | None = None
 
     def __init__(self, tcp: TCPEnd, name: bytes, *, remote_window: int = 0,
                  remote_max_packet: int = 0, on_close: Callable[[int, int], None] | None = None,
@@ -112,6 +115,8 @@ class SpliceChannel(PacketWriteMixin, channel.SSHChannel):
     def _to_tcp(self, data: bytes | bytearray | memoryview) -> None:
         if self.tcp.transport is not None:
             writeNow(self.tcp.transport, data)
+        if self.traffic is not None:
+            self.traffic.from_device += len(data)  # per batch written, not per packet
         # Window only for what TCP has now taken (queued in Twisted counts: it
         # pauses us past its buffer size, and then no window is granted).
         self._unacked += len(data)
@@ -152,6 +157,8 @@ class SpliceChannel(PacketWriteMixin, channel.SSHChannel):
 
     def tcp_data(self, data: bytes) -> None:
         self.bytes_out += len(data)
+        if self.traffic is not None:
+            self.traffic.to_device += len(data)
         self.write(data)
 
     def stopWriting(self) -> None:
