@@ -1227,7 +1227,8 @@ def test_dial_refused_by_the_device(device: Device, hub: Hub) -> None:
     refusal = failure.value
     assert refusal.reason == OPEN_CONNECT_FAILED
     assert isinstance(refusal.cause, ConchError) and refusal.cause.data == 2
-    assert refusal.text == f"node site-a port 22: {refusal.cause}"
+    assert refusal.text == "node site-a port 22: connect failed (code 2, connect failed)"
+    assert (refusal.code, refusal.words) == (2, "connect failed (code 2, connect failed)")
     assert probe.outcome == [refusal.cause]
 
 
@@ -1282,7 +1283,8 @@ def test_jump_reaches_the_node_through_dial(hub: Hub, device: Device, operator: 
 
 @pytest.mark.parametrize(("port", "refuse", "code", "text"), [
     (443, False, OPEN_CONNECT_FAILED, b"node site-a does not forward port 443"),
-    (22, True, OPEN_CONNECT_FAILED, b"node site-a port 22: (b'connect failed', 2)"),
+    (22, True, OPEN_CONNECT_FAILED,
+     b"node site-a port 22: connect failed (code 2, connect failed)"),
 ])
 def test_jump_refusals(hub: Hub, device: Device, operator: Device, port: int, refuse: bool,
                        code: int, text: bytes) -> None:
@@ -1315,7 +1317,8 @@ def test_malformed_jump_is_refused(device: Device, operator: Device, data: bytes
 
 @pytest.mark.parametrize(("forward", "refuse", "text"), [
     (b"http", False, "node site-a does not forward its ssh service"),
-    (b"", True, "the device refused the tunnel channel: (b'connect failed', 2)"),
+    (b"", True, "the device's SSH service behind its forward *:0 refused the connection: "
+                "connect failed (code 2, connect failed)"),
 ])
 def test_device_client_refusals(hub: Hub, reactor: RecordingReactor, device: Device,
                                 forward: bytes, refuse: bool, text: str) -> None:

@@ -38,6 +38,7 @@ from hub.ssh.algorithms import (
 )
 from hub.ssh.buffers import ReceiveBuffer
 from hub.ssh.ciphers import ModernSSHCiphers, cipherBlockLimit
+from hub.ssh.disconnect import disconnect_text
 from hub.ssh.kex import (
     EXT_INFO_CLIENT,
     EXT_INFO_SERVER,
@@ -389,9 +390,15 @@ class ModernTransportMixin(PacketIOMixin):
         self.sendPacket(MSG_UNIMPLEMENTED, struct.pack("!L", self._lastIncomingSeq))
 
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        # Conch's own logs a two-line "Disconnecting with error" with a bytes
+        # repr; here one line in words (the reason's name, the text sent).
         self._disconnectSent = True
         self._cancelRekeyTimer()
-        super().sendDisconnect(reason, desc)
+        self.sendPacket(MSG_DISCONNECT, struct.pack(">L", reason) + NS(desc) + NS(b""))
+        self._modernLog.info("{peer}: disconnecting: {why}", peer=peerOf(self),
+                             why=disconnect_text(reason, desc), code=reason, description=desc)
+        lower: Any = self.transport
+        lower.loseConnection()
 
 
 def messageName(number: int, service: Any) -> str:
