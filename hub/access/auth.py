@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from hub.errors import BadPassword, NotFound
 from hub.rules.logins import DeviceLogin, OperatorLogin, parse_login
+from hub.rules.throttle import OncePer
 from hub.ssh.algorithms import USERAUTH_SIGNATURE_ALGORITHMS
 from hub.store.registry import Registry
 
@@ -58,6 +59,38 @@ def check_password(password: bytes, hashed: str) -> bool:
         return False
 
 
+def _text(peer_bytes: bytes) -> str:
+    # The peer's bytes in a message: words, never a bytes repr.
+    return peer_bytes.decode("ascii", "replace")
+
+
+class NoCallHomePassword(UnauthorizedLogin):
+    """A device's password login while no Call Home Password is set."""
+
+
+@define(eq=False)
+class NoPasswordWarnings:
+    """While devices are refused because no Call Home Password is set: a warning
+    for the first, then at most one a minute (not one per attempt, which a fleet
+    of devices retrying would turn into a flood), with the number refused since
+    the last warning."""
+
+    clock: IReactorTime
+    interval: float = 60.0
+    _once: OncePer = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._once = OncePer(interval=self.interval)
+
+    def refused(self, source: str) -> None:
+        held = self._once.due(self.clock.seconds())
+        if held is None:
+            return
+        log.warn("device login refused from {peer}: no Call Home Password is set (set one "
+                 "with: callhomehub callhome-password); {refused} refused since the last "
+                 "warning", peer=source, refused=held + 1)
+
+
 class InvalidUser(UnauthorizedLogin):
     """A login name that is neither the registrar user nor an operator (sshd's
     "Invalid user")."""
@@ -82,7 +115,7 @@ class CallHomePasswordChecker:
             return self._operator(name, credentials.password)
         hashed = self._registry.setting(CALLHOME_PASSWORD)
         if hashed is None:
-            return defer.fail(UnauthorizedLogin("no Call Home Password is set on this hub"))
+            return defer.fail(NoCallHomePassword("no Call Home Password is set on this hub"))
 
         def decide(ok: bool) -> DeviceLogin:
             if not ok:
@@ -135,7 +168,7 @@ class DeviceKeyChecker:
 
     def _check(self, credentials: Any) -> DeviceLogin | OperatorLogin:
         if credentials.algName not in USER_SIG_ALGS:
-            raise UnauthorizedLogin(f"signature algorithm {credentials.algName!r} not allowed")
+            raise UnauthorizedLogin(f"signature algorithm {_text(credentials.algName)} not allowed")
         if credentials.username != self._user:
             name = credentials.username.decode("utf-8", "replace")
             try:
@@ -149,7 +182,7 @@ class DeviceKeyChecker:
             return OperatorLogin(user.name, login.node, login.port, identity=user.identity,
                                  credential=credentials.blob)
         if credentials.algName not in USER_SIG_ALGS:
-            raise UnauthorizedLogin(f"signature algorithm {credentials.algName!r} not allowed")
+            raise UnauthorizedLogin(f"signature algorithm {_text(credentials.algName)} not allowed")
         node = self._registry.node_by_key(credentials.blob)
         if node is None:
             raise UnauthorizedLogin("key is not registered")
