@@ -116,9 +116,7 @@ def cmd_state(state: str) -> Any:
             elif answer["ok"]:
                 print(answer["message"])
             else:
-                print(f"warning: {answer['message']}; if the device has not authorized the "
-                      f"hub's management key, run: callhomehub enroll {node.name}",
-                      file=sys.stderr)
+                print(f"warning: {answer['message']}", file=sys.stderr)
         return 0
     return run
 
