@@ -7,10 +7,12 @@ device's call-home tunnel, as the hub reaches a real one.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from memory_gateway import DeviceSSHD, Site, audit, exec_, shell
 from memory_hub import new_key
+from twisted.logger import formatEvent, globalLogPublisher
 
 from hub.rules.chooser import PROMPT
 
@@ -107,9 +109,18 @@ def test_device_refusing_the_login_the_host_key_or_the_request(site: Site) -> No
     impostor = DeviceSSHD(site.clock, site.hub.keys.mgmt)  # another host key
     key = site.enroll("site-y", site.sshd)
     site.call_home(key, impostor, peer="192.0.2.23")
-    chan = site.operator(b"alice:site-y", exec_(b"hello"))
+    events: list[Any] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        chan = site.operator(b"alice:site-y", exec_(b"hello"))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
     assert chan.err.startswith(b"callhomehub: cannot log in to site-y: device host key "
                                b"changed: pinned ") and chan.status == 1
+    # What the hub sent the device, and logged: words, no Failure repr, no traceback.
+    lines = [formatEvent(e) or "" for e in events]
+    assert "node site-y: disconnecting: bad host key (host key not verifiable)" in lines
+    assert not [line for line in lines if "Failure instance" in line or "Address(" in line]
     site.sshd.refuse_channels = True
     chan = site.operator(b"alice:site-a", exec_(b"hello"))
     assert chan.err == (b"callhomehub: cannot log in to site-a: the device's SSH service "

@@ -129,6 +129,7 @@ class DeviceClientTransport(ModernTransportMixin, transport.SSHClientTransport):
         self.ioGroup = io_group
         self.host_key: bytes | None = None
         self.failure: DeviceError | None = None
+        self.peer: str | None = None  # who the device is, for the log (else its address)
         # The user-auth method the device accepted (b"publickey": the management
         # key was authorized already), the methods it refused, and whether the
         # enrollment password was sent at all.
@@ -203,6 +204,7 @@ def connect(tunnel: NodeTunnel, user: str, key: keys.Key, pinned: bytes | None,
     ready: defer.Deferred[DeviceConnection] = defer.Deferred()
     client = DeviceClientTransport(user.encode(), key, password, pinned, ready, clock,
                                    tunnel.conn.transport.ioGroup)
+    client.peer = f"node {tunnel.node}"
 
     def refused(f: Failure) -> Failure | None:
         why = f.value

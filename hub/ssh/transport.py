@@ -13,6 +13,7 @@ from twisted.conch.ssh import _kex
 from twisted.conch.ssh import transport as _conch_transport
 from twisted.conch.ssh.common import NS
 from twisted.conch.ssh.transport import (
+    DISCONNECT_HOST_KEY_NOT_VERIFIABLE,
     DISCONNECT_PROTOCOL_ERROR,
     MSG_DEBUG,
     MSG_DISCONNECT,
@@ -392,6 +393,10 @@ class ModernTransportMixin(PacketIOMixin):
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
         # Conch's own logs a two-line "Disconnecting with error" with a bytes
         # repr; here one line in words (the reason's name, the text sent).
+        if reason == DISCONNECT_HOST_KEY_NOT_VERIFIABLE:
+            # Conch's client appends the Failure's repr (a traceback) to "bad host
+            # key" on the ECDH path: never on the wire. The client logs why.
+            desc = b"bad host key"
         self._disconnectSent = True
         self._cancelRekeyTimer()
         self.sendPacket(MSG_DISCONNECT, struct.pack(">L", reason) + NS(desc) + NS(b""))
@@ -421,5 +426,7 @@ def peerOf(ssh: Any) -> str:
     peer = getattr(ssh, "peer", None)
     if peer is None and ssh.transport is not None:
         address = ssh.transport.getPeer()
+        # An SSH channel's address (a client inside a tunnel) wraps the TCP one.
+        address = getattr(address, "address", address)
         peer = getattr(address, "host", address)
     return str(peer)
