@@ -439,6 +439,31 @@ def test_forward_caps_come_from_the_config(tmp_path: Path, reactor: RecordingRea
     assert a.forward(b"app", 0) == ("fail",)
 
 
+def test_last_seen_moves_with_keepalive_answers_written_once_a_minute(
+        tmp_path: Path, reactor: RecordingReactor) -> None:
+    hub = make_hub(tmp_path, reactor, keepalive="15", **{"port-range": f"{LOW}-{HIGH}"})
+    device = Device(start_factory(hub), reactor, key=register(hub, "site-a"))
+    allocated(device.forward(b"", 0))
+    start = hub.registry.node("site-a").last_seen
+    assert start == reactor.seconds()
+
+    def run(seconds: int) -> None:
+        for _ in range(seconds):
+            reactor.advance(1)
+            device.pump.flush()
+
+    run(45)  # three keepalives answered: not yet a minute since the last write
+    assert hub.registry.node("site-a").last_seen == start
+    run(16)
+    assert hub.registry.node("site-a").last_seen == start + 60
+    touched = hub.registry.node("site-a").last_seen
+    run(50)
+    assert hub.registry.node("site-a").last_seen == touched
+    run(20)
+    assert hub.registry.node("site-a").last_seen == start + 120
+    assert hub.registry.node("site-a").online
+
+
 def test_leases_of_a_pending_node_that_never_came_back_expire(
         hub: Hub, reactor: RecordingReactor, factory: HubSSHFactory, device: Device) -> None:
     squatted = {allocated(device.forward(f"s{i}".encode(), 0)) for i in range(3)}
