@@ -115,6 +115,8 @@ class DeviceUserAuth(ModernUserAuthClientMixin, userauth.SSHUserAuthClient):
 
 
 class DeviceClientTransport(ModernTransportMixin, transport.SSHClientTransport):
+    peer: str  # who the device is, for the log; while unset, its address is used
+
     def __init__(self, user: bytes, key: keys.Key, password: bytes | None,
                  pinned: bytes | None, ready: defer.Deferred[DeviceConnection],
                  clock: Any, io_group: IOGroup | None = None) -> None:
@@ -129,7 +131,6 @@ class DeviceClientTransport(ModernTransportMixin, transport.SSHClientTransport):
         self.ioGroup = io_group
         self.host_key: bytes | None = None
         self.failure: DeviceError | None = None
-        self.peer: str | None = None  # who the device is, for the log (else its address)
         # The user-auth method the device accepted (b"publickey": the management
         # key was authorized already), the methods it refused, and whether the
         # enrollment password was sent at all.

@@ -393,7 +393,7 @@ class ModernTransportMixin(PacketIOMixin):
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
         # Conch's own logs a two-line "Disconnecting with error" with a bytes
         # repr; here one line in words (the reason's name, the text sent).
-        if reason == DISCONNECT_HOST_KEY_NOT_VERIFIABLE:
+        if reason == DISCONNECT_HOST_KEY_NOT_VERIFIABLE and desc.startswith(b"bad host key ["):
             # Conch's client appends the Failure's repr (a traceback) to "bad host
             # key" on the ECDH path: never on the wire. The client logs why.
             desc = b"bad host key"
