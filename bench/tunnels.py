@@ -220,7 +220,7 @@ def log_errors(data: Path) -> str:
 
 
 def leases(hub: HubProcess) -> dict[str, Any]:
-    return {node["name"]: node["forwards"] for node in json.loads(hub.cli("nodes", "--json"))}
+    return {node["name"]: node["leases"] for node in json.loads(hub.cli("nodes", "--json"))}
 
 
 def storm(hub: HubProcess, gen: Generator, outcome: Outcome, args: argparse.Namespace) -> None:

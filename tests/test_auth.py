@@ -5,11 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from twisted.cred.credentials import UsernamePassword
+from twisted.cred.credentials import SSHPrivateKey, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from hub.access.auth import DUMMY_HASH, CallHomePasswordChecker, check_password, hash_password
+from hub.access.auth import (
+    DUMMY_HASH,
+    CallHomePasswordChecker,
+    DeviceKeyChecker,
+    NoPasswordWarnings,
+    check_password,
+    hash_password,
+)
 from hub.rules.logins import OperatorLogin
 from hub.store.registry import Registry
 
@@ -37,3 +46,39 @@ def test_refusing_an_unknown_operator_costs_the_same_bcrypt_work(tmp_path: Path)
     assert DUMMY_HASH.split("$")[2] == hash_password(b"x").split("$")[2] == "12"
     ok = checker.requestAvatarId(UsernamePassword(b"alice:site-a", b"right"))
     assert ok.result == OperatorLogin("alice", "site-a")  # type: ignore[attr-defined]
+
+
+def warnings_in(events: list[Any]) -> list[str]:
+    return [formatEvent(e) or "" for e in events if e.get("log_level") == LogLevel.warn]
+
+
+def test_no_call_home_password_warning_at_most_once_a_minute() -> None:
+    clock = MemoryReactorClock()
+    warnings = NoPasswordWarnings(clock)
+    events: list[Any] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        warnings.refused("203.0.113.9")
+        for _ in range(5):
+            clock.advance(10)
+            warnings.refused("203.0.113.10")
+        assert len(warnings_in(events)) == 1  # 50 s: still the first line only
+        clock.advance(10)
+        warnings.refused("203.0.113.11")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    hint = "no Call Home Password is set (set one with: callhomehub callhome-password)"
+    assert warnings_in(events) == [
+        f"device login refused from 203.0.113.9: {hint}; 1 refused since the last warning",
+        f"device login refused from 203.0.113.11: {hint}; 6 refused since the last warning",
+    ]
+
+
+def test_a_refused_signature_algorithm_is_named_in_words(tmp_path: Path) -> None:
+    registry = Registry(str(tmp_path / "hub.sqlite3"), now=lambda: 0.0)
+    checker = DeviceKeyChecker(registry, "cms")
+    refused: list[Any] = []
+    checker.requestAvatarId(SSHPrivateKey(b"cms", b"ssh-dss", b"blob", b"data", b"sig")
+                            ).addErrback(refused.append)
+    [failure] = refused
+    assert failure.getErrorMessage() == "signature algorithm ssh-dss not allowed"

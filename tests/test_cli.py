@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from memory_hub import new_key
 
 from hub import __version__
 from hub.app.cli import main
-from hub.ssh.keys import parse_public_key
+from hub.ssh.keys import fingerprint, parse_public_key
 from hub.store.registry import Registry
 
 
@@ -136,3 +137,44 @@ def test_user_set_refusals_are_one_line_and_change_nothing(
     assert (code, out, err) == (1, "", f"callhomehub: {message}\n")
     assert registry.user("alice") == before
     registry.close()
+
+
+T0 = 1796180645.0  # 2026-12-02T03:04:05Z
+
+
+def test_nodes_show_live_forwards_leases_iso_times_and_the_pinned_host_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    now = [T0]
+    registry = Registry(str(tmp_path / "hub.sqlite3"), now=lambda: now[0])
+    host_key = new_key().public().blob()
+    for name in ("site-a", "site-b"):
+        registry.register(name, new_key().public().blob(), f"SHA256:{name}", "test")
+        registry.lease(name, "ssh", 49152, 49200)
+    registry.lease("site-a", "http", 49152, 49200)
+    registry.set_device_access("site-a", "test", host_key=host_key)
+    registry.mark_online("site-a", "192.0.2.7")
+    registry.set_lease_active("site-a", "ssh", True)  # http: leased, not listening now
+    now[0] = T0 + 3600
+    registry.mark_online("site-b", "192.0.2.8")
+    registry.mark_offline("site-b")
+    registry.close()
+    code, out, _ = run(tmp_path, monkeypatch, capsys, "nodes", "--json")
+    a, b = json.loads(out)
+    assert code == 0
+    assert (a["forwards"], a["leases"]) == ({"ssh": 49152}, {"ssh": 49152, "http": 49154})
+    assert (b["forwards"], b["leases"]) == ({}, {"ssh": 49153})
+    assert (a["last_seen"], a["online_since"]) == ("2026-12-02T03:04:05Z",) * 2
+    assert (b["last_seen"], b["online_since"]) == ("2026-12-02T04:04:05Z", None)
+    assert a["host_key"] == fingerprint(host_key) and b["host_key"] is None
+    for field in ("name", "state", "online", "fingerprint", "forwards", "public",
+                  "last_seen", "peer"):
+        assert field in a
+    code, out, _ = run(tmp_path, monkeypatch, capsys, "nodes")
+    row_a, row_b = out.splitlines()[1:]
+    assert "ssh=49152,http=49154 (lease)" in row_a and "2026-12-02T03:04:05Z" in row_a
+    assert "ssh=49153 (lease)" in row_b and "2026-12-02T04:04:05Z" in row_b
+    code, out, _ = run(tmp_path, monkeypatch, capsys, "audit", "--json")
+    assert {e["time"] for e in json.loads(out)} == {"2026-12-02T03:04:05Z"}
+    code, out, _ = run(tmp_path, monkeypatch, capsys, "audit")
+    assert out.splitlines()[1].startswith("2026-12-02T03:04:05Z  ")

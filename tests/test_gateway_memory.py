@@ -7,10 +7,12 @@ device's call-home tunnel, as the hub reaches a real one.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from memory_gateway import DeviceSSHD, Site, audit, exec_, shell
 from memory_hub import new_key
+from twisted.logger import formatEvent, globalLogPublisher
 
 from hub.rules.chooser import PROMPT
 
@@ -103,18 +105,27 @@ def test_device_refusing_the_login_the_host_key_or_the_request(site: Site) -> No
     stranger = DeviceSSHD(site.clock, new_key())  # has not authorized the hub's key
     site.call_home(site.enroll("site-x", stranger), stranger, peer="192.0.2.22")
     refused(site, b"alice:site-x",
-            b"cannot log in to site-x: the device closed the connection during login "
-            b"(management key not authorized, or wrong password?)")
+            b"cannot log in to site-x: the device refused the hub's management key for root")
     impostor = DeviceSSHD(site.clock, site.hub.keys.mgmt)  # another host key
     key = site.enroll("site-y", site.sshd)
     site.call_home(key, impostor, peer="192.0.2.23")
-    chan = site.operator(b"alice:site-y", exec_(b"hello"))
+    events: list[Any] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        chan = site.operator(b"alice:site-y", exec_(b"hello"))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
     assert chan.err.startswith(b"callhomehub: cannot log in to site-y: device host key "
                                b"changed: pinned ") and chan.status == 1
+    # What the hub sent the device, and logged: words, no Failure repr, no traceback.
+    lines = [formatEvent(e) or "" for e in events]
+    assert "node site-y: disconnecting: bad host key (host key not verifiable)" in lines
+    assert not [line for line in lines if "Failure instance" in line or "Address(" in line]
     site.sshd.refuse_channels = True
     chan = site.operator(b"alice:site-a", exec_(b"hello"))
-    assert chan.err.startswith(b"callhomehub: cannot log in to site-a: the device refused "
-                               b"the tunnel channel: ") and chan.status == 1
+    assert chan.err == (b"callhomehub: cannot log in to site-a: the device's SSH service "
+                        b"behind its forward *:0 refused the connection: connect failed "
+                        b"(code 2, connect failed)\r\n") and chan.status == 1
     site.sshd.refuse_channels = False
     refused(site, b"alice:site-a", b"the device refused the exec request", b"refuse")
 

@@ -51,11 +51,13 @@ def test_parse_public_key_accepts_openssh_lines(tmp_path: Path) -> None:
     (b"", "no public key"),
     (b"ssh-ed25519 AAAA", "not an OpenSSH public key"),
     (b"hello world\n", "not an OpenSSH public key"),
+    (b"this is not a key", "not an OpenSSH public key: expected one line 'TYPE BASE64"),
     (b"-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n", "private key"),
 ])
 def test_parse_public_key_refuses_bad_input(text: bytes, message: str) -> None:
-    with pytest.raises(BadKey, match=message):
+    with pytest.raises(BadKey, match=message) as refused:
         parse_public_key(text)
+    assert "b'" not in str(refused.value)
 
 
 def test_two_keys_are_refused(tmp_path: Path) -> None:

@@ -64,7 +64,7 @@ EXPECTED_NODES = [
     Node(id=1, name="site-a", kind="callhome", key_blob=b"key-a", fingerprint="SHA256:a",
          state="approved", created=100.0, last_seen=200.5, peer="192.0.2.7", online=True,
          online_since=150.25, public=True, device_user="admin", host_key=b"pinned-a",
-         forwards={"ssh": LOW, "http": LOW + 2}, console=None),
+         forwards={"ssh": LOW, "http": LOW + 2}, console=None, live=frozenset({"ssh"})),
     Node(id=2, name="junos-1", kind=NETCONF, key_blob=None, fingerprint="SHA256:j",
          state="pending", created=110.0, last_seen=None, peer="", online=False,
          online_since=None, public=False, device_user="root", host_key=b"host-key-j",
@@ -168,9 +168,10 @@ def test_value_columns_match_the_schema(tmp_path: Path) -> None:
     def columns(table: str) -> list[str]:
         return [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
 
-    # Every column of nodes is read, and each one is a field of Node.
+    # Every column of nodes is read, and each one is a field of Node (beside
+    # the leases: all of them, and the services listening now).
     assert list(NODE_COLUMNS) == columns("nodes")
-    assert {f.name for f in attrs.fields(Node)} == {*NODE_COLUMNS, "forwards"}
+    assert {f.name for f in attrs.fields(Node)} == {*NODE_COLUMNS, "forwards", "live"}
     assert [f.name for f in attrs.fields(AuditEntry)] == list(AUDIT_COLUMNS)
     assert set(AUDIT_COLUMNS) <= set(columns("audit"))
 

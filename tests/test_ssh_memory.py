@@ -12,7 +12,7 @@ import pytest
 from attrs import define
 from twisted.conch.ssh.common import NS, getNS
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.test import iosim
 
 from hub.ssh.ciphers import IMPLICIT_MAC, isAEAD
@@ -338,6 +338,18 @@ def test_kexinit_must_be_first_packet(events: list[LogEvent]) -> None:
     pair.run()
     assert b"strict KEX violation: KEXINIT was not the first packet" in disconnects(events)
     assert pair.peer.channel is None
+
+
+def test_a_disconnect_the_hub_sends_is_one_line_in_words(events: list[LogEvent]) -> None:
+    pair = connect()
+    pair.server.sendDisconnect(11, b"hub stopping")
+    pair.run()
+    lines = [formatEvent(e) for e in events if e.get("log_source") is pair.server
+             and "code" in e]
+    (line,) = lines
+    assert line.endswith(": disconnecting: hub stopping (by application)"), line
+    assert "\n" not in line
+    assert not [e for e in events if "Disconnecting with error" in (formatEvent(e) or "")]
 
 
 def test_ignore_before_kexinit_tolerated_without_strict_kex(events: list[LogEvent]) -> None:

@@ -3,6 +3,7 @@ budgets, the key-exchange grace and admission of unauthenticated connections."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from twisted.conch.ssh.userauth import MSG_USERAUTH_REQUEST
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from hub.access.auth import check_password
 from hub.app.context import Hub
@@ -248,3 +250,29 @@ def test_exempt_source_takes_from_the_global_password_budget_only(
     one_password_each_from(start_factory(hub), clock, "198.51.100.7", connections=8)
     # Past the per-source burst of 2, up to the hub's burst of 5.
     assert threads.checks == 5
+
+
+def test_devices_refused_for_want_of_a_call_home_password_warn_once_a_minute(
+        tmp_path: Path, clock: MemoryReactorClock) -> None:
+    hub, _threads = slow_hub(tmp_path, clock)
+    with sqlite3.connect(hub.config.db_path) as db:  # as if none had ever been set
+        db.execute("DELETE FROM settings WHERE key = 'callhome_password'")
+    factory = start_factory(hub)
+    events: list[Any] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for peer in ("198.51.100.7", "198.51.100.8", "198.51.100.9"):
+            _, client, pump = connect_client(factory, clock, None, peer=peer)
+            pipeline_passwords(client, 1)
+            run(clock, pump, 5)
+        clock.advance(60)
+        _, client, pump = connect_client(factory, clock, None, peer="198.51.100.10")
+        pipeline_passwords(client, 1)
+        run(clock, pump, 5)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warnings = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn
+                and "no Call Home Password" in (formatEvent(e) or "")]
+    assert [w.split(":")[0] if w else w for w in warnings] == [
+        "device login refused from 198.51.100.7", "device login refused from 198.51.100.10"]
+    assert warnings[1].endswith("; 3 refused since the last warning")

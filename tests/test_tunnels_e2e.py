@@ -83,7 +83,8 @@ def test_reverse_forwards_reach_the_device(hub: HubProcess, tmp_path: Path,
         web.close()
     wait_for(lambda: not node(hub, "site-a")["online"], 10, "the node to go offline")
     assert all(refused(p) for p in forwards.values())
-    assert node(hub, "site-a")["forwards"] == forwards  # leases stay with the node
+    offline = node(hub, "site-a")
+    assert (offline["forwards"], offline["leases"]) == ({}, forwards)  # leases stay with it
 
 
 def test_cancel_forward_releases_its_port(hub: HubProcess, tmp_path: Path) -> None:
@@ -156,7 +157,7 @@ def test_vanished_device_is_dropped_by_keepalives(tmp_path: Path) -> None:
         device.kill(signal.SIGSTOP)  # like a pulled cable: TCP stays, nothing answers
         wait_for(lambda: not node(hub, "site-a")["online"], 10, "keepalives to drop it")
         assert refused(port)
-        assert node(hub, "site-a")["forwards"] == {"ssh": port}
+        assert node(hub, "site-a")["leases"] == {"ssh": port}
         assert "keepalives unanswered" in hub.log_text()
     finally:
         device.close()
@@ -321,7 +322,7 @@ def test_duplicate_and_excess_forwards_fail_the_ssh_client(hub: HubProcess,
     assert four.returncode == 255 and b"remote port forwarding failed" in four.stderr
     # Its sticky lease of "ssh" counts: two more services, not three.
     assert "pending nodes may hold at most 3 port leases (s0, s1, ssh)" in hub.log_text()
-    assert set(device.forwards()) == {"ssh", "s0", "s1"}
+    assert set(node(hub, "site-a")["leases"]) == {"ssh", "s0", "s1"}  # the client has gone
 
 
 def test_a_second_login_without_forwards_keeps_the_tunnel(hub: HubProcess,

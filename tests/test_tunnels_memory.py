@@ -439,6 +439,31 @@ def test_forward_caps_come_from_the_config(tmp_path: Path, reactor: RecordingRea
     assert a.forward(b"app", 0) == ("fail",)
 
 
+def test_last_seen_moves_with_keepalive_answers_written_once_a_minute(
+        tmp_path: Path, reactor: RecordingReactor) -> None:
+    hub = make_hub(tmp_path, reactor, keepalive="15", **{"port-range": f"{LOW}-{HIGH}"})
+    device = Device(start_factory(hub), reactor, key=register(hub, "site-a"))
+    allocated(device.forward(b"", 0))
+    start = hub.registry.node("site-a").last_seen
+    assert start == reactor.seconds()
+
+    def run(seconds: int) -> None:
+        for _ in range(seconds):
+            reactor.advance(1)
+            device.pump.flush()
+
+    run(45)  # three keepalives answered: not yet a minute since the last write
+    assert hub.registry.node("site-a").last_seen == start
+    run(16)
+    assert hub.registry.node("site-a").last_seen == start + 60
+    touched = hub.registry.node("site-a").last_seen
+    run(50)
+    assert hub.registry.node("site-a").last_seen == touched
+    run(20)
+    assert hub.registry.node("site-a").last_seen == start + 120
+    assert hub.registry.node("site-a").online
+
+
 def test_leases_of_a_pending_node_that_never_came_back_expire(
         hub: Hub, reactor: RecordingReactor, factory: HubSSHFactory, device: Device) -> None:
     squatted = {allocated(device.forward(f"s{i}".encode(), 0)) for i in range(3)}
@@ -1227,7 +1252,8 @@ def test_dial_refused_by_the_device(device: Device, hub: Hub) -> None:
     refusal = failure.value
     assert refusal.reason == OPEN_CONNECT_FAILED
     assert isinstance(refusal.cause, ConchError) and refusal.cause.data == 2
-    assert refusal.text == f"node site-a port 22: {refusal.cause}"
+    assert refusal.text == "node site-a port 22: connect failed (code 2, connect failed)"
+    assert (refusal.code, refusal.words) == (2, "connect failed (code 2, connect failed)")
     assert probe.outcome == [refusal.cause]
 
 
@@ -1282,7 +1308,8 @@ def test_jump_reaches_the_node_through_dial(hub: Hub, device: Device, operator: 
 
 @pytest.mark.parametrize(("port", "refuse", "code", "text"), [
     (443, False, OPEN_CONNECT_FAILED, b"node site-a does not forward port 443"),
-    (22, True, OPEN_CONNECT_FAILED, b"node site-a port 22: (b'connect failed', 2)"),
+    (22, True, OPEN_CONNECT_FAILED,
+     b"node site-a port 22: connect failed (code 2, connect failed)"),
 ])
 def test_jump_refusals(hub: Hub, device: Device, operator: Device, port: int, refuse: bool,
                        code: int, text: bytes) -> None:
@@ -1315,7 +1342,8 @@ def test_malformed_jump_is_refused(device: Device, operator: Device, data: bytes
 
 @pytest.mark.parametrize(("forward", "refuse", "text"), [
     (b"http", False, "node site-a does not forward its ssh service"),
-    (b"", True, "the device refused the tunnel channel: (b'connect failed', 2)"),
+    (b"", True, "the device's SSH service behind its forward *:0 refused the connection: "
+                "connect failed (code 2, connect failed)"),
 ])
 def test_device_client_refusals(hub: Hub, reactor: RecordingReactor, device: Device,
                                 forward: bytes, refuse: bool, text: str) -> None:

@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from hub.errors import BadPassword, NotFound
 from hub.rules.logins import DeviceLogin, OperatorLogin, parse_login
+from hub.rules.throttle import OncePer
 from hub.ssh.algorithms import USERAUTH_SIGNATURE_ALGORITHMS
 from hub.store.registry import Registry
 
@@ -56,6 +57,34 @@ def check_password(password: bytes, hashed: str) -> bool:
         return bcrypt.checkpw(password, hashed.encode())
     except ValueError:
         return False
+
+
+def _text(peer_bytes: bytes) -> str:
+    # The peer's bytes in a message: words, never a bytes repr.
+    return peer_bytes.decode("ascii", "replace")
+
+
+@define(eq=False)
+class NoPasswordWarnings:
+    """While devices are refused because no Call Home Password is set: a warning
+    for the first, then at most one a minute (not one per attempt, which a fleet
+    of devices retrying would turn into a flood), with the number refused since
+    the last warning."""
+
+    clock: IReactorTime
+    interval: float = 60.0
+    _once: OncePer = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._once = OncePer(interval=self.interval)
+
+    def refused(self, source: str) -> None:
+        held = self._once.due(self.clock.seconds())
+        if held is None:
+            return
+        log.warn("device login refused from {peer}: no Call Home Password is set (set one "
+                 "with: callhomehub callhome-password); {refused} refused since the last "
+                 "warning", peer=source, refused=held + 1)
 
 
 class InvalidUser(UnauthorizedLogin):
@@ -140,7 +169,7 @@ class DeviceKeyChecker:
 
     def _check(self, credentials: Any) -> DeviceLogin | OperatorLogin:
         if credentials.algName not in USER_SIG_ALGS:
-            raise UnauthorizedLogin(f"signature algorithm {credentials.algName!r} not allowed")
+            raise UnauthorizedLogin(f"signature algorithm {_text(credentials.algName)} not allowed")
         if credentials.username != self._user:
             name = credentials.username.decode("utf-8", "replace")
             try:
@@ -154,7 +183,7 @@ class DeviceKeyChecker:
             return OperatorLogin(user.name, login.node, login.port, identity=user.identity,
                                  credential=credentials.blob)
         if credentials.algName not in USER_SIG_ALGS:
-            raise UnauthorizedLogin(f"signature algorithm {credentials.algName!r} not allowed")
+            raise UnauthorizedLogin(f"signature algorithm {_text(credentials.algName)} not allowed")
         node = self._registry.node_by_key(credentials.blob)
         if node is None:
             raise UnauthorizedLogin("key is not registered")

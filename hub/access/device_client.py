@@ -12,13 +12,14 @@ import struct
 from typing import Any
 
 from twisted.conch.ssh import channel, common, connection, keys, transport, userauth
+from twisted.conch.ssh.connection import OPEN_CONNECT_FAILED
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hub.errors import HubError
 from hub.ssh.connection import ChannelRefused, WindowedChannelsMixin
-from hub.ssh.disconnect import log_peer_disconnect
+from hub.ssh.disconnect import disconnect_text, log_peer_disconnect, open_failure_of
 from hub.ssh.iogroup import IOGroup
 from hub.ssh.keys import fingerprint
 from hub.ssh.modern import ModernTransportMixin, ModernUserAuthClientMixin
@@ -37,6 +38,22 @@ class DeviceError(HubError):
 
 class HostKeyMismatch(DeviceError):
     """The device presented a host key other than the one pinned at enrollment."""
+
+
+class KeyRefused(DeviceError):
+    """The device refused the hub's management key (it has not authorized it)."""
+
+
+class PasswordRefused(DeviceError):
+    """The device refused the password given at enrollment."""
+
+
+class ServiceRefused(DeviceError):
+    """The device could not connect the tunnel channel to its SSH service."""
+
+
+# The methods that carry the enrollment password.
+PASSWORD_METHODS = (b"password", b"keyboard-interactive")
 
 
 class DeviceConnection(WindowedChannelsMixin, connection.SSHConnection):
@@ -62,26 +79,44 @@ class DeviceUserAuth(ModernUserAuthClientMixin, userauth.SSHUserAuthClient):
         self._private = key
         self._password = password
 
+    transport: Any
+
     def getPublicKey(self) -> Any:
         key, self._key = self._key, None  # offer it once
         return None if key is None else key.public()
+
+    def ssh_USERAUTH_SUCCESS(self, packet: bytes) -> None:
+        self.transport.logged_in_with = self.lastAuth
+        userauth.SSHUserAuthClient.ssh_USERAUTH_SUCCESS(self, packet)
+
+    def ssh_USERAUTH_FAILURE(self, packet: bytes) -> Any:
+        # What the device said no to, so a failed login can say which credential.
+        if self.lastAuth != b"none":
+            self.transport.refused_methods.add(self.lastAuth)
+        return userauth.SSHUserAuthClient.ssh_USERAUTH_FAILURE(self, packet)
 
     def getPrivateKey(self) -> defer.Deferred[keys.Key]:
         return defer.succeed(self._private)
 
     def getPassword(self, prompt: Any = None) -> Any:
         password, self._password = self._password, None
-        return None if password is None else defer.succeed(password)
+        if password is None:
+            return None
+        self.transport.password_sent = True
+        return defer.succeed(password)
 
     def getGenericAnswers(self, name: Any, instruction: Any, questions: Any) -> Any:
         # keyboard-interactive: answer a single password question at enrollment.
         password, self._password = self._password, None
         if password is None or len(questions) != 1:
             return defer.fail(DeviceError("no answer for keyboard-interactive"))
+        self.transport.password_sent = True
         return defer.succeed([password])
 
 
 class DeviceClientTransport(ModernTransportMixin, transport.SSHClientTransport):
+    peer: str  # who the device is, for the log; while unset, its address is used
+
     def __init__(self, user: bytes, key: keys.Key, password: bytes | None,
                  pinned: bytes | None, ready: defer.Deferred[DeviceConnection],
                  clock: Any, io_group: IOGroup | None = None) -> None:
@@ -96,6 +131,12 @@ class DeviceClientTransport(ModernTransportMixin, transport.SSHClientTransport):
         self.ioGroup = io_group
         self.host_key: bytes | None = None
         self.failure: DeviceError | None = None
+        # The user-auth method the device accepted (b"publickey": the management
+        # key was authorized already), the methods it refused, and whether the
+        # enrollment password was sent at all.
+        self.logged_in_with: bytes | None = None
+        self.refused_methods: set[bytes] = set()
+        self.password_sent = False
 
     def verifyHostKey(self, hostKey: bytes, fingerprint_: bytes) -> defer.Deferred[bool]:
         self.host_key = hostKey
@@ -116,15 +157,29 @@ class DeviceClientTransport(ModernTransportMixin, transport.SSHClientTransport):
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         if self.failure is None:
-            self.failure = DeviceError(description.decode("utf-8", "replace"))
+            self.failure = self.login_refused(disconnect_text(reasonCode, description))
         log_peer_disconnect(log, "the device", reasonCode, description)
+
+    def login_refused(self, said: str | None = None) -> DeviceError:
+        """Why the login failed, from what the device refused: the password
+        (enrollment), else the management key, else the device's own words."""
+        user = self.user.decode("utf-8", "replace")
+        if self.password_sent and self.refused_methods & set(PASSWORD_METHODS):
+            return PasswordRefused(f"the device refused the password for {user}")
+        if b"publickey" in self.refused_methods:
+            offered = "" if self.password is None or self.password_sent else (
+                " and offers no password login")
+            return KeyRefused(f"the device refused the hub's management key for {user}"
+                              f"{offered}")
+        if said is not None:
+            return DeviceError(said)
+        return DeviceError("the device closed the connection during login (management key "
+                           "not authorized, or wrong password?)")
 
     def connectionLost(self, reason: Any = None) -> None:
         transport.SSHClientTransport.connectionLost(self, reason)
         if not self.ready.called:
-            self.ready.errback(self.failure or DeviceError(
-                "the device closed the connection during login (management key not "
-                "authorized, or wrong password?)"))
+            self.ready.errback(self.failure or self.login_refused())
 
 
 class ClientChannel(OpenNotice, ProtocolChannel):
@@ -150,11 +205,12 @@ def connect(tunnel: NodeTunnel, user: str, key: keys.Key, pinned: bytes | None,
     ready: defer.Deferred[DeviceConnection] = defer.Deferred()
     client = DeviceClientTransport(user.encode(), key, password, pinned, ready, clock,
                                    tunnel.conn.transport.ioGroup)
+    client.peer = f"node {tunnel.node}"
 
     def refused(f: Failure) -> Failure | None:
         why = f.value
         if isinstance(why, DeviceRefused):
-            client.failure = DeviceError(f"the device refused the tunnel channel: {why.cause}")
+            client.failure = tunnel_refused(tunnel, why)
             client.connectionLost(None)
         elif isinstance(why, ChannelRefused):  # the node does not forward ssh
             ready.errback(DeviceError(why.text))
@@ -166,6 +222,22 @@ def connect(tunnel: NodeTunnel, user: str, key: keys.Key, pinned: bytes | None,
     if clock is not None and not ready.called:
         ready.addTimeout(LOGIN_TIMEOUT, clock, onTimeoutCancel=_login_too_slow)
     return ready, client
+
+
+def tunnel_refused(tunnel: NodeTunnel, why: DeviceRefused) -> DeviceError:
+    """The device refused the hub's channel to its `ssh` forward. With `connect
+    failed` its SSH service did not take the connection (sshd down, or the
+    forward names the wrong port). The hub never learns the device-side target
+    of `ssh -R` (the protocol does not carry it): the message names the forward
+    as the device asked for it."""
+    if why.code != OPEN_CONNECT_FAILED:
+        return DeviceError(f"the device refused the tunnel channel: {why.words}")
+    forward = tunnel.table.lookup("ssh")
+    named = "" if forward is None else (
+        f" behind its forward {forward.bind.decode('utf-8', 'replace') or '*'}"
+        f":{forward.requested}")
+    return ServiceRefused(f"the device's SSH service{named} refused the connection: "
+                          f"{why.words}")
 
 
 def _login_too_slow(result: object, timeout: float) -> Failure:
@@ -191,7 +263,8 @@ class CommandChannel(channel.SSHChannel):
                               ).addErrback(lambda f: self.loseConnection())
 
     def openFailed(self, reason: Any) -> None:
-        self.done.errback(DeviceError(f"the device refused a session: {reason}"))
+        self.done.errback(DeviceError(
+            f"the device refused a session: {open_failure_of(reason)[1]}"))
 
     def dataReceived(self, data: bytes) -> None:
         self.out += data[:65536 - len(self.out)]

@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hub.access import authlog
-from hub.access.auth import InvalidUser, NoCallHomePassword, PasswordBackoff
+from hub.access.auth import InvalidUser, NoCallHomePassword, NoPasswordWarnings, PasswordBackoff
 from hub.access.certs import CertificateCredentials, is_certificate
 from hub.access.gatekeeper import Gatekeeper, PasswordBudget
 from hub.access.limits import Limits
@@ -207,6 +207,8 @@ class HubUserAuthServer(userauth.SSHUserAuthServer):
             self.backoff.failed(source)
             log.info("password refused for {user}: {why}", user=authlog.who(user),
                      why=f.getErrorMessage())
+            if f.check(NoCallHomePassword):
+                self.transport.factory.no_password.refused(source)
             return f
 
         budget = self.budget.reserve(source)
@@ -359,6 +361,7 @@ class HubSSHFactory(factory.SSHFactory):
         self.audit: Callable[[str, str, str, str], None] | None = None
         self.on_closed: Callable[[], None] | None = None
         self.gate = Gatekeeper(limits, clock)
+        self.no_password = NoPasswordWarnings(clock)
         self.password_budget = PasswordBudget(limits, clock,
                                               max_wait=min(10.0, limits.login_timeout),
                                               exempt=self.gate.admission.exempt)

@@ -20,6 +20,7 @@ from typing import Any
 from hub import __version__
 from hub.app import certs, fleet
 from hub.errors import HubError
+from hub.rules.display import iso_utc, sha256_fingerprint
 from hub.rules.names import is_valid_name
 from hub.store.registry import NETCONF, Node, Registry
 
@@ -36,7 +37,7 @@ def _actor() -> str:
 
 
 def _when(t: float | None) -> str:
-    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    return iso_utc(t) or "-"
 
 
 def _node_json(node: Node) -> dict[str, Any]:
@@ -46,13 +47,21 @@ def _node_json(node: Node) -> dict[str, Any]:
         "state": node.state,
         "online": node.online,
         "fingerprint": node.fingerprint,
-        "forwards": node.forwards,
+        "forwards": {s: p for s, p in node.forwards.items() if s in node.live},
         "public": node.public,
-        "last_seen": node.last_seen,
-        "online_since": node.online_since,
+        "last_seen": iso_utc(node.last_seen),
+        "online_since": iso_utc(node.online_since),
         "peer": node.peer,
         "device_user": node.device_user,
+        "leases": node.forwards,
+        "host_key": sha256_fingerprint(node.host_key),
     }
+
+
+def _forwards_cell(node: Node) -> str:
+    """`ssh=49152,http=49153`; a lease with no live forward says so: `ssh=49152 (lease)`."""
+    return ",".join(f"{s}={p}" + ("" if s in node.live else " (lease)")
+                    for s, p in node.forwards.items()) or "-"
 
 
 def _print_table(rows: list[list[str]]) -> None:
@@ -87,7 +96,7 @@ def cmd_nodes(reg: Registry, args: argparse.Namespace) -> int:
     rows = [["#", "NAME", "KIND", "STATE", "ONLINE", "FINGERPRINT", "FORWARDS", "PUBLIC",
              "LAST SEEN", "PEER"]]
     for i, n in enumerate(nodes, 1):
-        forwards = ",".join(f"{s}={p}" for s, p in n.forwards.items()) or "-"
+        forwards = _forwards_cell(n)
         rows.append([str(i), n.name, n.kind, n.state, "online" if n.online else "offline",
                      n.fingerprint, forwards, "on" if n.public else "off", _when(n.last_seen),
                      n.peer or "-"])
@@ -117,9 +126,7 @@ def cmd_state(state: str) -> Any:
             elif answer["ok"]:
                 print(answer["message"])
             else:
-                print(f"warning: {answer['message']}; if the device has not authorized the "
-                      f"hub's management key, run: callhomehub enroll {node.name}",
-                      file=sys.stderr)
+                print(f"warning: {answer['message']}", file=sys.stderr)
         return 0
     return run
 
@@ -269,7 +276,7 @@ def cmd_users(reg: Registry, args: argparse.Namespace) -> int:
 def cmd_audit(reg: Registry, args: argparse.Namespace) -> int:
     entries = reg.audit_log(args.limit)
     if args.json:
-        print(json.dumps([{"time": e.time, "actor": e.actor, "action": e.action,
+        print(json.dumps([{"time": iso_utc(e.time), "actor": e.actor, "action": e.action,
                            "target": e.target, "detail": e.detail} for e in entries], indent=2))
         return 0
     rows = [["TIME", "ACTOR", "ACTION", "TARGET", "DETAIL"]]
@@ -286,7 +293,7 @@ def cmd_status(reg: Registry, args: argparse.Namespace) -> int:
     results = status(reg, args.node)
     if args.json:
         print(json.dumps([{"node": r.node, "host": r.host, "service": r.service,
-                           "code": r.code, "output": r.output, "time": r.time}
+                           "code": r.code, "output": r.output, "time": iso_utc(r.time)}
                           for r in results], indent=2))
         return 0
     states = {0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN"}

@@ -21,7 +21,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
-from hub.access.device_client import DeviceError, connect, run_command
+from hub.access.device_client import DeviceError, KeyRefused, connect, run_command
 from hub.access.fleet import run_on_node, run_on_nodes
 from hub.app.context import Hub
 from hub.errors import HubError, NotFound
@@ -61,7 +61,12 @@ class Controller:
         node, tunnel = self._tunnel(name)
         ready, client = connect(tunnel, node.device_user, self.hub.keys.mgmt, node.host_key,
                                 clock=self.hub.clock)
-        conn = await ready
+        try:
+            conn = await ready
+        except KeyRefused as e:
+            # Only here is enrollment the remedy (not when the device's sshd is down).
+            raise KeyRefused(f"{e}; if the device has not authorized the hub's management "
+                             f"key, run: callhomehub enroll {node.name}") from None
         conn.close()
         if node.host_key is None:
             assert client.host_key is not None
@@ -76,6 +81,19 @@ class Controller:
         ready, client = connect(tunnel, user, self.hub.keys.mgmt, None,
                                 password.encode(), clock=self.hub.clock)
         conn = await ready
+        assert client.host_key is not None
+        if client.logged_in_with == b"publickey":
+            # The device took the management key before the password was needed:
+            # nothing to install, and the password was never checked.
+            conn.close()
+            self.hub.registry.set_device_access(node.name, actor, host_key=client.host_key,
+                                                device_user=user)
+            self.hub.registry.audit(actor, "enroll", node.name,
+                                    f"user {user}: management key already authorized, "
+                                    "nothing installed")
+            return (f"management key already authorized for {user}: nothing installed "
+                    f"(the password was not used); host key {fingerprint(client.host_key)} "
+                    "pinned")
         try:
             status, _out, err = await run_command(
                 conn, install_key_command(self.hub.keys.mgmt_public_line))
@@ -84,13 +102,13 @@ class Controller:
         if status != 0:
             raise DeviceError("installing the management key failed on the device: "
                               + (err.decode("utf-8", "replace").strip() or f"exit {status}"))
-        assert client.host_key is not None
         self.hub.registry.set_device_access(node.name, actor, host_key=client.host_key,
                                             device_user=user)
         ready, _ = connect(tunnel, user, self.hub.keys.mgmt, client.host_key,
                            clock=self.hub.clock)
         (await ready).close()
-        self.hub.registry.audit(actor, "enroll", node.name, f"user {user}")
+        self.hub.registry.audit(actor, "enroll", node.name,
+                                f"user {user}: management key installed")
         return (f"management key installed for {user} and verified; host key "
                 f"{fingerprint(client.host_key)} pinned")
 

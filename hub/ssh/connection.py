@@ -205,6 +205,8 @@ class Keepalive:
         self.count = count
         self.missed = 0
         self._who = who
+        # Told of every answer (the peer is alive): the registry's "last seen".
+        self.on_answer: Callable[[], None] | None = None
         self._loop: task.LoopingCall | None = None
         if interval > 0:
             self._loop = task.LoopingCall(self._tick)
@@ -229,12 +231,14 @@ class Keepalive:
 
         def answered(_: object) -> None:
             self.missed = 0
+            if self.on_answer is not None:
+                self.on_answer()
 
         def failed(f: Failure) -> None:
             # A REQUEST_FAILURE proves the peer alive as well as a success would;
             # "Connection stopped." proves nothing.
             if isinstance(f.value, ConchError) and f.value.args[0] == "global request failed":
-                self.missed = 0
+                answered(None)
 
         self.conn.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1).addCallbacks(
             answered, failed)

@@ -1,4 +1,4 @@
-"""A peer's SSH_MSG_DISCONNECT in words, and at the level it deserves.
+"""A peer's SSH_MSG_DISCONNECT or channel-open refusal in words, and at the level it deserves.
 
 Conch logs every disconnect a peer sends as an error with a bytes repr
 (`Got remote error, code 11 reason: b'disconnected by user'`): every ordinary
@@ -8,7 +8,9 @@ Conch logs every disconnect a peer sends as an error with a bytes repr
 
 from __future__ import annotations
 
-from twisted.conch.ssh import transport
+from typing import Any
+
+from twisted.conch.ssh import connection, transport
 from twisted.logger import Logger
 
 REASONS = {
@@ -41,3 +43,31 @@ def log_peer_disconnect(log: Logger, peer: str, code: int, description: bytes) -
     """One line for a disconnect the peer sent: info when it simply left."""
     emit = log.info if code == transport.DISCONNECT_BY_APPLICATION else log.warn
     emit("{peer} disconnected: {why}", peer=peer, why=disconnect_text(code, description))
+
+
+# The names OpenSSH gives the four reason codes of SSH_MSG_CHANNEL_OPEN_FAILURE.
+OPEN_REASONS = {
+    connection.OPEN_ADMINISTRATIVELY_PROHIBITED: "administratively prohibited",
+    connection.OPEN_CONNECT_FAILED: "connect failed",
+    connection.OPEN_UNKNOWN_CHANNEL_TYPE: "unknown channel type",
+    connection.OPEN_RESOURCE_SHORTAGE: "resource shortage",
+}
+
+
+def open_failure_text(code: int, description: bytes | str) -> str:
+    """`Connection refused (code 2, connect failed)`: the peer's words, then its code."""
+    words = (description.decode("utf-8", "replace") if isinstance(description, bytes)
+             else description).strip()
+    name = OPEN_REASONS.get(code)
+    code_words = f"code {code}, {name}" if name else f"code {code}"
+    return f"{words} ({code_words})" if words else code_words
+
+
+def open_failure_of(cause: Any) -> tuple[int | None, str]:
+    """The reason code and the text of a refused channel open as Conch reports
+    it (a ConchError carrying the peer's description and code); other causes
+    have no code and their own text."""
+    value, code = getattr(cause, "value", None), getattr(cause, "data", None)
+    if isinstance(code, int) and isinstance(value, (bytes, str)):
+        return code, open_failure_text(code, value)
+    return None, str(cause)

@@ -108,8 +108,10 @@ def parse_public_key(text: bytes) -> PublicKeyLine:
     line = lines[0]
     try:
         key = keys.Key.fromString(line)
-    except Exception as e:  # Conch's parser raises struct, index, type... errors on junk
-        raise BadKey(f"not an OpenSSH public key: {e or 'unrecognised format'}") from None
+    except Exception:  # Conch's parser raises struct, index, type... errors on junk
+        # Its messages quote the input as a bytes repr: say what is expected instead.
+        raise BadKey("not an OpenSSH public key: expected one line 'TYPE BASE64 [COMMENT]', "
+                     "as in id_ed25519.pub") from None
     if not key.isPublic():
         raise BadKey("that is a private key; send the .pub file")
     if key.type() == "DSA":

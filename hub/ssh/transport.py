@@ -13,6 +13,7 @@ from twisted.conch.ssh import _kex
 from twisted.conch.ssh import transport as _conch_transport
 from twisted.conch.ssh.common import NS
 from twisted.conch.ssh.transport import (
+    DISCONNECT_HOST_KEY_NOT_VERIFIABLE,
     DISCONNECT_PROTOCOL_ERROR,
     MSG_DEBUG,
     MSG_DISCONNECT,
@@ -38,6 +39,7 @@ from hub.ssh.algorithms import (
 )
 from hub.ssh.buffers import ReceiveBuffer
 from hub.ssh.ciphers import ModernSSHCiphers, cipherBlockLimit
+from hub.ssh.disconnect import disconnect_text
 from hub.ssh.kex import (
     EXT_INFO_CLIENT,
     EXT_INFO_SERVER,
@@ -389,9 +391,19 @@ class ModernTransportMixin(PacketIOMixin):
         self.sendPacket(MSG_UNIMPLEMENTED, struct.pack("!L", self._lastIncomingSeq))
 
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        # Conch's own logs a two-line "Disconnecting with error" with a bytes
+        # repr; here one line in words (the reason's name, the text sent).
+        if reason == DISCONNECT_HOST_KEY_NOT_VERIFIABLE and desc.startswith(b"bad host key ["):
+            # Conch's client appends the Failure's repr (a traceback) to "bad host
+            # key" on the ECDH path: never on the wire. The client logs why.
+            desc = b"bad host key"
         self._disconnectSent = True
         self._cancelRekeyTimer()
-        super().sendDisconnect(reason, desc)
+        self.sendPacket(MSG_DISCONNECT, struct.pack(">L", reason) + NS(desc) + NS(b""))
+        self._modernLog.info("{peer}: disconnecting: {why}", peer=peerOf(self),
+                             why=disconnect_text(reason, desc), code=reason, description=desc)
+        lower: Any = self.transport
+        lower.loseConnection()
 
 
 def messageName(number: int, service: Any) -> str:
@@ -414,5 +426,7 @@ def peerOf(ssh: Any) -> str:
     peer = getattr(ssh, "peer", None)
     if peer is None and ssh.transport is not None:
         address = ssh.transport.getPeer()
+        # An SSH channel's address (a client inside a tunnel) wraps the TCP one.
+        address = getattr(address, "address", address)
         peer = getattr(address, "host", address)
     return str(peer)

@@ -130,11 +130,15 @@ class Registry(OperatorRecords):
         # every CLI change, with thousands of nodes.
         rows = self._db.execute(f"{_NODES} ORDER BY id").fetchall()
         forwards: dict[int, dict[str, int]] = {}
-        for node_id, service, port in self._db.execute(
-                "SELECT node_id, service, port FROM leases ORDER BY port"):
+        live: dict[int, set[str]] = {}
+        for node_id, service, port, active in self._db.execute(
+                "SELECT node_id, service, port, active FROM leases ORDER BY port"):
             forwards.setdefault(node_id, {})[service] = port
+            if active:
+                live.setdefault(node_id, set()).add(service)
         ids = NODE_COLUMNS.index("id")
-        return [Node.from_row(row, forwards.get(row[ids], {})) for row in rows]
+        return [Node.from_row(row, forwards.get(row[ids], {}),
+                              frozenset(live.get(row[ids], ()))) for row in rows]
 
     def node_counts(self) -> dict[str, int]:
         """How many nodes are in each state. Counted again only after a change
@@ -167,9 +171,11 @@ class Registry(OperatorRecords):
     def _node(self, row: Sequence[Any]) -> Node:
         """The node of one `_NODES` row, with its leases."""
         node_id = row[NODE_COLUMNS.index("id")]
-        forwards = dict(self._db.execute(
-            "SELECT service, port FROM leases WHERE node_id = ? ORDER BY port", (node_id,)))
-        return Node.from_row(row, forwards)
+        leases = self._db.execute(
+            "SELECT service, port, active FROM leases WHERE node_id = ? ORDER BY port",
+            (node_id,)).fetchall()
+        return Node.from_row(row, {service: port for service, port, _ in leases},
+                             frozenset(service for service, _, active in leases if active))
 
     def register(self, name: str, key_blob: bytes, fingerprint: str,
                  actor: str) -> tuple[Node, bool]:

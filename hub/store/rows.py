@@ -41,16 +41,19 @@ class Node:
     public: bool
     device_user: str
     host_key: bytes | None
-    forwards: dict[str, int]
+    forwards: dict[str, int]  # every port lease of the node, service -> port
     console: str | None = None
+    # The services of `forwards` listening now (a live forward, not just a lease).
+    live: frozenset[str] = frozenset()
 
     @classmethod
-    def from_row(cls, row: Sequence[Any], forwards: dict[str, int]) -> Node:
+    def from_row(cls, row: Sequence[Any], forwards: dict[str, int],
+                 live: frozenset[str] = frozenset()) -> Node:
         """The node of a row selected with `NODE_COLUMNS`."""
         values = dict(zip(NODE_COLUMNS, row, strict=True))
         values["online"] = bool(values["online"])
         values["public"] = bool(values["public"])
-        return cls(forwards=forwards, **values)
+        return cls(forwards=forwards, live=live, **values)
 
 
 @frozen

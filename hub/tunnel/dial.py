@@ -14,6 +14,7 @@ from twisted.conch.ssh import connection
 from twisted.internet import defer
 
 from hub.ssh.connection import ChannelRefused
+from hub.ssh.disconnect import open_failure_of
 
 Target = str | int  # a service name ("ssh", "port-8080"), or a port as an operator gives it
 
@@ -29,10 +30,14 @@ def not_forwarded(node: str, target: Target) -> ChannelRefused:
 
 
 class DeviceRefused(ChannelRefused):
-    """The device refused the channel; `cause` is its reason as Conch reported it."""
+    """The device refused the channel; `cause` is its reason as Conch reported it,
+    `code` the device's reason code (None if it sent none) and `words` its reason
+    in words (`Connection refused (code 2, connect failed)`)."""
 
     def __init__(self, node: str, target: Target, cause: Any) -> None:
-        super().__init__(connection.OPEN_CONNECT_FAILED, f"node {node} {describe(target)}: {cause}")
+        self.code, self.words = open_failure_of(cause)
+        super().__init__(connection.OPEN_CONNECT_FAILED,
+                         f"node {node} {describe(target)}: {self.words}")
         self.cause = cause
 
 

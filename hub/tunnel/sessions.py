@@ -23,6 +23,11 @@ from hub.tunnel.traffic import Traffic
 
 log = Logger()
 
+# How often a connected node's "last seen" is written to the registry, at most:
+# its keepalive answers come every --keepalive seconds (15), and a write per
+# answer per node would be thousands of transactions a minute on a big hub.
+LAST_SEEN_EVERY = 60.0
+
 
 @define(eq=False)
 class LiveSessions:
@@ -46,6 +51,23 @@ class LiveSessions:
     _guests: dict[str, set[Any]] = field(factory=dict)
     # Bytes through every tunnel since start (the channels dialled add to it).
     traffic: Traffic = field(factory=Traffic)
+    # When each connected node's last_seen was last written (clock seconds).
+    _seen_written: dict[str, float] = field(factory=dict)
+
+    def _online(self, node: str, conn: Any, peer: str) -> None:
+        self.registry.mark_online(node, peer)
+        self._seen_written[node.lower()] = self.clock.seconds()
+        keepalive = getattr(conn, "keepalive", None)
+        if keepalive is not None:
+            keepalive.on_answer = lambda: self.seen(node)
+
+    def seen(self, node: str) -> None:
+        """`node`'s connection answered: its last_seen moves, written at most
+        every LAST_SEEN_EVERY seconds."""
+        key, now = node.lower(), self.clock.seconds()
+        if now - self._seen_written.get(key, now - LAST_SEEN_EVERY) >= LAST_SEEN_EVERY:
+            self._seen_written[key] = now
+            self.registry.touch(node)
 
     def join(self, node: str, conn: Any, peer: str) -> None:
         """A connection of `node` logged in; it takes over only once it forwards.
@@ -53,7 +75,7 @@ class LiveSessions:
         key = node.lower()
         self._guests.setdefault(key, set()).add(conn)
         if key not in self._live:
-            self.registry.mark_online(node, peer)
+            self._online(node, conn, peer)
             log.info("node {node} online from {peer}", node=node, peer=peer)
 
     def leave(self, node: str, conn: Any) -> None:
@@ -92,7 +114,7 @@ class LiveSessions:
                      node=node, peer=peer)
             tunnel.requests.wait_for(old.close())
             close_connection(old.conn, self.clock, "superseded by a new connection of this node")
-        self.registry.mark_online(node, peer)
+        self._online(node, conn, peer)
         log.info("node {node} online from {peer}", node=node, peer=peer)
         return tunnel
 
