@@ -27,11 +27,18 @@ from hub.web.terminal_session import (
 )
 
 
+class TCPTransport(StringTransport):
+    no_delay = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
+
+
 class FakeRequest:
     """What WebTerminal uses of the HTTP request it was upgraded from."""
 
     def __init__(self) -> None:
-        self.transport = StringTransport()
+        self.transport = TCPTransport()
         self.producer: Any = None
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
@@ -224,6 +231,11 @@ def test_a_flooding_device_waits_for_the_browser(site: Site) -> None:
         terminal.resumeProducing()
         site.settle()
     assert browser.output[before:] == flood
+
+
+def test_keystrokes_are_not_held_by_nagle(site: Site) -> None:
+    browser = open_terminal(site)
+    assert browser.terminal._request.transport.no_delay  # type: ignore[attr-defined]
 
 
 def test_input_waits_while_the_devices_window_is_full(site: Site) -> None:

@@ -40,6 +40,7 @@ class WebTerminalClient:
                  timeout: float = 30.0) -> None:
         host = f"127.0.0.1:{port}"
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as browsers do
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.timeout = timeout
         self.screen = b""

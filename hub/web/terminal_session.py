@@ -52,6 +52,7 @@ from hub.rules.session import (
     ToDevice,
     Write,
 )
+from hub.ssh.tcpwrite import no_delay
 
 log = Logger()
 
@@ -155,6 +156,7 @@ class WebTerminal(DeviceEnd):
         # when the connection's send buffer fills and empties (the transport
         # itself already has the HTTP channel as its producer).
         self._request.registerProducer(self, True)
+        no_delay(self._request.transport)  # keystrokes and their echo are small writes
         operators = self.owner.needs.operators
         if operators is not None:
             operators.add(self)
