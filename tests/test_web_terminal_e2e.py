@@ -3,6 +3,7 @@ device sshd calling home with `ssh -R`, and a WebSocket client playing the brows
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -158,3 +159,27 @@ def test_the_page_and_its_scripts_are_served(site: Site) -> None:
         with urllib.request.urlopen(base + src) as static:
             assert static.status == 200 and static.read()
     assert '/static/vendor/xterm/xterm.js' in html
+
+
+def test_a_message_too_large_to_gather_ends_the_session(site: Site) -> None:
+    """Twisted gathers a whole message before handing it on: one that never ends is cut."""
+    from wsproto.events import BytesMessage
+
+    term = WebTerminalClient(site.hub.web, "/as/alice/nodes/site-a/terminal/socket")
+    try:
+        term.type(b"echo ready\r")
+        term.expect(b"ready\r\n")
+        chunk = b"x" * 65536
+        with contextlib.suppress(OSError):  # the hub may reset the connection meanwhile
+            for _ in range(64):  # 4 MiB, never finished
+                term.sock.sendall(term.ws.send(BytesMessage(chunk, message_finished=False)))
+        term.sock.settimeout(15)
+        try:
+            while term.sock.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass  # the hub aborted the connection: what is expected
+    finally:
+        term.close()
+    wait_for(lambda: "a message over 1048576 bytes, closing" in site.hub.log_text(), 10,
+             "the log line")

@@ -15,7 +15,7 @@ from urllib.parse import quote, urlsplit
 
 from twisted.logger import Logger
 from twisted.web.resource import IResource, NoResource, Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.websocket import WebSocketResource
 
 from hub.access.reach import OperatorReach
@@ -139,10 +139,18 @@ class TerminalSocket(WebSocketResource):
             request.setResponseCode(403)
             send_headers(request, b"text/plain; charset=utf-8")
             return b"cross-site WebSocket refused\n"
-        return WebSocketResource.render_GET(self, request)
+        self._built: WebTerminal | None = None
+        result = WebSocketResource.render_GET(self, request)
+        if self._built is not None and result is NOT_DONE_YET:
+            # The upgrade has pointed the channel's dataReceived at the WebSocket
+            # (Twisted's private _protocolUpgradeForWebsockets); the e2e test
+            # test_a_message_too_large_to_gather_ends_the_session fails if it stops.
+            self._built.guard(request.channel)
+        return result
 
     def buildProtocol(self, request: Request) -> WebTerminal:
-        return WebTerminal(self.reach, self.node, first_size(request), request)
+        self._built = WebTerminal(self.reach, self.node, first_size(request), request)
+        return self._built
 
 
 def first_size(request: Request) -> tuple[int, int]:

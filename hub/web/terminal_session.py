@@ -58,6 +58,9 @@ log = Logger()
 
 TERM = b"xterm-256color"
 MAX_SIZE = 1000  # columns or rows; a larger figure is a bad control message
+# Twisted gathers a WebSocket message whole before handing it on; a paste
+# larger than this in one message ends the session rather than the hub's memory.
+MAX_MESSAGE = 1 << 20
 DEFAULT_SIZE = (80, 24)
 
 
@@ -140,6 +143,7 @@ class WebTerminal(DeviceEnd):
         self._paused = False  # the browser's connection is not taking output
         self._told = False  # an error was sent: no exit status after it
         self._logged = False  # the refusal is in the log already
+        self._unread = 0  # bytes received since the last whole message
 
     @property
     def login(self) -> OperatorLogin:
@@ -162,11 +166,33 @@ class WebTerminal(DeviceEnd):
             operators.add(self)
         self.run(self.machine.session_requested(b"shell", b"") or ())
 
+    def guard(self, channel: Any) -> None:
+        """Bound what the WebSocket may gather for one message: `channel` is the HTTP
+        channel the request came on, whose `dataReceived` the upgrade replaced."""
+        inner = channel.dataReceived
+
+        def received(data: bytes) -> None:
+            self._unread += len(data)
+            if self._unread > MAX_MESSAGE:
+                if self._open:
+                    log.warn("{actor}: web terminal on {node}: a message over {max} bytes, "
+                             "closing", actor=self.owner.actor, node=self.machine.node,
+                             max=MAX_MESSAGE)
+                    self._open = False
+                    transport: Any = self._request.transport
+                    transport.abortConnection()
+                return
+            inner(data)
+
+        channel.dataReceived = received
+
     def bytesMessageReceived(self, data: bytes | bytearray) -> None:
+        self._unread = 0
         data = bytes(data)
         self.run(self.machine.operator_data(data), data)
 
     def textMessageReceived(self, message: str) -> None:
+        self._unread = 0
         try:
             cols, rows = parse_control(message)
         except ControlError as e:
@@ -182,7 +208,7 @@ class WebTerminal(DeviceEnd):
             self.machine.pty_requested(pty_request(cols, rows))  # sent when the device opens
 
     def pongReceived(self, payload: bytes) -> None:
-        pass
+        self._unread = 0
 
     def connectionLost(self, reason: Failure) -> None:
         self._open = False
