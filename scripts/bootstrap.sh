@@ -53,4 +53,26 @@ python_env() {  # python_env EXTRAS
         "$VENV/bin/python" -c "import hub, twisted.conch, bcrypt"
         touch "$stamp"
     fi
+    web_assets
+}
+
+web_assets() {  # xterm.js from npm (web/package-lock.json) into hub/web/static/vendor/xterm/
+    local web="$ROOT/web" vendor="$ROOT/hub/web/static/vendor/xterm"
+    local mods="$ROOT/web/node_modules/@xterm"
+    if [ -f "$vendor/xterm.js" ] && [ "$vendor/xterm.js" -nt "$web/package-lock.json" ]; then
+        return 0
+    fi
+    apt_install npm:npm
+    echo "bootstrap: installing xterm.js from npm into hub/web/static/vendor/xterm" >&2
+    if ! (cd "$web" && npm ci --no-audit --no-fund --ignore-scripts) \
+            > >(tee "$web/npm.log" | progress "^added " "npm: ") 2>&1; then
+        cat "$web/npm.log" >&2
+        exit 1
+    fi
+    rm -rf "$vendor"
+    mkdir -p "$vendor"
+    cp "$mods/xterm/lib/xterm.js" "$mods/xterm/css/xterm.css" "$mods/addon-fit/lib/addon-fit.js" \
+        "$vendor/"
+    cp "$mods/xterm/LICENSE" "$vendor/LICENSE.xterm"
+    cp "$mods/addon-fit/LICENSE" "$vendor/LICENSE.addon-fit"
 }

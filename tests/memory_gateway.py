@@ -54,11 +54,16 @@ class DeviceShell(CommandSession):
         self.device = device
         self.user = user
         self.pty: bytes | None = None
+        self.window_changes: list[bytes] = []
         self.line = b""
         device.sessions.append(self)
 
     def request_pty_req(self, data: bytes) -> int:
         self.pty = data
+        return 1
+
+    def request_window_change(self, data: bytes) -> int:
+        self.window_changes.append(data)
         return 1
 
     def request_exec(self, data: bytes) -> int:

@@ -59,3 +59,20 @@ def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
     result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "callhomehub.service")],
                             capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_the_wheel_carries_the_web_terminal_and_xterm_js(tmp_path: Path) -> None:
+    """xterm.js is fetched from npm at set-up (scripts/bootstrap.sh) and ships in the wheel."""
+    import zipfile
+
+    vendor = ROOT / "hub" / "web" / "static" / "vendor" / "xterm"
+    if not (vendor / "xterm.js").exists():
+        pytest.fail("hub/web/static/vendor/xterm/ is missing: run ./run-tests (set-up) first")
+    run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp_path / "dist", ROOT,
+        cwd=tmp_path)
+    (wheel,) = (tmp_path / "dist").glob("callhomehub-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in ("vendor/xterm/xterm.js", "vendor/xterm/xterm.css", "vendor/xterm/addon-fit.js",
+                 "vendor/xterm/LICENSE.xterm", "vendor/xterm/LICENSE.addon-fit",
+                 "terminal.js", "terminal.css"):
+        assert f"hub/web/static/{name}" in names, name

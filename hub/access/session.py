@@ -1,24 +1,20 @@
-"""The operator's `session` channel and its device end: thin adapters of `SessionMachine`.
+"""The operator's `session` channel: a thin adapter of `SessionMachine`.
 
 `GatewaySession` turns Conch's channel callbacks into machine inputs and
-carries out the machine's outputs (the chooser's screen, a device login
-through the node's tunnel, the relay, exit status, audit). `DeviceSession` is
-the device end of the relay and reports what the device does.
+carries out the machine's outputs (the chooser's screen, the relay, exit
+status); the device end (a device login through the node's tunnel, its
+`session` channel, the audit) is `hub.access.device_end`, which the web
+terminal shares.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.conch.ssh import connection
-from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from hub.access.device_client import DeviceConnection, DeviceError, connect
-from hub.rules.logins import may_reach
-from hub.rules.routes import Refusal
+from hub.access.device_end import DeviceEnd, DeviceSession, stamp
 from hub.rules.session import (
     Close,
     Count,
@@ -35,56 +31,19 @@ from hub.rules.session import (
     Relay,
     SessionMachine,
     StartSoon,
-    State,
     Stderr,
     ToDevice,
     Write,
 )
-from hub.tunnel.live import NodeTunnel
 from hub.tunnel.relay import RelayChannel
 
 if TYPE_CHECKING:
     from hub.access.gateway import OperatorAvatar
 
-log = Logger()
+__all__ = ["DeviceSession", "GatewaySession", "stamp"]
 
 
-def stamp(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
-
-
-class DeviceSession(RelayChannel):
-    """The device end of a gateway session; reports to the operator's machine while current."""
-
-    def __init__(self, operator: GatewaySession) -> None:
-        RelayChannel.__init__(self, b"session")
-        self.operator = operator
-
-    def _report(self, outputs: Callable[[], Outputs]) -> None:
-        # A device session the operator has let go of (failed, replaced) reports nothing.
-        if self.operator.relay_peer is self:
-            self.operator.run(outputs())
-
-    def channelOpen(self, specificData: bytes) -> None:
-        self._report(self.operator.machine.device_opened)
-
-    def openFailed(self, reason: Any) -> None:
-        self._report(lambda: self.operator.machine.device_refused(str(reason)))
-
-    def requestReceived(self, requestType: bytes, data: bytes) -> int:
-        if requestType in (b"exit-status", b"exit-signal"):
-            self._report(lambda: self.operator.machine.device_exit(requestType, data))
-            return 1
-        return 0
-
-    def eofReceived(self) -> None:
-        self._report(self.operator.machine.device_eof)
-
-    def closed(self) -> None:
-        self._report(self.operator.machine.device_closed)
-
-
-class GatewaySession(RelayChannel):
+class GatewaySession(DeviceEnd, RelayChannel):
     """An operator's session channel: the chooser, or a device session relayed."""
 
     data_views = False  # the chooser keeps what it is given
@@ -94,8 +53,6 @@ class GatewaySession(RelayChannel):
         self.owner = avatar
         login = avatar.login
         self.machine = SessionMachine(login.user, login.node, login.port)
-        self.device_conn: DeviceConnection | None = None
-        self.node: str | None = None  # the node being reached or relayed to
 
     # -- Conch callbacks: machine inputs ---------------------------------------
 
@@ -149,9 +106,9 @@ class GatewaySession(RelayChannel):
             # After the reply to the request has gone out.
             self.owner.needs.clock.callLater(0, lambda: self.run(self.machine.start()))
         elif isinstance(output, Dial):
-            self._dial(output)
+            self.dial(output)
         elif isinstance(output, DeviceRequest):
-            self._device_request(output)
+            self.device_request(output)
         elif isinstance(output, ToDevice):
             if self.relay_peer is not None:
                 self.relay_peer.write(output.data)
@@ -170,96 +127,12 @@ class GatewaySession(RelayChannel):
                 self._later(output.flushed, lambda: self.run(
                     self.machine.menu(self.owner.reachable(), output.before)))
         elif isinstance(output, DropDevice):
-            self._drop_device()
+            self.drop_device()
         elif isinstance(output, Record):
-            self._record(output)
+            self.record(output)
 
     def _later(self, flushed: bool, action: Callable[[], object]) -> None:
         if flushed:
             self.after_flush(action)
         else:
             action()
-
-    # -- the device ------------------------------------------------------------
-
-    def _dial(self, dial: Dial) -> None:
-        owner, needs = self.owner, self.owner.needs
-        route, link = owner.route(dial.node, dial.kind, dial.data, dial.port)
-        if isinstance(route, Refusal):
-            self.run(self.machine.failed(route.message))
-            return
-        log.info("{actor}: {kind} on {node}", actor=owner.actor, kind=route.label,
-                 node=route.node)
-        self.node = route.node
-        self.run(self.machine.routed(route, needs.clock.seconds()))
-        if route.netconf:
-            # A new `netconf` subsystem channel on the node's call-home session.
-            assert link is not None  # a route is only given for a live link
-            self._open_device(link.conn)
-            return
-        assert isinstance(link, NodeTunnel)
-        ready, _client = connect(link, route.user, needs.mgmt_key, route.host_key,
-                                 clock=needs.clock)
-        ready.addCallbacks(self._logged_in, self._login_failed, errbackArgs=(route.node,))
-
-    def narrow(self, allow: tuple[str, ...]) -> None:
-        """End the device session if `allow` no longer grants its node (the operator is
-        told on stderr; a chooser session goes back to the menu)."""
-        node = self.node
-        if (node is None or may_reach(allow, node)
-                or self.machine.state not in (State.CONNECTING, State.RELAYING)):
-            return
-        log.info("{actor}: access to node {node} withdrawn, ending the session",
-                 actor=self.owner.actor, node=node)
-        self.run(self.machine.failed(f"access to node {node} was withdrawn"))
-
-    def _logged_in(self, conn: DeviceConnection) -> None:
-        if self.machine.state is not State.CONNECTING:
-            conn.close()  # the operator left meanwhile
-            return
-        self.device_conn = conn
-        self._open_device(conn)
-
-    def _login_failed(self, f: Failure, node: str) -> None:
-        reason = f.value if isinstance(f.value, DeviceError) else f.getErrorMessage()
-        log.warn("{actor}: cannot reach {node}: {why}", actor=self.owner.actor, node=node,
-                 why=str(reason))
-        self.run(self.machine.login_failed(node, str(reason)))
-
-    def _open_device(self, conn: Any) -> None:
-        device = DeviceSession(self)
-        device.relay_peer, self.relay_peer = self, device
-        conn.openChannel(device)
-
-    def _device_request(self, request: DeviceRequest) -> None:
-        device = self.relay_peer
-        if device is None or not device.relay_open():
-            return
-        sent = device.conn.sendRequest(device, request.kind, request.data, wantReply=1)
-        if sent is None:
-            return
-        refused = request.refused
-        if refused is None:
-            sent.addErrback(lambda f: None)
-        else:
-            sent.addErrback(lambda f: self.run(self.machine.failed(refused))
-                            if self.relay_peer is device else None)
-
-    def _drop_device(self) -> None:
-        device, self.relay_peer = self.relay_peer, None
-        if device is not None:
-            device.relay_peer = None
-            if device.relay_open():
-                device.loseConnection()
-        if self.device_conn is not None:
-            self.device_conn.close()
-            self.device_conn = None
-
-    def _record(self, record: Record) -> None:
-        device = self.relay_peer
-        needs = self.owner.needs
-        needs.grants.audit(
-            self.owner.actor, "gateway", record.node,
-            f"{record.label} start {stamp(record.started)} end {stamp(needs.clock.seconds())}"
-            f" bytes to-device {self.relay_bytes_in}"
-            f" from-device {device.relay_bytes_in if device is not None else 0}")
