@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
 from hub.rules.admission import (
@@ -62,7 +63,7 @@ def test_parse_startups_and_networks() -> None:
 
 POLICY = AdmissionPolicy(start=5, rate=50, full=10, per_source=2, per_device_source=4,
                          penalty_points=3, penalty_window=60, penalty_time=30,
-                         exempt=("192.0.2.0/24",))
+                         exempt=("192.0.2.0/24",), penalty_trickle=0)  # sshd's refusal
 
 
 def test_decide_caps_per_source_and_more_for_device_sources() -> None:
@@ -118,3 +119,21 @@ def test_a_penalty_is_earned_once_and_never_by_a_device_source() -> None:
     assert not any(a.bad_ending("198.51.100.1", t) for t in range(20))
     earned = [a.bad_ending("198.51.100.2", t / 10) for t in range(20)]
     assert earned.count(True) == 1  # not again while it lasts
+
+
+def test_a_penalized_source_keeps_a_trickle_of_one_connection_at_a_time() -> None:
+    a = Admission(attrs.evolve(POLICY, penalty_trickle=1))
+    for t in range(3):
+        a.bad_ending("198.51.100.1", t)
+    assert a.penalized("198.51.100.1", 3)
+    # A new device's registration from a shared address gets in while a neighbour's
+    # penalty lasts, one unauthenticated connection at a time ...
+    assert a.decide("198.51.100.1", 3, total=0, from_source=0, draw=0.99) is Verdict.ACCEPT
+    # ... and a flood from there gets no second one.
+    assert a.decide("198.51.100.1", 3, 1, 1, 0.99) is Verdict.PENALIZED
+    assert a.decide("198.51.100.1", 3, 0, 5, 0.99) is Verdict.PENALIZED
+    # The trickle still meets the global bounds.
+    assert a.decide("198.51.100.1", 3, 10, 0, 0.99) is Verdict.FULL
+    # Its own bad endings do not lengthen the penalty.
+    assert not a.bad_ending("198.51.100.1", 4)
+    assert a.decide("198.51.100.1", 33, 0, 1, 0.99) is Verdict.ACCEPT  # over: the full cap

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from memory_gateway import DeviceSSHD, Site, audit, exec_, shell
-from memory_hub import new_key
+from memory_gateway import DeviceSSHD, OperatorChannel, Site, audit, exec_, shell
+from memory_hub import ClientTransport, new_key
 from twisted.logger import formatEvent, globalLogPublisher
 
+from hub.access.session import EARLY_WINDOW
 from hub.rules.chooser import PROMPT
 
 
@@ -135,6 +136,28 @@ def test_early_input_and_eof_arrive_in_order(site: Site) -> None:
     chan = site.operator(b"alice:site-a", exec_(b"cat"), stdin=typed, eof=True)
     assert (chan.out, chan.status, chan.eof) == (typed, 0, True)
     assert site.sshd.sessions[-1].received == typed
+
+
+def test_input_flooded_before_the_device_session_is_held_to_the_early_window(
+        site: Site) -> None:
+    client = ClientTransport(b"alice:site-a", site.alice, None)
+    site._connect(client, "192.0.2.10")
+    typed = bytes(range(256)) * (4 * 1024 * 1024 // 256)  # twice the relay's window
+    chan = OperatorChannel(exec_(b"cat"), typed)
+    client.service.openChannel(chan)
+    # Only the operator's connection moves: the device's login through its tunnel
+    # does not answer yet, so the hub holds whatever the operator sends.
+    operator, tunnel = site.pumps[-1], site.pumps[0]
+    assert tunnel is not operator
+    for _ in range(200):
+        operator.pump()
+        site.clock.advance(0)
+    held = len(typed) - len(chan.buf)
+    assert 0 < held <= EARLY_WINDOW
+    # Once the device session is up, all of it reaches the device, in order.
+    site.settle()
+    assert site.sshd.sessions[-1].received == typed
+    assert chan.out == typed
 
 
 def test_operator_eof_after_the_session_is_up(site: Site) -> None:

@@ -91,6 +91,14 @@ def test_wrong_or_missing_hmac_is_refused() -> None:
         host_key_blob("ssh-ed25519 not*base64")
 
 
+def test_a_non_ascii_hmac_is_a_wrong_hmac() -> None:
+    # Found by coverage-guided fuzzing (tests/fuzz_coverage.py): hmac.compare_digest
+    # raised TypeError on non-ASCII text, a traceback from what a device sent.
+    for bad in ("\u00d70", "\ufffd" * 40, sha1_hmac(SECRET, HOST_KEY) + "\u00e9"):
+        with pytest.raises(PreambleError, match="wrong HMAC"):
+            authenticate(Preamble("router1", HOST_KEY, bad), {"router1": SECRET})
+
+
 @pytest.mark.parametrize(("data", "why"), [
     (b"GET / HTTP/1.0\r\n\r\n", "neither an SSH version line"),
     (b"MSG-ID: DEVICE-CONN-INFO\r\nno colon here\r\n", "malformed preamble line"),

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 
@@ -35,10 +36,13 @@ class EchoFactory(protocol.Factory):
         return super().buildProtocol(addr)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie, or reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def open_fds() -> set[int]:
@@ -59,16 +63,42 @@ async def until(check: Any, timeout: float = 10.0) -> None:
     raise AssertionError("timed out")
 
 
-async def exchange(port: int, data: bytes) -> bytes:
-    """A blocking client in a thread, so the reactor keeps running."""
-    from twisted.internet.threads import deferToThread
+class Talk(protocol.Protocol):
+    """Sends `data`, collects what comes back until `size` bytes or the close."""
 
-    def talk() -> bytes:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            s.sendall(data)
-            return s.recv(100)
+    def __init__(self, data: bytes, size: int) -> None:
+        self.data, self.size, self.got = data, size, b""
+        self.done: defer.Deferred[bytes] = defer.Deferred()
 
-    return await deferToThread(talk)
+    def connectionMade(self) -> None:
+        self.transport.write(self.data)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.got += data
+        if len(self.got) >= self.size:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Any) -> None:
+        if not self.done.called:
+            self.done.callback(self.got)
+
+
+async def exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """A client on the reactor, not in a thread: the reactor's thread pool is the
+    hub's (bcrypt), and a busy pool would hold the client back without a deadline.
+    The deadline covers a keeper's start (0.4 s at a load of 9 on two cores)."""
+    talk = Talk(data, len(b"echo:" + data))
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=int(timeout))
+    await connectProtocol(endpoint, talk)
+    talk.done.addTimeout(timeout, reactor)
+    return await talk.done
+
+
+def listen(kept: PortKeeper, factory: Any) -> Any:
+    """A listener on a port the kernel picks as it binds: a port picked first and
+    bound later can be taken meanwhile by another process on a busy machine
+    (seen: EADDRINUSE under load)."""
+    return kept.listenTCP(0, factory, interface="127.0.0.1")
 
 
 @pytest.fixture
@@ -84,11 +114,11 @@ def keeper() -> Iterator[tuple[PortKeeper, list[str]]]:
 async def test_connections_reach_the_factory_and_the_hub_holds_no_listener(
         keeper: tuple[PortKeeper, list[str]]) -> None:
     kept, _ = keeper
-    port = free_port()
     before = open_fds()
     factory = EchoFactory()
-    listening = kept.listenTCP(port, factory, interface="127.0.0.1")
-    assert listening.getHost().port == port
+    listening = listen(kept, factory)
+    port = listening.getHost().port
+    assert port != 0
     assert await exchange(port, b"hello") == b"echo:hello"
     assert factory.peers[0].host == "127.0.0.1"
     # The accepted copy is closed too: nothing open now that was not open before
@@ -119,8 +149,8 @@ async def test_a_taken_port_fails_as_listen_tcp_does(
 async def test_a_killed_keeper_is_replaced_and_its_ports_dropped(
         keeper: tuple[PortKeeper, list[str]]) -> None:
     kept, lost = keeper
-    port = free_port()
-    first = kept.listenTCP(port, EchoFactory(), interface="127.0.0.1")
+    first = listen(kept, EchoFactory())
+    port = first.getHost().port
     assert await exchange(port, b"a") == b"echo:a"
     old_pid = kept._process.pid
     os.kill(old_pid, signal.SIGKILL)
@@ -128,9 +158,31 @@ async def test_a_killed_keeper_is_replaced_and_its_ports_dropped(
     assert "port keeper" in lost[0]
     await first.stopListening()  # fired: nothing is held any more
     await until(lambda: kept._control is not None and kept._process.pid != old_pid)
+    # The old keeper's end of the socketpair closes before its listeners as it dies
+    # (a loaded machine can preempt it in between): its port is free once it is gone.
+    await until(lambda: gone(old_pid))
     again = kept.listenTCP(port, EchoFactory(), interface="127.0.0.1")
     assert await exchange(port, b"b") == b"echo:b"
     await again.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_keeper_starts_without_site_packages(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every forward waits for the keeper's start; it is standard library only, so it
+    # runs its file with -I -S: no site-packages, .pth files or environment to
+    # import through (about twice the start-up time under load with them).
+    (tmp_path / "sitecustomize.py").write_text("raise SystemExit('site was run')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    lost: list[str] = []
+    kept = PortKeeper(reactor, on_lost=lost.append)
+    kept.start()
+    try:
+        port = listen(kept, EchoFactory()).getHost().port
+        assert await exchange(port, b"quick") == b"echo:quick"
+        assert lost == []
+    finally:
+        kept.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -138,17 +190,16 @@ async def test_the_keeper_exits_with_the_hub(keeper: tuple[PortKeeper, list[str]
     kept, lost = keeper
     pid = kept._process.pid
     kept.stop()
-    await until(lambda: not os.path.exists(f"/proc/{pid}") or
-                open(f"/proc/{pid}/stat").read().split()[2] == "Z")
+    await until(lambda: gone(pid))
     assert lost == []  # a requested stop is no loss
 
 
 def test_a_port_closed_before_the_keeper_had_it_is_closed_here() -> None:
     # Between a lost keeper and its successor, listens wait in the queue.
     kept = PortKeeper(MemoryReactorClock())
-    port = free_port()
-    waiting = kept.listenTCP(port, EchoFactory(), interface="127.0.0.1")
-    other = kept.listenTCP(free_port(), EchoFactory(), interface="127.0.0.1")
+    waiting = listen(kept, EchoFactory())
+    port = waiting.getHost().port
+    other = listen(kept, EchoFactory())
     closed: list[object] = []
     waiting.stopListening().addCallback(closed.append)
     assert closed == [None]
@@ -167,9 +218,8 @@ class Exploding(protocol.Factory):
 async def test_a_failing_connection_is_logged_and_the_keeper_kept(
         keeper: tuple[PortKeeper, list[str]]) -> None:
     kept, lost = keeper
-    bad, good = free_port(), free_port()
-    kept.listenTCP(bad, Exploding(), interface="127.0.0.1")
-    kept.listenTCP(good, EchoFactory(), interface="127.0.0.1")
+    bad = listen(kept, Exploding()).getHost().port
+    good = listen(kept, EchoFactory()).getHost().port
     with socket.create_connection(("127.0.0.1", bad), timeout=10):
         pass
     assert await exchange(good, b"still") == b"echo:still"
@@ -185,9 +235,7 @@ async def test_a_keeper_out_of_descriptors_reports_the_port_it_lost() -> None:
     kept = PortKeeper(reactor, argv=limited, on_port_lost=lost_ports.append)
     kept.start()
     try:
-        ports = [free_port() for _ in range(12)]
-        for port in ports:
-            kept.listenTCP(port, EchoFactory(), interface="127.0.0.1")
+        ports = [listen(kept, EchoFactory()).getHost().port for _ in range(12)]
         await until(lambda: lost_ports)
         assert set(lost_ports) < set(ports)
         # The ports it did take still work.
@@ -220,8 +268,7 @@ async def test_a_keeper_that_cannot_start_is_tried_again() -> None:
     kept.start()
     try:
         assert kept._control is None and open_fds() == before  # nothing leaked
-        port = free_port()
-        kept.listenTCP(port, EchoFactory(), interface="127.0.0.1")  # waits for the keeper
+        port = listen(kept, EchoFactory()).getHost().port  # waits for the keeper
         await until(lambda: kept._control is not None)
         assert await exchange(port, b"late") == b"echo:late"
     finally:
@@ -233,7 +280,7 @@ def test_a_connection_accepted_while_its_port_closes_is_not_taken() -> None:
     clock = MemoryReactorClock()
     clock.adoptStreamConnection = lambda fd, family, factory: adopted.append(fd)  # type: ignore[method-assign]
     kept = PortKeeper(clock)
-    closing = kept.listenTCP(free_port(), EchoFactory(), interface="127.0.0.1")
+    closing = listen(kept, EchoFactory())
     ours, keepers = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     kept._control = ours  # as if a keeper held the port: the close waits for its answer
     kept._flush()

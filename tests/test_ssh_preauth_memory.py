@@ -226,6 +226,33 @@ def test_new_device_on_a_flooded_source_replaces_a_silent_socket(
     assert socks[0].transport.disconnecting or socks[0].transport.disconnected
 
 
+def test_new_device_registers_from_a_penalized_shared_address(
+        tmp_path: Path, clock: MemoryReactorClock) -> None:
+    hub = make_hub(tmp_path, clock)
+    factory = start_factory(hub)
+    peer = "198.51.100.7"  # a CGNAT address: a hostile neighbour and a new device
+    floods = [t for t in (silent(factory, peer) for _ in range(1000)) if t is not None]
+    assert factory.gate.admission.penalized(peer, clock.seconds())
+    assert silent(factory, peer) is None  # the flood gets no more while it holds one
+    for t in floods:
+        if not t.transport.disconnected:
+            t.connectionLost(None)
+    assert peer not in factory.gate.by_source
+    clock.advance(5)
+    assert factory.gate.admission.penalized(peer, clock.seconds())
+    # Within the penalty the address gets one unauthenticated connection at a time:
+    held = silent(factory, peer)
+    assert held is not None and silent(factory, peer) is None
+    held.connectionLost(None)
+    # ... through which a new device (no key yet: the Call Home Password) registers.
+    _server, device, pump = connect_client(factory, clock, b"cms", password=b"secret",
+                                           peer=peer)
+    for _ in range(10):
+        pump.pump()
+    assert device.factory_state.get("connected")
+    assert factory.gate.admission.penalized(peer, clock.seconds())
+
+
 def test_penalty_expires_and_exempt_sources_are_never_penalized(
         tmp_path: Path, clock: MemoryReactorClock) -> None:
     (tmp_path / "callhomehub.toml").write_text(

@@ -44,6 +44,7 @@ class Gatekeeper:
             per_source=limits.per_source_unauthenticated,
             per_device_source=limits.per_device_source_unauthenticated,
             penalty_points=limits.penalty_points, penalty_time=limits.penalty_time,
+            penalty_trickle=limits.penalty_trickle,
             exempt=limits.penalty_exempt))
         self.clock = clock
         self.draw = draw

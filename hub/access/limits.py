@@ -28,6 +28,8 @@ class Limits:
     kex_grace: int = 10
     penalty_points: int = 10
     penalty_time: int = 60
+    # Unauthenticated connections a penalized address may still have open at a time.
+    penalty_trickle: int = 1
     # The hub's own host (a health check, a TCP proxy): no per-source cap, no penalty.
     penalty_exempt: tuple[str, ...] = field(default=("127.0.0.1", "::1"), converter=tuple)
     # bcrypt checks (password logins): token buckets per source and global.

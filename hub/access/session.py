@@ -31,16 +31,23 @@ from hub.rules.session import (
     Relay,
     SessionMachine,
     StartSoon,
+    State,
     Stderr,
     ToDevice,
     Write,
 )
+from hub.ssh.channels import WINDOW
 from hub.tunnel.relay import RelayChannel
 
 if TYPE_CHECKING:
     from hub.access.gateway import OperatorAvatar
 
 __all__ = ["DeviceSession", "GatewaySession", "stamp"]
+
+# The window the operator's session channel offers until its device session relays:
+# typed-ahead input is held until then (a command typed before the prompt), so this
+# bounds what one channel can make the hub hold; a chooser line is far below it.
+EARLY_WINDOW = 64 * 1024
 
 
 class GatewaySession(DeviceEnd, RelayChannel):
@@ -53,6 +60,10 @@ class GatewaySession(DeviceEnd, RelayChannel):
         self.owner = avatar
         login = avatar.login
         self.machine = SessionMachine(login.user, login.node, login.port)
+        self.localWindowSize = self.localWindowLeft = EARLY_WINDOW
+        # Window the operator still holds from a wider window than localWindowSize:
+        # after a relay ends (back to the chooser), what it sends pays this off first.
+        self._window_debt = 0
 
     # -- Conch callbacks: machine inputs ---------------------------------------
 
@@ -91,6 +102,25 @@ class GatewaySession(DeviceEnd, RelayChannel):
                 RelayChannel.dataReceived(self, data)
             else:
                 self._carry_out(output)
+        self._fit_window()
+
+    def _fit_window(self) -> None:
+        """The full window while relaying, EARLY_WINDOW otherwise."""
+        relaying = self.machine.state is State.RELAYING
+        if relaying and self.localWindowSize < WINDOW:
+            extra = WINDOW - self.localWindowSize - self._window_debt
+            self.localWindowSize, self._window_debt = WINDOW, 0
+            if extra > 0 and self.relay_open():
+                self.conn.adjustWindow(self, extra)
+        elif not relaying and self.localWindowSize > EARLY_WINDOW:
+            self._window_debt += self.localWindowSize - EARLY_WINDOW
+            self.localWindowSize = EARLY_WINDOW
+
+    def _relay_grant(self) -> None:
+        paid = min(self._window_debt, self._relay_unacked)
+        self._window_debt -= paid
+        self._relay_unacked -= paid
+        super()._relay_grant()
 
     def _carry_out(self, output: Output) -> None:
         if isinstance(output, Write):

@@ -97,6 +97,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "penalty_points": int,
         "penalty_time": int,
         "penalty_exempt": list,
+        "penalty_trickle": int,
         "password_checks_burst": int,
         "password_checks_per_minute": int,
         "password_checks_global_burst": int,
@@ -290,6 +291,8 @@ def _check_admission(limits: Limits) -> None:
             raise ConfigError(f"[limits] {key} must be >= 1, got {getattr(limits, key)}")
     if limits.penalty_time < 0:
         raise ConfigError(f"[limits] penalty_time must be >= 0, got {limits.penalty_time}")
+    if limits.penalty_trickle < 0:
+        raise ConfigError(f"[limits] penalty_trickle must be >= 0, got {limits.penalty_trickle}")
     if limits.kex_grace > limits.login_timeout:
         raise ConfigError(f"[limits] kex_grace ({limits.kex_grace}) must not exceed "
                           f"login_timeout ({limits.login_timeout})")

@@ -182,7 +182,8 @@ def authenticate(preamble: Preamble, secrets: Mapping[str, str]) -> bytes | None
     if secret is None:
         raise PreambleError(f"device {preamble.device_id} sent an HMAC but no secret is "
                             "configured for it in [netconf.secrets]")
-    if not hmac.compare_digest(expected_hmac(secret, preamble.host_key),
-                               preamble.hmac.strip().lower()):
+    # As bytes: compare_digest refuses str with non-ASCII characters (TypeError).
+    if not hmac.compare_digest(expected_hmac(secret, preamble.host_key).encode(),
+                               preamble.hmac.strip().lower().encode()):
         raise PreambleError(f"device {preamble.device_id}: wrong HMAC (shared secret mismatch)")
     return host_key_blob(preamble.host_key)

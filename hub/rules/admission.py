@@ -83,6 +83,11 @@ class AdmissionPolicy:
     penalty_points: int = 10  # bad endings within `penalty_window` before a penalty
     penalty_window: float = 60.0
     penalty_time: float = 60.0
+    # Unauthenticated connections a penalized source may still have open at a time
+    # (0: refused outright, as sshd does): many devices share one CGNAT address, and a
+    # new device's registration must not wait out a neighbour's penalty; one at a time
+    # keeps a flood from that address bounded (its passwords are budgeted anyway).
+    penalty_trickle: int = 1
     device_memory: float = 86400.0  # how long a key login marks its source as a device source
     exempt: tuple[str, ...] = ()
 
@@ -168,8 +173,9 @@ class Admission:
         p = self.policy
         exempt = self.exempt(source)
         # A device source is never refused for its attackers' misdeeds; it is
-        # held to its (larger) cap instead.
-        if not exempt and not self.device_source(source, now) and self.penalized(source, now):
+        # held to its (larger) cap instead. A penalized source keeps a trickle.
+        if (not exempt and not self.device_source(source, now) and self.penalized(source, now)
+                and from_source >= p.penalty_trickle):
             return Verdict.PENALIZED
         if not exempt and from_source >= self.cap(source, now):
             return Verdict.REPLACE_SILENT

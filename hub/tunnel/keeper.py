@@ -42,6 +42,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import CannotListenError, ProcessExitedAlready
 from twisted.logger import Logger
 
+from hub.tunnel import keeper_process
 from hub.tunnel.keeper_process import ERR, FD_SPACE, MSG, fds_of, with_fd
 
 log = Logger()
@@ -85,7 +86,12 @@ class PortKeeper:
         self.reactor = reactor
         self.on_lost = on_lost
         self.on_port_lost = on_port_lost
-        self.argv = argv or [sys.executable, "-m", "hub.tunnel.keeper_process"]
+        # The keeper is standard library only: run its file without site-packages (-S)
+        # or the environment (-I). `-m hub...` went through site and the package's
+        # import machinery: about twice the start-up time, and every forward waits
+        # for the keeper to start (measured 0.69 s against 0.38 s at a load of 9 on
+        # two cores).
+        self.argv = argv or [sys.executable, "-I", "-S", keeper_process.__file__]
         self.backlog = backlog
         self._ports: dict[int, KeptPort] = {}
         self._next_id = 1

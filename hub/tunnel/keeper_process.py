@@ -1,4 +1,4 @@
-"""The port keeper process (`python -m hub.tunnel.keeper_process FD`).
+"""The port keeper process (`python -I -S .../keeper_process.py FD`).
 
 Standard library only: it holds the forward listeners the hub hands it over
 the socketpair on descriptor FD and passes back what they accept; see
