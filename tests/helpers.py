@@ -50,7 +50,7 @@ class HubProcess:
         self.ports = {}
         self.proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "--logfile", str(self.log), "callhomehub",
-             "--data", str(self.data), "--ssh", ssh_endpoint, *self.extra],
+             "--data", str(self.data), "--ssh", ssh_endpoint, "--web", "none", *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
 

@@ -188,8 +188,9 @@ def test_migrations_load_in_number_order(tmp_path: Path) -> None:
 
 def test_shipped_migrations_are_the_package_files() -> None:
     assert load_migrations() == MIGRATIONS
-    assert len(MIGRATIONS) == 3
+    assert len(MIGRATIONS) == 4
     assert "ALTER TABLE nodes ADD COLUMN console TEXT" in MIGRATIONS[2]
+    assert "ALTER TABLE users ADD COLUMN admin" in MIGRATIONS[3]
 
 
 def test_statements_skip_comment_lines() -> None:

@@ -24,7 +24,8 @@ def test_twistd_finds_the_plugin() -> None:
 
 def test_make_service_listens_and_polls(tmp_path: Path) -> None:
     options = Options()
-    options.parseOptions(["--data", str(tmp_path), "--ssh", "tcp:2222:interface=127.0.0.1"])
+    options.parseOptions(["--data", str(tmp_path), "--ssh", "tcp:2222:interface=127.0.0.1",
+                          "--web", "none"])
     reactor = MemoryReactorClock()
     top = makeService(options, reactor=reactor)
     top.privilegedStartService()
@@ -91,7 +92,8 @@ def test_a_second_hub_on_the_same_data_directory_stops_before_touching_the_regis
         tmp_path: Path) -> None:
     def make() -> Any:
         options = Options()
-        options.parseOptions(["--data", str(tmp_path), "--ssh", "tcp:0:interface=127.0.0.1"])
+        options.parseOptions(["--data", str(tmp_path), "--ssh", "tcp:0:interface=127.0.0.1",
+                          "--web", "none"])
         return makeService(options, reactor=MemoryReactorClock())
 
     first = make()
@@ -124,7 +126,8 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 def test_start_says_where_the_state_is_and_warns_without_a_call_home_password(
         tmp_path: Path) -> None:
     options = Options()
-    options.parseOptions(["--data", str(tmp_path), "--ssh", "tcp:0:interface=127.0.0.1"])
+    options.parseOptions(["--data", str(tmp_path), "--ssh", "tcp:0:interface=127.0.0.1",
+                          "--web", "none"])
     top = makeService(options, reactor=MemoryReactorClock())
     top.hub.registry.register("site-a", b"k", "fp", "cli")  # type: ignore[attr-defined]
     with capture_events() as events:

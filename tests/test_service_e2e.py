@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 
 
 def start_fails(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([TWISTD, "-n", "--pidfile=", "callhomehub", *args],
+    result = subprocess.run([TWISTD, "-n", "--pidfile=", "callhomehub", "--web", "none", *args],
                             capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr + result.stdout
@@ -65,6 +65,9 @@ def test_second_hub_on_one_data_directory_is_one_line_and_touches_nothing(
     (None, ["--keepalive", "often"], "--keepalive: expected a number"),
     (None, ["--ssh", "2222"], "--ssh: '2222' is not a listening endpoint"),
     (None, ["--nsca", "tcp:x"], "--nsca: 'tcp:x' is not a listening endpoint"),
+    (None, ["--web", "ssl:x"], "--web: 'ssl:x' is not a listening endpoint"),
+    (None, ["--web", "tcp:0:interface=127.0.0.1", "--web-url", "hub.example"],
+     "--web-url: expected https://HOST"),
     ("file-as-data", [], "cannot create"),
     ("corrupt-db", [], "is unreadable or corrupt"),
 ])

@@ -27,6 +27,7 @@ from hub.rules.session import (
     Dial,
     DropDevice,
     Exit,
+    GiveWebLink,
     OfferMenu,
     OperatorEOF,
     Output,
@@ -39,6 +40,7 @@ from hub.rules.session import (
     Stderr,
     ToDevice,
     Write,
+    exit_status,
 )
 from hub.tunnel.live import NodeTunnel
 from hub.tunnel.relay import RelayChannel
@@ -173,6 +175,23 @@ class GatewaySession(RelayChannel):
             self._drop_device()
         elif isinstance(output, Record):
             self._record(output)
+        elif isinstance(output, GiveWebLink):
+            self._weblink()
+
+    def _weblink(self) -> None:
+        owner = self.owner
+        links = owner.needs.weblinks
+        if links is None:
+            self.run((Stderr("the web console is off on this hub (started with --web none)"),
+                      exit_status(1), Close(flushed=True)))
+            return
+        tcp = getattr(self.conn.transport, "transport", None)
+        arrived_at = getattr(tcp.getHost(), "host", "localhost") if tcp is not None else ""
+        url = links.issue(owner.login, arrived_at or "localhost")
+        owner.needs.grants.audit(owner.actor, "weblink", owner.login.user,
+                                 "one-time web sign-in link issued")
+        log.info("{actor}: web sign-in link issued", actor=owner.actor)
+        self.run((Write(f"{url}\n".encode()), exit_status(0), Close(flushed=True)))
 
     def _later(self, flushed: bool, action: Callable[[], object]) -> None:
         if flushed:

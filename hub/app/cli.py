@@ -181,9 +181,11 @@ def cmd_user_add(reg: Registry, args: argparse.Namespace) -> int:
         password_hash = _read_password("user add")
     if not keys and password_hash is None:
         raise HubError("user add: give --key FILE and/or --password-stdin")
-    user = reg.add_user(args.name, password_hash, keys, args.allow or [], _actor())
+    user = reg.add_user(args.name, password_hash, keys, args.allow or [], _actor(),
+                        admin=args.admin)
     print(f"user {user.name} added ({len(user.keys)} key(s), "
-          f"password {'set' if password_hash else 'none'}, allow {' '.join(user.allow) or '-'})")
+          f"password {'set' if password_hash else 'none'}, allow {' '.join(user.allow) or '-'}"
+          f"{', admin' if user.admin else ''})")
     return 0
 
 
@@ -214,10 +216,12 @@ def cmd_user_set(reg: Registry, args: argparse.Namespace) -> int:
     """Replace what is given; the running hub re-checks the operator's live sessions."""
     if args.password_stdin and args.no_password:
         raise HubError("user set: give --password-stdin or --no-password, not both")
+    if args.admin and args.no_admin:
+        raise HubError("user set: give --admin or --no-admin, not both")
     if not (args.key or args.allow or args.no_allow or args.password_stdin
-            or args.no_password):
+            or args.no_password or args.admin or args.no_admin):
         raise HubError("user set: nothing to change (--key, --allow, --no-allow, "
-                       "--password-stdin, --no-password)")
+                       "--password-stdin, --no-password, --admin, --no-admin)")
     if args.allow and args.no_allow:
         raise HubError("user set: give --allow or --no-allow, not both")
     change: dict[str, Any] = {}
@@ -229,10 +233,12 @@ def cmd_user_set(reg: Registry, args: argparse.Namespace) -> int:
         change["password_hash"] = _read_password("user set")
     elif args.no_password:
         change["password_hash"] = None
+    if args.admin or args.no_admin:
+        change["admin"] = bool(args.admin)
     user = reg.set_user(args.name, _actor(), **change)
     print(f"user {user.name} changed ({len(user.keys)} key(s), "
           f"password {'set' if user.password_hash else 'none'}, "
-          f"allow {' '.join(user.allow) or '-'})")
+          f"allow {' '.join(user.allow) or '-'}{', admin' if user.admin else ''})")
     return 0
 
 
@@ -246,13 +252,15 @@ def cmd_users(reg: Registry, args: argparse.Namespace) -> int:
     users = reg.users()
     if args.json:
         print(json.dumps([{"name": u.name, "password": u.password_hash is not None,
-                           "keys": list(u.fingerprints), "allow": list(u.allow)}
+                           "keys": list(u.fingerprints), "allow": list(u.allow),
+                           "admin": u.admin}
                           for u in users], indent=2))
         return 0
-    rows = [["NAME", "PASSWORD", "KEYS", "ALLOW"]]
+    rows = [["NAME", "PASSWORD", "KEYS", "ALLOW", "ADMIN"]]
     for u in users:
         rows.append([u.name, "yes" if u.password_hash else "no",
-                     ",".join(u.fingerprints) or "-", " ".join(u.allow) or "-"])
+                     ",".join(u.fingerprints) or "-", " ".join(u.allow) or "-",
+                     "yes" if u.admin else "no"])
     _print_table(rows)
     return 0
 
@@ -330,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     ua.add_argument("--password-stdin", action="store_true", help="read a password from stdin")
     ua.add_argument("--allow", nargs="+", action="extend", metavar="GLOB",
                     help="node name patterns the user may reach")
+    ua.add_argument("--admin", action="store_true",
+                    help="may approve, revoke, remove and switch access in the web console")
     us = usub.add_parser("set", help="change an operator: what is given replaces what was "
                          "there; live sessions are re-checked")
     us.set_defaults(func=cmd_user_set)
@@ -341,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     us.add_argument("--allow", nargs="+", action="extend", metavar="GLOB",
                     help="node name patterns the user may reach (replace the grants)")
     us.add_argument("--no-allow", action="store_true", help="remove every grant")
+    us.add_argument("--admin", action="store_true", help="make the operator an admin")
+    us.add_argument("--no-admin", action="store_true", help="take the admin mark away")
     ud = usub.add_parser("del", help="delete an operator")
     ud.set_defaults(func=cmd_user_del)
     ud.add_argument("name")

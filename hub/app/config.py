@@ -47,6 +47,12 @@ class HubConfig:
     netconf_unknown_per_minute: int = 10
     netconf_unknown_per_minute_total: int = 60
     transport: TransportPolicy = field(factory=TransportPolicy)
+    # The web console (hub.web): its endpoint (None: off), the URL operators are
+    # given (None: the address they reached the hub at), session lifetimes.
+    web: str | None = "ssl:443"
+    web_url: str | None = None
+    web_idle_timeout: float = 1800.0
+    web_absolute_timeout: float = 43200.0
 
     @property
     def db_path(self) -> str:
@@ -106,6 +112,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "netconf": {"secrets": dict, "allow": list, "unknown_per_minute": int,
                 "unknown_per_minute_total": int},
     "transport": {"legacy_algorithms": bool},
+    "web": {"idle_timeout": (int, float), "absolute_timeout": (int, float)},
 }
 
 
@@ -150,6 +157,29 @@ def check_endpoint(option: str, description: str | None) -> str | None:
         raise ConfigError(f"{option}: {description!r} is not a listening endpoint ({e}); "
                           "write it as tcp:PORT or tcp:PORT:interface=ADDRESS") from None
     return description
+
+
+def check_web_endpoint(description: str | None) -> str | None:
+    """`--web`: `none` (off), `ssl:PORT[:…]` (the hub's own certificate unless
+    privateKey= is given) or any other listening endpoint (`tcp:…` behind a proxy)."""
+    if description is None or description.strip().lower() == "none":
+        return None
+    ours = description.startswith("ssl:") and "privateKey=" not in description
+    try:
+        # The hub's own certificate does not exist yet: parse the rest as TCP.
+        serverFromString(None, "tcp:" + description[4:] if ours else description)
+    except (ValueError, TypeError, KeyError, ImportError, OSError) as e:
+        raise ConfigError(f"--web: {description!r} is not a listening endpoint ({e}); write it "
+                          "as ssl:PORT, tcp:PORT:interface=ADDRESS or none") from None
+    return description
+
+
+def check_web_url(url: str | None) -> str | None:
+    if url is None:
+        return None
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url):
+        raise ConfigError(f"--web-url: expected https://HOST[:PORT][/PREFIX], got {url!r}")
+    return url.rstrip("/")
 
 
 def build_config(options: Mapping[str, Any]) -> HubConfig:
@@ -205,6 +235,13 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         if rate < 1:
             raise ConfigError(f"[netconf] {key} must be >= 1, got {rate!r}")
 
+    web = doc.get("web", {})
+    idle = float(web.get("idle_timeout", 1800))
+    absolute = float(web.get("absolute_timeout", 43200))
+    if idle < 60 or absolute < idle:
+        raise ConfigError("[web] idle_timeout must be >= 60 and absolute_timeout >= "
+                          f"idle_timeout (seconds), got {idle:g} and {absolute:g}")
+
     return HubConfig(
         data=data,
         ssh=check_endpoint("--ssh", options.get("ssh") or "tcp:22") or "tcp:22",
@@ -225,6 +262,10 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         netconf_unknown_per_minute=rates["unknown_per_minute"],
         netconf_unknown_per_minute_total=rates["unknown_per_minute_total"],
         transport=TransportPolicy(**doc.get("transport", {})),
+        web=check_web_endpoint(options.get("web", "ssl:443")),
+        web_url=check_web_url(options.get("web-url")),
+        web_idle_timeout=idle,
+        web_absolute_timeout=absolute,
     )
 
 
