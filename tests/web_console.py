@@ -107,10 +107,11 @@ class Browser:
 
 
 class Console:
-    def __init__(self, tmp_path: Path, tls: bool = True) -> None:
-        self.clock = MemoryReactorClock()
-        self.hub: Hub = make_hub(tmp_path, self.clock, keepalive="0")
-        self.factory = start_factory(self.hub)
+    def __init__(self, tmp_path: Path, tls: bool = True, hub: Hub | None = None,
+                 factory: Any = None) -> None:
+        self.hub: Hub = hub or make_hub(tmp_path, MemoryReactorClock(), keepalive="0")
+        self.clock: MemoryReactorClock = self.hub.clock  # type: ignore[assignment]
+        self.factory = factory or start_factory(self.hub)
         self.port: int | None = 8443
         self.hub.weblinks = WebLinks(self.clock, None, tls, lambda: self.port)
         self.hub.web_sessions = SessionStore(self.clock, 1800, 43200)
@@ -129,6 +130,10 @@ class Console:
             registry.set_state(name, state, "test")
 
     def send(self, data: bytes, address: str) -> StringTransport:
+        transport, _ = self.connect(data, address)
+        return transport
+
+    def connect(self, data: bytes, address: str) -> tuple[StringTransport, Any]:
         """Send one request on a new connection; the answer may come later."""
         peer = IPv4Address("TCP", address, 40000)
         proto = self.site.buildProtocol(peer)
@@ -136,13 +141,17 @@ class Console:
                                     hostAddress=IPv4Address("TCP", "127.0.0.1", 8443))
         proto.makeConnection(transport)
         proto.dataReceived(data)
-        return transport
+        return transport, proto
 
     def exchange(self, data: bytes, address: str, advance: float = 0) -> Response:
-        transport = self.send(data, address)
+        transport, proto = self.connect(data, address)
         for _ in range(100):
             if transport.value().endswith(b"0\r\n\r\n") or transport.disconnecting:
                 break
+            pull = proto._requestProducer  # a static file: pull its data
+            if pull is not None and not proto._requestProducerStreaming:
+                pull.resumeProducing()
+                continue
             self.clock.advance(advance or 0.5)
         return parse(transport.value())
 

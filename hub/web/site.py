@@ -14,6 +14,7 @@ every console response carries, and the resource tree (the router).
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 from twisted.logger import Logger
@@ -74,9 +75,14 @@ class ConsoleRequest(server.Request):
             return
         server.Request.handleContentChunk(self, data)
 
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if getattr(self, "refused", False):
+            return  # answered with 413 already; the connection is closing
+        server.Request.requestReceived(self, command, path, version)
+
     def _too_large(self) -> None:
         self.refused = True
-        self.content = None  # type: ignore[assignment]
+        self.content = io.BytesIO()
         peer = getattr(self.getClientAddress(), "host", "?")
         log.info("web: request body from {peer} over {limit} bytes refused", peer=peer,
                  limit=self.body_limit)
@@ -100,6 +106,9 @@ class ConsoleRequest(server.Request):
 class ConsoleChannel(http.HTTPChannel):
     """Malformed HTTP (a bad request line, too many or too long headers) gets a
     400 page in our layout, then the connection is closed."""
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._respondToBadRequestAndDisconnect()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         transport: Any = self.transport
