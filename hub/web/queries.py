@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from attrs import frozen
 
-from hub.rules.logins import may_reach
+from hub.rules.logins import reach_matcher
 from hub.store.rows import AUDIT_COLUMNS, NODE_COLUMNS, AuditEntry, Node, select
 
 
@@ -43,15 +43,26 @@ def node_page(db: Reads, search: str, state: str, page: int, per_page: int,
               visible: Callable[[str], bool] | None) -> NodePage:
     """One page of nodes whose name contains `search` (and in `state` if given),
     among those `visible` allows (None: all), ordered by name."""
-    rows = db.query("SELECT id, name FROM nodes WHERE name LIKE ? ESCAPE '\\'"
-                    " AND (? = '' OR state = ?) ORDER BY name COLLATE NOCASE",
-                    (_like(search), state, state))
-    if visible is not None:
-        rows = [r for r in rows if visible(r[1])]
+    where = "name LIKE ? ESCAPE '\\' AND (? = '' OR state = ?)"
+    params = (_like(search), state, state)
+    if visible is None:  # counted and paged in SQL
+        (total,) = db.query(f"SELECT COUNT(*) FROM nodes WHERE {where}", params)[0]  # noqa: S608
+        pages = max(1, -(-int(total) // per_page))
+        page = min(max(1, page), pages)
+        ids = [r[0] for r in db.query(
+            f"SELECT id FROM nodes WHERE {where} ORDER BY name COLLATE NOCASE"  # noqa: S608
+            " LIMIT ? OFFSET ?", (*params, per_page, (page - 1) * per_page))]
+        return _page(db, ids, int(total), page, pages)
+    rows = [r for r in db.query(f"SELECT id, name FROM nodes WHERE {where}"  # noqa: S608
+                                " ORDER BY name COLLATE NOCASE", params) if visible(r[1])]
     total = len(rows)
     pages = max(1, -(-total // per_page))
     page = min(max(1, page), pages)
     ids = [r[0] for r in rows[(page - 1) * per_page: page * per_page]]
+    return _page(db, ids, total, page, pages)
+
+
+def _page(db: Reads, ids: list[int], total: int, page: int, pages: int) -> NodePage:
     nodes = nodes_by_id(db, ids)
     return NodePage(nodes, latest_codes(db, [n.name for n in nodes]), total, page, pages)
 
@@ -71,14 +82,17 @@ def nodes_by_id(db: Reads, ids: list[int]) -> list[Node]:
 
 
 def latest_codes(db: Reads, names: list[str]) -> dict[str, int]:
+    """The worst latest result of each node's own Nagios host (the host named like
+    the node, as strict-host mode requires): read through the results' (host,
+    service, id) index, so a page costs the same with any number of results."""
     if not names:
         return {}
     marks = ",".join("?" * len(names))
+    inner = f"SELECT MAX(id) FROM results WHERE host IN ({marks})"  # noqa: S608
+    sql = f"SELECT host, code FROM results WHERE id IN ({inner} GROUP BY host, service)"  # noqa: S608
     worst: dict[str, int] = {}
-    inner = f"SELECT MAX(id) FROM results WHERE node IN ({marks}) COLLATE NOCASE"  # noqa: S608
-    sql = f"SELECT node, code FROM results WHERE id IN ({inner} GROUP BY host, service)"  # noqa: S608
-    for node, code in db.query(sql, tuple(names)):
-        key = str(node).lower()
+    for host, code in db.query(sql, tuple(names)):
+        key = str(host).lower()
         if key not in worst or _WORST.get(code, 1) > _WORST.get(worst[key], 1):
             worst[key] = code
     return worst
@@ -95,7 +109,7 @@ def visible_filter(admin: bool, allow: tuple[str, ...]) -> Callable[[str], bool]
     """Admins see every node (to approve new ones); others what their grants allow."""
     if admin:
         return None
-    return lambda name: may_reach(allow, name)
+    return reach_matcher(allow)
 
 
 @frozen
