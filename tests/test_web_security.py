@@ -123,3 +123,14 @@ def test_mount_points_get_the_operators_reach(console: Console) -> None:
     assert b.get("/nodes/site-a/web/a/b?c=1").body == b"mounted"
     assert seen == [("alice@192.0.2.7", "site-a")] * 2
     assert parse(b"HTTP/1.1 200 OK\r\n\r\n").status == 200
+
+
+def test_cross_site_requests_are_refused_by_fetch_metadata(console: Console) -> None:
+    b = console.browser()
+    assert b.post("/signin", {"user": "alice", "password": "alice-pw"},
+                  headers={"Sec-Fetch-Site": "cross-site"}).status == 403
+    assert b.post("/signin", {"user": "alice", "password": "alice-pw"},
+                  headers={"Origin": "null", "Sec-Fetch-Site": "same-origin"}).status == 303
+    token = b.csrf()
+    assert b.post("/nodes/site-a/access", {"value": "on", "csrf": token},
+                  headers={"Sec-Fetch-Site": "same-site"}).status == 403
