@@ -137,3 +137,42 @@ def web_port(hub: HubProcess) -> int:
         return ports.get("web")
 
     return int(wait_for(found, 20, "the web console to listen"))  # type: ignore[arg-type]
+
+
+def test_weblink_over_real_ssh_signs_in_once(tmp_path: Path) -> None:
+    """`ssh alice@hub weblink` with the real OpenSSH client: the URL names the address
+    the connection reached and the console's port, and signs in once."""
+    import urllib.error
+    import urllib.request
+
+    from helpers import SSHClient, make_key
+
+    hub = HubProcess(tmp_path / "hub", "--web", "tcp:0:interface=127.0.0.1")
+    hub.data.mkdir(parents=True)
+    key = make_key(tmp_path / "alice", "alice")
+    hub.cli("user", "add", "alice", "--key", f"{key}.pub")
+    hub.start()
+    try:
+        port = web_port(hub)
+        result = SSHClient(tmp_path / "client", hub.port).run("alice@127.0.0.1", "weblink",
+                                                              key=key)
+        assert result.returncode == 0, result.stderr
+        url = result.stdout.decode().strip()
+        assert re.fullmatch(rf"http://127\.0\.0\.1:{port}/signin/[A-Za-z0-9_-]{{43}}", url)
+
+        def post() -> int:
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, data=b"",
+                                                                   method="POST"), timeout=30):
+                    return 200
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        # urllib follows the 303 to /nodes without the Secure cookie (plain HTTP): the
+        # answer is the sign-in page; the second use of the link is refused.
+        assert post() == 200
+        assert post() == 403
+        assert "weblink" in hub.cli("audit").stdout.decode()
+        assert "Accepted web sign-in (one-time link) for alice from 127.0.0.1" in hub.log_text()
+    finally:
+        hub.stop()
