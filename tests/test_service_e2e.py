@@ -157,7 +157,7 @@ def test_cli_users_and_errors(tmp_path: Path) -> None:
     assert added.returncode == 0, added.stderr
     users = json.loads(cli("users", "--json").stdout)
     assert users == [{"name": "alice", "password": True, "allow": ["site-*", "lab-1"],
-                      "keys": [users[0]["keys"][0]]}]
+                      "keys": [users[0]["keys"][0]], "admin": False}]
     assert users[0]["keys"][0].startswith("SHA256:")
     dup = cli("user", "add", "ALICE", "--password-stdin", stdin=b"x\n")
     assert (dup.returncode, dup.stderr) == (1, "callhomehub: user 'ALICE' already exists\n")
