@@ -168,7 +168,7 @@ def test_cli_users_and_errors(tmp_path: Path) -> None:
     assert cli("user", "del", "alice").returncode == 0
     missing = cli("approve", "nosuch")
     assert (missing.returncode, missing.stderr) == (1, "callhomehub: no node named 'nosuch'\n")
-    assert cli("users").stdout.splitlines() == ["NAME  PASSWORD  KEYS  ALLOW"]
+    assert cli("users").stdout.splitlines() == ["NAME  PASSWORD  KEYS  ALLOW  ADMIN"]
     actions = [e["action"] for e in json.loads(cli("audit", "--json").stdout)]
     assert actions == ["user-add", "user-del"]
     empty_pw = cli("callhome-password")
