@@ -149,3 +149,18 @@ def test_port_443_is_left_out_of_the_link(tmp_path: Path) -> None:
 
     assert c.hub.weblinks.issue(OperatorLogin("a", None, None), "::1").startswith(  # type: ignore[union-attr]
         "https://[::1]/signin/")
+
+
+def test_after_a_failure_the_next_sign_in_from_that_address_waits(console: Console) -> None:
+    body = b"user=alice&password=alice-pw"
+    request = (b"POST /signin HTTP/1.1\r\nHost: hub.example\r\nConnection: close\r\n"
+               b"Content-Type: application/x-www-form-urlencoded\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    console.browser("198.51.100.11").sign_in("alice", "wrong")
+    waiting = console.send(request, "198.51.100.11")
+    elsewhere = console.send(request, "198.51.100.12")
+    assert waiting.value() == b"" and elsewhere.value().startswith(b"HTTP/1.1 303")
+    console.clock.advance(0.9)
+    assert waiting.value() == b""
+    console.clock.advance(0.2)
+    assert waiting.value().startswith(b"HTTP/1.1 303")  # the right password, a second later
