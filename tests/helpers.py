@@ -50,7 +50,8 @@ class HubProcess:
         self.ports = {}
         self.proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "--logfile", str(self.log), "callhomehub",
-             "--data", str(self.data), "--ssh", ssh_endpoint, "--metrics", "none", *self.extra],
+             "--data", str(self.data), "--ssh", ssh_endpoint, "--metrics", "none", "--web", "none",
+             *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
 

@@ -43,3 +43,27 @@ def test_auth_lines_and_the_fail2ban_filter(hub: HubProcess, client: SSHClient,
     assert result.returncode == 0, result.stdout + result.stderr
     # Two wrong Call Home Passwords, and mallory twice (Invalid user, Failed password).
     assert re.search(r"Lines: \d+ lines, 0 ignored, 4 matched", result.stdout), result.stdout
+
+
+def test_failed_web_sign_ins_match_the_fail2ban_filter(tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    hub = HubProcess(tmp_path / "hub", "--web", "tcp:0:interface=127.0.0.1").start()
+    try:
+        hub.cli("user", "add", "alice", "--password-stdin", stdin=b"right")
+        for user in ("alice", "mallory"):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{hub.ports['web']}/signin",
+                data=f"user={user}&password=wrong".encode(), method="POST")
+            try:
+                urllib.request.urlopen(request, timeout=30)
+            except urllib.error.HTTPError as e:
+                assert e.code == 401
+        wait_for(lambda: "Failed web sign-in for mallory from 127.0.0.1" in hub.log_text(),
+                 30, "the web sign-in failure lines")
+        result = subprocess.run(["fail2ban-regex", str(hub.log), str(FILTER)],
+                                capture_output=True, text=True, timeout=120)
+        assert re.search(r"Lines: \d+ lines, 0 ignored, 2 matched", result.stdout), result.stdout
+    finally:
+        hub.stop()

@@ -117,7 +117,8 @@ def test_user_set_replaces_what_is_given_and_keeps_the_rest(
 @pytest.mark.parametrize(("args", "message"), [
     (("nobody", "--allow", "x"), "no user named 'nobody'"),
     (("alice",), "user set: nothing to change (--key, --allow, --no-allow, "
-                 "--password-stdin, --no-password, --cert-only)"),
+                 "--password-stdin, --no-password, --cert-only, --admin, --no-admin)"),
+    (("alice", "--admin", "--no-admin"), "user set: give --admin or --no-admin, not both"),
     (("alice", "--password-stdin", "--no-password"),
      "user set: give --password-stdin or --no-password, not both"),
     (("alice", "--allow", "x", "--no-allow"), "user set: give --allow or --no-allow, not both"),
@@ -178,3 +179,24 @@ def test_nodes_show_live_forwards_leases_iso_times_and_the_pinned_host_key(
     assert {e["time"] for e in json.loads(out)} == {"2026-12-02T03:04:05Z"}
     code, out, _ = run(tmp_path, monkeypatch, capsys, "audit")
     assert out.splitlines()[1].startswith("2026-12-02T03:04:05Z  ")
+
+
+def test_admin_mark_on_user_add_and_set_shown_by_users(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(tmp_path, monkeypatch, capsys, "user", "add", "root", "--admin",
+                       "--password-stdin", stdin=b"pw")
+    assert code == 0 and out.endswith(", admin)\n")
+    assert run(tmp_path, monkeypatch, capsys, "user", "add", "bob", "--password-stdin",
+               stdin=b"pw")[0] == 0
+    _, out, _ = run(tmp_path, monkeypatch, capsys, "users", "--json")
+    assert [(u["name"], u["admin"]) for u in json.loads(out)] == [("root", True), ("bob", False)]
+    assert run(tmp_path, monkeypatch, capsys, "user", "set", "bob", "--admin")[0] == 0
+    assert run(tmp_path, monkeypatch, capsys, "user", "set", "root", "--no-admin")[0] == 0
+    _, out, _ = run(tmp_path, monkeypatch, capsys, "users")
+    lines = out.splitlines()
+    assert lines[0].split()[-1] == "ADMIN"
+    assert [line.split()[0] + " " + line.split()[-1] for line in lines[1:]] == [
+        "root no", "bob yes"]
+    audit = Registry(str(tmp_path / "hub.sqlite3"), now=lambda: 0.0).audit_log()
+    assert [e.detail for e in audit if e.action == "user-set"] == ["admin", "not admin"]

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 
 def start_fails(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([TWISTD, "-n", "--pidfile=", "callhomehub", "--metrics", "none",
-                             *args],
+                             "--web", "none", *args],
                             capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr + result.stdout
@@ -67,6 +67,9 @@ def test_second_hub_on_one_data_directory_is_one_line_and_touches_nothing(
     (None, ["--ssh", "2222"], "--ssh: '2222' is not a listening endpoint"),
     (None, ["--nsca", "tcp:x"], "--nsca: 'tcp:x' is not a listening endpoint"),
     (None, ["--metrics", "tcp:x"], "--metrics: 'tcp:x' is not a listening endpoint"),
+    (None, ["--web", "ssl:x"], "--web: 'ssl:x' is not a listening endpoint"),
+    (None, ["--web", "tcp:0:interface=127.0.0.1", "--web-url", "hub.example"],
+     "--web-url: expected https://HOST"),
     ("file-as-data", [], "cannot create"),
     ("corrupt-db", [], "is unreadable or corrupt"),
 ])
@@ -156,7 +159,7 @@ def test_cli_users_and_errors(tmp_path: Path) -> None:
     assert added.returncode == 0, added.stderr
     users = json.loads(cli("users", "--json").stdout)
     assert users == [{"name": "alice", "password": True, "allow": ["site-*", "lab-1"],
-                      "keys": [users[0]["keys"][0]]}]
+                      "keys": [users[0]["keys"][0]], "admin": False}]
     assert users[0]["keys"][0].startswith("SHA256:")
     dup = cli("user", "add", "ALICE", "--password-stdin", stdin=b"x\n")
     assert (dup.returncode, dup.stderr) == (1, "callhomehub: user 'ALICE' already exists\n")
@@ -167,7 +170,7 @@ def test_cli_users_and_errors(tmp_path: Path) -> None:
     assert cli("user", "del", "alice").returncode == 0
     missing = cli("approve", "nosuch")
     assert (missing.returncode, missing.stderr) == (1, "callhomehub: no node named 'nosuch'\n")
-    assert cli("users").stdout.splitlines() == ["NAME  PASSWORD  KEYS  ALLOW"]
+    assert cli("users").stdout.splitlines() == ["NAME  PASSWORD  KEYS  ALLOW  ADMIN"]
     actions = [e["action"] for e in json.loads(cli("audit", "--json").stdout)]
     assert actions == ["user-add", "user-del"]
     empty_pw = cli("callhome-password")

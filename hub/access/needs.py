@@ -18,6 +18,7 @@ from twisted.conch.ssh.channel import SSHChannel
 from twisted.internet.interfaces import IReactorTime
 
 if TYPE_CHECKING:
+    from hub.rules.logins import OperatorLogin
     from hub.store.registry import Node, User
     from hub.tunnel.live import NodeTunnel
 
@@ -74,6 +75,14 @@ class Operators(Protocol):
     def discard(self, operator: Any) -> None: ...
 
 
+class WebLinks(Protocol):
+    """One-time web console sign-in URLs (`ssh alice@hub weblink`), from the web core."""
+
+    def issue(self, login: OperatorLogin, arrived_at: str) -> str:
+        """A new URL signing `login` in; `arrived_at` is the address the operator's
+        SSH connection reached (the URL's host unless the hub has --web-url)."""
+
+
 # Builds the in-tunnel NSCA intake channel: (node, actor, window, max packet) -> channel.
 IntakeFactory = Callable[[str, str, int, int], SSHChannel]
 
@@ -100,3 +109,4 @@ class GatewayNeeds:
     mgmt_key: keys.Key          # the hub's identity when it logs in to a device
     clock: IReactorTime
     operators: Operators | None = None  # where a login registers to be re-checked
+    weblinks: WebLinks | None = None    # None: the web console is off

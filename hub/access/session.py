@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.conch.ssh import connection
+from twisted.logger import Logger
 
 from hub.access.device_end import DeviceEnd, DeviceSession, stamp
 from hub.rules.session import (
@@ -23,6 +24,7 @@ from hub.rules.session import (
     Dial,
     DropDevice,
     Exit,
+    GiveWebLink,
     OfferMenu,
     OperatorEOF,
     Output,
@@ -35,6 +37,7 @@ from hub.rules.session import (
     Stderr,
     ToDevice,
     Write,
+    exit_status,
 )
 from hub.ssh.channels import WINDOW
 from hub.tunnel.relay import RelayChannel
@@ -43,6 +46,8 @@ if TYPE_CHECKING:
     from hub.access.gateway import OperatorAvatar
 
 __all__ = ["DeviceSession", "GatewaySession", "stamp"]
+
+log = Logger()
 
 # The window the operator's session channel offers until its device session relays:
 # typed-ahead input is held until then (a command typed before the prompt), so this
@@ -160,6 +165,23 @@ class GatewaySession(DeviceEnd, RelayChannel):
             self.drop_device()
         elif isinstance(output, Record):
             self.record(output)
+        elif isinstance(output, GiveWebLink):
+            self._weblink()
+
+    def _weblink(self) -> None:
+        owner = self.owner
+        links = owner.needs.weblinks
+        if links is None:
+            self.run((Stderr("the web console is off on this hub (started with --web none)"),
+                      exit_status(1), Close(flushed=True)))
+            return
+        tcp = getattr(self.conn.transport, "transport", None)
+        arrived_at = getattr(tcp.getHost(), "host", "localhost") if tcp is not None else ""
+        url = links.issue(owner.login, arrived_at or "localhost")
+        owner.needs.grants.audit(owner.actor, "weblink", owner.login.user,
+                                 "one-time web sign-in link issued")
+        log.info("{actor}: web sign-in link issued", actor=owner.actor)
+        self.run((Write(f"{url}\n".encode()), exit_status(0), Close(flushed=True)))
 
     def _later(self, flushed: bool, action: Callable[[], object]) -> None:
         if flushed:

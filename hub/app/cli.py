@@ -192,9 +192,11 @@ def cmd_user_add(reg: Registry, args: argparse.Namespace) -> int:
     if not keys and password_hash is None and not args.cert_only:
         raise HubError("user add: give --key FILE and/or --password-stdin (or --cert-only "
                        "for an operator who logs in with a certificate only)")
-    user = reg.add_user(args.name, password_hash, keys, args.allow or [], _actor())
+    user = reg.add_user(args.name, password_hash, keys, args.allow or [], _actor(),
+                        admin=args.admin)
     print(f"user {user.name} added ({len(user.keys)} key(s), "
-          f"password {'set' if password_hash else 'none'}, allow {' '.join(user.allow) or '-'})"
+          f"password {'set' if password_hash else 'none'}, allow {' '.join(user.allow) or '-'}"
+          f"{', admin' if user.admin else ''})"
           + ("; certificate logins only" if args.cert_only else ""))
     return 0
 
@@ -226,10 +228,12 @@ def cmd_user_set(reg: Registry, args: argparse.Namespace) -> int:
     """Replace what is given; the running hub re-checks the operator's live sessions."""
     if args.password_stdin and args.no_password:
         raise HubError("user set: give --password-stdin or --no-password, not both")
+    if args.admin and args.no_admin:
+        raise HubError("user set: give --admin or --no-admin, not both")
     if not (args.key or args.allow or args.no_allow or args.password_stdin
-            or args.no_password or args.cert_only):
+            or args.no_password or args.cert_only or args.admin or args.no_admin):
         raise HubError("user set: nothing to change (--key, --allow, --no-allow, "
-                       "--password-stdin, --no-password, --cert-only)")
+                       "--password-stdin, --no-password, --cert-only, --admin, --no-admin)")
     if args.cert_only and (args.key or args.password_stdin):
         raise HubError("user set: --cert-only takes no --key or --password-stdin")
     if args.allow and args.no_allow:
@@ -245,10 +249,12 @@ def cmd_user_set(reg: Registry, args: argparse.Namespace) -> int:
         change["password_hash"] = None
     if args.cert_only:
         change.update(keys=[], password_hash=None, cert_only=True)
+    if args.admin or args.no_admin:
+        change["admin"] = bool(args.admin)
     user = reg.set_user(args.name, _actor(), **change)
     print(f"user {user.name} changed ({len(user.keys)} key(s), "
           f"password {'set' if user.password_hash else 'none'}, "
-          f"allow {' '.join(user.allow) or '-'})")
+          f"allow {' '.join(user.allow) or '-'}{', admin' if user.admin else ''})")
     return 0
 
 
@@ -262,13 +268,15 @@ def cmd_users(reg: Registry, args: argparse.Namespace) -> int:
     users = reg.users()
     if args.json:
         print(json.dumps([{"name": u.name, "password": u.password_hash is not None,
-                           "keys": list(u.fingerprints), "allow": list(u.allow)}
+                           "keys": list(u.fingerprints), "allow": list(u.allow),
+                           "admin": u.admin}
                           for u in users], indent=2))
         return 0
-    rows = [["NAME", "PASSWORD", "KEYS", "ALLOW"]]
+    rows = [["NAME", "PASSWORD", "KEYS", "ALLOW", "ADMIN"]]
     for u in users:
         rows.append([u.name, "yes" if u.password_hash else "no",
-                     ",".join(u.fingerprints) or "-", " ".join(u.allow) or "-"])
+                     ",".join(u.fingerprints) or "-", " ".join(u.allow) or "-",
+                     "yes" if u.admin else "no"])
     _print_table(rows)
     return 0
 
@@ -348,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="node name patterns the user may reach")
     ua.add_argument("--cert-only", action="store_true", help="no key and no password: the "
                     "operator logs in with a certificate from a trusted user CA only")
+    ua.add_argument("--admin", action="store_true",
+                    help="may approve, revoke, remove and switch access in the web console")
     us = usub.add_parser("set", help="change an operator: what is given replaces what was "
                          "there; live sessions are re-checked")
     us.set_defaults(func=cmd_user_set)
@@ -361,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     us.add_argument("--no-allow", action="store_true", help="remove every grant")
     us.add_argument("--cert-only", action="store_true", help="remove the keys and the "
                     "password: certificate logins only")
+    us.add_argument("--admin", action="store_true", help="make the operator an admin")
+    us.add_argument("--no-admin", action="store_true", help="take the admin mark away")
     ud = usub.add_parser("del", help="delete an operator")
     ud.set_defaults(func=cmd_user_del)
     ud.add_argument("name")

@@ -51,6 +51,12 @@ class HubConfig:
     trusted_ca_keys: tuple[bytes, ...] = ()
     # Prometheus /metrics listener (hub.web.metrics), or None (`--metrics none`).
     metrics: str | None = "tcp:9721:interface=127.0.0.1"
+    # The web console (hub.web): its endpoint (None: off), the URL operators are
+    # given (None: the address they reached the hub at), session lifetimes.
+    web: str | None = "ssl:443"
+    web_url: str | None = None
+    web_idle_timeout: float = 1800.0
+    web_absolute_timeout: float = 43200.0
 
     @property
     def db_path(self) -> str:
@@ -112,6 +118,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
                 "unknown_per_minute_total": int},
     "transport": {"legacy_algorithms": bool},
     "operators": {"trusted_ca_keys": list},
+    "web": {"idle_timeout": (int, float), "absolute_timeout": (int, float)},
 }
 
 
@@ -169,6 +176,29 @@ def metrics_endpoint(value: str | None) -> str | None:
     return check_endpoint("--metrics", value)
 
 
+def check_web_endpoint(description: str | None) -> str | None:
+    """`--web`: `none` (off), `ssl:PORT[:…]` (the hub's own certificate unless
+    privateKey= is given) or any other listening endpoint (`tcp:…` behind a proxy)."""
+    if description is None or description.strip().lower() == "none":
+        return None
+    ours = description.startswith("ssl:") and "privateKey=" not in description
+    try:
+        # The hub's own certificate does not exist yet: parse the rest as TCP.
+        serverFromString(None, "tcp:" + description[4:] if ours else description)
+    except (ValueError, TypeError, KeyError, ImportError, OSError) as e:
+        raise ConfigError(f"--web: {description!r} is not a listening endpoint ({e}); write it "
+                          "as ssl:PORT, tcp:PORT:interface=ADDRESS or none") from None
+    return description
+
+
+def check_web_url(url: str | None) -> str | None:
+    if url is None:
+        return None
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url):
+        raise ConfigError(f"--web-url: expected https://HOST[:PORT][/PREFIX], got {url!r}")
+    return url.rstrip("/")
+
+
 def build_config(options: Mapping[str, Any]) -> HubConfig:
     """Merge command-line options with the config file and validate the whole."""
     data = options.get("data") or os.environ.get("CALLHOMEHUB_DATA") or "."
@@ -222,6 +252,13 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         if rate < 1:
             raise ConfigError(f"[netconf] {key} must be >= 1, got {rate!r}")
 
+    web = doc.get("web", {})
+    idle = float(web.get("idle_timeout", 1800))
+    absolute = float(web.get("absolute_timeout", 43200))
+    if idle < 60 or absolute < idle:
+        raise ConfigError("[web] idle_timeout must be >= 60 and absolute_timeout >= "
+                          f"idle_timeout (seconds), got {idle:g} and {absolute:g}")
+
     return HubConfig(
         data=data,
         ssh=check_endpoint("--ssh", options.get("ssh") or "tcp:22") or "tcp:22",
@@ -245,6 +282,10 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         trusted_ca_keys=trusted_ca_keys(doc.get("operators", {}).get("trusted_ca_keys", []),
                                         os.path.dirname(config_path or "")),
         metrics=metrics_endpoint(options.get("metrics")),
+        web=check_web_endpoint(options.get("web", "ssl:443")),
+        web_url=check_web_url(options.get("web-url")),
+        web_idle_timeout=idle,
+        web_absolute_timeout=absolute,
     )
 
 

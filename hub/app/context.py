@@ -25,6 +25,9 @@ from hub.tunnel.sessions import LiveSessions
 if TYPE_CHECKING:
     from hub.intake.monitoring import Monitoring
     from hub.netconf.devices import NetconfSessions
+    from hub.web.needs import Backoff, PasswordChecks, WebNeeds
+    from hub.web.sessions import SessionStore
+    from hub.web.weblinks import WebLinks
 
 
 @define(eq=False)
@@ -45,6 +48,9 @@ class Hub:
         default=Factory(lambda self: LiveOperators(self.registry), takes_self=True))
     # Releases the leases of pending nodes that never came back, or None.
     lease_expiry: PendingLeaseExpiry | None = None
+    # The web console's sign-in links and sessions, or None (--web none).
+    weblinks: WebLinks | None = None
+    web_sessions: SessionStore | None = None
 
     def sync(self) -> None:
         """Apply changes the admin CLI made to the registry (polled, see REGISTRY_POLL):
@@ -56,6 +62,31 @@ class Hub:
             self.operators.enforce()
         if self.lease_expiry is not None:
             self.lease_expiry.poll()
+
+    def apply(self) -> None:
+        """Apply a change this process made to the registry (the web console's
+        approve, revoke, remove, access) at once, as `sync` applies the CLI's."""
+        self.sessions.enforce()
+        if self.netconf is not None:
+            self.netconf.enforce()
+        self.operators.enforce()
+
+    def web_needs(self, budget: PasswordChecks, backoff: Backoff, tls: bool) -> WebNeeds:
+        """The console's view; it shares the SSH server's bcrypt budget and back-off."""
+        from twisted.cred.credentials import UsernamePassword
+
+        from hub.access.auth import CallHomePasswordChecker
+        from hub.web.needs import WebNeeds
+
+        assert self.weblinks is not None and self.web_sessions is not None
+        checker = CallHomePasswordChecker(self.registry, self.config.registrar_user,
+                                          self.run_in_thread)
+        return WebNeeds(
+            registry=self.registry, tunnels=self.sessions, gateway=self.gateway_needs(),
+            check_password=lambda name, password: checker.requestAvatarId(
+                UsernamePassword(name, password)),
+            budget=budget, backoff=backoff, apply=self.apply, clock=self.clock,
+            sessions=self.web_sessions, weblinks=self.weblinks, tls=tls)
 
     def registrar_needs(self) -> RegistrarNeeds:
         return RegistrarNeeds(
@@ -78,4 +109,4 @@ class Hub:
     def gateway_needs(self) -> GatewayNeeds:
         return GatewayNeeds(grants=self.registry, tunnels=self.sessions, netconf=self.netconf,
                             mgmt_key=self.keys.mgmt, clock=self.clock,
-                            operators=self.operators)
+                            operators=self.operators, weblinks=self.weblinks)

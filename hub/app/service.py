@@ -26,6 +26,7 @@ from hub.access.needs import GatewayNeeds, RegistrarNeeds
 from hub.access.registrar import RegistrarAvatar
 from hub.access.server import HubSSHFactory
 from hub.app.config import HubConfig, build_config
+from hub.app.console import build_web
 from hub.app.context import Hub
 from hub.app.control import ControlFactory, control_endpoint
 from hub.app.datalock import DataLock, DataLockService
@@ -74,6 +75,10 @@ class Options(usage.Options):
         ["log-level", None, "info", "lowest level logged: debug, info, warn, error, critical"],
         ["metrics", None, "tcp:9721:interface=127.0.0.1", "Prometheus /metrics listener "
          "endpoint, or none"],
+        ["web", None, "ssl:443", "web console endpoint (ssl:PORT uses DATA/keys/web.crt, "
+         "made on first start; tcp:... behind a proxy; none: off)"],
+        ["web-url", None, None, "the console's URL as operators reach it (weblink); "
+         "default: the address they reached the hub at"],
     ]
 
     def opt_version(self) -> None:
@@ -136,7 +141,9 @@ class HubRealm:
 class ListenerService(service.Service):
     """Binds the SSH endpoint; a taken port stops start-up with one clear line."""
 
-    def __init__(self, description: str, endpoint: str, factory: Any, reactor: Any) -> None:
+    def __init__(self, description: str, endpoint: str, factory: Any, reactor: Any,
+                 on_listening: Any = None) -> None:
+        self.on_listening = on_listening
         self.description = description
         self.endpoint = endpoint
         self.factory = factory
@@ -149,7 +156,7 @@ class ListenerService(service.Service):
         ep._raiseSynchronously = True
         try:
             ep.privilegedStartService()
-        except (ierror.CannotListenError, OSError, ValueError) as e:
+        except (ierror.CannotListenError, OSError, ValueError, ImportError) as e:
             raise SystemExit(f"callhomehub: cannot listen on {self.endpoint} "
                              f"({self.description}): {e}") from None
         self._ep: Any = ep
@@ -165,6 +172,8 @@ class ListenerService(service.Service):
         else:
             log.info("callhomehub {what} listening on {path}", what=self.description,
                      path=addr.name.decode() if isinstance(addr.name, bytes) else addr.name)
+        if self.on_listening is not None:
+            self.on_listening(port)
         return port
 
     def stopService(self) -> Any:
@@ -372,6 +381,11 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
                         reactor).setServiceParent(top)
     if hub.monitoring is not None:
         FlushOnStop(hub.monitoring.flush).setServiceParent(top)
+    web = build_web(hub, factory)
+    if web is not None:
+        endpoint, site, listener = web
+        ListenerService("web", endpoint, site, reactor,
+                        on_listening=listener.listening).setServiceParent(top)
     poll = internet.TimerService(REGISTRY_POLL, hub.sync)
     poll.clock = reactor
     poll.setServiceParent(top)

@@ -8,6 +8,8 @@ operator's grant patterns.
 from __future__ import annotations
 
 import fnmatch
+import re
+from collections.abc import Callable
 
 from attrs import field, frozen
 from twisted.cred.error import UnauthorizedLogin
@@ -47,3 +49,11 @@ def parse_login(name: str) -> OperatorLogin:
 def may_reach(patterns: tuple[str, ...], node: str) -> bool:
     """Whether grant patterns (shell globs, case-insensitive) allow `node`."""
     return any(fnmatch.fnmatchcase(node.lower(), p.lower()) for p in patterns)
+
+
+def reach_matcher(patterns: tuple[str, ...]) -> Callable[[str], bool]:
+    """`may_reach` for many nodes: the patterns compiled once into one expression."""
+    if not patterns:
+        return lambda node: False
+    expression = re.compile("|".join(f"(?:{fnmatch.translate(p.lower())})" for p in patterns))
+    return lambda node: expression.match(node.lower()) is not None

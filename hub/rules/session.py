@@ -8,6 +8,7 @@ States and moves (`MOVES` is the table the machine checks):
     awaiting-request --shell/exec/subsystem--> starting
     starting   --a node in the login name--> connecting
     starting   --a pty shell without a node: the menu is offered--> returning
+    starting   --`weblink` without a node: a sign-in link is given--> closing
     returning  --menu(entries)--> choosing
     choosing   --a node chosen--> connecting;  --q--> closing
     connecting --device session opened--> relaying;  --refused/failed--> returning | closing
@@ -77,6 +78,11 @@ class Count:
 @frozen
 class Relay:
     """Pass the operator's data just received on to the device session."""
+
+
+@frozen
+class GiveWebLink:
+    """Print a one-time web console sign-in URL, then exit (`ssh alice@hub weblink`)."""
 
 
 @frozen
@@ -154,7 +160,8 @@ class Record:
 
 
 Output = (Write | Stderr | Count | Relay | StartSoon | Dial | DeviceRequest | ToDevice
-          | DeviceEOF | OperatorEOF | Exit | Close | OfferMenu | DropDevice | Record)
+          | DeviceEOF | OperatorEOF | Exit | Close | OfferMenu | DropDevice | Record
+          | GiveWebLink)
 Outputs = Sequence[Output]
 
 _RELAY: Outputs = (Relay(),)
@@ -213,6 +220,9 @@ class SessionMachine:
         kind, data = self._request
         if self.node is not None:
             return self._dial(self.node, kind, data, self.port)
+        if kind == b"exec" and data[4:].strip() == b"weblink":
+            self._move(State.CLOSING)
+            return (GiveWebLink(),)
         if kind == b"shell" and self.pty is not None:
             self._pending = []  # nothing typed before the menu is shown counts
             self.menu_mode = True

@@ -30,14 +30,14 @@ class OperatorRecords:
     _audit: Callable[..., None]
 
     def add_user(self, name: str, password_hash: str | None, keys: list[tuple[bytes, str]],
-                 allow: list[str], actor: str) -> User:
+                 allow: list[str], actor: str, admin: bool = False) -> User:
         with self._tx() as db:
             if db.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
                 raise NameTaken(f"user {name!r} already exists")
             uid = self._new_user_id(db)
             db.execute(
-                "INSERT INTO users (id, name, password_hash, created) VALUES (?, ?, ?, ?)",
-                (uid, name, password_hash, self._now()),
+                "INSERT INTO users (id, name, password_hash, created, admin)"
+                " VALUES (?, ?, ?, ?, ?)", (uid, name, password_hash, self._now(), int(admin)),
             )
             db.executemany(
                 "INSERT OR IGNORE INTO user_keys (user_id, key_blob, fingerprint) VALUES (?, ?, ?)",
@@ -47,7 +47,8 @@ class OperatorRecords:
                 "INSERT OR IGNORE INTO grants (user_id, pattern) VALUES (?, ?)",
                 [(uid, pattern) for pattern in allow],
             )
-            self._audit(db, actor, "user-add", name, " ".join(allow))
+            self._audit(db, actor, "user-add", name,
+                        " ".join(allow) + (" admin" if admin else ""))
         return self.user(name)
 
     @staticmethod
@@ -69,9 +70,10 @@ class OperatorRecords:
 
     def set_user(self, name: str, actor: str, *, password_hash: str | Keep | None = KEEP,
                  keys: list[tuple[bytes, str]] | None = None,
-                 allow: list[str] | None = None, cert_only: bool = False) -> User:
-        """Replace what is given of an operator's password, keys and grants
-        (`cert_only`: neither is left, on purpose)."""
+                 allow: list[str] | None = None, admin: bool | None = None,
+                 cert_only: bool = False) -> User:
+        """Replace what is given of an operator's password, keys, grants and admin mark
+        (`cert_only`: neither key nor password is left, on purpose)."""
         with self._tx() as db:
             row = db.execute("SELECT id, password_hash FROM users WHERE name = ?",
                              (name,)).fetchone()
@@ -98,16 +100,19 @@ class OperatorRecords:
                 db.executemany("INSERT OR IGNORE INTO grants (user_id, pattern) VALUES (?, ?)",
                                [(uid, pattern) for pattern in allow])
                 changed.append(f"allow {' '.join(allow) or '-'}")
+            if admin is not None:
+                db.execute("UPDATE users SET admin = ? WHERE id = ?", (int(admin), uid))
+                changed.append("admin" if admin else "not admin")
             self._audit(db, actor, "user-set", name, "; ".join(changed))
         return self.user(name)
 
     def user(self, name: str) -> User:
         row = self._db.execute(
-            "SELECT id, name, password_hash, created FROM users WHERE name = ?", (name,)
+            "SELECT id, name, password_hash, created, admin FROM users WHERE name = ?", (name,)
         ).fetchone()
         if row is None:
             raise NotFound(f"no user named {name!r}")
-        uid, uname, password_hash, created = row
+        uid, uname, password_hash, created, admin = row
         keys = self._db.execute(
             "SELECT key_blob, fingerprint FROM user_keys WHERE user_id = ? ORDER BY rowid", (uid,)
         ).fetchall()
@@ -116,7 +121,7 @@ class OperatorRecords:
         ).fetchall()
         return User(name=uname, password_hash=password_hash, keys=tuple(k for k, _ in keys),
                     fingerprints=tuple(f for _, f in keys), allow=tuple(p for (p,) in allow),
-                    identity=(uid, created))
+                    identity=(uid, created), admin=bool(admin))
 
     def users(self) -> list[User]:
         names = self._db.execute("SELECT name FROM users ORDER BY id").fetchall()

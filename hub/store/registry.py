@@ -223,27 +223,28 @@ class Registry(OperatorRecords):
             return self.node(row[0]), False
         return self.node(name), True
 
-    def set_state(self, name: str, state: str, actor: str) -> Node:
+    def set_state(self, name: str, state: str, actor: str, note: str = "") -> Node:
         if state not in STATES:
             raise RegistryError(f"unknown node state {state!r}")
         with self._tx() as db:
             if db.execute("UPDATE nodes SET state = ? WHERE name = ?", (state, name)).rowcount == 0:
                 raise NotFound(f"no node named {name!r}")
-            self._audit(db, actor, _STATE_ACTIONS[state], name, "")
+            self._audit(db, actor, _STATE_ACTIONS[state], name, note)
         return self.node(name)
 
-    def remove(self, name: str, actor: str) -> None:
+    def remove(self, name: str, actor: str, note: str = "") -> None:
         with self._tx() as db:
             if db.execute("DELETE FROM nodes WHERE name = ?", (name,)).rowcount == 0:
                 raise NotFound(f"no node named {name!r}")
-            self._audit(db, actor, "remove", name, "")
+            self._audit(db, actor, "remove", name, note)
 
-    def set_public(self, name: str, public: bool, actor: str) -> Node:
+    def set_public(self, name: str, public: bool, actor: str, note: str = "") -> Node:
         with self._tx() as db:
             updated = db.execute("UPDATE nodes SET public = ? WHERE name = ?", (int(public), name))
             if updated.rowcount == 0:
                 raise NotFound(f"no node named {name!r}")
-            self._audit(db, actor, "access", name, "on" if public else "off")
+            self._audit(db, actor, "access", name,
+                        ("on" if public else "off") + (f" {note}" if note else ""))
         return self.node(name)
 
     def set_device_access(self, name: str, actor: str, *, host_key: bytes | None = None,

@@ -66,6 +66,8 @@ class User:
     # Which row this is: (id, created). A user deleted and added again under the
     # same name is another user (SQLite may reuse the id); not part of the value.
     identity: tuple[int, float] | None = field(default=None, eq=False)
+    # May approve, revoke, remove and switch access in the web console.
+    admin: bool = False
 
 
 @frozen

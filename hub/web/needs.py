@@ -1,0 +1,85 @@
+"""What the web console is given: a narrow, typed view of the running hub.
+
+Built by `hub.app.context.Hub.web_needs`; tests build it from a registry and fakes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from attrs import frozen
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.resource import IResource
+
+from hub.access.needs import GatewayNeeds
+from hub.web.sessions import SessionStore
+from hub.web.weblinks import WebLinks
+
+if TYPE_CHECKING:
+    from hub.access.reach import OperatorReach
+    from hub.store.rows import Node, User
+    from hub.tunnel.live import NodeTunnel
+
+
+class ConsoleRegistry(Protocol):
+    """The registry as the console reads and changes it."""
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]: ...
+
+    def user(self, name: str) -> User: ...
+
+    def node(self, name: str) -> Node: ...
+
+    def set_state(self, name: str, state: str, actor: str, note: str = "") -> Node: ...
+
+    def set_public(self, name: str, public: bool, actor: str, note: str = "") -> Node: ...
+
+    def remove(self, name: str, actor: str, note: str = "") -> None: ...
+
+    def audit(self, actor: str, action: str, target: str, detail: str = "") -> None: ...
+
+
+class LiveTunnels(Protocol):
+    def get(self, node: str) -> NodeTunnel | None: ...
+
+
+class PasswordChecks(Protocol):
+    """The SSH server's bcrypt budget (`hub.access.gatekeeper.PasswordBudget`)."""
+
+    def reserve(self, source: str) -> float | None: ...
+
+    def refund(self, source: str) -> None: ...
+
+
+class Backoff(Protocol):
+    """Per-source back-off after failed passwords (`hub.access.auth.PasswordBackoff`)."""
+
+    def delay(self, source: str) -> float: ...
+
+    def failed(self, source: str) -> None: ...
+
+
+# What the router mounts at /nodes/NAME/terminal and /nodes/NAME/web/: built for
+# the signed-in operator's reach and the node name.
+NodeResourceFactory = Callable[["OperatorReach", str], IResource]
+
+
+@frozen
+class WebNeeds:
+    registry: ConsoleRegistry
+    tunnels: LiveTunnels
+    gateway: GatewayNeeds          # for OperatorReach: the grant check SSH uses
+    # Checks an operator's password (bcrypt off the reactor): fires with an
+    # OperatorLogin, fails with UnauthorizedLogin.
+    check_password: Callable[[bytes, bytes], defer.Deferred[Any]]
+    budget: PasswordChecks
+    backoff: Backoff
+    apply: Callable[[], None]      # let the hub act on a registry change now
+    clock: IReactorTime
+    sessions: SessionStore
+    weblinks: WebLinks
+    tls: bool                      # served over TLS (Secure cookies need it, HSTS)
+    terminal: NodeResourceFactory | None = None
+    proxy: NodeResourceFactory | None = None

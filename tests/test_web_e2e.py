@@ -1,0 +1,178 @@
+"""The web console in a real headless Chromium against a real hub, with a device
+calling home with the real `ssh -R`."""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from browser import chromium, screenshots  # noqa: F401 (the fixture)
+from conftest import CALLHOME_PASSWORD
+from helpers import LISTEN_RE, HubProcess, wait_for
+from tunnel_helpers import Device, Listener
+
+pytestmark = pytest.mark.e2e
+
+PUBLIC = "127.0.0.2"  # stands for the hub's public address (all of 127/8 is loopback)
+
+
+def refused(port: int, host: str) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) != 0
+
+
+def sign_in(driver: Any, base: str, user: str, password: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.get(f"{base}/signin")
+    driver.find_element(By.NAME, "user").send_keys(user)
+    driver.find_element(By.NAME, "password").send_keys(password)
+    driver.find_element(By.CSS_SELECTOR, "form[action='/signin'] button").click()
+    try:
+        wait_for(lambda: driver.current_url.endswith("/nodes"), 20, f"{user} to be signed in")
+    except AssertionError:
+        raise AssertionError(f"{driver.current_url}: {driver.page_source[:2000]}") from None
+
+
+def sign_out(driver: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.CSS_SELECTOR, "form[action='/signout'] button").click()
+    wait_for(lambda: driver.current_url.endswith("/signin"), 10, "the sign-in page")
+    assert driver.get_cookies() == []
+
+
+def row_of(driver: Any, name: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    for row in driver.find_elements(By.CSS_SELECTOR, "#node-table tbody tr"):
+        if row.find_elements(By.LINK_TEXT, name):
+            return str(row.text)
+    return ""
+
+
+def test_console_in_chromium(tmp_path: Path, chromium: Any) -> None:  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    driver = chromium
+    shots = screenshots()
+    hub = HubProcess(tmp_path / "hub", "--public-interface", PUBLIC,
+                     "--web", "ssl:0:interface=127.0.0.1")
+    hub.data.mkdir(parents=True)
+    hub.cli("callhome-password", stdin=CALLHOME_PASSWORD.encode())
+    hub.cli("user", "add", "root", "--admin", "--password-stdin", stdin=b"root-pw")
+    hub.cli("user", "add", "alice", "--allow", "site-*", "--password-stdin", stdin=b"alice-pw")
+    hub.start()
+    service = Listener(lambda conn: (conn.sendall(b"x"), conn.close()))
+    device = Device(hub, tmp_path, "site-a")
+    other = Device(hub, tmp_path, "lab-1")  # registered, never granted to alice
+    try:
+        base = f"https://127.0.0.1:{web_port(hub)}"
+        log = hub.log_text()
+        assert "web console certificate" in log and "SHA256 fingerprint" in log
+        sign_in(driver, base, "root", "root-pw")
+        assert "pending" in row_of(driver, "site-a") and "offline" in row_of(driver, "site-a")
+        assert row_of(driver, "lab-1")
+        driver.execute_script("window.notReloaded = true;")
+        # The device calls home: the list shows it online without a reload.
+        hub.cli("approve", "site-a")
+        device.connect(f"0:127.0.0.1:{service.port}")
+        wait_for(lambda: "online" in row_of(driver, "site-a").replace("offline", ""), 20,
+                 "the live list to show site-a online")
+        assert driver.execute_script("return window.notReloaded === true;")
+        assert "approved" in row_of(driver, "site-a")
+        driver.save_screenshot(str(shots / "node-list.png"))
+
+        driver.find_element(By.LINK_TEXT, "site-a").click()
+        port = hub_port(hub, "site-a")
+        assert refused(port, PUBLIC)
+        assert driver.find_element(By.ID, "access").text == "OFF"
+        driver.find_element(By.XPATH, "//button[text()='Switch ON']").click()
+        wait_for(lambda: driver.find_element(By.ID, "access").text == "ON", 10, "ON")
+        wait_for(lambda: not refused(port, PUBLIC), 10, "the SDT port open on the public side")
+        assert f"public {PUBLIC}" in driver.page_source
+        assert "root@127.0.0.1" in driver.find_element(By.CSS_SELECTOR, "table.history").text
+        driver.save_screenshot(str(shots / "node-page.png"))
+        sign_out(driver)
+
+        sign_in(driver, base, "alice", "alice-pw")
+        assert row_of(driver, "site-a") and not row_of(driver, "lab-1")
+        driver.find_element(By.LINK_TEXT, "site-a").click()
+        assert driver.find_element(By.ID, "access").text == "ON"
+        assert not driver.find_elements(By.XPATH, "//button[starts-with(text(), 'Switch')]")
+        # Switching by hand (with her own valid CSRF token) is refused too.
+        status = driver.execute_script(
+            "const t = document.querySelector('input[name=csrf]').value;"
+            "return fetch('/nodes/site-a/access', {method: 'POST', headers: "
+            "{'Content-Type': 'application/x-www-form-urlencoded'}, "
+            "body: 'value=off&csrf=' + t}).then(r => r.status);")
+        assert status == 403 and not refused(port, PUBLIC)
+        driver.get(f"{base}/nodes/lab-1")
+        assert "404 Not found" in driver.find_element(By.TAG_NAME, "h1").text
+        driver.save_screenshot(str(shots / "operator-404.png"))
+        driver.get(f"{base}/nodes")
+        sign_out(driver)
+        audit = hub.cli("audit").stdout.decode()
+        assert re.search(r"root@127\.0\.0\.1 +access +site-a +on via web", audit), audit
+    finally:
+        device.close()
+        other.close()
+        service.close()
+        hub.stop()
+
+
+def hub_port(hub: HubProcess, name: str) -> int:
+    import json
+
+    [node] = [n for n in json.loads(hub.cli("nodes", "--json").stdout) if n["name"] == name]
+    return int(node["forwards"]["ssh"])
+
+
+def web_port(hub: HubProcess) -> int:
+    def found() -> int | None:
+        ports = {what: int(port) for what, _, port in LISTEN_RE.findall(hub.log_text())}
+        return ports.get("web")
+
+    return int(wait_for(found, 20, "the web console to listen"))  # type: ignore[arg-type]
+
+
+def test_weblink_over_real_ssh_signs_in_once(tmp_path: Path) -> None:
+    """`ssh alice@hub weblink` with the real OpenSSH client: the URL names the address
+    the connection reached and the console's port, and signs in once."""
+    import urllib.error
+    import urllib.request
+
+    from helpers import SSHClient, make_key
+
+    hub = HubProcess(tmp_path / "hub", "--web", "tcp:0:interface=127.0.0.1")
+    hub.data.mkdir(parents=True)
+    key = make_key(tmp_path / "alice", "alice")
+    hub.cli("user", "add", "alice", "--key", f"{key}.pub")
+    hub.start()
+    try:
+        port = web_port(hub)
+        result = SSHClient(tmp_path / "client", hub.port).run("alice@127.0.0.1", "weblink",
+                                                              key=key)
+        assert result.returncode == 0, result.stderr
+        url = result.stdout.decode().strip()
+        assert re.fullmatch(rf"http://127\.0\.0\.1:{port}/signin/[A-Za-z0-9_-]{{43}}", url)
+
+        def post() -> int:
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, data=b"",
+                                                                   method="POST"), timeout=30):
+                    return 200
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        # urllib follows the 303 to /nodes without the Secure cookie (plain HTTP): the
+        # answer is the sign-in page; the second use of the link is refused.
+        assert post() == 200
+        assert post() == 403
+        assert "weblink" in hub.cli("audit").stdout.decode()
+        assert "Accepted web sign-in (one-time link) for alice from 127.0.0.1" in hub.log_text()
+    finally:
+        hub.stop()
