@@ -21,7 +21,8 @@ ALLOWED: dict[str, set[str]] = {
     "access": {"rules", "store", "ssh", "tunnel"},
     "intake": {"rules", "store", "ssh", "tunnel"},
     "netconf": {"rules", "store", "ssh", "tunnel", "access"},
-    "app": {"rules", "store", "ssh", "tunnel", "access", "intake", "netconf"},
+    "web": {"rules", "store", "ssh", "tunnel", "access", "intake"},
+    "app": {"rules", "store", "ssh", "tunnel", "access", "intake", "netconf", "web"},
 }
 # Value classes a lower layer may name: the registry's rows are plain attrs values.
 VALUES = {"hub.store.rows"}
