@@ -20,6 +20,7 @@ from hub.errors import ConfigError
 from hub.intake.settings import NSCASettings
 from hub.rules.admission import parse_networks, parse_startups
 from hub.rules.names import is_valid_name
+from hub.rules.webproxy import ProxySettings
 from hub.ssh.algorithms import TransportPolicy
 
 
@@ -47,6 +48,7 @@ class HubConfig:
     netconf_unknown_per_minute: int = 10
     netconf_unknown_per_minute_total: int = 60
     transport: TransportPolicy = field(factory=TransportPolicy)
+    web_proxy: ProxySettings = field(factory=ProxySettings)
 
     @property
     def db_path(self) -> str:
@@ -106,6 +108,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "netconf": {"secrets": dict, "allow": list, "unknown_per_minute": int,
                 "unknown_per_minute_total": int},
     "transport": {"legacy_algorithms": bool},
+    "web_proxy": {"max_body": int, "timeout": (int, float), "sandbox": bool,
+                  "audit_interval": (int, float)},
 }
 
 
@@ -225,7 +229,15 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         netconf_unknown_per_minute=rates["unknown_per_minute"],
         netconf_unknown_per_minute_total=rates["unknown_per_minute_total"],
         transport=TransportPolicy(**doc.get("transport", {})),
+        web_proxy=_web_proxy(doc),
     )
+
+
+def _web_proxy(doc: Mapping[str, Any]) -> ProxySettings:
+    try:
+        return ProxySettings(**doc.get("web_proxy", {}))
+    except ValueError as e:
+        raise ConfigError(f"[web_proxy] {e}") from None
 
 
 def _check_admission(limits: Limits) -> None:
