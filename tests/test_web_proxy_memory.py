@@ -154,3 +154,58 @@ def test_download_to_a_reader_that_stops_keeps_the_hub_buffer_bounded(lab: Lab) 
             break
         lab.flush()
     assert browser.body() == b"z" * size
+
+
+def test_https_forward_is_spoken_over_tls_without_verifying_the_device(lab: Lab) -> None:
+    import twisted.test
+    from twisted.internet import protocol, ssl
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from hub.tunnel.inprocess import ProtocolChannel
+
+    pem = (Path(twisted.test.__file__).parent / "server.pem").read_bytes()
+    options = ssl.PrivateCertificate.loadPEM(pem).options()  # self-signed
+    # A server TLS factory on the test's clock (it batches writes on one).
+
+    class Web(protocol.Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            lab.seen.append(data)
+            if b"\r\n\r\n" in data:
+                self.transport.write(response(body=b"over tls"))
+                self.transport.loseConnection()
+
+    device = lab.connect((b"https", 0))
+
+    def tls(window: int, max_packet: int, data: bytes) -> ProtocolChannel:
+        chan = ProtocolChannel(remoteWindow=window, remoteMaxPacket=max_packet)
+
+        chan.protocol = TLSMemoryBIOFactory(
+            options, False, protocol.Factory.forProtocol(Web), lab.reactor).buildProtocol(None)
+        return chan
+
+    device.conn.channel_forwarded_tcpip = tls
+    browser = lab.browser(get(b"status"))
+    for _ in range(10):  # the TLS handshake's round trips; TLS flushes on the clock
+        lab.reactor.advance(0)
+        lab.flush()
+    assert browser.status() == 200 and browser.body() == b"over tls"
+    assert lab.seen[0].startswith(b"GET /status HTTP/1.1")
+
+
+def test_a_device_that_does_not_speak_http_is_502(lab: Lab) -> None:
+    lab.connect((b"http", 0))
+    lab.handler = lambda request: b"SSH-2.0-OpenSSH_9.9\r\n\r\n"
+    browser = lab.browser(get())
+    assert browser.status() == 502
+    assert b"did not answer with valid HTTP" in browser.body()
+
+
+def test_head_gets_the_headers_and_no_body(lab: Lab) -> None:
+    lab.connect((b"http", 0))
+    lab.handler = lambda request: response(headers=(b"X-Device: 1",)).replace(
+        b"Content-Length: 0", b"Content-Length: 1234")
+    browser = lab.browser(b"HEAD /nodes/r1/web/x HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert browser.status() == 200
+    assert browser.header(b"x-device") == [b"1"]
+    assert browser.header(b"content-length") == [b"1234"]
+    assert browser.body() == b""

@@ -39,7 +39,7 @@ from hub.tunnel.live import NodeTunnel
 from hub.web.bodypump import BodyPump, FileBody
 from hub.web.errorpage import error_page
 from hub.web.tunnelstream import TunnelEndpoint
-from hub.web.tunneltls import insecure_tls
+from hub.web.tunneltls import InsecureTLS
 
 log = Logger()
 
@@ -69,13 +69,14 @@ class BrowseAudit:
 
 @implementer(IAgentEndpointFactory)
 class _ToForward:
-    def __init__(self, tunnel: NodeTunnel, service: str) -> None:
+    def __init__(self, tunnel: NodeTunnel, service: str, clock: IReactorTime) -> None:
         self.tunnel = tunnel
         self.service = service
+        self.clock = clock
 
     def endpointForURI(self, uri: Any) -> Any:
         endpoint = TunnelEndpoint(self.tunnel, self.service)
-        return insecure_tls(endpoint) if self.service == "https" else endpoint
+        return InsecureTLS(endpoint, self.clock) if self.service == "https" else endpoint
 
 
 class DeviceWebResource(Resource):
@@ -147,7 +148,7 @@ class DeviceWebResource(Resource):
                 request.getClientAddress(), "host", "")),
             proto="https" if secure else "http", host=host, prefix=self.prefix)
         agent = Agent.usingEndpointFactory(
-            self.clock, _ToForward(tunnel, service),
+            self.clock, _ToForward(tunnel, service, self.clock),
             pool=HTTPConnectionPool(self.clock, persistent=False))
         outgoing = Headers()
         for name, value in headers:

@@ -23,12 +23,15 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     ITransport,
 )
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hub.ssh.channels import MAX_PACKET, WINDOW, PacketWriteMixin
 from hub.tunnel.dial import OpenNotice
 from hub.tunnel.live import NodeTunnel
+
+log = Logger()
 
 
 @implementer(ITransport, IConsumer, IPushProducer)
@@ -91,6 +94,19 @@ class ChannelStream:
         if not self.chan.localClosed and self.chan.conn is not None:
             self.chan.conn.sendClose(self.chan)
 
+    # What TCP-minded protocols (TLS, the HTTP client) may ask of a transport.
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    def getTcpNoDelay(self) -> bool:
+        return True
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        pass
+
+    def getTcpKeepAlive(self) -> bool:
+        return False
+
     def getPeer(self) -> IPv4Address:
         return IPv4Address("TCP", "127.0.0.1", 0)
 
@@ -117,7 +133,16 @@ class StreamChannel(OpenNotice, PacketWriteMixin, channel.SSHChannel):
             self.loseConnection()
             return
         self._connected = True
-        self.protocol.makeConnection(self.stream)
+        try:
+            self.protocol.makeConnection(self.stream)
+        except Exception as e:
+            # Our protocol's fault, not the device's: close this channel only,
+            # never the node's SSH connection (Conch would drop it).
+            log.failure("web proxy stream to the device failed to start")
+            self._connected = False
+            self.notify_failed(e)
+            self.loseConnection()
+            return
         self.notify_open()
 
     def openFailed(self, reason: Any) -> None:

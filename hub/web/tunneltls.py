@@ -10,9 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 from OpenSSL import SSL
-from twisted.internet.endpoints import wrapClientTLS
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet import defer
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.ssl import CertificateOptions
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 
@@ -27,6 +33,16 @@ class _Unverified:
         return connection
 
 
-def insecure_tls(endpoint: Any) -> Any:
-    """`endpoint` with TLS on top that accepts whatever certificate the device shows."""
-    return wrapClientTLS(_Unverified(), endpoint)
+@implementer(IStreamClientEndpoint)
+class InsecureTLS:
+    """`endpoint` with TLS on top that accepts whatever certificate the device shows
+    (Twisted's wrapClientTLS, with the clock passed in: TLS batches its writes on it)."""
+
+    def __init__(self, endpoint: Any, clock: IReactorTime) -> None:
+        self.endpoint = endpoint
+        self.clock = clock
+
+    def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[Any]:
+        tls = TLSMemoryBIOFactory(_Unverified(), True, protocolFactory, self.clock)
+        connected: defer.Deferred[Any] = self.endpoint.connect(tls)
+        return connected.addCallback(lambda protocol: protocol.wrappedProtocol)
