@@ -209,3 +209,21 @@ def test_head_gets_the_headers_and_no_body(lab: Lab) -> None:
     assert browser.header(b"x-device") == [b"1"]
     assert browser.header(b"content-length") == [b"1234"]
     assert browser.body() == b""
+
+
+def test_browser_leaving_mid_download_closes_the_device_channel(lab: Lab, logged: list) -> None:
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    device = lab.connect((b"http", 0))
+    lab.handler = lambda request: response(body=b"z" * (8 * 1024 * 1024))
+    browser = lab.browser(get(b"big"), full=True)
+    lab.flush()
+    assert 0 < len(browser.body()) < 8 * 1024 * 1024
+    browser.protocol.connectionLost(Failure(ConnectionLost()))
+    lab.flush()
+    tunnel = lab.hub.sessions.get("r1")
+    assert tunnel is not None  # the node stays online
+    (chan,) = device.conn.channels.values()
+    assert chan.remoteClosed  # the hub closed its end of the channel
+    assert [e for e in logged if e.get("log_failure") is not None] == []

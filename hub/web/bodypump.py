@@ -38,6 +38,9 @@ class BodyPump(protocol.Protocol):
         self.sent = 0
 
     def connectionMade(self) -> None:
+        # The browser leaving mid-body must close the device's channel too: the web
+        # server does not stop a streaming producer when its connection is lost.
+        self.request.notifyFinish().addErrback(lambda _: self.stopProducing())
         if not self.discard:
             self.request.registerProducer(self, True)
 
@@ -48,10 +51,10 @@ class BodyPump(protocol.Protocol):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         request = self.request
+        if request.finished or request.channel is None:
+            return  # the browser left; nothing to finish or unregister
         if not self.discard:
             request.unregisterProducer()
-        if request.finished or request.channel is None:
-            return
         if reason.check(ResponseDone, PotentialDataLoss, HTTPPotentialDataLoss):
             request.finish()
             return
