@@ -114,3 +114,25 @@ def test_admission_limits_are_read(tmp_path: Path) -> None:
     assert limits.max_startups == "20:50:200" and limits.kex_grace == 5
     assert limits.penalty_exempt == ("192.0.2.0/24",)
     assert limits.password_checks_global_per_minute == 60
+
+
+def test_web_proxy_settings_are_read(tmp_path: Path) -> None:
+    assert build_config({"data": str(tmp_path)}).web_proxy.max_body == 16 * 1024 * 1024
+    (tmp_path / "callhomehub.toml").write_text(
+        "[web_proxy]\nmax_body = 1024\ntimeout = 5\nsandbox = false\naudit_interval = 60\n")
+    settings = build_config({"data": str(tmp_path)}).web_proxy
+    assert (settings.max_body, settings.timeout, settings.sandbox,
+            settings.audit_interval) == (1024, 5, False, 60)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[web_proxy]\nmax_body = -1\n", "[web_proxy] max_body must be >= 0"),
+    ("[web_proxy]\ntimeout = 0\n", "[web_proxy] timeout must be > 0"),
+    ("[web_proxy]\nmax_bdy = 1\n", "unknown key 'max_bdy' in [web_proxy]"),
+    ('[web_proxy]\nsandbox = "no"\n', "[web_proxy] sandbox has the wrong type"),
+])
+def test_bad_web_proxy_settings_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "callhomehub.toml").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        build_config({"data": str(tmp_path)})
+    assert message in str(e.value)

@@ -20,6 +20,7 @@ from hub.errors import ConfigError
 from hub.intake.settings import NSCASettings
 from hub.rules.admission import parse_networks, parse_startups
 from hub.rules.names import is_valid_name
+from hub.rules.webproxy import ProxySettings
 from hub.ssh.algorithms import TransportPolicy
 
 
@@ -57,6 +58,7 @@ class HubConfig:
     web_url: str | None = None
     web_idle_timeout: float = 1800.0
     web_absolute_timeout: float = 43200.0
+    web_proxy: ProxySettings = field(factory=ProxySettings)
 
     @property
     def db_path(self) -> str:
@@ -119,6 +121,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "transport": {"legacy_algorithms": bool},
     "operators": {"trusted_ca_keys": list},
     "web": {"idle_timeout": (int, float), "absolute_timeout": (int, float)},
+    "web_proxy": {"max_body": int, "timeout": (int, float), "sandbox": bool,
+                  "audit_interval": (int, float)},
 }
 
 
@@ -286,7 +290,15 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         web_url=check_web_url(options.get("web-url")),
         web_idle_timeout=idle,
         web_absolute_timeout=absolute,
+        web_proxy=_web_proxy(doc),
     )
+
+
+def _web_proxy(doc: Mapping[str, Any]) -> ProxySettings:
+    try:
+        return ProxySettings(**doc.get("web_proxy", {}))
+    except ValueError as e:
+        raise ConfigError(f"[web_proxy] {e}") from None
 
 
 def trusted_ca_keys(entries: list[Any], base: str) -> tuple[bytes, ...]:
