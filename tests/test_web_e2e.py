@@ -176,3 +176,74 @@ def test_weblink_over_real_ssh_signs_in_once(tmp_path: Path) -> None:
         assert "Accepted web sign-in (one-time link) for alice from 127.0.0.1" in hub.log_text()
     finally:
         hub.stop()
+
+
+def test_web_terminal_and_device_web_ui_in_chromium(tmp_path: Path, chromium: Any  # noqa: F811
+                                                    ) -> None:
+    """The node page's "Web terminal" runs a command on the device's real sshd; its
+    "Browse" shows the device's own web page through the tunnel."""
+    import subprocess
+    import sys
+
+    from helpers import DeviceSSHD, free_port
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver = chromium
+    shots = screenshots()
+    hub = HubProcess(tmp_path / "hub", "--web", "ssl:0:interface=127.0.0.1")
+    hub.data.mkdir(parents=True)
+    hub.cli("callhome-password", stdin=CALLHOME_PASSWORD.encode())
+    hub.cli("user", "add", "alice", "--allow", "site-*", "--password-stdin", stdin=b"alice-pw")
+    hub.start()
+    sshd = DeviceSSHD(tmp_path / "sshd", [hub.data / "keys" / "hub_mgmt_ed25519_key.pub"]
+                      ).start()
+    site = tmp_path / "device-www"
+    site.mkdir()
+    (site / "index.html").write_text("<html><head><title>Device UI</title></head><body>"
+                                     "<h1>Router status: all links up</h1>"
+                                     "<a href='/status.html'>details</a></body></html>")
+    web_port_on_device = free_port()
+    www = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
+                            "--directory", str(site), str(web_port_on_device)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    device = Device(hub, tmp_path, "site-a")
+    try:
+        wait_for(lambda: not refused(web_port_on_device, "127.0.0.1"), 10, "the device's www")
+        device.connect(f"0:127.0.0.1:{sshd.port}", f"80:127.0.0.1:{web_port_on_device}")
+        hub.cli("approve", "site-a")  # logs in with the management key, pins the host key
+        base = f"https://127.0.0.1:{web_port(hub)}"
+        sign_in(driver, base, "alice", "alice-pw")
+        driver.find_element(By.LINK_TEXT, "site-a").click()
+
+        driver.find_element(By.LINK_TEXT, "Web terminal").click()
+        wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".xterm-rows"), 20, "xterm")
+
+        def screen() -> str:
+            return str(driver.find_element(By.CSS_SELECTOR, ".xterm-rows").text)
+
+        wait_for(lambda: "#" in screen(), 20, "the device's shell prompt")
+        typing = driver.find_element(By.CSS_SELECTOR, ".xterm-helper-textarea")
+        typing.send_keys("echo web-$((6*7)); tty", Keys.ENTER)
+        wait_for(lambda: "web-42" in screen() and "/dev/pts/" in screen(), 20,
+                 "the command's output in the terminal")
+        driver.save_screenshot(str(shots / "web-terminal.png"))
+        typing.send_keys("exit", Keys.ENTER)
+        wait_for(lambda: "via web terminal" in hub.cli("audit").stdout.decode(), 10,
+                 "the terminal session audited")
+
+        driver.get(f"{base}/nodes/site-a")
+        driver.find_element(By.LINK_TEXT, "Browse").click()
+        wait_for(lambda: "Router status: all links up" in driver.page_source, 20,
+                 "the device's page through the proxy")
+        assert driver.current_url == f"{base}/nodes/site-a/web/"
+        assert driver.title == "Device UI"
+        driver.save_screenshot(str(shots / "device-web-ui.png"))
+        audit = hub.cli("audit").stdout.decode()
+        assert re.search(r"alice@127\.0\.0\.1 +browse +site-a", audit), audit
+    finally:
+        device.close()
+        www.terminate()
+        www.wait(10)
+        sshd.stop()
+        hub.stop()

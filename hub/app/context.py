@@ -23,6 +23,8 @@ from hub.tunnel.expiry import PendingLeaseExpiry
 from hub.tunnel.sessions import LiveSessions
 
 if TYPE_CHECKING:
+    from twisted.web.resource import IResource
+
     from hub.intake.monitoring import Monitoring
     from hub.netconf.devices import NetconfSessions
     from hub.web.needs import Backoff, PasswordChecks, WebNeeds
@@ -76,17 +78,28 @@ class Hub:
         from twisted.cred.credentials import UsernamePassword
 
         from hub.access.auth import CallHomePasswordChecker
+        from hub.access.reach import OperatorReach
         from hub.web.needs import WebNeeds
+        from hub.web.proxy import BrowseAudit, device_web_resource
+        from hub.web.terminal import terminal_resource
 
         assert self.weblinks is not None and self.web_sessions is not None
         checker = CallHomePasswordChecker(self.registry, self.config.registrar_user,
                                           self.run_in_thread)
+        settings = self.config.web_proxy
+        browse = BrowseAudit(self.clock, settings.audit_interval)
+
+        def proxy(reach: OperatorReach, node: str) -> IResource:
+            return device_web_resource(reach, node, settings=settings, clock=self.clock,
+                                       browse=browse)
+
         return WebNeeds(
             registry=self.registry, tunnels=self.sessions, gateway=self.gateway_needs(),
             check_password=lambda name, password: checker.requestAvatarId(
                 UsernamePassword(name, password)),
             budget=budget, backoff=backoff, apply=self.apply, clock=self.clock,
-            sessions=self.web_sessions, weblinks=self.weblinks, tls=tls)
+            sessions=self.web_sessions, weblinks=self.weblinks, tls=tls,
+            terminal=terminal_resource, proxy=proxy)
 
     def registrar_needs(self) -> RegistrarNeeds:
         return RegistrarNeeds(

@@ -28,7 +28,7 @@ from hub.web.queries import CODES, node_history, recent_results
 log = Logger()
 
 ACTIONS = (b"access", b"approve", b"revoke", b"remove")
-SESSION_ACTIONS = ("gateway", "jump", "web-terminal", "web-proxy")
+SESSION_ACTIONS = ("gateway", "jump", "browse")
 NO_NODE = "There is no such node, or you may not see it."
 
 
