@@ -63,10 +63,22 @@ class HubProcess:
             text = self.log_text()[offset:]
             for what, _host, port in LISTEN_RE.findall(text):
                 self.ports[what] = int(port)
-            return "SSH" in self.ports
+            return all(what in self.ports for what in self.listeners())
 
         wait_for(listening, 20, "the hub to listen")
         return self
+
+    def listeners(self) -> list[str]:
+        """The TCP listeners this hub's options ask for (the test waits for each)."""
+        wanted = ["SSH"]
+        args = list(self.extra)
+        for option, what in (("--web", "web"), ("--metrics", "metrics"), ("--nsca", "NSCA"),
+                             ("--netconf", "NETCONF")):
+            if option in args:
+                value = args[len(args) - 1 - args[::-1].index(option) + 1]  # the last one
+                if value != "none" and not value.startswith("unix:"):
+                    wanted.append(what)
+        return wanted
 
     @property
     def port(self) -> int:

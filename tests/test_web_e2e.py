@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from browser import chromium, screenshots  # noqa: F401 (the fixture)
 from conftest import CALLHOME_PASSWORD
-from helpers import LISTEN_RE, HubProcess, wait_for
+from helpers import HubProcess, wait_for
 from tunnel_helpers import Device, Listener
 
 pytestmark = pytest.mark.e2e
@@ -132,11 +132,7 @@ def hub_port(hub: HubProcess, name: str) -> int:
 
 
 def web_port(hub: HubProcess) -> int:
-    def found() -> int | None:
-        ports = {what: int(port) for what, _, port in LISTEN_RE.findall(hub.log_text())}
-        return ports.get("web")
-
-    return int(wait_for(found, 20, "the web console to listen"))  # type: ignore[arg-type]
+    return hub.ports["web"]  # HubProcess.start waited for it
 
 
 def test_weblink_over_real_ssh_signs_in_once(tmp_path: Path) -> None:
