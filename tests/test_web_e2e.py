@@ -46,12 +46,21 @@ def sign_out(driver: Any) -> None:
 
 
 def row_of(driver: Any, name: str) -> str:
-    from selenium.webdriver.common.by import By
+    # One script, so the live refresh cannot replace the table between finding a row and
+    # reading it.
+    return str(driver.execute_script(
+        "const rows = document.querySelectorAll('#node-table tbody tr');"
+        "for (const row of rows) {"
+        "  for (const a of row.querySelectorAll('a')) {"
+        "    if (a.textContent.trim() === arguments[0]) return row.innerText; } }"
+        "return '';", name))
 
-    for row in driver.find_elements(By.CSS_SELECTOR, "#node-table tbody tr"):
-        if row.find_elements(By.LINK_TEXT, name):
-            return str(row.text)
-    return ""
+
+def text_of(driver: Any, element_id: str) -> str:
+    """The element's text, or "" while the page that has it is not (yet) shown."""
+    return str(driver.execute_script(
+        "const e = document.getElementById(arguments[0]); return e ? e.textContent : '';",
+        element_id))
 
 
 def test_console_in_chromium(tmp_path: Path, chromium: Any) -> None:  # noqa: F811
@@ -86,12 +95,12 @@ def test_console_in_chromium(tmp_path: Path, chromium: Any) -> None:  # noqa: F8
         assert "approved" in row_of(driver, "site-a")
         driver.save_screenshot(str(shots / "node-list.png"))
 
-        driver.find_element(By.LINK_TEXT, "site-a").click()
+        driver.get(f"{base}/nodes/site-a")  # a click can land on a row being replaced
         port = hub_port(hub, "site-a")
         assert refused(port, PUBLIC)
-        assert driver.find_element(By.ID, "access").text == "OFF"
+        assert text_of(driver, "access") == "OFF"
         driver.find_element(By.XPATH, "//button[text()='Switch ON']").click()
-        wait_for(lambda: driver.find_element(By.ID, "access").text == "ON", 10, "ON")
+        wait_for(lambda: text_of(driver, "access") == "ON", 10, "ON")
         wait_for(lambda: not refused(port, PUBLIC), 10, "the SDT port open on the public side")
         assert f"public {PUBLIC}" in driver.page_source
         assert "root@127.0.0.1" in driver.find_element(By.CSS_SELECTOR, "table.history").text
@@ -101,7 +110,7 @@ def test_console_in_chromium(tmp_path: Path, chromium: Any) -> None:  # noqa: F8
         sign_in(driver, base, "alice", "alice-pw")
         assert row_of(driver, "site-a") and not row_of(driver, "lab-1")
         driver.find_element(By.LINK_TEXT, "site-a").click()
-        assert driver.find_element(By.ID, "access").text == "ON"
+        wait_for(lambda: text_of(driver, "access") == "ON", 10, "the node page")
         assert not driver.find_elements(By.XPATH, "//button[starts-with(text(), 'Switch')]")
         # Switching by hand (with her own valid CSRF token) is refused too.
         status = driver.execute_script(
@@ -210,8 +219,7 @@ def test_web_terminal_and_device_web_ui_in_chromium(tmp_path: Path, chromium: An
         hub.cli("approve", "site-a")  # logs in with the management key, pins the host key
         base = f"https://127.0.0.1:{web_port(hub)}"
         sign_in(driver, base, "alice", "alice-pw")
-        driver.find_element(By.LINK_TEXT, "site-a").click()
-
+        driver.get(f"{base}/nodes/site-a")
         driver.find_element(By.LINK_TEXT, "Web terminal").click()
         wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".xterm-rows"), 20, "xterm")
 
