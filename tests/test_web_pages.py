@@ -133,3 +133,25 @@ def test_access_switch_rebinds_the_live_tunnel(tmp_path: Path) -> None:
              .forwards.values()]
     assert ports[-1][3] == "0.0.0.0"
     assert "public 0.0.0.0" in root.get("/nodes/site-a").text
+
+
+def test_approve_of_an_online_node_verifies_the_device_login_and_pins_its_host_key(
+        tmp_path: Path) -> None:
+    """As `callhomehub approve` does: the hub logs in once through the tunnel."""
+    from memory_hub import new_key
+
+    site = Site(tmp_path)
+    key = new_key()
+    site.hub.registry.register("site-new", key.public().blob(), "fp-new", "test")
+    site.call_home(key, site.sshd, "192.0.2.21")  # pending, online, not enrolled
+    console = Console(tmp_path, hub=site.hub, factory=site.factory)
+    console.add_operator("root", "root-pw", [], admin=True)
+    root = signed(console, "root")
+    logins = len(site.sshd.logins)
+    assert root.post("/nodes/site-new/approve",
+                     {"csrf": root.csrf("/nodes/site-new")}).status == 303
+    site.settle()
+    node = site.hub.registry.node("site-new")
+    assert node.state == "approved"
+    assert node.host_key == site.sshd.host_key.public().blob()
+    assert site.sshd.logins[logins:] == [b"root"]

@@ -99,7 +99,14 @@ class Hub:
                 UsernamePassword(name, password)),
             budget=budget, backoff=backoff, apply=self.apply, clock=self.clock,
             sessions=self.web_sessions, weblinks=self.weblinks, tls=tls,
-            terminal=terminal_resource, proxy=proxy)
+            terminal=terminal_resource, proxy=proxy, verify=self.verify_device)
+
+    def verify_device(self, node: str, actor: str) -> defer.Deferred[str]:
+        """Log in to an approved, online device with the management key and pin its
+        host key (what `callhomehub approve` asks of the running hub)."""
+        from hub.app.control import Controller
+
+        return defer.ensureDeferred(Controller(self).verify(node, actor))
 
     def registrar_needs(self) -> RegistrarNeeds:
         return RegistrarNeeds(

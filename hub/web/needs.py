@@ -83,3 +83,6 @@ class WebNeeds:
     tls: bool                      # served over TLS (Secure cookies need it, HSTS)
     terminal: NodeResourceFactory | None = None
     proxy: NodeResourceFactory | None = None
+    # After an approve: log in to the online device with the management key and pin
+    # its host key, as `callhomehub approve` does (node, actor) -> what happened.
+    verify: Callable[[str, str], defer.Deferred[str]] | None = None

@@ -12,11 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from hub.errors import NotFound
 from hub.rules.logins import may_reach
-from hub.store.rows import Node
+from hub.store.rows import NETCONF, Node
 from hub.web.csrf import csrf_ok
 from hub.web.errors import ErrorResource, send_error
 from hub.web.guard import SignedIn, signed_in
@@ -209,6 +210,25 @@ class NodeAction(Resource):
         log.info("web: {actor} {action} {node}", actor=who.actor, action=self.action,
                  node=node.name)
         needs.apply()
+        if self.action == "approve":
+            self._verify(node)
         request.setResponseCode(303)
         request.setHeader(b"location", where.encode())
         return b""
+
+    def _verify(self, node: Node) -> None:
+        """As `callhomehub approve`: log in once through the tunnel and pin the host key
+        (in the background: the page does not wait for the device; the node page shows
+        the pinned key, the log says what happened)."""
+        needs, name = self.needs, self.node.name
+        if (needs.verify is None or node.kind == NETCONF or node.host_key is not None
+                or needs.tunnels.get(name) is None):
+            return
+
+        def failed(f: Failure) -> None:
+            log.warn("web: {node} approved, but the device login was not verified: {why}",
+                     node=name, why=f.getErrorMessage())
+
+        needs.verify(name, self.who.actor).addCallbacks(
+            lambda message: log.info("web: {node}: {message}", node=name, message=message),
+            failed)
