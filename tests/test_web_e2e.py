@@ -208,6 +208,7 @@ def test_web_terminal_and_device_web_ui_in_chromium(tmp_path: Path, chromium: An
     (site / "index.html").write_text("<html><head><title>Device UI</title></head><body>"
                                      "<h1>Router status: all links up</h1>"
                                      "<a href='/status.html'>details</a></body></html>")
+    (site / "status.html").write_text("<html><body><p>uplink wwan0: 42 dBm</p></body></html>")
     web_port_on_device = free_port()
     www = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
                             "--directory", str(site), str(web_port_on_device)],
@@ -243,6 +244,10 @@ def test_web_terminal_and_device_web_ui_in_chromium(tmp_path: Path, chromium: An
         assert driver.current_url == f"{base}/nodes/site-a/web/"
         assert driver.title == "Device UI"
         driver.save_screenshot(str(shots / "device-web-ui.png"))
+        # The device's own path-absolute link stays on the device (the page is rewritten).
+        driver.find_element(By.LINK_TEXT, "details").click()
+        wait_for(lambda: "uplink wwan0: 42 dBm" in driver.page_source, 20, "the linked page")
+        assert driver.current_url == f"{base}/nodes/site-a/web/status.html"
         audit = hub.cli("audit").stdout.decode()
         assert re.search(r"alice@127\.0\.0\.1 +browse +site-a", audit), audit
     finally:

@@ -155,3 +155,39 @@ def test_approve_of_an_online_node_verifies_the_device_login_and_pins_its_host_k
     assert node.state == "approved"
     assert node.host_key == site.sshd.host_key.public().blob()
     assert site.sshd.logins[logins:] == [b"root"]
+
+
+def test_the_proxy_cookie_stands_in_on_device_pages_only(tmp_path: Path) -> None:
+    """Device pages run in an opaque origin: their links do not carry the Strict console
+    cookie. The proxy cookie set on the first visit does, for /nodes/NAME/web/ only."""
+    from http.cookies import SimpleCookie
+
+    from web_console import Browser
+
+    site = Site(tmp_path)  # site-a online, forwards ssh only
+    console = Console(tmp_path, hub=site.hub, factory=site.factory)
+    console.add_operator("bob", "bob-pw", ["site-*"])
+    bob = signed(console, "bob")
+    first = bob.get("/nodes/site-a/web/")
+    assert first.status == 404 and "forwards no web service" in first.text
+    (browse,) = [c for c in first.cookies() if c.startswith("__Secure-chh-browse=")]
+    attributes = {a.strip().split("=")[0].lower() for a in browse.split(";")[1:]}
+    assert {"secure", "httponly", "samesite", "path"} <= attributes
+    assert "SameSite=none" in browse and "Path=/nodes/" in browse
+    token = SimpleCookie(browse)["__Secure-chh-browse"].value
+
+    device_page = Browser(console)  # no console cookie: what a device page's link sends
+    cookie = {"Cookie": f"__Secure-chh-browse={token}"}
+    assert device_page.get("/nodes/site-a/web/x", headers=cookie).status == 404  # signed in
+    assert device_page.get("/nodes/site-a", headers=cookie).status == 401
+    assert device_page.get("/nodes/site-a/terminal", headers=cookie).status == 401
+    assert device_page.get("/nodes/site-a/web/x", headers={
+        "Cookie": "__Secure-chh-browse=forged"}).status == 401
+    # A form of the device's page (Origin: null) passes; another site's is refused.
+    assert device_page.request("POST", "/nodes/site-a/web/x", b"a=1", headers={
+        **cookie, "Origin": "null"}).status == 404
+    assert device_page.request("POST", "/nodes/site-a/web/x", b"a=1", headers={
+        **cookie, "Origin": "https://evil.example"}).status == 401
+    # Signing out ends it too.
+    bob.post("/signout", {"csrf": bob.csrf()})
+    assert device_page.get("/nodes/site-a/web/x", headers=cookie).status == 401

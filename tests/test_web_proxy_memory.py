@@ -227,3 +227,31 @@ def test_browser_leaving_mid_download_closes_the_device_channel(lab: Lab, logged
     (chan,) = device.conn.channels.values()
     assert chan.remoteClosed  # the hub closed its end of the channel
     assert [e for e in logged if e.get("log_failure") is not None] == []
+
+
+def test_html_pages_keep_their_absolute_links_on_the_device(lab: Lab) -> None:
+    page = (b'<html><a href="/status">s</a><form action=/cgi-bin/luci method=post>'
+            b'<img src="//cdn.example/x.png"><a href="rel">r</a></form></html>')
+    lab.connect((b"http", 0))
+    lab.handler = lambda request: response(
+        b"200 OK", (b"Content-Type: text/html; charset=utf-8",), page)
+    browser = lab.browser(get())
+    body = browser.body()
+    assert body == (b'<html><a href="/nodes/r1/web/status">s</a>'
+                    b'<form action=/nodes/r1/web/cgi-bin/luci method=post>'
+                    b'<img src="//cdn.example/x.png"><a href="rel">r</a></form></html>')
+    assert browser.header(b"content-length") == [b"%d" % len(body)]
+    # Other types, and compressed HTML, pass as they came.
+    for headers in ((b"Content-Type: text/css",),
+                    (b"Content-Type: text/html", b"Content-Encoding: gzip")):
+        lab.handler = lambda request, headers=headers: response(b"200 OK", headers, page)
+        assert lab.browser(get()).body() == page
+
+
+def test_a_page_too_big_to_rewrite_streams_unchanged(lab: Lab) -> None:
+    from hub.rules.webproxy import HTML_REWRITE_MAX
+
+    page = b'<a href="/x">' + b"." * HTML_REWRITE_MAX
+    lab.connect((b"http", 0))
+    lab.handler = lambda request: response(b"200 OK", (b"Content-Type: text/html",), page)
+    assert lab.browser(get()).body() == page

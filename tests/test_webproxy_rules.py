@@ -125,3 +125,25 @@ def test_settings_bounds() -> None:
         ProxySettings(max_body=-1)
     with pytest.raises(ValueError, match="timeout"):
         ProxySettings(timeout=0)
+
+
+def test_rewrite_html_moves_path_absolute_urls_in_tags_under_the_prefix() -> None:
+    from hub.rules.webproxy import rewrite_html, rewrites_html
+
+    prefix = "/nodes/r1/web"
+    page = (b'<A HREF="/a">a</A> <img src=/b.png alt="/not-a-url"> '
+            b"<link rel=stylesheet href='/c.css'><script src=\"/d.js\"></script>"
+            b'<meta http-equiv="refresh" content="5; url=/login">'
+            b'<a href="//cdn/x">cdn</a> <a href="rel/y">rel</a> <a href="/nodes/r1/web/z">z</a>'
+            b"<p>text /with/slashes and <b>bold</b></p><input formaction=/e data-url=\"/f\">")
+    assert rewrite_html(page, prefix) == (
+        b'<A HREF="/nodes/r1/web/a">a</A> <img src=/nodes/r1/web/b.png alt="/not-a-url"> '
+        b"<link rel=stylesheet href='/nodes/r1/web/c.css'>"
+        b'<script src="/nodes/r1/web/d.js"></script>'
+        b'<meta http-equiv="refresh" content="5; url=/nodes/r1/web/login">'
+        b'<a href="//cdn/x">cdn</a> <a href="rel/y">rel</a> <a href="/nodes/r1/web/z">z</a>'
+        b"<p>text /with/slashes and <b>bold</b></p>"
+        b'<input formaction=/nodes/r1/web/e data-url="/f">')
+    assert rewrites_html([(b"Content-Type", b"text/html; charset=UTF-8")])
+    assert not rewrites_html([(b"Content-Type", b"text/html"), (b"Content-Encoding", b"br")])
+    assert not rewrites_html([(b"Content-Type", b"application/json")])

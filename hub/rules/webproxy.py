@@ -7,6 +7,7 @@ on the wire. The proxy itself (hub.web.proxy) carries these decisions out.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
 from attrs import field, frozen
@@ -214,3 +215,42 @@ def response_headers(headers: Headers, *, prefix: str, hub_host: bytes, secure: 
     if sandbox:
         out.append((b"Content-Security-Policy", SANDBOX_POLICY))
     return Rewritten(out, tuple(dropped))
+
+
+# HTML bodies up to this size are rewritten (a device's pages are small; a larger one
+# streams as it came).
+HTML_REWRITE_MAX = 1024 * 1024
+_HTML_TYPES = (b"text/html", b"application/xhtml+xml")
+_URL_ATTRIBUTES = rb"href|src|action|formaction|poster|background|data"
+
+
+def rewrites_html(headers: Headers) -> bool:
+    """Whether a response's body is HTML the proxy can rewrite (not compressed)."""
+    kind = encoding = b""
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"content-type":
+            kind = value.split(b";")[0].strip().lower()
+        elif lower == b"content-encoding":
+            encoding = value.strip().lower()
+    return kind in _HTML_TYPES and encoding in (b"", b"identity")
+
+
+def rewrite_html(body: bytes, prefix: str) -> bytes:
+    """Path-absolute URLs in a page's tag attributes (`<a href="/status">`, `<form
+    action="/cgi-bin/x">`, `<meta http-equiv=refresh content="0; url=/x">`) moved under
+    `prefix`, so that a device page's own links stay on the device. Protocol-relative
+    (`//host/x`) and relative URLs, and those already under the prefix, are left alone;
+    scripts that build URLs at run time cannot be rewritten (docs/web-proxy.md)."""
+    under = re.escape(prefix.encode().lstrip(b"/") + b"/")
+    new = prefix.encode() + b"/"
+    attribute = re.compile(
+        rb"(<[a-zA-Z][^<>]*?\s(?:" + _URL_ATTRIBUTES + rb")\s*=\s*[\"']?)/(?![/\\]|" + under
+        + rb")", re.IGNORECASE)
+    refresh = re.compile(rb"(<meta\s[^<>]*?content\s*=\s*[\"']?\s*\d+\s*;\s*url\s*=\s*[\"']?)"
+                         rb"/(?![/\\]|" + under + rb")", re.IGNORECASE)
+    previous = None
+    while previous != body:  # a tag with several URL attributes: one per pass
+        previous = body
+        body = attribute.sub(lambda m: m.group(1) + new, body)
+    return refresh.sub(lambda m: m.group(1) + new, body)

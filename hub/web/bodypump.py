@@ -9,6 +9,7 @@ device's channel window.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import IO, Any
 
 from twisted.internet import defer, protocol
@@ -77,6 +78,39 @@ class BodyPump(protocol.Protocol):
     def stopProducing(self) -> None:
         if self.transport is not None:
             self.transport.stopProducing()
+
+
+class RewrittenBody(BodyPump):
+    """An HTML page gathered (up to `limit` bytes), rewritten, then sent whole; a
+    larger one is sent as it came (what was gathered first, then streamed)."""
+
+    def __init__(self, request: Request, rewrite: Callable[[bytes], bytes], limit: int
+                 ) -> None:
+        BodyPump.__init__(self, request)
+        self.rewrite = rewrite
+        self.limit = limit
+        self.held: bytearray | None = bytearray()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.held is None:
+            BodyPump.dataReceived(self, data)
+            return
+        self.held += data
+        if len(self.held) > self.limit:  # too big to hold: streamed unchanged from here
+            held, self.held = bytes(self.held), None
+            log.info("HTML page over {limit} bytes: passed on without rewriting",
+                     limit=self.limit)
+            BodyPump.dataReceived(self, held)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self.held is not None and reason.check(ResponseDone, PotentialDataLoss,
+                                                  HTTPPotentialDataLoss):
+            page = self.rewrite(bytes(self.held))
+            self.held = None
+            if not self.request.finished and self.request.channel is not None:
+                self.request.setHeader(b"content-length", b"%d" % len(page))
+                BodyPump.dataReceived(self, page)
+        BodyPump.connectionLost(self, reason)
 
 
 @implementer(IBodyProducer)

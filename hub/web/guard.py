@@ -8,6 +8,7 @@ the admin mark and grants in force are those of now.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from attrs import frozen
 from twisted.logger import Logger
@@ -18,7 +19,7 @@ from hub.errors import NotFound
 from hub.store.rows import User
 from hub.web.html import Viewer
 from hub.web.needs import WebNeeds
-from hub.web.sessions import COOKIE, WebSession
+from hub.web.sessions import BROWSE_COOKIE, COOKIE, WebSession
 
 log = Logger()
 
@@ -43,11 +44,18 @@ class SignedIn:
         return self.reach.actor
 
 
-def signed_in(needs: WebNeeds, request: Any) -> SignedIn | None:
+def signed_in(needs: WebNeeds, request: Any, browse: bool = False) -> SignedIn | None:
+    """The operator signed in on `request`; with `browse` (a device web UI path), the
+    proxy cookie stands in for the console cookie."""
     cookie = request.getCookie(COOKIE)
-    if not cookie:
-        return None
-    session = needs.sessions.get(cookie.decode("ascii", "replace"))
+    session = needs.sessions.get(cookie.decode("ascii", "replace")) if cookie else None
+    if session is None and browse:
+        token = request.getCookie(BROWSE_COOKIE)
+        session = needs.sessions.by_browse(token.decode("ascii", "replace")) if token else None
+        if session is not None and not _from_a_device_page(request):
+            log.info("web: device web UI request from another site ({origin}) refused",
+                     origin=request.getHeader(b"origin"))
+            return None
     if session is None:
         return None
     try:
@@ -69,3 +77,22 @@ def set_session_cookie(request: Any, session: WebSession | None) -> None:
     request.addCookie(COOKIE, session.id.encode() if session else b"", path=b"/",
                       secure=True, httpOnly=True, sameSite="strict",
                       max_age=None if session else b"0")
+
+
+def _from_a_device_page(request: Any) -> bool:
+    """A change made with the proxy cookie alone must come from a device page (its
+    origin is opaque: `Origin: null`) or the console itself, not from another site."""
+    if request.method in (b"GET", b"HEAD"):
+        return True
+    origin = request.getHeader(b"origin")
+    return origin in (None, b"null") or urlsplit(origin).netloc == request.getHeader(b"host")
+
+
+def set_browse_cookie(request: Any, session: WebSession) -> None:
+    """The device web UI proxy's cookie: sent with the device pages' own links and forms
+    (SameSite=None: they run in an opaque origin), to /nodes/ paths only, and honoured
+    only under /nodes/NAME/web/ (the proxy strips it before the device sees a request)."""
+    if request.getCookie(BROWSE_COOKIE) != session.browse.encode():
+        request.addCookie(BROWSE_COOKIE, session.browse.encode(), path=b"/nodes/",
+                          secure=True, httpOnly=True, sameSite="none")
+

@@ -20,7 +20,7 @@ from hub.rules.logins import may_reach
 from hub.store.rows import NETCONF, Node
 from hub.web.csrf import csrf_ok
 from hub.web.errors import ErrorResource, send_error
-from hub.web.guard import SignedIn, signed_in
+from hub.web.guard import SignedIn, set_browse_cookie, signed_in
 from hub.web.html import esc, page, post_button, table, url_part, when
 from hub.web.needs import WebNeeds
 from hub.web.pages import NodesList
@@ -58,7 +58,7 @@ class NodesResource(Resource):
     def getChild(self, path: bytes, request: Any) -> Resource:
         if path == b"":
             return self.list
-        who = signed_in(self.needs, request)
+        who = signed_in(self.needs, request, browse=request.postpath[:1] == [b"web"])
         if who is None:
             return ErrorResource(401, "Your session has ended; sign in again.")
         name = path.decode("utf-8", "replace")
@@ -82,6 +82,8 @@ class NodeResource(Resource):
             factory = self.needs.terminal if path == b"terminal" else self.needs.proxy
             if factory is None:
                 return ErrorResource(404, "This hub does not offer that page.", self.who.viewer)
+            if path == b"web":
+                set_browse_cookie(request, self.who.session)
             return factory(self.who.reach, self.node.name)  # type: ignore[return-value]
         if path in ACTIONS and not request.postpath:
             return NodeAction(self.needs, self.who, self.node, path.decode())

@@ -27,16 +27,19 @@ from zope.interface import implementer
 from hub.access.reach import OperatorReach
 from hub.rules.throttle import OncePer
 from hub.rules.webproxy import (
+    HTML_REWRITE_MAX,
     ProxySettings,
     device_target,
     prefix_of,
     request_headers,
     response_headers,
+    rewrite_html,
+    rewrites_html,
 )
 from hub.ssh.connection import ChannelRefused
 from hub.tunnel.dial import DeviceRefused
 from hub.tunnel.live import NodeTunnel
-from hub.web.bodypump import BodyPump, FileBody
+from hub.web.bodypump import BodyPump, FileBody, RewrittenBody
 from hub.web.errorpage import error_page
 from hub.web.tunnelstream import TunnelEndpoint
 from hub.web.tunneltls import InsecureTLS
@@ -193,6 +196,16 @@ class DeviceWebResource(Resource):
         request.setResponseCode(response.code, response.phrase)
         for raw, value in rewritten.headers:
             request.responseHeaders.addRawHeader(raw, value)
+        if (rewrites_html(rewritten.headers) and request.method != b"HEAD"
+                and response.code not in (204, 304)
+                and (not isinstance(response.length, int)
+                     or response.length <= HTML_REWRITE_MAX)):
+            # The page's length changes: set when it is complete (RewrittenBody).
+            request.responseHeaders.removeHeader(b"content-length")
+            prefix = self.prefix
+            response.deliverBody(RewrittenBody(
+                request, lambda page: rewrite_html(page, prefix), HTML_REWRITE_MAX))
+            return
         if isinstance(response.length, int) and not request.responseHeaders.hasHeader(
                 b"content-length"):
             # Agent keeps the length apart: the browser sees it (download progress),

@@ -17,6 +17,10 @@ from twisted.internet.interfaces import IReactorTime
 from hub.rules.logins import OperatorLogin
 
 COOKIE = b"__Host-chh-session"
+# The device web UI proxy's cookie (docs/web-proxy.md): a device's pages run in an
+# opaque origin (CSP sandbox), so the browser does not send the SameSite=Strict console
+# cookie with their links and forms; this one, good for /nodes/NAME/web/ only, stands in.
+BROWSE_COOKIE = b"__Secure-chh-browse"
 
 
 def new_secret() -> str:
@@ -31,6 +35,7 @@ class WebSession:
     created: float
     used: float
     csrf: str = field(factory=new_secret)
+    browse: str = field(factory=new_secret)  # the proxy cookie's value
 
 
 @define(eq=False)
@@ -61,6 +66,11 @@ class SessionStore:
             return None
         session.used = now
         return session
+
+    def by_browse(self, token: str) -> WebSession | None:
+        """The live session whose proxy cookie is `token` (its idle clock restarted)."""
+        found = next((s for s in self._sessions.values() if s.browse == token), None)
+        return None if found is None else self.get(found.id)
 
     def end(self, session: WebSession) -> None:
         self._sessions.pop(session.id, None)
