@@ -10,7 +10,8 @@ from hub.web.html import Viewer, error_page
 
 TITLES = {400: "Bad request", 401: "Sign-in needed", 403: "Forbidden", 404: "Not found",
           405: "Method not allowed", 413: "Request too large", 429: "Too many attempts",
-          500: "Internal error"}
+          500: "Internal error", 502: "Bad gateway", 503: "Node offline",
+          504: "Gateway timeout"}
 
 
 def send_error(request: Any, code: int, message: str, viewer: Viewer | None = None) -> bytes:

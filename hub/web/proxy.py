@@ -40,7 +40,7 @@ from hub.ssh.connection import ChannelRefused
 from hub.tunnel.dial import DeviceRefused
 from hub.tunnel.live import NodeTunnel
 from hub.web.bodypump import BodyPump, FileBody, RewrittenBody
-from hub.web.errorpage import error_page
+from hub.web.errors import send_error
 from hub.web.tunnelstream import TunnelEndpoint
 from hub.web.tunneltls import InsecureTLS
 
@@ -107,17 +107,17 @@ class DeviceWebResource(Resource):
             tunnel = self.reach.resolve(self.node)[1]
         except ChannelRefused as e:
             if e.reason == OPEN_CONNECT_FAILED:
-                return error_page(request, http.SERVICE_UNAVAILABLE, e.text)
-            return error_page(request, http.NOT_FOUND, e.text)
+                return send_error(request, http.SERVICE_UNAVAILABLE, e.text)
+            return send_error(request, http.NOT_FOUND, e.text)
         service = next((s for s in WEB_SERVICES if tunnel.table.lookup(s) is not None), None)
         if service is None:
-            return error_page(request, http.NOT_FOUND,
+            return send_error(request, http.NOT_FOUND,
                               f"node {self.node} forwards no web service")
         body = self._body(request)
         if body is None:
             log.info("{actor}: request body to node {node} over {limit} bytes refused",
                      actor=self.reach.actor, node=self.node, limit=self.settings.max_body)
-            return error_page(request, http.REQUEST_ENTITY_TOO_LARGE,
+            return send_error(request, http.REQUEST_ENTITY_TOO_LARGE,
                               f"request bodies to a device are limited to "
                               f"{self.settings.max_body} bytes")
         self.browse.seen(self.reach, self.node, service)
@@ -240,7 +240,7 @@ class DeviceWebResource(Resource):
             code, text = http.BAD_GATEWAY, f"node {self.node} could not be reached"
         log.info("{actor} -> node {node} {service}: {code} {text}", actor=self.reach.actor,
                  node=self.node, service=service, code=code, text=text)
-        request.write(error_page(request, code, text))
+        request.write(send_error(request, code, text))
         request.finish()
 
 
