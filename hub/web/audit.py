@@ -6,11 +6,8 @@ import calendar
 import time
 from typing import Any
 
-from twisted.web.resource import Resource
-
-from hub.web.guard import signed_in
+from hub.web.guard import SignedIn, SignedInPage
 from hub.web.html import esc, page, pager, table, when
-from hub.web.needs import WebNeeds
 from hub.web.pages import arg, int_arg
 from hub.web.queries import AuditFilter, audit_page, visible_filter
 
@@ -27,18 +24,8 @@ def parse_day_time(text: str) -> float | None:
     return None
 
 
-class AuditPage(Resource):
-    isLeaf = True
-
-    def __init__(self, needs: WebNeeds) -> None:
-        super().__init__()
-        self.needs = needs
-
-    def render_GET(self, request: Any) -> bytes:
-        who = signed_in(self.needs, request)
-        if who is None:
-            request.redirect(b"/signin")
-            return b""
+class AuditPage(SignedInPage):
+    def show(self, request: Any, who: SignedIn) -> bytes:
         fields = {k: arg(request, k.encode(), 100) for k in ("actor", "action", "target",
                                                               "since", "until")}
         f = AuditFilter(fields["actor"], fields["action"], fields["target"],

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from attrs import frozen
 from twisted.logger import Logger
+from twisted.web.resource import Resource
 
 from hub.access.operators import lapsed
 from hub.access.reach import OperatorReach
@@ -95,4 +96,24 @@ def set_browse_cookie(request: Any, session: WebSession) -> None:
     if request.getCookie(BROWSE_COOKIE) != session.browse.encode():
         request.addCookie(BROWSE_COOKIE, session.browse.encode(), path=b"/nodes/",
                           secure=True, httpOnly=True, sameSite="none")
+
+
+class SignedInPage(Resource):
+    """A page for signed-in operators (`show`); anyone else is sent to sign in."""
+
+    isLeaf = True
+
+    def __init__(self, needs: WebNeeds) -> None:
+        super().__init__()
+        self.needs = needs
+
+    def render_GET(self, request: Any) -> bytes:
+        who = signed_in(self.needs, request)
+        if who is None:
+            request.redirect(b"/signin")
+            return b""
+        return self.show(request, who)
+
+    def show(self, request: Any, who: SignedIn) -> bytes:
+        raise NotImplementedError
 

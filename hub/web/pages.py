@@ -9,7 +9,7 @@ from twisted.web.resource import Resource
 
 from hub.store.rows import STATES, Node
 from hub.web.errors import send_error
-from hub.web.guard import SignedIn, signed_in
+from hub.web.guard import SignedIn, SignedInPage, signed_in
 from hub.web.html import esc, page, pager, query, table, url_part, when
 from hub.web.needs import WebNeeds
 from hub.web.queries import CODES, NodePage, node_page, visible_filter
@@ -66,20 +66,10 @@ class NodeList:
                       for n in self.result.nodes]
 
 
-class NodesList(Resource):
+class NodesList(SignedInPage):
     """GET /nodes."""
 
-    isLeaf = True
-
-    def __init__(self, needs: WebNeeds) -> None:
-        super().__init__()
-        self.needs = needs
-
-    def render_GET(self, request: Any) -> bytes:
-        who = signed_in(self.needs, request)
-        if who is None:
-            request.redirect(b"/signin")
-            return b""
+    def show(self, request: Any, who: SignedIn) -> bytes:
         view = NodeList(self.needs, who, request)
         result = view.result
         options = "".join(
