@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hub import __version__
-from hub.app import ca, certs, fleet
+from hub.app import ca, certs, fleet, hostcert
 from hub.errors import HubError
 from hub.rules.display import iso_utc, sha256_fingerprint
 from hub.rules.names import is_valid_name
@@ -384,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_parser(sub, _actor)
     certs.add_parser(sub, _actor)
     ca.add_parser(sub, _actor)
+    hostcert.add_parser(sub, _actor)
     return p
 
 
