@@ -2,7 +2,8 @@
 
 The client runs in-process over a `forwarded-tcpip` channel to the node's
 `ssh` forward. It logs in as the node's device user with the hub's management
-key (ed25519), or once with a password at enrollment to install that key, and
+key (ed25519) or a short-lived certificate for it from the hub's user CA
+(`hub.ssh.usercerts`), or once with a password at enrollment to install that key, and
 checks the device host key pinned at enrollment.
 """
 
@@ -23,6 +24,7 @@ from hub.ssh.disconnect import disconnect_text, log_peer_disconnect, open_failur
 from hub.ssh.iogroup import IOGroup
 from hub.ssh.keys import fingerprint
 from hub.ssh.modern import ModernTransportMixin, ModernUserAuthClientMixin
+from hub.ssh.usercerts import DeviceIdentity, UserCertificate
 from hub.tunnel.dial import DeviceRefused, OpenNotice
 from hub.tunnel.inprocess import ProtocolChannel
 from hub.tunnel.live import NodeTunnel
@@ -73,20 +75,28 @@ class DeviceConnection(WindowedChannelsMixin, connection.SSHConnection):
 
 class DeviceUserAuth(ModernUserAuthClientMixin, userauth.SSHUserAuthClient):
     def __init__(self, user: bytes, key: keys.Key, password: bytes | None,
-                 conn: DeviceConnection) -> None:
+                 conn: DeviceConnection,
+                 offers: list[keys.Key | UserCertificate] | None = None) -> None:
         userauth.SSHUserAuthClient.__init__(self, user, conn)
-        self._key: keys.Key | None = key
+        # Each offered once, in order: a certificate first when there is one.
+        self._offers = [key.public()] if offers is None else list(offers)
         self._private = key
         self._password = password
 
     transport: Any
 
     def getPublicKey(self) -> Any:
-        key, self._key = self._key, None  # offer it once
-        return None if key is None else key.public()
+        if not self._offers:
+            return None
+        offer = self._offers.pop(0)
+        if isinstance(offer, UserCertificate):
+            self.transport.certificate = offer
+        return offer
 
     def ssh_USERAUTH_SUCCESS(self, packet: bytes) -> None:
         self.transport.logged_in_with = self.lastAuth
+        self.transport.by_certificate = (self.lastAuth == b"publickey" and isinstance(
+            self.lastPublicKey, UserCertificate))
         userauth.SSHUserAuthClient.ssh_USERAUTH_SUCCESS(self, packet)
 
     def ssh_USERAUTH_FAILURE(self, packet: bytes) -> Any:
@@ -119,9 +129,13 @@ class DeviceClientTransport(ModernTransportMixin, transport.SSHClientTransport):
 
     def __init__(self, user: bytes, key: keys.Key, password: bytes | None,
                  pinned: bytes | None, ready: defer.Deferred[DeviceConnection],
-                 clock: Any, io_group: IOGroup | None = None) -> None:
+                 clock: Any, io_group: IOGroup | None = None,
+                 offers: list[keys.Key | UserCertificate] | None = None) -> None:
         self.user = user
         self.key = key
+        self.offers = offers
+        # The certificate offered, if one was: a refusal names it.
+        self.certificate: UserCertificate | None = None
         self.password = password
         self.pinned = pinned
         self.ready = ready
@@ -137,6 +151,7 @@ class DeviceClientTransport(ModernTransportMixin, transport.SSHClientTransport):
         self.logged_in_with: bytes | None = None
         self.refused_methods: set[bytes] = set()
         self.password_sent = False
+        self.by_certificate = False  # logged in with the certificate, not the plain key
 
     def verifyHostKey(self, hostKey: bytes, fingerprint_: bytes) -> defer.Deferred[bool]:
         self.host_key = hostKey
@@ -153,7 +168,7 @@ class DeviceClientTransport(ModernTransportMixin, transport.SSHClientTransport):
 
     def connectionSecure(self) -> None:
         self.requestService(DeviceUserAuth(self.user, self.key, self.password,
-                                           self.connection_service()))
+                                           self.connection_service(), self.offers))
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         if self.failure is None:
@@ -169,6 +184,14 @@ class DeviceClientTransport(ModernTransportMixin, transport.SSHClientTransport):
         if b"publickey" in self.refused_methods:
             offered = "" if self.password is None or self.password_sent else (
                 " and offers no password login")
+            if self.certificate is not None:
+                also = " and management key" if any(
+                    isinstance(o, keys.Key) for o in self.offers or ()) else ""
+                return KeyRefused(
+                    f"the device refused the hub's certificate (key ID "
+                    f"{self.certificate.key_id}, principal {user}, signed by the hub user "
+                    f"CA){also} for {user}{offered}: does its sshd trust the hub CA "
+                    "(callhomehub ca pubkey) for that user?")
             return KeyRefused(f"the device refused the hub's management key for {user}"
                               f"{offered}")
         if said is not None:
@@ -198,13 +221,16 @@ class ClientChannel(OpenNotice, ProtocolChannel):
         self.notify_failed(reason)  # `connect` tells the client why
 
 
-def connect(tunnel: NodeTunnel, user: str, key: keys.Key, pinned: bytes | None,
-            password: bytes | None = None, clock: Any = None,
+def connect(tunnel: NodeTunnel, user: str, key: keys.Key | DeviceIdentity,
+            pinned: bytes | None, password: bytes | None = None, clock: Any = None,
             ) -> tuple[defer.Deferred[DeviceConnection], DeviceClientTransport]:
-    """Log in to the device behind `tunnel` over its `ssh` forward."""
+    """Log in to the device behind `tunnel` over its `ssh` forward, with the
+    management key or (a `DeviceIdentity` with a CA) a certificate for it."""
+    identity = key if isinstance(key, DeviceIdentity) else DeviceIdentity(key)
     ready: defer.Deferred[DeviceConnection] = defer.Deferred()
-    client = DeviceClientTransport(user.encode(), key, password, pinned, ready, clock,
-                                   tunnel.conn.transport.ioGroup)
+    client = DeviceClientTransport(user.encode(), identity.key, password, pinned, ready,
+                                   clock, tunnel.conn.transport.ioGroup,
+                                   identity.offers(user, tunnel.node))
     client.peer = f"node {tunnel.node}"
 
     def refused(f: Failure) -> Failure | None:

@@ -19,13 +19,14 @@ from twisted.python.failure import Failure
 
 from hub.access.device_client import DeviceConnection, DeviceError, connect, run_command
 from hub.rules.fleet import ERROR, TIMEOUT, Outcome, finished
+from hub.ssh.usercerts import DeviceIdentity
 from hub.store.registry import NETCONF, Node
 from hub.tunnel.live import NodeTunnel
 
 log = Logger()
 
 
-def run_on_node(node: Node, tunnel: NodeTunnel, key: keys.Key, command: bytes,
+def run_on_node(node: Node, tunnel: NodeTunnel, key: keys.Key | DeviceIdentity, command: bytes,
                 timeout: float, clock: IReactorTime) -> defer.Deferred[Outcome]:
     """Log in to one node, run `command`, close; never fails (an `Outcome` says why)."""
     if node.kind == NETCONF:

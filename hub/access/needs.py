@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 
 if TYPE_CHECKING:
     from hub.rules.logins import OperatorLogin
+    from hub.ssh.usercerts import DeviceIdentity
     from hub.store.registry import Node, User
     from hub.tunnel.live import NodeTunnel
 
@@ -106,7 +107,7 @@ class GatewayNeeds:
     grants: Grants
     tunnels: Tunnels
     netconf: NetconfLinks | None
-    mgmt_key: keys.Key          # the hub's identity when it logs in to a device
+    mgmt_key: keys.Key | DeviceIdentity  # the hub's identity when it logs in to a device
     clock: IReactorTime
     operators: Operators | None = None  # where a login registers to be re-checked
     weblinks: WebLinks | None = None    # None: the web console is off

@@ -37,9 +37,10 @@ from hub.access.auth import InvalidUser, NoCallHomePassword, NoPasswordWarnings,
 from hub.access.certs import CertificateCredentials, is_certificate
 from hub.access.gatekeeper import Gatekeeper, PasswordBudget
 from hub.access.limits import Limits
-from hub.ssh.algorithms import DEFAULT_POLICY, TransportPolicy
+from hub.ssh.algorithms import DEFAULT_POLICY, HOST_KEY_ALGORITHMS, TransportPolicy
 from hub.ssh.connection import HubConnection
 from hub.ssh.disconnect import log_peer_disconnect
+from hub.ssh.hostcerts import HOST_CERT_ALGORITHM, HostCertificateMixin
 from hub.ssh.iogroup import IOGroup
 from hub.ssh.keys import HubKeys
 from hub.ssh.modern import ModernTransportMixin
@@ -53,12 +54,15 @@ def peer_host(t: Any) -> str:
     return getattr(peer, "host", "?")
 
 
-class HubServerTransport(ClockTimeout, ModernTransportMixin, transport.SSHServerTransport):
+class HubServerTransport(ClockTimeout, ModernTransportMixin, HostCertificateMixin,
+                         transport.SSHServerTransport):
     """Server transport: modern algorithms, strict kex and rekeying (the mixin),
     the login deadline (`ClockTimeout`), and the hub's accounting of
     unauthenticated connections."""
 
     factory: HubSSHFactory
+    # A host certificate is offered only by a factory that has one (buildProtocol).
+    hostKeyAlgorithms = (*HOST_KEY_ALGORITHMS, HOST_CERT_ALGORITHM)
     authenticated = False
     heard = False  # any byte from the peer yet
     _kex_grace: IDelayedCall | None = None
@@ -348,6 +352,7 @@ class HubSSHFactory(factory.SSHFactory):
         self.transport_policy = transport_policy
         self.publicKeys = hub_keys.host_public
         self.privateKeys = hub_keys.host_private
+        self.host_certificate = hub_keys.host_certificate
         self.primes = None  # no group-exchange: every modern client has curve25519
         self.clock = clock
         self.limits = limits
@@ -391,6 +396,11 @@ class HubSSHFactory(factory.SSHFactory):
         policy = self.transport_policy
         t.supportedPublicKeys = policy.host_keys(
             alg for key in self.privateKeys.values() for alg in key.supportedSignatureAlgorithms())
+        certificate = self.host_certificate
+        if certificate is not None and certificate.valid_at(self.clock.seconds()):
+            # Last: a client that knows the plain key keeps using it (OpenSSH
+            # prefers the algorithms of the keys it knows; its order decides).
+            t.supportedPublicKeys.append(HOST_CERT_ALGORITHM)
         t.supportedKeyExchanges = policy.kex(k for k in t.supportedKeyExchanges
                                              if not _kex.isDynamicPrimesGroup(k))
         t.supportedMACs = policy.macs(t.supportedMACs)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hub import __version__
-from hub.app import certs, fleet
+from hub.app import ca, certs, fleet, hostcert
 from hub.errors import HubError
 from hub.rules.display import iso_utc, sha256_fingerprint
 from hub.rules.names import is_valid_name
@@ -144,7 +144,7 @@ def cmd_enroll(reg: Registry, args: argparse.Namespace) -> int:
 
     answer = ask(args.data, {"op": "enroll", "node": node.name, "user": args.user,
                              "password": password.decode("utf-8", "replace"),
-                             "actor": _actor()})
+                             "actor": _actor(), "login": getattr(args, "login", "key")})
     if answer is None:
         raise HubError("enroll: the hub is not running (it logs in through the node's tunnel)")
     if not answer["ok"]:
@@ -383,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=int, default=1000)
     fleet.add_parser(sub, _actor)
     certs.add_parser(sub, _actor)
+    ca.add_parser(sub, _actor)
+    hostcert.add_parser(sub, _actor)
     return p
 
 

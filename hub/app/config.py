@@ -59,6 +59,9 @@ class HubConfig:
     web_idle_timeout: float = 1800.0
     web_absolute_timeout: float = 43200.0
     web_proxy: ProxySettings = field(factory=ProxySettings)
+    # How the hub logs in to devices: "key" (the management key) or "ca" (a
+    # certificate from the hub user CA first, then the key; hub.ssh.usercerts).
+    device_login: str = "key"
 
     @property
     def db_path(self) -> str:
@@ -123,6 +126,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "web": {"idle_timeout": (int, float), "absolute_timeout": (int, float)},
     "web_proxy": {"max_body": int, "timeout": (int, float), "sandbox": bool,
                   "audit_interval": (int, float)},
+    "devices": {"login": str},
 }
 
 
@@ -291,7 +295,15 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         web_idle_timeout=idle,
         web_absolute_timeout=absolute,
         web_proxy=_web_proxy(doc),
+        device_login=_device_login(doc),
     )
+
+
+def _device_login(doc: Mapping[str, Any]) -> str:
+    login = str(doc.get("devices", {}).get("login", "key"))
+    if login not in ("key", "ca"):
+        raise ConfigError(f'[devices] login: expected "key" or "ca", got {login!r}')
+    return login
 
 
 def _web_proxy(doc: Mapping[str, Any]) -> ProxySettings:

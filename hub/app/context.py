@@ -18,6 +18,7 @@ from hub.access.operators import LiveOperators
 from hub.app.config import HubConfig
 from hub.netconf.callhome import CallHomeNeeds
 from hub.ssh.keys import HubKeys
+from hub.ssh.usercerts import DeviceIdentity, HubUserCA
 from hub.store.registry import Registry
 from hub.tunnel.expiry import PendingLeaseExpiry
 from hub.tunnel.sessions import LiveSessions
@@ -53,6 +54,15 @@ class Hub:
     # The web console's sign-in links and sessions, or None (--web none).
     weblinks: WebLinks | None = None
     web_sessions: SessionStore | None = None
+    # The hub user CA (`callhomehub ca init`), used with [devices] login = "ca".
+    user_ca: HubUserCA = field(default=Factory(
+        lambda self: HubUserCA(self.config.keys_dir, self.clock.seconds), takes_self=True))
+
+    @property
+    def device_identity(self) -> DeviceIdentity:
+        """What the hub logs in to devices with, as the config says."""
+        ca = self.user_ca if self.config.device_login == "ca" else None
+        return DeviceIdentity(self.keys.mgmt, ca)
 
     def sync(self) -> None:
         """Apply changes the admin CLI made to the registry (polled, see REGISTRY_POLL):
@@ -128,5 +138,5 @@ class Hub:
 
     def gateway_needs(self) -> GatewayNeeds:
         return GatewayNeeds(grants=self.registry, tunnels=self.sessions, netconf=self.netconf,
-                            mgmt_key=self.keys.mgmt, clock=self.clock,
+                            mgmt_key=self.device_identity, clock=self.clock,
                             operators=self.operators, weblinks=self.weblinks)

@@ -27,6 +27,7 @@ from hub.app.context import Hub
 from hub.errors import HubError, NotFound
 from hub.rules.fleet import OFFLINE, Outcome, select, summary_line, tally
 from hub.ssh.keys import fingerprint
+from hub.ssh.usercerts import DeviceIdentity, authorized_keys_line, load_user_ca
 
 log = Logger()
 
@@ -59,8 +60,8 @@ class Controller:
 
     async def verify(self, name: str, actor: str) -> str:
         node, tunnel = self._tunnel(name)
-        ready, client = connect(tunnel, node.device_user, self.hub.keys.mgmt, node.host_key,
-                                clock=self.hub.clock)
+        ready, client = connect(tunnel, node.device_user, self.hub.device_identity,
+                                node.host_key, clock=self.hub.clock)
         try:
             conn = await ready
         except KeyRefused as e:
@@ -68,17 +69,36 @@ class Controller:
             raise KeyRefused(f"{e}; if the device has not authorized the hub's management "
                              f"key, run: callhomehub enroll {node.name}") from None
         conn.close()
+        how = "certificate" if client.by_certificate else "management key"
         if node.host_key is None:
             assert client.host_key is not None
             self.hub.registry.set_device_access(node.name, actor, host_key=client.host_key)
-            return (f"management key login as {node.device_user} verified; host key "
+            return (f"{how} login as {node.device_user} verified; host key "
                     f"{fingerprint(client.host_key)} pinned")
-        return f"management key login as {node.device_user} verified"
+        return f"{how} login as {node.device_user} verified"
 
-    async def enroll(self, name: str, user: str, password: str, actor: str) -> str:
+    def _enroll_ca(self, user: str) -> tuple[str, DeviceIdentity]:
+        """`enroll --login ca`: the line to install and the certificate-only identity."""
+        if self.hub.config.device_login != "ca":
+            raise HubError('--login ca: the hub logs in to devices with its management key; '
+                           'set [devices] login = "ca" in its config file and restart it')
+        ca = load_user_ca(self.hub.config.keys_dir)
+        if ca is None:
+            raise HubError("--login ca: the hub has no user CA; run: callhomehub ca init")
+        return (authorized_keys_line(ca, user),
+                DeviceIdentity(self.hub.keys.mgmt, self.hub.user_ca, key_fallback=False))
+
+    async def enroll(self, name: str, user: str, password: str, actor: str,
+                     login: str = "key") -> str:
         node, tunnel = self._tunnel(name)
+        if login == "ca":
+            line, identity = self._enroll_ca(user)
+            what = "hub CA"
+        else:
+            line, identity = self.hub.keys.mgmt_public_line, DeviceIdentity(self.hub.keys.mgmt)
+            what = "management key"
         # Enrollment is when a (new) host key is accepted: no pin to check against.
-        ready, client = connect(tunnel, user, self.hub.keys.mgmt, None,
+        ready, client = connect(tunnel, user, identity, None,
                                 password.encode(), clock=self.hub.clock)
         conn = await ready
         assert client.host_key is not None
@@ -89,27 +109,24 @@ class Controller:
             self.hub.registry.set_device_access(node.name, actor, host_key=client.host_key,
                                                 device_user=user)
             self.hub.registry.audit(actor, "enroll", node.name,
-                                    f"user {user}: management key already authorized, "
+                                    f"user {user}: {what} already authorized, "
                                     "nothing installed")
-            return (f"management key already authorized for {user}: nothing installed "
+            return (f"{what} already authorized for {user}: nothing installed "
                     f"(the password was not used); host key {fingerprint(client.host_key)} "
                     "pinned")
         try:
-            status, _out, err = await run_command(
-                conn, install_key_command(self.hub.keys.mgmt_public_line))
+            status, _out, err = await run_command(conn, install_key_command(line))
         finally:
             conn.close()
         if status != 0:
-            raise DeviceError("installing the management key failed on the device: "
+            raise DeviceError(f"installing the {what} failed on the device: "
                               + (err.decode("utf-8", "replace").strip() or f"exit {status}"))
         self.hub.registry.set_device_access(node.name, actor, host_key=client.host_key,
                                             device_user=user)
-        ready, _ = connect(tunnel, user, self.hub.keys.mgmt, client.host_key,
-                           clock=self.hub.clock)
+        ready, _ = connect(tunnel, user, identity, client.host_key, clock=self.hub.clock)
         (await ready).close()
-        self.hub.registry.audit(actor, "enroll", node.name,
-                                f"user {user}: management key installed")
-        return (f"management key installed for {user} and verified; host key "
+        self.hub.registry.audit(actor, "enroll", node.name, f"user {user}: {what} installed")
+        return (f"{what} installed for {user} and verified; host key "
                 f"{fingerprint(client.host_key)} pinned")
 
     async def run(self, request: dict[str, Any], emit: Callable[[dict[str, Any]], None]
@@ -138,7 +155,7 @@ class Controller:
             tunnel = self.hub.sessions.get(name)
             if tunnel is None:  # went away while waiting for its turn
                 return defer.succeed(Outcome(name, OFFLINE, message="no tunnel now"))
-            return run_on_node(nodes[name], tunnel, self.hub.keys.mgmt, command.encode(),
+            return run_on_node(nodes[name], tunnel, self.hub.device_identity, command.encode(),
                                timeout, self.hub.clock)
 
         outcomes += await run_on_nodes(online, start, parallel,
@@ -159,7 +176,8 @@ class Controller:
                 return await self.run(request, emit)
             elif op == "enroll":
                 message = await self.enroll(str(request["node"]), str(request["user"]),
-                                            str(request["password"]), actor)
+                                            str(request["password"]), actor,
+                                            str(request.get("login", "key")))
             else:
                 return {"ok": False, "message": f"unknown operation {op!r}"}
         except (HubError, NotFound, KeyError, ValueError) as e:

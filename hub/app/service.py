@@ -9,6 +9,7 @@ import os
 import resource
 from typing import Any
 
+from attrs import evolve
 from twisted.application import internet, service, strports
 from twisted.conch.interfaces import IConchUser
 from twisted.cred import portal
@@ -37,6 +38,7 @@ from hub.intake.monitoring import Monitoring
 from hub.netconf.callhome import CallHomeFactory
 from hub.netconf.devices import NetconfSessions
 from hub.rules.logins import DeviceLogin, OperatorLogin
+from hub.ssh.hostcerts import present_host_certificate
 from hub.ssh.keys import fingerprint, load_hub_keys
 from hub.store.registry import Registry
 from hub.tunnel.descriptors import DescriptorReserve
@@ -301,6 +303,8 @@ def build_hub(config: HubConfig, reactor: Any) -> Hub:
     registry = Registry(config.db_path, now=clock.seconds)
     registry.reset_online()
     hub_keys = load_hub_keys(config.keys_dir)
+    hub_keys = evolve(hub_keys, host_certificate=present_host_certificate(
+        config.keys_dir, hub_keys.host_private[b"ssh-ed25519"], clock.seconds()))
 
     def run_in_thread(f: Any, *a: Any) -> Any:
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)

@@ -11,12 +11,16 @@ import base64
 import hashlib
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from attrs import frozen
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from twisted.conch.ssh import keys
 
 from hub.errors import BadKey
+
+if TYPE_CHECKING:
+    from hub.ssh.hostcerts import HostCertificate
 
 HOST_KEY_FILES: dict[str, Callable[[], object]] = {
     "ssh_host_ed25519_key": ed25519.Ed25519PrivateKey.generate,
@@ -33,6 +37,8 @@ class HubKeys:
     host_private: dict[bytes, keys.Key]
     host_public: dict[bytes, keys.Key]
     mgmt: keys.Key
+    # The ed25519 host key's certificate (hub.ssh.hostcerts), when one is presented.
+    host_certificate: HostCertificate | None = None
 
     @property
     def mgmt_public_line(self) -> str:

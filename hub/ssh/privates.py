@@ -61,6 +61,9 @@ TWISTED_PRIVATES: tuple[TwistedPrivate, ...] = (
     TwistedPrivate(_USERAUTH_CLIENT, "_log", "hub.ssh.userauth"),
     TwistedPrivate("twisted.conch.ssh.userauth:SSHUserAuthServer", "_cbFinishedAuth",
                    "hub.access.server"),
+    # The host certificate: sent and signed for in place of the plain host key.
+    TwistedPrivate("twisted.conch.ssh.transport:SSHServerTransport", "_getHostKeys",
+                   "hub.ssh.hostcerts"),
     # The TCP write queue: writeNow sends at once only while it is empty.
     TwistedPrivate(_TCP, "_tempDataBuffer", "hub.ssh.tcpwrite", on_instance=True),
     TwistedPrivate(_TCP, "_tempDataLen", "hub.ssh.tcpwrite", on_instance=True),

@@ -15,6 +15,8 @@ from typing import Any
 from twisted.conch.ssh import keys
 from twisted.conch.ssh.common import NS
 
+from hub.ssh.usercerts import UserCertificate
+
 RSA_SHA2_SIGNATURES = (b"rsa-sha2-512", b"rsa-sha2-256")
 
 # MSG_USERAUTH_REQUEST, RFC 4252 section 6.
@@ -79,6 +81,16 @@ class ModernUserAuthClientMixin:
         )
 
     def _cbGetPublicKey(self, public_key: Any) -> bool:
+        if isinstance(public_key, UserCertificate):
+            # Offered as its own algorithm; the plain key signs (see _cbSignData).
+            self.lastPublicKey = public_key
+            self._publicKeyAlgorithm = public_key.algorithm
+            self._log.debug(  # type: ignore[attr-defined]
+                "certificate authentication with {algorithm}, key ID {key_id}",
+                algorithm=public_key.algorithm, key_id=public_key.key_id)
+            self.askForAuth(  # type: ignore[attr-defined]
+                b"publickey", b"\x00" + NS(public_key.algorithm) + NS(public_key.blob()))
+            return True
         if not isinstance(public_key, keys.Key):
             return super()._cbGetPublicKey(public_key)  # type: ignore[misc,no-any-return]
         algorithm = self._signatureAlgorithmFor(public_key)
@@ -127,4 +139,6 @@ class ModernUserAuthClientMixin:
 
     def _cbSignData(self, privateKey: keys.Key, signData: bytes) -> bytes:
         algorithm = self._publicKeyAlgorithm or None
+        if isinstance(self.lastPublicKey, UserCertificate):
+            algorithm = self.lastPublicKey.signature_type()
         return privateKey.sign(signData, signatureType=algorithm)
