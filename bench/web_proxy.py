@@ -3,12 +3,14 @@ to the node's per-device (SDT) port, in the same run.
 
     .venv/bin/python bench/web_proxy.py [--size MiB] [--repeat N] [--json FILE]
 
-One run starts a hub with the proxy on a loopback Site (tests/web_proxy_hub.py), a
-device web server (tests/device_web.py) and the device's real
-`ssh -R http:0:localhost:PORT`. Each repeat downloads `--size` MiB of /big both
-ways, order flipped every repeat so load from elsewhere hits both alike:
+One run starts `twistd callhomehub --web tcp:0:interface=127.0.0.1` with operator
+alice signed in over HTTP (the Rig of tests/test_web_proxy_e2e.py), a device web
+server (tests/device_web.py) and the device's real `ssh -R http:0:localhost:PORT`.
+Each repeat downloads `--size` MiB of /big both ways, order flipped every repeat so
+load from elsewhere hits both alike:
 
-- proxy:  client -> hub's web Site -> /nodes/r1/web/big -> tunnel -> device server
+- proxy:  client -> hub's web console -> /nodes/r1/web/big -> tunnel -> device server
+          (with alice's session cookie)
 - direct: client -> hub's http port (the SDT port) -> tunnel -> device server
 
 Both cross the same SSH tunnel; the difference is the proxy's HTTP client and
@@ -33,12 +35,14 @@ from test_web_proxy_e2e import Rig
 from hub.store.registry import Registry
 
 
-def download(port: int, path: str, size: int) -> float:
-    """Seconds to GET `path` from 127.0.0.1:`port` and read all of its body."""
+def download(port: int, path: str, size: int, cookie: str = "") -> float:
+    """Seconds to GET `path` from 127.0.0.1:`port` (sending `cookie`, if any) and read
+    all of its body."""
     start = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-                     .encode())
+        sent = f"Cookie: {cookie}\r\n" if cookie else ""
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{sent}"
+                     "Connection: close\r\n\r\n".encode())
         got = 0
         while True:
             data = sock.recv(1 << 20)
@@ -66,14 +70,14 @@ def main() -> None:
             sdt = registry.node("r1").forwards["http"]
             registry.close()
             runs: dict[str, list[float]] = {"proxy": [], "direct": []}
-            ways = {"proxy": (rig.web_port, f"/nodes/r1/web/big?n={size}"),
-                    "direct": (sdt, f"/big?n={size}")}
-            download(*ways["proxy"], size)  # warm up both paths
-            download(*ways["direct"], size)
+            ways = {"proxy": (rig.web_port, f"/nodes/r1/web/big?n={size}", size, rig.cookie()),
+                    "direct": (sdt, f"/big?n={size}", size, "")}
+            download(*ways["proxy"])  # warm up both paths
+            download(*ways["direct"])
             for i in range(args.repeat):
                 order = ["proxy", "direct"] if i % 2 == 0 else ["direct", "proxy"]
                 for way in order:
-                    runs[way].append(size / download(*ways[way], size) / 1e6)
+                    runs[way].append(size / download(*ways[way]) / 1e6)
         finally:
             rig.close()
     result = {way: round(statistics.median(mbs), 1) for way, mbs in runs.items()}

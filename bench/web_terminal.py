@@ -2,16 +2,16 @@
 
     .venv/bin/python bench/web_terminal.py [--keys N] [--repeat R] [--quick] [--json FILE]
 
-Setup: the hub runs as `twistd -y tests/web_terminal_hub.tac` (the hub plus the
-terminal's resources on a bare Site on loopback, as operator alice without
-sign-in, until the console's sign-in is wired in); a throwaway `sshd` is the
-device, calling home with `ssh -N -R`; `callhomehub approve bench`;
-`callhomehub user add alice --allow '*'`. Two paths to the same device, each
-a login shell with a pty on the device (the hub logs in with its management
-key either way):
+Setup: `twistd callhomehub --web tcp:0:interface=127.0.0.1` on loopback; a
+throwaway `sshd` is the device, calling home with `ssh -N -R`; `callhomehub
+approve bench`; `callhomehub user add alice --key … --password-stdin --allow '*'`,
+and alice signs in to the console over HTTP (POST /signin) once. Two paths to
+the same device, each a login shell with a pty on the device (the hub logs in
+with its management key either way):
 
 - ssh:  ssh -tt -p HUBPORT alice:bench@127.0.0.1      (stdin/stdout through pipes)
-- web:  WebSocket /nodes/bench/terminal/socket         (a wsproto client, binary frames)
+- web:  WebSocket /nodes/bench/terminal/socket         (a wsproto client, binary frames,
+        with alice's session cookie)
 
 On each, `exec cat >/dev/null` runs and one letter at a time is typed and its
 echo (the device's tty echo) awaited: N keystrokes, p50/p99 of the round trip.
@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,47 +34,39 @@ from pathlib import Path
 from attrs import define, field
 
 # Run as a script: bench/ is on sys.path; the WebSocket client is the tests' one.
-from common import SSH, TWISTD, Hub, Tunnel, machine_info, make_key, wait_for, wait_quiet
+from common import SSH, Hub, Tunnel, machine_info, make_key, wait_for, wait_quiet
 from gateway import Pipe, ssh_config
 from peers import DeviceSSHD
 from runner import add_common_options, install_sigterm, percentile, write_doc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from web_client import WebTerminalClient  # noqa: E402
+from web_client import WebTerminalClient, sign_in  # noqa: E402
 
-TAC = ROOT / "tests" / "web_terminal_hub.tac"
 PATHS = ("ssh", "web")
-WEB_RE = re.compile(r"callhomehub web-terminal listening on [\d.]+:(\d+)")
-SSH_RE = re.compile(r"callhomehub SSH listening on [\d.]+:(\d+)")
+WEB_RE = re.compile(r"callhomehub web listening on [\d.]+:(\d+)")
 LETTERS = b"abcdefghijklmnopqrstuvwxyz"
+PASSWORD = "bench-web-password"  # noqa: S105 - a throwaway hub's operator, for one run
 
 
 class WebHub(Hub):
-    """The hub of tests/web_terminal_hub.tac: twistd callhomehub plus the terminal's Site."""
+    """`twistd callhomehub` with the web console on a free loopback port; `cookie` is
+    alice's signed-in session once `site` has signed her in."""
 
     web = 0
+    cookie = ""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir, ["--web", "tcp:0:interface=127.0.0.1"])
 
     def start(self) -> WebHub:
-        import json
+        super().start()
 
-        self.cli("callhome-password", stdin=b"bench-callhome-password")
-        args = ["--data", str(self.data), "--ssh", "tcp:0:interface=127.0.0.1"]
-        self.proc = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "--logfile", str(self.log), "-y", str(TAC)],
-            env={**os.environ, "CALLHOMEHUB_ARGS": json.dumps(args)},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        def listening() -> str | None:
+            found = WEB_RE.search(self.log_text())
+            return found.group(1) if found else None
 
-        def listening() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"hub exited: {self.log_text()[-2000:]}")
-            text = self.log_text()
-            ssh, web = SSH_RE.search(text), WEB_RE.search(text)
-            if ssh and web:
-                self.port, self.web = int(ssh.group(1)), int(web.group(1))
-            return bool(ssh and web)
-
-        wait_for(listening, 30, "the hub to listen")
+        self.web = int(wait_for(listening, 30, "the web console to listen"))
         return self
 
 
@@ -131,8 +122,8 @@ def over_ssh(config: Path, hub: WebHub, count: int, log: Path) -> list[float]:
 
 
 def over_web(hub: WebHub, count: int) -> list[float]:
-    term = WebTerminalClient(hub.web, "/as/alice/nodes/bench/terminal/socket?cols=80&rows=24",
-                             timeout=60)
+    term = WebTerminalClient(hub.web, "/nodes/bench/terminal/socket?cols=80&rows=24",
+                             timeout=60, cookie=hub.cookie)
     try:
         return keystrokes(term.type, lambda text: term.expect(text) and None, count)
     finally:
@@ -158,7 +149,9 @@ def site(workdir: Path) -> Iterator[tuple[WebHub, Path]]:
         tunnel.start()
         if "pinned" not in hub.cli("approve", "bench"):
             raise RuntimeError("approve did not pin the device host key")
-        hub.cli("user", "add", "alice", "--key", f"{alice}.pub", "--allow", "*")
+        hub.cli("user", "add", "alice", "--key", f"{alice}.pub", "--password-stdin",
+                "--allow", "*", stdin=f"{PASSWORD}\n".encode())
+        hub.cookie = sign_in(hub.web, "alice", PASSWORD)
         yield hub, ssh_config(workdir, alice)
 
 

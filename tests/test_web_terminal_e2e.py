@@ -1,13 +1,12 @@
-"""The web terminal end to end: a real hub (twistd) serving the terminal's resources, a real
-device sshd calling home with `ssh -R`, and a WebSocket client playing the browser."""
+"""The web terminal end to end: a real hub (`twistd callhomehub --web`), operators signed in
+over HTTP, a real device sshd calling home with `ssh -R`, and a WebSocket client playing the
+browser on /nodes/NODE/terminal/socket."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,53 +14,37 @@ from pathlib import Path
 import pytest
 from attrs import define
 from conftest import CALLHOME_PASSWORD
-from helpers import LISTEN_RE, TWISTD, DeviceSSHD, HubProcess, make_key, wait_for
+from helpers import DeviceSSHD, HubProcess, make_key, wait_for
 from tunnel_helpers import Device
-from web_client import Rejected, WebTerminalClient
+from web_client import Rejected, WebTerminalClient, sign_in
 
 pytestmark = pytest.mark.e2e
 
-TAC = Path(__file__).parent / "web_terminal_hub.tac"
-
-
-class WebHub(HubProcess):
-    """The hub of tests/web_terminal_hub.tac: `twistd callhomehub` plus the terminal's Site."""
-
-    def start(self, ssh_endpoint: str = "tcp:0:interface=127.0.0.1") -> WebHub:
-        self.data.mkdir(parents=True, exist_ok=True)
-        args = ["--data", str(self.data), "--ssh", ssh_endpoint, "--keepalive", "2"]
-        self.proc = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "--logfile", str(self.log), "-y", str(TAC)],
-            env={**os.environ, "CALLHOMEHUB_ARGS": json.dumps(args)},
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-        def listening() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"hub exited: {self.log_text()}")
-            for what, _host, port in LISTEN_RE.findall(self.log_text()):
-                self.ports[what] = int(port)
-            return {"SSH", "web-terminal"} <= set(self.ports)
-
-        wait_for(listening, 30, "the hub to listen")
-        return self
-
-    @property
-    def web(self) -> int:
-        return self.ports["web-terminal"]
+SOCKET = "/nodes/site-a/terminal/socket"
 
 
 @define
 class Site:
-    hub: WebHub
+    hub: HubProcess
     sshd: DeviceSSHD
     device: Device
+    alice: str  # the Cookie header of alice's console session
+    bob: str
+
+    @property
+    def web(self) -> int:
+        return self.hub.ports["web"]
+
+    def terminal(self, cookie: str | None, path: str = SOCKET, origin: str | None = None
+                 ) -> WebTerminalClient:
+        return WebTerminalClient(self.web, path, origin=origin, cookie=cookie)
 
 
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Site]:
     """site-a (a real sshd that authorized the hub's management key) calling home;
-    alice may reach site-*, bob only lab-*."""
-    hub = WebHub(tmp_path / "hub")
+    alice may reach site-*, bob only lab-*; both signed in with a password."""
+    hub = HubProcess(tmp_path / "hub", "--keepalive", "2", "--web", "tcp:0:interface=127.0.0.1")
     hub.data.mkdir(parents=True)
     hub.cli("callhome-password", stdin=CALLHOME_PASSWORD.encode())
     hub.start()
@@ -74,9 +57,13 @@ def site(tmp_path: Path) -> Iterator[Site]:
         device.connect(f"0:127.0.0.1:{sshd.port}")
         assert b"pinned" in hub.cli("approve", "site-a").stdout
         alice = make_key(tmp_path / "alice", "alice")
-        hub.cli("user", "add", "alice", "--key", f"{alice}.pub", "--allow", "site-*")
-        hub.cli("user", "add", "bob", "--key", f"{alice}.pub", "--allow", "lab-*")
-        yield Site(hub, sshd, device)
+        hub.cli("user", "add", "alice", "--key", f"{alice}.pub", "--password-stdin",
+                "--allow", "site-*", stdin=b"alice-web-password\n")
+        hub.cli("user", "add", "bob", "--password-stdin", "--allow", "lab-*",
+                stdin=b"bob-web-password\n")
+        port = hub.ports["web"]
+        yield Site(hub, sshd, device, sign_in(port, "alice", "alice-web-password"),
+                   sign_in(port, "bob", "bob-web-password"))
     finally:
         if device is not None:
             device.close()
@@ -90,8 +77,7 @@ def audit(hub: HubProcess) -> list[dict]:
 
 
 def test_a_shell_on_the_device_resize_and_exit_status(site: Site) -> None:
-    term = WebTerminalClient(site.hub.web, "/as/alice/nodes/site-a/terminal/socket"
-                                           "?cols=90&rows=20")
+    term = site.terminal(site.alice, f"{SOCKET}?cols=90&rows=20")
     try:
         term.type(b"echo hel''lo; tty\r")
         term.expect(b"hello\r\n")
@@ -116,28 +102,30 @@ def test_a_shell_on_the_device_resize_and_exit_status(site: Site) -> None:
 
 
 def test_a_denied_operator_gets_the_error_and_nothing_is_contacted(site: Site) -> None:
+    """The console's router refuses a node outside the operator's grants before the
+    terminal's WebSocket is opened: the same page as for a node that does not exist."""
     logins = site.sshd.log.read_text().count("Accepted publickey")
-    term = WebTerminalClient(site.hub.web, "/as/bob/nodes/site-a/terminal/socket")
-    try:
-        term.wait_closed()
-    finally:
-        term.close()
-    assert term.control == [{"error": "node 'site-a' does not exist or you may not reach it"}]
-    assert term.screen == b""
+    with pytest.raises(Rejected) as refused:
+        site.terminal(site.bob)
+    assert refused.value.status == 404
+    assert b"There is no such node, or you may not see it." in refused.value.body
     assert site.sshd.log.read_text().count("Accepted publickey") == logins
-    assert site.hub.log_text().count("bob@127.0.0.1: not granted node site-a") == 1
+    assert "bob@127.0.0.1: shell on site-a" not in site.hub.log_text()
+    assert not [e for e in audit(site.hub) if e["action"] == "gateway"]
+    with pytest.raises(Rejected) as unsigned:
+        site.terminal(None)
+    assert unsigned.value.status == 401
 
 
 def test_a_cross_site_handshake_is_refused(site: Site) -> None:
     with pytest.raises(Rejected) as refused:
-        WebTerminalClient(site.hub.web, "/as/alice/nodes/site-a/terminal/socket",
-                          origin="https://evil.example")
+        site.terminal(site.alice, origin="https://evil.example")
     assert refused.value.status == 403
     assert b"cross-site WebSocket refused" in refused.value.body
 
 
 def test_closing_the_tab_ends_the_device_session(site: Site) -> None:
-    term = WebTerminalClient(site.hub.web, "/as/alice/nodes/site-a/terminal/socket")
+    term = site.terminal(site.alice)
     term.type(b"echo shell-$((0+$$))-pid\r")
     found = wait_for(lambda: term.pump(1) or re.search(rb"shell-(\d+)-pid", term.screen), 15,
                      "the shell's pid")
@@ -151,8 +139,10 @@ def test_closing_the_tab_ends_the_device_session(site: Site) -> None:
 
 
 def test_the_page_and_its_scripts_are_served(site: Site) -> None:
-    base = f"http://127.0.0.1:{site.hub.web}"
-    with urllib.request.urlopen(f"{base}/as/alice/nodes/site-a/terminal") as page:
+    base = f"http://127.0.0.1:{site.web}"
+    request = urllib.request.Request(f"{base}/nodes/site-a/terminal",
+                                     headers={"Cookie": site.alice})
+    with urllib.request.urlopen(request) as page:
         html = page.read().decode()
         assert page.headers["content-security-policy"].startswith("default-src 'self';")
     for src in re.findall(r'(?:src|href)="(/static/[^"]+)"', html):
@@ -165,7 +155,7 @@ def test_a_message_too_large_to_gather_ends_the_session(site: Site) -> None:
     """Twisted gathers a whole message before handing it on: one that never ends is cut."""
     from wsproto.events import BytesMessage
 
-    term = WebTerminalClient(site.hub.web, "/as/alice/nodes/site-a/terminal/socket")
+    term = site.terminal(site.alice)
     try:
         term.type(b"echo ready\r")
         term.expect(b"ready\r\n")

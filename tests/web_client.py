@@ -1,14 +1,18 @@
-"""A blocking WebSocket client (wsproto over a socket) for the web terminal's tests and bench:
-the browser's side of the protocol, with an Origin header like a browser's."""
+"""The browser's side of the web console for the e2e tests and benches: a sign-in over
+HTTP (`sign_in`) and a blocking WebSocket client (wsproto over a socket) for the web
+terminal, with an Origin header like a browser's."""
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import select
 import socket
 import time
+from http.cookies import SimpleCookie
 from typing import Any
+from urllib.parse import urlencode
 
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
@@ -22,6 +26,29 @@ from wsproto.events import (
     TextMessage,
 )
 
+SESSION_COOKIE = "__Host-chh-session"
+
+
+def sign_in(port: int, user: str, password: str) -> str:
+    """Sign in on the console at 127.0.0.1:`port` with a password; the `Cookie` header
+    value that carries the session. The cookie is `Secure`: over plain http a client
+    library's jar would drop it, so it is read from the Set-Cookie header here."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/signin", body=urlencode({"user": user, "password": password}),
+                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+        response = conn.getresponse()
+        body = response.read()
+        cookies: SimpleCookie = SimpleCookie()
+        for value in response.headers.get_all("set-cookie") or []:
+            cookies.load(value)
+    finally:
+        conn.close()
+    morsel = cookies.get(SESSION_COOKIE)
+    if response.status != 303 or morsel is None or not morsel.value:
+        raise AssertionError(f"sign-in as {user} failed: {response.status} {body[:300]!r}")
+    return f"{SESSION_COOKIE}={morsel.value}"
+
 
 class Rejected(Exception):
     """The server answered the handshake with an HTTP status instead of a WebSocket."""
@@ -33,11 +60,12 @@ class Rejected(Exception):
 
 
 class WebTerminalClient:
-    """Opens `path` on 127.0.0.1:`port`; `screen` gathers the terminal bytes received,
-    `control` the JSON messages, `closed` says whether the server closed."""
+    """Opens `path` on 127.0.0.1:`port` (sending `cookie`, from `sign_in`); `screen`
+    gathers the terminal bytes received, `control` the JSON messages, `closed` says
+    whether the server closed."""
 
     def __init__(self, port: int, path: str, origin: str | None = None,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, cookie: str | None = None) -> None:
         host = f"127.0.0.1:{port}"
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as browsers do
@@ -47,6 +75,8 @@ class WebTerminalClient:
         self.control: list[dict[str, Any]] = []
         self.closed = False
         headers = [(b"origin", (origin if origin is not None else f"http://{host}").encode())]
+        if cookie is not None:
+            headers.append((b"cookie", cookie.encode()))
         self.sock.sendall(self.ws.send(Request(host=host, target=path, extra_headers=headers)))
         status, body = 0, b""
         while True:
