@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hub import __version__
-from hub.app import certs, fleet
+from hub.app import certs, fleet, sessions
 from hub.errors import HubError
 from hub.rules.display import iso_utc, sha256_fingerprint
 from hub.rules.names import is_valid_name
@@ -383,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=int, default=1000)
     fleet.add_parser(sub, _actor)
     certs.add_parser(sub, _actor)
+    sessions.add_parser(sub, _actor)
     return p
 
 

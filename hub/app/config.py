@@ -20,6 +20,7 @@ from hub.errors import ConfigError
 from hub.intake.settings import NSCASettings
 from hub.rules.admission import parse_networks, parse_startups
 from hub.rules.names import is_valid_name
+from hub.rules.retention import MAX_AGE_DAYS, MAX_TOTAL_MB, RetentionRules
 from hub.rules.webproxy import ProxySettings
 from hub.ssh.algorithms import TransportPolicy
 
@@ -59,6 +60,9 @@ class HubConfig:
     web_idle_timeout: float = 1800.0
     web_absolute_timeout: float = 43200.0
     web_proxy: ProxySettings = field(factory=ProxySettings)
+    # Session recording (hub.access.recordings): on or off, and its retention.
+    recordings_enabled: bool = True
+    recordings: RetentionRules = field(factory=RetentionRules)
 
     @property
     def db_path(self) -> str:
@@ -67,6 +71,10 @@ class HubConfig:
     @property
     def keys_dir(self) -> str:
         return os.path.join(self.data, "keys")
+
+    @property
+    def recordings_dir(self) -> str:
+        return os.path.join(self.data, "recordings")
 
 
 def parse_port_range(text: str) -> tuple[int, int]:
@@ -123,6 +131,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "web": {"idle_timeout": (int, float), "absolute_timeout": (int, float)},
     "web_proxy": {"max_body": int, "timeout": (int, float), "sandbox": bool,
                   "audit_interval": (int, float)},
+    "recordings": {"enabled": bool, "max_age_days": (int, float),
+                   "max_total_mb": (int, float)},
 }
 
 
@@ -291,7 +301,19 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         web_idle_timeout=idle,
         web_absolute_timeout=absolute,
         web_proxy=_web_proxy(doc),
+        recordings_enabled=bool(doc.get("recordings", {}).get("enabled", True)),
+        recordings=_recordings(doc),
     )
+
+
+def _recordings(doc: Mapping[str, Any]) -> RetentionRules:
+    section = doc.get("recordings", {})
+    rules = RetentionRules(float(section.get("max_age_days", MAX_AGE_DAYS)),
+                           float(section.get("max_total_mb", MAX_TOTAL_MB)))
+    if rules.max_age_days <= 0 or rules.max_total_mb <= 0:
+        raise ConfigError("[recordings] max_age_days and max_total_mb must be > 0, got "
+                          f"{rules.max_age_days:g} and {rules.max_total_mb:g}")
+    return rules
 
 
 def _web_proxy(doc: Mapping[str, Any]) -> ProxySettings:

@@ -25,6 +25,7 @@ from hub.tunnel.sessions import LiveSessions
 if TYPE_CHECKING:
     from twisted.web.resource import IResource
 
+    from hub.access.recordings import Recordings
     from hub.intake.monitoring import Monitoring
     from hub.netconf.devices import NetconfSessions
     from hub.web.needs import Backoff, PasswordChecks, WebNeeds
@@ -53,6 +54,8 @@ class Hub:
     # The web console's sign-in links and sessions, or None (--web none).
     weblinks: WebLinks | None = None
     web_sessions: SessionStore | None = None
+    # The operators' device sessions and their recordings, or None.
+    recordings: Recordings | None = None
 
     def sync(self) -> None:
         """Apply changes the admin CLI made to the registry (polled, see REGISTRY_POLL):
@@ -122,4 +125,5 @@ class Hub:
     def gateway_needs(self) -> GatewayNeeds:
         return GatewayNeeds(grants=self.registry, tunnels=self.sessions, netconf=self.netconf,
                             mgmt_key=self.keys.mgmt, clock=self.clock,
-                            operators=self.operators, weblinks=self.weblinks)
+                            operators=self.operators, weblinks=self.weblinks,
+                            recordings=self.recordings)
