@@ -20,7 +20,7 @@ from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
-from hub.access.castfile import CastFile, FileSink
+from hub.access.castfile import FLUSH_DELAY, CastFile, FileSink
 from hub.access.recordings import PRUNE_INTERVAL, open_recordings
 from hub.app.sessions import play
 from hub.rules.retention import RetentionRules
@@ -99,6 +99,24 @@ def test_file_is_0600_and_lines_go_out_in_order(tmp_path: Path) -> None:
     assert cast.written == cast.accepted == 14
 
 
+def test_keystrokes_are_gathered_into_one_batch_per_flush_delay(tmp_path: Path) -> None:
+    clock = MemoryReactorClock()
+    disk = SlowDisk()
+    cast = CastFile(str(tmp_path / "a.cast"), disk, lambda why: None, clock=clock,
+                    flush_delay=FLUSH_DELAY)
+    for key in b"uptime\r":
+        cast.write(bytes([key]))
+    assert disk.calls == []
+    clock.advance(FLUSH_DELAY)
+    [(_, (batch,), _)] = disk.calls
+    assert batch == b"uptime\r"
+    cast.write(b"x")
+    cast.close()  # closing flushes at once, without waiting for the delay
+    disk.finish_one()
+    [(_, (batch,), _)] = disk.calls
+    assert batch == b"x"
+
+
 def test_a_slow_disk_drops_the_recording_once_and_never_holds_the_caller(
         tmp_path: Path) -> None:
     stops: list[str] = []
@@ -142,6 +160,7 @@ def test_retention_at_start_and_every_interval_on_the_clock(
     first.finish(1, 600_000)
     clock.advance(43200)
     second = recordings.begin("alice", "site-a", "192.0.2.1", "shell", (b"shell", b""), PTY)
+    clock.advance(FLUSH_DELAY)  # its header is on disk
     pruner = internet.TimerService(PRUNE_INTERVAL, recordings.prune)
     pruner.clock = clock
     pruner.startService()  # prunes at once: both within a day and 1 MB, nothing goes
@@ -238,6 +257,11 @@ def test_a_full_disk_stops_the_recording_not_the_session(
     chan = site.operator(b"alice:site-a", shell())
     for i in range(20):
         site.type(chan, b"line %d\r" % i)
+        site.clock.advance(FLUSH_DELAY)  # a batch goes to the disk
+        site.settle()
+    # The disk filled up mid-session: said once, and the session went on.
+    assert len([line for line in logged if "recording stopped" in line]) == 1
+    assert not chan.is_closed
     site.type(chan, b"exit\r")
     assert chan.status == 0
     assert chan.out.count(b"ran line") == 20  # every keystroke and its output went through
@@ -263,3 +287,22 @@ def test_a_web_terminal_session_is_recorded_as_the_browser_saw_it(site: Site) ->
     head = json.loads(lines[0])
     assert (head["width"], head["height"], head["env"]["TERM"]) == (100, 30, "xterm-256color")
     assert [json.loads(line)[1:] for line in lines[1:] if b'"r"' in line] == [["r", "132x43"]]
+
+
+def test_the_hub_makes_its_recordings_directory_unless_recording_is_off(
+        tmp_path: Path) -> None:
+    from hub.app.service import Options, makeService
+
+    for data, extra in ((tmp_path / "on", ""), (tmp_path / "off", "enabled = false\n")):
+        data.mkdir()
+        (data / "callhomehub.toml").write_text(f"[recordings]\n{extra}")
+        options = Options()
+        options.parseOptions(["--data", str(data), "--ssh", "tcp:0:interface=127.0.0.1",
+                              "--metrics", "none", "--web", "none"])
+        top = makeService(options, reactor=MemoryReactorClock())
+        hub = top.hub  # type: ignore[attr-defined]
+        assert hub.gateway_needs().recordings is hub.recordings
+        hub.registry.close()
+        top.services[0].stopService()  # the data directory's lock
+    assert stat.S_IMODE(os.stat(tmp_path / "on" / "recordings").st_mode) == 0o700
+    assert not (tmp_path / "off" / "recordings").exists()

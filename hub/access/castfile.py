@@ -1,7 +1,9 @@
 """One recording file, appended to from the hub's thread pool through a bounded queue.
 
 The reactor never touches the disk: `write` queues a line and returns; one
-batch at a time goes to a pool thread. A disk that is slow (more than
+batch at a time goes to a pool thread, gathered for `flush_delay` seconds so
+that a session of keystrokes costs a thread hand-off a few times a second, not
+one per keystroke. A disk that is slow (more than
 `max_pending` bytes waiting) or failing (an OSError such as ENOSPC) stops
 the recording, once, with the reason handed to `on_stop`; the session it
 records goes on untouched. What was written before stays a valid recording.
@@ -14,12 +16,15 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 RunInThread = Callable[..., defer.Deferred[Any]]
 
 # Bytes a recording may have waiting for the disk before it is dropped.
 MAX_PENDING = 8 * 1024 * 1024
+# Seconds lines are gathered before a batch goes to the thread pool.
+FLUSH_DELAY = 0.05
 
 
 class Sink(Protocol):
@@ -50,7 +55,8 @@ class CastFile:
 
     def __init__(self, path: str, run_in_thread: RunInThread,
                  on_stop: Callable[[str], None], *, max_pending: int = MAX_PENDING,
-                 open_sink: Callable[[str], Sink] = FileSink) -> None:
+                 open_sink: Callable[[str], Sink] = FileSink,
+                 clock: IReactorTime | None = None, flush_delay: float = 0.0) -> None:
         self.path = path
         self.written = 0  # bytes on disk
         self.stopped: str | None = None  # why the recording stopped, if it did
@@ -64,6 +70,9 @@ class CastFile:
         self._busy = False
         self._closing = False
         self._closed: defer.Deferred[None] = defer.Deferred()
+        self._clock = clock
+        self._delay = flush_delay if clock is not None else 0.0
+        self._later: IDelayedCall | None = None
 
     @property
     def accepted(self) -> int:
@@ -79,7 +88,13 @@ class CastFile:
             self._stop(f"more than {self._max} bytes waiting for the disk")
             return
         if not self._busy:
+            self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        if self._delay <= 0 or self._clock is None:
             self._flush()
+        elif self._later is None:
+            self._later = self._clock.callLater(self._delay, self._flush)
 
     def close(self) -> defer.Deferred[None]:
         """No more lines: the file is closed once what is queued is written."""
@@ -89,6 +104,12 @@ class CastFile:
         return self._closed
 
     def _flush(self) -> None:
+        if self._later is not None:
+            if self._later.active():
+                self._later.cancel()
+            self._later = None
+        if self._busy or not self._queue or self.stopped is not None:
+            return
         batch, self._queue = b"".join(self._queue), []
         self._busy = True
         d = self._run(self._write, batch)
@@ -105,7 +126,9 @@ class CastFile:
         self._busy = False
         self.written += n
         self._pending -= n
-        if self.stopped is None and self._queue:
+        if self.stopped is None and self._queue and not self._closing:
+            self._flush_soon()
+        elif self.stopped is None and self._queue:
             self._flush()
         elif self._closing or self.stopped is not None:
             self._finish()
@@ -122,6 +145,9 @@ class CastFile:
             return
         self.stopped = why
         self._queue, self._pending = [], 0
+        if self._later is not None and self._later.active():
+            self._later.cancel()
+        self._later = None
         self._on_stop(why)
         if not self._busy:
             self._finish()

@@ -64,13 +64,14 @@ class DeviceSession(RelayChannel):
         if record is not None and self.operator.relay_peer is self:
             record.output(data)
 
+    # The operator's terminal first: the recording never goes ahead of it.
     def dataReceived(self, data: bytes) -> None:
-        self.recorded(data)
         super().dataReceived(data)
+        self.recorded(data)
 
     def extReceived(self, dataType: int, data: bytes) -> None:
-        self.recorded(data)
         super().extReceived(dataType, data)
+        self.recorded(data)
 
     def openFailed(self, reason: Any) -> None:
         self._report(lambda: self.operator.machine.device_refused(str(reason)))

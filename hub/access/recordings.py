@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hub.access.castfile import MAX_PENDING, CastFile, RunInThread, Sink
+from hub.access.castfile import FLUSH_DELAY, MAX_PENDING, CastFile, RunInThread, Sink
 from hub.errors import HubError
 from hub.rules import asciicast
 from hub.rules.retention import Kept, RetentionRules
@@ -86,15 +86,17 @@ class SessionRecord:
         if self._done:
             return
         self._done = True
-        size, truncated = 0, False
-        if self.cast is not None:
+        cast, size, truncated = self.cast, 0, False
+        if cast is not None:
             rest = self._text.end()
-            if rest and self.cast.stopped is None:
+            if rest and cast.stopped is None:
                 self._event(asciicast.OUTPUT, rest)
-            size, truncated = self.cast.accepted, self.cast.stopped is not None
-            self.cast.close().addBoth(lambda _: self._owner.live.discard(self.id))
+            size, truncated = cast.accepted, cast.stopped is not None
         self._owner.log.finish(self.id, self._owner.clock.seconds(), *self._exit,
                                to_device, from_device, size, truncated)
+        if cast is not None:
+            # What is still queued goes out now; a failure there marks the row truncated.
+            cast.close().addBoth(lambda _: self._owner.live.discard(self.id))
 
 
 class Recordings:
@@ -102,7 +104,7 @@ class Recordings:
 
     def __init__(self, log: SessionLog, directory: str | None, clock: IReactorTime,
                  run_in_thread: RunInThread, rules: RetentionRules | None = None, *,
-                 max_pending: int = MAX_PENDING,
+                 max_pending: int = MAX_PENDING, flush_delay: float = FLUSH_DELAY,
                  open_sink: Callable[[str], Sink] | None = None) -> None:
         self.log = log
         self.directory = directory
@@ -111,6 +113,7 @@ class Recordings:
         self.live: set[int] = set()  # sessions whose recording is being written
         self._run = run_in_thread
         self._max_pending = max_pending
+        self._flush_delay = flush_delay
         self._open_sink = open_sink
 
     def begin(self, user: str, node: str, source: str, kind: str, request: tuple[bytes, bytes],
@@ -129,7 +132,8 @@ class Recordings:
             assert pty is not None
             row = self.log.get(session)
             assert row is not None and row.recording is not None
-            kw: dict[str, Any] = {"max_pending": self._max_pending}
+            kw: dict[str, Any] = {"max_pending": self._max_pending, "clock": self.clock,
+                                  "flush_delay": self._flush_delay}
             if self._open_sink is not None:
                 kw["open_sink"] = self._open_sink
             cast = CastFile(row.recording, self._run,
@@ -151,7 +155,8 @@ class Recordings:
         then the rows lose their `recording` and each deletion is logged."""
         recorded = self.log.recorded()
         live = set(self.live)
-        d = self._run(_prune_files, recorded, self.rules, self.clock.seconds(), live)
+        d = defer.maybeDeferred(self._run, _prune_files, recorded, self.rules,
+                                self.clock.seconds(), live)
         d.addCallback(self._pruned)
         d.addErrback(self._prune_failed)
         return d

@@ -79,7 +79,7 @@ class SessionLog:
             db.execute(
                 "UPDATE sessions SET ended = ?, exit_status = ?, exit_signal = ?,"
                 " bytes_to_device = ?, bytes_from_device = ?, recording_bytes = ?,"
-                " truncated = ? WHERE id = ?",
+                " truncated = MAX(truncated, ?) WHERE id = ?",
                 (ended, exit_status, exit_signal, to_device, from_device, recording_bytes,
                  int(truncated), session))
 

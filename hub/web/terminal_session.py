@@ -109,8 +109,8 @@ class WebDeviceSession(DeviceSession):
         self.front = front
 
     def dataReceived(self, data: bytes) -> None:
-        self.recorded(data)
         self.front.to_browser(data)
+        self.recorded(data)
         self.relay_received(len(data))
 
     def extReceived(self, dataType: int, data: bytes) -> None:
