@@ -302,6 +302,10 @@ def test_the_hub_makes_its_recordings_directory_unless_recording_is_off(
         top = makeService(options, reactor=MemoryReactorClock())
         hub = top.hub  # type: ignore[attr-defined]
         assert hub.gateway_needs().recordings is hub.recordings
+        # Pruned at start and every PRUNE_INTERVAL on the hub's reactor.
+        [pruner] = [s for s in top if isinstance(s, internet.TimerService)
+                    and s.call[0] == hub.recordings.prune]
+        assert pruner.step == PRUNE_INTERVAL == 3600
         hub.registry.close()
         top.services[0].stopService()  # the data directory's lock
     assert stat.S_IMODE(os.stat(tmp_path / "on" / "recordings").st_mode) == 0o700
