@@ -13,6 +13,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.test.iosim import FakeTransport, IOPump, connect
 
 from hub.access.auth import hash_password
+from hub.access.recordings import open_recordings
 from hub.access.server import HubSSHFactory
 from hub.app.config import build_config
 from hub.app.context import Hub
@@ -33,6 +34,8 @@ def make_hub(tmp_path: Path, clock: MemoryReactorClock, **options: Any) -> Hub:
     hub = Hub(config, registry, load_hub_keys(config.keys_dir), clock,
               lambda f, *a: defer.maybeDeferred(f, *a), sessions, clock)
     hub.lease_expiry = PendingLeaseExpiry(registry, clock, config.limits.pending_lease_expiry)
+    hub.recordings = open_recordings(registry, config.recordings_dir, clock, hub.run_in_thread,
+                                     config.recordings)
     return hub
 
 

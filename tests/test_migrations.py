@@ -14,6 +14,7 @@ from hub.intake.monitoring import Status, status
 from hub.store.registry import MIGRATIONS, NETCONF, AuditEntry, Node, Registry, User
 from hub.store.rows import AUDIT_COLUMNS, NODE_COLUMNS
 from hub.store.schema import load_migrations, statements
+from hub.store.sessions import SESSION_COLUMNS, SessionLog, SessionRow
 
 LOW = 50000
 
@@ -121,8 +122,11 @@ def test_old_database_is_upgraded_with_its_data(tmp_path: Path, version: int) ->
     # The columns added since then work.
     node = reg.set_device_access("site-a", "t", console="pmshell -l {port}")
     assert node.console == "pmshell -l {port}"
+    session = SessionLog(reg).begin("alice", "site-a", "192.0.2.9", "shell", 1000.0)
     reg.close()
-    assert Registry(str(path), now=lambda: 1000.0).node("site-a").console == "pmshell -l {port}"
+    reg = Registry(str(path), now=lambda: 1000.0)
+    assert reg.node("site-a").console == "pmshell -l {port}"
+    assert [r.id for r in SessionLog(reg).rows(node="site-a")] == [session]
 
 
 def test_database_from_the_future_is_refused(tmp_path: Path) -> None:
@@ -174,6 +178,8 @@ def test_value_columns_match_the_schema(tmp_path: Path) -> None:
     assert {f.name for f in attrs.fields(Node)} == {*NODE_COLUMNS, "forwards", "live"}
     assert [f.name for f in attrs.fields(AuditEntry)] == list(AUDIT_COLUMNS)
     assert set(AUDIT_COLUMNS) <= set(columns("audit"))
+    assert list(SESSION_COLUMNS) == columns("sessions")
+    assert [f.name for f in attrs.fields(SessionRow)] == list(SESSION_COLUMNS)
 
 
 def test_migrations_load_in_number_order(tmp_path: Path) -> None:
@@ -189,10 +195,11 @@ def test_migrations_load_in_number_order(tmp_path: Path) -> None:
 
 def test_shipped_migrations_are_the_package_files() -> None:
     assert load_migrations() == MIGRATIONS
-    assert len(MIGRATIONS) == 5
+    assert len(MIGRATIONS) == 6
     assert "ALTER TABLE nodes ADD COLUMN console TEXT" in MIGRATIONS[2]
     assert "CREATE TABLE revoked_certificates" in MIGRATIONS[3]
     assert "ALTER TABLE users ADD COLUMN admin" in MIGRATIONS[4]
+    assert "CREATE TABLE sessions" in MIGRATIONS[5]
 
 
 def test_statements_skip_comment_lines() -> None:

@@ -20,8 +20,9 @@ from twisted.python.failure import Failure
 
 from hub.access.device_client import DeviceConnection, DeviceError, connect
 from hub.access.reach import OperatorReach
+from hub.access.recordings import SessionRecord
 from hub.rules.logins import may_reach
-from hub.rules.routes import Refusal
+from hub.rules.routes import Refusal, Route
 from hub.rules.session import (
     DeviceRequest,
     Dial,
@@ -54,12 +55,32 @@ class DeviceSession(RelayChannel):
 
     def channelOpen(self, specificData: bytes) -> None:
         self._report(self.operator.machine.device_opened)
+        if self.operator.relay_peer is self and self.operator.machine.state is State.RELAYING:
+            self.operator.session_opened()
+
+    def recorded(self, data: bytes | memoryview) -> None:
+        """The operator's terminal is sent `data`: the recording gets it too."""
+        record = self.operator.session_record
+        if record is not None and self.operator.relay_peer is self:
+            record.output(data)
+
+    # The operator's terminal first: the recording never goes ahead of it.
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        self.recorded(data)
+
+    def extReceived(self, dataType: int, data: bytes) -> None:
+        super().extReceived(dataType, data)
+        self.recorded(data)
 
     def openFailed(self, reason: Any) -> None:
         self._report(lambda: self.operator.machine.device_refused(str(reason)))
 
     def requestReceived(self, requestType: bytes, data: bytes) -> int:
         if requestType in (b"exit-status", b"exit-signal"):
+            record = self.operator.session_record
+            if record is not None and self.operator.relay_peer is self:
+                record.exited(requestType, data)
             self._report(lambda: self.operator.machine.device_exit(requestType, data))
             return 1
         return 0
@@ -86,6 +107,8 @@ class DeviceEnd:
     device_conn: DeviceConnection | None = None
     node: str | None = None  # the node being reached or relayed to
     how: str = ""  # appended to the session's label in the audit ("" for SSH)
+    route_taken: Route | None = None  # where the current device session goes
+    session_record: SessionRecord | None = None  # its sessions row and recording
 
     def run(self, outputs: Outputs, data: bytes = b"") -> None:
         raise NotImplementedError
@@ -108,6 +131,7 @@ class DeviceEnd:
         log.info("{actor}: {kind} on {node}{how}", actor=owner.actor, kind=route.label,
                  node=route.node, how=self.how)
         self.node = route.node
+        self.route_taken = route
         self.run(self.machine.routed(route, needs.clock.seconds()))
         if route.netconf:
             # A new `netconf` subsystem channel on the node's call-home session.
@@ -172,9 +196,31 @@ class DeviceEnd:
             self.device_conn.close()
             self.device_conn = None
 
+    def session_kind(self, route: Route) -> str:
+        """What the sessions table calls this session (`shell`, `exec`, ...)."""
+        return route.label
+
+    def session_opened(self) -> None:
+        """The device session is open: its sessions row, and its recording with a pty."""
+        recordings, route = self.owner.needs.recordings, self.route_taken
+        if recordings is None or route is None:
+            return
+        self.session_record = recordings.begin(
+            self.owner.login.user, route.node, self.owner.peer, self.session_kind(route),
+            route.request, self.machine.pty)
+
+    def resized(self, window_change: bytes) -> None:
+        """The operator's terminal changed size (an SSH `window-change` payload)."""
+        if self.session_record is not None:
+            self.session_record.resized(window_change)
+
     def record(self, record: Record) -> None:
         device = self.relay_peer
         needs = self.owner.needs
+        session, self.session_record = self.session_record, None
+        if session is not None:
+            session.finish(self.relay_bytes_in,
+                           device.relay_bytes_in if device is not None else 0)
         needs.grants.audit(
             self.owner.actor, "gateway", record.node,
             f"{record.label}{self.how} start {stamp(record.started)}"

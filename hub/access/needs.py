@@ -18,6 +18,7 @@ from twisted.conch.ssh.channel import SSHChannel
 from twisted.internet.interfaces import IReactorTime
 
 if TYPE_CHECKING:
+    from hub.access.recordings import Recordings
     from hub.rules.logins import OperatorLogin
     from hub.ssh.usercerts import DeviceIdentity
     from hub.store.registry import Node, User
@@ -111,3 +112,4 @@ class GatewayNeeds:
     clock: IReactorTime
     operators: Operators | None = None  # where a login registers to be re-checked
     weblinks: WebLinks | None = None    # None: the web console is off
+    recordings: Recordings | None = None  # the sessions table and recordings; None: off

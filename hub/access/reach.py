@@ -42,6 +42,11 @@ class OperatorReach:
     def actor(self) -> str:
         return f"{self.login.user}@{self._peer()}"
 
+    @property
+    def peer(self) -> str:
+        """The address the operator connected from."""
+        return self._peer()
+
     def user(self) -> User | None:
         """The operator's user row while this login still stands on it, else None."""
         try:

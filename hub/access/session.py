@@ -77,6 +77,8 @@ class GatewaySession(DeviceEnd, RelayChannel):
             self.machine.pty_requested(data)
             return 1
         if requestType in (b"window-change", b"signal"):
+            if requestType == b"window-change":
+                self.resized(data)
             peer = self.relay_peer
             if peer is not None and peer.relay_open():
                 peer.conn.sendRequest(peer, requestType, data)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hub import __version__
-from hub.app import ca, certs, fleet, hostcert
+from hub.app import ca, certs, fleet, hostcert, sessions
 from hub.errors import HubError
 from hub.rules.display import iso_utc, sha256_fingerprint
 from hub.rules.names import is_valid_name
@@ -385,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_parser(sub, _actor)
     ca.add_parser(sub, _actor)
     hostcert.add_parser(sub, _actor)
+    sessions.add_parser(sub, _actor)
     return p
 
 

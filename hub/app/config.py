@@ -20,6 +20,7 @@ from hub.errors import ConfigError
 from hub.intake.settings import NSCASettings
 from hub.rules.admission import parse_networks, parse_startups
 from hub.rules.names import is_valid_name
+from hub.rules.retention import MAX_AGE_DAYS, MAX_TOTAL_MB, RetentionRules
 from hub.rules.webproxy import ProxySettings
 from hub.ssh.algorithms import TransportPolicy
 
@@ -62,6 +63,9 @@ class HubConfig:
     # How the hub logs in to devices: "key" (the management key) or "ca" (a
     # certificate from the hub user CA first, then the key; hub.ssh.usercerts).
     device_login: str = "key"
+    # Session recording (hub.access.recordings): on or off, and its retention.
+    recordings_enabled: bool = True
+    recordings: RetentionRules = field(factory=RetentionRules)
 
     @property
     def db_path(self) -> str:
@@ -70,6 +74,10 @@ class HubConfig:
     @property
     def keys_dir(self) -> str:
         return os.path.join(self.data, "keys")
+
+    @property
+    def recordings_dir(self) -> str:
+        return os.path.join(self.data, "recordings")
 
 
 def parse_port_range(text: str) -> tuple[int, int]:
@@ -127,6 +135,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "web_proxy": {"max_body": int, "timeout": (int, float), "sandbox": bool,
                   "audit_interval": (int, float)},
     "devices": {"login": str},
+    "recordings": {"enabled": bool, "max_age_days": (int, float),
+                   "max_total_mb": (int, float)},
 }
 
 
@@ -296,6 +306,8 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         web_absolute_timeout=absolute,
         web_proxy=_web_proxy(doc),
         device_login=_device_login(doc),
+        recordings_enabled=bool(doc.get("recordings", {}).get("enabled", True)),
+        recordings=_recordings(doc),
     )
 
 
@@ -304,6 +316,16 @@ def _device_login(doc: Mapping[str, Any]) -> str:
     if login not in ("key", "ca"):
         raise ConfigError(f'[devices] login: expected "key" or "ca", got {login!r}')
     return login
+
+
+def _recordings(doc: Mapping[str, Any]) -> RetentionRules:
+    section = doc.get("recordings", {})
+    rules = RetentionRules(float(section.get("max_age_days", MAX_AGE_DAYS)),
+                           float(section.get("max_total_mb", MAX_TOTAL_MB)))
+    if rules.max_age_days <= 0 or rules.max_total_mb <= 0:
+        raise ConfigError("[recordings] max_age_days and max_total_mb must be > 0, got "
+                          f"{rules.max_age_days:g} and {rules.max_total_mb:g}")
+    return rules
 
 
 def _web_proxy(doc: Mapping[str, Any]) -> ProxySettings:

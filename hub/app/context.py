@@ -26,6 +26,7 @@ from hub.tunnel.sessions import LiveSessions
 if TYPE_CHECKING:
     from twisted.web.resource import IResource
 
+    from hub.access.recordings import Recordings
     from hub.intake.monitoring import Monitoring
     from hub.netconf.devices import NetconfSessions
     from hub.web.needs import Backoff, PasswordChecks, WebNeeds
@@ -63,6 +64,8 @@ class Hub:
         """What the hub logs in to devices with, as the config says."""
         ca = self.user_ca if self.config.device_login == "ca" else None
         return DeviceIdentity(self.keys.mgmt, ca)
+    # The operators' device sessions and their recordings, or None.
+    recordings: Recordings | None = None
 
     def sync(self) -> None:
         """Apply changes the admin CLI made to the registry (polled, see REGISTRY_POLL):
@@ -139,4 +142,5 @@ class Hub:
     def gateway_needs(self) -> GatewayNeeds:
         return GatewayNeeds(grants=self.registry, tunnels=self.sessions, netconf=self.netconf,
                             mgmt_key=self.device_identity, clock=self.clock,
-                            operators=self.operators, weblinks=self.weblinks)
+                            operators=self.operators, weblinks=self.weblinks,
+                            recordings=self.recordings)

@@ -24,6 +24,7 @@ from hub.access.auth import CALLHOME_PASSWORD, CallHomePasswordChecker, DeviceKe
 from hub.access.certs import CertificateChecker
 from hub.access.gateway import OperatorAvatar
 from hub.access.needs import GatewayNeeds, RegistrarNeeds
+from hub.access.recordings import PRUNE_INTERVAL, open_recordings
 from hub.access.registrar import RegistrarAvatar
 from hub.access.server import HubSSHFactory
 from hub.app.config import HubConfig, build_config
@@ -321,6 +322,9 @@ def build_hub(config: HubConfig, reactor: Any) -> Hub:
     hub.monitoring = Monitoring(registry, config.nsca, clock, command_file)
     hub.netconf = NetconfSessions(registry, clock)
     hub.lease_expiry = PendingLeaseExpiry(registry, clock, config.limits.pending_lease_expiry)
+    hub.recordings = open_recordings(
+        registry, config.recordings_dir if config.recordings_enabled else None, clock,
+        run_in_thread, config.recordings)
     return hub
 
 
@@ -390,6 +394,11 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
         endpoint, site, listener = web
         ListenerService("web", endpoint, site, reactor,
                         on_listening=listener.listening).setServiceParent(top)
+    if hub.recordings is not None:
+        # Oldest recordings pruned at start, then every PRUNE_INTERVAL.
+        prune = internet.TimerService(PRUNE_INTERVAL, hub.recordings.prune)
+        prune.clock = reactor
+        prune.setServiceParent(top)
     poll = internet.TimerService(REGISTRY_POLL, hub.sync)
     poll.clock = reactor
     poll.setServiceParent(top)

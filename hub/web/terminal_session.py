@@ -31,7 +31,7 @@ from zope.interface import implementer
 from hub.access.device_end import DeviceEnd, DeviceSession
 from hub.access.reach import OperatorReach
 from hub.rules.logins import OperatorLogin
-from hub.rules.routes import Refusal
+from hub.rules.routes import Refusal, Route
 from hub.rules.session import (
     Close,
     Count,
@@ -110,6 +110,7 @@ class WebDeviceSession(DeviceSession):
 
     def dataReceived(self, data: bytes) -> None:
         self.front.to_browser(data)
+        self.recorded(data)
         self.relay_received(len(data))
 
     def extReceived(self, dataType: int, data: bytes) -> None:
@@ -204,6 +205,7 @@ class WebTerminal(DeviceEnd):
         device = self.relay_peer
         if self.machine.state is State.RELAYING and device is not None and device.relay_open():
             device.conn.sendRequest(device, b"window-change", window_change(cols, rows))
+            self.resized(window_change(cols, rows))
         else:
             self.machine.pty_requested(pty_request(cols, rows))  # sent when the device opens
 
@@ -274,6 +276,9 @@ class WebTerminal(DeviceEnd):
         elif self._open:
             self._send({"error": why})
             self._close()
+
+    def session_kind(self, route: Route) -> str:
+        return "web terminal"
 
     # -- refusals ----------------------------------------------------------------
 
