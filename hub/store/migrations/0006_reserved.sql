@@ -1,0 +1,1 @@
+-- 6: reserved for the migration another branch adds as 0006 (this file is replaced by it).

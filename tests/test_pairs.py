@@ -1,0 +1,111 @@
+"""Master/clone pairs: the pure rules and the registry's pair records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from twisted.conch.ssh.connection import OPEN_CONNECT_FAILED
+
+from hub.errors import NameTaken, NotFound, RegistryError
+from hub.rules.pairs import Pair, active_member, covered, pair_problem
+from hub.rules.routes import Refusal
+from hub.store.registry import Registry
+
+PAIR = Pair("pbx", "pbx-a", "pbx-b")
+
+
+def test_the_master_is_reached_while_online_else_the_clone() -> None:
+    assert active_member(PAIR, True, True) == "pbx-a"
+    assert active_member(PAIR, True, False) == "pbx-a"
+    assert active_member(PAIR, False, True) == "pbx-b"
+    refusal = active_member(PAIR, False, False)
+    assert refusal == Refusal("pair pbx is offline (master pbx-a and clone pbx-b are both "
+                              "offline)", OPEN_CONNECT_FAILED)
+
+
+def test_roles_are_case_insensitive() -> None:
+    assert PAIR.role("PBX-A") == "master"
+    assert PAIR.role("pbx-b") == "clone"
+    assert PAIR.role("pbx") is None
+
+
+def test_a_grant_on_the_pair_covers_its_members_not_the_other_way() -> None:
+    other = Pair("lab", "lab-1", "lab-2")
+    assert covered(("pbx",), [PAIR, other]) == ("pbx", "pbx-a", "pbx-b")
+    assert covered(("PB*",), [PAIR, other]) == ("PB*",)  # the glob already grants both
+    assert covered(("pbx-a",), [PAIR, other]) == ("pbx-a",)
+    assert covered(("lab-1", "lab-2"), [PAIR, other]) == ("lab-1", "lab-2")
+    assert covered((), [PAIR]) == ()
+
+
+@pytest.mark.parametrize(("args", "why"), [
+    (("bad name", "a", "b"), "invalid pair name 'bad name'"),
+    (("a", "a", "b"), "a is the name of a node: a pair needs a name of its own"),
+    (("PBX", "a", "b"), "pair PBX already exists"),
+    (("p", "a", "nosuch"), "no node named 'nosuch'"),
+    (("p", "a", "A"), "the master and the clone must be two different nodes"),
+    (("p", "a", "pbx-b"), "node pbx-b is already the clone of pair pbx"),
+    (("p", "PBX-A", "b"), "node PBX-A is already the master of pair pbx"),
+])
+def test_pair_add_problems(args: tuple[str, str, str], why: str) -> None:
+    nodes = {"a", "b", "pbx-a", "pbx-b"}
+    problem = pair_problem(*args, nodes, [PAIR])
+    assert problem is not None and problem.startswith(why)
+    assert pair_problem("p", "a", "b", nodes, [PAIR]) is None
+
+
+@pytest.fixture
+def reg(tmp_path: Path) -> Registry:
+    reg = Registry(str(tmp_path / "hub.sqlite3"), now=lambda: 1000.0)
+    for name in ("pbx-a", "pbx-b", "other"):
+        reg.register(name, name.encode(), f"fp-{name}", "t")
+    return reg
+
+
+def test_registry_records_lists_and_deletes_pairs(reg: Registry) -> None:
+    assert reg.add_pair("pbx", "pbx-a", "PBX-B", "cli:root") == Pair("pbx", "pbx-a", "pbx-b")
+    assert reg.pairs() == [Pair("pbx", "pbx-a", "pbx-b")]
+    assert reg.pair("PBX") == reg.pair_of("pbx-b") == Pair("pbx", "pbx-a", "pbx-b")
+    assert reg.pair_of("other") is None
+    # The pair is not a node: listings, counts and node commands leave it out.
+    assert [n.name for n in reg.nodes()] == ["pbx-a", "pbx-b", "other"]
+    assert reg.node_counts()["approved"] == 0
+    with pytest.raises(NotFound):
+        reg.node("pbx")
+    for change in (lambda: reg.set_state("pbx", "revoked", "t"),
+                   lambda: reg.set_public("pbx", True, "t"),
+                   lambda: reg.remove("pbx", "t")):
+        with pytest.raises(NotFound):
+            change()
+    # Its own leases are leases like a node's: unique ports, sticky.
+    assert reg.lease("pbx", "ssh", 50000, 50009) == (50000, True)
+    assert reg.lease("pbx-a", "ssh", 50000, 50009) == (50001, True)
+    assert reg.set_pair_public("pbx", True, "t") == Pair("pbx", "pbx-a", "pbx-b", True,
+                                                         {"ssh": 50000})
+    with pytest.raises(RegistryError, match="node pbx-a is a member of pair pbx: delete the "
+                       r"pair first \(callhomehub pair del pbx\)"):
+        reg.remove("pbx-a", "t")
+    reg.del_pair("pbx", "cli:root")
+    assert reg.pairs() == []
+    with pytest.raises(NotFound, match="no pair named 'pbx'"):
+        reg.del_pair("pbx", "t")
+    assert reg.lease("other", "ssh", 50000, 50009) == (50000, True)  # the pair's port is free
+    reg.remove("pbx-a", "t")
+    actions = [(e.action, e.target, e.detail) for e in reg.audit_log()
+               if e.action.startswith("pair")]
+    assert actions == [("pair-add", "pbx", "master pbx-a clone pbx-b"),
+                       ("pair-del", "pbx", "")]
+
+
+def test_a_pair_name_is_not_free_for_nodes_and_node_names_not_for_pairs(reg: Registry) -> None:
+    reg.add_pair("pbx", "pbx-a", "pbx-b", "t")
+    with pytest.raises(NameTaken, match="node name 'PBX' is the name of a master/clone pair"):
+        reg.register("PBX", b"new-key", "fp", "t")
+    with pytest.raises(NameTaken, match="is the name of a master/clone pair"):
+        reg.register_netconf("pbx", b"host-key", "fp", "t")
+    with pytest.raises(RegistryError, match="other is the name of a node"):
+        reg.add_pair("other", "pbx-a", "pbx-b", "t")
+    with pytest.raises(RegistryError, match="node pbx-a is already the master of pair pbx"):
+        reg.add_pair("pbx2", "pbx-a", "other", "t")
+    assert len(reg.pairs()) == 1
