@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from twisted.conch.ssh.connection import OPEN_CONNECT_FAILED
 
+from hub.app.cli import main
 from hub.errors import NameTaken, NotFound, RegistryError
 from hub.rules.pairs import Pair, active_member, covered, pair_problem
 from hub.rules.routes import Refusal
@@ -81,8 +83,9 @@ def test_registry_records_lists_and_deletes_pairs(reg: Registry) -> None:
     # Its own leases are leases like a node's: unique ports, sticky.
     assert reg.lease("pbx", "ssh", 50000, 50009) == (50000, True)
     assert reg.lease("pbx-a", "ssh", 50000, 50009) == (50001, True)
+    reg.set_lease_active("pbx", "ssh", True)
     assert reg.set_pair_public("pbx", True, "t") == Pair("pbx", "pbx-a", "pbx-b", True,
-                                                         {"ssh": 50000})
+                                                         {"ssh": 50000}, frozenset({"ssh"}))
     with pytest.raises(RegistryError, match="node pbx-a is a member of pair pbx: delete the "
                        r"pair first \(callhomehub pair del pbx\)"):
         reg.remove("pbx-a", "t")
@@ -109,3 +112,50 @@ def test_a_pair_name_is_not_free_for_nodes_and_node_names_not_for_pairs(reg: Reg
     with pytest.raises(RegistryError, match="node pbx-a is already the master of pair pbx"):
         reg.add_pair("pbx2", "pbx-a", "other", "t")
     assert len(reg.pairs()) == 1
+
+
+def cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["--data", str(tmp_path), *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_cli_adds_lists_and_deletes_pairs(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    reg = Registry(str(tmp_path / "hub.sqlite3"), now=lambda: 1000.0)
+    for name in ("pbx-a", "pbx-b", "other"):
+        reg.register(name, name.encode(), f"fp-{name}", "t")
+        reg.set_state(name, "approved", "t")
+    reg.lease("pbx-b", "ssh", 50000, 50009)
+    reg.mark_online("pbx-b", "192.0.2.8")
+    reg.set_lease_active("pbx-b", "ssh", True)
+    assert cli(tmp_path, capsys, "pair", "add", "pbx", "pbx-a", "pbx-b") == (
+        0, "pair pbx: master pbx-a, clone pbx-b\n", "")
+    assert cli(tmp_path, capsys, "pair", "add", "p2", "pbx-a", "other") == (
+        1, "", "callhomehub: node pbx-a is already the master of pair pbx\n")
+    assert cli(tmp_path, capsys, "pair", "add", "other", "pbx-a", "pbx-b")[2] == (
+        "callhomehub: other is the name of a node: a pair needs a name of its own\n")
+    reg.lease("pbx", "ssh", 50000, 50009)
+    reg.set_lease_active("pbx", "ssh", True)
+    _, out, _ = cli(tmp_path, capsys, "pairs", "--json")
+    assert json.loads(out) == [{"name": "pbx", "master": "pbx-a", "clone": "pbx-b",
+                                "active": "pbx-b", "public": False,
+                                "forwards": {"ssh": 50001}, "leases": {"ssh": 50001}}]
+    assert cli(tmp_path, capsys, "access", "pbx", "on")[1] == "pair pbx: public access on\n"
+    _, out, _ = cli(tmp_path, capsys, "pairs")
+    assert out.splitlines() == ["NAME  MASTER  CLONE  ACTIVE  PORTS      PUBLIC",
+                                "pbx   pbx-a   pbx-b  pbx-b   ssh=50001  on"]
+    _, out, _ = cli(tmp_path, capsys, "nodes", "--json")
+    assert [n["pair"] for n in json.loads(out)] == [
+        {"name": "pbx", "role": "master"}, {"name": "pbx", "role": "clone"}, None]
+    _, out, _ = cli(tmp_path, capsys, "nodes")
+    header, *rows = out.splitlines()
+    assert header.endswith("  PAIR") and len(rows) == 3
+    assert [r.rsplit("  ", 1)[1] for r in rows] == ["pbx (master)", "pbx (clone)", "-"]
+    assert cli(tmp_path, capsys, "remove", "pbx-b")[2] == (
+        "callhomehub: node pbx-b is a member of pair pbx: delete the pair first "
+        "(callhomehub pair del pbx)\n")
+    assert cli(tmp_path, capsys, "pair", "del", "pbx") == (0, "pair pbx deleted\n", "")
+    assert cli(tmp_path, capsys, "pairs", "--json")[1] == "[]\n"
+    assert [(e.action, e.target) for e in reg.audit_log() if e.action != "lease"][-3:] == [
+        ("pair-add", "pbx"), ("access", "pbx"), ("pair-del", "pbx")]

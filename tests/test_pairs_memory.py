@@ -97,7 +97,8 @@ def test_the_pair_port_follows_the_active_member(site: PairSite) -> None:
     pairs = site.hub.sessions.pairs
     [(service, port)] = pairs.ports("pbx").items()
     assert service == "ssh"
-    assert site.hub.registry.pair("pbx").forwards == {"ssh": port}
+    pair = site.hub.registry.pair("pbx")
+    assert pair is not None and (pair.forwards, pair.live) == ({"ssh": port}, {"ssh"})
     [factory] = [f for p, f, _, iface in site.clock.tcpServers
                  if p == port and iface == "127.0.0.1"]
 
@@ -120,4 +121,5 @@ def test_the_pair_port_follows_the_active_member(site: PairSite) -> None:
     site.tunnel_b.transport.loseConnection()
     site.settle()
     assert pairs.ports("pbx") == {}
-    assert site.hub.registry.pair("pbx").forwards == {"ssh": port}
+    pair = site.hub.registry.pair("pbx")
+    assert pair is not None and (pair.forwards, pair.live) == ({"ssh": port}, set())

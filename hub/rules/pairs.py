@@ -29,6 +29,7 @@ class Pair:
     clone: str
     public: bool = False
     forwards: dict[str, int] = field(factory=dict)  # the pair's own leases, service -> port
+    live: frozenset[str] = frozenset()  # the services of `forwards` listening now
 
     def role(self, node: str) -> str | None:
         """`master`, `clone`, or None for a node outside the pair."""

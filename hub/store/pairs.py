@@ -47,9 +47,11 @@ class PairRecords:
         rows = db.execute(f"{_PAIRS} {where}", params).fetchall()
         pairs = []
         for name, master, clone, public, pair_id in rows:
-            leases = db.execute("SELECT service, port FROM leases WHERE node_id = ?"
+            leases = db.execute("SELECT service, port, active FROM leases WHERE node_id = ?"
                                 " ORDER BY port", (pair_id,)).fetchall()
-            pairs.append(Pair(name, master, clone, bool(public), dict(leases)))
+            pairs.append(Pair(name, master, clone, bool(public),
+                              {service: port for service, port, _ in leases},
+                              frozenset(service for service, _, active in leases if active)))
         return pairs
 
     def add_pair(self, name: str, master: str, clone: str, actor: str) -> Pair:
