@@ -10,7 +10,7 @@ from twisted.conch.ssh.connection import OPEN_CONNECT_FAILED
 
 from hub.app.cli import main
 from hub.errors import NameTaken, NotFound, RegistryError
-from hub.rules.pairs import Pair, active_member, covered, pair_problem
+from hub.rules.pairs import Pair, active_member, covered, fleet_pairs, pair_problem
 from hub.rules.routes import Refusal
 from hub.store.registry import Registry
 
@@ -39,6 +39,14 @@ def test_a_grant_on_the_pair_covers_its_members_not_the_other_way() -> None:
     assert covered(("pbx-a",), [PAIR, other]) == ("pbx-a",)
     assert covered(("lab-1", "lab-2"), [PAIR, other]) == ("lab-1", "lab-2")
     assert covered((), [PAIR]) == ()
+
+
+def test_a_fleet_command_takes_a_pair_only_when_no_member_matches() -> None:
+    other = Pair("lab", "lab-1", "lab-2")
+    assert fleet_pairs("PBX", [PAIR, other]) == [PAIR]
+    assert fleet_pairs("*", [PAIR, other]) == []
+    assert fleet_pairs("pbx*", [PAIR, other]) == []
+    assert fleet_pairs("l?b", [PAIR, other]) == [other]
 
 
 @pytest.mark.parametrize(("args", "why"), [

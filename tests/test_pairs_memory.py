@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from memory_gateway import DeviceSSHD, Site, exec_, shell
 from memory_hub import new_key
+from test_fleet import outcomes
+from test_fleet import run as fleet_run
 from twisted.internet.testing import StringTransport
 
 from hub.rules.chooser import PROMPT
@@ -123,3 +125,17 @@ def test_the_pair_port_follows_the_active_member(site: PairSite) -> None:
     assert pairs.ports("pbx") == {}
     pair = site.hub.registry.pair("pbx")
     assert pair is not None and (pair.forwards, pair.live) == ({"ssh": port}, set())
+
+
+def test_run_takes_a_pair_by_its_name_on_its_active_member(site: PairSite) -> None:
+    _, lines = fleet_run(site, nodes="pbx", command="uptime")
+    assert lines[0] == {"plan": {"nodes": 1, "offline": 0}}
+    assert [o.node for o in outcomes(lines).values()] == ["pbx-a"]
+    assert (site.sshd_a.logins, site.sshd_b.logins) == ([b"root"], [])
+    site.tunnel_a.transport.loseConnection()
+    site.settle()
+    fleet_run(site, nodes="pbx", command="uptime")
+    assert site.sshd_b.logins == [b"root"]
+    # `pbx*` matches the members themselves: each runs once, the pair is not run again.
+    _, lines = fleet_run(site, nodes="pbx*", command="uptime")
+    assert sorted(outcomes(lines)) == ["pbx-a", "pbx-b"]

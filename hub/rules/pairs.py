@@ -85,3 +85,11 @@ def pair_problem(name: str, master: str, clone: str, nodes: set[str],
             if role is not None:
                 return f"node {member} is already the {role} of pair {p.name}"
     return None
+
+
+def fleet_pairs(pattern: str, pairs: list[Pair]) -> list[Pair]:
+    """The pairs a fleet command (`run --nodes GLOB`) takes as one node each: those
+    whose name matches and neither of whose members does (a member matched is run
+    on as itself; the pair again would run the command twice on one device)."""
+    return [p for p in pairs if may_reach((pattern,), p.name)
+            and not any(may_reach((pattern,), m) for m in p.members)]
