@@ -131,8 +131,11 @@ class OperatorReach:
             return None
 
     def _up(self, node: Node | None) -> bool:
-        return (node is not None and node.state == "approved"
-                and self.needs.tunnels.get(node.name) is not None)
+        """Approved, with its tunnel up (forwarding: a tunnel between its login and
+        its first forward reaches nothing yet)."""
+        tunnel = None if node is None else self.needs.tunnels.get(node.name)
+        return (node is not None and node.state == "approved" and tunnel is not None
+                and len(tunnel.table) > 0)
 
     def pair_status(self, pair: Pair) -> str | Refusal:
         """Which member `pair` reaches now (its name), or why none."""

@@ -66,6 +66,9 @@ class LivePairs:
     _listening: dict[str, dict[str, tuple[int, PortListener]]] = field(factory=dict)
     _public: dict[str, bool] = field(factory=dict)
     _rebinding: set[str] = field(factory=set)
+    # Listeners of (pair, service) being closed: the port is listened on again
+    # only once it is free, or another lease would be taken.
+    _closing: dict[tuple[str, str], defer.Deferred[None]] = field(factory=dict)
 
     def _all(self) -> dict[str, Pair]:
         if self._pairs is None:
@@ -104,7 +107,8 @@ class LivePairs:
     # -- working it out ----------------------------------------------------------
 
     def _online(self, member: str) -> bool:
-        if self.sessions.get(member) is None:
+        tunnel = self.sessions.get(member)
+        if tunnel is None or not len(tunnel.table):  # the tunnel is up once it forwards
             return False
         try:
             return self.sessions.registry.node(member).state == "approved"
@@ -147,12 +151,27 @@ class LivePairs:
         listening = self._listening.setdefault(key, {})
         for service in sorted(set(listening) - wanted):
             port, listener = listening.pop(service)
-            listener.stop()
+            self._close(key, service, listener)
             self.sessions.registry.set_lease_active(pair.name, service, False)
             log.info("pair {pair}: port {port} ({service}) closed", pair=pair.name,
                      port=port, service=service)
         for service in sorted(wanted - set(listening)):
-            self._listen(pair, service, listening)
+            if (key, service) not in self._closing:
+                self._listen(pair, service, listening)
+
+    def _close(self, key: str, service: str, listener: PortListener) -> defer.Deferred[None]:
+        def closed(_: object) -> None:
+            if self._closing.get((key, service)) is closing:
+                del self._closing[(key, service)]
+                pair = self._all().get(key)
+                if pair is not None:
+                    self._sync_ports(pair, self._active.get(key))
+
+        closing = listener.stop()
+        if not closing.called:
+            self._closing[(key, service)] = closing
+            closing.addCallback(closed)
+        return closing
 
     def _listen(self, pair: Pair, service: str,
                 listening: dict[str, tuple[int, PortListener]]) -> None:
@@ -186,5 +205,6 @@ class LivePairs:
 
     def _stop_all(self, key: str) -> defer.Deferred[None]:
         listening = self._listening.pop(key, {})
-        return defer.gatherResults([listener.stop() for _, listener in listening.values()]
+        return defer.gatherResults([self._close(key, service, listener)
+                                    for service, (_, listener) in listening.items()]
                                    ).addCallback(lambda _: None)
