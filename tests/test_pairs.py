@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from twisted.conch.ssh.connection import OPEN_CONNECT_FAILED
+from web_console import Console
 
 from hub.app.cli import main
 from hub.errors import NameTaken, NotFound, RegistryError
@@ -167,3 +168,29 @@ def test_the_cli_adds_lists_and_deletes_pairs(tmp_path: Path,
     assert cli(tmp_path, capsys, "pairs", "--json")[1] == "[]\n"
     assert [(e.action, e.target) for e in reg.audit_log() if e.action != "lease"][-3:] == [
         ("pair-add", "pbx"), ("access", "pbx"), ("pair-del", "pbx")]
+
+
+def test_the_web_console_lists_pairs_and_shows_a_members_pair(tmp_path: Path) -> None:
+    console = Console(tmp_path)
+    console.add_operator("alice", "alice-pw", ["pbx"])
+    console.add_operator("carol", "carol-pw", ["pbx-*"])
+    console.add_operator("root", "root-pw", [], admin=True)
+    for name in ("pbx-a", "pbx-b", "other"):
+        console.add_node(name)
+    console.hub.registry.add_pair("pbx", "pbx-a", "pbx-b", "t")
+    alice = console.browser()
+    assert alice.sign_in("alice", "alice-pw").status == 303
+    listing = alice.get("/nodes").text
+    # The pair is not a node row; it is listed under the nodes, with what it reaches.
+    assert "<td>pbx</td>" in listing and "none (offline)" in listing
+    assert '<a href="/nodes/pbx-a">pbx-a</a>' in listing
+    page = alice.get("/nodes/pbx-b").text  # a grant on the pair covers its members
+    assert "clone of pair <b>pbx</b>" in page and "the pair reaches none (offline) now" in page
+    carol = console.browser()
+    assert carol.sign_in("carol", "carol-pw").status == 303
+    assert "<td>pbx</td>" not in carol.get("/nodes").text  # members only: not the pair
+    root = console.browser()
+    assert root.sign_in("root", "root-pw").status == 303
+    token = root.csrf("/nodes/pbx-a")
+    refused = root.post("/nodes/pbx-a/remove", {"csrf": token})
+    assert refused.status == 409 and "member of pair pbx" in refused.text
