@@ -139,3 +139,37 @@ def test_run_takes_a_pair_by_its_name_on_its_active_member(site: PairSite) -> No
     # `pbx*` matches the members themselves: each runs once, the pair is not run again.
     _, lines = fleet_run(site, nodes="pbx*", command="uptime")
     assert sorted(outcomes(lines)) == ["pbx-a", "pbx-b"]
+
+
+def test_access_on_moves_the_pair_port_to_the_public_interface_and_back(
+        site: PairSite) -> None:
+    pairs = site.hub.sessions.pairs
+    [(_, port)] = pairs.ports("pbx").items()
+
+    def interfaces() -> list[str]:
+        return [iface for p, f, _, iface in site.clock.tcpServers if p == port]
+
+    assert interfaces() == ["127.0.0.1"]
+    site.hub.registry.set_pair_public("pbx", True, "t")
+    site.hub.apply()
+    site.settle()
+    public = site.hub.sessions.public_interface
+    assert interfaces() == ["127.0.0.1", public] and pairs.ports("pbx") == {"ssh": port}
+    site.hub.registry.set_pair_public("pbx", False, "t")
+    site.hub.apply()
+    site.settle()
+    assert interfaces() == ["127.0.0.1", public, "127.0.0.1"]
+    assert pairs.ports("pbx") == {"ssh": port}
+
+
+
+def test_a_master_tunnel_not_forwarding_yet_is_not_online(site: PairSite) -> None:
+    site.tunnel_a.transport.loseConnection()
+    site.settle()
+    # Between a connection's first forward request (which attaches it) and the
+    # forward itself, its tunnel forwards nothing: the clone is still the one reached.
+    tunnel = site.hub.sessions.attach("pbx-a", site.tunnel_b.service, "192.0.2.31")
+    assert tunnel is not None and not len(tunnel.table)
+    assert site.hub.sessions.pairs.active("pbx") == "pbx-b"
+    chan = site.operator(b"bob:pbx", exec_(b"hostname"), key=site.bob)
+    assert chan.status == 0 and (site.sshd_a.logins, site.sshd_b.logins) == ([], [b"root"])

@@ -134,6 +134,7 @@ class LivePairs:
         if self._public.get(key, pair.public) != pair.public:
             # Access switched: close every port, then listen again on the new interface.
             self._rebinding.add(key)
+            self._public[key] = pair.public
             stops = self._stop_all(key)
 
             def again(_: object) -> None:
@@ -142,8 +143,7 @@ class LivePairs:
                 if current is not None:
                     self._update(current)
 
-            stops.addCallback(again)
-            self._public[key] = pair.public
+            stops.addCallback(again)  # may run at once: the stops may be done
             return
         self._public[key] = pair.public
         tunnel = None if active is None else self.sessions.get(active)
