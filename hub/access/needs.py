@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 if TYPE_CHECKING:
     from hub.access.recordings import Recordings
     from hub.rules.logins import OperatorLogin
+    from hub.rules.pairs import Pair
     from hub.ssh.usercerts import DeviceIdentity
     from hub.store.registry import Node, User
     from hub.tunnel.live import NodeTunnel
@@ -65,6 +66,10 @@ class Grants(Protocol):
     def node(self, name: str) -> Node: ...
 
     def nodes(self) -> list[Node]: ...
+
+    def pair(self, name: str) -> Pair | None: ...
+
+    def pairs(self) -> list[Pair]: ...
 
     def audit(self, actor: str, action: str, target: str, detail: str = "") -> None: ...
 

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from hub.errors import NotFound
 from hub.rules.logins import OperatorLogin
+from hub.rules.pairs import covered
 
 if TYPE_CHECKING:
     from hub.access.needs import Grants
@@ -69,6 +70,7 @@ class LiveOperators:
     def enforce(self) -> None:
         """Apply operator changes to the live connections."""
         users: dict[str, User | None] = {}
+        pairs = self.grants.pairs() if self._live else []
         for operator in list(self._live.values()):
             login = operator.login
             name = login.user.lower()
@@ -84,4 +86,5 @@ class LiveOperators:
                 self.discard(operator)
                 operator.end(why)
             elif user is not None:
-                operator.narrow(user.allow)
+                # A grant on a pair covers its members (hub.rules.pairs).
+                operator.narrow(covered(user.allow, pairs))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from attrs import evolve
 from twisted.logger import Logger
 
 from hub.access.needs import GatewayNeeds, NetconfLink
@@ -17,6 +18,7 @@ from hub.access.operators import lapsed
 from hub.errors import NotFound
 from hub.rules.chooser import Entry
 from hub.rules.logins import OperatorLogin, may_reach
+from hub.rules.pairs import Pair, active_member, covered
 from hub.rules.routes import Refusal, Route, reach, session_route, tunnel_refusal
 from hub.ssh.connection import ChannelRefused
 from hub.store.registry import NETCONF, Node, User
@@ -48,12 +50,17 @@ class OperatorReach:
         return self._peer()
 
     def user(self) -> User | None:
-        """The operator's user row while this login still stands on it, else None."""
+        """The operator's user row while this login still stands on it, else None.
+
+        Its grants (`allow`) include the members of the pairs it grants: every
+        check of a node name against them then covers a pair's members."""
         try:
             user = self.needs.grants.user(self.login.user)
         except NotFound:
             return None
-        return user if lapsed(self.login, user) is None else None
+        if lapsed(self.login, user) is not None:
+            return None
+        return evolve(user, allow=covered(user.allow, self.needs.grants.pairs()))
 
     def resolve(self, name: str) -> tuple[Node, NodeTunnel]:
         """The node and live tunnel `name` stands for, if this operator may reach it."""
@@ -94,6 +101,9 @@ class OperatorReach:
     def _reach(self, name: str) -> Node | Refusal:
         user = self.user()
         grants: tuple[str, ...] | None = None if user is None else user.allow
+        pair = self.needs.grants.pair(name)
+        if pair is not None:
+            return self._reach_pair(grants, pair)
         try:
             node: Node | None = self.needs.grants.node(name)
         except NotFound:
@@ -103,9 +113,52 @@ class OperatorReach:
             log.info("{actor}: {note}", actor=self.actor, note=found.note)
         return found
 
+    def _reach_pair(self, grants: tuple[str, ...] | None, pair: Pair) -> Node | Refusal:
+        """The member `pair` reaches now, if grants allow the pair (a grant on a
+        member alone does not)."""
+        if grants is None or not may_reach(grants, pair.name):
+            found = reach(grants, None, pair.name)
+            assert isinstance(found, Refusal)
+            log.info("{actor}: not granted pair {pair}", actor=self.actor, pair=pair.name)
+            return found
+        members = {m: self._member(m) for m in pair.members}
+        active = active_member(pair, *(self._up(members[m]) for m in pair.members))
+        if isinstance(active, Refusal):
+            return active
+        node = members[active]
+        assert node is not None
+        return node
+
+    def _member(self, name: str) -> Node | None:
+        try:
+            return self.needs.grants.node(name)
+        except NotFound:
+            return None
+
+    def _up(self, node: Node | None) -> bool:
+        """Approved, with its tunnel up (forwarding: a tunnel between its login and
+        its first forward reaches nothing yet)."""
+        tunnel = None if node is None else self.needs.tunnels.get(node.name)
+        return (node is not None and node.state == "approved" and tunnel is not None
+                and len(tunnel.table) > 0)
+
+    def pair_status(self, pair: Pair) -> str | Refusal:
+        """Which member `pair` reaches now (its name), or why none."""
+        return active_member(pair, *(self._up(self._member(m)) for m in pair.members))
+
     def reachable(self) -> list[Entry]:
         user = self.user()
         if user is None:
             return []
-        return [Entry(n.name, n.online) for n in self.needs.grants.nodes()
-                if n.state == "approved" and may_reach(user.allow, n.name)]
+        pairs = [p for p in self.needs.grants.pairs() if may_reach(user.allow, p.name)]
+        # A pair is one entry: its members are not listed again (typing a member's
+        # name still reaches it).
+        members = {m.lower() for p in pairs for m in p.members}
+        entries = [Entry(n.name, n.online) for n in self.needs.grants.nodes()
+                   if n.state == "approved" and may_reach(user.allow, n.name)
+                   and n.name.lower() not in members]
+        for pair in pairs:
+            active = self.pair_status(pair)
+            entries.append(Entry(pair.name, False, "none online") if isinstance(active, Refusal)
+                           else Entry(pair.name, True, f"{pair.role(active)} {active}"))
+        return entries

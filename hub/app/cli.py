@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hub import __version__
-from hub.app import ca, certs, fleet, hostcert, sessions
+from hub.app import ca, certs, fleet, hostcert, pairs, sessions
 from hub.errors import HubError
 from hub.rules.display import iso_utc, sha256_fingerprint
 from hub.rules.names import is_valid_name
@@ -90,16 +90,19 @@ def cmd_callhome_password(reg: Registry, args: argparse.Namespace) -> int:
 
 def cmd_nodes(reg: Registry, args: argparse.Namespace) -> int:
     nodes = reg.nodes()
+    member = pairs.membership(reg)
     if args.json:
-        print(json.dumps([_node_json(n) for n in nodes], indent=2))
+        print(json.dumps([{**_node_json(n), "pair": member.get(n.name.lower())}
+                          for n in nodes], indent=2))
         return 0
     rows = [["#", "NAME", "KIND", "STATE", "ONLINE", "FINGERPRINT", "FORWARDS", "PUBLIC",
-             "LAST SEEN", "PEER"]]
+             "LAST SEEN", "PEER", "PAIR"]]
     for i, n in enumerate(nodes, 1):
         forwards = _forwards_cell(n)
+        pair = member.get(n.name.lower())
         rows.append([str(i), n.name, n.kind, n.state, "online" if n.online else "offline",
                      n.fingerprint, forwards, "on" if n.public else "off", _when(n.last_seen),
-                     n.peer or "-"])
+                     n.peer or "-", f"{pair['name']} ({pair['role']})" if pair else "-"])
     _print_table(rows)
     return 0
 
@@ -168,6 +171,10 @@ def cmd_remove(reg: Registry, args: argparse.Namespace) -> int:
 
 
 def cmd_access(reg: Registry, args: argparse.Namespace) -> int:
+    if reg.pair(args.node) is not None:  # a pair's own ports
+        pair = reg.set_pair_public(args.node, args.mode == "on", _actor())
+        print(f"pair {pair.name}: public access {args.mode}")
+        return 0
     node = reg.set_public(args.node, args.mode == "on", _actor())
     print(f"node {node.name}: public access {args.mode}")
     return 0
@@ -386,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_parser(sub, _actor)
     hostcert.add_parser(sub, _actor)
     sessions.add_parser(sub, _actor)
+    pairs.add_parser(sub, _actor)
     return p
 
 

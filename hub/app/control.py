@@ -26,6 +26,7 @@ from hub.access.fleet import run_on_node, run_on_nodes
 from hub.app.context import Hub
 from hub.errors import HubError, NotFound
 from hub.rules.fleet import OFFLINE, Outcome, select, summary_line, tally
+from hub.rules.pairs import fleet_pairs
 from hub.ssh.keys import fingerprint
 from hub.ssh.usercerts import DeviceIdentity, authorized_keys_line, load_user_ca
 
@@ -141,8 +142,13 @@ class Controller:
             raise HubError(f"run: --parallel must be 1-{MAX_PARALLEL} and --timeout "
                            f"0-{MAX_RUN_TIMEOUT:g} s")
         nodes = {n.name: n for n in self.hub.registry.nodes()}
-        online, offline = select(pattern, ((n.name, n.state, self.hub.sessions.get(n.name)
-                                            is not None) for n in nodes.values()))
+        # A pair matched (not its members) is run on its active member.
+        live_pairs = self.hub.sessions.pairs
+        pairs = {p.name for p in fleet_pairs(pattern, self.hub.registry.pairs())}
+        online, offline = select(pattern, [
+            *((n.name, n.state, self.hub.sessions.get(n.name) is not None)
+              for n in nodes.values()),
+            *((p, "approved", live_pairs.active_tunnel(p) is not None) for p in pairs)])
         log.info("{actor}: run {command!r} on {n} node(s) matching {pattern} "
                  "({offline} offline)", actor=actor, command=command, n=len(online),
                  pattern=pattern, offline=len(offline))
@@ -152,6 +158,8 @@ class Controller:
             emit({"outcome": outcome.as_json()})
 
         def start(name: str) -> defer.Deferred[Outcome]:
+            if name in pairs:
+                name = live_pairs.active(name) or name
             tunnel = self.hub.sessions.get(name)
             if tunnel is None:  # went away while waiting for its turn
                 return defer.succeed(Outcome(name, OFFLINE, message="no tunnel now"))

@@ -15,6 +15,8 @@ PROMPT = b"Connect to node > "
 class Entry:
     name: str
     online: bool
+    # A master/clone pair's entry says which member it reaches: "master site-a".
+    via: str = ""
 
 
 @frozen
@@ -40,7 +42,8 @@ class Chooser:
         if not self.entries:
             lines = [b"No nodes are available to you.", b"q: quit"]
         else:
-            lines = [f"{i}: {e.name} ({'online' if e.online else 'offline'})".encode()
+            lines = [f"{i}: {e.name} ({'online' if e.online else 'offline'}"
+                     f"{', pair: ' + e.via if e.via else ''})".encode()
                      for i, e in enumerate(self.entries, 1)]
             lines.append(b"q: quit")
         return b"\r\n".join(lines) + b"\r\n" + PROMPT

@@ -19,6 +19,7 @@ from hub.errors import NameTaken, NotFound, PortsExhausted, RegistryError
 from hub.rules.ports import lease_port
 from hub.store.latency import Latency
 from hub.store.operators import KEEP, Keep, OperatorRecords
+from hub.store.pairs import PAIR, PairRecords
 from hub.store.rows import (
     AUDIT_COLUMNS,
     NETCONF,
@@ -32,7 +33,8 @@ from hub.store.rows import (
 from hub.store.schema import MIGRATIONS, migrate, transaction
 
 _STATE_ACTIONS = {"pending": "pending", "approved": "approve", "revoked": "revoke"}
-_NODES = select(NODE_COLUMNS, "nodes")
+# A pair's own row (kind `pair`, hub.store.pairs) is not a node.
+_NODES = select(NODE_COLUMNS, "(SELECT * FROM nodes WHERE kind != 'pair')")
 
 __all__ = ["KEEP", "MIGRATIONS", "NETCONF", "STATES", "AuditEntry", "Keep", "Node", "Registry",
            "User"]
@@ -53,7 +55,7 @@ def keep_private(path: str) -> None:
             os.chmod(name, mode & 0o700)
 
 
-class Registry(OperatorRecords):
+class Registry(OperatorRecords, PairRecords):
     """Synchronous access to the registry file; each method is one transaction."""
 
     def __init__(self, path: str, now: Callable[[], float], *,
@@ -148,7 +150,8 @@ class Registry(OperatorRecords):
         if self._counts is None or self._counts[0] != key:
             counts = dict.fromkeys(STATES, 0)
             counts.update(self._db.execute(
-                "SELECT state, COUNT(*) FROM nodes GROUP BY state").fetchall())
+                "SELECT state, COUNT(*) FROM nodes WHERE kind != ? GROUP BY state",
+                (PAIR,)).fetchall())
             self._counts = (key, counts)
         return dict(self._counts[1])
 
@@ -188,8 +191,7 @@ class Registry(OperatorRecords):
             if row is not None:
                 existing = row[0]
             else:
-                if db.execute("SELECT 1 FROM nodes WHERE name = ?", (name,)).fetchone():
-                    raise NameTaken(f"node name {name!r} is already registered with another key")
+                self._name_free(db, name)
                 db.execute(
                     "INSERT INTO nodes (name, key_blob, fingerprint, state, created)"
                     " VALUES (?, ?, ?, 'pending', ?)",
@@ -211,8 +213,7 @@ class Registry(OperatorRecords):
             row = db.execute("SELECT name FROM nodes WHERE kind = ? AND host_key = ?",
                              (NETCONF, host_key)).fetchone()
             if row is None:
-                if db.execute("SELECT 1 FROM nodes WHERE name = ?", (name,)).fetchone():
-                    raise NameTaken(f"node name {name!r} is already registered with another key")
+                self._name_free(db, name)
                 db.execute(
                     "INSERT INTO nodes (name, kind, fingerprint, state, created, host_key)"
                     " VALUES (?, ?, ?, 'pending', ?, ?)",
@@ -223,24 +224,36 @@ class Registry(OperatorRecords):
             return self.node(row[0]), False
         return self.node(name), True
 
+    @staticmethod
+    def _name_free(db: sqlite3.Connection, name: str) -> None:
+        row = db.execute("SELECT kind FROM nodes WHERE name = ?", (name,)).fetchone()
+        if row is not None and row[0] == PAIR:
+            raise NameTaken(f"node name {name!r} is the name of a master/clone pair")
+        if row is not None:
+            raise NameTaken(f"node name {name!r} is already registered with another key")
+
     def set_state(self, name: str, state: str, actor: str, note: str = "") -> Node:
         if state not in STATES:
             raise RegistryError(f"unknown node state {state!r}")
         with self._tx() as db:
-            if db.execute("UPDATE nodes SET state = ? WHERE name = ?", (state, name)).rowcount == 0:
+            if db.execute("UPDATE nodes SET state = ? WHERE name = ? AND kind != ?",
+                          (state, name, PAIR)).rowcount == 0:
                 raise NotFound(f"no node named {name!r}")
             self._audit(db, actor, _STATE_ACTIONS[state], name, note)
         return self.node(name)
 
     def remove(self, name: str, actor: str, note: str = "") -> None:
         with self._tx() as db:
-            if db.execute("DELETE FROM nodes WHERE name = ?", (name,)).rowcount == 0:
+            self.pair_member_refusal(db, name)
+            if db.execute("DELETE FROM nodes WHERE name = ? AND kind != ?",
+                          (name, PAIR)).rowcount == 0:
                 raise NotFound(f"no node named {name!r}")
             self._audit(db, actor, "remove", name, note)
 
     def set_public(self, name: str, public: bool, actor: str, note: str = "") -> Node:
         with self._tx() as db:
-            updated = db.execute("UPDATE nodes SET public = ? WHERE name = ?", (int(public), name))
+            updated = db.execute("UPDATE nodes SET public = ? WHERE name = ? AND kind != ?",
+                                 (int(public), name, PAIR))
             if updated.rowcount == 0:
                 raise NotFound(f"no node named {name!r}")
             self._audit(db, actor, "access", name,
@@ -252,7 +265,8 @@ class Registry(OperatorRecords):
                           clear_console: bool = False) -> Node:
         """Pin the device host key, set the device user or the console template."""
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM nodes WHERE name = ?", (name,)).fetchone() is None:
+            if db.execute("SELECT 1 FROM nodes WHERE name = ? AND kind != ?",
+                          (name, PAIR)).fetchone() is None:
                 raise NotFound(f"no node named {name!r}")
             changes = []
             if host_key is not None:

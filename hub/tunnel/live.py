@@ -219,6 +219,7 @@ class NodeTunnel:
             return 0
         self.table.add(forward)
         self.sessions.registry.set_lease_active(self.node, forward.service, True)
+        self.sessions.forwards_changed(self.node)
         return forward.reply()
 
     def _lease_and_listen(self, lease: Lease) -> Forward | None:
@@ -266,6 +267,7 @@ class NodeTunnel:
         self.sessions.registry.set_lease_active(self.node, forward.service, False)
         log.info("node {node}: forward {service} cancelled", node=self.node,
                  service=forward.service)
+        self.sessions.forwards_changed(self.node)
         return self._release(forward).addCallback(lambda _: 1)
 
     def _release(self, forward: Forward) -> defer.Deferred[None]:

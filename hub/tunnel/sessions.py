@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from attrs import define, field
+from attrs import Factory, define, field
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -19,6 +19,7 @@ from hub.rules.ports import ForwardCaps
 from hub.store.registry import Node, Registry
 from hub.tunnel.descriptors import DescriptorReserve
 from hub.tunnel.live import NodeTunnel, close_connection
+from hub.tunnel.pairs import LivePairs
 from hub.tunnel.traffic import Traffic
 
 log = Logger()
@@ -53,6 +54,8 @@ class LiveSessions:
     traffic: Traffic = field(factory=Traffic)
     # When each connected node's last_seen was last written (clock seconds).
     _seen_written: dict[str, float] = field(factory=dict)
+    # Master/clone pairs: told of every tunnel up or down and forward change.
+    pairs: LivePairs = field(default=Factory(LivePairs, takes_self=True))
 
     def _online(self, node: str, conn: Any, peer: str) -> None:
         self.registry.mark_online(node, peer)
@@ -116,6 +119,7 @@ class LiveSessions:
             close_connection(old.conn, self.clock, "superseded by a new connection of this node")
         self._online(node, conn, peer)
         log.info("node {node} online from {peer}", node=node, peer=peer)
+        self.pairs.node_changed(node)
         return tunnel
 
     def _node(self, node: str) -> Node | None:
@@ -139,6 +143,11 @@ class LiveSessions:
             del self._live[key]
             self.registry.mark_offline(tunnel.node)
             log.info("node {node} offline", node=tunnel.node)
+            self.pairs.node_changed(tunnel.node)
+
+    def forwards_changed(self, node: str) -> None:
+        """A forward of `node`'s tunnel was added or cancelled."""
+        self.pairs.node_changed(node)
 
     def drop_all(self, why: str) -> None:
         """Close every live session (their listeners are gone); devices call back."""
@@ -147,6 +156,7 @@ class LiveSessions:
         for tunnel in live.values():
             tunnel.close()
             close_connection(tunnel.conn, self.clock, f"hub error: {why}")
+        self.pairs.reload()
 
     def port_lost(self, port: int) -> None:
         """A forward's listener is gone (the port keeper could not take it): drop
@@ -169,6 +179,12 @@ class LiveSessions:
 
     def enforce(self) -> None:
         """Apply registry changes: drop revoked or removed nodes, toggle public access."""
+        try:
+            self._enforce()
+        finally:
+            self.pairs.reload()  # pairs added or deleted, access switched, members revoked
+
+    def _enforce(self) -> None:
         if not self._live and not self._guests:
             return
         nodes = {n.name.lower(): n for n in self.registry.nodes()}

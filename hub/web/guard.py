@@ -70,7 +70,8 @@ def signed_in(needs: WebNeeds, request: Any, browse: bool = False) -> SignedIn |
         return None
     address = source(request)
     reach = OperatorReach(needs.gateway, session.login, lambda: address)
-    return SignedIn(session, user, reach)
+    # The grants as the SSH side reads them: a pair's grant covers its members.
+    return SignedIn(session, reach.user() or user, reach)
 
 
 def set_session_cookie(request: Any, session: WebSession | None) -> None:

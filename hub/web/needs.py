@@ -19,6 +19,7 @@ from hub.web.weblinks import WebLinks
 
 if TYPE_CHECKING:
     from hub.access.reach import OperatorReach
+    from hub.rules.pairs import Pair
     from hub.store.rows import Node, User
     from hub.tunnel.live import NodeTunnel
 
@@ -39,6 +40,10 @@ class ConsoleRegistry(Protocol):
     def remove(self, name: str, actor: str, note: str = "") -> None: ...
 
     def audit(self, actor: str, action: str, target: str, detail: str = "") -> None: ...
+
+    def pairs(self) -> list[Pair]: ...
+
+    def pair_of(self, node: str) -> Pair | None: ...
 
 
 class LiveTunnels(Protocol):

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
-from hub.errors import NotFound
+from hub.errors import NotFound, RegistryError
 from hub.rules.logins import may_reach
 from hub.store.rows import NETCONF, Node
 from hub.web.csrf import csrf_ok
@@ -24,6 +24,7 @@ from hub.web.guard import SignedIn, set_browse_cookie, signed_in
 from hub.web.html import esc, page, post_button, table, url_part, when
 from hub.web.needs import WebNeeds
 from hub.web.pages import NodesList
+from hub.web.pairs import member_section
 from hub.web.queries import CODES, node_history, recent_results
 
 log = Logger()
@@ -165,6 +166,7 @@ def node_body(needs: WebNeeds, who: SignedIn, node: Node) -> str:
         [f"<tr><td>{esc(when(e.time))}</td><td>{esc(e.actor)}</td><td>{esc(e.action)}</td>"
          f"<td>{esc(e.detail)}</td></tr>" for e in sessions], "sessions")
         if sessions else '<p class="hint">No sessions yet.</p>')
+    head += member_section(needs, who, node)
     return (f'{head}<div class="links">{"".join(links)}</div>{admin}'
             f'<h2>Forwards</h2>{forwards_table(needs, node)}{switch}{monitoring}{session_html}')
 
@@ -209,6 +211,8 @@ class NodeAction(Resource):
                 needs.registry.set_state(node.name, state, who.actor, "via web")
         except NotFound:
             return send_error(request, 404, NO_NODE, who.viewer)
+        except RegistryError as e:  # a pair's member is not removed before its pair
+            return send_error(request, 409, str(e), who.viewer)
         log.info("web: {actor} {action} {node}", actor=who.actor, action=self.action,
                  node=node.name)
         needs.apply()

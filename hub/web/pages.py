@@ -12,6 +12,7 @@ from hub.web.errors import send_error
 from hub.web.guard import SignedIn, SignedInPage, signed_in
 from hub.web.html import esc, page, pager, query, table, url_part, when
 from hub.web.needs import WebNeeds
+from hub.web.pairs import pairs_table
 from hub.web.queries import CODES, NodePage, node_page, visible_filter
 
 PER_PAGE = 50
@@ -84,6 +85,7 @@ class NodesList(SignedInPage):
         body = (f'<h1>Nodes</h1>{search}{count}'
                 f'{table(HEAD, [row(i) for i in view.items], "nodes", "node-table")}'
                 f'{pager("/nodes", result.page, result.pages, q=view.search, state=view.state)}'
+                f'{pairs_table(self.needs, who)}'
                 f'<p class="hint" id="live" data-src="/nodes.json'
                 f'{esc(query(q=view.search, state=view.state, page=result.page))}">'
                 'The list refreshes by itself every few seconds.</p>')

@@ -43,7 +43,7 @@ def node_page(db: Reads, search: str, state: str, page: int, per_page: int,
               visible: Callable[[str], bool] | None) -> NodePage:
     """One page of nodes whose name contains `search` (and in `state` if given),
     among those `visible` allows (None: all), ordered by name."""
-    where = "name LIKE ? ESCAPE '\\' AND (? = '' OR state = ?)"
+    where = "kind != 'pair' AND name LIKE ? ESCAPE '\\' AND (? = '' OR state = ?)"
     params = (_like(search), state, state)
     if visible is None:  # counted and paged in SQL
         (total,) = db.query(f"SELECT COUNT(*) FROM nodes WHERE {where}", params)[0]  # noqa: S608
