@@ -34,7 +34,7 @@ CONSOLE_COOKIE_PREFIXES = ("__host-", "__secure-")
 # The device's pages run in an opaque origin: scripts and forms work, but nothing they
 # run can use the console's cookie, storage or pages (see docs/web-proxy.md).
 SANDBOX_POLICY = (b"sandbox allow-scripts allow-forms allow-popups allow-modals "
-                  b"allow-downloads allow-popups-to-escape-sandbox")
+                  b"allow-downloads allow-popups-to-escape-sandbox; frame-ancestors 'self'")
 # The Host a device is sent: it does not know the hub's name, and embedded web servers
 # answer `localhost` (the forward's far end usually is localhost:PORT on the device).
 DEVICE_HOST = b"localhost"

@@ -46,6 +46,8 @@ SECURITY_HEADERS = (
     (b"x-content-type-options", b"nosniff"),
 )
 HSTS = (b"strict-transport-security", b"max-age=31536000")
+# What the device web UI proxy decides for a device's pages itself.
+DEVICE_PAGE_OWN = frozenset({b"content-security-policy", b"x-frame-options"})
 
 
 def _proxied(path: bytes) -> bool:
@@ -129,8 +131,12 @@ class Root(Resource):
         self.nodes = NodesResource(needs)
 
     def getChildWithDefault(self, path: bytes, request: Any) -> Any:
+        # A device's own page gets the proxy's sandbox policy instead of the console's,
+        # which would forbid its inline scripts and styles (hub.web.proxy).
+        device_page = _proxied(request.uri)
         for name, value in SECURITY_HEADERS:
-            request.setHeader(name, value)
+            if not (device_page and name in DEVICE_PAGE_OWN):
+                request.setHeader(name, value)
         if self.needs.tls:
             request.setHeader(*HSTS)
         if path == b"static":
