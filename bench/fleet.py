@@ -65,7 +65,7 @@ class Generator:
 
     def __init__(self, port: int, keys: Path, user: str, concurrency: int, jitter: float,
                  backoff_max: float, storm_concurrency: int, log: Path,
-                 algorithms: list[str] | None = None) -> None:
+                 algorithms: list[str] | None = None, service: str | None = None) -> None:
         self.events: list[Event] = []
         self._cond = threading.Condition()
         with open(log, "ab") as err:
@@ -73,7 +73,8 @@ class Generator:
                 [sys.executable, str(HERE / "tunnel_load.py"), "--port", str(port),
                  "--keys", str(keys), "--user", user, "--concurrency", str(concurrency),
                  "--jitter", str(jitter), "--backoff-max", str(backoff_max),
-                 "--storm-concurrency", str(storm_concurrency), *(algorithms or [])],
+                 "--storm-concurrency", str(storm_concurrency), *(algorithms or []),
+                 *(["--service", service] if service else [])],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
                 preexec_fn=raise_nofile)
         self._reader = threading.Thread(target=self._read, daemon=True)
