@@ -8,32 +8,23 @@ line on stderr and exit status 1 (2 for usage errors).
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import os
-import pwd
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from hub import __version__
-from hub.app import ca, certs, fleet, hostcert, pairs, sessions
+from hub.app import ca, certs, fleet, hostcert, pairs, sessions, users
+from hub.app.stdio import actor, print_table, read_stdin_secret
 from hub.errors import HubError
 from hub.rules.display import iso_utc, sha256_fingerprint
-from hub.rules.names import is_valid_name
 from hub.store.registry import NETCONF, Node, Registry
 
 # The commands import Conch, bcrypt and the control client when they need them:
 # `revoke` and `user del` take effect on the running hub about as fast as this
 # process starts, and those imports tripled its start-up time.
-
-
-def _actor() -> str:
-    try:
-        return f"cli:{pwd.getpwuid(os.getuid()).pw_name}"
-    except KeyError:
-        return f"cli:uid{os.getuid()}"
 
 
 def _when(t: float | None) -> str:
@@ -64,26 +55,13 @@ def _forwards_cell(node: Node) -> str:
                     for s, p in node.forwards.items()) or "-"
 
 
-def _print_table(rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _read_stdin_secret(what: str) -> bytes:
-    if sys.stdin.isatty():
-        return getpass.getpass(f"{what}: ").encode()
-    value = sys.stdin.buffer.read().rstrip(b"\r\n")
-    return value
-
-
 def cmd_callhome_password(reg: Registry, args: argparse.Namespace) -> int:
-    password = _read_stdin_secret("Call Home Password")
+    password = read_stdin_secret("Call Home Password")
     if not password:
         raise HubError("callhome-password: empty password on stdin")
     from hub.access.auth import CALLHOME_PASSWORD, hash_password
 
-    reg.set_setting(CALLHOME_PASSWORD, hash_password(password), _actor())
+    reg.set_setting(CALLHOME_PASSWORD, hash_password(password), actor())
     print("Call Home Password set")
     return 0
 
@@ -103,15 +81,15 @@ def cmd_nodes(reg: Registry, args: argparse.Namespace) -> int:
         rows.append([str(i), n.name, n.kind, n.state, "online" if n.online else "offline",
                      n.fingerprint, forwards, "on" if n.public else "off", _when(n.last_seen),
                      n.peer or "-", f"{pair['name']} ({pair['role']})" if pair else "-"])
-    _print_table(rows)
+    print_table(rows)
     return 0
 
 
 def cmd_state(state: str) -> Any:
     def run(reg: Registry, args: argparse.Namespace) -> int:
         if getattr(args, "user", None):
-            reg.set_device_access(args.node, _actor(), device_user=args.user)
-        node = reg.set_state(args.node, state, _actor())
+            reg.set_device_access(args.node, actor(), device_user=args.user)
+        node = reg.set_state(args.node, state, actor())
         print(f"node {node.name}: {state}")
         if state == "approved" and node.kind == NETCONF:
             # The host key was recorded (after the device proved it) when it called
@@ -122,7 +100,7 @@ def cmd_state(state: str) -> Any:
         elif state == "approved":
             from hub.app.control import ask
 
-            answer = ask(args.data, {"op": "verify", "node": node.name, "actor": _actor()})
+            answer = ask(args.data, {"op": "verify", "node": node.name, "actor": actor()})
             if answer is None:
                 print("the hub is not running: the device login is verified on its next "
                       "`callhomehub approve` or `enroll`")
@@ -140,14 +118,14 @@ def cmd_enroll(reg: Registry, args: argparse.Namespace) -> int:
         raise HubError(f"enroll {node.name}: not supported for NETCONF nodes; authorize the "
                        "management key (callhomehub mgmt-key) on the device and run "
                        f"callhomehub approve {node.name} [--user USER]")
-    password = _read_stdin_secret(f"password of {args.user} on {node.name}")
+    password = read_stdin_secret(f"password of {args.user} on {node.name}")
     if not password:
         raise HubError("enroll: empty device password on stdin")
     from hub.app.control import ask
 
     answer = ask(args.data, {"op": "enroll", "node": node.name, "user": args.user,
                              "password": password.decode("utf-8", "replace"),
-                             "actor": _actor(), "login": getattr(args, "login", "key")})
+                             "actor": actor(), "login": getattr(args, "login", "key")})
     if answer is None:
         raise HubError("enroll: the hub is not running (it logs in through the node's tunnel)")
     if not answer["ok"]:
@@ -157,7 +135,7 @@ def cmd_enroll(reg: Registry, args: argparse.Namespace) -> int:
 
 
 def cmd_console(reg: Registry, args: argparse.Namespace) -> int:
-    node = reg.set_device_access(args.node, _actor(), console=args.template,
+    node = reg.set_device_access(args.node, actor(), console=args.template,
                                  clear_console=args.template is None)
     print(f"node {node.name}: console " + (f"template {node.console!r}" if node.console
                                            else f"ports as {node.device_user}:PORT logins"))
@@ -165,17 +143,17 @@ def cmd_console(reg: Registry, args: argparse.Namespace) -> int:
 
 
 def cmd_remove(reg: Registry, args: argparse.Namespace) -> int:
-    reg.remove(args.node, _actor())
+    reg.remove(args.node, actor())
     print(f"node {args.node} removed")
     return 0
 
 
 def cmd_access(reg: Registry, args: argparse.Namespace) -> int:
     if reg.pair(args.node) is not None:  # a pair's own ports
-        pair = reg.set_pair_public(args.node, args.mode == "on", _actor())
+        pair = reg.set_pair_public(args.node, args.mode == "on", actor())
         print(f"pair {pair.name}: public access {args.mode}")
         return 0
-    node = reg.set_public(args.node, args.mode == "on", _actor())
+    node = reg.set_public(args.node, args.mode == "on", actor())
     print(f"node {node.name}: public access {args.mode}")
     return 0
 
@@ -187,107 +165,6 @@ def cmd_mgmt_key(reg: Registry, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_user_add(reg: Registry, args: argparse.Namespace) -> int:
-    if not is_valid_name(args.name) or args.name.lower() == "cms":
-        raise HubError(f"user add: invalid user name {args.name!r}")
-    keys = _read_keys("user add", args.key or [])
-    password_hash = None
-    if args.password_stdin:
-        password_hash = _read_password("user add")
-    if args.cert_only and (keys or password_hash is not None):
-        raise HubError("user add: --cert-only takes no --key or --password-stdin")
-    if not keys and password_hash is None and not args.cert_only:
-        raise HubError("user add: give --key FILE and/or --password-stdin (or --cert-only "
-                       "for an operator who logs in with a certificate only)")
-    user = reg.add_user(args.name, password_hash, keys, args.allow or [], _actor(),
-                        admin=args.admin)
-    print(f"user {user.name} added ({len(user.keys)} key(s), "
-          f"password {'set' if password_hash else 'none'}, allow {' '.join(user.allow) or '-'}"
-          f"{', admin' if user.admin else ''})"
-          + ("; certificate logins only" if args.cert_only else ""))
-    return 0
-
-
-def _read_keys(command: str, paths: list[str]) -> list[tuple[bytes, str]]:
-    from hub.ssh.keys import parse_public_key
-
-    keys = []
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                key = parse_public_key(f.read())
-        except OSError as e:
-            raise HubError(f"{command}: --key {path}: {e.strerror}") from None
-        keys.append((key.blob, key.fingerprint))
-    return keys
-
-
-def _read_password(command: str) -> str:
-    password = _read_stdin_secret("password")
-    if not password:
-        raise HubError(f"{command}: empty password on stdin")
-    from hub.access.auth import hash_password
-
-    return hash_password(password)
-
-
-def cmd_user_set(reg: Registry, args: argparse.Namespace) -> int:
-    """Replace what is given; the running hub re-checks the operator's live sessions."""
-    if args.password_stdin and args.no_password:
-        raise HubError("user set: give --password-stdin or --no-password, not both")
-    if args.admin and args.no_admin:
-        raise HubError("user set: give --admin or --no-admin, not both")
-    if not (args.key or args.allow or args.no_allow or args.password_stdin
-            or args.no_password or args.cert_only or args.admin or args.no_admin):
-        raise HubError("user set: nothing to change (--key, --allow, --no-allow, "
-                       "--password-stdin, --no-password, --cert-only, --admin, --no-admin)")
-    if args.cert_only and (args.key or args.password_stdin):
-        raise HubError("user set: --cert-only takes no --key or --password-stdin")
-    if args.allow and args.no_allow:
-        raise HubError("user set: give --allow or --no-allow, not both")
-    change: dict[str, Any] = {}
-    if args.key:
-        change["keys"] = _read_keys("user set", args.key)
-    if args.allow or args.no_allow:
-        change["allow"] = args.allow or []
-    if args.password_stdin:
-        change["password_hash"] = _read_password("user set")
-    elif args.no_password:
-        change["password_hash"] = None
-    if args.cert_only:
-        change.update(keys=[], password_hash=None, cert_only=True)
-    if args.admin or args.no_admin:
-        change["admin"] = bool(args.admin)
-    user = reg.set_user(args.name, _actor(), **change)
-    print(f"user {user.name} changed ({len(user.keys)} key(s), "
-          f"password {'set' if user.password_hash else 'none'}, "
-          f"allow {' '.join(user.allow) or '-'}{', admin' if user.admin else ''})")
-    return 0
-
-
-def cmd_user_del(reg: Registry, args: argparse.Namespace) -> int:
-    reg.del_user(args.name, _actor())
-    print(f"user {args.name} deleted")
-    return 0
-
-
-def cmd_users(reg: Registry, args: argparse.Namespace) -> int:
-    users = reg.users()
-    if args.json:
-        print(json.dumps([{"name": u.name, "password": u.password_hash is not None,
-                           "keys": list(u.fingerprints), "allow": list(u.allow),
-                           "admin": u.admin}
-                          for u in users], indent=2))
-        return 0
-    rows = [["NAME", "PASSWORD", "KEYS", "ALLOW", "ADMIN"]]
-    for u in users:
-        rows.append([u.name, "yes" if u.password_hash else "no",
-                     ",".join(u.fingerprints) or "-", " ".join(u.allow) or "-",
-                     "yes" if u.admin else "no"])
-    _print_table(rows)
-    return 0
-
-
 def cmd_audit(reg: Registry, args: argparse.Namespace) -> int:
     entries = reg.audit_log(args.limit)
     if args.json:
@@ -296,7 +173,7 @@ def cmd_audit(reg: Registry, args: argparse.Namespace) -> int:
         return 0
     rows = [["TIME", "ACTOR", "ACTION", "TARGET", "DETAIL"]]
     rows += [[_when(e.time), e.actor, e.action, e.target, e.detail] for e in entries]
-    _print_table(rows)
+    print_table(rows)
     return 0
 
 
@@ -315,7 +192,7 @@ def cmd_status(reg: Registry, args: argparse.Namespace) -> int:
     rows = [["NODE", "HOST", "SERVICE", "STATE", "TIME", "OUTPUT"]]
     rows += [[r.node or "-", r.host, r.service or "(host)", states.get(r.code, str(r.code)),
               _when(r.time), r.output.splitlines()[0] if r.output else ""] for r in results]
-    _print_table(rows)
+    print_table(rows)
     return 0
 
 
@@ -352,53 +229,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("node")
     sp.add_argument("mode", choices=["on", "off"])
     add("mgmt-key", cmd_mgmt_key, "print the hub's management public key")
-    sp = add("user", lambda reg, args: 2, "manage operators")
-    usub = sp.add_subparsers(dest="user_command", required=True)
-    ua = usub.add_parser("add", help="add an operator")
-    ua.set_defaults(func=cmd_user_add)
-    ua.add_argument("name")
-    ua.add_argument("--key", action="append", metavar="FILE", help="public key file")
-    ua.add_argument("--password-stdin", action="store_true", help="read a password from stdin")
-    ua.add_argument("--allow", nargs="+", action="extend", metavar="GLOB",
-                    help="node name patterns the user may reach")
-    ua.add_argument("--cert-only", action="store_true", help="no key and no password: the "
-                    "operator logs in with a certificate from a trusted user CA only")
-    ua.add_argument("--admin", action="store_true",
-                    help="may approve, revoke, remove and switch access in the web console")
-    us = usub.add_parser("set", help="change an operator: what is given replaces what was "
-                         "there; live sessions are re-checked")
-    us.set_defaults(func=cmd_user_set)
-    us.add_argument("name")
-    us.add_argument("--key", action="append", metavar="FILE",
-                    help="public key file (the keys given replace the user's keys)")
-    us.add_argument("--password-stdin", action="store_true", help="read a new password from stdin")
-    us.add_argument("--no-password", action="store_true", help="remove the password")
-    us.add_argument("--allow", nargs="+", action="extend", metavar="GLOB",
-                    help="node name patterns the user may reach (replace the grants)")
-    us.add_argument("--no-allow", action="store_true", help="remove every grant")
-    us.add_argument("--cert-only", action="store_true", help="remove the keys and the "
-                    "password: certificate logins only")
-    us.add_argument("--admin", action="store_true", help="make the operator an admin")
-    us.add_argument("--no-admin", action="store_true", help="take the admin mark away")
-    ud = usub.add_parser("del", help="delete an operator")
-    ud.set_defaults(func=cmd_user_del)
-    ud.add_argument("name")
-    add("users", cmd_users, "list operators", listing=True)
+    users.add_parser(sub, add)
     add("status", cmd_status, "monitoring: latest result per host/service",
         listing=True).add_argument("node", nargs="?")
     add("audit", cmd_audit, "show the audit log", listing=True).add_argument(
         "--limit", type=int, default=1000)
-    fleet.add_parser(sub, _actor)
-    certs.add_parser(sub, _actor)
-    ca.add_parser(sub, _actor)
-    hostcert.add_parser(sub, _actor)
-    sessions.add_parser(sub, _actor)
-    pairs.add_parser(sub, _actor)
+    fleet.add_parser(sub, actor)
+    certs.add_parser(sub, actor)
+    ca.add_parser(sub, actor)
+    hostcert.add_parser(sub, actor)
+    sessions.add_parser(sub, actor)
+    pairs.add_parser(sub, actor)
     return p
 
 
 # What a first set-up does before the hub ever ran: these may create the registry.
-SETUP = (cmd_callhome_password, cmd_user_add)
+SETUP = (cmd_callhome_password, users.cmd_user_add)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

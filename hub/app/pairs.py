@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from hub.app.stdio import print_table
 from hub.rules.pairs import Pair, active_member
 from hub.rules.routes import Refusal
 from hub.store.registry import Node, Registry
@@ -74,9 +75,7 @@ def cmd_pairs(reg: Registry, args: argparse.Namespace) -> int:
                          for s, port in p.forwards.items()) or "-"
         rows.append([p.name, p.master, p.clone, active(p, nodes) or "none (offline)", ports,
                      "on" if p.public else "off"])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print_table(rows)
     return 0
 
 

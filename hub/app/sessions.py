@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO
 
+from hub.app.stdio import print_table
 from hub.errors import HubError
 from hub.rules import asciicast
 from hub.rules.display import iso_utc
@@ -65,9 +66,7 @@ def cmd_sessions(reg: Registry, args: argparse.Namespace) -> int:
         table.append([str(r.id), r.node, r.user, r.kind + (f": {r.command}" if r.command else ""),
                       r.source, iso_utc(r.started) or "-", iso_utc(r.ended) or "-", ended,
                       f"{r.bytes_to_device}/{r.bytes_from_device}", recording])
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print_table(table)
     return 0
 
 
