@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import secrets
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +15,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import SSH, HubProcess, SSHClient
 
 CALLHOME_PASSWORD = "s3cret-callhome"
+DEVICE_USER = f"chdev{os.getpid()}"  # per run: concurrent runs must not share an account
+
+
+@pytest.fixture
+def device_user() -> Iterator[tuple[str, str]]:
+    """A throwaway local account with a password, for a device's sshd (enrollment)."""
+    if os.geteuid() != 0:
+        pytest.skip("creating a device account needs root")
+    password = secrets.token_urlsafe(12)
+    subprocess.run(["userdel", "-r", DEVICE_USER], capture_output=True)
+    subprocess.run(["useradd", "-m", "-s", "/bin/sh", DEVICE_USER], check=True,
+                   capture_output=True)
+    subprocess.run(["chpasswd"], input=f"{DEVICE_USER}:{password}".encode(), check=True)
+    yield DEVICE_USER, password
+    subprocess.run(["userdel", "-r", DEVICE_USER], capture_output=True)
 
 
 @pytest.fixture

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,20 +11,6 @@ from tunnel_helpers import Device, node
 
 pytestmark = pytest.mark.e2e
 
-USER = f"chhe{os.getpid()}"  # per run: concurrent runs must not share an account
-
-
-@pytest.fixture
-def device_user() -> Iterator[tuple[str, str]]:
-    """A throwaway local account with a password, for the device's sshd."""
-    if os.geteuid() != 0:
-        pytest.skip("creating a device account needs root")
-    password = secrets.token_urlsafe(12)
-    subprocess.run(["userdel", "-r", USER], capture_output=True)
-    subprocess.run(["useradd", "-m", "-s", "/bin/sh", USER], check=True, capture_output=True)
-    subprocess.run(["chpasswd"], input=f"{USER}:{password}".encode(), check=True)
-    yield USER, password
-    subprocess.run(["userdel", "-r", USER], capture_output=True)
 
 
 def test_enroll_installs_the_key_and_pins_the_host_key(hub: HubProcess, tmp_path: Path,

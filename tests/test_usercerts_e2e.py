@@ -4,10 +4,7 @@ not the management key let approve, `run`, the console gateway and enroll in."""
 
 from __future__ import annotations
 
-import os
 import re
-import secrets
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +15,6 @@ from tunnel_helpers import Device
 
 pytestmark = pytest.mark.e2e
 
-USER = f"chca{os.getpid()}"  # per run: concurrent runs must not share an account
 
 
 @pytest.fixture
@@ -94,19 +90,6 @@ def accepted_serials(sshd: DeviceSSHD) -> list[int]:
     return [int(serial) for serial in re.findall(
         r"Accepted publickey for \S+ .* ID callhomehub:\S+ \(serial (\d+)\)",
         sshd.log.read_text())]
-
-
-@pytest.fixture
-def device_user() -> Iterator[tuple[str, str]]:
-    """A throwaway local account with a password, for the device's sshd."""
-    if os.geteuid() != 0:
-        pytest.skip("creating a device account needs root")
-    password = secrets.token_urlsafe(12)
-    subprocess.run(["userdel", "-r", USER], capture_output=True)
-    subprocess.run(["useradd", "-m", "-s", "/bin/sh", USER], check=True, capture_output=True)
-    subprocess.run(["chpasswd"], input=f"{USER}:{password}".encode(), check=True)
-    yield USER, password
-    subprocess.run(["userdel", "-r", USER], capture_output=True)
 
 
 def test_enroll_login_ca_installs_the_ca_line(ca_hub: HubProcess, tmp_path: Path,
