@@ -23,7 +23,9 @@ ALLOWED: dict[str, set[str]] = {
     "netconf": {"rules", "store", "ssh", "tunnel", "access"},
     "web": {"rules", "store", "ssh", "tunnel", "access", "intake"},
     "app": {"rules", "store", "ssh", "tunnel", "access", "intake", "netconf", "web"},
+    "cluster": {"rules", "store", "ssh", "tunnel", "access"},
 }
+ALLOWED["app"].add("cluster")
 # Value classes a lower layer may name: the registry's rows are plain attrs values.
 VALUES = {"hub.store.rows"}
 

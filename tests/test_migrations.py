@@ -195,12 +195,14 @@ def test_migrations_load_in_number_order(tmp_path: Path) -> None:
 
 def test_shipped_migrations_are_the_package_files() -> None:
     assert load_migrations() == MIGRATIONS
-    assert len(MIGRATIONS) == 7
+    assert len(MIGRATIONS) == 8
     assert "ALTER TABLE nodes ADD COLUMN console TEXT" in MIGRATIONS[2]
     assert "CREATE TABLE revoked_certificates" in MIGRATIONS[3]
     assert "ALTER TABLE users ADD COLUMN admin" in MIGRATIONS[4]
     assert "CREATE TABLE sessions" in MIGRATIONS[5]
     assert "CREATE TABLE pairs" in MIGRATIONS[6]
+    assert "CREATE TABLE hubs" in MIGRATIONS[7]
+    assert "ALTER TABLE nodes ADD COLUMN hub TEXT" in MIGRATIONS[7]
 
 
 def test_statements_skip_comment_lines() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,7 @@ from hub.access.limits import Limits
 from hub.errors import ConfigError
 from hub.intake.settings import NSCASettings
 from hub.rules.admission import parse_networks, parse_startups
+from hub.rules.cluster import default_hub_id, is_valid_hub_id, listens_everywhere, split_address
 from hub.rules.names import is_valid_name
 from hub.rules.retention import MAX_AGE_DAYS, MAX_TOTAL_MB, RetentionRules
 from hub.rules.webproxy import ProxySettings
@@ -66,6 +68,12 @@ class HubConfig:
     # Session recording (hub.access.recordings): on or off, and its retention.
     recordings_enabled: bool = True
     recordings: RetentionRules = field(factory=RetentionRules)
+    # Several hubs on one registry (hub.cluster): the peer listener endpoint
+    # (None: a single hub, no peering), this hub's id and the address peers dial
+    # (None: the peer listener's own address).
+    peer: str | None = None
+    cluster_id: str = "hub"
+    peer_address: str | None = None
 
     @property
     def db_path(self) -> str:
@@ -137,6 +145,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "devices": {"login": str},
     "recordings": {"enabled": bool, "max_age_days": (int, float),
                    "max_total_mb": (int, float)},
+    "cluster": {"id": str, "peer_address": str},
 }
 
 
@@ -308,7 +317,32 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         device_login=_device_login(doc),
         recordings_enabled=bool(doc.get("recordings", {}).get("enabled", True)),
         recordings=_recordings(doc),
+        **_cluster(doc, options.get("peer")),
     )
+
+
+def _cluster(doc: Mapping[str, Any], peer: str | None) -> dict[str, Any]:
+    """`--peer` and `[cluster]`: id (default the host name) and peer_address."""
+    cluster = doc.get("cluster", {})
+    hub_id = cluster.get("id", default_hub_id(socket.gethostname()))
+    if not is_valid_hub_id(hub_id):
+        raise ConfigError(f"[cluster] id: {hub_id!r} is not a valid hub id (letters, digits, "
+                          "'.', '_', '-'; at most 63)")
+    address = cluster.get("peer_address")
+    if address is not None:
+        try:
+            split_address(address)
+        except ValueError as e:
+            raise ConfigError(f"[cluster] peer_address: {e}") from None
+    if peer is not None and peer.strip().lower() == "none":
+        peer = None
+    peer = check_endpoint("--peer", peer)
+    where = re.search(r"interface=((?:\\:|[^:])*)", peer or "")
+    interface = "" if where is None else where.group(1).replace("\\:", ":")
+    if peer is not None and address is None and listens_everywhere(interface):
+        raise ConfigError(f"--peer {peer}: it listens on every interface; set [cluster] "
+                          "peer_address to the HOST:PORT other hubs dial")
+    return {"peer": peer, "cluster_id": hub_id, "peer_address": address}
 
 
 def _device_login(doc: Mapping[str, Any]) -> str:

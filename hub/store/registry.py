@@ -17,6 +17,7 @@ from typing import Any
 
 from hub.errors import NameTaken, NotFound, PortsExhausted, RegistryError
 from hub.rules.ports import lease_port
+from hub.store.hubs import HubRecords
 from hub.store.latency import Latency
 from hub.store.operators import KEEP, Keep, OperatorRecords
 from hub.store.pairs import PAIR, PairRecords
@@ -35,6 +36,16 @@ from hub.store.schema import MIGRATIONS, migrate, transaction
 _STATE_ACTIONS = {"pending": "pending", "approved": "approve", "revoked": "revoke"}
 # A pair's own row (kind `pair`, hub.store.pairs) is not a node.
 _NODES = select(NODE_COLUMNS, "(SELECT * FROM nodes WHERE kind != 'pair')")
+
+# Marking nodes online and offline; with a hub id (hub.store.hubs) a hub
+# touches only the nodes it holds, or that no hub holds.
+_ONLINE = ("UPDATE nodes SET online = 1, online_since = ?, last_seen = ?, peer = ?, hub = ?"
+           " WHERE name = ?")
+_UNLESS_HELD = " AND (online = 0 OR hub IS NULL OR hub = ?)"
+_OFFLINE = ("UPDATE nodes SET online = 0, online_since = NULL, last_seen = ?, hub = NULL"
+            " WHERE name = ?")
+_LEASES_OFF = "UPDATE leases SET active = 0 WHERE node_id = (SELECT id FROM nodes WHERE name = ?"
+_MINE = " AND (hub IS NULL OR hub = ?)"
 
 __all__ = ["KEEP", "MIGRATIONS", "NETCONF", "STATES", "AuditEntry", "Keep", "Node", "Registry",
            "User"]
@@ -55,8 +66,13 @@ def keep_private(path: str) -> None:
             os.chmod(name, mode & 0o700)
 
 
-class Registry(OperatorRecords, PairRecords):
+class Registry(OperatorRecords, PairRecords, HubRecords):
     """Synchronous access to the registry file; each method is one transaction."""
+
+    # This hub's `[cluster] id` when it peers with others (hub.store.hubs): the
+    # nodes it marks online are claimed for it, and it marks offline only its
+    # own. None (a single hub, the CLI): every node is this process's.
+    hub_id: str | None = None
 
     def __init__(self, path: str, now: Callable[[], float], *,
                  migrations: Sequence[str] = MIGRATIONS,
@@ -281,38 +297,46 @@ class Registry(OperatorRecords, PairRecords):
             self._audit(db, actor, "device-access", name, ", ".join(changes))
         return self.node(name)
 
-    def mark_online(self, name: str, peer: str) -> None:
+    def mark_online(self, name: str, peer: str, take: bool = True) -> None:
+        """`name` is online from this hub. `take` False (a connection without a
+        tunnel): a node another hub holds stays that hub's."""
         now = self._now()
         with self._tx() as db:
-            db.execute(
-                "UPDATE nodes SET online = 1, online_since = ?, last_seen = ?, peer = ?"
-                " WHERE name = ?",
-                (now, now, peer, name),
-            )
+            if take:
+                db.execute(_ONLINE, (now, now, peer, self.hub_id, name))
+            else:
+                db.execute(_ONLINE + _UNLESS_HELD, (now, now, peer, self.hub_id, name,
+                                                    self.hub_id))
 
     def mark_offline(self, *names: str) -> None:
-        """These nodes went offline (several in one transaction)."""
+        """These nodes went offline (several in one transaction); with a `hub_id`,
+        only those this hub holds (another hub may have taken one over)."""
         now = self._now()
         with self._tx() as db:
-            db.executemany(
-                "UPDATE nodes SET online = 0, online_since = NULL, last_seen = ? WHERE name = ?",
-                [(now, name) for name in names],
-            )
-            db.executemany(
-                "UPDATE leases SET active = 0"
-                " WHERE node_id = (SELECT id FROM nodes WHERE name = ?)",
-                [(name,) for name in names],
-            )
+            if self.hub_id is None:
+                db.executemany(_LEASES_OFF + ")", [(name,) for name in names])
+                db.executemany(_OFFLINE, [(now, name) for name in names])
+            else:
+                db.executemany(_LEASES_OFF + _MINE + ")",
+                               [(name, self.hub_id) for name in names])
+                db.executemany(_OFFLINE + _MINE, [(now, name, self.hub_id) for name in names])
 
     def touch(self, name: str) -> None:
         with self._tx() as db:
             db.execute("UPDATE nodes SET last_seen = ? WHERE name = ?", (self._now(), name))
 
     def reset_online(self) -> None:
-        """At hub start nothing is connected, whatever a killed hub left behind."""
+        """At hub start nothing is connected, whatever a killed hub left behind
+        (with a `hub_id`: nothing of this hub's, nor claimed by no hub)."""
         with self._tx() as db:
-            db.execute("UPDATE nodes SET online = 0, online_since = NULL WHERE online = 1")
-            db.execute("UPDATE leases SET active = 0")
+            if self.hub_id is None:
+                db.execute("UPDATE nodes SET online = 0, online_since = NULL WHERE online = 1")
+                db.execute("UPDATE leases SET active = 0")
+                return
+            db.execute("UPDATE leases SET active = 0 WHERE node_id IN"
+                       " (SELECT id FROM nodes WHERE hub IS NULL OR hub = ?)", (self.hub_id,))
+            db.execute("UPDATE nodes SET online = 0, online_since = NULL, hub = NULL"
+                       " WHERE online = 1 AND (hub IS NULL OR hub = ?)", (self.hub_id,))
 
     # -- port leases ------------------------------------------------------
 

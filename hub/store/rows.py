@@ -16,7 +16,7 @@ NETCONF = "netconf"  # node kind of a NETCONF call-home device (identified by it
 
 NODE_COLUMNS = ("id", "name", "kind", "key_blob", "fingerprint", "state", "created",
                 "last_seen", "peer", "online", "online_since", "public", "device_user",
-                "host_key", "console")
+                "host_key", "console", "hub")
 AUDIT_COLUMNS = ("time", "actor", "action", "target", "detail")
 
 
@@ -45,6 +45,8 @@ class Node:
     console: str | None = None
     # The services of `forwards` listening now (a live forward, not just a lease).
     live: frozenset[str] = frozenset()
+    # The hub holding the node's tunnel now (its `[cluster] id`), or None.
+    hub: str | None = None
 
     @classmethod
     def from_row(cls, row: Sequence[Any], forwards: dict[str, int],

@@ -1,0 +1,1 @@
+"""Several hubs serving one fleet: identity, heartbeat, peering and cross-hub routing."""
