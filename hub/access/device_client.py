@@ -229,7 +229,7 @@ def connect(tunnel: NodeTunnel, user: str, key: keys.Key | DeviceIdentity,
     identity = key if isinstance(key, DeviceIdentity) else DeviceIdentity(key)
     ready: defer.Deferred[DeviceConnection] = defer.Deferred()
     client = DeviceClientTransport(user.encode(), identity.key, password, pinned, ready,
-                                   clock, tunnel.conn.transport.ioGroup,
+                                   clock, tunnel.io_group,
                                    identity.offers(user, tunnel.node))
     client.peer = f"node {tunnel.node}"
 

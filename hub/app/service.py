@@ -33,6 +33,7 @@ from hub.app.context import Hub
 from hub.app.control import ControlFactory, control_endpoint
 from hub.app.datalock import DataLock, DataLockService
 from hub.app.logs import HubService, parse_level
+from hub.app.peering import add_peering
 from hub.errors import HubError
 from hub.intake.commandfile import CommandFileWriter
 from hub.intake.monitoring import Monitoring
@@ -82,6 +83,8 @@ class Options(usage.Options):
          "made on first start; tcp:... behind a proxy; none: off)"],
         ["web-url", None, None, "the console's URL as operators reach it (weblink); "
          "default: the address they reached the hub at"],
+        ["peer", None, None, "peer listener endpoint for other hubs on the same registry "
+         "(docs/cluster.md); default none: a single hub"],
     ]
 
     def opt_version(self) -> None:
@@ -302,6 +305,8 @@ def build_hub(config: HubConfig, reactor: Any) -> Hub:
 
     clock: IReactorTime = reactor
     registry = Registry(config.db_path, now=clock.seconds)
+    if config.peer is not None:  # several hubs: this hub resets only its own claims
+        registry.hub_id = config.cluster_id
     registry.reset_online()
     hub_keys = load_hub_keys(config.keys_dir)
     hub_keys = evolve(hub_keys, host_certificate=present_host_certificate(
@@ -313,6 +318,7 @@ def build_hub(config: HubConfig, reactor: Any) -> Hub:
     sessions = LiveSessions(registry, clock, reactor, config.port_low, config.port_high,
                             config.public_interface, caps=config.limits.forward_caps())
     sessions.descriptors = DescriptorReserve(clock, FD_RESERVE + LOGIN_FD_RESERVE)
+    sessions.hub_id = registry.hub_id
     if config.port_keeper:
         sessions.listener = PortKeeper(reactor, on_lost=sessions.drop_all,
                                        on_port_lost=sessions.port_lost)
@@ -399,6 +405,7 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
         prune = internet.TimerService(PRUNE_INTERVAL, hub.recordings.prune)
         prune.clock = reactor
         prune.setServiceParent(top)
+    add_peering(top, hub, reactor, ListenerService)
     poll = internet.TimerService(REGISTRY_POLL, hub.sync)
     poll.clock = reactor
     poll.setServiceParent(top)

@@ -128,3 +128,15 @@ def parse_public_key(text: bytes) -> PublicKeyLine:
     comment = parts[2].decode("utf-8", "replace") if len(parts) > 2 else ""
     blob = key.blob()
     return PublicKeyLine(blob, comment, fingerprint(blob))
+
+
+PEER_KEY_FILE = "hub_peer_ed25519_key"
+
+
+def load_peer_key(keys_dir: str) -> keys.Key:
+    """The hub's own peer key (hub-to-hub logins and the peer listener's host
+    key), made on first start. Each hub has its own: it is not copied with the
+    rest of keys/ (its public half is published in the registry)."""
+    os.makedirs(keys_dir, mode=0o700, exist_ok=True)
+    return _load_or_create(os.path.join(keys_dir, PEER_KEY_FILE),
+                           ed25519.Ed25519PrivateKey.generate, "callhomehub-peer")

@@ -138,6 +138,11 @@ class NodeTunnel:
     def interface(self) -> str:
         return self.sessions.public_interface if self.public else LOOPBACK
 
+    @property
+    def io_group(self) -> Any:
+        """The IOGroup of the transport carrying channels into the device."""
+        return self.conn.transport.ioGroup
+
     # -- the way into the device ---------------------------------------------
 
     def dial(self, target: Target, channel: D, origin: tuple[str | bytes, int] = (LOOPBACK, 0)

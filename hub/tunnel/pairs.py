@@ -98,7 +98,7 @@ class LivePairs:
 
     def active_tunnel(self, pair: str) -> NodeTunnel | None:
         member = self.active(pair)
-        return None if member is None else self.sessions.get(member)
+        return None if member is None else self.sessions.local(member)
 
     def ports(self, pair: str) -> dict[str, int]:
         """The pair's ports listening now, service -> port."""
@@ -107,7 +107,7 @@ class LivePairs:
     # -- working it out ----------------------------------------------------------
 
     def _online(self, member: str) -> bool:
-        tunnel = self.sessions.get(member)
+        tunnel = self.sessions.local(member)
         if tunnel is None or not len(tunnel.table):  # the tunnel is up once it forwards
             return False
         try:
@@ -146,7 +146,7 @@ class LivePairs:
             stops.addCallback(again)  # may run at once: the stops may be done
             return
         self._public[key] = pair.public
-        tunnel = None if active is None else self.sessions.get(active)
+        tunnel = None if active is None else self.sessions.local(active)
         wanted = set() if tunnel is None else {f.service for f in tunnel.table}
         listening = self._listening.setdefault(key, {})
         for service in sorted(set(listening) - wanted):

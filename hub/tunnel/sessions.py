@@ -8,6 +8,7 @@ send results take nothing over. Registry changes made by the admin CLI
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from attrs import Factory, define, field
@@ -56,9 +57,15 @@ class LiveSessions:
     _seen_written: dict[str, float] = field(factory=dict)
     # Master/clone pairs: told of every tunnel up or down and forward change.
     pairs: LivePairs = field(default=Factory(LivePairs, takes_self=True))
+    # This hub's id when it peers with others (hub.cluster): a node the registry
+    # says another hub holds now is dropped here (the device moved).
+    hub_id: str | None = None
+    # Where `get` looks for a node not held here: the tunnel of another live hub
+    # through the peer connection (hub.cluster.routing), or None.
+    remote: Callable[[str], NodeTunnel | None] | None = None
 
-    def _online(self, node: str, conn: Any, peer: str) -> None:
-        self.registry.mark_online(node, peer)
+    def _online(self, node: str, conn: Any, peer: str, take: bool = True) -> None:
+        self.registry.mark_online(node, peer, take)
         self._seen_written[node.lower()] = self.clock.seconds()
         keepalive = getattr(conn, "keepalive", None)
         if keepalive is not None:
@@ -78,7 +85,7 @@ class LiveSessions:
         key = node.lower()
         self._guests.setdefault(key, set()).add(conn)
         if key not in self._live:
-            self._online(node, conn, peer)
+            self._online(node, conn, peer, take=False)
             log.info("node {node} online from {peer}", node=node, peer=peer)
 
     def leave(self, node: str, conn: Any) -> None:
@@ -168,6 +175,14 @@ class LiveSessions:
                 return
 
     def get(self, node: str) -> NodeTunnel | None:
+        """The node's tunnel: held here, else (peering) through the hub holding it."""
+        tunnel = self._live.get(node.lower())
+        if tunnel is None and self.remote is not None:
+            return self.remote(node)
+        return tunnel
+
+    def local(self, node: str) -> NodeTunnel | None:
+        """The node's tunnel if this hub holds it (what a peer's dial may use)."""
         return self._live.get(node.lower())
 
     def online(self) -> list[str]:
@@ -201,6 +216,14 @@ class LiveSessions:
                     close_connection(conn, self.clock, f"node {key} was {state} on the hub")
         for key, tunnel in list(self._live.items()):
             node = nodes.get(key)
+            if node is not None and self._moved(node.hub):
+                log.info("node {node} reconnected to hub {hub}: closing its old session here",
+                         node=key, hub=node.hub)
+                del self._live[key]
+                tunnel.close()
+                close_connection(tunnel.conn, self.clock,
+                                 f"superseded by a new connection of this node to hub {node.hub}")
+                continue
             state = node.state if node is not None else "removed"
             if node is None or state == "revoked":
                 log.info("node {node} {state}: dropping its live session", node=key, state=state)
@@ -211,3 +234,7 @@ class LiveSessions:
                 close_connection(tunnel.conn, self.clock, f"node {key} was {state} on the hub")
             else:
                 tunnel.set_public(node.public)
+
+    def _moved(self, hub: str | None) -> bool:
+        """Whether a node this hub holds is now claimed by another hub."""
+        return self.hub_id is not None and hub is not None and hub != self.hub_id
