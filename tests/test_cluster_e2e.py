@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -29,9 +30,11 @@ pytestmark = pytest.mark.e2e
 PEER_RE = re.compile(r"callhomehub peer listening on [\d.]+:(\d+)")
 
 
-def start_hub(data: Path, hub_id: str) -> HubProcess:
+def start_hub(data: Path, hub_id: str, public: str) -> HubProcess:
     (data / "callhomehub.toml").write_text(f'[cluster]\nid = "{hub_id}"\n')
-    hub = HubProcess(data, "--keepalive", "2", "--peer", "tcp:0:interface=127.0.0.1").start()
+    # Each hub its own public interface: both can bind a node's public port.
+    hub = HubProcess(data, "--keepalive", "2", "--peer", "tcp:0:interface=127.0.0.1",
+                     "--public-interface", public).start()
     wait_for(lambda: PEER_RE.search(hub.log_text()), 20, f"hub {hub_id}'s peer listener")
     return hub
 
@@ -56,12 +59,12 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
     data_a, data_b = tmp_path / "a", tmp_path / "b"
     data_a.mkdir()
     HubProcess(data_a).cli("callhome-password", stdin=CALLHOME_PASSWORD.encode())
-    a = start_hub(data_a, "hub-a")
+    a = start_hub(data_a, "hub-a", "127.0.0.3")
     # Hub B: the same host and management keys (not A's peer key), the same registry.
     shutil.copytree(data_a / "keys", data_b / "keys",
                     ignore=shutil.ignore_patterns(f"{PEER_KEY_FILE}*"))
     (data_b / "hub.sqlite3").symlink_to(data_a / "hub.sqlite3")
-    b = start_hub(data_b, "hub-b")
+    b = start_hub(data_b, "hub-b", "127.0.0.2")
     alice = make_key(tmp_path / "alice", "alice")
     sshd = DeviceSSHD(tmp_path / "sshd", [data_a / "keys" / "hub_mgmt_ed25519_key.pub",
                                           alice]).start()
@@ -102,10 +105,30 @@ def test_an_operator_on_hub_b_reaches_a_device_on_hub_a(fleet: Fleet, tmp_path: 
     assert any('"jump"' in line for line in audit)
 
 
+def test_a_nodes_port_answers_on_the_other_hub_too(fleet: Fleet) -> None:
+    [port] = fleet.device.forwards().values()
+    fleet.b.cli("access", "site-a", "on")
+
+    def banner(host: str) -> bytes:
+        try:
+            with socket.create_connection((host, port), timeout=5) as s:
+                return s.recv(100)
+        except OSError:
+            return b""
+
+    wait_for(lambda: banner("127.0.0.3").startswith(b"SSH-2.0-OpenSSH"), 10,
+             "the port on hub A's public interface")
+    wait_for(lambda: banner("127.0.0.2").startswith(b"SSH-2.0-OpenSSH"), 10,
+             "the port on hub B's public interface, relayed to hub A")
+    # While it was on loopback, hub A held it there: hub B skipped it quietly.
+    assert "port {port} not relayed here" not in fleet.b.log_text()
+    assert f"port 127.0.0.2:{port} relayed to its hub" in fleet.b.log_text()
+
+
 def test_a_revoke_on_hub_b_drops_the_session_on_hub_a(fleet: Fleet) -> None:
     assert fleet.device.proc is not None
-    started = time.monotonic()
     fleet.b.cli("revoke", "site-a")
+    started = time.monotonic()  # committed: hub A polls the registry every 0.25 s
     wait_for(lambda: fleet.device.proc is not None and fleet.device.proc.poll() is not None,
              2, "the device's session on hub A to be dropped")
     assert time.monotonic() - started < 2.0

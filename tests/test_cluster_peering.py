@@ -250,3 +250,46 @@ def test_hub_a_drops_its_session_when_the_node_comes_up_on_hub_b(hubs: TwoHubs) 
     assert (node.online, node.hub) == (True, "hub-b")  # A's goodbye left B's claim alone
 
 
+
+
+# -- per-device ports on every hub ----------------------------------------------
+
+def test_hub_b_answers_on_the_port_of_a_node_hub_a_holds(hubs: TwoHubs) -> None:
+    from twisted.internet.error import CannotListenError
+    from twisted.internet.testing import StringTransport
+
+    from hub.cluster.ports import RelayedPortFactory, RemotePorts
+
+    def relayed() -> list[Any]:
+        return [s for s in hubs.clock.tcpServers if isinstance(s[1], RelayedPortFactory)]
+
+    port = hubs.a.registry.node("site-a").forwards["ssh"]
+    hubs.a.registry.set_lease_active("site-a", "ssh", True)
+    taken: set[int] = set()
+
+    def listen(number: int, factory: Any, interface: str = "") -> Any:
+        if number in taken:  # bound on this machine already (hub A itself)
+            raise CannotListenError(interface, number, OSError(98, "Address already in use"))
+        return hubs.clock.listenTCP(number, factory, interface=interface)
+
+    ports = RemotePorts(hubs.b.registry, hubs.b.sessions, "hub-b", listen)
+    taken.add(port)
+    ports.refresh()
+    assert relayed() == []  # skipped, no error
+    taken.clear()
+    ports.refresh()
+    [(number, factory, _, interface)] = relayed()
+    assert (number, interface) == (port, "127.0.0.1")
+    end = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50500))
+    tcp = StringTransport()
+    end.makeConnection(tcp)
+    hubs.site.settle()
+    assert tcp.value().startswith(b"SSH-2.0-")  # the device's sshd, through hub A
+    # The node's tunnel comes up on hub B: its relayed port closes first.
+    released: list[object] = []
+    ports.release("SITE-A").addCallback(released.append)
+    assert released == [None] and ports._open == {}
+    # A dead holder's ports are not relayed.
+    hubs.clock.advance(HEARTBEAT * DEAD_AFTER + 1)
+    hubs.b.registry.hub_heartbeat("hub-b")
+    assert ports.wanted() == set()

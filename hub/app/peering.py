@@ -16,6 +16,7 @@ from hub.app.context import Hub
 from hub.cluster.heartbeat import HubHeartbeat
 from hub.cluster.peerclient import PeerLinks
 from hub.cluster.peerserver import build_peer_factory
+from hub.cluster.ports import RemotePorts
 from hub.cluster.remote import Routes
 from hub.rules.cluster import peer_address
 from hub.ssh.keys import load_peer_key
@@ -28,9 +29,11 @@ log = Logger()
 class HeartbeatService(service.Service):
     """Publishes the hub once its peer listener is bound; stops beating on stop."""
 
-    def __init__(self, heartbeat: HubHeartbeat, configured: str | None) -> None:
+    def __init__(self, heartbeat: HubHeartbeat, configured: str | None,
+                 ports: RemotePorts) -> None:
         self.heartbeat = heartbeat
         self.configured = configured
+        self.ports = ports
 
     def listening(self, port: Any) -> None:
         addr = port.getHost()
@@ -38,10 +41,12 @@ class HeartbeatService(service.Service):
         if address is None:  # config.py refused this: a listener on every interface
             raise SystemExit("callhomehub: set [cluster] peer_address")
         self.heartbeat.start(address)
+        self.ports.refresh()
 
     def stopService(self) -> Any:
         self.heartbeat.stop()
-        return service.Service.stopService(self)
+        service.Service.stopService(self)
+        return self.ports.close()
 
 
 def add_peering(top: service.MultiService, hub: Hub, reactor: Any,
@@ -60,8 +65,13 @@ def add_peering(top: service.MultiService, hub: Hub, reactor: Any,
     links = PeerLinks(hub.registry, hub.clock, config.cluster_id, key, connect,
                       config.keepalive, config.keepalive_count)
     hub.sessions.remote = Routes(hub.registry, hub.sessions, links, config.cluster_id).remote
-    heartbeat = HeartbeatService(HubHeartbeat(hub.registry, hub.clock, config.cluster_id,
-                                              key_line), config.peer_address)
+    ports = RemotePorts(hub.registry, hub.sessions, config.cluster_id,
+                        (hub.sessions.listener or reactor).listenTCP)
+    hub.sessions.on_change = ports.refresh
+    hub.sessions.release_relayed = ports.release
+    beat = HubHeartbeat(hub.registry, hub.clock, config.cluster_id, key_line,
+                        on_beat=ports.refresh)
+    heartbeat = HeartbeatService(beat, config.peer_address, ports)
     heartbeat.setServiceParent(top)
     factory = build_peer_factory(hub.registry, hub.sessions, key, hub.clock, config.limits,
                                  config.keepalive, config.keepalive_count)

@@ -9,6 +9,8 @@ a dead hub clears it, the others find nothing left.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from attrs import define, field
 from twisted.internet import task
 from twisted.internet.interfaces import IReactorTime
@@ -29,6 +31,8 @@ class HubHeartbeat:
     peer_key: str  # this hub's peer public key, an OpenSSH line
     interval: float = HEARTBEAT
     address: str = ""
+    # Told after each heartbeat (the relayed ports follow hubs that die), or None.
+    on_beat: Callable[[], None] | None = None
     _loop: task.LoopingCall | None = field(default=None)
 
     def start(self, address: str) -> None:
@@ -55,7 +59,10 @@ class HubHeartbeat:
         try:
             if not self.registry.hub_heartbeat(self.hub_id):
                 self.registry.hub_started(self.hub_id, self.address, self.peer_key)
-            return self.reclaim()
+            reclaimed = self.reclaim()
+            if self.on_beat is not None:
+                self.on_beat()
+            return reclaimed
         except RegistryError as e:
             log.error("hub {hub}: heartbeat failed: {why}", hub=self.hub_id, why=str(e))
             return []

@@ -63,6 +63,12 @@ class LiveSessions:
     # Where `get` looks for a node not held here: the tunnel of another live hub
     # through the peer connection (hub.cluster.routing), or None.
     remote: Callable[[str], NodeTunnel | None] | None = None
+    # Told after every registry change applied (the relayed ports of other
+    # hubs' nodes, hub.cluster.ports), or None.
+    on_change: Callable[[], None] | None = None
+    # Asked before a node's tunnel binds here: ports this hub relays for the
+    # node's previous hub close first (fires once they are free), or None.
+    release_relayed: Callable[[str], Any] | None = None
 
     def _online(self, node: str, conn: Any, peer: str, take: bool = True) -> None:
         self.registry.mark_online(node, peer, take)
@@ -119,6 +125,8 @@ class LiveSessions:
         old = self._live.get(key)
         tunnel = NodeTunnel(self, node, conn, record.public)
         self._live[key] = tunnel
+        if self.release_relayed is not None:
+            tunnel.requests.wait_for(self.release_relayed(node))
         if old is not None and old.conn is not conn:
             log.info("node {node} reconnected from {peer}: closing its old session",
                      node=node, peer=peer)
@@ -198,6 +206,8 @@ class LiveSessions:
             self._enforce()
         finally:
             self.pairs.reload()  # pairs added or deleted, access switched, members revoked
+            if self.on_change is not None:
+                self.on_change()
 
     def _enforce(self) -> None:
         if not self._live and not self._guests:
