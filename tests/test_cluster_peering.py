@@ -293,3 +293,14 @@ def test_hub_b_answers_on_the_port_of_a_node_hub_a_holds(hubs: TwoHubs) -> None:
     hubs.clock.advance(HEARTBEAT * DEAD_AFTER + 1)
     hubs.b.registry.hub_heartbeat("hub-b")
     assert ports.wanted() == set()
+
+
+def test_a_peer_connection_carries_more_channels_than_an_operators(hubs: TwoHubs) -> None:
+    conn = hubs.peer()
+    assert isinstance(conn, PeerConnection)
+    many = hubs.a.config.limits.max_channels + 8  # an operator's connection gets 64
+    probes = [Probe() for _ in range(many)]
+    for probe in probes:
+        conn.openChannel(probe, pack_dial(DialRequest("site-a", 22, "192.0.2.10", 1)))
+    hubs.site.settle()
+    assert [p.outcome for p in probes] == [[p] for p in probes]

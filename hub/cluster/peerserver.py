@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from attrs import frozen
+from attrs import evolve, frozen
 from twisted.conch.avatar import ConchUser
 from twisted.conch.interfaces import IConchUser
 from twisted.conch.ssh import connection, keys
@@ -41,6 +41,10 @@ from hub.tunnel.relay import RelayChannel
 from hub.tunnel.sessions import LiveSessions
 
 log = Logger()
+
+# Channels a peer hub may have open on its connection at once (operators' sessions,
+# jumps and device-port connections to this hub's nodes, from all of that hub).
+PEER_MAX_CHANNELS = 16384
 
 
 @frozen
@@ -168,6 +172,8 @@ def build_peer_factory(registry: Registry, sessions: LiveSessions, peer_key: key
                        keepalive_count: int) -> HubSSHFactory:
     """The peer listener's factory (the SSH server's transport, limits and keepalives)."""
     peer_portal = portal.Portal(PeerRealm(sessions), [PeerKeyChecker(registry, clock)])
+    # One connection carries every cross-hub channel of a peer: not an operator's cap.
+    limits = evolve(limits, max_channels=PEER_MAX_CHANNELS)
     return HubSSHFactory(peer_portal, peer_host_keys(peer_key), clock, limits, keepalive,
                          keepalive_count)
 
