@@ -16,6 +16,8 @@ from attrs import field, frozen
 from twisted.internet.endpoints import serverFromString
 
 from hub.access.limits import Limits
+from hub.app.sharedport import parse_tcp_listen
+from hub.app.workers import default_workers
 from hub.errors import ConfigError
 from hub.intake.settings import NSCASettings
 from hub.rules.admission import parse_networks, parse_startups
@@ -66,6 +68,8 @@ class HubConfig:
     # Session recording (hub.access.recordings): on or off, and its retention.
     recordings_enabled: bool = True
     recordings: RetentionRules = field(factory=RetentionRules)
+    # Hub processes sharing the SSH listener (hub.app.workers); 1: one process.
+    workers: int = 1
 
     @property
     def db_path(self) -> str:
@@ -308,6 +312,7 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         device_login=_device_login(doc),
         recordings_enabled=bool(doc.get("recordings", {}).get("enabled", True)),
         recordings=_recordings(doc),
+        workers=workers_option(options.get("workers"), options.get("ssh") or "tcp:22"),
     )
 
 
@@ -399,3 +404,24 @@ def _number(value: Any, name: str, minimum: float) -> float:
     if number < minimum:
         raise ConfigError(f"{name}: must be >= {minimum:g}, got {value!r}")
     return number
+
+
+MAX_WORKERS = 256
+
+
+def workers_option(value: Any, ssh: str) -> int:
+    """`--workers`: how many processes share the SSH port. Unset: one per core, or
+    one when `--ssh` is not a tcp: endpoint (only those can be shared)."""
+    shareable = parse_tcp_listen(ssh) is not None
+    if value is None:
+        return default_workers() if shareable else 1
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--workers: expected a number of processes, got {value!r}") from None
+    if not 1 <= count <= MAX_WORKERS:
+        raise ConfigError(f"--workers: must be 1 to {MAX_WORKERS}, got {count}")
+    if count > 1 and not shareable:
+        raise ConfigError(f"--workers {count}: --ssh {ssh} cannot be shared between processes; "
+                          "use a tcp:PORT[:interface=ADDRESS] endpoint or --workers 1")
+    return count

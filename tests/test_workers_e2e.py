@@ -1,0 +1,110 @@
+"""`--workers 2` with real `ssh -R` devices: the kernel spreads them over both workers,
+a killed worker comes back and its devices get their ports again, and stopping the hub
+(or losing worker 0) leaves no process behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import CALLHOME_PASSWORD
+from helpers import SSH, HubProcess, wait_for
+from tunnel_helpers import Device
+
+pytestmark = pytest.mark.e2e
+
+DEVICES = 20
+STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
+FORWARD = re.compile(r"\[(w\d+ )?hub\.tunnel\.live#info\] node (dev-\d+): forward ssh on "
+                     r"[\d.]+:(\d+)")
+
+
+def gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")  # a zombie is dead, waiting for init to reap it
+
+
+def worker_pids(hub: HubProcess) -> dict[int, list[int]]:
+    pids: dict[int, list[int]] = {}
+    for index, pid in STARTED.findall(hub.log_text()):
+        pids.setdefault(int(index), []).append(int(pid))
+    return pids
+
+
+def placement(hub: HubProcess, since: int = 0) -> dict[str, tuple[str, int]]:
+    """Which worker logged each device's forward last (w0: worker 0), and its port."""
+    return {node: (worker.strip() or "w0", int(port))
+            for worker, node, port in FORWARD.findall(hub.log_text()[since:])}
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> HubProcess:
+    if SSH is None:
+        pytest.skip("the OpenSSH client is not installed")
+    process = HubProcess(tmp_path / "hub", "--workers", "2", "--keepalive", "2")
+    process.data.mkdir(parents=True)
+    process.cli("callhome-password", stdin=CALLHOME_PASSWORD.encode())
+    process.start()
+    wait_for(lambda: "[w1 hub.app.sharedport#info] callhomehub SSH listening" in
+             process.log_text(), 20, "worker 1 to listen")
+    yield process
+    process.stop()
+
+
+def test_devices_spread_over_workers_and_a_killed_worker_comes_back(
+        hub: HubProcess, tmp_path: Path) -> None:
+    with ThreadPoolExecutor(4) as pool:
+        devices = list(pool.map(lambda i: Device(hub, tmp_path, f"dev-{i}"), range(DEVICES)))
+    try:
+        for device in devices:
+            device.connect("0:localhost:22", wait=False)
+        wait_for(lambda: len(placement(hub)) == DEVICES and all(d.allocated() for d in devices),
+                 60, "every device's forward")
+        where = placement(hub)
+        on = {w: sorted(n for n, (ww, _p) in where.items() if ww == w) for w in ("w0", "w1")}
+        assert on["w0"] and on["w1"], on  # the kernel gave both workers some
+        ports = {d.name: d.allocated()[-1] for d in devices}
+        assert ports == {n: p for n, (_w, p) in where.items()}
+
+        [first] = worker_pids(hub)[1]
+        mark = len(hub.log_text())
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: f"worker 1 (pid {first}) was killed by signal 9 (SIGKILL)"
+                 in hub.log_text(), 10, "worker 0 to see worker 1 die")
+        wait_for(lambda: len(worker_pids(hub)[1]) == 2, 10, "worker 1 to start again")
+        assert not gone(worker_pids(hub)[1][1])
+        # Its devices lost their connection; called back, each gets its old port
+        # (from whichever worker the kernel hands it to).
+        lost = [d for d in devices if d.name in on["w1"]]
+        wait_for(lambda: all(d.proc is not None and d.proc.poll() is not None for d in lost),
+                 10, "worker 1's devices to see their connection close")
+        assert all(d.proc is not None and d.proc.poll() is None for d in devices
+                   if d.name in on["w0"])  # worker 0's devices kept theirs
+        for device in lost:
+            device.connect("0:localhost:22", wait=False)
+        wait_for(lambda: set(placement(hub, mark)) >= set(on["w1"])
+                 and all(d.allocated() for d in lost), 60, "worker 1's devices to come back")
+        assert {d.name: d.allocated()[-1] for d in lost} == {n: ports[n] for n in on["w1"]}
+        assert "Traceback" not in hub.log_text()
+    finally:
+        for device in devices:
+            device.close()
+    pids = [p for ps in worker_pids(hub).values() for p in ps]
+    hub.stop()
+    assert hub.proc is not None and hub.proc.returncode == -signal.SIGTERM  # not SIGKILLed
+    wait_for(lambda: all(gone(p) for p in pids), 10, "no worker left after SIGTERM")
+
+
+def test_workers_stop_when_worker_0_disappears(hub: HubProcess) -> None:
+    [worker] = worker_pids(hub)[1]
+    assert hub.proc is not None
+    hub.proc.kill()  # SIGKILL: worker 0 cannot stop its workers itself
+    hub.proc.wait(10)
+    wait_for(lambda: gone(worker), 10, "worker 1 to notice worker 0 is gone")
