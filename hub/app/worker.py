@@ -9,6 +9,7 @@ stdin (the pipe from worker 0) closes.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
@@ -122,6 +123,9 @@ def main(argv: list[str]) -> int:
     # make fd 1 non-blocking (mypy sees Windows' StandardIO signature).
     stdio.StandardIO(ParentWatch(reactor), stdin=0,  # type: ignore[call-arg]
                      stdout=os.open(os.devnull, os.O_WRONLY), reactor=reactor)
+    # Ctrl-C in a terminal reaches the whole process group: worker 0 stops the
+    # workers itself (SIGTERM), so one does not end first and look like a crash.
+    reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
     reactor.callWhenRunning(top.startService)
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
