@@ -7,6 +7,10 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
+import socketserver
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,11 +48,25 @@ def placement(hub: HubProcess, since: int = 0) -> dict[str, tuple[str, int]]:
             for worker, node, port in FORWARD.findall(hub.log_text()[since:])}
 
 
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and not gone(int(entry)):
+                found.append(int(entry))
+    return found
+
+
 @pytest.fixture
-def hub(tmp_path: Path) -> HubProcess:
+def hub(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[HubProcess]:
     if SSH is None:
         pytest.skip("the OpenSSH client is not installed")
-    process = HubProcess(tmp_path / "hub", "--workers", "2", "--keepalive", "2")
+    extra = getattr(request, "param", ())
+    process = HubProcess(tmp_path / "hub", "--workers", "2", "--keepalive", "2", *extra)
     process.data.mkdir(parents=True)
     process.cli("callhome-password", stdin=CALLHOME_PASSWORD.encode())
     process.start()
@@ -56,6 +74,53 @@ def hub(tmp_path: Path) -> HubProcess:
              process.log_text(), 20, "worker 1 to listen")
     yield process
     process.stop()
+
+
+class Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+
+
+@pytest.fixture
+def echo() -> Iterator[int]:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def echo_through(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(payload)
+        got = b""
+        while len(got) < len(payload) and (chunk := s.recv(65536)):
+            got += chunk
+        return got
+
+
+@pytest.mark.parametrize("hub", [("--port-keeper",)], indirect=True)
+def test_each_worker_has_its_own_port_keeper(hub: HubProcess, tmp_path: Path,
+                                             echo: int) -> None:
+    devices = [Device(hub, tmp_path, f"dev-{i}") for i in range(12)]
+    try:
+        for device in devices:
+            device.connect(f"0:127.0.0.1:{echo}", wait=False)
+        wait_for(lambda: len(placement(hub)) == len(devices) and all(
+            d.allocated() for d in devices), 60, "every device's forward")
+        assert {w for w, _p in placement(hub).values()} == {"w0", "w1"}
+        for device in devices:  # through worker 0's keeper and worker 1's
+            payload = f"through {device.name}".encode() * 1000
+            assert echo_through(device.allocated()[-1], payload) == payload
+        assert hub.proc is not None
+        [worker] = worker_pids(hub)[1]
+        assert len(children(worker)) == 1  # its keeper
+        assert len(children(hub.proc.pid)) == 2  # worker 1 and worker 0's keeper
+    finally:
+        for device in devices:
+            device.close()
 
 
 def test_devices_spread_over_workers_and_a_killed_worker_comes_back(
@@ -108,3 +173,17 @@ def test_workers_stop_when_worker_0_disappears(hub: HubProcess) -> None:
     hub.proc.kill()  # SIGKILL: worker 0 cannot stop its workers itself
     hub.proc.wait(10)
     wait_for(lambda: gone(worker), 10, "worker 1 to notice worker 0 is gone")
+
+
+def test_ctrl_c_is_left_to_worker_0(hub: HubProcess) -> None:
+    [worker] = worker_pids(hub)[1]
+    assert hub.proc is not None
+    os.kill(worker, signal.SIGINT)  # as a terminal sends it: to every process of the group
+    os.kill(hub.proc.pid, signal.SIGINT)
+    hub.proc.wait(20)
+    text = hub.log_text()
+    assert "[w1 twisted.internet.base#info] Received SIGINT" not in text
+    assert f"worker 1 (pid {worker}) stopped" in text  # by worker 0, not a crash
+    assert "#error]" not in text
+    wait_for(lambda: gone(worker), 10, "worker 1 to be gone")
+
