@@ -53,8 +53,9 @@ def restart_delay(quick_failures: int, base: float = RESTART_BASE,
 
 
 # Options a worker does not take from worker 0: it is given its own SSH endpoint
-# (the port worker 0 bound) and has no workers of its own.
-_NOT_PASSED = {"workers", "ssh"}
+# (the port worker 0 bound) and has no workers of its own; once hub-to-hub peering
+# exists, its own peer listener too (worker 0's `--peer` port is worker 0's).
+_NOT_PASSED = {"workers", "ssh", "peer"}
 
 
 def worker_arguments(options: Mapping[str, Any], parameters: list[list[Any]],
@@ -63,7 +64,9 @@ def worker_arguments(options: Mapping[str, Any], parameters: list[list[Any]],
     hub's own options (`--data` and `--config` made absolute), with `--ssh` the
     endpoint worker 0 bound. The one place a worker's arguments are made: the
     hub-to-hub peering adds the worker's hub id (e.g. `HOSTID/w1`) and its peer
-    listener (`--peer tcp:0:interface=127.0.0.1`) here."""
+    listener (`--peer tcp:0:interface=127.0.0.1`) here. Every other option is passed
+    on as worker 0 has it, so a config file's `[cluster] id` would be worker 0's: the
+    worker's id must come as an argument that overrides it."""
     args = [sys.executable, "-m", "hub.app.worker", str(index)]
     for name, *_rest in parameters:
         value = options.get(name)
