@@ -223,7 +223,7 @@ class Hub:
         self.proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "--logfile", str(self.log), "callhomehub",
              "--data", str(self.data), "--ssh", "tcp:0:interface=127.0.0.1", "--metrics", "none",
-             "--port-range", port_range(), "--web", "none", *self.extra],
+             "--port-range", port_range(), "--web", "none", "--workers", "1", *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.port = int(wait_for(self._listening, 30, "the hub to listen"))
         return self

@@ -108,7 +108,8 @@ class HubProcess(Hub):
         self.proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "--logfile", str(self.log), "callhomehub",
              "--data", str(self.data), "--ssh", self.endpoint(port or self.port),
-             "--metrics", "none", "--port-range", self.range, "--web", "none", *self.extra],
+             "--metrics", "none", "--port-range", self.range, "--web", "none", "--workers", "1",
+             *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=raise_nofile)
         wait_for(self._all_listening, 60, "the hub to listen")
         self.port = self.ports["SSH"]

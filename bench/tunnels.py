@@ -18,6 +18,10 @@ with port 0, at most --concurrency handshakes at once. Measured:
   until all N forwards are back, and how many devices got a different port
   than before (must be 0), checked by the generator and by `callhomehub nodes`.
 
+With `--workers 1,2` the hub runs once per worker count (`twistd callhomehub --workers W`,
+processes sharing the SSH port) and the storm times are compared: the line
+`storm ratio` is the 1-worker restore time over the W-worker one (> 1: faster).
+
 The same bring-up and idle figures for OpenSSH sshd (`GatewayPorts yes`, the N
 public keys in `authorized_keys`, user root) for N up to --sshd-max: memory
 is the PSS summed over sshd's per-connection processes, divided by N.
@@ -49,6 +53,7 @@ from runner import add_common_options, install_sigterm, use_hub_source, write_do
 class Outcome:
     server: str
     n: int
+    workers: int = 1
     up: int = 0
     bring_up_s: float = 0.0
     handshakes_per_s: float = 0.0
@@ -174,13 +179,13 @@ def idle_figures(outcome: Outcome, pids: list[int], gen: Generator, per: str) ->
 
 # -- the hub -----------------------------------------------------------------
 
-def hub_run(workdir: Path, n: int, args: argparse.Namespace) -> Outcome:
-    outcome = Outcome("hub+keeper" if args.port_keeper else "hub", n,
-                      nofile_limit=nofile_limit())
+def hub_run(workdir: Path, n: int, args: argparse.Namespace, workers: int = 1) -> Outcome:
+    name = ("hub+keeper" if args.port_keeper else "hub") + (f"-w{workers}" if workers > 1 else "")
+    outcome = Outcome(name, n, workers, nofile_limit=nofile_limit())
     keys = workdir / "keys.jsonl"
     publics = make_keys(keys, n)
     hub = HubProcess(workdir, port_range=tunnel_port_range(n), backlog=args.backlog,
-                     extra=["--keepalive", str(args.keepalive),
+                     extra=["--keepalive", str(args.keepalive), "--workers", str(workers),
                             *(["--port-keeper"] if args.port_keeper else [])])
     gen: Generator | None = None
     try:
@@ -321,6 +326,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port-keeper", action="store_true",
                    help="run the hub with --port-keeper (listeners in a helper process, "
                         "counted with the hub)")
+    p.add_argument("--workers", default="1",
+                   help="comma-separated hub --workers counts, one hub run each (default 1); "
+                        "e.g. 1,2 prints the storm ratio")
     p.add_argument("--no-storm", dest="storm", action="store_false")
     p.add_argument("--timeout", type=float, default=0.0,
                    help="seconds for a bring-up or a storm at most (default 120 + N/20)")
@@ -337,6 +345,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     elif args.full:
         args.n = "10000"
     args.n = [int(v) for v in str(args.n).split(",") if v]
+    args.workers = [int(v) for v in str(args.workers).split(",") if v]
     return args
 
 
@@ -345,9 +354,10 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Outcome]:
     for n in args.n:
         timeout = args.timeout or 120 + n / 20
         args_n = argparse.Namespace(**{**vars(args), "timeout": timeout})
-        hub_dir = workdir / f"hub-{n}"
-        hub_dir.mkdir()
-        outcomes.append(hub_run(hub_dir, n, args_n))
+        for workers in args.workers:
+            hub_dir = workdir / f"hub-{n}-w{workers}"
+            hub_dir.mkdir()
+            outcomes.append(hub_run(hub_dir, n, args_n, workers))
         m = min(n, args.sshd_max)
         if m and not any(o.server == "sshd" and o.n == m for o in outcomes):
             sshd_dir = workdir / f"sshd-{m}"
@@ -361,17 +371,31 @@ def table(outcomes: list[Outcome]) -> str:
              f"{'cpu ms/hs':>9} {'KiB RSS/t':>9} {'KiB PSS/t':>9} {'fds':>6} "
              f"{'storm s':>8} {'total s':>8} {'moved':>6} {'same':>6}"]
     for o in outcomes:
-        storm = o.server == "hub" and o.storm_moved >= 0
+        storm = o.server.startswith("hub") and o.storm_moved >= 0
         lines.append(
             f"{o.server:6} {o.n:6} {o.up:6} {o.bring_up_s:10.1f} {o.handshakes_per_s:6.0f} "
             f"{o.server_cpu_ms_per_handshake:9.2f} {o.rss_per_tunnel_kib:9.1f} "
             f"{o.pss_per_tunnel_kib:9.1f} {o.fds:6} "
             f"{o.storm_restore_s if storm else '-':>8} {o.storm_total_s if storm else '-':>8} "
             f"{o.storm_moved if storm else '-':>6} {o.storm_ports_same if storm else '-':>6}")
+    lines += storm_ratios(outcomes)
     for o in outcomes:
         if o.notes:
             lines.append(f"  {o.server} N={o.n}: {o.notes.strip()}")
     return "\n".join(lines)
+
+
+def storm_ratios(outcomes: list[Outcome]) -> list[str]:
+    """For each N run with 1 and W workers: the 1-worker storm time over the W-worker one."""
+    lines = []
+    hubs = [o for o in outcomes if o.server.startswith("hub") and o.storm_restore_s > 0]
+    for one in (o for o in hubs if o.workers == 1):
+        for more in (o for o in hubs if o.n == one.n and o.workers > 1):
+            lines.append(f"storm ratio N={one.n}: 1 worker {one.storm_restore_s:.1f} s / "
+                         f"{more.workers} workers {more.storm_restore_s:.1f} s = "
+                         f"{one.storm_restore_s / more.storm_restore_s:.2f}x (restart -> all "
+                         f"back; CPU {one.storm_server_cpu_s} s / {more.storm_server_cpu_s} s)")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,13 +413,14 @@ def main(argv: list[str] | None = None) -> int:
     print(table(outcomes))
     if args.json:
         write_doc(args.json, "tunnels", {
-            "n": args.n, "sshd_max": args.sshd_max, "concurrency": args.concurrency,
+            "n": args.n, "workers": args.workers, "sshd_max": args.sshd_max,
+            "concurrency": args.concurrency,
             "jitter_s": args.jitter, "backlog": args.backlog,
             "storm_concurrency": args.storm_concurrency, "backoff_max_s": args.backoff_max,
             "algorithms": "asyncssh defaults" if args.asyncssh_defaults else "as OpenSSH 9.2",
             "machine": machine_info(), **source,
             "results": [asdict(o) for o in outcomes]})
-    ok = all(o.up == o.n and (o.server != "hub" or not args.storm
+    ok = all(o.up == o.n and (not o.server.startswith("hub") or not args.storm
                               or (o.storm_up == o.n and o.storm_moved == 0)) for o in outcomes)
     return 0 if ok else 1
 

@@ -51,7 +51,7 @@ class HubProcess:
         self.proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "--logfile", str(self.log), "callhomehub",
              "--data", str(self.data), "--ssh", ssh_endpoint, "--metrics", "none", "--web", "none",
-             *self.extra],
+             "--workers", "1", *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
 

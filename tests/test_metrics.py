@@ -300,7 +300,7 @@ def test_the_service_listens_for_metrics_only_when_asked(tmp_path: Path) -> None
                            (["--metrics", "none"], False)):
         options = Options()
         options.parseOptions(["--data", str(tmp_path), "--ssh", "tcp:0:interface=127.0.0.1",
-                              *extra])
+                              "--workers", "1", *extra])
         reactor = MemoryReactorClock()
         top = makeService(options, reactor=reactor)
         top.privilegedStartService()

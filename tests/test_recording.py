@@ -298,7 +298,7 @@ def test_the_hub_makes_its_recordings_directory_unless_recording_is_off(
         (data / "callhomehub.toml").write_text(f"[recordings]\n{extra}")
         options = Options()
         options.parseOptions(["--data", str(data), "--ssh", "tcp:0:interface=127.0.0.1",
-                              "--metrics", "none", "--web", "none"])
+                              "--metrics", "none", "--web", "none", "--workers", "1"])
         top = makeService(options, reactor=MemoryReactorClock())
         hub = top.hub  # type: ignore[attr-defined]
         assert hub.gateway_needs().recordings is hub.recordings

@@ -25,7 +25,7 @@ def test_twistd_finds_the_plugin() -> None:
 def test_make_service_listens_and_polls(tmp_path: Path) -> None:
     options = Options()
     options.parseOptions(["--data", str(tmp_path), "--ssh", "tcp:2222:interface=127.0.0.1",
-                          "--metrics", "none", "--web", "none"])
+                          "--metrics", "none", "--web", "none", "--workers", "1"])
     reactor = MemoryReactorClock()
     top = makeService(options, reactor=reactor)
     top.privilegedStartService()
@@ -93,7 +93,7 @@ def test_a_second_hub_on_the_same_data_directory_stops_before_touching_the_regis
     def make() -> Any:
         options = Options()
         options.parseOptions(["--data", str(tmp_path), "--ssh", "tcp:0:interface=127.0.0.1",
-                              "--metrics", "none", "--web", "none"])
+                              "--metrics", "none", "--web", "none", "--workers", "1"])
         return makeService(options, reactor=MemoryReactorClock())
 
     first = make()
@@ -127,7 +127,7 @@ def test_start_says_where_the_state_is_and_warns_without_a_call_home_password(
         tmp_path: Path) -> None:
     options = Options()
     options.parseOptions(["--data", str(tmp_path), "--ssh", "tcp:0:interface=127.0.0.1",
-                          "--metrics", "none", "--web", "none"])
+                          "--metrics", "none", "--web", "none", "--workers", "1"])
     top = makeService(options, reactor=MemoryReactorClock())
     top.hub.registry.register("site-a", b"k", "fp", "cli")  # type: ignore[attr-defined]
     with capture_events() as events:

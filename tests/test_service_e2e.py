@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 
 def start_fails(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([TWISTD, "-n", "--pidfile=", "callhomehub", "--metrics", "none",
-                             "--web", "none", *args],
+                             "--web", "none", "--workers", "1", *args],
                             capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr + result.stdout

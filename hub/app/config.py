@@ -13,14 +13,23 @@ import tomllib
 from collections.abc import Mapping
 from typing import Any
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 from twisted.internet.endpoints import serverFromString
 
 from hub.access.limits import Limits
+from hub.app.sharedport import parse_tcp_listen
+from hub.app.workers import default_workers
 from hub.errors import ConfigError
 from hub.intake.settings import NSCASettings
 from hub.rules.admission import parse_networks, parse_startups
-from hub.rules.cluster import default_hub_id, is_valid_hub_id, listens_everywhere, split_address
+from hub.rules.cluster import (
+    default_hub_id,
+    is_valid_hub_id,
+    listens_everywhere,
+    split_address,
+    worker_hub_id,
+    worker_peer,
+)
 from hub.rules.names import is_valid_name
 from hub.rules.retention import MAX_AGE_DAYS, MAX_TOTAL_MB, RetentionRules
 from hub.rules.webproxy import ProxySettings
@@ -74,6 +83,11 @@ class HubConfig:
     peer: str | None = None
     cluster_id: str = "hub"
     peer_address: str | None = None
+    # Hub processes sharing the SSH listener (hub.app.workers); 1: one process.
+    workers: int = 1
+    # With workers > 1: the `[cluster] id` the workers' ids derive from
+    # (`ID-w0`, `ID-w1`, ...); siblings on one machine relay no ports to each other.
+    worker_group: str | None = None
 
     @property
     def db_path(self) -> str:
@@ -318,7 +332,24 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         recordings_enabled=bool(doc.get("recordings", {}).get("enabled", True)),
         recordings=_recordings(doc),
         **_cluster(doc, options.get("peer")),
+        workers=workers_option(options.get("workers"), options.get("ssh") or "tcp:22"),
     )
+
+
+def as_worker(config: HubConfig, index: int) -> HubConfig:
+    """`config` as worker `index` of a hub with several workers runs it: its own
+    hub id (`ID-wINDEX` from `[cluster] id`) and a peer listener, so that the
+    workers reach each other's devices (hub.cluster). Worker 0 keeps `--peer`
+    when given (several machines); the others listen on port 0 and publish the
+    address they got."""
+    group = config.cluster_id
+    if index == 0:
+        peer = config.peer or worker_peer(None)
+        address = config.peer_address
+    else:
+        peer, address = worker_peer(config.peer_address), None
+    return evolve(config, cluster_id=worker_hub_id(group, index), worker_group=group,
+                  peer=peer, peer_address=address)
 
 
 def _cluster(doc: Mapping[str, Any], peer: str | None) -> dict[str, Any]:
@@ -433,3 +464,24 @@ def _number(value: Any, name: str, minimum: float) -> float:
     if number < minimum:
         raise ConfigError(f"{name}: must be >= {minimum:g}, got {value!r}")
     return number
+
+
+MAX_WORKERS = 256
+
+
+def workers_option(value: Any, ssh: str) -> int:
+    """`--workers`: how many processes share the SSH port. Unset: one per core, or
+    one when `--ssh` is not a tcp: endpoint (only those can be shared)."""
+    shareable = parse_tcp_listen(ssh) is not None
+    if value is None:
+        return default_workers() if shareable else 1
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--workers: expected a number of processes, got {value!r}") from None
+    if not 1 <= count <= MAX_WORKERS:
+        raise ConfigError(f"--workers: must be 1 to {MAX_WORKERS}, got {count}")
+    if count > 1 and not shareable:
+        raise ConfigError(f"--workers {count}: --ssh {ssh} cannot be shared between processes; "
+                          "use a tcp:PORT[:interface=ADDRESS] endpoint or --workers 1")
+    return count

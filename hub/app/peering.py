@@ -66,7 +66,7 @@ def add_peering(top: service.MultiService, hub: Hub, reactor: Any,
                       config.keepalive, config.keepalive_count)
     hub.sessions.remote = Routes(hub.registry, hub.sessions, links, config.cluster_id).remote
     ports = RemotePorts(hub.registry, hub.sessions, config.cluster_id,
-                        (hub.sessions.listener or reactor).listenTCP)
+                        (hub.sessions.listener or reactor).listenTCP, config.worker_group)
     hub.sessions.on_change = ports.refresh
     hub.sessions.release_relayed = ports.release
     beat = HubHeartbeat(hub.registry, hub.clock, config.cluster_id, key_line,

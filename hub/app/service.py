@@ -27,13 +27,15 @@ from hub.access.needs import GatewayNeeds, RegistrarNeeds
 from hub.access.recordings import PRUNE_INTERVAL, open_recordings
 from hub.access.registrar import RegistrarAvatar
 from hub.access.server import HubSSHFactory
-from hub.app.config import HubConfig, build_config
+from hub.app.config import HubConfig, as_worker, build_config
 from hub.app.console import build_web
 from hub.app.context import Hub
 from hub.app.control import ControlFactory, control_endpoint
 from hub.app.datalock import DataLock, DataLockService
 from hub.app.logs import HubService, parse_level
 from hub.app.peering import add_peering
+from hub.app.sharedport import SharedListenerService, parse_tcp_listen
+from hub.app.workers import WorkerSupervisor, reactor_spawn, worker_arguments
 from hub.errors import HubError
 from hub.intake.commandfile import CommandFileWriter
 from hub.intake.monitoring import Monitoring
@@ -85,6 +87,8 @@ class Options(usage.Options):
          "default: the address they reached the hub at"],
         ["peer", None, None, "peer listener endpoint for other hubs on the same registry "
          "(docs/cluster.md); default none: a single hub"],
+        ["workers", None, None, "hub processes sharing the SSH port (tcp: endpoints); "
+         "default: the number of cores"],
     ]
 
     def opt_version(self) -> None:
@@ -300,14 +304,17 @@ class OpenFileLimit(service.Service):
              " (raise it, e.g. LimitNOFILE=65536 in the systemd unit)")
 
 
-def build_hub(config: HubConfig, reactor: Any) -> Hub:
+def build_hub(config: HubConfig, reactor: Any, reset_online: bool = True) -> Hub:
     from twisted.internet.threads import deferToThreadPool
 
     clock: IReactorTime = reactor
     registry = Registry(config.db_path, now=clock.seconds)
     if config.peer is not None:  # several hubs: this hub resets only its own claims
         registry.hub_id = config.cluster_id
-    registry.reset_online()
+    if reset_online or config.peer is not None:
+        # Not by a worker without peering: worker 0 did, and the others' nodes
+        # are online. With hub ids each process clears only its own claims.
+        registry.reset_online()
     hub_keys = load_hub_keys(config.keys_dir)
     hub_keys = evolve(hub_keys, host_certificate=present_host_certificate(
         config.keys_dir, hub_keys.host_private[b"ssh-ed25519"], clock.seconds()))
@@ -358,6 +365,8 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
 
         reactor = default_reactor
     config: HubConfig = getattr(options, "hub_config", None) or build_config(options)
+    if config.workers > 1:
+        config = as_worker(config, 0)
     try:
         lock = DataLock.take(config.data)
     except HubError as e:
@@ -376,7 +385,10 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     OpenFileLimit(port_keeper=config.port_keeper).setServiceParent(top)
     if hub.sessions.listener is not None:
         PortKeeperService(hub.sessions.listener).setServiceParent(top)
-    ListenerService("SSH", config.ssh, factory, reactor).setServiceParent(top)
+    if config.workers > 1:
+        add_workers(top, options, config, factory, reactor)
+    else:
+        ListenerService("SSH", config.ssh, factory, reactor).setServiceParent(top)
     DisconnectOnStop(factory).setServiceParent(top)  # stopped before the listener
     ListenerService("control socket", control_endpoint(config.data), ControlFactory(hub),
                     reactor).setServiceParent(top)
@@ -410,3 +422,17 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     poll.clock = reactor
     poll.setServiceParent(top)
     return top
+
+
+def add_workers(top: service.MultiService, options: Any, config: HubConfig,
+                factory: HubSSHFactory, reactor: Any) -> None:
+    """`--workers N`, N > 1: this process's SSH listener is shared, and workers
+    1..N-1 (hub.app.workers) start after it is bound, on the port it bound."""
+    listen = parse_tcp_listen(config.ssh)
+    assert listen is not None  # build_config refused other endpoints
+    shared = SharedListenerService("SSH", listen, factory, reactor)
+    shared.setServiceParent(top)
+    log.info("{n} workers: this process is worker 0", n=config.workers)
+    WorkerSupervisor(config.workers, lambda index: worker_arguments(
+        options, Options.optParameters, Options.optFlags, index, shared.endpoint()),
+        reactor_spawn(reactor), reactor).setServiceParent(top)

@@ -20,7 +20,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from hub.rules.cluster import is_live
+from hub.rules.cluster import is_live, is_sibling
 from hub.ssh.connection import ChannelRefused
 from hub.store.registry import Registry
 from hub.tunnel.live import LOOPBACK, PortListener, TunnelSplice
@@ -54,13 +54,17 @@ class RemotePorts:
     hub_id: str
     # Binds a port: listenTCP(port, factory, interface=...) of the reactor.
     listen: Callable[..., Any]
+    # With --workers: this machine's workers (`[cluster] id`), which bind their
+    # nodes' ports here themselves; a relay of one would race its owner for it.
+    worker_group: str | None = None
     _open: dict[Relayed, PortListener] = field(factory=dict)
 
     def wanted(self) -> set[Relayed]:
         """The live ports of nodes held by other live hubs."""
         now = self.sessions.clock.seconds()
         live_hubs = {h.id for h in self.registry.hubs()
-                     if h.id != self.hub_id and is_live(h.heartbeat, now)}
+                     if h.id != self.hub_id and is_live(h.heartbeat, now)
+                     and not is_sibling(self.worker_group, h.id)}
         interface = self.sessions.public_interface
         return {(n.name, service, n.forwards[service], interface if n.public else LOOPBACK)
                 for n in self.registry.nodes()

@@ -35,6 +35,30 @@ def default_hub_id(hostname: str) -> str:
     return cleaned or "hub"
 
 
+def worker_hub_id(group: str, index: int) -> str:
+    """The hub id of worker `index` of a hub whose `[cluster] id` is `group`."""
+    suffix = f"-w{index}"
+    return group[:63 - len(suffix)] + suffix
+
+
+def is_sibling(group: str | None, hub_id: str) -> bool:
+    """Whether `hub_id` is one of the workers of `group` (on this machine)."""
+    return group is not None and re.fullmatch(
+        re.escape(group[:60]) + r"[A-Za-z0-9._-]*-w\d+", hub_id) is not None
+
+
+def worker_peer(configured_address: str | None) -> str:
+    """The peer listener of a worker (index > 0): port 0 on the host of the
+    configured peer address when it is an IP address (several machines), else
+    on loopback (the workers of one machine)."""
+    host = "127.0.0.1"
+    if configured_address:
+        candidate = split_address(configured_address)[0]
+        if re.fullmatch(r"[0-9.]+|[0-9A-Fa-f:]+", candidate):
+            host = candidate
+    return f"tcp:0:interface={host.replace(':', chr(92) + ':')}"
+
+
 def listens_everywhere(interface: str) -> bool:
     return interface.strip() in _ALL_INTERFACES
 
