@@ -264,3 +264,24 @@ def test_a_worker_refuses_an_endpoint_it_cannot_share(tmp_path: Path) -> None:
     with pytest.raises(HubError, match="a worker needs a tcp: endpoint"):
         make_worker_service(options.hub_config, 1, MemoryReactorClock())
 
+
+
+def test_each_worker_is_a_hub_of_its_own_with_a_peer_listener() -> None:
+    from hub.app.config import HubConfig, as_worker
+    from hub.rules.cluster import is_sibling
+
+    base = HubConfig(data="/d", cluster_id="edge-1", workers=2)
+    first, second = as_worker(base, 0), as_worker(base, 1)
+    assert (first.cluster_id, second.cluster_id) == ("edge-1-w0", "edge-1-w1")
+    assert first.peer == second.peer == "tcp:0:interface=127.0.0.1"
+    assert first.worker_group == second.worker_group == "edge-1"
+    assert is_sibling("edge-1", "edge-1-w7") and not is_sibling("edge-1", "edge-2-w0")
+    assert not is_sibling(None, "edge-1-w0")
+    # Several machines: worker 0 keeps --peer and the configured address; the
+    # others listen on that address's host and publish what they bound.
+    fleet = as_worker(HubConfig(data="/d", cluster_id="x" * 63, workers=2,
+                                peer="tcp:7000", peer_address="10.0.0.5:7000"), 3)
+    assert fleet.peer == "tcp:0:interface=10.0.0.5" and fleet.peer_address is None
+    assert fleet.cluster_id == "x" * 60 + "-w3"
+    assert as_worker(HubConfig(data="/d", cluster_id="a", workers=2, peer="tcp:7000",
+                               peer_address="10.0.0.5:7000"), 0).peer == "tcp:7000"
