@@ -23,6 +23,7 @@ from hub.rules.names import is_valid_name
 from hub.rules.retention import MAX_AGE_DAYS, MAX_TOTAL_MB, RetentionRules
 from hub.rules.webproxy import ProxySettings
 from hub.ssh.algorithms import TransportPolicy
+from hub.store.engine import is_url, redact
 
 
 @frozen
@@ -66,10 +67,18 @@ class HubConfig:
     # Session recording (hub.access.recordings): on or off, and its retention.
     recordings_enabled: bool = True
     recordings: RetentionRules = field(factory=RetentionRules)
+    # A PostgreSQL registry (`--registry postgresql://...`), or None: the SQLite
+    # file in the data directory (`db_path`).
+    registry_url: str | None = None
 
     @property
     def db_path(self) -> str:
         return os.path.join(self.data, "hub.sqlite3")
+
+    @property
+    def registry(self) -> str:
+        """What `Registry` opens: the PostgreSQL URL, else the SQLite file."""
+        return self.registry_url or self.db_path
 
     @property
     def keys_dir(self) -> str:
@@ -308,7 +317,20 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         device_login=_device_login(doc),
         recordings_enabled=bool(doc.get("recordings", {}).get("enabled", True)),
         recordings=_recordings(doc),
+        registry_url=check_registry_url(
+            options.get("registry") or os.environ.get("CALLHOMEHUB_REGISTRY")),
     )
+
+
+def check_registry_url(url: str | None) -> str | None:
+    """A PostgreSQL URL, or None for the SQLite file (the password never shown)."""
+    if not url:
+        return None
+    if not is_url(url):
+        raise ConfigError("--registry: expected postgresql://USER[:PASSWORD]@HOST[:PORT]/"
+                          f"DATABASE, got {redact(url)!r} (without --registry the registry "
+                          "is the SQLite file in the data directory)")
+    return url
 
 
 def _device_login(doc: Mapping[str, Any]) -> str:

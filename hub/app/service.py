@@ -82,6 +82,8 @@ class Options(usage.Options):
          "made on first start; tcp:... behind a proxy; none: off)"],
         ["web-url", None, None, "the console's URL as operators reach it (weblink); "
          "default: the address they reached the hub at"],
+        ["registry", None, None, "a PostgreSQL registry, postgresql://USER@HOST/DATABASE; "
+         "default $CALLHOMEHUB_REGISTRY, else DATA/hub.sqlite3"],
     ]
 
     def opt_version(self) -> None:
@@ -301,7 +303,7 @@ def build_hub(config: HubConfig, reactor: Any) -> Hub:
     from twisted.internet.threads import deferToThreadPool
 
     clock: IReactorTime = reactor
-    registry = Registry(config.db_path, now=clock.seconds)
+    registry = Registry(config.registry, now=clock.seconds)
     registry.reset_online()
     hub_keys = load_hub_keys(config.keys_dir)
     hub_keys = evolve(hub_keys, host_certificate=present_host_certificate(
