@@ -101,6 +101,33 @@ def test_a_lost_connection_is_one_error_then_opened_again(postgres: Cluster) -> 
     assert not reg.changed()
 
 
+def test_a_database_that_stays_down_is_tried_again_once_per_interval(
+        postgres: Cluster) -> None:
+    url = postgres.database()
+    database = url.rsplit("/", 1)[1]
+    timer = [0.0]
+    reg = Registry(url, now=time.time, timer=lambda: timer[0])
+    reg.register("site-a", b"k", "fp", "t")
+    (pid,) = reg.query("SELECT pg_backend_pid()")[0]
+    postgres.admin(f"ALTER DATABASE {database} ALLOW_CONNECTIONS false")
+    postgres.scalar(f"SELECT pg_terminate_backend({pid})")
+    try:
+        with pytest.raises(RegistryError):  # the lost connection
+            reg.node("site-a")
+        with pytest.raises(RegistryError, match="not currently accepting connections"):
+            reg.node("site-a")  # one attempt to connect again
+        with pytest.raises(RegistryError, match=r"unreachable, trying again every 5 s$"):
+            reg.node("site-a")  # none within the interval
+        assert not reg.changed()  # the hub's poll goes on, quietly
+    finally:
+        postgres.admin(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true")
+    with pytest.raises(RegistryError, match="unreachable"):
+        reg.node("site-a")
+    timer[0] += 5.0
+    assert reg.node("site-a").name == "site-a"
+    assert reg.changed()
+
+
 def test_changes_on_another_connection_are_noticed_within_two_seconds(
         postgres: Cluster) -> None:
     url = postgres.database()

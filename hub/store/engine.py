@@ -270,9 +270,16 @@ class Postgres:
         return text.replace(password, "***") if password else text
 
     def _live(self) -> Any:
-        """The connection, opened again if the last one was lost."""
+        """The connection, opened again if the last one was lost. After a failed
+        attempt, calls fail at once for RECONNECT_INTERVAL: a server that is down
+        costs one connection timeout per interval, not one per call."""
         if self._conn.broken or self._conn.closed:
+            if self._timer() < self._retry_at:
+                raise RegistryError(f"registry {self.name}: unreachable, "
+                                    f"trying again every {RECONNECT_INTERVAL:g} s")
+            self._retry_at = self._timer() + RECONNECT_INTERVAL
             self._conn = self._connect()
+            self._retry_at = 0.0
             self._others += 1  # notices may have been missed meanwhile
         return self._conn
 
@@ -341,16 +348,11 @@ class Postgres:
         if self._in_tx:
             return self._commits, self._others
         try:
-            if self._conn.broken or self._conn.closed:
-                if self._timer() < self._retry_at:
-                    return self._commits, self._others
-                self._retry_at = self._timer() + RECONNECT_INTERVAL
-                self._live()
-            for notice in self._conn.notifies(timeout=0):
+            for notice in self._live().notifies(timeout=0):
                 if notice.pid != self._pid:
                     self._others += 1
         except (RegistryError, self._psycopg.Error):
-            self._retry_at = self._timer() + RECONNECT_INTERVAL
+            pass  # lost: the next call (or poll) opens it again
         return self._commits, self._others
 
     def schema_version(self) -> int:
