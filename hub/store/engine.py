@@ -314,7 +314,9 @@ class Postgres:
 
     def executemany(self, sql: str, params: Iterable[Sequence[Any]]) -> None:
         rows = [tuple(p) for p in params]
-        if not rows:
+        if len(rows) <= 1:  # one row: one statement, and it may carry the BEGIN
+            if rows:
+                self.execute(sql, rows[0])
             return
         if self._begin:
             self._begin = False
