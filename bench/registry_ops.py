@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import sys
 import tempfile
@@ -63,6 +64,8 @@ def main() -> int:
     parser.add_argument("--postgres", metavar="URL", help="an empty database to use")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
+    # Killed with SIGTERM (timeout(1)), the throwaway cluster is still stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cluster = None
     url = args.postgres
     with tempfile.TemporaryDirectory() as tmp:
