@@ -30,6 +30,10 @@ def old_database(target: Path | str, version: int) -> None:
         old = Registry(target, now=lambda: 0.0, migrations=MIGRATIONS[:version])
         with old.transaction() as tx:
             fill(tx, version)
+            # The rows above chose their ids: identity columns go on after them.
+            for table in ("nodes", "users"):
+                tx.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
+                           f" (SELECT MAX(id) FROM {table}))")
         old.close()
         return
     db = sqlite3.connect(target)
@@ -145,6 +149,7 @@ def test_old_database_is_upgraded_with_its_data(registry_at: str, version: int) 
     node = reg.set_device_access("site-a", "t", console="pmshell -l {port}")
     assert node.console == "pmshell -l {port}"
     session = SessionLog(reg).begin("alice", "site-a", "192.0.2.9", "shell", 1000.0)
+    assert reg.register("site-new", b"key-new", "fp", "t")[0].id == 4  # after the old ids
     reg.close()
     reg = Registry(str(path), now=lambda: 1000.0)
     assert reg.node("site-a").console == "pmshell -l {port}"
