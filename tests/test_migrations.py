@@ -263,9 +263,11 @@ def test_failed_postgres_upgrade_leaves_the_database_as_it_was(postgres: Cluster
     import psycopg
     with psycopg.connect(url) as conn:
         tables = {name for (name,) in conn.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")}
+            "SELECT table_name FROM information_schema.tables"
+            " WHERE table_schema = current_schema()")}
         columns = {name for (name,) in conn.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = 'nodes'")}
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = 'nodes'")}
     assert "results" not in tables and "half_done" not in tables
     assert "console" not in columns
     reg = Registry(url, now=lambda: 1000.0)

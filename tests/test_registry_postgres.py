@@ -60,7 +60,7 @@ def test_two_hubs_leasing_at_once_get_different_ports(postgres: Cluster) -> None
     hub_a, hub_b = Registry(url, now=time.time), Registry(url, now=time.time)
     hub_a.register("n1", b"k1", "fp1", "t")
     hub_a.register("n2", b"k2", "fp2", "t")
-    database = url.rsplit("/", 1)[1]
+    (pid,) = hub_a.query("SELECT pg_backend_pid()")[0]
     results: list[object] = []
 
     def lease() -> None:
@@ -78,7 +78,7 @@ def test_two_hubs_leasing_at_once_get_different_ports(postgres: Cluster) -> None
         thread.start()
         wait_for(lambda: postgres.scalar(
             "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            f" AND datname = '{database}'") == 1)
+            f" AND pid = {pid}") == 1)
     thread.join(10)
     assert results == [(50001, True)]
     assert hub_b.node("n2").forwards == {"ssh": 50000}
@@ -103,7 +103,7 @@ def test_a_lost_connection_is_one_error_then_opened_again(postgres: Cluster) -> 
 
 def test_a_database_that_stays_down_is_tried_again_once_per_interval(
         postgres: Cluster) -> None:
-    url = postgres.database()
+    url = postgres.database(own=True)
     database = url.rsplit("/", 1)[1]
     timer = [0.0]
     reg = Registry(url, now=time.time, timer=lambda: timer[0])
