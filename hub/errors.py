@@ -17,6 +17,10 @@ class RegistryError(HubError):
     """The registry refused a change; the message says why."""
 
 
+class RegistryBusy(RegistryError):
+    """Another hub wrote the same rows at the same time (PostgreSQL): try again."""
+
+
 class NameTaken(RegistryError):
     """A node or user name is already held by someone else."""
 

@@ -13,6 +13,7 @@ from twisted.logger import LogEvent, globalLogPublisher
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import SSH, HubProcess, SSHClient
+from postgres import Cluster
 
 CALLHOME_PASSWORD = "s3cret-callhome"
 DEVICE_USER = f"chdev{os.getpid()}"  # per run: concurrent runs must not share an account
@@ -57,3 +58,29 @@ def logged() -> Iterator[list[LogEvent]]:
     globalLogPublisher.addObserver(events.append)
     yield events
     globalLogPublisher.removeObserver(events.append)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Cluster]:
+    """A throwaway PostgreSQL server (tests/postgres.py), started on first use."""
+    try:
+        cluster = Cluster()
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_at(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a registry test's registry lives, for each engine: a SQLite file in the
+    test's temp dir, or a fresh database on the test PostgreSQL server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "hub.sqlite3")
+    cluster: Cluster = request.getfixturevalue("postgres")
+    return cluster.database()

@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
+from postgres import PASSWORD, Cluster
 
 from hub.errors import RegistryError
 from hub.intake.monitoring import Status, status
+from hub.store.engine import is_url
 from hub.store.registry import MIGRATIONS, NETCONF, AuditEntry, Node, Registry, User
 from hub.store.rows import AUDIT_COLUMNS, NODE_COLUMNS
 from hub.store.schema import load_migrations, statements
@@ -19,13 +22,31 @@ from hub.store.sessions import SESSION_COLUMNS, SessionLog, SessionRow
 LOW = 50000
 
 
-def old_database(path: Path, version: int) -> None:
+def old_database(target: Path | str, version: int) -> None:
     """A database as a hub with only the first `version` migrations left it, with
-    data in every table (inserted with that schema's own columns)."""
-    db = sqlite3.connect(path)
+    data in every table (inserted with that schema's own columns): a SQLite file,
+    or a PostgreSQL database (migrated by the registry, as the older hub did)."""
+    if isinstance(target, str) and is_url(target):
+        old = Registry(target, now=lambda: 0.0, migrations=MIGRATIONS[:version])
+        with old.transaction() as tx:
+            fill(tx, version)
+            # The rows above chose their ids: identity columns go on after them.
+            for table in ("nodes", "users"):
+                tx.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
+                           f" (SELECT MAX(id) FROM {table}))")
+        old.close()
+        return
+    db = sqlite3.connect(target)
     for script in MIGRATIONS[:version]:
         db.executescript(script)
     db.execute(f"PRAGMA user_version = {version}")
+    fill(db, version)
+    db.commit()
+    db.close()
+
+
+def fill(db: Any, version: int) -> None:
+    """Rows in every table of schema `version`, through `db.execute(many)`."""
     db.executemany(
         "INSERT INTO nodes (id, name, kind, key_blob, fingerprint, state, created, last_seen,"
         " peer, online, online_since, public, device_user, host_key)"
@@ -37,7 +58,7 @@ def old_database(path: Path, version: int) -> None:
         ])
     # The schema's defaults fill what an old registration left out.
     db.execute("INSERT INTO nodes (id, name, key_blob, state, created)"
-               " VALUES (3, 'Site-B', x'6b2d62', 'revoked', 120.0)")
+               " VALUES (3, 'Site-B', ?, 'revoked', 120.0)", (b"k-b",))
     db.executemany("INSERT INTO leases (node_id, service, port, active) VALUES (?, ?, ?, ?)",
                    [(1, "ssh", LOW, 1), (1, "http", LOW + 2, 0), (3, "ssh", LOW + 1, 0)])
     db.executemany("INSERT INTO users (id, name, password_hash, created) VALUES (?, ?, ?, ?)",
@@ -57,8 +78,6 @@ def old_database(path: Path, version: int) -> None:
     if version >= 2:
         db.execute("INSERT INTO results (node, host, service, code, output, time, received)"
                    " VALUES ('site-a', 'site-a', 'disk', 1, 'DISK WARNING', 300.0, 301.0)")
-    db.commit()
-    db.close()
 
 
 EXPECTED_NODES = [
@@ -102,7 +121,14 @@ def assert_old_data_reads_back(reg: Registry) -> None:
     assert reg.lease("site-b", "ssh", LOW, LOW + 9) == (LOW + 1, False)
 
 
-def user_version(path: Path) -> int:
+def user_version(path: Path | str) -> int:
+    """The schema version on file: SQLite's user_version, PostgreSQL's table."""
+    if isinstance(path, str) and is_url(path):
+        import psycopg
+        with psycopg.connect(path) as conn:
+            row = conn.execute("SELECT version FROM callhomehub_schema").fetchone()
+            assert row is not None
+            return int(row[0])
     db = sqlite3.connect(path)
     try:
         return int(db.execute("PRAGMA user_version").fetchone()[0])
@@ -111,8 +137,8 @@ def user_version(path: Path) -> int:
 
 
 @pytest.mark.parametrize("version", range(1, len(MIGRATIONS)))
-def test_old_database_is_upgraded_with_its_data(tmp_path: Path, version: int) -> None:
-    path = tmp_path / "hub.sqlite3"
+def test_old_database_is_upgraded_with_its_data(registry_at: str, version: int) -> None:
+    path = registry_at
     old_database(path, version)
     reg = Registry(str(path), now=lambda: 1000.0)
     assert user_version(path) == len(MIGRATIONS)
@@ -123,6 +149,7 @@ def test_old_database_is_upgraded_with_its_data(tmp_path: Path, version: int) ->
     node = reg.set_device_access("site-a", "t", console="pmshell -l {port}")
     assert node.console == "pmshell -l {port}"
     session = SessionLog(reg).begin("alice", "site-a", "192.0.2.9", "shell", 1000.0)
+    assert reg.register("site-new", b"key-new", "fp", "t")[0].id == 4  # after the old ids
     reg.close()
     reg = Registry(str(path), now=lambda: 1000.0)
     assert reg.node("site-a").console == "pmshell -l {port}"
@@ -210,3 +237,41 @@ def test_statements_skip_comment_lines() -> None:
               "  -- another\nCREATE TABLE b (y);\n")
     assert [s.strip() for s in statements(script)] == ["CREATE TABLE a (x)",
                                                        "CREATE TABLE b (y)"]
+
+
+def test_postgres_schema_version_and_refusal_of_a_newer_one(postgres: Cluster) -> None:
+    url = postgres.database()
+    Registry(url, now=lambda: 1000.0).close()
+    assert user_version(url) == len(MIGRATIONS)
+    Registry(url, now=lambda: 1000.0).close()  # opened again: no migration twice
+    import psycopg
+    with psycopg.connect(url) as conn:
+        conn.execute("UPDATE callhomehub_schema SET version = %s", (len(MIGRATIONS) + 4,))
+    name = url.replace(PASSWORD, "***")
+    message = (f"registry {name} has schema {len(MIGRATIONS) + 4}, newer than this hub "
+               f"({len(MIGRATIONS)}); upgrade callhomehub")
+    with pytest.raises(RegistryError, match=f"^{re.escape(message)}$"):
+        Registry(url, now=lambda: 1000.0)
+
+
+def test_failed_postgres_upgrade_leaves_the_database_as_it_was(postgres: Cluster) -> None:
+    url = postgres.database()
+    old_database(url, 1)
+    broken = ("CREATE TABLE half_done (x INTEGER);"
+              " INSERT INTO no_such_table VALUES (1)")
+    with pytest.raises(RegistryError, match='relation "no_such_table" does not exist'):
+        Registry(url, now=lambda: 1000.0, migrations=(*MIGRATIONS[:2], broken))
+    assert user_version(url) == 1
+    import psycopg
+    with psycopg.connect(url) as conn:
+        tables = {name for (name,) in conn.execute(
+            "SELECT table_name FROM information_schema.tables"
+            " WHERE table_schema = current_schema()")}
+        columns = {name for (name,) in conn.execute(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = 'nodes'")}
+    assert "results" not in tables and "half_done" not in tables
+    assert "console" not in columns
+    reg = Registry(url, now=lambda: 1000.0)
+    assert user_version(url) == len(MIGRATIONS)
+    assert_old_data_reads_back(reg)

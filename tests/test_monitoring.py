@@ -13,9 +13,9 @@ from hub.intake.settings import NSCASettings
 from hub.store.registry import Registry
 
 
-def test_results_of_one_turn_are_stored_together_with_bounded_history(tmp_path: Path) -> None:
+def test_results_of_one_turn_are_stored_together_with_bounded_history(registry_at: str) -> None:
     clock = MemoryReactorClock()
-    registry = Registry(str(tmp_path / "hub.sqlite3"), now=clock.seconds)
+    registry = Registry(registry_at, now=clock.seconds)
     monitoring = Monitoring(registry, NSCASettings(history=2, strict_host=True), clock)
     registry.register("site-a", b"key-a", "fp-a", "test")
     registry.set_state("site-a", "approved", "test")

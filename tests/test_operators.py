@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from hub.access.operators import lapsed
@@ -12,8 +10,8 @@ from hub.store.registry import Registry, User
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Registry:
-    return Registry(str(tmp_path / "hub.sqlite3"), now=lambda: 0.0)
+def registry(registry_at: str) -> Registry:
+    return Registry(registry_at, now=lambda: 0.0)
 
 
 def test_a_user_added_again_under_the_same_name_is_another_user(registry: Registry) -> None:

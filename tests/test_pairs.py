@@ -67,8 +67,8 @@ def test_pair_add_problems(args: tuple[str, str, str], why: str) -> None:
 
 
 @pytest.fixture
-def reg(tmp_path: Path) -> Registry:
-    reg = Registry(str(tmp_path / "hub.sqlite3"), now=lambda: 1000.0)
+def reg(registry_at: str) -> Registry:
+    reg = Registry(registry_at, now=lambda: 1000.0)
     for name in ("pbx-a", "pbx-b", "other"):
         reg.register(name, name.encode(), f"fp-{name}", "t")
     return reg

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -165,12 +164,13 @@ class Clock:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "hub.sqlite3"
+def db(registry_at: str) -> str:
+    """The registry on each engine (SQLite file, PostgreSQL database)."""
+    return registry_at
 
 
 @pytest.fixture
-def registry(db: Path) -> Registry:
+def registry(db: str) -> Registry:
     registry = Registry(str(db), now=Clock())
     for i, name in enumerate(("site-a", "site-b", "site-c")):
         registry.register(name, f"key-{i}".encode(), f"SHA256:{i}", "test")
@@ -248,7 +248,7 @@ def test_lease_for_unknown_node(registry: Registry) -> None:
         registry.lease("nobody", "ssh", LOW, HIGH)
 
 
-def test_leases_survive_reopening(registry: Registry, db: Path) -> None:
+def test_leases_survive_reopening(registry: Registry, db: str) -> None:
     a = registry.lease("site-a", "ssh", LOW, HIGH)[0]
     b = registry.lease("site-b", "http", LOW, HIGH)[0]
     registry.set_lease_active("site-a", "ssh", True)
@@ -262,7 +262,7 @@ def test_leases_survive_reopening(registry: Registry, db: Path) -> None:
     assert again.node("site-a").forwards == {"ssh": a}
 
 
-def test_leases_seen_by_a_second_registry_object(registry: Registry, db: Path) -> None:
+def test_leases_seen_by_a_second_registry_object(registry: Registry, db: str) -> None:
     cli = Registry(str(db), now=Clock())
     port = cli.lease("site-a", "ssh", LOW, HIGH)[0]
     assert registry.lease("site-a", "ssh", LOW, HIGH) == (port, False)

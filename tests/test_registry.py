@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,17 @@ class Clock:
 
 
 @pytest.fixture
-def reg(tmp_path: Path) -> Registry:
+def reg(registry_at: str) -> Registry:
+    """A registry on each engine (SQLite, PostgreSQL)."""
+    return Registry(registry_at, now=Clock())
+
+
+@pytest.fixture
+def sqlite_reg(tmp_path: Path) -> Registry:
     return Registry(str(tmp_path / "hub.sqlite3"), now=Clock())
 
 
-def test_schema_is_versioned_and_wal(tmp_path: Path, reg: Registry) -> None:
+def test_schema_is_versioned_and_wal(tmp_path: Path, sqlite_reg: Registry) -> None:
     db = sqlite3.connect(tmp_path / "hub.sqlite3")
     assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -30,8 +37,8 @@ def test_schema_is_versioned_and_wal(tmp_path: Path, reg: Registry) -> None:
     Registry(str(tmp_path / "hub.sqlite3"), now=Clock()).close()
 
 
-def test_newer_schema_is_refused(tmp_path: Path, reg: Registry) -> None:
-    reg.close()
+def test_newer_schema_is_refused(tmp_path: Path, sqlite_reg: Registry) -> None:
+    sqlite_reg.close()
     db = sqlite3.connect(tmp_path / "hub.sqlite3")
     db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     db.commit()
@@ -99,11 +106,14 @@ def test_users_and_grants(reg: Registry) -> None:
         reg.user("alice")
 
 
-def test_changes_by_another_process_are_noticed(tmp_path: Path, reg: Registry) -> None:
+def test_changes_by_another_process_are_noticed(registry_at: str, reg: Registry) -> None:
     assert not reg.changed()
-    cli = Registry(str(tmp_path / "hub.sqlite3"), now=Clock())
+    cli = Registry(registry_at, now=Clock())
     cli.register("site-a", b"key1", "SHA256:1", "cli")
-    assert reg.changed()
+    # PostgreSQL's notice arrives a moment after the commit; SQLite's at once.
+    deadline = time.monotonic() + 2
+    while not reg.changed():
+        assert time.monotonic() < deadline, "the change was not noticed within 2 s"
     assert not reg.changed()
     # The hub's own writes are not "changes by others".
     reg.touch("site-a")
@@ -117,11 +127,10 @@ def test_failed_transaction_leaves_nothing(reg: Registry) -> None:
     assert len(reg.audit_log()) == 1
 
 
-def test_lowest_free_port_agrees_with_the_pure_rule(tmp_path: Path) -> None:
+def test_lowest_free_port_agrees_with_the_pure_rule(reg: Registry) -> None:
     import random
 
     from hub.rules.ports import choose_port
-    reg = Registry(str(tmp_path / "lease.sqlite3"), now=Clock())
     rng = random.Random(7)
     for i in range(60):
         reg.register(f"n{i}", f"k{i}".encode(), "fp", "t")
@@ -153,9 +162,9 @@ def test_the_registry_file_is_private(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o600
 
 
-def test_pending_leases_expire_once_the_node_stayed_away(tmp_path: Path) -> None:
+def test_pending_leases_expire_once_the_node_stayed_away(registry_at: str) -> None:
     clock = Clock()
-    reg = Registry(str(tmp_path / "hub.sqlite3"), now=clock)
+    reg = Registry(registry_at, now=clock)
     for name in ("squat", "device", "live"):
         reg.register(name, name.encode(), "fp", "test")
         reg.lease(name, "ssh", 50000, 50099)

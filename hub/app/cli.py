@@ -17,6 +17,7 @@ from typing import Any
 
 from hub import __version__
 from hub.app import ca, certs, fleet, hostcert, pairs, sessions, users
+from hub.app.config import check_registry_url
 from hub.app.stdio import actor, print_table, read_stdin_secret
 from hub.errors import HubError
 from hub.rules.display import iso_utc, sha256_fingerprint
@@ -201,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"callhomehub {__version__}")
     p.add_argument("--data", default=None,
                    help="state directory of the hub (default $CALLHOMEHUB_DATA, else .)")
+    p.add_argument("--registry", default=None, metavar="URL",
+                   help="a PostgreSQL registry, postgresql://USER@HOST/DATABASE "
+                        "(default $CALLHOMEHUB_REGISTRY, else DATA/hub.sqlite3)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, func: Any, help: str, listing: bool = False) -> argparse.ArgumentParser:
@@ -250,9 +254,12 @@ SETUP = (cmd_callhome_password, users.cmd_user_add)
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.data = args.data or os.environ.get("CALLHOMEHUB_DATA") or "."
-    path = os.path.join(args.data, "hub.sqlite3")
+    url = args.registry or os.environ.get("CALLHOMEHUB_REGISTRY")
+    path = url or os.path.join(args.data, "hub.sqlite3")
     try:
-        if args.func not in SETUP and not os.path.exists(path):
+        if url is not None:
+            check_registry_url(url)
+        elif args.func not in SETUP and not os.path.exists(path):
             # Not a new empty hub: a mistyped --data or the wrong directory.
             raise HubError(f"no hub registry in {os.path.abspath(args.data)}: start the hub "
                            "there first, or pass --data (or set CALLHOMEHUB_DATA)")

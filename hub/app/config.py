@@ -34,6 +34,7 @@ from hub.rules.names import is_valid_name
 from hub.rules.retention import MAX_AGE_DAYS, MAX_TOTAL_MB, RetentionRules
 from hub.rules.webproxy import ProxySettings
 from hub.ssh.algorithms import TransportPolicy
+from hub.store.engine import is_url, redact
 
 
 @frozen
@@ -88,10 +89,18 @@ class HubConfig:
     # With workers > 1: the `[cluster] id` the workers' ids derive from
     # (`ID-w0`, `ID-w1`, ...); siblings on one machine relay no ports to each other.
     worker_group: str | None = None
+    # A PostgreSQL registry (`--registry postgresql://...`), or None: the SQLite
+    # file in the data directory (`db_path`).
+    registry_url: str | None = None
 
     @property
     def db_path(self) -> str:
         return os.path.join(self.data, "hub.sqlite3")
+
+    @property
+    def registry(self) -> str:
+        """What `Registry` opens: the PostgreSQL URL, else the SQLite file."""
+        return self.registry_url or self.db_path
 
     @property
     def keys_dir(self) -> str:
@@ -333,6 +342,8 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         recordings=_recordings(doc),
         **_cluster(doc, options.get("peer")),
         workers=workers_option(options.get("workers"), options.get("ssh") or "tcp:22"),
+        registry_url=check_registry_url(
+            options.get("registry") or os.environ.get("CALLHOMEHUB_REGISTRY")),
     )
 
 
@@ -374,6 +385,17 @@ def _cluster(doc: Mapping[str, Any], peer: str | None) -> dict[str, Any]:
         raise ConfigError(f"--peer {peer}: it listens on every interface; set [cluster] "
                           "peer_address to the HOST:PORT other hubs dial")
     return {"peer": peer, "cluster_id": hub_id, "peer_address": address}
+
+
+def check_registry_url(url: str | None) -> str | None:
+    """A PostgreSQL URL, or None for the SQLite file (the password never shown)."""
+    if not url:
+        return None
+    if not is_url(url):
+        raise ConfigError("--registry: expected postgresql://USER[:PASSWORD]@HOST[:PORT]/"
+                          f"DATABASE, got {redact(url)!r} (without --registry the registry "
+                          "is the SQLite file in the data directory)")
+    return url
 
 
 def _device_login(doc: Mapping[str, Any]) -> str:

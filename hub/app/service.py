@@ -89,6 +89,8 @@ class Options(usage.Options):
          "(docs/cluster.md); default none: a single hub"],
         ["workers", None, None, "hub processes sharing the SSH port (tcp: endpoints); "
          "default: the number of cores"],
+        ["registry", None, None, "a PostgreSQL registry, postgresql://USER@HOST/DATABASE; "
+         "default $CALLHOMEHUB_REGISTRY, else DATA/hub.sqlite3"],
     ]
 
     def opt_version(self) -> None:
@@ -308,7 +310,7 @@ def build_hub(config: HubConfig, reactor: Any, reset_online: bool = True) -> Hub
     from twisted.internet.threads import deferToThreadPool
 
     clock: IReactorTime = reactor
-    registry = Registry(config.db_path, now=clock.seconds)
+    registry = Registry(config.registry, now=clock.seconds)
     if config.peer is not None:  # several hubs: this hub resets only its own claims
         registry.hub_id = config.cluster_id
     if reset_online or config.peer is not None:

@@ -10,12 +10,12 @@ calls another hub gets its old ports. Mixed into `hub.store.registry.Registry`.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from attrs import frozen
 
+from hub.store.engine import Database
 from hub.store.rows import select
 
 HUB_COLUMNS = ("id", "peer_address", "peer_key", "started", "heartbeat")
@@ -33,9 +33,9 @@ class HubRow:
 class HubRecords:
     """Hub rows and node claims; every method is one transaction of the registry."""
 
-    _db: sqlite3.Connection
+    _db: Database
     _now: Callable[[], float]
-    _tx: Callable[[], AbstractContextManager[sqlite3.Connection]]
+    _tx: Callable[[], AbstractContextManager[Database]]
     _audit: Callable[..., None]
 
     def hub_started(self, hub_id: str, peer_address: str, peer_key: str) -> None:

@@ -6,11 +6,11 @@ Mixed into `hub.store.registry.Registry`, whose transaction (`_tx`) and audit
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from hub.errors import NameTaken, NotFound, RegistryError
+from hub.store.engine import Database
 from hub.store.rows import User
 
 
@@ -24,9 +24,9 @@ KEEP = Keep()
 class OperatorRecords:
     """Operator rows; every method is one transaction of the registry."""
 
-    _db: sqlite3.Connection
+    _db: Database
     _now: Callable[[], float]
-    _tx: Callable[[], AbstractContextManager[sqlite3.Connection]]
+    _tx: Callable[[], AbstractContextManager[Database]]
     _audit: Callable[..., None]
 
     def add_user(self, name: str, password_hash: str | None, keys: list[tuple[bytes, str]],
@@ -40,11 +40,12 @@ class OperatorRecords:
                 " VALUES (?, ?, ?, ?, ?)", (uid, name, password_hash, self._now(), int(admin)),
             )
             db.executemany(
-                "INSERT OR IGNORE INTO user_keys (user_id, key_blob, fingerprint) VALUES (?, ?, ?)",
+                "INSERT INTO user_keys (user_id, key_blob, fingerprint) VALUES (?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
                 [(uid, blob, fp) for blob, fp in keys],
             )
             db.executemany(
-                "INSERT OR IGNORE INTO grants (user_id, pattern) VALUES (?, ?)",
+                "INSERT INTO grants (user_id, pattern) VALUES (?, ?) ON CONFLICT DO NOTHING",
                 [(uid, pattern) for pattern in allow],
             )
             self._audit(db, actor, "user-add", name,
@@ -52,14 +53,14 @@ class OperatorRecords:
         return self.user(name)
 
     @staticmethod
-    def _new_user_id(db: sqlite3.Connection) -> int:
+    def _new_user_id(db: Database) -> int:
         # Never an id a deleted user had (SQLite reuses the highest rowid): a live
         # connection of a deleted operator must not pass for one added later.
         last = db.execute("SELECT value FROM settings WHERE key = 'last-user-id'").fetchone()
         (highest,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM users").fetchone()
         uid = max(int(last[0]) if last else 0, int(highest)) + 1
-        db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES ('last-user-id', ?)",
-                   (str(uid),))
+        db.execute("INSERT INTO settings (key, value) VALUES ('last-user-id', ?)"
+                   " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(uid),))
         return uid
 
     def del_user(self, name: str, actor: str) -> None:
@@ -92,12 +93,14 @@ class OperatorRecords:
             if keys is not None:
                 db.execute("DELETE FROM user_keys WHERE user_id = ?", (uid,))
                 db.executemany(
-                    "INSERT OR IGNORE INTO user_keys (user_id, key_blob, fingerprint)"
-                    " VALUES (?, ?, ?)", [(uid, blob, fp) for blob, fp in keys])
+                    "INSERT INTO user_keys (user_id, key_blob, fingerprint)"
+                    " VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                    [(uid, blob, fp) for blob, fp in keys])
                 changed.append(f"keys {' '.join(fp for _, fp in keys)}")
             if allow is not None:
                 db.execute("DELETE FROM grants WHERE user_id = ?", (uid,))
-                db.executemany("INSERT OR IGNORE INTO grants (user_id, pattern) VALUES (?, ?)",
+                db.executemany("INSERT INTO grants (user_id, pattern) VALUES (?, ?)"
+                               " ON CONFLICT DO NOTHING",
                                [(uid, pattern) for pattern in allow])
                 changed.append(f"allow {' '.join(allow) or '-'}")
             if admin is not None:
@@ -136,8 +139,9 @@ class OperatorRecords:
             raise RegistryError("revoke a certificate by serial or by key ID")
         with self._tx() as db:
             added = db.execute(
-                "INSERT OR IGNORE INTO revoked_certificates (serial, key_id, time, actor) "
-                "VALUES (?, ?, ?, ?)", (serial, key_id, self._now(), actor)).rowcount
+                "INSERT INTO revoked_certificates (serial, key_id, time, actor) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (serial, key_id, self._now(), actor)).rowcount
             if added:
                 what = f"serial {serial}" if serial is not None else f"key ID {key_id}"
                 self._audit(db, actor, "cert-revoke", what, "")

@@ -8,12 +8,12 @@ pair rows out. Mixed into `hub.store.registry.Registry`.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from hub.errors import NotFound, RegistryError
 from hub.rules.pairs import Pair, pair_problem
+from hub.store.engine import Database
 
 PAIR = "pair"  # node kind of a pair's own row
 
@@ -25,9 +25,9 @@ _PAIRS = ("SELECT p.name, m.name, c.name, p.public, p.id FROM pairs x"
 class PairRecords:
     """Pair rows; every method is one transaction of the registry."""
 
-    _db: sqlite3.Connection
+    _db: Database
     _now: Callable[[], float]
-    _tx: Callable[[], AbstractContextManager[sqlite3.Connection]]
+    _tx: Callable[[], AbstractContextManager[Database]]
     _audit: Callable[..., None]
 
     def pairs(self) -> list[Pair]:
@@ -43,7 +43,7 @@ class PairRecords:
         return found[0] if found else None
 
     @staticmethod
-    def _pairs(db: sqlite3.Connection, where: str, params: tuple[str, ...] = ()) -> list[Pair]:
+    def _pairs(db: Database, where: str, params: tuple[str, ...] = ()) -> list[Pair]:
         rows = db.execute(f"{_PAIRS} {where}", params).fetchall()
         pairs = []
         for name, master, clone, public, pair_id in rows:
@@ -64,9 +64,9 @@ class PairRecords:
             (master_id, master), (clone_id, clone) = (
                 db.execute("SELECT id, name FROM nodes WHERE name = ?", (m,)).fetchone()
                 for m in (master, clone))
-            pair_id = db.execute("INSERT INTO nodes (name, kind, state, created)"
-                                 " VALUES (?, ?, 'approved', ?)",
-                                 (name, PAIR, self._now())).lastrowid
+            (pair_id,) = db.execute("INSERT INTO nodes (name, kind, state, created)"
+                                    " VALUES (?, ?, 'approved', ?) RETURNING id",
+                                    (name, PAIR, self._now())).fetchone()
             db.execute("INSERT INTO pairs (pair_id, master_id, clone_id) VALUES (?, ?, ?)",
                        (pair_id, master_id, clone_id))
             self._audit(db, actor, "pair-add", name, f"master {master} clone {clone}")
@@ -91,7 +91,7 @@ class PairRecords:
         assert pair is not None
         return pair
 
-    def pair_member_refusal(self, db: sqlite3.Connection, name: str) -> None:
+    def pair_member_refusal(self, db: Database, name: str) -> None:
         """A pair's member cannot be removed: the pair is deleted first."""
         row = db.execute(
             "SELECT p.name FROM pairs x JOIN nodes p ON p.id = x.pair_id"

@@ -1,22 +1,24 @@
-"""The registry: nodes, port leases, operators, settings and the audit log, in SQLite.
+"""The registry: nodes, port leases, operators, settings and the audit log.
 
-One file (`DATA/hub.sqlite3`) shared by the running hub and the admin CLI.
-WAL mode, a versioned schema with forward-only migrations, and every change in
-one transaction, so a process killed at any instant leaves a consistent file.
-The hub notices the CLI's changes through `PRAGMA data_version` (see `changed`).
+By default one SQLite file (`DATA/hub.sqlite3`) shared by the running hub and
+the admin CLI, in WAL mode; or a PostgreSQL database shared by several hubs
+(`--registry postgresql://...`, see `hub.store.engine`). A versioned schema with
+forward-only migrations, and every change in one transaction, so a process killed
+at any instant leaves a consistent registry. The hub notices other processes'
+changes through `PRAGMA data_version` or PostgreSQL's LISTEN/NOTIFY (`changed`).
 """
 
 from __future__ import annotations
 
-import os
-import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
-from hub.errors import NameTaken, NotFound, PortsExhausted, RegistryError
+from hub.errors import NameTaken, NotFound, PortsExhausted, RegistryBusy, RegistryError
 from hub.rules.ports import lease_port
+from hub.store.engine import Database, connect
+from hub.store.engine import keep_private as keep_private
 from hub.store.hubs import HubRecords
 from hub.store.latency import Latency
 from hub.store.operators import KEEP, Keep, OperatorRecords
@@ -33,9 +35,13 @@ from hub.store.rows import (
 )
 from hub.store.schema import MIGRATIONS, migrate, transaction
 
+T = TypeVar("T")
+# Attempts of a write that met another hub's write of the same rows (PostgreSQL).
+ATTEMPTS = 8
+
 _STATE_ACTIONS = {"pending": "pending", "approved": "approve", "revoked": "revoke"}
 # A pair's own row (kind `pair`, hub.store.pairs) is not a node.
-_NODES = select(NODE_COLUMNS, "(SELECT * FROM nodes WHERE kind != 'pair')")
+_NODES = select(NODE_COLUMNS, "(SELECT * FROM nodes WHERE kind != 'pair') AS node_rows")
 
 # Marking nodes online and offline; with a hub id (hub.store.hubs) a hub
 # touches only the nodes it holds, or that no hub holds.
@@ -51,21 +57,6 @@ __all__ = ["KEEP", "MIGRATIONS", "NETCONF", "STATES", "AuditEntry", "Keep", "Nod
            "User"]
 
 
-def keep_private(path: str) -> None:
-    """The registry holds bcrypt hashes: create it 0600, and take group and other
-    access away from an existing one (and its WAL files, which SQLite creates
-    with the database's mode)."""
-    if not os.path.exists(path):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-    for name in (path, f"{path}-wal", f"{path}-shm"):
-        try:
-            mode = os.stat(name).st_mode
-        except FileNotFoundError:
-            continue
-        if mode & 0o077:
-            os.chmod(name, mode & 0o700)
-
-
 class Registry(OperatorRecords, PairRecords, HubRecords):
     """Synchronous access to the registry file; each method is one transaction."""
 
@@ -77,27 +68,24 @@ class Registry(OperatorRecords, PairRecords, HubRecords):
     def __init__(self, path: str, now: Callable[[], float], *,
                  migrations: Sequence[str] = MIGRATIONS,
                  timer: Callable[[], float] = time.perf_counter) -> None:
+        """`path`: the SQLite file, or a `postgresql://` URL."""
         self._now = now
         # How long each write transaction takes (read by the metrics).
         self.latency = Latency()
         self._timer = timer
         self._counts: tuple[tuple[int, int], dict[str, int]] | None = None
+        self._db: Database = connect(path, timer)
         try:
-            keep_private(path)
-            self._db = sqlite3.connect(path, isolation_level=None, timeout=2.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-        except sqlite3.DatabaseError as e:
-            raise RegistryError(f"registry {path} is unreadable or corrupt: {e}") from None
-        except OSError as e:
-            raise RegistryError(f"registry {path}: {e.strerror}") from None
-        try:
-            migrate(self._db, path, migrations)
+            migrate(self._db, migrations)
         except RegistryError:
             self._db.close()
             raise
-        self._data_version = self._version()
+        self._seen = self._db.generation()[1]
+
+    @property
+    def name(self) -> str:
+        """The registry as messages name it (a URL without its password)."""
+        return self._db.name
 
     def close(self) -> None:
         self._db.close()
@@ -106,12 +94,12 @@ class Registry(OperatorRecords, PairRecords, HubRecords):
         """A read for modules that keep their own tables here (monitoring)."""
         return self._db.execute(sql, params).fetchall()
 
-    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+    def transaction(self) -> AbstractContextManager[Database]:
         """One write transaction, for modules that keep their own tables here."""
         return self._tx()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> Iterator[Database]:
         start = self._timer()
         try:
             with transaction(self._db) as db:
@@ -119,14 +107,23 @@ class Registry(OperatorRecords, PairRecords, HubRecords):
         finally:
             self.latency.observe(self._timer() - start)
 
-    def _version(self) -> int:
-        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+    @staticmethod
+    def _retried(write: Callable[[], T]) -> T:
+        """`write` (one transaction) again while another hub's concurrent write of
+        the same rows made it fail (a port or a key taken meanwhile): the next
+        attempt reads what that hub committed."""
+        for _ in range(ATTEMPTS - 1):
+            try:
+                return write()
+            except RegistryBusy:
+                continue
+        return write()
 
     def changed(self) -> bool:
-        """True once after another process (the CLI) committed a change."""
-        version = self._version()
-        if version != self._data_version:
-            self._data_version = version
+        """True once after another process (the CLI, another hub) committed a change."""
+        others = self._db.generation()[1]
+        if others != self._seen:
+            self._seen = others
             return True
         return False
 
@@ -138,7 +135,8 @@ class Registry(OperatorRecords, PairRecords, HubRecords):
 
     def set_setting(self, key: str, value: str, actor: str) -> None:
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value))
+            db.execute("INSERT INTO settings (key, value) VALUES (?, ?)"
+                       " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
             self._audit(db, actor, "setting", key, "")
 
     # -- nodes ------------------------------------------------------------
@@ -162,7 +160,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords):
         """How many nodes are in each state. Counted again only after a change
         (this connection's or another process's): a metrics scrape of an
         unchanged registry reads no rows."""
-        key = (self._db.total_changes, self._version())
+        key = self._db.generation()
         if self._counts is None or self._counts[0] != key:
             counts = dict.fromkeys(STATES, 0)
             counts.update(self._db.execute(
@@ -202,6 +200,10 @@ class Registry(OperatorRecords, PairRecords, HubRecords):
 
         The same key again is not an error: the existing node is returned.
         """
+        return self._retried(lambda: self._register(name, key_blob, fingerprint, actor))
+
+    def _register(self, name: str, key_blob: bytes, fingerprint: str,
+                  actor: str) -> tuple[Node, bool]:
         with self._tx() as db:
             row = db.execute("SELECT name FROM nodes WHERE key_blob = ?", (key_blob,)).fetchone()
             if row is not None:
@@ -225,6 +227,10 @@ class Registry(OperatorRecords, PairRecords, HubRecords):
 
         Returns (node, created); the same host key again returns its node.
         """
+        return self._retried(lambda: self._register_netconf(name, host_key, fingerprint, actor))
+
+    def _register_netconf(self, name: str, host_key: bytes, fingerprint: str,
+                          actor: str) -> tuple[Node, bool]:
         with self._tx() as db:
             row = db.execute("SELECT name FROM nodes WHERE kind = ? AND host_key = ?",
                              (NETCONF, host_key)).fetchone()
@@ -241,7 +247,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords):
         return self.node(name), True
 
     @staticmethod
-    def _name_free(db: sqlite3.Connection, name: str) -> None:
+    def _name_free(db: Database, name: str) -> None:
         row = db.execute("SELECT kind FROM nodes WHERE name = ?", (name,)).fetchone()
         if row is not None and row[0] == PAIR:
             raise NameTaken(f"node name {name!r} is the name of a master/clone pair")
@@ -343,7 +349,13 @@ class Registry(OperatorRecords, PairRecords, HubRecords):
     def lease(self, node: str, service: str, low: int, high: int,
               avoid: Collection[int] = ()) -> tuple[int, bool]:
         """The node's port for `service`, as `lease_port` decides from the leases
-        on file, recorded. Returns (port, is_new)."""
+        on file, recorded. Returns (port, is_new). Two hubs leasing at once on
+        PostgreSQL: the leases table's unique ports refuse the second insert of
+        a port, and the loser leases again, seeing the winner's lease."""
+        return self._retried(lambda: self._lease(node, service, low, high, avoid))
+
+    def _lease(self, node: str, service: str, low: int, high: int,
+               avoid: Collection[int]) -> tuple[int, bool]:
         with self._tx() as db:
             row = db.execute("SELECT id FROM nodes WHERE name = ?", (node,)).fetchone()
             if row is None:
@@ -365,7 +377,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords):
             return port, True
 
     @staticmethod
-    def _free_ports(db: sqlite3.Connection, low: int, high: int) -> Iterator[int]:
+    def _free_ports(db: Database, low: int, high: int) -> Iterator[int]:
         """The unleased ports of [low, high], lowest first.
 
         The port index finds where each free stretch starts (`low`, or just above
@@ -378,7 +390,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords):
             " SELECT ? AS start WHERE NOT EXISTS (SELECT 1 FROM leases WHERE port = ?)"
             " UNION ALL"
             " SELECT l.port + 1 FROM leases l WHERE l.port BETWEEN ? AND ?"
-            " AND NOT EXISTS (SELECT 1 FROM leases m WHERE m.port = l.port + 1))"
+            " AND NOT EXISTS (SELECT 1 FROM leases m WHERE m.port = l.port + 1)) AS free"
             " ORDER BY start", (low, low, low, high - 1)).fetchall()
         for start, last in stretches:
             yield from range(start, high + 1 if last is None else min(last, high) + 1)
@@ -410,7 +422,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords):
         with self._tx() as db:
             self._audit(db, actor, action, target, detail)
 
-    def _audit(self, db: sqlite3.Connection, actor: str, action: str, target: str,
+    def _audit(self, db: Database, actor: str, action: str, target: str,
                detail: str) -> None:
         db.execute(
             "INSERT INTO audit (time, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",

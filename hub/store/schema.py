@@ -1,20 +1,21 @@
 """The registry's schema: forward-only migrations shipped as numbered `.sql` files.
 
-`migrations/NNNN_name.sql` is migration NNNN; a database's `PRAGMA user_version`
-is the number of migrations applied to it. Every pending migration runs in one
-transaction, so an upgrade that fails half-way leaves the file as it was.
+`migrations/NNNN_name.sql` is migration NNNN; a database's schema version (SQLite's
+`PRAGMA user_version`, a table on PostgreSQL: `hub.store.engine`) is the number of
+migrations applied to it. Every pending migration runs in one transaction, so an
+upgrade that fails half-way leaves the database as it was (on both engines).
 """
 
 from __future__ import annotations
 
 import re
-import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 
 from hub.errors import RegistryError
+from hub.store.engine import Database
 
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
@@ -46,31 +47,36 @@ def statements(script: str) -> list[str]:
 
 
 @contextmanager
-def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """One write transaction on a connection opened with `isolation_level=None`."""
-    db.execute("BEGIN IMMEDIATE")
+def transaction(db: Database) -> Iterator[Database]:
+    """One write transaction (SQLite: `BEGIN IMMEDIATE`; PostgreSQL: `BEGIN`, and
+    a change notice at commit)."""
+    db.begin()
     try:
         yield db
     except BaseException:
-        db.execute("ROLLBACK")
+        db.rollback()
         raise
-    db.execute("COMMIT")
+    db.commit()
 
 
-def migrate(db: sqlite3.Connection, path: str,
-            migrations: Sequence[str] = MIGRATIONS) -> None:
-    """Bring the database at `path` to `len(migrations)`, all or nothing."""
+def migrate(db: Database, migrations: Sequence[str] = MIGRATIONS) -> None:
+    """Bring the database to `len(migrations)`, all or nothing."""
     try:
         with transaction(db):
-            current = db.execute("PRAGMA user_version").fetchone()[0]
+            current = db.schema_version()
             if current > len(migrations):
                 raise RegistryError(
-                    f"registry {path} has schema {current}, newer than this hub "
+                    f"registry {db.name} has schema {current}, newer than this hub "
                     f"({len(migrations)}); upgrade callhomehub"
                 )
             for version, script in enumerate(migrations[current:], start=current + 1):
                 for statement in statements(script):
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version = {version}")
-    except sqlite3.DatabaseError as e:
-        raise RegistryError(f"registry {path} is unreadable or corrupt: {e}") from None
+                    db.execute(db.ddl(statement))
+                db.set_schema_version(version)
+    except RegistryError:
+        raise
+    except Exception as e:
+        message = db.failure(e)
+        if message is None:
+            raise
+        raise RegistryError(message) from None

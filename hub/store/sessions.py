@@ -24,6 +24,10 @@ class Store(Protocol):
     def transaction(self) -> Any: ...
 
 
+def _quoted(column: str) -> str:
+    return f'"{column}"' if column == "user" else column
+
+
 @frozen
 class SessionRow:
     id: int
@@ -49,7 +53,8 @@ class SessionRow:
         return cls(**values)
 
 
-_SELECT = f"SELECT {', '.join(SESSION_COLUMNS)} FROM sessions"  # noqa: S608 (constant names)
+# `user` is quoted: PostgreSQL reads a bare `user` as CURRENT_USER.
+_SELECT = f"SELECT {', '.join(_quoted(c) for c in SESSION_COLUMNS)} FROM sessions"  # noqa: S608 (constant names)
 
 
 class SessionLog:
@@ -63,10 +68,11 @@ class SessionLog:
               recording: Callable[[int], str] | None = None) -> int:
         """A new row; `recording` names the session's recording file from its id."""
         with self._store.transaction() as db:
-            cursor = db.execute(
-                "INSERT INTO sessions (user, node, source, kind, command, started)"
-                " VALUES (?, ?, ?, ?, ?, ?)", (user, node, source, kind, command, started))
-            session = int(cursor.lastrowid)
+            (session,) = db.execute(
+                'INSERT INTO sessions ("user", node, source, kind, command, started)'
+                " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                (user, node, source, kind, command, started)).fetchone()
+            session = int(session)
             if recording is not None:
                 db.execute("UPDATE sessions SET recording = ? WHERE id = ?",
                            (recording(session), session))
@@ -79,7 +85,7 @@ class SessionLog:
             db.execute(
                 "UPDATE sessions SET ended = ?, exit_status = ?, exit_signal = ?,"
                 " bytes_to_device = ?, bytes_from_device = ?, recording_bytes = ?,"
-                " truncated = MAX(truncated, ?) WHERE id = ?",
+                " truncated = CASE WHEN ? = 1 THEN 1 ELSE truncated END WHERE id = ?",
                 (ended, exit_status, exit_signal, to_device, from_device, recording_bytes,
                  int(truncated), session))
 
@@ -102,7 +108,7 @@ class SessionLog:
             where.append("node = ? COLLATE NOCASE")
             params.append(node)
         if user is not None:
-            where.append("user = ?")
+            where.append('"user" = ?')
             params.append(user)
         sql = _SELECT + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY id"
         return [SessionRow.from_row(r) for r in self._store.query(sql, tuple(params))]

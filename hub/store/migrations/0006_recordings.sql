@@ -3,7 +3,7 @@
 -- file under DATA/recordings/, NULL when not recorded or pruned).
 CREATE TABLE sessions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    user TEXT NOT NULL,
+    "user" TEXT NOT NULL,
     node TEXT NOT NULL,
     source TEXT NOT NULL DEFAULT '',
     kind TEXT NOT NULL,
