@@ -1,9 +1,11 @@
-"""Two hub processes on one registry file, with the real ssh client and a real sshd device.
+"""Two hub processes on one PostgreSQL registry, with the real ssh client and a real
+sshd device.
 
 Each hub has its own data directory holding a copy of the same keys/ (devices
-see one host key; each hub makes its own peer key) and the same hub.sqlite3
-(a symlink to hub A's). A device calls hub A; an operator on hub B reaches it
-through the peer connection.
+see one host key; each hub makes its own peer key) and `--registry` naming one
+database on the test PostgreSQL server. A device calls hub A; an operator on
+hub B reaches it through the peer connection. (Workers of one machine sharing
+the SQLite file: tests/test_workers_e2e.py.)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 from attrs import define
 from conftest import CALLHOME_PASSWORD
 from helpers import SSH, DeviceSSHD, HubProcess, SSHClient, make_key, wait_for
+from postgres import Cluster
 from tunnel_helpers import Device, node
 
 from hub.ssh.keys import PEER_KEY_FILE
@@ -30,11 +33,11 @@ pytestmark = pytest.mark.e2e
 PEER_RE = re.compile(r"callhomehub peer listening on [\d.]+:(\d+)")
 
 
-def start_hub(data: Path, hub_id: str, public: str) -> HubProcess:
+def start_hub(data: Path, hub_id: str, public: str, registry: str) -> HubProcess:
     (data / "callhomehub.toml").write_text(f'[cluster]\nid = "{hub_id}"\n')
     # Each hub its own public interface: both can bind a node's public port.
     hub = HubProcess(data, "--keepalive", "2", "--peer", "tcp:0:interface=127.0.0.1",
-                     "--public-interface", public).start()
+                     "--public-interface", public, "--registry", registry).start()
     wait_for(lambda: PEER_RE.search(hub.log_text()), 20, f"hub {hub_id}'s peer listener")
     return hub
 
@@ -53,18 +56,20 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
+def fleet(tmp_path: Path, postgres: Cluster, monkeypatch: pytest.MonkeyPatch
+          ) -> Iterator[Fleet]:
     if SSH is None:
         pytest.skip("the OpenSSH client is not installed")
+    registry = postgres.database()
+    monkeypatch.setenv("CALLHOMEHUB_REGISTRY", registry)  # for the CLI (hub.cli)
     data_a, data_b = tmp_path / "a", tmp_path / "b"
     data_a.mkdir()
     HubProcess(data_a).cli("callhome-password", stdin=CALLHOME_PASSWORD.encode())
-    a = start_hub(data_a, "hub-a", "127.0.0.3")
+    a = start_hub(data_a, "hub-a", "127.0.0.3", registry)
     # Hub B: the same host and management keys (not A's peer key), the same registry.
     shutil.copytree(data_a / "keys", data_b / "keys",
                     ignore=shutil.ignore_patterns(f"{PEER_KEY_FILE}*"))
-    (data_b / "hub.sqlite3").symlink_to(data_a / "hub.sqlite3")
-    b = start_hub(data_b, "hub-b", "127.0.0.2")
+    b = start_hub(data_b, "hub-b", "127.0.0.2", registry)
     alice = make_key(tmp_path / "alice", "alice")
     sshd = DeviceSSHD(tmp_path / "sshd", [data_a / "keys" / "hub_mgmt_ed25519_key.pub",
                                           alice]).start()
