@@ -46,6 +46,11 @@ _OFFLINE = ("UPDATE nodes SET online = 0, online_since = NULL, last_seen = ?, hu
             " WHERE name = ?")
 _LEASES_OFF = "UPDATE leases SET active = 0 WHERE node_id = (SELECT id FROM nodes WHERE name = ?"
 _MINE = " AND (hub IS NULL OR hub = ?)"
+# A counter every write the hubs act on bumps in its own transaction (nodes, leases,
+# users, grants, pairs, certificates, settings); `changed` compares it.
+GENERATION = "generation"
+_BUMP = ("INSERT INTO settings (key, value) VALUES ('generation', '1') ON CONFLICT (key)"
+         " DO UPDATE SET value = CAST(CAST(settings.value AS INTEGER) + 1 AS TEXT)")
 
 __all__ = ["KEEP", "MIGRATIONS", "NETCONF", "STATES", "AuditEntry", "Keep", "Node", "Registry",
            "User"]
@@ -98,6 +103,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords):
             self._db.close()
             raise
         self._data_version = self._version()
+        self._generation = self._read_generation(self._db)
 
     def close(self) -> None:
         self._db.close()
@@ -107,28 +113,51 @@ class Registry(OperatorRecords, PairRecords, HubRecords):
         return self._db.execute(sql, params).fetchall()
 
     def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
-        """One write transaction, for modules that keep their own tables here."""
-        return self._tx()
+        """One write transaction, for modules that keep their own tables here
+        (monitoring results, session records: nothing the hubs enforce)."""
+        return self._tx(notify=False)
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, notify: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction; `notify` False for writes no hub has to act on
+        (heartbeats, last seen, audit-only entries), which leave `generation` alone."""
         start = self._timer()
         try:
             with transaction(self._db) as db:
                 yield db
+                if notify:
+                    self._bump(db)
         finally:
             self.latency.observe(self._timer() - start)
+
+    def _bump(self, db: sqlite3.Connection) -> None:
+        db.execute(_BUMP)
+        new = self._read_generation(db)
+        # Our own change is not news to us, unless another's came before it unseen.
+        if new - 1 == self._generation:
+            self._generation = new
+
+    @staticmethod
+    def _read_generation(db: sqlite3.Connection) -> int:
+        row = db.execute("SELECT value FROM settings WHERE key = ?", (GENERATION,)).fetchone()
+        return 0 if row is None else int(row[0])
 
     def _version(self) -> int:
         return int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
     def changed(self) -> bool:
-        """True once after another process (the CLI) committed a change."""
-        version = self._version()
-        if version != self._data_version:
-            self._data_version = version
-            return True
-        return False
+        """True once after another process (the CLI, another hub) committed a
+        change the hubs act on: one that bumped `generation`. Another hub's
+        heartbeat is not one, so it costs a hub no read of the node list."""
+        version = self._version()  # SQLite: free when no other process wrote at all
+        if version == self._data_version:
+            return False
+        self._data_version = version
+        generation = self._read_generation(self._db)
+        if generation == self._generation:
+            return False
+        self._generation = generation
+        return True
 
     # -- settings ---------------------------------------------------------
 
@@ -322,7 +351,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords):
                 db.executemany(_OFFLINE + _MINE, [(now, name, self.hub_id) for name in names])
 
     def touch(self, name: str) -> None:
-        with self._tx() as db:
+        with self._tx(notify=False) as db:
             db.execute("UPDATE nodes SET last_seen = ? WHERE name = ?", (self._now(), name))
 
     def reset_online(self) -> None:
@@ -407,7 +436,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords):
     # -- operators --------------------------------------------------------
 
     def audit(self, actor: str, action: str, target: str, detail: str = "") -> None:
-        with self._tx() as db:
+        with self._tx(notify=False) as db:
             self._audit(db, actor, action, target, detail)
 
     def _audit(self, db: sqlite3.Connection, actor: str, action: str, target: str,
