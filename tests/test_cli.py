@@ -200,3 +200,26 @@ def test_admin_mark_on_user_add_and_set_shown_by_users(
         "root no", "bob yes"]
     audit = Registry(str(tmp_path / "hub.sqlite3"), now=lambda: 0.0).audit_log()
     assert [e.detail for e in audit if e.action == "user-set"] == ["admin", "not admin"]
+
+
+def test_nodes_name_the_hub_holding_each_online_node_only_when_any_has_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    registry = Registry(str(tmp_path / "hub.sqlite3"), now=lambda: T0)
+    for name in ("site-a", "site-b"):
+        registry.register(name, new_key().public().blob(), f"SHA256:{name}", "test")
+    registry.mark_online("site-a", "192.0.2.7")  # a single hub: no hub id
+    code, out, _ = run(tmp_path, monkeypatch, capsys, "nodes")
+    assert code == 0 and "HUB" not in out.splitlines()[0]
+    code, out, _ = run(tmp_path, monkeypatch, capsys, "nodes", "--json")
+    assert [n["hub"] for n in json.loads(out)] == [None, None]
+    registry.hub_id = "hub-a"
+    registry.mark_online("site-a", "192.0.2.7")
+    registry.close()
+    code, out, _ = run(tmp_path, monkeypatch, capsys, "nodes", "--json")
+    assert [(n["name"], n["hub"]) for n in json.loads(out)] == [("site-a", "hub-a"),
+                                                                 ("site-b", None)]
+    code, out, _ = run(tmp_path, monkeypatch, capsys, "nodes")
+    head, row_a, row_b = out.splitlines()
+    assert head.split()[-1] == "HUB"
+    assert row_a.split()[-1] == "hub-a" and row_b.split()[-1] == "-"

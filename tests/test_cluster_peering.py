@@ -235,6 +235,35 @@ def test_a_node_on_a_hub_b_cannot_reach_is_refused_with_a_reason(hubs: TwoHubs) 
     assert b"hub-a" in chan.out + chan.err and chan.status != 0
 
 
+def test_a_pair_name_on_hub_b_reaches_its_active_member_on_hub_a(hubs: TwoHubs) -> None:
+    hubs.site.enroll("site-b", hubs.site.sshd)  # the clone: offline
+    hubs.b.registry.add_pair("site-pbx", "site-b", "site-a", "test")
+    chan = hubs.operator_on_b(b"alice:site-pbx", exec_(b"hello"))
+    assert (chan.out, chan.status) == (b"hello from root\n", 3)
+
+
+def test_every_hub_agrees_on_a_pairs_active_member_and_only_its_hub_listens(
+        hubs: TwoHubs) -> None:
+    from hub.tunnel.pairs import PairListener
+
+    def listening(hub: Any) -> list[int]:
+        return [port for port, factory, _, _ in hubs.clock.tcpServers
+                if isinstance(factory, PairListener) and factory.pairs is hub.sessions.pairs]
+
+    hubs.site.enroll("site-b", hubs.site.sshd)  # the master: offline
+    hubs.a.registry.set_lease_active("site-a", "ssh", True)
+    hubs.b.registry.add_pair("site-pbx", "site-b", "site-a", "test")
+    hubs.a.sync()
+    hubs.b.sync()
+    assert hubs.a.sessions.pairs.active("site-pbx") == "site-a"
+    assert hubs.b.sessions.pairs.active("site-pbx") == "site-a"  # held by hub A
+    [port] = listening(hubs.a)
+    assert listening(hubs.b) == [] and hubs.b.sessions.pairs.ports("site-pbx") == {}
+    assert hubs.a.sessions.pairs.ports("site-pbx") == {"ssh": port}
+    switches = [e.detail for e in hubs.a.registry.audit_log() if e.action == "pair-switch"]
+    assert switches == ["from none to site-a"]  # written once, by the hub holding it
+
+
 # -- takeover ------------------------------------------------------------------
 
 def test_hub_a_drops_its_session_when_the_node_comes_up_on_hub_b(hubs: TwoHubs) -> None:

@@ -162,3 +162,61 @@ def test_cluster_config(tmp_path: Path) -> None:
     (tmp_path / "callhomehub.toml").write_text('[cluster]\npeer_address = "hub-a.lan"\n')
     with pytest.raises(ConfigError, match=r"\[cluster\] peer_address: expected HOST:PORT"):
         build_config({"data": str(tmp_path)})
+
+
+def test_another_hubs_heartbeat_is_no_change_to_act_on_its_writes_to_nodes_are(
+        tmp_path: Path) -> None:
+    clock = MemoryReactorClock()
+    a, b = two_hubs(tmp_path, clock)
+    b.hub_started("hub-b", "127.0.0.1:4100", "ssh-ed25519 AAAA")
+    assert a.changed()
+    assert not a.changed()
+    for _ in range(3):
+        clock.advance(HEARTBEAT)
+        assert b.hub_heartbeat("hub-b")
+        b.touch("site-a")
+        b.audit("alice", "gateway", "site-a")
+        assert not a.changed()
+    b.mark_online("site-a", "192.0.2.8")
+    assert a.changed() and not a.changed()
+    # Its own writes are no news to a hub; one from another that came first still is.
+    a.set_state("site-a", "revoked", "test")
+    assert not a.changed()
+    b.set_state("site-a", "approved", "test")
+    a.mark_offline("site-a")
+    assert a.changed() and not a.changed()
+
+
+def test_a_hub_reads_nothing_on_other_hubs_heartbeats_and_acts_on_their_revoke(
+        tmp_path: Path) -> None:
+    from twisted.internet.testing import MemoryReactorClock as Reactor
+
+    from hub.app.service import Options, makeService
+
+    options = Options()
+    options.parseOptions(["--data", str(tmp_path), "--ssh", "tcp:2222:interface=127.0.0.1",
+                          "--metrics", "none", "--web", "none", "--workers", "1"])
+    reactor = Reactor()
+    top = makeService(options, reactor=reactor)
+    top.privilegedStartService()
+    top.startService()
+    try:
+        hub = top.hub  # type: ignore[attr-defined]
+        reads: list[str] = []
+        hub.registry._db._db.set_trace_callback(reads.append)  # the sqlite3 connection
+        other = Registry(str(tmp_path / "hub.sqlite3"), now=reactor.seconds)
+        other.hub_id = "hub-b"
+        other.hub_started("hub-b", "127.0.0.1:4100", "ssh-ed25519 AAAA")
+        other.register("site-a", b"key-a", "fp", "cli")
+        reactor.advance(0.25)
+        reads.clear()
+        for _ in range(20):  # 100 s of hub B's heartbeats
+            other.hub_heartbeat("hub-b")
+            reactor.advance(HEARTBEAT)
+        acted = [q for q in reads if "data_version" not in q and "generation" not in q]
+        assert acted == []
+        other.set_state("site-a", "revoked", "cli")
+        reactor.advance(0.25)
+        assert any("pair" in q or "nodes" in q for q in reads)
+    finally:
+        top.stopService()

@@ -180,7 +180,8 @@ def test_twistd_refuses_a_bad_url_and_an_unreachable_server_in_one_line(
     down = f"postgresql://hub:{PASSWORD}@127.0.0.1:{free_port()}/fleet"
     options = Options()
     options.parseOptions(["--data", str(tmp_path), "--registry", down, "--ssh",
-                          "tcp:0:interface=127.0.0.1", "--metrics", "none", "--web", "none"])
+                          "tcp:0:interface=127.0.0.1", "--metrics", "none", "--web", "none",
+                          "--workers", "1"])
     with pytest.raises(SystemExit) as refused:
         makeService(options)
     message = str(refused.value)

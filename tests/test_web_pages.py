@@ -191,3 +191,16 @@ def test_the_proxy_cookie_stands_in_on_device_pages_only(tmp_path: Path) -> None
     # Signing out ends it too.
     bob.post("/signout", {"csrf": bob.csrf()})
     assert device_page.get("/nodes/site-a/web/x", headers=cookie).status == 401
+
+
+def test_the_node_page_names_the_hub_holding_an_online_node(console: Console) -> None:
+    root = signed(console, "root")
+    registry = console.hub.registry
+    registry.mark_online("site-b", "192.0.2.8")  # a single hub: no hub to name
+    assert "on hub" not in root.get("/nodes/site-b").text
+    registry.hub_id = "hub-a"
+    registry.mark_online("site-a", "192.0.2.7")
+    registry.hub_id = None
+    assert "on hub hub-a" in root.get("/nodes/site-a").text
+    registry.mark_offline("site-a")
+    assert "on hub" not in root.get("/nodes/site-a").text

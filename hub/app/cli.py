@@ -47,6 +47,7 @@ def _node_json(node: Node) -> dict[str, Any]:
         "device_user": node.device_user,
         "leases": node.forwards,
         "host_key": sha256_fingerprint(node.host_key),
+        "hub": node.hub if node.online else None,
     }
 
 
@@ -76,12 +77,16 @@ def cmd_nodes(reg: Registry, args: argparse.Namespace) -> int:
         return 0
     rows = [["#", "NAME", "KIND", "STATE", "ONLINE", "FINGERPRINT", "FORWARDS", "PUBLIC",
              "LAST SEEN", "PEER", "PAIR"]]
+    # Several hubs on one registry: which one holds each online node.
+    hubs = any(n.online and n.hub for n in nodes)
+    rows[0] += ["HUB"] if hubs else []
     for i, n in enumerate(nodes, 1):
         forwards = _forwards_cell(n)
         pair = member.get(n.name.lower())
         rows.append([str(i), n.name, n.kind, n.state, "online" if n.online else "offline",
                      n.fingerprint, forwards, "on" if n.public else "off", _when(n.last_seen),
-                     n.peer or "-", f"{pair['name']} ({pair['role']})" if pair else "-"])
+                     n.peer or "-", f"{pair['name']} ({pair['role']})" if pair else "-"]
+                    + ([(n.hub if n.online else None) or "-"] if hubs else []))
     print_table(rows)
     return 0
 

@@ -44,6 +44,9 @@ class Database(Protocol):
     """One connection to the registry, in either engine."""
 
     name: str  # what messages call it (a URL without its password)
+    # How often the connection was opened again after a loss: notices (and so
+    # changes) may have been missed meanwhile.
+    reopened: int
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Rows: ...
 
@@ -124,6 +127,7 @@ class SQLite:
 
     def __init__(self, path: str) -> None:
         self.name = path
+        self.reopened = 0  # a file is never reopened
         try:
             keep_private(path)
             # One other thread may use it (the hub's registry thread).
@@ -243,6 +247,7 @@ class Postgres:
         self._timer = timer
         self._commits = 0
         self._others = 0
+        self.reopened = 0
         self._wrote = False
         self._in_tx = False
         self._begin = False  # BEGIN not sent yet (see execute)
@@ -281,6 +286,7 @@ class Postgres:
             self._conn = self._connect()
             self._retry_at = 0.0
             self._others += 1  # notices may have been missed meanwhile
+            self.reopened += 1
         return self._conn
 
     def _run(self, call: Callable[[Any], Any]) -> Any:

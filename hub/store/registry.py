@@ -52,6 +52,11 @@ _OFFLINE = ("UPDATE nodes SET online = 0, online_since = NULL, last_seen = ?, hu
             " WHERE name = ?")
 _LEASES_OFF = "UPDATE leases SET active = 0 WHERE node_id = (SELECT id FROM nodes WHERE name = ?"
 _MINE = " AND (hub IS NULL OR hub = ?)"
+# A counter every write the hubs act on bumps in its own transaction (nodes, leases,
+# users, grants, pairs, certificates, settings); `changed` compares it.
+GENERATION = "generation"
+_BUMP = ("INSERT INTO settings (key, value) VALUES ('generation', '1') ON CONFLICT (key)"
+         " DO UPDATE SET value = CAST(CAST(settings.value AS INTEGER) + 1 AS TEXT)")
 
 __all__ = ["KEEP", "MIGRATIONS", "NETCONF", "STATES", "AuditEntry", "Keep", "Node", "Registry",
            "User"]
@@ -81,6 +86,8 @@ class Registry(OperatorRecords, PairRecords, HubRecords):
             self._db.close()
             raise
         self._seen = self._db.generation()[1]
+        self._reopened = 0
+        self._generation = self._read_generation(self._db)
 
     @property
     def name(self) -> str:
@@ -95,15 +102,20 @@ class Registry(OperatorRecords, PairRecords, HubRecords):
         return self._db.execute(sql, params).fetchall()
 
     def transaction(self) -> AbstractContextManager[Database]:
-        """One write transaction, for modules that keep their own tables here."""
-        return self._tx()
+        """One write transaction, for modules that keep their own tables here
+        (monitoring results, session records: nothing the hubs enforce)."""
+        return self._tx(notify=False)
 
     @contextmanager
-    def _tx(self) -> Iterator[Database]:
+    def _tx(self, notify: bool = True) -> Iterator[Database]:
+        """One write transaction; `notify` False for writes no hub has to act on
+        (heartbeats, last seen, audit-only entries), which leave `generation` alone."""
         start = self._timer()
         try:
             with transaction(self._db) as db:
                 yield db
+                if notify:
+                    self._bump(db)
         finally:
             self.latency.observe(self._timer() - start)
 
@@ -119,13 +131,32 @@ class Registry(OperatorRecords, PairRecords, HubRecords):
                 continue
         return write()
 
+    def _bump(self, db: Database) -> None:
+        db.execute(_BUMP)
+        new = self._read_generation(db)
+        # Our own change is not news to us, unless another's came before it unseen.
+        if new - 1 == self._generation:
+            self._generation = new
+
+    @staticmethod
+    def _read_generation(db: Database) -> int:
+        row = db.execute("SELECT value FROM settings WHERE key = ?", (GENERATION,)).fetchone()
+        return 0 if row is None else int(row[0])
+
     def changed(self) -> bool:
-        """True once after another process (the CLI, another hub) committed a change."""
-        others = self._db.generation()[1]
-        if others != self._seen:
-            self._seen = others
-            return True
-        return False
+        """True once after another process (the CLI, another hub) committed a
+        change the hubs act on: one that bumped `generation`. Another hub's
+        heartbeat is not one, so it costs a hub no read of the node list."""
+        others = self._db.generation()[1]  # free when no other process wrote at all
+        if others == self._seen:
+            return False
+        self._seen = others
+        generation = self._read_generation(self._db)
+        if generation == self._generation and self._db.reopened == self._reopened:
+            return False
+        self._reopened = self._db.reopened
+        self._generation = generation
+        return True
 
     # -- settings ---------------------------------------------------------
 
@@ -328,7 +359,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords):
                 db.executemany(_OFFLINE + _MINE, [(now, name, self.hub_id) for name in names])
 
     def touch(self, name: str) -> None:
-        with self._tx() as db:
+        with self._tx(notify=False) as db:
             db.execute("UPDATE nodes SET last_seen = ? WHERE name = ?", (self._now(), name))
 
     def reset_online(self) -> None:
@@ -419,7 +450,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords):
     # -- operators --------------------------------------------------------
 
     def audit(self, actor: str, action: str, target: str, detail: str = "") -> None:
-        with self._tx() as db:
+        with self._tx(notify=False) as db:
             self._audit(db, actor, action, target, detail)
 
     def _audit(self, db: Database, actor: str, action: str, target: str,

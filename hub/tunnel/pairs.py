@@ -107,7 +107,9 @@ class LivePairs:
     # -- working it out ----------------------------------------------------------
 
     def _online(self, member: str) -> bool:
-        tunnel = self.sessions.local(member)
+        # Wherever it is held (`get` finds a member another hub holds): every hub of
+        # a fleet works out the same active member.
+        tunnel = self.sessions.get(member)
         if tunnel is None or not len(tunnel.table):  # the tunnel is up once it forwards
             return False
         try:
@@ -124,7 +126,11 @@ class LivePairs:
         if now != before:
             detail = f"from {before or 'none'} to {now or 'none'}"
             log.info("pair {pair}: active member {detail}", pair=pair.name, detail=detail)
-            self.sessions.registry.audit("hub", "pair-switch", pair.name, detail)
+            # Audited once for the fleet: by the hub holding the new active member
+            # (or, when none is left, the one that listened on the pair's ports).
+            if (self.sessions.local(now) is not None if now is not None
+                    else bool(self._listening.get(key))):
+                self.sessions.registry.audit("hub", "pair-switch", pair.name, detail)
         self._sync_ports(pair, now)
 
     def _sync_ports(self, pair: Pair, active: str | None) -> None:
@@ -146,6 +152,7 @@ class LivePairs:
             stops.addCallback(again)  # may run at once: the stops may be done
             return
         self._public[key] = pair.public
+        # The pair's ports listen on the hub holding its active member only.
         tunnel = None if active is None else self.sessions.local(active)
         wanted = set() if tunnel is None else {f.service for f in tunnel.table}
         listening = self._listening.setdefault(key, {})

@@ -121,7 +121,8 @@ def node_body(needs: WebNeeds, who: SignedIn, node: Node) -> str:
     head = (f'<h1>{esc(node.name)} <span class="state {esc(node.state)}">{esc(node.state)}'
             f'</span> <span class="dot {online}"></span><small>{online}</small></h1>'
             f'<p class="meta">{esc(node.kind)} · key {esc(node.fingerprint or "-")} · '
-            f'last seen {esc(when(node.last_seen))} · from {esc(node.peer or "-")}</p>')
+            f'last seen {esc(when(node.last_seen))} · from {esc(node.peer or "-")}'
+            f'{f" · on hub {esc(node.hub)}" if node.online and node.hub else ""}</p>')
     links = []
     if node.online and "ssh" in node.forwards:
         links.append(f'<a class="button" href="{base}/terminal">Web terminal</a>')
