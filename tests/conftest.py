@@ -45,16 +45,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 groups.append((1, item.nodeid.split("::", 1)[0]))
         if groups:
             item.add_marker(pytest.mark.xdist_group(min(groups)[1]))
-    if config.getvalue("loadgroup"):
-        _name_groups(items)
 
 
-def _name_groups(items: list[pytest.Item]) -> None:
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's worker sends the ids
+def pytest_collection_finish(session: pytest.Session) -> None:
     """Put each test's group into its node id, as pytest-xdist's worker means to.
 
     pytest-xdist 3.8 writes `item._nodeid`, which pytest 9.2 no longer reads (the id
-    lives in `item._id`): without this, `--dist loadgroup` silently groups nothing."""
-    for item in items:
+    lives in `item._id`): without this, `--dist loadgroup` silently groups nothing.
+    Here, after -k, -m and --deselect have chosen the tests by their plain ids."""
+    if not session.config.getvalue("loadgroup"):
+        return
+    for item in session.items:
         names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
                         for m in item.iter_markers("xdist_group")})
         if not names or "@" in item.nodeid:
