@@ -54,7 +54,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     pytest-xdist 3.8 writes `item._nodeid`, which pytest 9.2 no longer reads (the id
     lives in `item._id`): without this, `--dist loadgroup` silently groups nothing.
     Here, after -k, -m and --deselect have chosen the tests by their plain ids."""
-    if not session.config.getvalue("loadgroup"):
+    if not session.config.getoption("loadgroup", default=False):
         return
     for item in session.items:
         names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
