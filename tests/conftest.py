@@ -19,6 +19,63 @@ CALLHOME_PASSWORD = "s3cret-callhome"
 DEVICE_USER = f"chdev{os.getpid()}"  # per run: concurrent runs must not share an account
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under `--dist loadgroup`, keep the users of one shared fixture on one worker.
+
+    A fixture of ours scoped wider than a test would otherwise be set up again on
+    each worker that gets one of its tests, at the same time: a module's hub or fuzz
+    run on two workers at once, a session's server once per worker. Its tests go to
+    one group instead: the module (module or class scope) or the fixture's name
+    (package or session scope), the widest one a test uses. A test that names its
+    own group with @pytest.mark.xdist_group keeps it."""
+    root = Path(__file__).parent
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        info = getattr(item, "_fixtureinfo", None)
+        groups: list[tuple[int, str]] = []
+        for name, defs in (info.name2fixturedefs.items() if info is not None else ()):
+            fixture = defs[-1]
+            scope = fixture.scope
+            if scope == "function" or not _ours(fixture.func, root):
+                continue
+            if scope in ("session", "package"):
+                groups.append((0, f"fixture-{name}"))
+            else:
+                groups.append((1, item.nodeid.split("::", 1)[0]))
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(min(groups)[1]))
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's worker sends the ids
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Put each test's group into its node id, as pytest-xdist's worker means to.
+
+    pytest-xdist 3.8 writes `item._nodeid`, which pytest 9.2 no longer reads (the id
+    lives in `item._id`): without this, `--dist loadgroup` silently groups nothing.
+    Here, after -k, -m and --deselect have chosen the tests by their plain ids."""
+    if not session.config.getoption("loadgroup", default=False):
+        return
+    for item in session.items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        if not names or "@" in item.nodeid:
+            continue
+        nodeid = f"{item.nodeid}@{'_'.join(names)}"
+        if hasattr(item, "_id"):
+            from _pytest.nodeid import coerce_node_id
+            item._id = coerce_node_id(nodeid)
+        else:
+            item._nodeid = nodeid
+
+
+def _ours(func: object, root: Path) -> bool:
+    """Whether a fixture is defined under tests/ (not by pytest or a plugin)."""
+    code = getattr(getattr(func, "__wrapped__", func), "__code__", None)
+    return code is not None and Path(code.co_filename).is_relative_to(root)
+
+
 @pytest.fixture
 def device_user() -> Iterator[tuple[str, str]]:
     """A throwaway local account with a password, for a device's sshd (enrollment)."""
@@ -40,7 +97,7 @@ def hub(tmp_path: Path) -> Iterator[HubProcess]:
         pytest.skip("the OpenSSH client is not installed")
     process = HubProcess(tmp_path / "hub", "--keepalive", "2")
     process.data.mkdir(parents=True)
-    process.cli("callhome-password", stdin=CALLHOME_PASSWORD.encode())
+    process.set_callhome_password(CALLHOME_PASSWORD)
     process.start()
     yield process
     process.stop()

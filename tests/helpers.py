@@ -34,8 +34,45 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str =
         time.sleep(0.05)
 
 
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's ephemeral ports: every `tcp:0` listener and client socket gets one."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except OSError:
+        return 32768, 60999  # Linux's default
+
+
+def worker() -> tuple[int, int]:
+    """(index, count) of this pytest-xdist worker; (0, 1) in a run without -n."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not name.startswith("gw"):
+        return 0, 1
+    return int(name[2:]), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
+def sdt_port_range(span: int = 8192) -> tuple[int, int]:
+    """The per-device (SDT) ports for hubs this test process starts.
+
+    Below the kernel's ephemeral ports, so no client socket, `tcp:0` listener or
+    free_port() lands on a port a test expects a device to get back, and clear of the
+    default 49152-65535 that hubs of other runs on the machine (and the bench, at the
+    top) lease from. Each xdist worker gets its own slice: a worker's hubs never
+    take, and its port scans never see, another worker's ports."""
+    index, count = worker()
+    top = ephemeral_range()[0] - 1
+    if top - span < 1024:  # a kernel with ephemeral ports from (nearly) 1024 up
+        top, span = 65535, 65536 - 49152
+    size = span // count
+    assert size >= 256, f"no room for {count} workers' port ranges"
+    high = top - index * size
+    return high - size + 1, high
+
+
 class HubProcess:
-    """`twistd -n callhomehub` on loopback, in its own data directory."""
+    """`twistd -n callhomehub` on loopback, in its own data directory, leasing
+    per-device ports from this test process's own range (sdt_port_range) unless
+    the test gives --port-range."""
 
     def __init__(self, data: Path, *extra: str) -> None:
         self.data = data
@@ -51,7 +88,7 @@ class HubProcess:
         self.proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "--logfile", str(self.log), "callhomehub",
              "--data", str(self.data), "--ssh", ssh_endpoint, "--metrics", "none", "--web", "none",
-             "--workers", "1", *self.extra],
+             "--workers", "1", *self.port_range(), *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
 
@@ -80,6 +117,12 @@ class HubProcess:
                     wanted.append(what)
         return wanted
 
+    def port_range(self) -> list[str]:
+        if "--port-range" in self.extra:
+            return []
+        low, high = sdt_port_range()
+        return ["--port-range", f"{low}-{high}"]
+
     @property
     def port(self) -> int:
         return self.ports["SSH"]
@@ -97,6 +140,22 @@ class HubProcess:
                 self.proc.wait()
         if self.proc is not None and self.proc.stderr is not None:
             self.proc.stderr.close()
+
+    def set_callhome_password(self, password: str) -> None:
+        """What `callhomehub callhome-password` does, in this process and at bcrypt's
+        lowest cost: the CLI's cost 12 takes a third of a second of CPU to set and again
+        for each device that registers, and most tests start a hub (the CLI command has
+        its own tests)."""
+        from hub.access.auth import CALLHOME_PASSWORD, hash_password
+        from hub.store.registry import Registry
+
+        self.data.mkdir(parents=True, exist_ok=True)
+        registry = Registry(str(self.data / "hub.sqlite3"), now=time.time)
+        try:
+            registry.set_setting(CALLHOME_PASSWORD, hash_password(password.encode(), rounds=4),
+                                 "test")
+        finally:
+            registry.close()
 
     def cli(self, *args: str, stdin: bytes = b"", check: bool = True
             ) -> subprocess.CompletedProcess[bytes]:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import DeviceSSHD, HubProcess, make_key, wait_for
+from helpers import DeviceSSHD, HubProcess, make_key, sdt_port_range, wait_for
 from tunnel_helpers import (
     ALLOCATED,
     Device,
@@ -27,7 +27,7 @@ from tunnel_helpers import (
 
 pytestmark = pytest.mark.e2e
 
-LOW, HIGH = 49152, 65535
+LOW, HIGH = sdt_port_range()  # the `hub` fixture's range
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from helpers import SSH, HubProcess, wait_for
+from helpers import SSH, HubProcess, sdt_port_range, wait_for
 from tunnel_helpers import ALLOCATED, listening_ports, open_fds, rss_kib
 
 from hub.ssh.keys import parse_public_key
@@ -31,7 +31,7 @@ from hub.store.registry import Registry
 
 pytestmark = pytest.mark.e2e
 
-LOW, HIGH = 49152, 65535  # the hub's default range (the `hub` fixture)
+LOW, HIGH = sdt_port_range()  # the `hub` fixture's range
 FD_SLACK = 3
 
 

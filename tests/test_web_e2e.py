@@ -63,6 +63,7 @@ def text_of(driver: Any, element_id: str) -> str:
         element_id))
 
 
+@pytest.mark.xdist_group("chromium")  # one Chromium at a time
 def test_console_in_chromium(tmp_path: Path, chromium: Any) -> None:  # noqa: F811
     from selenium.webdriver.common.by import By
 
@@ -183,6 +184,7 @@ def test_weblink_over_real_ssh_signs_in_once(tmp_path: Path) -> None:
         hub.stop()
 
 
+@pytest.mark.xdist_group("chromium")  # one Chromium at a time
 def test_web_terminal_and_device_web_ui_in_chromium(tmp_path: Path, chromium: Any  # noqa: F811
                                                     ) -> None:
     """The node page's "Web terminal" runs a command on the device's real sshd; its

@@ -40,10 +40,13 @@ class Site:
         return WebTerminalClient(self.web, path, origin=origin, cookie=cookie)
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     """site-a (a real sshd that authorized the hub's management key) calling home;
-    alice may reach site-*, bob only lab-*; both signed in with a password."""
+    alice may reach site-*, bob only lab-*; both signed in with a password.
+    One for the module: setting it up costs seconds of bcrypt and process starts, and
+    no test changes it (each looks only at the audit records and log lines it causes)."""
+    tmp_path = tmp_path_factory.mktemp("web-terminal")
     hub = HubProcess(tmp_path / "hub", "--keepalive", "2", "--web", "tcp:0:interface=127.0.0.1")
     hub.data.mkdir(parents=True)
     hub.cli("callhome-password", stdin=CALLHOME_PASSWORD.encode())
@@ -76,7 +79,13 @@ def audit(hub: HubProcess) -> list[dict]:
     return json.loads(hub.cli("audit", "--json").stdout)
 
 
+def gateway_records(hub: HubProcess, before: int = 0) -> list[dict]:
+    """The gateway audit records after the first `before` ones."""
+    return [e for e in audit(hub) if e["action"] == "gateway"][before:]
+
+
 def test_a_shell_on_the_device_resize_and_exit_status(site: Site) -> None:
+    before, log = len(gateway_records(site.hub)), len(site.hub.log_text())
     term = site.terminal(site.alice, f"{SOCKET}?cols=90&rows=20")
     try:
         term.type(b"echo hel''lo; tty\r")
@@ -93,25 +102,26 @@ def test_a_shell_on_the_device_resize_and_exit_status(site: Site) -> None:
         assert term.control == [{"exit": 3}]
     finally:
         term.close()
-    entry = wait_for(lambda: [e for e in audit(site.hub) if e["action"] == "gateway"], 10,
+    entry = wait_for(lambda: gateway_records(site.hub, before), 10,
                      "the audit record")[0]  # type: ignore[index]
     assert entry["actor"] == "alice@127.0.0.1" and entry["target"] == "site-a"
     assert entry["detail"].startswith("shell via web terminal start ")
     assert re.search(r"bytes to-device \d+ from-device \d+$", entry["detail"])
-    assert "alice@127.0.0.1: shell on site-a via web terminal" in site.hub.log_text()
+    assert "alice@127.0.0.1: shell on site-a via web terminal" in site.hub.log_text()[log:]
 
 
 def test_a_denied_operator_gets_the_error_and_nothing_is_contacted(site: Site) -> None:
     """The console's router refuses a node outside the operator's grants before the
     terminal's WebSocket is opened: the same page as for a node that does not exist."""
     logins = site.sshd.log.read_text().count("Accepted publickey")
+    before, log = len(gateway_records(site.hub)), len(site.hub.log_text())
     with pytest.raises(Rejected) as refused:
         site.terminal(site.bob)
     assert refused.value.status == 404
     assert b"There is no such node, or you may not see it." in refused.value.body
     assert site.sshd.log.read_text().count("Accepted publickey") == logins
-    assert "bob@127.0.0.1: shell on site-a" not in site.hub.log_text()
-    assert not [e for e in audit(site.hub) if e["action"] == "gateway"]
+    assert "bob@127.0.0.1: shell on site-a" not in site.hub.log_text()[log:]
+    assert not gateway_records(site.hub, before)
     with pytest.raises(Rejected) as unsigned:
         site.terminal(None)
     assert unsigned.value.status == 401
@@ -125,6 +135,7 @@ def test_a_cross_site_handshake_is_refused(site: Site) -> None:
 
 
 def test_closing_the_tab_ends_the_device_session(site: Site) -> None:
+    before = len(gateway_records(site.hub))
     term = site.terminal(site.alice)
     term.type(b"echo shell-$((0+$$))-pid\r")
     found = wait_for(lambda: term.pump(1) or re.search(rb"shell-(\d+)-pid", term.screen), 15,
@@ -134,8 +145,7 @@ def test_closing_the_tab_ends_the_device_session(site: Site) -> None:
     assert shell.exists()
     term.sock.close()  # the tab goes away without a close frame
     wait_for(lambda: not shell.exists(), 15, "the device's shell to end")
-    wait_for(lambda: [e for e in audit(site.hub) if e["action"] == "gateway"], 10,
-             "the audit record")
+    wait_for(lambda: gateway_records(site.hub, before), 10, "the audit record")
 
 
 def test_the_page_and_its_scripts_are_served(site: Site) -> None:
@@ -155,6 +165,7 @@ def test_a_message_too_large_to_gather_ends_the_session(site: Site) -> None:
     """Twisted gathers a whole message before handing it on: one that never ends is cut."""
     from wsproto.events import BytesMessage
 
+    log = len(site.hub.log_text())
     term = site.terminal(site.alice)
     try:
         term.type(b"echo ready\r")
@@ -171,5 +182,5 @@ def test_a_message_too_large_to_gather_ends_the_session(site: Site) -> None:
             pass  # the hub aborted the connection: what is expected
     finally:
         term.close()
-    wait_for(lambda: "a message over 1048576 bytes, closing" in site.hub.log_text(), 10,
+    wait_for(lambda: "a message over 1048576 bytes, closing" in site.hub.log_text()[log:], 10,
              "the log line")

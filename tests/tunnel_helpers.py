@@ -86,10 +86,10 @@ class Device:
 
     def _forwards_up(self, count: int) -> bool:
         try:
-            return node(self.hub, self.name)["online"] and len(
-                [1 for _ in node(self.hub, self.name)["forwards"]]) >= count
+            listed = node(self.hub, self.name)  # one CLI process per poll, not two
         except StopIteration:
             return False
+        return listed["online"] and len(listed["forwards"]) >= count
 
     def stderr(self) -> bytes:
         """What ssh printed so far (read without blocking)."""
