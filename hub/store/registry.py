@@ -32,6 +32,7 @@ from hub.store.rows import (
     select,
 )
 from hub.store.schema import MIGRATIONS, migrate, transaction
+from hub.store.websessions import WebSessionRecords
 
 _STATE_ACTIONS = {"pending": "pending", "approved": "approve", "revoked": "revoke"}
 # A pair's own row (kind `pair`, hub.store.pairs) is not a node.
@@ -66,7 +67,7 @@ def keep_private(path: str) -> None:
             os.chmod(name, mode & 0o700)
 
 
-class Registry(OperatorRecords, PairRecords, HubRecords):
+class Registry(OperatorRecords, PairRecords, HubRecords, WebSessionRecords):
     """Synchronous access to the registry file; each method is one transaction."""
 
     # This hub's `[cluster] id` when it peers with others (hub.store.hubs): the
