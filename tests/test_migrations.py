@@ -222,7 +222,7 @@ def test_migrations_load_in_number_order(tmp_path: Path) -> None:
 
 def test_shipped_migrations_are_the_package_files() -> None:
     assert load_migrations() == MIGRATIONS
-    assert len(MIGRATIONS) == 8
+    assert len(MIGRATIONS) == 9
     assert "ALTER TABLE nodes ADD COLUMN console TEXT" in MIGRATIONS[2]
     assert "CREATE TABLE revoked_certificates" in MIGRATIONS[3]
     assert "ALTER TABLE users ADD COLUMN admin" in MIGRATIONS[4]
@@ -230,6 +230,8 @@ def test_shipped_migrations_are_the_package_files() -> None:
     assert "CREATE TABLE pairs" in MIGRATIONS[6]
     assert "CREATE TABLE hubs" in MIGRATIONS[7]
     assert "ALTER TABLE nodes ADD COLUMN hub TEXT" in MIGRATIONS[7]
+    assert "CREATE TABLE web_sessions" in MIGRATIONS[8]
+    assert "CREATE TABLE web_links" in MIGRATIONS[8]
 
 
 def test_statements_skip_comment_lines() -> None:

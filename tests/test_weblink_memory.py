@@ -12,7 +12,7 @@ from hub.web.weblinks import WebLinks
 
 def test_weblink_prints_a_one_time_url_and_is_audited(tmp_path: Path) -> None:
     site = Site(tmp_path)
-    links = WebLinks(site.clock, None, True, lambda: 8443)
+    links = WebLinks(site.hub.registry, site.clock, None, True, lambda: 8443)
     site.hub.weblinks = links
     chan = site.operator(b"alice", exec_(b"weblink"))
     # The host is the address the operator's connection arrived at.
@@ -28,7 +28,8 @@ def test_weblink_prints_a_one_time_url_and_is_audited(tmp_path: Path) -> None:
 
 def test_weblink_with_web_url_and_when_the_console_is_off(tmp_path: Path) -> None:
     site = Site(tmp_path)
-    site.hub.weblinks = WebLinks(site.clock, "https://hub.example.com", True, lambda: 443)
+    site.hub.weblinks = WebLinks(site.hub.registry, site.clock, "https://hub.example.com", True,
+                                 lambda: 443)
     chan = site.operator(b"alice", exec_(b"weblink"))
     assert chan.out.startswith(b"https://hub.example.com/signin/")
     (tmp_path / "off").mkdir()

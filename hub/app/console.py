@@ -17,7 +17,7 @@ from hub.web.certificate import (
     local_names,
     uses_own_certificate,
 )
-from hub.web.sessions import SessionStore
+from hub.web.sessions import PRUNE_EVERY, SessionStore, pruning
 from hub.web.site import console_site
 from hub.web.weblinks import WebLinks, url_host
 
@@ -76,8 +76,43 @@ def build_web(hub: Hub, ssh: HubSSHFactory) -> tuple[str, Any, WebListener] | No
     except HubError as e:
         raise SystemExit(f"callhomehub: {e}") from None
     listener = WebListener(hub, tls)
-    hub.weblinks = WebLinks(hub.clock, config.web_url, tls, lambda: listener.port)
-    hub.web_sessions = SessionStore(hub.clock, config.web_idle_timeout,
+    hub.weblinks = WebLinks(hub.registry, hub.clock, config.web_url, tls,
+                            lambda: listener.port)
+    hub.web_sessions = SessionStore(hub.registry, hub.clock, config.web_idle_timeout,
                                     config.web_absolute_timeout)
     site = console_site(hub.web_needs(ssh.password_budget, ssh.backoff, tls))
     return endpoint, site, listener
+
+
+def web_prune_service(hub: Hub, reactor: Any) -> Any:
+    """Expired web sessions and sign-in links deleted at start, then every
+    PRUNE_EVERY seconds, a bounded number each time."""
+    from twisted.application import internet
+
+    assert hub.web_sessions is not None
+    prune = internet.TimerService(PRUNE_EVERY, pruning(hub.web_sessions))
+    prune.clock = reactor
+    return prune
+
+
+def endpoint_port(endpoint: str) -> int | None:
+    """The port of a `tcp:`/`ssl:` endpoint description, None if not one or 0."""
+    m = re.match(r"(?:tcp|ssl|tcp6|ssl6):(?:port=)?(\d+)(?::|$)", endpoint) or re.search(
+        r"(?:^|:)port=(\d+)(?::|$)", endpoint)
+    port = int(m.group(1)) if m else 0
+    return port or None
+
+
+def worker_weblinks(hub: Hub) -> WebLinks | None:
+    """`weblink` in a worker without the console (`--workers`: worker 0 runs it, on
+    this machine): a link in the shared registry, its URL --web-url or the address
+    the operator reached with the port of --web. None with --web none."""
+    web = hub.config.web
+    if web is None:
+        return None
+    port = endpoint_port(web)
+    if hub.config.web_url is None and port is None:
+        log.warn("--web {web} has no fixed port: the sign-in links this worker gives "
+                 "(weblink) leave the port out; set --web-url", web=web)
+    return WebLinks(hub.registry, hub.clock, hub.config.web_url, web.startswith("ssl:"),
+                    lambda: port)

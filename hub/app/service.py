@@ -28,7 +28,7 @@ from hub.access.recordings import PRUNE_INTERVAL, open_recordings
 from hub.access.registrar import RegistrarAvatar
 from hub.access.server import HubSSHFactory
 from hub.app.config import HubConfig, as_worker, build_config
-from hub.app.console import build_web
+from hub.app.console import build_web, web_prune_service
 from hub.app.context import Hub
 from hub.app.control import ControlFactory, control_endpoint
 from hub.app.datalock import DataLock, DataLockService
@@ -414,6 +414,7 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
         endpoint, site, listener = web
         ListenerService("web", endpoint, site, reactor,
                         on_listening=listener.listening).setServiceParent(top)
+        web_prune_service(hub, reactor).setServiceParent(top)
     if hub.recordings is not None:
         # Oldest recordings pruned at start, then every PRUNE_INTERVAL.
         prune = internet.TimerService(PRUNE_INTERVAL, hub.recordings.prune)

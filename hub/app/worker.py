@@ -26,6 +26,7 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 
 from hub.app.config import HubConfig, as_worker
+from hub.app.console import worker_weblinks
 from hub.app.logs import ChannelChatter
 from hub.app.peering import add_peering
 from hub.app.sharedport import SharedListenerService, parse_tcp_listen
@@ -71,6 +72,8 @@ def make_worker_service(config: HubConfig, index: int, reactor: Any) -> service.
     # nodes' leases is one pass for the whole registry, worker 0's.
     hub = build_hub(config, reactor, reset_online=False)
     hub.lease_expiry = None
+    # Worker 0 runs the web console; this worker gives sign-in links for it.
+    hub.weblinks = worker_weblinks(hub)
     factory = build_ssh_factory(hub)
     top = service.MultiService()
     top.hub = hub  # type: ignore[attr-defined]

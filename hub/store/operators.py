@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager
 from hub.errors import NameTaken, NotFound, RegistryError
 from hub.store.engine import Database
 from hub.store.rows import User
+from hub.store.websessions import end_web_sessions
 
 
 class Keep:
@@ -67,6 +68,7 @@ class OperatorRecords:
         with self._tx() as db:
             if db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount == 0:
                 raise NotFound(f"no user named {name!r}")
+            end_web_sessions(db, name)
             self._audit(db, actor, "user-del", name, "")
 
     def set_user(self, name: str, actor: str, *, password_hash: str | Keep | None = KEEP,
@@ -89,6 +91,9 @@ class OperatorRecords:
             changed = []
             if not isinstance(password_hash, Keep):
                 db.execute("UPDATE users SET password_hash = ? WHERE id = ?", (new_hash, uid))
+                # Set, changed or removed, a password ends every web session of the
+                # operator, however it signed in (a change is often after a leak).
+                end_web_sessions(db, name)
                 changed.append("password " + ("set" if new_hash else "none"))
             if keys is not None:
                 db.execute("DELETE FROM user_keys WHERE user_id = ?", (uid,))

@@ -34,6 +34,7 @@ from hub.store.rows import (
     select,
 )
 from hub.store.schema import MIGRATIONS, migrate, transaction
+from hub.store.websessions import WebSessionRecords
 
 T = TypeVar("T")
 # Attempts of a write that met another hub's write of the same rows (PostgreSQL).
@@ -62,7 +63,7 @@ __all__ = ["KEEP", "MIGRATIONS", "NETCONF", "STATES", "AuditEntry", "Keep", "Nod
            "User"]
 
 
-class Registry(OperatorRecords, PairRecords, HubRecords):
+class Registry(OperatorRecords, PairRecords, HubRecords, WebSessionRecords):
     """Synchronous access to the registry file; each method is one transaction."""
 
     # This hub's `[cluster] id` when it peers with others (hub.store.hubs): the

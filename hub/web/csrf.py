@@ -1,7 +1,8 @@
 """CSRF protection: every state-changing request carries its session's token.
 
-The token is per session (`WebSession.csrf`), sent as the form field `csrf` or the
-header `X-CSRF-Token`; a browser's `Origin`, when it sends one, must be this host.
+The token is per session (`WebSession.csrf`, derived from its id), sent as the form
+field `csrf` or the header `X-CSRF-Token`; a browser's `Origin`, when it sends one,
+must be this host.
 SameSite=Strict cookies already keep other sites' forms out; this is the second lock.
 """
 

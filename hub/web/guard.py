@@ -76,9 +76,10 @@ def signed_in(needs: WebNeeds, request: Any, browse: bool = False) -> SignedIn |
 
 def set_session_cookie(request: Any, session: WebSession | None) -> None:
     """Set (or, with None, clear) the one console cookie."""
-    request.addCookie(COOKIE, session.id.encode() if session else b"", path=b"/",
+    value = session.id if session is not None else None  # None: found by the proxy cookie
+    request.addCookie(COOKIE, value.encode() if value else b"", path=b"/",
                       secure=True, httpOnly=True, sameSite="strict",
-                      max_age=None if session else b"0")
+                      max_age=None if value else b"0")
 
 
 def _from_a_device_page(request: Any) -> bool:

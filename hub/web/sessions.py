@@ -1,90 +1,151 @@
-"""Signed-in browsers: an in-memory store of web sessions with idle and absolute expiry.
+"""Signed-in browsers: web sessions kept in the registry, with idle and absolute expiry.
 
 A session id is 256 random bits, made new at every sign-in (an id a browser
-brought before signing in is never kept: no fixation). A session holds the
-`OperatorLogin` it stands on, re-checked against the registry on every request
-(`hub.access.operators.lapsed`), and its CSRF token. Hub restarts sign everyone out.
+brought before signing in is never kept: no fixation). The registry keeps only
+hashes (`hub.store.websessions`), so every hub and worker on it knows the
+session and a restart signs no one out. A session holds the `OperatorLogin` it
+stands on, re-checked against the registry on every request
+(`hub.access.operators.lapsed`). Its proxy cookie and its CSRF token are derived
+from the id (HMAC-SHA256), so neither is stored: the proxy cookie finds its
+session by its own hash, and the CSRF token follows from the proxy cookie.
+
+"Last used" is written at most once a minute per session (`USED_EVERY`), not on
+every request: the idle timeout ends a session between `idle - USED_EVERY` and
+`idle` seconds after its last request, never later.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable
+from typing import Protocol
 
-from attrs import define, field
+from attrs import define, frozen
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from hub.rules.logins import OperatorLogin
+from hub.store.websessions import WebSessionRow, token_hash
+
+log = Logger()
 
 COOKIE = b"__Host-chh-session"
 # The device web UI proxy's cookie (docs/web-proxy.md): a device's pages run in an
 # opaque origin (CSP sandbox), so the browser does not send the SameSite=Strict console
 # cookie with their links and forms; this one, good for /nodes/NAME/web/ only, stands in.
 BROWSE_COOKIE = b"__Secure-chh-browse"
+USED_EVERY = 60.0      # seconds between two writes of a session's "last used"
+PRUNE_EVERY = 300.0    # seconds between two prunes of expired rows
+PRUNE_LIMIT = 1000     # rows of each table one prune deletes at most
 
 
 def new_secret() -> str:
     return secrets.token_urlsafe(32)  # 256 bits
 
 
-@define(eq=False)
+def derived(secret: str, purpose: str) -> str:
+    """A token for `purpose` that follows from `secret` and does not give it away."""
+    digest = hmac.new(secret.encode("ascii", "replace"), purpose.encode(), hashlib.sha256)
+    return base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
+
+
+class SessionRecords(Protocol):
+    """The registry's web session rows (`hub.store.websessions.WebSessionRecords`)."""
+
+    def web_session_add(self, session_id: str, browse: str, login: OperatorLogin,
+                        address: str, now: float, expires: float, keep: int) -> None: ...
+
+    def web_session(self, session_id: str) -> WebSessionRow | None: ...
+
+    def web_session_by_browse(self, browse: str) -> WebSessionRow | None: ...
+
+    def web_session_used(self, id_hash: str, now: float, unless_since: float) -> None: ...
+
+    def web_session_end(self, id_hash: str) -> None: ...
+
+    def web_prune(self, now: float, idle: float, limit: int) -> int: ...
+
+
+@frozen
 class WebSession:
-    id: str
+    key: str         # the row's key: the SHA-256 of the id
+    browse: str      # the proxy cookie's value
     login: OperatorLogin
     address: str
     created: float
     used: float
-    csrf: str = field(factory=new_secret)
-    browse: str = field(factory=new_secret)  # the proxy cookie's value
+    id: str | None = None  # the cookie's value; None when found by the proxy cookie
+
+    @property
+    def csrf(self) -> str:
+        return derived(self.browse, "csrf")
 
 
 @define(eq=False)
 class SessionStore:
+    records: SessionRecords
     clock: IReactorTime
     idle: float = 1800.0
     absolute: float = 43200.0
     max_sessions: int = 10000
-    _sessions: dict[str, WebSession] = field(factory=dict)
+    used_every: float = USED_EVERY
 
     def start(self, login: OperatorLogin, address: str) -> WebSession:
-        self._sweep()
         now = self.clock.seconds()
-        session = WebSession(new_secret(), login, address, now, now)
-        self._sessions[session.id] = session
-        while len(self._sessions) > self.max_sessions:  # the oldest go first
-            self._sessions.pop(next(iter(self._sessions)))
-        return session
+        session_id = new_secret()
+        browse = derived(session_id, "browse")
+        self.records.web_session_add(session_id, browse, login, address, now,
+                                     now + self.absolute, self.max_sessions)
+        return WebSession(token_hash(session_id), browse, login, address, now, now, session_id)
 
     def get(self, session_id: str) -> WebSession | None:
         """The live session with this id (its idle clock restarted), else None."""
-        session = self._sessions.get(session_id)
-        if session is None:
+        if not session_id:
             return None
-        now = self.clock.seconds()
-        if self._expired(session, now):
-            del self._sessions[session_id]
-            return None
-        session.used = now
-        return session
+        row = self.records.web_session(session_id)
+        return self._live(row, derived(session_id, "browse"), session_id)
 
     def by_browse(self, token: str) -> WebSession | None:
         """The live session whose proxy cookie is `token` (its idle clock restarted)."""
-        found = next((s for s in self._sessions.values() if s.browse == token), None)
-        return None if found is None else self.get(found.id)
+        if not token:
+            return None
+        return self._live(self.records.web_session_by_browse(token), token, None)
 
     def end(self, session: WebSession) -> None:
-        self._sessions.pop(session.id, None)
+        self.records.web_session_end(session.key)
 
-    def _expired(self, session: WebSession, now: float) -> bool:
-        return now - session.used > self.idle or now - session.created > self.absolute
+    def prune(self) -> int:
+        """Delete expired sessions and links (a bounded number per call)."""
+        gone = self.records.web_prune(self.clock.seconds(), self.idle, PRUNE_LIMIT)
+        if gone:
+            log.info("web: {n} expired sessions and sign-in links pruned", n=gone)
+        return gone
 
-    def _sweep(self) -> None:
+    def _live(self, row: WebSessionRow | None, browse: str,
+              session_id: str | None) -> WebSession | None:
+        if row is None:
+            return None
         now = self.clock.seconds()
-        for session in [s for s in self._sessions.values() if self._expired(s, now)]:
-            del self._sessions[session.id]
+        if now >= row.expires or now - row.used > self.idle:
+            self.records.web_session_end(row.id_hash)
+            return None
+        used = row.used
+        if now - used >= self.used_every:
+            self.records.web_session_used(row.id_hash, now, now - self.used_every)
+            used = now
+        return WebSession(row.id_hash, browse, row.login, row.address, row.created, used,
+                          session_id)
 
-    def __iter__(self) -> Iterator[WebSession]:
-        return iter(list(self._sessions.values()))
 
-    def __len__(self) -> int:
-        return len(self._sessions)
+def pruning(store: SessionStore) -> Callable[[], object]:
+    """The prune as a timer's call: a failure is logged, the next call tries again."""
+    def prune() -> None:
+        try:
+            store.prune()
+        except Exception as e:  # the registry busy or gone: the timer must go on
+            log.warn("web: pruning expired sessions failed, will try again: {error}",
+                     error=str(e) or type(e).__name__)
+    return prune

@@ -1,15 +1,18 @@
 """One-time sign-in links: `ssh alice@hub weblink` prints one, valid for 60 seconds.
 
 The link carries a 256-bit token bound to the SSH login that asked for it (so it
-lapses with that login's key or password); redeeming it spends it.
+lapses with that login's key or password); redeeming it spends it. Links live in
+the registry (only the token's SHA-256, `hub.store.websessions`): any worker or
+hub issues one, any hub with the web console takes it, and only one takes it.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from typing import Protocol
 
-from attrs import define, field
+from attrs import define
 from twisted.internet.interfaces import IReactorTime
 
 from hub.rules.logins import OperatorLogin
@@ -21,10 +24,21 @@ def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
+class LinkRecords(Protocol):
+    """The registry's sign-in link rows (`hub.store.websessions.WebSessionRecords`)."""
+
+    def web_link_add(self, token: str, login: OperatorLogin, expires: float) -> None: ...
+
+    def web_link(self, token: str, now: float) -> OperatorLogin | None: ...
+
+    def web_link_spend(self, token: str, now: float) -> OperatorLogin | None: ...
+
+
 @define(eq=False)
 class WebLinks:
     """Implements `hub.access.needs.WebLinks` for the gateway."""
 
+    records: LinkRecords
     clock: IReactorTime
     # The console's base URL (--web-url), else None: built from where the operator
     # reached the hub, with the web port and scheme.
@@ -32,17 +46,11 @@ class WebLinks:
     tls: bool
     port: Callable[[], int | None]
     ttl: float = LINK_TTL
-    max_links: int = 1000
-    _links: dict[str, tuple[OperatorLogin, float]] = field(factory=dict)
 
     def issue(self, login: OperatorLogin, arrived_at: str) -> str:
         """A new sign-in URL for `login` (its host: --web-url, else `arrived_at`)."""
-        now = self.clock.seconds()
-        self._links = {t: v for t, v in self._links.items() if v[1] > now}
-        while len(self._links) >= self.max_links:
-            self._links.pop(next(iter(self._links)))
         token = secrets.token_urlsafe(32)
-        self._links[token] = (login, now + self.ttl)
+        self.records.web_link_add(token, login, self.clock.seconds() + self.ttl)
         return f"{self.base(arrived_at)}/signin/{token}"
 
     def base(self, host: str) -> str:
@@ -56,13 +64,8 @@ class WebLinks:
 
     def valid(self, token: str) -> OperatorLogin | None:
         """The login a token stands for while it is unspent and fresh (not spent)."""
-        entry = self._links.get(token)
-        if entry is None or entry[1] <= self.clock.seconds():
-            return None
-        return entry[0]
+        return self.records.web_link(token, self.clock.seconds()) if token else None
 
     def redeem(self, token: str) -> OperatorLogin | None:
         """Spend the token: the login it stands for, or None (unknown, spent, expired)."""
-        login = self.valid(token)
-        self._links.pop(token, None)
-        return login
+        return self.records.web_link_spend(token, self.clock.seconds()) if token else None
