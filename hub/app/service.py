@@ -14,7 +14,7 @@ from twisted.application import internet, service, strports
 from twisted.conch.interfaces import IConchUser
 from twisted.cred import portal
 from twisted.internet import error as ierror
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
@@ -41,6 +41,7 @@ from hub.netconf.devices import NetconfSessions
 from hub.rules.logins import DeviceLogin, OperatorLogin
 from hub.ssh.hostcerts import present_host_certificate
 from hub.ssh.keys import fingerprint, load_hub_keys
+from hub.store.offthread import InlineCalls, RegistryCalls, RegistryThread
 from hub.store.registry import Registry
 from hub.tunnel.descriptors import DescriptorReserve
 from hub.tunnel.expiry import PendingLeaseExpiry
@@ -317,24 +318,35 @@ def build_hub(config: HubConfig, reactor: Any) -> Hub:
         sessions.listener = PortKeeper(reactor, on_lost=sessions.drop_all,
                                        on_port_lost=sessions.port_lost)
     hub = Hub(config, registry, hub_keys, clock, run_in_thread, sessions, reactor)
+    hub.calls = sessions.calls = registry_calls(config, registry, reactor)
     command_file = (CommandFileWriter(config.command_file, clock)
                     if config.command_file else None)
-    hub.monitoring = Monitoring(registry, config.nsca, clock, command_file)
-    hub.netconf = NetconfSessions(registry, clock)
-    hub.lease_expiry = PendingLeaseExpiry(registry, clock, config.limits.pending_lease_expiry)
+    hub.monitoring = Monitoring(registry, config.nsca, clock, command_file, calls=hub.calls)
+    hub.netconf = NetconfSessions(registry, clock, calls=hub.calls)
+    hub.lease_expiry = PendingLeaseExpiry(registry, clock, config.limits.pending_lease_expiry,
+                                          calls=hub.calls)
     hub.recordings = open_recordings(
         registry, config.recordings_dir if config.recordings_enabled else None, clock,
         run_in_thread, config.recordings)
     return hub
 
 
+def registry_calls(config: HubConfig, registry: Registry, reactor: Any) -> RegistryCalls:
+    """The hub's registry calls: a thread with its own connection, or, on a reactor
+    that takes no calls from threads (tests' MemoryReactorClock), inline on `registry`."""
+    clock: IReactorTime = reactor
+    if not IReactorFromThreads.providedBy(reactor):
+        return InlineCalls(registry)
+    return RegistryThread(lambda: Registry(config.db_path, now=clock.seconds), reactor, clock)
+
+
 def build_ssh_factory(hub: Hub) -> HubSSHFactory:
     """The SSH listener's factory: portal, checkers and limits from the hub's config."""
     config = hub.config
     hub_portal = portal.Portal(HubRealm(hub), [
-        CallHomePasswordChecker(hub.registry, config.registrar_user, hub.run_in_thread),
-        DeviceKeyChecker(hub.registry, config.registrar_user),
-        CertificateChecker(hub.registry, config.trusted_ca_keys, hub.clock),
+        CallHomePasswordChecker(hub.calls, config.registrar_user, hub.run_in_thread),
+        DeviceKeyChecker(hub.calls, config.registrar_user),
+        CertificateChecker(hub.calls, config.trusted_ca_keys, hub.clock),
     ])
     if config.trusted_ca_keys:
         log.info("operators may log in with certificates from {n} trusted user CA(s): {cas}",
@@ -342,7 +354,10 @@ def build_ssh_factory(hub: Hub) -> HubSSHFactory:
                  cas=", ".join(fingerprint(ca) for ca in config.trusted_ca_keys))
     factory = HubSSHFactory(hub_portal, hub.keys, hub.clock, config.limits, config.keepalive,
                             config.keepalive_count, transport_policy=config.transport)
-    factory.audit = hub.registry.audit  # denied logins are audited too
+    def audit(actor: str, action: str, target: str, detail: str = "") -> None:
+        hub.calls.write(Registry.audit, actor, action, target, detail)
+
+    factory.audit = audit  # denied logins are audited too (queued, off the reactor)
     return factory
 
 
@@ -366,6 +381,8 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     top = HubService(level, getattr(options, "parent", None))
     top.hub = hub  # type: ignore[attr-defined]
     DataLockService(lock).setServiceParent(top)
+    if isinstance(hub.calls, RegistryThread):
+        hub.calls.setServiceParent(top)  # stopped with the hub, once queued writes land
     StartupReport(config.data, hub.registry).setServiceParent(top)
     OpenFileLimit(port_keeper=config.port_keeper).setServiceParent(top)
     if hub.sessions.listener is not None:

@@ -11,13 +11,14 @@ import hashlib
 from collections.abc import Callable
 from typing import Any
 
-from attrs import define, field, frozen
+from attrs import Factory, define, field, frozen
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from hub.errors import NotFound
 from hub.ssh.keys import fingerprint
-from hub.store.registry import Registry
+from hub.store.offthread import InlineCalls, RegistryCalls
+from hub.store.registry import Node, Registry
 from hub.tunnel.live import close_connection
 
 log = Logger()
@@ -81,6 +82,9 @@ class NetconfSessions:
     registry: Registry
     clock: IReactorTime
     _live: dict[str, NetconfSession] = field(factory=dict)
+    # Registry calls off the reactor (hub.store.offthread); the hub's RegistryThread.
+    calls: RegistryCalls = field(
+        default=Factory(lambda self: InlineCalls(self.registry), takes_self=True))
 
     def attach(self, node: str, conn: Any, peer: str) -> NetconfSession:
         session = NetconfSession(node, conn, peer)
@@ -90,30 +94,30 @@ class NetconfSessions:
             log.info("netconf node {node} called home again from {peer}: closing its old "
                      "session", node=node, peer=peer)
             close_connection(old.conn, self.clock, "superseded by a new call home of this node")
-        self.registry.mark_online(node, peer)
+        self.calls.write(Registry.mark_online, node, peer)
         log.info("netconf node {node} online from {peer}", node=node, peer=peer)
         return session
 
     def detach(self, session: NetconfSession) -> None:
         if self._live.get(session.node.lower()) is session:
             del self._live[session.node.lower()]
-            self.registry.mark_offline(session.node)
+            self.calls.write(Registry.mark_offline, session.node)
             log.info("netconf node {node} offline", node=session.node)
 
     def get(self, node: str) -> NetconfSession | None:
         return self._live.get(node.lower())
 
-    def enforce(self) -> None:
-        """Drop the sessions of nodes revoked or removed through the CLI."""
+    def enforce(self, nodes: list[Node] | None = None) -> None:
+        """Drop the sessions of nodes revoked or removed through the CLI; `nodes`
+        is the registry's list, read off the reactor (read here if None)."""
+        states = {n.name.lower(): n.state
+                  for n in (self.registry.nodes() if nodes is None else nodes)}
         for key, session in list(self._live.items()):
-            try:
-                state = self.registry.node(key).state
-            except NotFound:
-                state = "removed"
+            state = states.get(key, "removed")
             if state in ("revoked", "removed"):
                 log.info("netconf node {node} {state}: dropping its session", node=key,
                          state=state)
                 del self._live[key]
                 if state == "revoked":
-                    self.registry.mark_offline(key)
+                    self.calls.write(Registry.mark_offline, key)
                 close_connection(session.conn, self.clock, f"node {key} was {state} on the hub")

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from hub.errors import NotFound, PortsExhausted
 from hub.rules.pairs import Pair, active_member
 from hub.rules.routes import Refusal
+from hub.store.registry import Registry
 from hub.tunnel.live import BIND_ATTEMPTS, LOOPBACK, NodeTunnel, PortListener
 from hub.tunnel.splice import TCPEnd
 
@@ -75,9 +76,10 @@ class LivePairs:
             self._pairs = {p.name.lower(): p for p in self.sessions.registry.pairs()}
         return self._pairs
 
-    def reload(self) -> None:
-        """The registry changed (a pair added or deleted, access switched, a member revoked)."""
-        self._pairs = None
+    def reload(self, listed: list[Pair] | None = None) -> None:
+        """The registry changed (a pair added or deleted, access switched, a member revoked);
+        `listed` is the pairs on file, read off the reactor (read here if None)."""
+        self._pairs = None if listed is None else {p.name.lower(): p for p in listed}
         pairs = self._all()
         for key in [k for k in self._active if k not in pairs]:
             del self._active[key]
@@ -124,7 +126,7 @@ class LivePairs:
         if now != before:
             detail = f"from {before or 'none'} to {now or 'none'}"
             log.info("pair {pair}: active member {detail}", pair=pair.name, detail=detail)
-            self.sessions.registry.audit("hub", "pair-switch", pair.name, detail)
+            self.sessions.calls.write(Registry.audit, "hub", "pair-switch", pair.name, detail)
         self._sync_ports(pair, now)
 
     def _sync_ports(self, pair: Pair, active: str | None) -> None:
@@ -152,7 +154,7 @@ class LivePairs:
         for service in sorted(set(listening) - wanted):
             port, listener = listening.pop(service)
             self._close(key, service, listener)
-            self.sessions.registry.set_lease_active(pair.name, service, False)
+            self.sessions.calls.write(Registry.set_lease_active, pair.name, service, False)
             log.info("pair {pair}: port {port} ({service}) closed", pair=pair.name,
                      port=port, service=service)
         for service in sorted(wanted - set(listening)):
@@ -197,7 +199,7 @@ class LivePairs:
                 avoid.add(port)
                 continue
             listening[service] = (port, listener)
-            sessions.registry.set_lease_active(pair.name, service, True)
+            sessions.calls.write(Registry.set_lease_active, pair.name, service, True)
             log.info("pair {pair}: {service} on {iface}:{port}", pair=pair.name,
                      service=service, iface=interface, port=port)
             return
