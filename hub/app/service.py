@@ -298,11 +298,11 @@ class OpenFileLimit(service.Service):
              " (raise it, e.g. LimitNOFILE=65536 in the systemd unit)")
 
 
-def build_hub(config: HubConfig, reactor: Any) -> Hub:
+def build_hub(config: HubConfig, reactor: Any, registry_type: type[Registry] = Registry) -> Hub:
     from twisted.internet.threads import deferToThreadPool
 
     clock: IReactorTime = reactor
-    registry = Registry(config.db_path, now=clock.seconds)
+    registry = registry_type(config.db_path, now=clock.seconds)
     registry.reset_online()
     hub_keys = load_hub_keys(config.keys_dir)
     hub_keys = evolve(hub_keys, host_certificate=present_host_certificate(
@@ -318,7 +318,7 @@ def build_hub(config: HubConfig, reactor: Any) -> Hub:
         sessions.listener = PortKeeper(reactor, on_lost=sessions.drop_all,
                                        on_port_lost=sessions.port_lost)
     hub = Hub(config, registry, hub_keys, clock, run_in_thread, sessions, reactor)
-    hub.calls = sessions.calls = registry_calls(config, registry, reactor)
+    hub.calls = sessions.calls = registry_calls(config, registry, reactor, registry_type)
     command_file = (CommandFileWriter(config.command_file, clock)
                     if config.command_file else None)
     hub.monitoring = Monitoring(registry, config.nsca, clock, command_file, calls=hub.calls)
@@ -331,13 +331,15 @@ def build_hub(config: HubConfig, reactor: Any) -> Hub:
     return hub
 
 
-def registry_calls(config: HubConfig, registry: Registry, reactor: Any) -> RegistryCalls:
+def registry_calls(config: HubConfig, registry: Registry, reactor: Any,
+                   registry_type: type[Registry] = Registry) -> RegistryCalls:
     """The hub's registry calls: a thread with its own connection, or, on a reactor
     that takes no calls from threads (tests' MemoryReactorClock), inline on `registry`."""
     clock: IReactorTime = reactor
     if not IReactorFromThreads.providedBy(reactor):
         return InlineCalls(registry)
-    return RegistryThread(lambda: Registry(config.db_path, now=clock.seconds), reactor, clock)
+    return RegistryThread(lambda: registry_type(config.db_path, now=clock.seconds), reactor,
+                          clock)
 
 
 def build_ssh_factory(hub: Hub) -> HubSSHFactory:

@@ -137,6 +137,7 @@ class LiveSessions:
             close_connection(old.conn, self.clock, "superseded by a new connection of this node")
         self._online(node, conn, peer)
         log.info("node {node} online from {peer}", node=node, peer=peer)
+        self.pairs.known({key: record.state})
         self.pairs.node_changed(node)
         return tunnel
 
@@ -204,6 +205,7 @@ class LiveSessions:
 
         def apply(listed: Listed) -> None:
             nodes, pairs = listed
+            self.pairs.known({n.name.lower(): n.state for n in nodes})
             try:
                 self._enforce(nodes)
             finally:
