@@ -21,8 +21,8 @@ from hub.app.config import HubConfig
 from hub.netconf.callhome import CallHomeNeeds
 from hub.ssh.keys import HubKeys
 from hub.ssh.usercerts import DeviceIdentity, HubUserCA
-from hub.store.offthread import InlineCalls, RegistryCalls
-from hub.store.registry import Node, Registry
+from hub.store.offthread import InlineCalls, ReactorReads, RegistryCalls
+from hub.store.registry import Node, Registry, User
 from hub.tunnel.expiry import PendingLeaseExpiry
 from hub.tunnel.sessions import LiveSessions
 
@@ -117,14 +117,15 @@ class Hub:
         The nodes and pairs are read in the registry thread, applied here."""
         from hub.tunnel.sessions import listing
 
-        def enforce(listed: tuple[list[Node], Any]) -> defer.Deferred[None]:
-            done = self.sessions.enforce(listed)
+        def enforce(listed: tuple[tuple[list[Node], Any], list[User]]) -> defer.Deferred[None]:
+            (nodes, pairs), users = listed
+            done = self.sessions.enforce((nodes, pairs))
             if self.netconf is not None:
-                self.netconf.enforce(listed[0])
-            self.operators.enforce()
+                self.netconf.enforce(nodes)
+            self.operators.enforce((users, pairs))
             return done
 
-        return self.calls.call(listing).addCallback(enforce)
+        return self.calls.call(lambda r: (listing(r), r.users())).addCallback(enforce)
 
     def _apply_now(self) -> None:
         self.apply()
@@ -150,7 +151,8 @@ class Hub:
                                        browse=browse)
 
         return WebNeeds(
-            registry=self.registry, tunnels=self.sessions, gateway=self.gateway_needs(),
+            registry=ReactorReads(self.registry, self.calls), tunnels=self.sessions,
+            gateway=self.gateway_needs(),
             check_password=lambda name, password: checker.requestAvatarId(
                 UsernamePassword(name, password)),
             budget=budget, backoff=backoff, apply=self._apply_now, clock=self.clock,
@@ -183,7 +185,8 @@ class Hub:
             unknown_per_minute_total=config.netconf_unknown_per_minute_total)
 
     def gateway_needs(self) -> GatewayNeeds:
-        return GatewayNeeds(grants=self.registry, tunnels=self.sessions, netconf=self.netconf,
+        return GatewayNeeds(grants=ReactorReads(self.registry, self.calls),
+                            tunnels=self.sessions, netconf=self.netconf,
                             mgmt_key=self.device_identity, clock=self.clock,
                             operators=self.operators, weblinks=self.weblinks,
                             recordings=self.recordings)
