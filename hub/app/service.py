@@ -327,7 +327,7 @@ def build_hub(config: HubConfig, reactor: Any, registry_type: type[Registry] = R
                                           calls=hub.calls)
     hub.recordings = open_recordings(
         registry, config.recordings_dir if config.recordings_enabled else None, clock,
-        run_in_thread, config.recordings)
+        run_in_thread, config.recordings, calls=hub.calls)
     return hub
 
 
