@@ -182,7 +182,8 @@ class Hub:
             max_unauthenticated=config.limits.max_unauthenticated,
             allow=config.netconf_allow,
             unknown_per_minute=config.netconf_unknown_per_minute,
-            unknown_per_minute_total=config.netconf_unknown_per_minute_total)
+            unknown_per_minute_total=config.netconf_unknown_per_minute_total,
+            calls=self.calls)
 
     def gateway_needs(self) -> GatewayNeeds:
         return GatewayNeeds(grants=ReactorReads(self.registry, self.calls),

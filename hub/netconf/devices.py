@@ -40,20 +40,39 @@ class Decision:
     conflict: bool = False  # an unknown key claims the name of an existing node
 
 
+# The node holding a device's host key, else the node holding the name it would get.
+Found = tuple[Node | None, Node | None]
+
+
+def lookup(registry: Registry, host_key: bytes, device_id: str | None) -> Found:
+    """What `decide` needs of the registry (one call in the registry thread)."""
+    node = registry.node_by_host_key(host_key)
+    if node is not None:
+        return node, None
+    try:
+        return None, registry.node(device_id or default_name(host_key))
+    except NotFound:
+        return None, None
+
+
 def identify(registry: Registry, host_key: bytes, device_id: str | None,
              may_enroll: Callable[[str], bool]) -> Decision:
     """Which node a calling device is, by its host key, and what to do with it.
 
     An unknown device becomes pending only if `may_enroll(name)`."""
-    node = registry.node_by_host_key(host_key)
+    return decide(lookup(registry, host_key, device_id), host_key, device_id, may_enroll)
+
+
+def decide(found: Found, host_key: bytes, device_id: str | None,
+           may_enroll: Callable[[str], bool]) -> Decision:
+    """`identify` on what `lookup` read."""
+    node, existing = found
     if node is not None:
         if node.state == "revoked":
             return Decision(REFUSE, node.name, f"node {node.name} is revoked")
         return Decision(APPROVED if node.state == "approved" else PENDING, node.name)
     name = device_id or default_name(host_key)
-    try:
-        existing = registry.node(name)
-    except NotFound:
+    if existing is None:
         if may_enroll(name):
             return Decision(PENDING, name, known=False)
         return Decision(REFUSE, name, f"unknown device {name} is not on the [netconf] allow "
