@@ -93,7 +93,8 @@ def test_over_the_limit_it_warns_once_a_minute_and_drops_only_refreshes(
         str(i) for i in range(7)]
 
 
-def test_stop_waits_for_queued_writes_then_refuses_calls(tmp_path: Path) -> None:
+def test_stop_waits_for_queued_writes_then_refuses_calls(
+        tmp_path: Path, logged: list[LogEvent]) -> None:
     clock = MemoryReactorClock()
     mine, thread = opener(tmp_path, clock)
     thread.startService()
@@ -104,6 +105,11 @@ def test_stop_waits_for_queued_writes_then_refuses_calls(tmp_path: Path) -> None
     late = result(thread.call(Registry.nodes))
     assert isinstance(late[0], Failure) and late[0].check(RegistryError)
     assert "after the hub stopped" in late[0].getErrorMessage()
+    thread.write(Registry.mark_offline, "a")  # connections closing as the process exits
+    thread.write(Registry.mark_offline, "b")
+    assert [t for t in texts(logged) if "registry" in t] == [
+        "registry closed: changes made as the hub stops (nodes going offline) are not "
+        "written; the next start marks every node offline"]
     assert stopped == []
     release.set()
     thread.drain()

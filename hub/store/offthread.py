@@ -125,6 +125,7 @@ class RegistryThread(Service):
     _thread: threading.Thread | None = None
     _closed: bool = False
     _warned_at: float | None = None
+    _late_writes: int = 0
 
     # -- the reactor side ----------------------------------------------------------
 
@@ -168,6 +169,14 @@ class RegistryThread(Service):
 
     def write(self, fn: Callable[Concatenate[Registry, P], object], *args: P.args,
               **kwargs: P.kwargs) -> None:
+        if self._closed:
+            # Connections closing as the process exits: their nodes go offline in
+            # the registry at the next start (reset_online), so one line says so.
+            if not self._late_writes:
+                log.info("registry closed: changes made as the hub stops (nodes going "
+                         "offline) are not written; the next start marks every node offline")
+            self._late_writes += 1
+            return
         self.call(fn, *args, **kwargs).addErrback(_logged(describe(fn, args)))
 
     def refresh(self, fn: Callable[Concatenate[Registry, P], object], *args: P.args,
