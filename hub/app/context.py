@@ -128,7 +128,10 @@ class Hub:
         return self.calls.call(lambda r: (listing(r), r.users())).addCallback(enforce)
 
     def _apply_now(self) -> None:
-        self.apply()
+        def failed(f: Failure) -> None:
+            log.error("applying a registry change failed: {why}", why=f.getErrorMessage())
+
+        self.apply().addErrback(failed)
 
     def web_needs(self, budget: PasswordChecks, backoff: Backoff, tls: bool) -> WebNeeds:
         """The console's view; it shares the SSH server's bcrypt budget and back-off."""

@@ -13,6 +13,7 @@ from attrs import evolve
 from twisted.application import internet, service, strports
 from twisted.conch.interfaces import IConchUser
 from twisted.cred import portal
+from twisted.internet import defer
 from twisted.internet import error as ierror
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
@@ -219,10 +220,42 @@ class DisconnectOnStop(service.Service):
     def __init__(self, factory: HubSSHFactory, grace: float = 2.0) -> None:
         self.factory = factory
         self.grace = grace
+        self.stopping: defer.Deferred[Any] | None = None  # the clients gone (or grace over)
 
     def stopService(self) -> Any:
         service.Service.stopService(self)
-        return self.factory.disconnect_all("the hub is shutting down", self.grace)
+        self.stopping = self.factory.disconnect_all("the hub is shutting down", self.grace)
+        return self.stopping
+
+
+class RegistryStop(service.Service):
+    """Runs the registry thread with the hub and stops it last: once the SSH clients
+    are disconnected (their nodes' going offline is queued) and its queue has run."""
+
+    def __init__(self, calls: RegistryThread, disconnect: DisconnectOnStop,
+                 clock: IReactorTime) -> None:
+        self.calls = calls
+        self.disconnect = disconnect
+        self.clock = clock
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self.calls.startService()
+
+    def stopService(self) -> Any:
+        service.Service.stopService(self)
+        first = self.disconnect.stopping
+        if first is None:
+            return self.calls.stopService()
+        after: defer.Deferred[None] = defer.Deferred()
+
+        def stop(result: object) -> object:
+            # Next turn: the last connection is counted gone before its avatar logs out.
+            self.clock.callLater(0, lambda: self.calls.stopService().chainDeferred(after))
+            return result
+
+        first.addBoth(stop)
+        return after
 
 
 class StartupReport(service.Service):
@@ -383,14 +416,15 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     top = HubService(level, getattr(options, "parent", None))
     top.hub = hub  # type: ignore[attr-defined]
     DataLockService(lock).setServiceParent(top)
+    disconnect = DisconnectOnStop(factory)  # stopped before the listener
     if isinstance(hub.calls, RegistryThread):
-        hub.calls.setServiceParent(top)  # stopped with the hub, once queued writes land
+        RegistryStop(hub.calls, disconnect, hub.clock).setServiceParent(top)
     StartupReport(config.data, hub.registry).setServiceParent(top)
     OpenFileLimit(port_keeper=config.port_keeper).setServiceParent(top)
     if hub.sessions.listener is not None:
         PortKeeperService(hub.sessions.listener).setServiceParent(top)
     ListenerService("SSH", config.ssh, factory, reactor).setServiceParent(top)
-    DisconnectOnStop(factory).setServiceParent(top)  # stopped before the listener
+    disconnect.setServiceParent(top)
     ListenerService("control socket", control_endpoint(config.data), ControlFactory(hub),
                     reactor).setServiceParent(top)
     if config.nsca_endpoint and hub.monitoring is not None:
