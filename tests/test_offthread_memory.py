@@ -3,13 +3,17 @@ for the registry keeps its order, and a device gone meanwhile is not taken over.
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
+from typing import Any
 
 from memory_hub import make_hub, registry_thread, settle, start_factory
 from test_tunnels_memory import HIGH, LOW, Device, RecordingReactor, allocated, register
+from twisted.logger import LogEvent, formatEvent
 
 from hub.app.context import Hub
 from hub.store.offthread import RegistryThread
+from hub.store.registry import Registry
 
 
 def threaded(tmp_path: Path, reactor: RecordingReactor) -> tuple[Hub, RegistryThread]:
@@ -67,3 +71,30 @@ def test_a_device_gone_during_its_takeover_is_not_taken_over(tmp_path: Path) -> 
     assert hub.sessions.get("site-a") is None and reactor.listening() == {}
     node = hub.registry.node("site-a")
     assert not node.online and not node.live
+
+
+class LockedRegistry(Registry):
+    """An engine whose lease fails as a database locked by another writer."""
+
+    def lease(self, *args: Any, **kwargs: Any) -> tuple[int, bool]:
+        raise sqlite3.OperationalError("database is locked")
+
+
+def test_a_database_error_on_a_forward_refuses_it_in_words(
+        tmp_path: Path, logged: list[LogEvent]) -> None:
+    reactor = RecordingReactor()
+    hub = make_hub(tmp_path, reactor, keepalive="0", **{"port-range": f"{LOW}-{HIGH}"})
+    thread = RegistryThread(
+        lambda: LockedRegistry(str(tmp_path / "hub.sqlite3"), now=reactor.seconds), None,
+        reactor)
+    hub.calls = hub.sessions.calls = thread
+    key = register(hub, "site-a")
+    device = Device(start_factory(hub), reactor, key=key)
+    pump(device, thread)
+    answers = device.request(b"tcpip-forward", b"", 0)
+    pump(device, thread)
+    assert answers == [("fail",)] and reactor.listening() == {}
+    lines = [formatEvent(e) for e in logged]
+    assert ("node site-a: forward ssh refused: the registry failed: database is locked"
+            in lines)
+    assert not any(e.get("log_failure") for e in logged)  # no traceback

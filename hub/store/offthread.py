@@ -71,6 +71,16 @@ def describe(fn: Callable[..., Any], args: tuple[Any, ...]) -> str:
     return f"{getattr(fn, '__name__', 'call')}({shown})"
 
 
+def invoke(registry: Registry, fn: Callable[..., T], args: tuple[Any, ...],
+           kwargs: dict[str, Any]) -> T:
+    """`fn(registry, ...)`; a `Registry` method named unbound runs as the registry
+    object's own (an engine's subclass may override it)."""
+    name = getattr(fn, "__name__", "")
+    if getattr(Registry, name, None) is fn:
+        return getattr(registry, name)(*args, **kwargs)  # type: ignore[no-any-return]
+    return fn(registry, *args, **kwargs)
+
+
 def _logged(what: str) -> Callable[[Failure], None]:
     def failed(f: Failure) -> None:
         log.error("registry write {call} failed: {why}; the hub goes on without it",
@@ -87,7 +97,7 @@ class InlineCalls:
 
     def call(self, fn: Callable[Concatenate[Registry, P], T], *args: P.args,
              **kwargs: P.kwargs) -> defer.Deferred[T]:
-        return defer.maybeDeferred(fn, self.registry, *args, **kwargs)
+        return defer.maybeDeferred(invoke, self.registry, fn, args, kwargs)
 
     def write(self, fn: Callable[Concatenate[Registry, P], object], *args: P.args,
               **kwargs: P.kwargs) -> None:
@@ -254,7 +264,7 @@ class RegistryThread(Service):
             try:
                 if registry is None:
                     raise RegistryError(f"the registry could not be opened: {failure}")
-                outcome = fn(registry, *args, **kwargs)
+                outcome = invoke(registry, fn, args, kwargs)
             except BaseException:
                 outcome = Failure()
                 outcome.cleanFailure()

@@ -226,10 +226,16 @@ class NodeTunnel:
             self.sessions.forwards_changed(self.node)
             return forward.reply()
 
+        def failed(f: Failure) -> int:
+            log.error("node {node}: forward {service} refused: the registry failed: {why}",
+                      node=self.node, service=decision.service,
+                      why=f.getErrorMessage() or f.type.__name__)  # type: ignore[union-attr]
+            return 0
+
         # The node's state and its lease are read off the reactor; the request
         # queue holds the node's next request until this one is answered.
         return self.sessions.cap_refusal(self.node, len(self.table),
-                                         decision.service).addCallback(decided)
+                                         decision.service).addCallback(decided).addErrback(failed)
 
     def _lease_and_listen(self, lease: Lease, avoid: set[int],
                           attempt: int = 0) -> defer.Deferred[Forward | None]:
