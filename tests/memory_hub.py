@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh import connection, keys, transport, userauth
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
 
 from hub.access.auth import hash_password
@@ -20,9 +21,12 @@ from hub.app.context import Hub
 from hub.app.service import build_ssh_factory
 from hub.ssh.keys import load_hub_keys
 from hub.ssh.modern import ModernTransportMixin
+from hub.store.offthread import RegistryCalls, RegistryThread
 from hub.store.registry import Registry
 from hub.tunnel.expiry import PendingLeaseExpiry
 from hub.tunnel.sessions import LiveSessions
+
+T = TypeVar("T")
 
 
 def make_hub(tmp_path: Path, clock: MemoryReactorClock, **options: Any) -> Hub:
@@ -37,6 +41,32 @@ def make_hub(tmp_path: Path, clock: MemoryReactorClock, **options: Any) -> Hub:
     hub.recordings = open_recordings(registry, config.recordings_dir, clock, hub.run_in_thread,
                                      config.recordings)
     return hub
+
+
+def registry_thread(data: Path, clock: MemoryReactorClock) -> RegistryThread:
+    """A registry thread on `data`'s registry file (its own connection), whose
+    results wait for `settle` (a MemoryReactorClock takes no calls from threads)."""
+    return RegistryThread(lambda: Registry(str(data / "hub.sqlite3"), now=clock.seconds), None,
+                          clock)
+
+
+def settle(calls: Hub | RegistryCalls) -> None:
+    """The one wait for tests: let the registry calls finish and their Deferreds
+    fire (calls run in a RegistryThread; inline calls have finished already)."""
+    drain = getattr(calls.calls if isinstance(calls, Hub) else calls, "drain", None)
+    if drain is not None:
+        drain()
+
+
+def outcome(calls: Hub | RegistryCalls, d: defer.Deferred[T]) -> T:
+    """The result of `d`, once the registry calls have settled."""
+    settle(calls)
+    got: list[Any] = []
+    d.addBoth(got.append)
+    assert got, "the Deferred has not fired"
+    if isinstance(got[0], Failure):
+        got[0].raiseException()
+    return got[0]  # type: ignore[no-any-return]
 
 
 def new_key() -> keys.Key:

@@ -20,6 +20,7 @@ from hub.access.auth import (
     hash_password,
 )
 from hub.rules.logins import OperatorLogin
+from hub.store.offthread import InlineCalls
 from hub.store.registry import Registry
 
 
@@ -33,7 +34,7 @@ def test_refusing_an_unknown_operator_costs_the_same_bcrypt_work(tmp_path: Path)
         calls.append((f, args))
         return defer.maybeDeferred(f, *args)
 
-    checker = CallHomePasswordChecker(registry, "cms", run)
+    checker = CallHomePasswordChecker(InlineCalls(registry), "cms", run)
     for name, why in [(b"mallory", "no operator 'mallory'"),
                       (b"bob", "operator bob has no password"),
                       (b"a::b", "no operator 'a::b'")]:
@@ -76,7 +77,7 @@ def test_no_call_home_password_warning_at_most_once_a_minute() -> None:
 
 def test_a_refused_signature_algorithm_is_named_in_words(tmp_path: Path) -> None:
     registry = Registry(str(tmp_path / "hub.sqlite3"), now=lambda: 0.0)
-    checker = DeviceKeyChecker(registry, "cms")
+    checker = DeviceKeyChecker(InlineCalls(registry), "cms")
     refused: list[Any] = []
     checker.requestAvatarId(SSHPrivateKey(b"cms", b"ssh-dss", b"blob", b"data", b"sig")
                             ).addErrback(refused.append)

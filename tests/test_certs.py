@@ -27,6 +27,7 @@ from hub.app.config import trusted_ca_keys
 from hub.errors import ConfigError
 from hub.rules.logins import OperatorLogin
 from hub.ssh.keys import fingerprint
+from hub.store.offthread import InlineCalls
 from hub.store.registry import Registry
 
 NOW = 1_800_000_000.0
@@ -45,8 +46,8 @@ class World:
         self.registry.add_user("alice", None, [], ["site-*"], "test")
         self.clock = MemoryReactorClock()
         self.clock.advance(NOW)
-        self.checker = CertificateChecker(self.registry, (blob_of(self.ca.public_key()),),
-                                          self.clock)
+        self.checker = CertificateChecker(InlineCalls(self.registry),
+                                          (blob_of(self.ca.public_key()),), self.clock)
 
     def cert(self, *, principals: tuple[bytes, ...] = (b"alice",), after: float = NOW - 60,
              before: float = NOW + 3600, kind: SSHCertificateType = SSHCertificateType.USER,

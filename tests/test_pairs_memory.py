@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from memory_gateway import DeviceSSHD, Site, exec_, shell
-from memory_hub import new_key
+from memory_hub import new_key, outcome
 from test_fleet import outcomes
 from test_fleet import run as fleet_run
 from twisted.internet.testing import StringTransport
@@ -168,7 +168,8 @@ def test_a_master_tunnel_not_forwarding_yet_is_not_online(site: PairSite) -> Non
     site.settle()
     # Between a connection's first forward request (which attaches it) and the
     # forward itself, its tunnel forwards nothing: the clone is still the one reached.
-    tunnel = site.hub.sessions.attach("pbx-a", site.tunnel_b.service, "192.0.2.31")
+    tunnel = outcome(site.hub, site.hub.sessions.attach("pbx-a", site.tunnel_b.service,
+                                                        "192.0.2.31"))
     assert tunnel is not None and not len(tunnel.table)
     assert site.hub.sessions.pairs.active("pbx") == "pbx-b"
     chan = site.operator(b"bob:pbx", exec_(b"hostname"), key=site.bob)

@@ -310,3 +310,40 @@ def test_the_hub_makes_its_recordings_directory_unless_recording_is_off(
         top.services[0].stopService()  # the data directory's lock
     assert stat.S_IMODE(os.stat(tmp_path / "on" / "recordings").st_mode) == 0o700
     assert not (tmp_path / "off" / "recordings").exists()
+
+
+def test_a_recording_waits_for_its_row_in_the_registry_thread(tmp_path: Path) -> None:
+    """The sessions row is written in the registry thread: what the device prints
+    before it exists waits (up to max_pending bytes), then goes to the file; a
+    session that ended meanwhile is finished once the row is there."""
+    from memory_hub import registry_thread, settle
+
+    clock = MemoryReactorClock()
+    registry = Registry(str(tmp_path / "hub.sqlite3"), now=clock.seconds)
+    thread = registry_thread(tmp_path, clock)
+    recordings = open_recordings(registry, str(tmp_path / "recordings"), clock, sync,
+                                 RetentionRules(), calls=thread)
+    early = recordings.begin("alice", "site-a", "192.0.2.1", "shell", (b"shell", b""), PTY)
+    early.output(b"before the row\r\n")
+    early.finish(3, 16)
+    assert early.id is None  # the row's answer has not come back yet
+    settle(thread)
+    clock.advance(FLUSH_DELAY)
+    settle(thread)
+    [row] = recordings.log.rows()
+    assert (row.id, row.bytes_from_device, row.truncated) == (early.id, 16, False)
+    assert row.ended is not None and row.recording is not None
+    lines = Path(row.recording).read_bytes().splitlines()
+    assert json.loads(lines[0])["title"] == "alice on site-a"
+    assert json.loads(lines[1])[1:] == ["o", "before the row\r\n"]
+
+    recordings.max_pending = 200  # a registry slower than the device's output
+    flood = recordings.begin("bob", "site-a", "192.0.2.2", "shell", (b"shell", b""), PTY)
+    flood.output(b"z" * 1000)
+    settle(thread)
+    flood.finish(1, 1000)
+    settle(thread)
+    clock.advance(FLUSH_DELAY)
+    settle(thread)
+    row = recordings.log.get(flood.id)  # type: ignore[arg-type]
+    assert row is not None and row.truncated

@@ -3,10 +3,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from memory_hub import make_hub, new_key
+from memory_hub import make_hub, new_key, outcome
 from twisted.internet.testing import MemoryReactorClock
 
-from hub.access.registrar import register
+from hub.access.registrar import Outcome, register
+from hub.app.context import Hub
 from hub.errors import BadName
 from hub.rules.names import check_node_name, default_node_name
 from hub.ssh.keys import parse_public_key
@@ -35,22 +36,26 @@ def test_bad_node_names(name: str) -> None:
         check_node_name(name)
 
 
+def run(hub: Hub, args: list[str], line: bytes, actor: str) -> Outcome:
+    return outcome(hub, register(hub.registrar_needs(), args, line, actor))
+
+
 def test_register_outcomes(tmp_path: Path) -> None:
     hub = make_hub(tmp_path, MemoryReactorClock())
     line = pub_line("x")
-    ok = register(hub.registrar_needs(), ["site-a"], line, "t")
+    ok = run(hub, ["site-a"], line, "t")
     assert (ok.status, ok.stdout) == (0, hub.keys.mgmt_public_line.encode())
     assert ok.stderr == b"register: node site-a is pending approval on the hub\n"
-    assert register(hub.registrar_needs(), ["site-a"], line, "t").status == 0
-    moved = register(hub.registrar_needs(), ["other"], line, "t")
+    assert run(hub, ["site-a"], line, "t").status == 0
+    moved = run(hub, ["other"], line, "t")
     assert (moved.status, moved.stderr) == (
         0, b"register: this key is already registered as node site-a "
            b"(pending approval on the hub)\n")
     hub.registry.set_state("site-a", "approved", "t")
-    assert register(hub.registrar_needs(), ["site-a"], line, "t").stderr == (
+    assert run(hub, ["site-a"], line, "t").stderr == (
         b"register: node site-a is approved\n")
-    assert register(hub.registrar_needs(), ["site-a"], pub_line(), "t").status == 1
-    assert register(hub.registrar_needs(), ["a", "b"], line, "t").stderr.startswith(b"usage:")
+    assert run(hub, ["site-a"], pub_line(), "t").status == 1
+    assert run(hub, ["a", "b"], line, "t").stderr.startswith(b"usage:")
     hub.registry.set_state("site-a", "revoked", "t")
-    revoked = register(hub.registrar_needs(), [], line, "t")
+    revoked = run(hub, [], line, "t")
     assert revoked.status == 1 and b"revoked" in revoked.stderr

@@ -348,3 +348,22 @@ def test_a_second_login_without_forwards_keeps_the_tunnel(hub: HubProcess,
     finally:
         device.close()
         web.close()
+
+
+def test_a_stopped_hub_leaves_its_nodes_offline(hub: HubProcess, tmp_path: Path) -> None:
+    """Stopping the hub disconnects the devices first, and their going offline is
+    written before the registry thread stops."""
+    web = Listener(lambda conn: conn.close())
+    device = Device(hub, tmp_path, "site-a")
+    device.connect(f"0:127.0.0.1:{web.port}")
+    try:
+        forwards = device.forwards()
+        assert node(hub, "site-a")["online"]
+        hub.stop()
+        offline = node(hub, "site-a")
+        assert not offline["online"] and offline["forwards"] == {}
+        assert offline["leases"] == forwards
+        assert "Traceback" not in hub.log.read_text()
+    finally:
+        device.close()
+        web.close()

@@ -27,7 +27,8 @@ from hub.errors import BadPassword, NotFound
 from hub.rules.logins import DeviceLogin, OperatorLogin, parse_login
 from hub.rules.throttle import OncePer
 from hub.ssh.algorithms import USERAUTH_SIGNATURE_ALGORITHMS
-from hub.store.registry import Registry
+from hub.store.offthread import RegistryCalls
+from hub.store.registry import Node, Registry, User
 
 CALLHOME_PASSWORD = "callhome_password"  # noqa: S105 (a settings key, not a secret)
 
@@ -97,6 +98,14 @@ class NoCallHomePassword(UnauthorizedLogin):
     device can register (counted apart: it is the operator's to fix)."""
 
 
+def operator(registry: Registry, name: str) -> User | None:
+    """Operator `name`'s row, or None (run in the registry thread)."""
+    try:
+        return registry.user(name)
+    except NotFound:
+        return None
+
+
 @implementer(ICredentialsChecker)
 class CallHomePasswordChecker:
     """The registrar user with the Call Home Password, operators with their own
@@ -104,9 +113,9 @@ class CallHomePasswordChecker:
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, registry: Registry, registrar_user: str,
+    def __init__(self, calls: RegistryCalls, registrar_user: str,
                  run_in_thread: Callable[..., defer.Deferred[Any]]) -> None:
-        self._registry = registry
+        self._calls = calls  # the registry, read off the reactor
         self._user = registrar_user.encode()
         self._run = run_in_thread
 
@@ -114,23 +123,34 @@ class CallHomePasswordChecker:
         name = credentials.username.decode("utf-8", "replace")
         if credentials.username != self._user:
             return self._operator(name, credentials.password)
-        hashed = self._registry.setting(CALLHOME_PASSWORD)
-        if hashed is None:
-            return defer.fail(NoCallHomePassword("no Call Home Password is set on this hub"))
+
+        def check(hashed: str | None) -> defer.Deferred[DeviceLogin]:
+            if hashed is None:
+                raise NoCallHomePassword("no Call Home Password is set on this hub")
+            return self._run(check_password, credentials.password, hashed).addCallback(decide)
 
         def decide(ok: bool) -> DeviceLogin:
             if not ok:
                 raise UnauthorizedLogin("wrong Call Home Password")
             return DeviceLogin(None)
 
-        return self._run(check_password, credentials.password, hashed).addCallback(decide)
+        return self._calls.call(Registry.setting, CALLHOME_PASSWORD).addCallback(check)
 
     def _operator(self, name: str, password: bytes) -> defer.Deferred[Any]:
         try:
             login = parse_login(name)
-            user = self._registry.user(login.user)
-        except (UnauthorizedLogin, NotFound):
+        except UnauthorizedLogin:
             return self._refuse_alike(password, InvalidUser(f"no operator {name!r}"))
+
+        def check(user: User | None) -> defer.Deferred[Any]:
+            if user is None:
+                return self._refuse_alike(password, InvalidUser(f"no operator {name!r}"))
+            return self._check_operator(login, user, password)
+
+        return self._calls.call(operator, login.user).addCallback(check)
+
+    def _check_operator(self, login: OperatorLogin, user: User,
+                        password: bytes) -> defer.Deferred[Any]:
         if user.password_hash is None:
             return self._refuse_alike(
                 password, UnauthorizedLogin(f"operator {user.name} has no password"))
@@ -160,31 +180,36 @@ class DeviceKeyChecker:
 
     credentialInterfaces = (ISSHPrivateKey,)
 
-    def __init__(self, registry: Registry, registrar_user: str) -> None:
-        self._registry = registry
+    def __init__(self, calls: RegistryCalls, registrar_user: str) -> None:
+        self._calls = calls  # the registry, read off the reactor
         self._user = registrar_user.encode()
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
-        return defer.maybeDeferred(self._check, credentials)
-
-    def _check(self, credentials: Any) -> DeviceLogin | OperatorLogin:
         if credentials.algName not in USER_SIG_ALGS:
-            raise UnauthorizedLogin(f"signature algorithm {_text(credentials.algName)} not allowed")
+            return defer.fail(UnauthorizedLogin(
+                f"signature algorithm {_text(credentials.algName)} not allowed"))
         if credentials.username != self._user:
             name = credentials.username.decode("utf-8", "replace")
             try:
                 login = parse_login(name)
-                user = self._registry.user(login.user)
-            except (UnauthorizedLogin, NotFound):
-                raise InvalidUser(f"no operator {name!r}") from None
-            if credentials.blob not in user.keys:
-                raise UnauthorizedLogin(f"key not registered for operator {user.name}")
-            verify_signature(credentials)
-            return OperatorLogin(user.name, login.node, login.port, identity=user.identity,
-                                 credential=credentials.blob)
-        if credentials.algName not in USER_SIG_ALGS:
-            raise UnauthorizedLogin(f"signature algorithm {_text(credentials.algName)} not allowed")
-        node = self._registry.node_by_key(credentials.blob)
+            except UnauthorizedLogin:
+                return defer.fail(InvalidUser(f"no operator {name!r}"))
+            return self._calls.call(operator, login.user).addCallback(
+                lambda user: self._operator(credentials, name, login, user))
+        return self._calls.call(Registry.node_by_key, credentials.blob).addCallback(
+            lambda node: self._device(credentials, node))
+
+    def _operator(self, credentials: Any, name: str, login: OperatorLogin,
+                  user: User | None) -> OperatorLogin:
+        if user is None:
+            raise InvalidUser(f"no operator {name!r}")
+        if credentials.blob not in user.keys:
+            raise UnauthorizedLogin(f"key not registered for operator {user.name}")
+        verify_signature(credentials)
+        return OperatorLogin(user.name, login.node, login.port, identity=user.identity,
+                             credential=credentials.blob)
+
+    def _device(self, credentials: Any, node: Node | None) -> DeviceLogin:
         if node is None:
             raise UnauthorizedLogin("key is not registered")
         if node.state == "revoked":

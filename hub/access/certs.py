@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any
 
 from attrs import frozen
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -28,9 +28,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
-from hub.errors import NotFound
 from hub.rules.logins import OperatorLogin, parse_login
 from hub.ssh.keys import fingerprint
+from hub.store.offthread import RegistryCalls
+from hub.store.registry import Registry, User
 
 log = Logger()
 
@@ -91,14 +92,6 @@ class CertificateCredentials:
     source: str
 
 
-class CertificateRecords(Protocol):
-    """What the checker needs of the registry."""
-
-    def user(self, name: str) -> Any: ...
-
-    def certificate_revoked(self, serial: int, key_id: str) -> bool: ...
-
-
 def check_certificate(cert: SSHCertificate, trusted: Iterable[bytes], principal: str,
                       source: str, now: float) -> None:
     """Why `cert` may not log in as `principal` from `source` now (UnauthorizedLogin)."""
@@ -150,17 +143,17 @@ class CertificateChecker:
 
     credentialInterfaces = (ICertificateCredentials,)
 
-    def __init__(self, registry: CertificateRecords, trusted: tuple[bytes, ...],
+    def __init__(self, calls: RegistryCalls, trusted: tuple[bytes, ...],
                  clock: IReactorTime) -> None:
-        self._registry = registry
+        self._calls = calls  # the registry, read off the reactor
         self._trusted = trusted
         self._clock = clock
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
         return defer.maybeDeferred(self._check, credentials)
 
-    def _check(self, c: CertificateCredentials) -> OperatorLogin:
-        from hub.access.auth import InvalidUser  # auth imports this module
+    def _check(self, c: CertificateCredentials) -> defer.Deferred[OperatorLogin]:
+        from hub.access.auth import InvalidUser, operator  # auth imports this module
 
         if c.algName not in CERT_ALGORITHMS:
             raise UnauthorizedLogin(f"certificate algorithm {c.algName!r} not allowed")
@@ -169,13 +162,24 @@ class CertificateChecker:
         name = c.username.decode("utf-8", "replace")
         try:
             login = parse_login(name)
-            user = self._registry.user(login.user)
-        except (UnauthorizedLogin, NotFound):
+        except UnauthorizedLogin:
             raise InvalidUser(f"no operator {name!r}") from None
-        cert = parse_certificate(c.algName, c.blob)
-        check_certificate(cert, self._trusted, user.name, c.source, self._clock.seconds())
-        key_id = cert.key_id.decode("utf-8", "replace")
-        if self._registry.certificate_revoked(cert.serial, key_id):
+
+        def found(user: User | None) -> defer.Deferred[OperatorLogin]:
+            if user is None:
+                raise InvalidUser(f"no operator {name!r}")
+            cert = parse_certificate(c.algName, c.blob)
+            check_certificate(cert, self._trusted, user.name, c.source, self._clock.seconds())
+            key_id = cert.key_id.decode("utf-8", "replace")
+            return self._calls.call(Registry.certificate_revoked, cert.serial,
+                                    key_id).addCallback(
+                lambda revoked: self._signed(c, login, user, cert, key_id, revoked))
+
+        return self._calls.call(operator, login.user).addCallback(found)
+
+    def _signed(self, c: CertificateCredentials, login: OperatorLogin, user: User,
+                cert: SSHCertificate, key_id: str, revoked: bool) -> OperatorLogin:
+        if revoked:
             raise UnauthorizedLogin(f"certificate serial {cert.serial} key ID {key_id!r} "
                                     "is revoked")
         if c.signature is None:

@@ -18,6 +18,8 @@ from twisted.conch.ssh.channel import SSHChannel
 from twisted.internet.interfaces import IReactorTime
 
 if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
     from hub.access.recordings import Recordings
     from hub.rules.logins import OperatorLogin
     from hub.rules.pairs import Pair
@@ -30,7 +32,7 @@ class Enrollment(Protocol):
     """Records a device's key as a (pending) node."""
 
     def register(self, name: str, key_blob: bytes, fingerprint: str,
-                 actor: str) -> tuple[Node, bool]: ...
+                 actor: str) -> Deferred[tuple[Node, bool]]: ...
 
 
 class Tunnels(Protocol):
@@ -40,7 +42,7 @@ class Tunnels(Protocol):
 
     def leave(self, node: str, conn: Any) -> None: ...
 
-    def attach(self, node: str, conn: Any, peer: str) -> NodeTunnel | None: ...
+    def attach(self, node: str, conn: Any, peer: str) -> Deferred[NodeTunnel | None]: ...
 
     def detach(self, tunnel: NodeTunnel) -> None: ...
 

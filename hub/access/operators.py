@@ -20,6 +20,7 @@ from hub.rules.pairs import covered
 
 if TYPE_CHECKING:
     from hub.access.needs import Grants
+    from hub.rules.pairs import Pair
     from hub.store.registry import User
 
 log = Logger()
@@ -67,16 +68,19 @@ class LiveOperators:
     def __len__(self) -> int:
         return len(self._live)
 
-    def enforce(self) -> None:
-        """Apply operator changes to the live connections."""
+    def enforce(self, listed: tuple[list[User], list[Pair]] | None = None) -> None:
+        """Apply operator changes to the live connections; `listed` is every
+        operator and pair on file, read off the reactor (None: read here)."""
         users: dict[str, User | None] = {}
-        pairs = self.grants.pairs() if self._live else []
+        on_file = None if listed is None else {u.name: u for u in listed[0]}
+        pairs = listed[1] if listed is not None else self.grants.pairs() if self._live else []
         for operator in list(self._live.values()):
             login = operator.login
             name = login.user.lower()
             if name not in users:
                 try:
-                    users[name] = self.grants.user(login.user)
+                    users[name] = (self.grants.user(login.user) if on_file is None
+                                   else on_file.get(login.user))
                 except NotFound:
                     users[name] = None
             user = users[name]

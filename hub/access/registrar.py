@@ -15,7 +15,9 @@ from typing import Any
 from attrs import frozen
 from twisted.conch.avatar import ConchUser
 from twisted.conch.ssh import channel, common, connection
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hub.access.needs import RegistrarNeeds
 from hub.errors import BadKey, BadName, RegistryError
@@ -25,6 +27,7 @@ from hub.rules.ports import MAX_PORT
 from hub.ssh.connection import ChannelRefused
 from hub.ssh.keys import parse_public_key
 from hub.ssh.wire import WireError, unpack_forward_request, unpack_tcpip_open
+from hub.store.rows import Node
 from hub.tunnel.live import NodeTunnel
 
 log = Logger()
@@ -53,17 +56,33 @@ class Outcome:
     stderr: bytes = b""
 
 
-def register(needs: RegistrarNeeds, args: list[str], upload: bytes, actor: str) -> Outcome:
-    """Run `register [NAME]` on an uploaded key; the outcome a device sees."""
+def register(needs: RegistrarNeeds, args: list[str], upload: bytes,
+             actor: str) -> defer.Deferred[Outcome]:
+    """Run `register [NAME]` on an uploaded key; the outcome a device sees (once
+    the registry, off the reactor, has recorded the key)."""
     if len(args) > 1:
-        return Outcome(1, stderr=b"usage: register [NAME] < id_ed25519.pub\n")
+        return defer.succeed(Outcome(1, stderr=b"usage: register [NAME] < id_ed25519.pub\n"))
+
+    def refused(e: Exception) -> Outcome:
+        log.info("registration by {actor} refused: {why}", actor=actor, why=str(e))
+        return Outcome(1, stderr=f"register: {e}\n".encode())
+
+    def failed(f: Failure) -> Outcome:
+        f.trap(RegistryError)
+        return refused(f.value)  # type: ignore[arg-type]
+
     try:
         key = parse_public_key(upload)
         name = check_node_name(args[0]) if args else default_node_name(key)
-        node, created = needs.enrollment.register(name, key.blob, key.fingerprint, actor)
-    except (BadKey, BadName, RegistryError) as e:
-        log.info("registration by {actor} refused: {why}", actor=actor, why=str(e))
-        return Outcome(1, stderr=f"register: {e}\n".encode())
+    except (BadKey, BadName) as e:
+        return defer.succeed(refused(e))
+    recorded = defer.maybeDeferred(needs.enrollment.register, name, key.blob,
+                                   key.fingerprint, actor)
+    return recorded.addCallbacks(lambda got: _registered(needs, name, actor, *got), failed)
+
+
+def _registered(needs: RegistrarNeeds, name: str, actor: str, node: Node,
+                created: bool) -> Outcome:
     if node.state == "revoked":
         return Outcome(1, stderr=f"register: this key belongs to revoked node {node.name}\n"
                        .encode())
@@ -147,7 +166,8 @@ class RegistrarSession(channel.SSHChannel):
     def eofReceived(self) -> None:
         if self._upload is not None:
             upload, self._upload = bytes(self._upload), None
-            self._finish(register(self.registrar.needs, self._args, upload, self.registrar.actor))
+            register(self.registrar.needs, self._args, upload,
+                     self.registrar.actor).addCallback(self._finish)
 
     def _finish(self, outcome: Outcome) -> None:
         if self._done or self.closing:
@@ -179,6 +199,10 @@ class RegistrarAvatar(ConchUser):
         self._peer = peer
         self.conn: Any = None
         self.tunnel: NodeTunnel | None = None
+        # Forward requests waiting for the takeover (the node's record is read
+        # off the reactor), in arrival order; None when no takeover is under way.
+        self._waiting: list[defer.Deferred[NodeTunnel | None]] | None = None
+        self._gone = False
 
     @property
     def actor(self) -> str:
@@ -194,16 +218,39 @@ class RegistrarAvatar(ConchUser):
             self.needs.tunnels.join(self.node, conn, self._peer())
 
     def logout(self) -> None:
+        self._gone = True
         if self.tunnel is not None:
             self.needs.tunnels.detach(self.tunnel)
         elif self.node is not None and self.conn is not None:
             self.needs.tunnels.leave(self.node, self.conn)
 
-    def _tunnel(self) -> NodeTunnel | None:
+    def _tunnel(self) -> defer.Deferred[NodeTunnel | None]:
         """This connection's tunnel; the first call takes the node over."""
-        if self.tunnel is None and self.node is not None and self.conn is not None:
-            self.tunnel = self.needs.tunnels.attach(self.node, self.conn, self._peer())
-        return self.tunnel
+        if self.tunnel is not None or self.node is None or self.conn is None:
+            return defer.succeed(self.tunnel)
+        waiter: defer.Deferred[NodeTunnel | None] = defer.Deferred()
+        if self._waiting is not None:
+            self._waiting.append(waiter)
+            return waiter
+        self._waiting = [waiter]
+
+        def attached(tunnel: NodeTunnel | None) -> None:
+            waiting, self._waiting = self._waiting or [], None
+            if tunnel is not None and self._gone:  # logged out meanwhile
+                self.needs.tunnels.detach(tunnel)
+                tunnel = None
+            self.tunnel = tunnel
+            for each in waiting:
+                each.callback(tunnel)
+
+        def failed(f: Failure) -> None:
+            log.error("{actor}: takeover failed: {why}", actor=self.actor,
+                      why=f.getErrorMessage())
+            attached(None)
+
+        self.needs.tunnels.attach(self.node, self.conn, self._peer()).addCallbacks(
+            attached, failed)
+        return waiter
 
     def lookupChannel(self, channel_type: bytes, window: int, max_packet: int,
                       data: bytes) -> Any:
@@ -251,19 +298,18 @@ class RegistrarAvatar(ConchUser):
             if request_type == b"cancel-tcpip-forward":
                 # A connection that never forwarded has nothing to cancel and
                 # takes nothing over.
-                if self.tunnel is None:
+                if self.tunnel is None and self._waiting is None:
                     return 0
-                return self.tunnel.cancel_forward(request.bind, request.port)
+                return self._tunnel().addCallback(
+                    lambda t: 0 if t is None else t.cancel_forward(request.bind, request.port))
             if request.port > MAX_PORT:
                 # Refused before the takeover: a request no forward can be made of.
                 log.warn("{actor}: forward {bind}:{port} refused: port {port} is above {max}",
                          actor=self.actor, bind=request.bind.decode("utf-8", "replace"),
                          port=request.port, max=MAX_PORT)
                 return 0
-            tunnel = self._tunnel()
-            if tunnel is None:
-                return 0
-            return tunnel.request_forward(request.bind, request.port)
+            return self._tunnel().addCallback(
+                lambda t: 0 if t is None else t.request_forward(request.bind, request.port))
         if request_type != b"keepalive@openssh.com":  # answered "failure", as sshd does
             log.info("{actor}: refused global request {req}", actor=self.actor,
                      req=request_type.decode("ascii", "replace"))

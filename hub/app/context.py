@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 from attrs import Factory, define, field
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hub.access.needs import GatewayNeeds, RegistrarNeeds
 from hub.access.operators import LiveOperators
@@ -19,7 +21,8 @@ from hub.app.config import HubConfig
 from hub.netconf.callhome import CallHomeNeeds
 from hub.ssh.keys import HubKeys
 from hub.ssh.usercerts import DeviceIdentity, HubUserCA
-from hub.store.registry import Registry
+from hub.store.offthread import InlineCalls, ReactorReads, RegistryCalls
+from hub.store.registry import Node, Registry, User
 from hub.tunnel.expiry import PendingLeaseExpiry
 from hub.tunnel.sessions import LiveSessions
 
@@ -32,6 +35,20 @@ if TYPE_CHECKING:
     from hub.web.needs import Backoff, PasswordChecks, WebNeeds
     from hub.web.sessions import SessionStore
     from hub.web.weblinks import WebLinks
+
+
+log = Logger()
+
+
+@define(eq=False)
+class CallsEnrollment:
+    """Device registration through the registry thread (`RegistrarNeeds.enrollment`)."""
+
+    calls: RegistryCalls
+
+    def register(self, name: str, key_blob: bytes, fingerprint: str,
+                 actor: str) -> defer.Deferred[tuple[Node, bool]]:
+        return self.calls.call(Registry.register, name, key_blob, fingerprint, actor)
 
 
 @define(eq=False)
@@ -66,25 +83,55 @@ class Hub:
         return DeviceIdentity(self.keys.mgmt, ca)
     # The operators' device sessions and their recordings, or None.
     recordings: Recordings | None = None
+    # Registry calls off the reactor (hub.store.offthread): the hub's RegistryThread.
+    calls: RegistryCalls = field(
+        default=Factory(lambda self: InlineCalls(self.registry), takes_self=True))
+    # A poll of the registry is under way (the last one has not answered yet).
+    _polling: bool = False
 
     def sync(self) -> None:
         """Apply changes the admin CLI made to the registry (polled, see REGISTRY_POLL):
-        revoked or removed nodes, operators deleted, replaced or with fewer grants."""
-        if self.registry.changed():
-            self.sessions.enforce()
-            if self.netconf is not None:
-                self.netconf.enforce()
-            self.operators.enforce()
+        revoked or removed nodes, operators deleted, replaced or with fewer grants.
+        The poll runs in the registry thread; a slow database skips polls, never
+        stacks them."""
+        if not self._polling:
+            self._polling = True
+
+            def polled(changed: bool) -> defer.Deferred[None] | None:
+                return self.apply() if changed else None
+
+            def failed(f: Failure) -> None:
+                log.error("registry poll failed: {why}", why=f.getErrorMessage())
+
+            def done(_: object) -> None:
+                self._polling = False
+
+            self.calls.call(Registry.changed).addCallback(polled).addErrback(
+                failed).addBoth(done)
         if self.lease_expiry is not None:
             self.lease_expiry.poll()
 
-    def apply(self) -> None:
+    def apply(self) -> defer.Deferred[None]:
         """Apply a change this process made to the registry (the web console's
-        approve, revoke, remove, access) at once, as `sync` applies the CLI's."""
-        self.sessions.enforce()
-        if self.netconf is not None:
-            self.netconf.enforce()
-        self.operators.enforce()
+        approve, revoke, remove, access) at once, as `sync` applies the CLI's.
+        The nodes and pairs are read in the registry thread, applied here."""
+        from hub.tunnel.sessions import listing
+
+        def enforce(listed: tuple[tuple[list[Node], Any], list[User]]) -> defer.Deferred[None]:
+            (nodes, pairs), users = listed
+            done = self.sessions.enforce((nodes, pairs))
+            if self.netconf is not None:
+                self.netconf.enforce(nodes)
+            self.operators.enforce((users, pairs))
+            return done
+
+        return self.calls.call(lambda r: (listing(r), r.users())).addCallback(enforce)
+
+    def _apply_now(self) -> None:
+        def failed(f: Failure) -> None:
+            log.error("applying a registry change failed: {why}", why=f.getErrorMessage())
+
+        self.apply().addErrback(failed)
 
     def web_needs(self, budget: PasswordChecks, backoff: Backoff, tls: bool) -> WebNeeds:
         """The console's view; it shares the SSH server's bcrypt budget and back-off."""
@@ -97,7 +144,7 @@ class Hub:
         from hub.web.terminal import terminal_resource
 
         assert self.weblinks is not None and self.web_sessions is not None
-        checker = CallHomePasswordChecker(self.registry, self.config.registrar_user,
+        checker = CallHomePasswordChecker(self.calls, self.config.registrar_user,
                                           self.run_in_thread)
         settings = self.config.web_proxy
         browse = BrowseAudit(self.clock, settings.audit_interval)
@@ -107,10 +154,11 @@ class Hub:
                                        browse=browse)
 
         return WebNeeds(
-            registry=self.registry, tunnels=self.sessions, gateway=self.gateway_needs(),
+            registry=ReactorReads(self.registry, self.calls), tunnels=self.sessions,
+            gateway=self.gateway_needs(),
             check_password=lambda name, password: checker.requestAvatarId(
                 UsernamePassword(name, password)),
-            budget=budget, backoff=backoff, apply=self.apply, clock=self.clock,
+            budget=budget, backoff=backoff, apply=self._apply_now, clock=self.clock,
             sessions=self.web_sessions, weblinks=self.weblinks, tls=tls,
             terminal=terminal_resource, proxy=proxy, verify=self.verify_device)
 
@@ -123,7 +171,7 @@ class Hub:
 
     def registrar_needs(self) -> RegistrarNeeds:
         return RegistrarNeeds(
-            user=self.config.registrar_user, enrollment=self.registry,
+            user=self.config.registrar_user, enrollment=CallsEnrollment(self.calls),
             mgmt_public_line=self.keys.mgmt_public_line, tunnels=self.sessions,
             intake=self.monitoring.channel_factory if self.monitoring is not None else None,
             clock=self.clock)
@@ -137,10 +185,12 @@ class Hub:
             max_unauthenticated=config.limits.max_unauthenticated,
             allow=config.netconf_allow,
             unknown_per_minute=config.netconf_unknown_per_minute,
-            unknown_per_minute_total=config.netconf_unknown_per_minute_total)
+            unknown_per_minute_total=config.netconf_unknown_per_minute_total,
+            calls=self.calls)
 
     def gateway_needs(self) -> GatewayNeeds:
-        return GatewayNeeds(grants=self.registry, tunnels=self.sessions, netconf=self.netconf,
+        return GatewayNeeds(grants=ReactorReads(self.registry, self.calls),
+                            tunnels=self.sessions, netconf=self.netconf,
                             mgmt_key=self.device_identity, clock=self.clock,
                             operators=self.operators, weblinks=self.weblinks,
                             recordings=self.recordings)

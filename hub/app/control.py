@@ -29,6 +29,7 @@ from hub.rules.fleet import OFFLINE, Outcome, select, summary_line, tally
 from hub.rules.pairs import fleet_pairs
 from hub.ssh.keys import fingerprint
 from hub.ssh.usercerts import DeviceIdentity, authorized_keys_line, load_user_ca
+from hub.store.registry import Registry
 
 log = Logger()
 
@@ -52,15 +53,15 @@ class Controller:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
 
-    def _tunnel(self, name: str) -> tuple[Any, Any]:
-        node = self.hub.registry.node(name)
+    async def _tunnel(self, name: str) -> tuple[Any, Any]:
+        node = await self.hub.calls.call(Registry.node, name)
         tunnel = self.hub.sessions.get(node.name)
         if tunnel is None:
             raise HubError(f"node {node.name} is offline; it must be connected")
         return node, tunnel
 
     async def verify(self, name: str, actor: str) -> str:
-        node, tunnel = self._tunnel(name)
+        node, tunnel = await self._tunnel(name)
         ready, client = connect(tunnel, node.device_user, self.hub.device_identity,
                                 node.host_key, clock=self.hub.clock)
         try:
@@ -73,7 +74,8 @@ class Controller:
         how = "certificate" if client.by_certificate else "management key"
         if node.host_key is None:
             assert client.host_key is not None
-            self.hub.registry.set_device_access(node.name, actor, host_key=client.host_key)
+            await self.hub.calls.call(Registry.set_device_access, node.name, actor,
+                                      host_key=client.host_key)
             return (f"{how} login as {node.device_user} verified; host key "
                     f"{fingerprint(client.host_key)} pinned")
         return f"{how} login as {node.device_user} verified"
@@ -91,7 +93,7 @@ class Controller:
 
     async def enroll(self, name: str, user: str, password: str, actor: str,
                      login: str = "key") -> str:
-        node, tunnel = self._tunnel(name)
+        node, tunnel = await self._tunnel(name)
         if login == "ca":
             line, identity = self._enroll_ca(user)
             what = "hub CA"
@@ -107,11 +109,10 @@ class Controller:
             # The device took the management key before the password was needed:
             # nothing to install, and the password was never checked.
             conn.close()
-            self.hub.registry.set_device_access(node.name, actor, host_key=client.host_key,
-                                                device_user=user)
-            self.hub.registry.audit(actor, "enroll", node.name,
-                                    f"user {user}: {what} already authorized, "
-                                    "nothing installed")
+            await self.hub.calls.call(Registry.set_device_access, node.name, actor,
+                                      host_key=client.host_key, device_user=user)
+            self.hub.calls.write(Registry.audit, actor, "enroll", node.name,
+                                 f"user {user}: {what} already authorized, nothing installed")
             return (f"{what} already authorized for {user}: nothing installed "
                     f"(the password was not used); host key {fingerprint(client.host_key)} "
                     "pinned")
@@ -122,11 +123,12 @@ class Controller:
         if status != 0:
             raise DeviceError(f"installing the {what} failed on the device: "
                               + (err.decode("utf-8", "replace").strip() or f"exit {status}"))
-        self.hub.registry.set_device_access(node.name, actor, host_key=client.host_key,
-                                            device_user=user)
+        await self.hub.calls.call(Registry.set_device_access, node.name, actor,
+                                  host_key=client.host_key, device_user=user)
         ready, _ = connect(tunnel, user, identity, client.host_key, clock=self.hub.clock)
         (await ready).close()
-        self.hub.registry.audit(actor, "enroll", node.name, f"user {user}: {what} installed")
+        self.hub.calls.write(Registry.audit, actor, "enroll", node.name,
+                             f"user {user}: {what} installed")
         return (f"{what} installed for {user} and verified; host key "
                 f"{fingerprint(client.host_key)} pinned")
 
@@ -141,10 +143,11 @@ class Controller:
         if not 1 <= parallel <= MAX_PARALLEL or not 0 < timeout <= MAX_RUN_TIMEOUT:
             raise HubError(f"run: --parallel must be 1-{MAX_PARALLEL} and --timeout "
                            f"0-{MAX_RUN_TIMEOUT:g} s")
-        nodes = {n.name: n for n in self.hub.registry.nodes()}
+        listed, on_file = await self.hub.calls.call(lambda r: (r.nodes(), r.pairs()))
+        nodes = {n.name: n for n in listed}
         # A pair matched (not its members) is run on its active member.
         live_pairs = self.hub.sessions.pairs
-        pairs = {p.name for p in fleet_pairs(pattern, self.hub.registry.pairs())}
+        pairs = {p.name for p in fleet_pairs(pattern, on_file)}
         online, offline = select(pattern, [
             *((n.name, n.state, self.hub.sessions.get(n.name) is not None)
               for n in nodes.values()),
@@ -169,8 +172,8 @@ class Controller:
         outcomes += await run_on_nodes(online, start, parallel,
                                        lambda o: emit({"outcome": o.as_json()}))
         counts = tally(outcomes)
-        self.hub.registry.audit(actor, "run", pattern,
-                                f"command {command!r}: {summary_line(counts)}")
+        self.hub.calls.write(Registry.audit, actor, "run", pattern,
+                             f"command {command!r}: {summary_line(counts)}")
         return {"ok": True, "summary": counts,
                 "message": f"{len(outcomes)} node(s): {summary_line(counts)}"}
 

@@ -13,8 +13,9 @@ from attrs import evolve
 from twisted.application import internet, service, strports
 from twisted.conch.interfaces import IConchUser
 from twisted.cred import portal
+from twisted.internet import defer
 from twisted.internet import error as ierror
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
@@ -44,6 +45,7 @@ from hub.netconf.devices import NetconfSessions
 from hub.rules.logins import DeviceLogin, OperatorLogin
 from hub.ssh.hostcerts import present_host_certificate
 from hub.ssh.keys import fingerprint, load_hub_keys
+from hub.store.offthread import InlineCalls, RegistryCalls, RegistryThread
 from hub.store.registry import Registry
 from hub.tunnel.descriptors import DescriptorReserve
 from hub.tunnel.expiry import PendingLeaseExpiry
@@ -227,10 +229,42 @@ class DisconnectOnStop(service.Service):
     def __init__(self, factory: HubSSHFactory, grace: float = 2.0) -> None:
         self.factory = factory
         self.grace = grace
+        self.stopping: defer.Deferred[Any] | None = None  # the clients gone (or grace over)
 
     def stopService(self) -> Any:
         service.Service.stopService(self)
-        return self.factory.disconnect_all("the hub is shutting down", self.grace)
+        self.stopping = self.factory.disconnect_all("the hub is shutting down", self.grace)
+        return self.stopping
+
+
+class RegistryStop(service.Service):
+    """Runs the registry thread with the hub and stops it last: once the SSH clients
+    are disconnected (their nodes' going offline is queued) and its queue has run."""
+
+    def __init__(self, calls: RegistryThread, disconnect: DisconnectOnStop,
+                 clock: IReactorTime) -> None:
+        self.calls = calls
+        self.disconnect = disconnect
+        self.clock = clock
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self.calls.startService()
+
+    def stopService(self) -> Any:
+        service.Service.stopService(self)
+        first = self.disconnect.stopping
+        if first is None:
+            return self.calls.stopService()
+        after: defer.Deferred[None] = defer.Deferred()
+
+        def stop(result: object) -> object:
+            # Next turn: the last connection is counted gone before its avatar logs out.
+            self.clock.callLater(0, lambda: self.calls.stopService().chainDeferred(after))
+            return result
+
+        first.addBoth(stop)
+        return after
 
 
 class StartupReport(service.Service):
@@ -306,13 +340,12 @@ class OpenFileLimit(service.Service):
              " (raise it, e.g. LimitNOFILE=65536 in the systemd unit)")
 
 
-def build_hub(config: HubConfig, reactor: Any, reset_online: bool = True) -> Hub:
+def build_hub(config: HubConfig, reactor: Any, reset_online: bool = True,
+              registry_type: type[Registry] = Registry) -> Hub:
     from twisted.internet.threads import deferToThreadPool
 
     clock: IReactorTime = reactor
-    registry = Registry(config.registry, now=clock.seconds)
-    if config.peer is not None:  # several hubs: this hub resets only its own claims
-        registry.hub_id = config.cluster_id
+    registry = open_registry(config, clock, registry_type)
     if reset_online or config.peer is not None:
         # Not by a worker without peering: worker 0 did, and the others' nodes
         # are online. With hub ids each process clears only its own claims.
@@ -332,24 +365,46 @@ def build_hub(config: HubConfig, reactor: Any, reset_online: bool = True) -> Hub
         sessions.listener = PortKeeper(reactor, on_lost=sessions.drop_all,
                                        on_port_lost=sessions.port_lost)
     hub = Hub(config, registry, hub_keys, clock, run_in_thread, sessions, reactor)
+    hub.calls = sessions.calls = registry_calls(config, registry, reactor, registry_type)
     command_file = (CommandFileWriter(config.command_file, clock)
                     if config.command_file else None)
-    hub.monitoring = Monitoring(registry, config.nsca, clock, command_file)
-    hub.netconf = NetconfSessions(registry, clock)
-    hub.lease_expiry = PendingLeaseExpiry(registry, clock, config.limits.pending_lease_expiry)
+    hub.monitoring = Monitoring(registry, config.nsca, clock, command_file, calls=hub.calls)
+    hub.netconf = NetconfSessions(registry, clock, calls=hub.calls)
+    hub.lease_expiry = PendingLeaseExpiry(registry, clock, config.limits.pending_lease_expiry,
+                                          calls=hub.calls)
     hub.recordings = open_recordings(
         registry, config.recordings_dir if config.recordings_enabled else None, clock,
-        run_in_thread, config.recordings)
+        run_in_thread, config.recordings, calls=hub.calls)
     return hub
+
+
+def open_registry(config: HubConfig, clock: IReactorTime,
+                  registry_type: type[Registry] = Registry) -> Registry:
+    """A connection to the hub's registry, as this hub (its hub id when it peers:
+    several hubs reset and mark online only the nodes they hold)."""
+    registry = registry_type(config.registry, now=clock.seconds)
+    if config.peer is not None:
+        registry.hub_id = config.cluster_id
+    return registry
+
+
+def registry_calls(config: HubConfig, registry: Registry, reactor: Any,
+                   registry_type: type[Registry] = Registry) -> RegistryCalls:
+    """The hub's registry calls: a thread with its own connection, or, on a reactor
+    that takes no calls from threads (tests' MemoryReactorClock), inline on `registry`."""
+    clock: IReactorTime = reactor
+    if not IReactorFromThreads.providedBy(reactor):
+        return InlineCalls(registry)
+    return RegistryThread(lambda: open_registry(config, clock, registry_type), reactor, clock)
 
 
 def build_ssh_factory(hub: Hub) -> HubSSHFactory:
     """The SSH listener's factory: portal, checkers and limits from the hub's config."""
     config = hub.config
     hub_portal = portal.Portal(HubRealm(hub), [
-        CallHomePasswordChecker(hub.registry, config.registrar_user, hub.run_in_thread),
-        DeviceKeyChecker(hub.registry, config.registrar_user),
-        CertificateChecker(hub.registry, config.trusted_ca_keys, hub.clock),
+        CallHomePasswordChecker(hub.calls, config.registrar_user, hub.run_in_thread),
+        DeviceKeyChecker(hub.calls, config.registrar_user),
+        CertificateChecker(hub.calls, config.trusted_ca_keys, hub.clock),
     ])
     if config.trusted_ca_keys:
         log.info("operators may log in with certificates from {n} trusted user CA(s): {cas}",
@@ -357,7 +412,10 @@ def build_ssh_factory(hub: Hub) -> HubSSHFactory:
                  cas=", ".join(fingerprint(ca) for ca in config.trusted_ca_keys))
     factory = HubSSHFactory(hub_portal, hub.keys, hub.clock, config.limits, config.keepalive,
                             config.keepalive_count, transport_policy=config.transport)
-    factory.audit = hub.registry.audit  # denied logins are audited too
+    def audit(actor: str, action: str, target: str, detail: str = "") -> None:
+        hub.calls.write(Registry.audit, actor, action, target, detail)
+
+    factory.audit = audit  # denied logins are audited too (queued, off the reactor)
     return factory
 
 
@@ -383,6 +441,9 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     top = HubService(level, getattr(options, "parent", None))
     top.hub = hub  # type: ignore[attr-defined]
     DataLockService(lock).setServiceParent(top)
+    disconnect = DisconnectOnStop(factory)  # stopped before the listener
+    if isinstance(hub.calls, RegistryThread):
+        RegistryStop(hub.calls, disconnect, hub.clock).setServiceParent(top)
     StartupReport(config.data, hub.registry).setServiceParent(top)
     OpenFileLimit(port_keeper=config.port_keeper).setServiceParent(top)
     if hub.sessions.listener is not None:
@@ -391,7 +452,7 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
         add_workers(top, options, config, factory, reactor)
     else:
         ListenerService("SSH", config.ssh, factory, reactor).setServiceParent(top)
-    DisconnectOnStop(factory).setServiceParent(top)  # stopped before the listener
+    disconnect.setServiceParent(top)
     ListenerService("control socket", control_endpoint(config.data), ControlFactory(hub),
                     reactor).setServiceParent(top)
     if config.nsca_endpoint and hub.monitoring is not None:

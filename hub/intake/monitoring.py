@@ -14,9 +14,11 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from attrs import define, field, frozen
+from attrs import Factory, define, field, frozen
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hub.errors import NotFound
 from hub.intake.commandfile import CommandFileWriter
@@ -25,6 +27,7 @@ from hub.intake.protocol import NSCAServerFactory, NSCAServerProtocol
 from hub.intake.settings import NSCASettings
 from hub.rules.throttle import OncePer
 from hub.ssh.channels import WINDOW
+from hub.store.offthread import InlineCalls, RegistryCalls
 from hub.store.registry import Registry
 from hub.tunnel.descriptors import DescriptorReserve
 from hub.tunnel.inprocess import ProtocolChannel
@@ -65,6 +68,9 @@ class Monitoring:
     _pending: list[tuple[str, CheckResult, float]] = field(factory=list)
     _flush_call: Any = None
     _drops: OncePer = field(factory=OncePer)
+    # Registry calls off the reactor (hub.store.offthread); the hub's RegistryThread.
+    calls: RegistryCalls = field(
+        default=Factory(lambda self: InlineCalls(self.registry), takes_self=True))
 
     def deliver(self, node: str, result: CheckResult) -> None:
         """Keep one result from `node` ("" for the plain TCP listener).
@@ -82,46 +88,35 @@ class Monitoring:
         if self._flush_call is None:
             self._flush_call = self.clock.callLater(0, self.flush)
 
-    def flush(self) -> None:
-        """Store the pending results now (also called at shutdown)."""
+    def flush(self) -> defer.Deferred[None]:
+        """Store the pending results now (also called at shutdown); the nodes'
+        states are read and the results stored in the registry thread, in one
+        transaction, and what was kept or dropped is counted here after."""
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
         batch, self._pending = self._pending, []
-        states = {node: self._state(node) for node in {node for node, _, _ in batch} if node}
-        kept = [item for item in batch if not item[0] or states[item[0]] == "approved"]
-        for node, state in states.items():
-            if state != "approved":
-                self.counts.reject("node_state", sum(1 for n, _, _ in batch if n == node))
-                self._dropped(node, "state", "NSCA results from node {node} dropped: the "
-                              "node is {state}, not approved{more}", state=state)
-        batch = kept
         if not batch:
-            return
-        self.counts.accepted += len(batch)
-        with self.registry.transaction() as db:
-            db.executemany(
-                "INSERT INTO results (node, host, service, code, output, time, received)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(node, r.host, r.service, r.code, r.output, r.timestamp, now)
-                 for node, r, now in batch])
-            # Everything at or below the oldest id to drop, found through the
-            # (host, service, id) index: cheap whatever the history length.
-            db.executemany(
-                "DELETE FROM results WHERE host = ? AND service = ? AND id <="
-                " (SELECT id FROM results WHERE host = ? AND service = ?"
-                "  ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                [(h, sv, h, sv, self.config.history)
-                 for h, sv in {(r.host, r.service) for _, r, _ in batch}])
-        if self.command_file is not None:
-            for _, r, now in batch:
-                self.command_file.write(format_command(r, int(now)))
+            return defer.succeed(None)
 
-    def _state(self, node: str) -> str:
-        try:
-            return self.registry.node(node).state
-        except NotFound:
-            return "not registered"
+        def stored(states: dict[str, str]) -> None:
+            for node, state in states.items():
+                if state != "approved":
+                    self.counts.reject("node_state", sum(1 for n, _, _ in batch if n == node))
+                    self._dropped(node, "state", "NSCA results from node {node} dropped: the "
+                                  "node is {state}, not approved{more}", state=state)
+            kept = [item for item in batch if not item[0] or states[item[0]] == "approved"]
+            self.counts.accepted += len(kept)
+            if self.command_file is not None:
+                for _, r, now in kept:
+                    self.command_file.write(format_command(r, int(now)))
+
+        def failed(f: Failure) -> None:
+            log.error("{n} NSCA result(s) not stored: {why}", n=len(batch),
+                      why=f.getErrorMessage())
+
+        return self.calls.call(store_results, batch, self.config.history).addCallbacks(
+            stored, failed)
 
     def _dropped(self, node: str, why: str, fmt: str, **fields: object) -> None:
         held = self._drops.due(self.clock.seconds(), f"{why}:{node.lower()}")
@@ -139,6 +134,35 @@ class Monitoring:
         # holds nothing back, and window adjusts go out every 1 MiB, not every 64 KiB.
         return NSCAChannel(self, node, actor, localWindow=WINDOW,
                            remoteWindow=window, remoteMaxPacket=max_packet)
+
+
+def store_results(registry: Registry, batch: list[tuple[str, CheckResult, float]],
+                  history: int) -> dict[str, str]:
+    """Store the results of approved nodes (and of the plain listener, node "");
+    returns each sending node's state (run in the registry thread)."""
+    states: dict[str, str] = {}
+    for node in {node for node, _, _ in batch if node}:
+        try:
+            states[node] = registry.node(node).state
+        except NotFound:
+            states[node] = "not registered"
+    kept = [item for item in batch if not item[0] or states[item[0]] == "approved"]
+    if not kept:
+        return states
+    with registry.transaction() as db:
+        db.executemany(
+            "INSERT INTO results (node, host, service, code, output, time, received)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(node, r.host, r.service, r.code, r.output, r.timestamp, now)
+             for node, r, now in kept])
+        # Everything at or below the oldest id to drop, found through the
+        # (host, service, id) index: cheap whatever the history length.
+        db.executemany(
+            "DELETE FROM results WHERE host = ? AND service = ? AND id <="
+            " (SELECT id FROM results WHERE host = ? AND service = ?"
+            "  ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            [(h, sv, h, sv, history) for h, sv in {(r.host, r.service) for _, r, _ in kept}])
+    return states
 
 
 def status(registry: Registry, node: str | None = None) -> list[Status]:

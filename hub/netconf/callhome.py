@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from attrs import frozen
+from attrs import Factory, field, frozen
 from twisted.conch.ssh import keys, transport
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IReactorTime
@@ -33,11 +33,12 @@ from hub.access.device_client import (
 )
 from hub.errors import NameTaken, NotFound
 from hub.netconf.admission import Admission
-from hub.netconf.devices import PENDING, REFUSE, Decision, NetconfSessions, identify
+from hub.netconf.devices import PENDING, REFUSE, Decision, Found, NetconfSessions, decide, lookup
 from hub.netconf.preamble import PreambleError, PreambleParser, PreambleResult, authenticate
 from hub.ssh.connection import Keepalive
 from hub.ssh.keys import fingerprint
-from hub.store.registry import Registry
+from hub.store.offthread import InlineCalls, RegistryCalls
+from hub.store.registry import Node, Registry
 from hub.timeouts import ClockTimeout
 
 log = Logger()
@@ -88,6 +89,9 @@ class CallHomeNeeds:
     allow: tuple[str, ...] = ()  # globs of device names that may enrol (`[netconf] allow`)
     unknown_per_minute: int = 10        # unknown devices per source address
     unknown_per_minute_total: int = 60  # unknown devices from all addresses
+    # Registry calls off the reactor (hub.store.offthread); the hub's RegistryThread.
+    calls: RegistryCalls = field(
+        default=Factory(lambda self: InlineCalls(self.registry), takes_self=True))
 
 
 class NetconfClientTransport(DeviceClientTransport):
@@ -113,10 +117,17 @@ class NetconfClientTransport(DeviceClientTransport):
             self.decision = Decision(REFUSE, self.device_id or "", (
                 f"device {self.device_id}: its SSH host key {fingerprint(hostKey)} is not "
                 "the HOST-KEY its preamble vouched for"))
-        else:
-            vouched = self.vouched is not None
-            self.decision = identify(self.needs.registry, hostKey, self.device_id,
-                                     lambda name: self.admission.may_enroll(name, vouched))
+            return self._decided()
+        vouched = self.vouched is not None
+
+        def found(found: Found) -> defer.Deferred[bool]:
+            self.decision = decide(found, hostKey, self.device_id,
+                                   lambda name: self.admission.may_enroll(name, vouched))
+            return self._decided()
+
+        return self.needs.calls.call(lookup, hostKey, self.device_id).addCallback(found)
+
+    def _decided(self) -> defer.Deferred[bool]:
         if not self.decision.known and not self.admission.spend(
                 self.peer, self.needs.clock.seconds()):
             return defer.fail(self._refuse(
@@ -145,35 +156,51 @@ class NetconfClientTransport(DeviceClientTransport):
         DeviceClientTransport.sendDisconnect(self, reason, desc)
 
     def connectionSecure(self) -> None:
-        # The host key is proven now (the exchange hash is signed): safe to record.
-        registry, decision = self.needs.registry, self.decision
+        # The host key is proven now (the exchange hash is signed): safe to record
+        # (in the registry thread; the login goes on once it answered).
+        calls, decision = self.needs.calls, self.decision
         assert self.host_key is not None
+        host_key = self.host_key
         if decision.action == PENDING:
-            fp = fingerprint(self.host_key)
-            try:
-                node, created = registry.register_netconf(decision.name, self.host_key, fp,
-                                                          f"netconf:{self.peer}")
-            except NameTaken as e:
-                self._refuse(str(e))
+            fp = fingerprint(host_key)
+
+            def registered(got: tuple[Node, bool]) -> None:
+                node, created = got
+                calls.write(Registry.touch, node.name)
+                log.info("netconf node {node} from {peer} is pending approval (host key "
+                         "{fp}){new}", node=node.name, peer=self.peer, fp=fp,
+                         new=" (new)" if created else "")
+                self.refusal = "pending approval"
+                self.failure = DeviceError(f"node {node.name} is pending approval")
+                self.sendDisconnect(transport.DISCONNECT_BY_APPLICATION,
+                                    b"pending approval on the hub")
+
+            def taken(f: Failure) -> None:
+                f.trap(NameTaken)
+                self._refuse(f.getErrorMessage())
                 self.sendDisconnect(transport.DISCONNECT_HOST_KEY_NOT_VERIFIABLE, b"")
-                return
-            registry.touch(node.name)
-            log.info("netconf node {node} from {peer} is pending approval (host key {fp}){new}",
-                     node=node.name, peer=self.peer, fp=fp, new=" (new)" if created else "")
-            self.refusal = "pending approval"
-            self.failure = DeviceError(f"node {node.name} is pending approval")
-            self.sendDisconnect(transport.DISCONNECT_BY_APPLICATION,
-                                b"pending approval on the hub")
+
+            calls.call(Registry.register_netconf, decision.name, host_key, fp,
+                       f"netconf:{self.peer}").addCallbacks(registered, taken).addErrback(
+                self._registry_failed)
             return
-        try:
-            node = registry.node(decision.name)
-        except NotFound:
+
+        def found(node: Node) -> None:
+            self.node_name = node.name
+            self.user = node.device_user.encode()
+            DeviceClientTransport.connectionSecure(self)
+
+        def removed(f: Failure) -> None:
+            f.trap(NotFound)
             self._refuse(f"node {decision.name} was removed")
             self.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, b"removed on the hub")
-            return
-        self.node_name = node.name
-        self.user = node.device_user.encode()
-        DeviceClientTransport.connectionSecure(self)
+
+        calls.call(Registry.node, decision.name).addCallbacks(found, removed).addErrback(
+            self._registry_failed)
+
+    def _registry_failed(self, f: Failure) -> None:
+        self._refuse(f"the hub's registry failed: {f.getErrorMessage()}")
+        self.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, b"hub error, try again later")
 
     def connection_service(self) -> DeviceConnection:
         needs = self.needs

@@ -11,13 +11,14 @@ import hashlib
 from collections.abc import Callable
 from typing import Any
 
-from attrs import define, field, frozen
+from attrs import Factory, define, field, frozen
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from hub.errors import NotFound
 from hub.ssh.keys import fingerprint
-from hub.store.registry import Registry
+from hub.store.offthread import InlineCalls, RegistryCalls
+from hub.store.registry import Node, Registry
 from hub.tunnel.live import close_connection
 
 log = Logger()
@@ -39,20 +40,39 @@ class Decision:
     conflict: bool = False  # an unknown key claims the name of an existing node
 
 
+# The node holding a device's host key, else the node holding the name it would get.
+Found = tuple[Node | None, Node | None]
+
+
+def lookup(registry: Registry, host_key: bytes, device_id: str | None) -> Found:
+    """What `decide` needs of the registry (one call in the registry thread)."""
+    node = registry.node_by_host_key(host_key)
+    if node is not None:
+        return node, None
+    try:
+        return None, registry.node(device_id or default_name(host_key))
+    except NotFound:
+        return None, None
+
+
 def identify(registry: Registry, host_key: bytes, device_id: str | None,
              may_enroll: Callable[[str], bool]) -> Decision:
     """Which node a calling device is, by its host key, and what to do with it.
 
     An unknown device becomes pending only if `may_enroll(name)`."""
-    node = registry.node_by_host_key(host_key)
+    return decide(lookup(registry, host_key, device_id), host_key, device_id, may_enroll)
+
+
+def decide(found: Found, host_key: bytes, device_id: str | None,
+           may_enroll: Callable[[str], bool]) -> Decision:
+    """`identify` on what `lookup` read."""
+    node, existing = found
     if node is not None:
         if node.state == "revoked":
             return Decision(REFUSE, node.name, f"node {node.name} is revoked")
         return Decision(APPROVED if node.state == "approved" else PENDING, node.name)
     name = device_id or default_name(host_key)
-    try:
-        existing = registry.node(name)
-    except NotFound:
+    if existing is None:
         if may_enroll(name):
             return Decision(PENDING, name, known=False)
         return Decision(REFUSE, name, f"unknown device {name} is not on the [netconf] allow "
@@ -81,6 +101,9 @@ class NetconfSessions:
     registry: Registry
     clock: IReactorTime
     _live: dict[str, NetconfSession] = field(factory=dict)
+    # Registry calls off the reactor (hub.store.offthread); the hub's RegistryThread.
+    calls: RegistryCalls = field(
+        default=Factory(lambda self: InlineCalls(self.registry), takes_self=True))
 
     def attach(self, node: str, conn: Any, peer: str) -> NetconfSession:
         session = NetconfSession(node, conn, peer)
@@ -90,30 +113,30 @@ class NetconfSessions:
             log.info("netconf node {node} called home again from {peer}: closing its old "
                      "session", node=node, peer=peer)
             close_connection(old.conn, self.clock, "superseded by a new call home of this node")
-        self.registry.mark_online(node, peer)
+        self.calls.write(Registry.mark_online, node, peer)
         log.info("netconf node {node} online from {peer}", node=node, peer=peer)
         return session
 
     def detach(self, session: NetconfSession) -> None:
         if self._live.get(session.node.lower()) is session:
             del self._live[session.node.lower()]
-            self.registry.mark_offline(session.node)
+            self.calls.write(Registry.mark_offline, session.node)
             log.info("netconf node {node} offline", node=session.node)
 
     def get(self, node: str) -> NetconfSession | None:
         return self._live.get(node.lower())
 
-    def enforce(self) -> None:
-        """Drop the sessions of nodes revoked or removed through the CLI."""
+    def enforce(self, nodes: list[Node] | None = None) -> None:
+        """Drop the sessions of nodes revoked or removed through the CLI; `nodes`
+        is the registry's list, read off the reactor (read here if None)."""
+        states = {n.name.lower(): n.state
+                  for n in (self.registry.nodes() if nodes is None else nodes)}
         for key, session in list(self._live.items()):
-            try:
-                state = self.registry.node(key).state
-            except NotFound:
-                state = "removed"
+            state = states.get(key, "removed")
             if state in ("revoked", "removed"):
                 log.info("netconf node {node} {state}: dropping its session", node=key,
                          state=state)
                 del self._live[key]
                 if state == "revoked":
-                    self.registry.mark_offline(key)
+                    self.calls.write(Registry.mark_offline, key)
                 close_connection(session.conn, self.clock, f"node {key} was {state} on the hub")

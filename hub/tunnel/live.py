@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 
 from hub.errors import PortsExhausted
 from hub.ssh.connection import ChannelRefused
+from hub.store.registry import Registry
 from hub.tunnel.dial import DeviceRefused, Dialled, OpenNotice, Target, not_forwarded
 from hub.tunnel.fifo import RequestQueue
 from hub.tunnel.forwards import Duplicate, Forward, ForwardTable, Lease, Refused
@@ -214,31 +215,51 @@ class NodeTunnel:
                      "forwarded on port {port}", node=self.node, asked=asked,
                      service=decision.service, port=decision.holder.port)
             return 0
-        why = self.sessions.cap_refusal(self.node, len(self.table), decision.service)
-        if why is not None:
-            log.warn("node {node}: forward {service} refused: {why}", node=self.node,
-                     service=decision.service, why=why)
-            return 0
-        forward = self._lease_and_listen(decision)
-        if forward is None:
-            return 0
-        self.table.add(forward)
-        self.sessions.registry.set_lease_active(self.node, forward.service, True)
-        self.sessions.forwards_changed(self.node)
-        return forward.reply()
+        def decided(why: str | None) -> Any:
+            if why is not None:
+                log.warn("node {node}: forward {service} refused: {why}", node=self.node,
+                         service=decision.service, why=why)
+                return 0
+            return self._lease_and_listen(decision, set()).addCallback(added)
 
-    def _lease_and_listen(self, lease: Lease) -> Forward | None:
+        def added(forward: Forward | None) -> Any:
+            if forward is None:
+                return 0
+            self.table.add(forward)
+            self.sessions.calls.write(Registry.set_lease_active, self.node, forward.service,
+                                      True)
+            self.sessions.forwards_changed(self.node)
+            return forward.reply()
+
+        def failed(f: Failure) -> int:
+            log.error("node {node}: forward {service} refused: the registry failed: {why}",
+                      node=self.node, service=decision.service,
+                      why=f.getErrorMessage() or f.type.__name__)  # type: ignore[union-attr]
+            return 0
+
+        # The node's state and its lease are read off the reactor; the request
+        # queue holds the node's next request until this one is answered.
+        return self.sessions.cap_refusal(self.node, len(self.table),
+                                         decision.service).addCallback(decided).addErrback(failed)
+
+    def _lease_and_listen(self, lease: Lease, avoid: set[int],
+                          attempt: int = 0) -> defer.Deferred[Forward | None]:
         """A leased port for the new forward, listened on; a port another program
         holds is avoided and another leased."""
         service = lease.service
-        avoid: set[int] = set()
-        for _ in range(BIND_ATTEMPTS):
-            try:
-                real, new = self.sessions.registry.lease(
-                    self.node, service, self.sessions.port_low, self.sessions.port_high, avoid)
-            except PortsExhausted as e:
-                log.error("node {node}: forward {service} refused: {why}", node=self.node,
-                          service=service, why=str(e))
+        if attempt >= BIND_ATTEMPTS:
+            log.error("node {node}: no usable port for {service}", node=self.node,
+                      service=service)
+            return defer.succeed(None)
+
+        def exhausted(f: Failure) -> None:
+            f.trap(PortsExhausted)
+            log.error("node {node}: forward {service} refused: {why}", node=self.node,
+                      service=service, why=f.getErrorMessage())
+
+        def leased(got: tuple[int, bool]) -> Forward | defer.Deferred[Forward | None] | None:
+            real, new = got
+            if self.closed:  # the session ended while the lease was recorded
                 return None
             forward = lease.forward(real)
             try:
@@ -252,13 +273,15 @@ class NodeTunnel:
                     log.warn("node {node}: port {port} is in use by another program; "
                              "choosing another", node=self.node, port=real)
                 avoid.add(real)
-                continue
+                return self._lease_and_listen(lease, avoid, attempt + 1)
             log.info("node {node}: forward {service} on {iface}:{port}{new}", node=self.node,
                      service=service, iface=self.interface, port=real,
                      new=" (new lease)" if new else "")
             return forward
-        log.error("node {node}: no usable port for {service}", node=self.node, service=service)
-        return None
+
+        return self.sessions.calls.call(
+            Registry.lease, self.node, service, self.sessions.port_low, self.sessions.port_high,
+            frozenset(avoid)).addCallbacks(leased, exhausted)
 
     def _listen(self, forward: Forward) -> None:
         port = (self.sessions.listener or self.sessions.reactor).listenTCP(
@@ -269,7 +292,8 @@ class NodeTunnel:
         forward = self.table.cancel(bind, port)
         if forward is None:
             return 0
-        self.sessions.registry.set_lease_active(self.node, forward.service, False)
+        self.sessions.calls.write(Registry.set_lease_active, self.node, forward.service,
+                                  False)
         log.info("node {node}: forward {service} cancelled", node=self.node,
                  service=forward.service)
         self.sessions.forwards_changed(self.node)

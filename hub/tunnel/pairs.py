@@ -18,10 +18,12 @@ from attrs import define, field
 from twisted.internet import defer, protocol
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hub.errors import NotFound, PortsExhausted
 from hub.rules.pairs import Pair, active_member
 from hub.rules.routes import Refusal
+from hub.store.registry import Registry
 from hub.tunnel.live import BIND_ATTEMPTS, LOOPBACK, NodeTunnel, PortListener
 from hub.tunnel.splice import TCPEnd
 
@@ -69,16 +71,36 @@ class LivePairs:
     # Listeners of (pair, service) being closed: the port is listened on again
     # only once it is free, or another lease would be taken.
     _closing: dict[tuple[str, str], defer.Deferred[None]] = field(factory=dict)
+    # The members' states, as read with their tunnel's takeover and on each registry
+    # change (an in-memory view: nothing is read from the registry on the reactor).
+    _states: dict[str, str] = field(factory=dict)
+    # (pair, service) whose port is being leased in the registry thread.
+    _leasing: set[tuple[str, str]] = field(factory=set)
 
     def _all(self) -> dict[str, Pair]:
         if self._pairs is None:
-            self._pairs = {p.name.lower(): p for p in self.sessions.registry.pairs()}
+            # None known until the registry thread answers; `reload` then updates each.
+            self._pairs = {}
+            self._load()
         return self._pairs
 
-    def reload(self) -> None:
-        """The registry changed (a pair added or deleted, access switched, a member revoked)."""
-        self._pairs = None
-        pairs = self._all()
+    def _load(self) -> None:
+        def failed(f: Failure) -> None:
+            log.error("reading the master/clone pairs failed: {why}", why=f.getErrorMessage())
+
+        self.sessions.calls.call(Registry.pairs).addCallbacks(self.reload, failed)
+
+    def known(self, nodes: dict[str, str]) -> None:
+        """Nodes' states as last read off the reactor, lower-cased name -> state."""
+        self._states.update(nodes)
+
+    def reload(self, listed: list[Pair] | None = None) -> None:
+        """The registry changed (a pair added or deleted, access switched, a member revoked);
+        `listed` is the pairs on file, read off the reactor (None: read them first)."""
+        if listed is None:
+            self._load()
+            return
+        self._pairs = pairs = {p.name.lower(): p for p in listed}
         for key in [k for k in self._active if k not in pairs]:
             del self._active[key]
             self._public.pop(key, None)
@@ -112,10 +134,7 @@ class LivePairs:
         tunnel = self.sessions.get(member)
         if tunnel is None or not len(tunnel.table):  # the tunnel is up once it forwards
             return False
-        try:
-            return self.sessions.registry.node(member).state == "approved"
-        except NotFound:
-            return False
+        return self._states.get(member.lower()) == "approved"
 
     def _update(self, pair: Pair) -> None:
         key = pair.name.lower()
@@ -130,7 +149,8 @@ class LivePairs:
             # (or, when none is left, the one that listened on the pair's ports).
             if (self.sessions.local(now) is not None if now is not None
                     else bool(self._listening.get(key))):
-                self.sessions.registry.audit("hub", "pair-switch", pair.name, detail)
+                self.sessions.calls.write(Registry.audit, "hub", "pair-switch", pair.name,
+                                          detail)
         self._sync_ports(pair, now)
 
     def _sync_ports(self, pair: Pair, active: str | None) -> None:
@@ -159,12 +179,12 @@ class LivePairs:
         for service in sorted(set(listening) - wanted):
             port, listener = listening.pop(service)
             self._close(key, service, listener)
-            self.sessions.registry.set_lease_active(pair.name, service, False)
+            self.sessions.calls.write(Registry.set_lease_active, pair.name, service, False)
             log.info("pair {pair}: port {port} ({service}) closed", pair=pair.name,
                      port=port, service=service)
         for service in sorted(wanted - set(listening)):
-            if (key, service) not in self._closing:
-                self._listen(pair, service, listening)
+            if (key, service) not in self._closing and (key, service) not in self._leasing:
+                self._listen(pair, service, listening, set())
 
     def _close(self, key: str, service: str, listener: PortListener) -> defer.Deferred[None]:
         def closed(_: object) -> None:
@@ -180,19 +200,29 @@ class LivePairs:
             closing.addCallback(closed)
         return closing
 
-    def _listen(self, pair: Pair, service: str,
-                listening: dict[str, tuple[int, PortListener]]) -> None:
+    def _listen(self, pair: Pair, service: str, listening: dict[str, tuple[int, PortListener]],
+                avoid: set[int], attempt: int = 0) -> None:
+        """Lease the pair's port for `service` (in the registry thread), then listen."""
         sessions = self.sessions
-        interface = sessions.public_interface if pair.public else LOOPBACK
-        avoid: set[int] = set()
-        for _ in range(BIND_ATTEMPTS):
-            try:
-                port, _new = sessions.registry.lease(pair.name, service, sessions.port_low,
-                                                     sessions.port_high, avoid)
-            except (PortsExhausted, NotFound) as e:
-                log.error("pair {pair}: no port for {service}: {why}", pair=pair.name,
-                          service=service, why=str(e))
-                return
+        key = pair.name.lower()
+        if attempt >= BIND_ATTEMPTS:
+            log.error("pair {pair}: no usable port for {service}", pair=pair.name,
+                      service=service)
+            return
+        self._leasing.add((key, service))
+
+        def failed(f: Failure) -> None:
+            self._leasing.discard((key, service))
+            f.trap(PortsExhausted, NotFound)
+            log.error("pair {pair}: no port for {service}: {why}", pair=pair.name,
+                      service=service, why=f.getErrorMessage())
+
+        def leased(got: tuple[int, bool]) -> None:
+            self._leasing.discard((key, service))
+            port = got[0]
+            if self._listening.get(key) is not listening or service in listening:
+                return  # the pair was deleted or its ports redone meanwhile
+            interface = sessions.public_interface if pair.public else LOOPBACK
             try:
                 listener = PortListener((sessions.listener or sessions.reactor).listenTCP(
                     port, PairListener(self, pair.name, service), interface=interface))
@@ -202,13 +232,18 @@ class LivePairs:
                               port=port, why=str(e.socketError))
                     return
                 avoid.add(port)
-                continue
+                self._listen(pair, service, listening, avoid, attempt + 1)
+                return
             listening[service] = (port, listener)
-            sessions.registry.set_lease_active(pair.name, service, True)
+            sessions.calls.write(Registry.set_lease_active, pair.name, service, True)
             log.info("pair {pair}: {service} on {iface}:{port}", pair=pair.name,
                      service=service, iface=interface, port=port)
-            return
-        log.error("pair {pair}: no usable port for {service}", pair=pair.name, service=service)
+            current = self._all().get(key)
+            if current is not None:  # the active member may have changed meanwhile
+                self._sync_ports(current, self._active.get(key))
+
+        sessions.calls.call(Registry.lease, pair.name, service, sessions.port_low,
+                            sessions.port_high, frozenset(avoid)).addCallbacks(leased, failed)
 
     def _stop_all(self, key: str) -> defer.Deferred[None]:
         listening = self._listening.pop(key, {})

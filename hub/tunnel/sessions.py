@@ -12,11 +12,15 @@ from collections.abc import Callable
 from typing import Any
 
 from attrs import Factory, define, field
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hub.errors import NotFound
+from hub.rules.pairs import Pair
 from hub.rules.ports import ForwardCaps
+from hub.store.offthread import InlineCalls, RegistryCalls
 from hub.store.registry import Node, Registry
 from hub.tunnel.descriptors import DescriptorReserve
 from hub.tunnel.live import NodeTunnel, close_connection
@@ -29,6 +33,13 @@ log = Logger()
 # its keepalive answers come every --keepalive seconds (15), and a write per
 # answer per node would be thousands of transactions a minute on a big hub.
 LAST_SEEN_EVERY = 60.0
+
+# The nodes and pairs on file, read together in the registry thread.
+Listed = tuple[list[Node], list[Pair]]
+
+
+def listing(registry: Registry) -> Listed:
+    return registry.nodes(), registry.pairs()
 
 
 @define(eq=False)
@@ -69,9 +80,12 @@ class LiveSessions:
     # Asked before a node's tunnel binds here: ports this hub relays for the
     # node's previous hub close first (fires once they are free), or None.
     release_relayed: Callable[[str], Any] | None = None
+    # Registry calls off the reactor (hub.store.offthread); the hub's RegistryThread.
+    calls: RegistryCalls = field(
+        default=Factory(lambda self: InlineCalls(self.registry), takes_self=True))
 
     def _online(self, node: str, conn: Any, peer: str, take: bool = True) -> None:
-        self.registry.mark_online(node, peer, take)
+        self.calls.write(Registry.mark_online, node, peer, take)
         self._seen_written[node.lower()] = self.clock.seconds()
         keepalive = getattr(conn, "keepalive", None)
         if keepalive is not None:
@@ -83,7 +97,7 @@ class LiveSessions:
         key, now = node.lower(), self.clock.seconds()
         if now - self._seen_written.get(key, now - LAST_SEEN_EVERY) >= LAST_SEEN_EVERY:
             self._seen_written[key] = now
-            self.registry.touch(node)
+            self.calls.refresh(Registry.touch, node)
 
     def join(self, node: str, conn: Any, peer: str) -> None:
         """A connection of `node` logged in; it takes over only once it forwards.
@@ -100,7 +114,7 @@ class LiveSessions:
         connection."""
         key = node.lower()
         if self._forget_guest(key, conn) and key not in self._live and key not in self._guests:
-            self.registry.mark_offline(node)
+            self.calls.write(Registry.mark_offline, node)
             log.info("node {node} offline", node=node)
 
     def _forget_guest(self, key: str, conn: Any) -> bool:
@@ -112,11 +126,15 @@ class LiveSessions:
             del self._guests[key]
         return True
 
-    def attach(self, node: str, conn: Any, peer: str) -> NodeTunnel | None:
+    def attach(self, node: str, conn: Any, peer: str) -> defer.Deferred[NodeTunnel | None]:
         """Make `conn` the node's tunnel, taking over from the one before;
-        None if the node is revoked or gone meanwhile."""
+        None if the node is revoked or gone meanwhile (its record is read off
+        the reactor first)."""
+        return self._node(node).addCallback(
+            lambda record: self._attach(node, conn, peer, record))
+
+    def _attach(self, node: str, conn: Any, peer: str, record: Node | None) -> NodeTunnel | None:
         key = node.lower()
-        record = self._node(node)
         if record is None or record.state == "revoked":
             log.info("node {node}: forward refused, the node is {state}", node=node,
                      state="removed" if record is None else record.state)
@@ -134,29 +152,32 @@ class LiveSessions:
             close_connection(old.conn, self.clock, "superseded by a new connection of this node")
         self._online(node, conn, peer)
         log.info("node {node} online from {peer}", node=node, peer=peer)
+        self.pairs.known({key: record.state})
         self.pairs.node_changed(node)
         return tunnel
 
-    def _node(self, node: str) -> Node | None:
-        try:
-            return self.registry.node(node)
-        except NotFound:
-            return None
+    def _node(self, node: str) -> defer.Deferred[Node | None]:
+        def removed(f: Failure) -> None:
+            f.trap(NotFound)
 
-    def cap_refusal(self, node: str, live: int, service: str) -> str | None:
+        return self.calls.call(Registry.node, node).addErrback(removed)
+
+    def cap_refusal(self, node: str, live: int, service: str) -> defer.Deferred[str | None]:
         """Why `node`, holding `live` forwards, may not forward `service` now
         (its state is read now: an approval counts at once)."""
-        record = self._node(node)
-        if record is None:
-            return "the node was removed"
-        return self.caps.refusal(record.state, live, record.forwards, service)
+        def refusal(record: Node | None) -> str | None:
+            if record is None:
+                return "the node was removed"
+            return self.caps.refusal(record.state, live, record.forwards, service)
+
+        return self._node(node).addCallback(refusal)
 
     def detach(self, tunnel: NodeTunnel) -> None:
         key = tunnel.node.lower()
         tunnel.close()
         if self._live.get(key) is tunnel:
             del self._live[key]
-            self.registry.mark_offline(tunnel.node)
+            self.calls.write(Registry.mark_offline, tunnel.node)
             log.info("node {node} offline", node=tunnel.node)
             self.pairs.node_changed(tunnel.node)
 
@@ -167,7 +188,7 @@ class LiveSessions:
     def drop_all(self, why: str) -> None:
         """Close every live session (their listeners are gone); devices call back."""
         live, self._live = self._live, {}
-        self.registry.mark_offline(*live)  # one transaction, not one per node
+        self.calls.write(Registry.mark_offline, *live)  # one transaction, not one per node
         for tunnel in live.values():
             tunnel.close()
             close_connection(tunnel.conn, self.clock, f"hub error: {why}")
@@ -200,19 +221,27 @@ class LiveSessions:
         """The live tunnels now (for metrics: read, never changed)."""
         return list(self._live.values())
 
-    def enforce(self) -> None:
-        """Apply registry changes: drop revoked or removed nodes, toggle public access."""
-        try:
-            self._enforce()
-        finally:
-            self.pairs.reload()  # pairs added or deleted, access switched, members revoked
-            if self.on_change is not None:
-                self.on_change()
+    def enforce(self, listed: Listed | None = None) -> defer.Deferred[None]:
+        """Apply registry changes: drop revoked or removed nodes, toggle public access.
+        `listed` is the registry's nodes and pairs, read off the reactor (now if None)."""
+        read = self.calls.call(listing) if listed is None else defer.succeed(listed)
 
-    def _enforce(self) -> None:
+        def apply(listed: Listed) -> None:
+            nodes, pairs = listed
+            self.pairs.known({n.name.lower(): n.state for n in nodes})
+            try:
+                self._enforce(nodes)
+            finally:
+                self.pairs.reload(pairs)  # pairs added or deleted, access switched, revoked
+                if self.on_change is not None:
+                    self.on_change()
+
+        return read.addCallback(apply)
+
+    def _enforce(self, listed: list[Node]) -> None:
         if not self._live and not self._guests:
             return
-        nodes = {n.name.lower(): n for n in self.registry.nodes()}
+        nodes = {n.name.lower(): n for n in listed}
         for key, guests in list(self._guests.items()):
             node = nodes.get(key)
             if node is None or node.state == "revoked":
@@ -221,7 +250,7 @@ class LiveSessions:
                          node=key, state=state, n=len(guests))
                 del self._guests[key]
                 if state == "revoked" and key not in self._live:
-                    self.registry.mark_offline(key)
+                    self.calls.write(Registry.mark_offline, key)
                 for conn in guests:
                     close_connection(conn, self.clock, f"node {key} was {state} on the hub")
         for key, tunnel in list(self._live.items()):
@@ -240,7 +269,7 @@ class LiveSessions:
                 del self._live[key]
                 tunnel.close()
                 if state == "revoked":
-                    self.registry.mark_offline(key)
+                    self.calls.write(Registry.mark_offline, key)
                 close_connection(tunnel.conn, self.clock, f"node {key} was {state} on the hub")
             else:
                 tunnel.set_public(node.public)

@@ -1,0 +1,160 @@
+"""The registry thread: calls in order, off the caller's thread, bounded, stopped cleanly."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogEvent, formatEvent
+from twisted.python.failure import Failure
+
+from hub.errors import NotFound, RegistryError
+from hub.store.offthread import RegistryThread
+from hub.store.registry import Registry
+
+
+def opener(tmp_path: Path, clock: MemoryReactorClock) -> tuple[Registry, RegistryThread]:
+    """A registry for the test to read, and a thread owning its own connection."""
+    path = str(tmp_path / "hub.sqlite3")
+    mine = Registry(path, now=clock.seconds)
+    thread = RegistryThread(lambda: Registry(path, now=clock.seconds), None, clock)
+    return mine, thread
+
+
+def result(d: defer.Deferred[object]) -> list[object]:
+    out: list[object] = []
+    d.addBoth(out.append)
+    return out
+
+
+def texts(logged: list[LogEvent]) -> list[str]:
+    return [formatEvent(e) for e in logged]
+
+
+def test_calls_run_in_order_off_the_callers_thread(tmp_path: Path) -> None:
+    clock = MemoryReactorClock()
+    mine, thread = opener(tmp_path, clock)
+    mine.register("n1", b"k1", "SHA256:x", "test")
+    for i in range(50):
+        thread.write(Registry.audit, "hub", "step", "n1", str(i))
+    thread.write(Registry.mark_online, "n1", "192.0.2.1")
+    thread.write(Registry.mark_offline, "n1")
+    where = result(thread.call(lambda r: threading.current_thread().name))
+    node = result(thread.call(Registry.node, "n1"))
+    assert where == [] and node == []  # nothing fires until delivered on "the reactor"
+    thread.drain()
+    assert where == ["registry"]
+    assert [e.detail for e in mine.audit_log() if e.action == "step"] == [
+        str(i) for i in range(50)]
+    assert not mine.node("n1").online  # offline after online, as queued
+    assert node[0].name == "n1"  # type: ignore[attr-defined]
+
+
+def test_a_failed_call_fails_its_deferred_and_a_failed_write_is_logged(
+        tmp_path: Path, logged: list[LogEvent]) -> None:
+    clock = MemoryReactorClock()
+    mine, thread = opener(tmp_path, clock)
+    missing = result(thread.call(Registry.node, "ghost"))
+    thread.write(Registry.set_state, "ghost", "approved", "test")
+    thread.write(Registry.audit, "hub", "after", "x")
+    thread.drain()
+    assert isinstance(missing[0], Failure) and missing[0].check(NotFound)
+    assert any("registry write set_state('ghost', 'approved', 'test') failed: "
+               "no node named 'ghost'; the hub goes on without it" in t for t in texts(logged))
+    assert [e.action for e in mine.audit_log()] == ["after"]  # the next write still ran
+
+
+def test_over_the_limit_it_warns_once_a_minute_and_drops_only_refreshes(
+        tmp_path: Path, logged: list[LogEvent]) -> None:
+    clock = MemoryReactorClock()
+    mine, thread = opener(tmp_path, clock)
+    thread.limit = 3
+    mine.register("n1", b"k1", "SHA256:x", "test")
+    release = threading.Event()
+    thread.write(lambda r: release.wait(10))  # the database "stalls"
+    for i in range(5):
+        thread.write(Registry.audit, "hub", "queued", "n1", str(i))
+    thread.refresh(Registry.touch, "n1")
+    clock.advance(30)
+    thread.write(Registry.audit, "hub", "queued", "n1", "5")
+    behind = [t for t in texts(logged) if "registry is behind" in t]
+    assert len(behind) == 1 and "calls waiting (limit 3)" in behind[0]
+    clock.advance(31)
+    thread.write(Registry.audit, "hub", "queued", "n1", "6")
+    assert len([t for t in texts(logged) if "registry is behind" in t]) == 2
+    release.set()
+    thread.drain()
+    assert thread.skipped == 1 and mine.node("n1").last_seen is None  # the refresh alone
+    assert [e.detail for e in mine.audit_log() if e.action == "queued"] == [
+        str(i) for i in range(7)]
+
+
+def test_stop_waits_for_queued_writes_then_refuses_calls(
+        tmp_path: Path, logged: list[LogEvent]) -> None:
+    clock = MemoryReactorClock()
+    mine, thread = opener(tmp_path, clock)
+    thread.startService()
+    release = threading.Event()
+    thread.write(lambda r: release.wait(10))
+    thread.write(Registry.audit, "hub", "last-words", "x")
+    stopped = result(thread.stopService())
+    late = result(thread.call(Registry.nodes))
+    assert isinstance(late[0], Failure) and late[0].check(RegistryError)
+    assert "after the hub stopped" in late[0].getErrorMessage()
+    thread.write(Registry.mark_offline, "a")  # connections closing as the process exits
+    thread.write(Registry.mark_offline, "b")
+    assert [t for t in texts(logged) if "registry" in t] == [
+        "registry closed: changes made as the hub stops (nodes going offline) are not "
+        "written; the next start marks every node offline"]
+    assert stopped == []
+    release.set()
+    thread.drain()
+    assert stopped == [None]
+    assert [e.action for e in mine.audit_log()] == ["last-words"]
+    assert thread._thread is not None
+    thread._thread.join(5)
+    assert not thread._thread.is_alive()
+
+
+def test_a_registry_that_cannot_be_opened_fails_every_call_in_words(tmp_path: Path) -> None:
+    clock = MemoryReactorClock()
+
+    def broken() -> Registry:
+        raise RegistryError("registry /x is unreadable or corrupt: file is not a database")
+
+    thread = RegistryThread(broken, None, clock)
+    out = result(thread.call(Registry.nodes))
+    thread.drain()
+    assert isinstance(out[0], Failure)
+    assert out[0].getErrorMessage() == ("the registry could not be opened: registry /x is "
+                                        "unreadable or corrupt: file is not a database")
+
+
+@pytest_twisted.ensureDeferred
+async def test_results_fire_on_the_reactor_thread(tmp_path: Path) -> None:
+    path = str(tmp_path / "hub.sqlite3")
+    Registry(path, now=reactor.seconds).register(  # type: ignore[attr-defined]
+        "n1", b"k1", "SHA256:x", "test")
+    thread = RegistryThread(lambda: Registry(path, now=reactor.seconds),  # type: ignore
+                            reactor, reactor)  # type: ignore[arg-type]
+    fired_on: list[str] = []
+    d = thread.call(Registry.node, "n1")
+    d.addCallback(lambda node: fired_on.append(threading.current_thread().name) or node)
+    node = await d
+    assert node.name == "n1" and fired_on == [threading.main_thread().name]
+    await thread.stopService()
+
+
+def test_drain_gives_up_at_its_deadline(tmp_path: Path) -> None:
+    clock = MemoryReactorClock()
+    _, thread = opener(tmp_path, clock)
+    release = threading.Event()
+    thread.write(lambda r: release.wait(10))
+    with pytest.raises(TimeoutError, match="still waiting"):
+        thread.drain(timeout=0.05)
+    release.set()
+    thread.drain()
