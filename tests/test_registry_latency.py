@@ -45,17 +45,31 @@ watching = False
 
 
 class SlowDb:
-    """An SQLite connection 50 ms away: each statement outside a transaction and
-    each transaction's BEGIN wait DELAY first."""
+    """The registry's connection (hub.store.engine) 50 ms away: each statement
+    outside a transaction and each transaction's BEGIN wait DELAY first."""
 
     def __init__(self, db: Any) -> None:
         self._db = db
+        self._in_tx = False
 
     def _wait(self, sql: str) -> None:
         if watching and threading.current_thread() is threading.main_thread():
             ON_THE_REACTOR.append(sql)
-        if sql.startswith("BEGIN") or not self._db.in_transaction:
+        if sql.startswith("BEGIN") or not self._in_tx:
             time.sleep(DELAY)
+
+    def begin(self) -> None:
+        self._wait("BEGIN")
+        self._db.begin()
+        self._in_tx = True
+
+    def commit(self) -> None:
+        self._in_tx = False
+        self._db.commit()
+
+    def rollback(self) -> None:
+        self._in_tx = False
+        self._db.rollback()
 
     def execute(self, sql: str, *args: Any) -> Any:
         self._wait(sql)
