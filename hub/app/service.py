@@ -395,7 +395,14 @@ def registry_calls(config: HubConfig, registry: Registry, reactor: Any,
     clock: IReactorTime = reactor
     if not IReactorFromThreads.providedBy(reactor):
         return InlineCalls(registry)
-    return RegistryThread(lambda: open_registry(config, clock, registry_type), reactor, clock)
+    def thread_registry() -> Registry:
+        opened = open_registry(config, clock, registry_type)
+        # The metrics read the hub's write latency from `registry`: the thread's
+        # transactions are the hub's writes now.
+        opened.latency = registry.latency
+        return opened
+
+    return RegistryThread(thread_registry, reactor, clock)
 
 
 def build_ssh_factory(hub: Hub) -> HubSSHFactory:
