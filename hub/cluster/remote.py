@@ -24,7 +24,7 @@ from hub.errors import NotFound
 from hub.rules.cluster import is_live
 from hub.ssh.connection import ChannelRefused
 from hub.store.registry import Registry
-from hub.tunnel.dial import DeviceRefused, Target
+from hub.tunnel.dial import Target
 from hub.tunnel.forwards import Forward
 from hub.tunnel.live import LOOPBACK, D, NodeTunnel
 from hub.tunnel.sessions import LiveSessions
@@ -46,16 +46,7 @@ class RemoteTunnel(NodeTunnel):
 
     def dial(self, target: Target, channel: D, origin: tuple[str | bytes, int] = (LOOPBACK, 0)
              ) -> defer.Deferred[D]:
-        opened: defer.Deferred[D] = channel.opened
-        if hasattr(channel, "traffic"):
-            channel.traffic = self.sessions.traffic
-
-        def refused(f: Failure) -> Failure:
-            if isinstance(f.value, ChannelRefused):
-                return f
-            return Failure(DeviceRefused(self.node, target, f.value))
-
-        opened.addErrback(refused)
+        opened = self._watch(channel, target)
         host, port = origin
         request = DialRequest(self.node, target,
                               host.decode("utf-8", "replace") if isinstance(host, bytes) else host,

@@ -158,6 +158,18 @@ class NodeTunnel:
         through its own channelOpen / openFailed.
         """
         forward = self.table.lookup(target)
+        opened = self._watch(channel, target)
+        if forward is None:
+            channel.openFailed(not_forwarded(self.node, target))
+        else:
+            host, port = origin
+            self.conn.openChannel(channel, forward.open_data(
+                host.encode() if isinstance(host, str) else host, port))
+        return opened
+
+    def _watch(self, channel: D, target: Target) -> defer.Deferred[D]:
+        """`channel.opened`, with a device's refusal in words; the channel's bytes
+        count in the hub's traffic."""
         opened: defer.Deferred[D] = channel.opened
         if hasattr(channel, "traffic"):  # splice, relay, in-process: they count their bytes
             channel.traffic = self.sessions.traffic
@@ -167,14 +179,7 @@ class NodeTunnel:
                 return f
             return Failure(DeviceRefused(self.node, target, f.value))
 
-        opened.addErrback(refused)
-        if forward is None:
-            channel.openFailed(not_forwarded(self.node, target))
-        else:
-            host, port = origin
-            self.conn.openChannel(channel, forward.open_data(
-                host.encode() if isinstance(host, str) else host, port))
-        return opened
+        return opened.addErrback(refused)
 
     def open_pipe(self, forward: Forward, end: TCPEnd, addr: Any) -> None:
         chan = TunnelSplice(end, b"forwarded-tcpip",
