@@ -22,7 +22,7 @@ from attrs import evolve
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.application import service
 from twisted.conch.ssh import channel, common, keys
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from hub.access.auth import CALLHOME_PASSWORD, hash_password
@@ -34,6 +34,7 @@ from hub.app.service import ListenerService, build_hub, build_ssh_factory
 from hub.cluster.remote import RemoteTunnel
 from hub.store.offthread import RegistryThread
 from hub.store.registry import Registry
+from hub.web.metrics import metrics_registry, metrics_site
 
 MAX_LAG = 3 * slow.DELAY
 
@@ -62,6 +63,23 @@ class Jump(channel.SSHChannel):
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
+
+
+class Scrape(protocol.Protocol):
+    """GET /metrics over HTTP/1.0: the whole answer once the hub closes."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.done.callback(self.data)
 
 
 class Probe(JumpDeviceChannel):
@@ -124,6 +142,8 @@ async def test_two_peered_hubs_run_no_registry_statement_on_the_reactor(
     factory_b = build_ssh_factory(b)
     factory_b.startFactory()
     listening_b = reactor.listenTCP(0, factory_b, interface="127.0.0.1")  # type: ignore
+    metrics = reactor.listenTCP(0, metrics_site(metrics_registry(  # type: ignore
+        b.registry, b.sessions, factory_b, None, calls=calls_b)), interface="127.0.0.1")
     polls = [task.LoopingCall(hub.sync) for hub in (a, b)]
     beats = [s.heartbeat for top in (top_a, top_b) for s in top
              if isinstance(s, HeartbeatService)]
@@ -174,6 +194,12 @@ async def test_two_peered_hubs_run_no_registry_statement_on_the_reactor(
         await until(lambda: all(j.received == f"jump to {n}".encode()
                                 for j, n in zip(jumps, names, strict=True)))
         operator.transport.loseConnection()
+        # Prometheus scrapes hub B: the node counts are read in its registry thread.
+        scrape = Scrape()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1",
+                                                 metrics.getHost().port), scrape)
+        scraped = (await scrape.done).decode()
+        assert f'callhomehub_nodes{{state="approved"}} {float(slow.DEVICES)}' in scraped
         jumping = probe.phase()
         # A beat of each now (their loops beat every 5 s too, and may have reclaimed it).
         await defer.gatherResults([defer.maybeDeferred(beat.beat) for beat in beats])
@@ -190,6 +216,7 @@ async def test_two_peered_hubs_run_no_registry_statement_on_the_reactor(
                 poll.stop()
         await listening.stopListening()
         await listening_b.stopListening()
+        await metrics.stopListening()
         factory_b.stopFactory()
         for top in (top_b, top_a):
             await top.stopService()

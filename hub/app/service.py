@@ -465,7 +465,7 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
             hub.netconf_needs(), netconf), reactor).setServiceParent(top)
     if config.metrics is not None:
         metrics = metrics_registry(hub.registry, hub.sessions, factory, hub.monitoring.counts
-                                   if hub.monitoring is not None else None)
+                                   if hub.monitoring is not None else None, calls=hub.calls)
         ListenerService("metrics", config.metrics, metrics_site(metrics),
                         reactor).setServiceParent(top)
     if hub.monitoring is not None:
