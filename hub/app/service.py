@@ -395,7 +395,13 @@ def registry_calls(config: HubConfig, registry: Registry, reactor: Any,
     clock: IReactorTime = reactor
     if not IReactorFromThreads.providedBy(reactor):
         return InlineCalls(registry)
-    return RegistryThread(lambda: open_registry(config, clock, registry_type), reactor, clock)
+    def open_in_thread() -> Registry:
+        opened = open_registry(config, clock, registry_type)
+        # One histogram of the hub's transactions (/metrics), most of them the thread's.
+        opened.latency = registry.latency
+        return opened
+
+    return RegistryThread(open_in_thread, reactor, clock)
 
 
 def build_ssh_factory(hub: Hub) -> HubSSHFactory:
