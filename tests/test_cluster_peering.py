@@ -24,6 +24,7 @@ from hub.cluster.dialwire import DIAL, DialRequest, pack_dial, unpack_dial
 from hub.cluster.peerclient import PeerConnection, PeerLinks, PeerUnreachable
 from hub.cluster.peerserver import build_peer_factory
 from hub.cluster.remote import RemoteTunnel, Routes
+from hub.cluster.view import FleetView
 from hub.rules.cluster import DEAD_AFTER, HEARTBEAT
 from hub.ssh.wire import WireError
 
@@ -40,17 +41,21 @@ class TwoHubs:
         self.a.registry.hub_id = self.a.sessions.hub_id = "hub-a"
         self.a.registry.mark_online("site-a", "192.0.2.20")  # held by hub A
         self.key_a, self.key_b = new_key(), new_key()
-        self.peer_factory = build_peer_factory(self.a.registry, self.a.sessions, self.key_a,
+        self.peer_factory = build_peer_factory(self.a.calls, self.a.sessions, self.key_a,
                                                self.clock, self.a.config.limits, 0, 3)
         self.peer_factory.startFactory()
         self.a.registry.hub_started("hub-a", "127.0.0.1:4101", key_line(self.key_a, b"a"))
         self.b = make_hub(tmp_path, self.clock, keepalive="0")
         self.b.registry.hub_id = self.b.sessions.hub_id = "hub-b"
         self.b.registry.hub_started("hub-b", "127.0.0.1:4102", key_line(self.key_b, b"b"))
-        self.links = PeerLinks(self.b.registry, self.clock, "hub-b", self.key_b, self.connect,
+        self.links = PeerLinks(self.b.calls, self.clock, "hub-b", self.key_b, self.connect,
                                keepalive=0)
-        self.b.sessions.remote = Routes(self.b.registry, self.b.sessions, self.links,
+        # Hub B routes from the fleet as last read: read again on each change applied.
+        self.view = FleetView(self.b.calls)
+        self.b.sessions.remote = Routes(self.view, self.b.sessions, self.links,
                                         "hub-b").remote
+        self.b.sessions.on_change = self.view.refresh
+        self.view.refresh()
         self.factory_b = start_factory(self.b)
         self.dialled: list[tuple[str, int]] = []
 
@@ -301,7 +306,8 @@ def test_hub_b_answers_on_the_port_of_a_node_hub_a_holds(hubs: TwoHubs) -> None:
             raise CannotListenError(interface, number, OSError(98, "Address already in use"))
         return hubs.clock.listenTCP(number, factory, interface=interface)
 
-    ports = RemotePorts(hubs.b.registry, hubs.b.sessions, "hub-b", listen)
+    ports = RemotePorts(hubs.view, hubs.b.sessions, "hub-b", listen)
+    hubs.view.refresh()
     taken.add(port)
     ports.refresh()
     assert relayed() == []  # skipped, no error

@@ -118,3 +118,54 @@ def test_a_claim_on_an_existing_name_is_logged_apart_from_the_strangers(
     lines = [formatEvent(e) for e in logged if "netconf call home from" in formatEvent(e)
              and "refused" in formatEvent(e)]
     assert len(lines) == 2 and "device host key changed" in lines[1]
+
+
+class HeldCalls:
+    """The hub's registry calls, answered when the test says (a registry far away)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.held: list[tuple[Any, tuple[Any, ...], Any]] = []
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        from twisted.internet import defer
+
+        done: defer.Deferred[Any] = defer.Deferred()
+        self.held.append((fn, args, done))
+        return done
+
+    def write(self, fn: Any, *args: Any) -> None:
+        self.inner.write(fn, *args)
+
+    def refresh(self, fn: Any, *args: Any) -> None:
+        self.inner.refresh(fn, *args)
+
+    def answer(self) -> None:
+        fn, args, done = self.held.pop(0)
+        self.inner.call(fn, *args).chainDeferred(done)
+
+
+def test_a_device_id_is_looked_up_off_the_reactor_and_its_bytes_wait(tmp_path: Path,
+                                                                      logged: list[LogEvent]
+                                                                      ) -> None:
+    (tmp_path / "callhomehub.toml").write_text("")
+    site = Site(tmp_path)
+    site.hub.registry.register("router9", b"device-key", "fp", "test")
+    held = HeldCalls(site.hub.calls)
+    site.hub.calls = held  # type: ignore[assignment]
+    site.factory = CallHomeFactory(site.hub.netconf_needs(),
+                                   NetconfSessions(site.hub.registry, site.clock))
+    hub_side, _ = site.call_home(new_key(), "router9")
+    # Not on the allow list: SSH waits for the lookup of the name, with the
+    # device's bytes (its SSH version line) held meanwhile.
+    assert hub_side.client is None and [fn.__name__ for fn, _, _ in held.held] == ["node"]
+    held.answer()
+    assert hub_side.client is not None
+    assert hub_side.client.otherVersionString.startswith(b"SSH-2.0-")  # the held bytes
+    # An unknown name: refused once looked up, before any SSH.
+    other, _ = site.call_home(new_key(), "squat-1", peer="127.0.0.6")
+    assert other.client is None
+    held.answer()
+    assert other.client is None and other.transport.disconnecting
+    assert any("unknown device squat-1 is not on the [netconf] allow list" in formatEvent(e)
+               for e in logged)

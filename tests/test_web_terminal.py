@@ -13,6 +13,7 @@ from memory_gateway import Site, audit
 from twisted.conch.ssh.common import NS, getNS
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, formatEvent
+from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from hub.access.reach import OperatorReach
@@ -273,6 +274,13 @@ def test_a_resize_message() -> None:
         b"")
 
 
+def rendered(page: Any, request: DummyRequest) -> bytes:
+    """The page's answer, written once the grants were read (inline here)."""
+    assert page.render_GET(request) == NOT_DONE_YET
+    assert request.finished
+    return b"".join(request.written)
+
+
 def request_with(headers: dict[bytes, bytes], args: dict[bytes, list[bytes]] | None = None
                  ) -> DummyRequest:
     request = DummyRequest([])
@@ -318,7 +326,7 @@ def test_the_page_loads_xterm_and_our_script_without_inline_script(site: Site) -
     page = terminal_resource(reach(site), "SITE-A")
     assert isinstance(page, TerminalPage)
     request = request_with({})
-    html = page.render_GET(request).decode()  # type: ignore[attr-defined]
+    html = rendered(page, request).decode()
     assert "<title>site-a — callhomehub terminal</title>" in html
     scripts = ['<script src="/static/vendor/xterm/xterm.js" defer></script>',
                '<script src="/static/vendor/xterm/addon-fit.js" defer></script>',
@@ -336,7 +344,7 @@ def test_the_page_loads_xterm_and_our_script_without_inline_script(site: Site) -
 def test_the_page_of_a_node_not_granted_is_not_found(site: Site) -> None:
     site.hub.registry.add_user("bob", None, [], ["lab-*"], "test")
     request = request_with({})
-    body = terminal_resource(reach(site, "bob"), "site-a").render_GET(request)  # type: ignore[attr-defined]
+    body = rendered(terminal_resource(reach(site, "bob"), "site-a"), request)
     assert request.responseCode == 404
     assert body == b"node 'site-a' does not exist or you may not reach it\n"
 

@@ -122,8 +122,24 @@ class DeviceEnd:
     # -- outputs about the device ------------------------------------------------
 
     def dial(self, dial: Dial) -> None:
+        """Route `dial` on the operator's grants as the registry says now (read off
+        the reactor), then reach the device."""
+        state = self.machine.state
+
+        def failed(f: Failure) -> None:
+            log.error("{actor}: checking access to {node} failed: {why}",
+                      actor=self.owner.actor, node=dial.node, why=f.getErrorMessage())
+            if self.machine.state is state:
+                self.run(self.machine.failed(
+                    f"the hub's registry failed: {f.getErrorMessage()}"))
+
+        self.owner.checked(dial.node).addCallback(self._dial, dial, state).addErrback(failed)
+
+    def _dial(self, reach: OperatorReach, dial: Dial, state: State) -> None:
+        if self.machine.state is not state:
+            return  # the operator left (or the session moved on) meanwhile
         owner, needs = self.owner, self.owner.needs
-        route, link = owner.route(dial.node, dial.kind, dial.data, dial.port)
+        route, link = reach.route(dial.node, dial.kind, dial.data, dial.port)
         if isinstance(route, Refusal):
             self.refused(route)
             self.run(self.machine.failed(route.message))

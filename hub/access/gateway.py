@@ -80,8 +80,13 @@ class OperatorAvatar(OperatorReach, ConchUser):
         except WireError as e:
             raise ChannelRefused(connection.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                  f"malformed direct-tcpip request: {e}") from None
+        # The grants are read off the reactor; the channel opens once checked.
+        return self.checked(name).addCallback(self._jump, name, request, window, max_packet)
+
+    def _jump(self, reach: OperatorReach, name: str, request: Any, window: int,
+              max_packet: int) -> Any:
         port = request.port
-        node, tunnel = self.resolve(name)
+        node, tunnel = reach.resolve(name)
         operator = JumpChannel(node.name, remoteWindow=window, remoteMaxPacket=max_packet)
         device = JumpDeviceChannel()
         operator.relay_peer, device.relay_peer = device, operator
@@ -97,11 +102,13 @@ class OperatorAvatar(OperatorReach, ConchUser):
             operator.on_close = audit
             log.info("{actor}: jump to {node}:{port}", actor=self.actor, node=node.name,
                      port=port)
-        return opened.addCallback(lambda _: self._still_granted(operator, device))
+        return opened.addCallback(lambda _: self.checked(operator.node)).addCallback(
+            self._still_granted, operator, device)
 
-    def _still_granted(self, operator: JumpChannel, device: JumpDeviceChannel) -> JumpChannel:
+    def _still_granted(self, reach: OperatorReach, operator: JumpChannel,
+                       device: JumpDeviceChannel) -> JumpChannel:
         # The grant may have been withdrawn while the device end was opening.
-        user = self.user()
+        user = reach.user()
         if user is None or not may_reach(user.allow, operator.node):
             device.relay_peer = None
             device.loseConnection()

@@ -76,6 +76,16 @@ class Grants(Protocol):
     def audit(self, actor: str, action: str, target: str, detail: str = "") -> None: ...
 
 
+class GrantsSource(Protocol):
+    """Where the gateway reads grants (a snapshot per operator action, read off the
+    reactor: `hub.access.grants`) and writes the audit log."""
+
+    def snapshot(self, user: str, names: tuple[str, ...] = (),
+                 every_node: bool = False) -> Deferred[Grants]: ...
+
+    def audit(self, actor: str, action: str, target: str, detail: str = "") -> None: ...
+
+
 class Operators(Protocol):
     """The live operator connections (`hub.access.operators.LiveOperators`)."""
 
@@ -112,7 +122,7 @@ class RegistrarNeeds:
 class GatewayNeeds:
     """What the console gateway and jump host may touch."""
 
-    grants: Grants
+    grants: GrantsSource
     tunnels: Tunnels
     netconf: NetconfLinks | None
     mgmt_key: keys.Key | DeviceIdentity  # the hub's identity when it logs in to a device

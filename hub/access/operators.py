@@ -10,18 +10,18 @@ grants still allow.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from hub.errors import NotFound
 from hub.rules.logins import OperatorLogin
 from hub.rules.pairs import covered
 
 if TYPE_CHECKING:
-    from hub.access.needs import Grants
     from hub.rules.pairs import Pair
-    from hub.store.registry import User
+    from hub.store.registry import Registry, User
 
 log = Logger()
 
@@ -52,11 +52,21 @@ class LiveOperator(Protocol):
         """Close the channels to nodes that `allow` no longer grants."""
 
 
+# Every operator and pair on file, read together in the registry thread.
+Listed = tuple[list["User"], list["Pair"]]
+
+
+def read_operators(registry: Registry) -> Listed:
+    return registry.users(), registry.pairs()
+
+
 class LiveOperators:
     """The operators connected now; the avatar adds itself at login, removes itself at logout."""
 
-    def __init__(self, grants: Grants) -> None:
-        self.grants = grants
+    def __init__(self, read: Callable[[], Deferred[Listed]]) -> None:
+        # Reads every operator and pair off the reactor (`read_operators` in the
+        # registry thread).
+        self.read = read
         self._live: dict[int, LiveOperator] = {}
 
     def add(self, operator: LiveOperator) -> None:
@@ -68,22 +78,20 @@ class LiveOperators:
     def __len__(self) -> int:
         return len(self._live)
 
-    def enforce(self, listed: tuple[list[User], list[Pair]] | None = None) -> None:
+    def enforce(self, listed: Listed | None = None) -> Deferred[None]:
         """Apply operator changes to the live connections; `listed` is every
-        operator and pair on file, read off the reactor (None: read here)."""
-        users: dict[str, User | None] = {}
-        on_file = None if listed is None else {u.name: u for u in listed[0]}
-        pairs = listed[1] if listed is not None else self.grants.pairs() if self._live else []
+        operator and pair on file, read off the reactor (None: read now)."""
+        if listed is None:
+            return self.read().addCallback(self._enforce)
+        self._enforce(listed)
+        return succeed(None)
+
+    def _enforce(self, listed: Listed) -> None:
+        on_file = {u.name.lower(): u for u in listed[0]}
+        pairs = listed[1]
         for operator in list(self._live.values()):
             login = operator.login
-            name = login.user.lower()
-            if name not in users:
-                try:
-                    users[name] = (self.grants.user(login.user) if on_file is None
-                                   else on_file.get(login.user))
-                except NotFound:
-                    users[name] = None
-            user = users[name]
+            user = on_file.get(login.user.lower())
             why = lapsed(login, user)
             if why is not None:
                 log.info("{why}: ending its connection", why=why)

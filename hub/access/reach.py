@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from attrs import evolve
+from twisted.internet import defer
 from twisted.logger import Logger
 
-from hub.access.needs import GatewayNeeds, NetconfLink
+from hub.access.needs import GatewayNeeds, Grants, NetconfLink
 from hub.access.operators import lapsed
 from hub.errors import NotFound
 from hub.rules.chooser import Entry
@@ -32,13 +33,30 @@ def refused(refusal: Refusal) -> ChannelRefused:
 
 
 class OperatorReach:
-    """An operator's login and grants, checked against the registry at every use."""
+    """An operator's login and grants, checked against the registry at every use.
+
+    The checks decide on `grants`: what the registry said at this use, read in
+    the registry thread by `checked` (the avatar itself holds none)."""
 
     def __init__(self, needs: GatewayNeeds, login: OperatorLogin,
-                 peer: Callable[[], str]) -> None:
+                 peer: Callable[[], str], grants: Grants | None = None) -> None:
         self.needs = needs
         self.login = login
         self._peer = peer
+        self._grants = grants
+
+    @property
+    def grants(self) -> Grants:
+        if self._grants is None:
+            raise RuntimeError("an operator's grants are checked on a snapshot: use checked()")
+        return self._grants
+
+    def checked(self, *names: str, every_node: bool = False) -> defer.Deferred[OperatorReach]:
+        """This operator's reach as the registry says now (read off the reactor):
+        their user row, the pairs, and the nodes `names` stand for (or every node)."""
+        read = self.needs.grants.snapshot(self.login.user, names, every_node)
+        return read.addCallback(
+            lambda grants: OperatorReach(self.needs, self.login, self._peer, grants))
 
     @property
     def actor(self) -> str:
@@ -55,12 +73,12 @@ class OperatorReach:
         Its grants (`allow`) include the members of the pairs it grants: every
         check of a node name against them then covers a pair's members."""
         try:
-            user = self.needs.grants.user(self.login.user)
+            user = self.grants.user(self.login.user)
         except NotFound:
             return None
         if lapsed(self.login, user) is not None:
             return None
-        return evolve(user, allow=covered(user.allow, self.needs.grants.pairs()))
+        return evolve(user, allow=covered(user.allow, self.grants.pairs()))
 
     def resolve(self, name: str) -> tuple[Node, NodeTunnel]:
         """The node and live tunnel `name` stands for, if this operator may reach it."""
@@ -101,11 +119,11 @@ class OperatorReach:
     def _reach(self, name: str) -> Node | Refusal:
         user = self.user()
         grants: tuple[str, ...] | None = None if user is None else user.allow
-        pair = self.needs.grants.pair(name)
+        pair = self.grants.pair(name)
         if pair is not None:
             return self._reach_pair(grants, pair)
         try:
-            node: Node | None = self.needs.grants.node(name)
+            node: Node | None = self.grants.node(name)
         except NotFound:
             node = None
         found = reach(grants, node, name)
@@ -131,7 +149,7 @@ class OperatorReach:
 
     def _member(self, name: str) -> Node | None:
         try:
-            return self.needs.grants.node(name)
+            return self.grants.node(name)
         except NotFound:
             return None
 
@@ -150,11 +168,11 @@ class OperatorReach:
         user = self.user()
         if user is None:
             return []
-        pairs = [p for p in self.needs.grants.pairs() if may_reach(user.allow, p.name)]
+        pairs = [p for p in self.grants.pairs() if may_reach(user.allow, p.name)]
         # A pair is one entry: its members are not listed again (typing a member's
         # name still reaches it).
         members = {m.lower() for p in pairs for m in p.members}
-        entries = [Entry(n.name, n.online) for n in self.needs.grants.nodes()
+        entries = [Entry(n.name, n.online) for n in self.grants.nodes()
                    if n.state == "approved" and may_reach(user.allow, n.name)
                    and n.name.lower() not in members]
         for pair in pairs:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.conch.ssh import connection
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hub.access.device_end import DeviceEnd, DeviceSession, stamp
 from hub.rules.session import (
@@ -44,6 +45,7 @@ from hub.tunnel.relay import RelayChannel
 
 if TYPE_CHECKING:
     from hub.access.gateway import OperatorAvatar
+    from hub.access.reach import OperatorReach
 
 __all__ = ["DeviceSession", "GatewaySession", "stamp"]
 
@@ -161,8 +163,7 @@ class GatewaySession(DeviceEnd, RelayChannel):
             self._later(output.flushed, self.loseConnection)
         elif isinstance(output, OfferMenu):
             if self.relay_open():
-                self._later(output.flushed, lambda: self.run(
-                    self.machine.menu(self.owner.reachable(), output.before)))
+                self._later(output.flushed, lambda: self._offer_menu(output.before))
         elif isinstance(output, DropDevice):
             self.drop_device()
         elif isinstance(output, Record):
@@ -184,6 +185,24 @@ class GatewaySession(DeviceEnd, RelayChannel):
                                  "one-time web sign-in link issued")
         log.info("{actor}: web sign-in link issued", actor=owner.actor)
         self.run((Write(f"{url}\n".encode()), exit_status(0), Close(flushed=True)))
+
+    def _offer_menu(self, before: bytes) -> None:
+        """The chooser's menu, from the operator's grants and the nodes as the
+        registry says now (read off the reactor)."""
+        def offer(reach: OperatorReach) -> None:
+            if self.relay_open():
+                self.run(self.machine.menu(reach.reachable(), before))
+
+        def failed(f: Failure) -> None:
+            log.error("{actor}: reading the nodes for the menu failed: {why}",
+                      actor=self.owner.actor, why=f.getErrorMessage())
+            if self.relay_open():
+                self.writeExtended(connection.EXTENDED_DATA_STDERR,
+                                   f"callhomehub: the hub's registry failed: "
+                                   f"{f.getErrorMessage()}\r\n".encode())
+                self.loseConnection()
+
+        self.owner.checked(every_node=True).addCallback(offer).addErrback(failed)
 
     def _later(self, flushed: bool, action: Callable[[], object]) -> None:
         if flushed:

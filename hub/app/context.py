@@ -15,8 +15,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hub.access.grants import RegistryGrants
 from hub.access.needs import GatewayNeeds, RegistrarNeeds
-from hub.access.operators import LiveOperators
+from hub.access.operators import LiveOperators, read_operators
 from hub.app.config import HubConfig
 from hub.netconf.callhome import CallHomeNeeds
 from hub.ssh.keys import HubKeys
@@ -65,8 +66,8 @@ class Hub:
     # The live NETCONF call-home sessions, or None.
     netconf: NetconfSessions | None = None
     # The live operator connections, re-checked on every registry change.
-    operators: LiveOperators = field(
-        default=Factory(lambda self: LiveOperators(self.registry), takes_self=True))
+    operators: LiveOperators = field(default=Factory(
+        lambda self: LiveOperators(lambda: self.calls.call(read_operators)), takes_self=True))
     # Releases the leases of pending nodes that never came back, or None.
     lease_expiry: PendingLeaseExpiry | None = None
     # The web console's sign-in links and sessions, or None (--web none).
@@ -189,7 +190,7 @@ class Hub:
             calls=self.calls)
 
     def gateway_needs(self) -> GatewayNeeds:
-        return GatewayNeeds(grants=ReactorReads(self.registry, self.calls),
+        return GatewayNeeds(grants=RegistryGrants(self.calls),
                             tunnels=self.sessions, netconf=self.netconf,
                             mgmt_key=self.device_identity, clock=self.clock,
                             operators=self.operators, weblinks=self.weblinks,

@@ -18,6 +18,7 @@ from hub.cluster.peerclient import PeerLinks
 from hub.cluster.peerserver import build_peer_factory
 from hub.cluster.ports import RemotePorts
 from hub.cluster.remote import Routes
+from hub.cluster.view import FleetView
 from hub.rules.cluster import peer_address
 from hub.ssh.keys import load_peer_key
 
@@ -30,9 +31,10 @@ class HeartbeatService(service.Service):
     """Publishes the hub once its peer listener is bound; stops beating on stop."""
 
     def __init__(self, heartbeat: HubHeartbeat, configured: str | None,
-                 ports: RemotePorts) -> None:
+                 view: FleetView, ports: RemotePorts) -> None:
         self.heartbeat = heartbeat
         self.configured = configured
+        self.view = view
         self.ports = ports
 
     def listening(self, port: Any) -> None:
@@ -41,11 +43,12 @@ class HeartbeatService(service.Service):
         if address is None:  # config.py refused this: a listener on every interface
             raise SystemExit("callhomehub: set [cluster] peer_address")
         self.heartbeat.start(address)
-        self.ports.refresh()
+        self.view.refresh()  # the relayed ports follow
 
     def stopService(self) -> Any:
         self.heartbeat.stop()
         service.Service.stopService(self)
+        self.view.on_refresh.clear()  # a read still under way opens no port now
         return self.ports.close()
 
 
@@ -62,18 +65,22 @@ def add_peering(top: service.MultiService, hub: Hub, reactor: Any,
     def connect(host: str, port: int, factory: protocol.ClientFactory) -> Any:
         return HostnameEndpoint(reactor, host, port).connect(factory)
 
-    links = PeerLinks(hub.registry, hub.clock, config.cluster_id, key, connect,
+    links = PeerLinks(hub.calls, hub.clock, config.cluster_id, key, connect,
                       config.keepalive, config.keepalive_count)
-    hub.sessions.remote = Routes(hub.registry, hub.sessions, links, config.cluster_id).remote
-    ports = RemotePorts(hub.registry, hub.sessions, config.cluster_id,
+    # Routing and the relayed ports answer from the fleet as last read in the
+    # registry thread, read again on each change applied and after each heartbeat.
+    view = FleetView(hub.calls)
+    hub.sessions.remote = Routes(view, hub.sessions, links, config.cluster_id).remote
+    ports = RemotePorts(view, hub.sessions, config.cluster_id,
                         (hub.sessions.listener or reactor).listenTCP, config.worker_group)
-    hub.sessions.on_change = ports.refresh
+    view.on_refresh.append(ports.refresh)
+    hub.sessions.on_change = view.refresh
     hub.sessions.release_relayed = ports.release
-    beat = HubHeartbeat(hub.registry, hub.clock, config.cluster_id, key_line,
-                        on_beat=ports.refresh)
-    heartbeat = HeartbeatService(beat, config.peer_address, ports)
+    beat = HubHeartbeat(hub.calls, hub.clock, config.cluster_id, key_line,
+                        on_beat=view.refresh)
+    heartbeat = HeartbeatService(beat, config.peer_address, view, ports)
     heartbeat.setServiceParent(top)
-    factory = build_peer_factory(hub.registry, hub.sessions, key, hub.clock, config.limits,
+    factory = build_peer_factory(hub.calls, hub.sessions, key, hub.clock, config.limits,
                                  config.keepalive, config.keepalive_count)
     listener("peer", config.peer, factory, reactor,
              on_listening=heartbeat.listening).setServiceParent(top)

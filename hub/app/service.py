@@ -395,14 +395,13 @@ def registry_calls(config: HubConfig, registry: Registry, reactor: Any,
     clock: IReactorTime = reactor
     if not IReactorFromThreads.providedBy(reactor):
         return InlineCalls(registry)
-    def thread_registry() -> Registry:
+    def open_in_thread() -> Registry:
         opened = open_registry(config, clock, registry_type)
-        # The metrics read the hub's write latency from `registry`: the thread's
-        # transactions are the hub's writes now.
+        # One histogram of the hub's transactions (/metrics), most of them the thread's.
         opened.latency = registry.latency
         return opened
 
-    return RegistryThread(thread_registry, reactor, clock)
+    return RegistryThread(open_in_thread, reactor, clock)
 
 
 def build_ssh_factory(hub: Hub) -> HubSSHFactory:
@@ -472,7 +471,7 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
             hub.netconf_needs(), netconf), reactor).setServiceParent(top)
     if config.metrics is not None:
         metrics = metrics_registry(hub.registry, hub.sessions, factory, hub.monitoring.counts
-                                   if hub.monitoring is not None else None)
+                                   if hub.monitoring is not None else None, calls=hub.calls)
         ListenerService("metrics", config.metrics, metrics_site(metrics),
                         reactor).setServiceParent(top)
     if hub.monitoring is not None:

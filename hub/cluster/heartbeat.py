@@ -12,33 +12,60 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from attrs import define, field
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from hub.errors import RegistryError
 from hub.rules.cluster import HEARTBEAT, is_live
+from hub.store.offthread import RegistryCalls
 from hub.store.registry import Registry
 
 log = Logger()
 
+# A hub found dead and the nodes it held, cleared: (hub, its last heartbeat, nodes).
+Reclaimed = list[tuple[str, float, list[str]]]
+
+
+def beat_in_thread(registry: Registry, hub_id: str, address: str, peer_key: str,
+                   now: float, interval: float) -> Reclaimed:
+    """One heartbeat in the registry thread: write it (the row again if it was
+    lost) and clear the claims of dead hubs."""
+    if not registry.hub_heartbeat(hub_id):
+        registry.hub_started(hub_id, address, peer_key)
+    return reclaim_in_thread(registry, hub_id, now, interval)
+
+
+def reclaim_in_thread(registry: Registry, hub_id: str, now: float,
+                      interval: float) -> Reclaimed:
+    reclaimed: Reclaimed = []
+    for row in registry.hubs():
+        if row.id == hub_id or is_live(row.heartbeat, now, interval):
+            continue
+        nodes = registry.reclaim_hub(row.id, f"hub:{hub_id}")
+        if nodes:
+            reclaimed.append((row.id, row.heartbeat, nodes))
+    return reclaimed
+
 
 @define(eq=False)
 class HubHeartbeat:
-    registry: Registry
+    """Writes the heartbeat and reclaims dead hubs in the registry thread."""
+
+    calls: RegistryCalls
     clock: IReactorTime
     hub_id: str
     peer_key: str  # this hub's peer public key, an OpenSSH line
     interval: float = HEARTBEAT
     address: str = ""
     # Told after each heartbeat (the relayed ports follow hubs that die), or None.
-    on_beat: Callable[[], None] | None = None
+    on_beat: Callable[[], object] | None = None
     _loop: task.LoopingCall | None = field(default=None)
 
     def start(self, address: str) -> None:
         """Publish this hub at `address` (host:port peers dial) and start beating."""
         self.address = address
-        self.registry.hub_started(self.hub_id, address, self.peer_key)
+        self.calls.write(Registry.hub_started, self.hub_id, address, self.peer_key)
         log.info("hub {hub} joined the fleet, peers dial {address}", hub=self.hub_id,
                  address=address)
         self._loop = task.LoopingCall(self.beat)
@@ -48,35 +75,32 @@ class HubHeartbeat:
     def stop(self) -> None:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-            try:
-                self.registry.hub_stopped(self.hub_id)
-            except RegistryError as e:
-                log.error("hub {hub}: could not record its stop: {why}", hub=self.hub_id,
-                          why=str(e))
+            # Queued: the registry thread stops last, after every call queued before.
+            self.calls.write(Registry.hub_stopped, self.hub_id)
 
-    def beat(self) -> list[str]:
-        """Write the heartbeat, reclaim dead hubs; returns the nodes reclaimed."""
-        try:
-            if not self.registry.hub_heartbeat(self.hub_id):
-                self.registry.hub_started(self.hub_id, self.address, self.peer_key)
-            reclaimed = self.reclaim()
-            if self.on_beat is not None:
-                self.on_beat()
-            return reclaimed
-        except RegistryError as e:
-            log.error("hub {hub}: heartbeat failed: {why}", hub=self.hub_id, why=str(e))
-            return []
+    def beat(self) -> defer.Deferred[list[str]]:
+        """Write the heartbeat, reclaim dead hubs; fires with the nodes reclaimed
+        (never fails: a failed beat is logged and the loop goes on)."""
+        done = self.calls.call(beat_in_thread, self.hub_id, self.address, self.peer_key,
+                               self.clock.seconds(), self.interval)
+        return done.addCallbacks(self._reclaimed, self._failed)
 
-    def reclaim(self) -> list[str]:
+    def reclaim(self) -> defer.Deferred[list[str]]:
+        done = self.calls.call(reclaim_in_thread, self.hub_id, self.clock.seconds(),
+                               self.interval)
+        return done.addCallbacks(self._reclaimed, self._failed)
+
+    def _reclaimed(self, reclaimed: Reclaimed) -> list[str]:
         now = self.clock.seconds()
-        reclaimed: list[str] = []
-        for row in self.registry.hubs():
-            if row.id == self.hub_id or is_live(row.heartbeat, now, self.interval):
-                continue
-            nodes = self.registry.reclaim_hub(row.id, f"hub:{self.hub_id}")
-            if nodes:
-                log.warn("hub {dead} is dead (last heartbeat {age:.0f} s ago): {n} node(s) "
-                         "it held are offline now, their ports kept: {nodes}", dead=row.id,
-                         age=now - row.heartbeat, n=len(nodes), nodes=", ".join(nodes))
-            reclaimed.extend(nodes)
-        return reclaimed
+        for dead, heartbeat, nodes in reclaimed:
+            log.warn("hub {dead} is dead (last heartbeat {age:.0f} s ago): {n} node(s) "
+                     "it held are offline now, their ports kept: {nodes}", dead=dead,
+                     age=now - heartbeat, n=len(nodes), nodes=", ".join(nodes))
+        if self.on_beat is not None:
+            self.on_beat()
+        return [node for _, _, nodes in reclaimed for node in nodes]
+
+    def _failed(self, f: Failure) -> list[str]:
+        log.error("hub {hub}: heartbeat failed: {why}", hub=self.hub_id,
+                  why=f.getErrorMessage())
+        return []

@@ -22,6 +22,8 @@ from hub.cluster.peerserver import key_blob
 from hub.rules.cluster import is_live, split_address
 from hub.ssh.connection import Keepalive
 from hub.ssh.keys import fingerprint
+from hub.store.hubs import HubRow
+from hub.store.offthread import RegistryCalls
 from hub.store.registry import Registry
 
 log = Logger()
@@ -96,7 +98,8 @@ Connect = Callable[[str, int, protocol.ClientFactory], defer.Deferred[Any]]
 class PeerLinks:
     """One SSH connection per peer hub, opened when first needed."""
 
-    registry: Registry
+    # The hubs' published addresses and keys are read in the registry thread.
+    calls: RegistryCalls
     clock: IReactorTime
     hub_id: str
     key: keys.Key
@@ -121,14 +124,15 @@ class PeerLinks:
             self._waiting[hub].append(waiter)
             return waiter
         self._waiting[hub] = [waiter]
-        try:
-            self._dial(hub)
-        except PeerUnreachable as e:
-            self._settle(hub, Failure(e))
+
+        def unreachable(f: Failure) -> None:
+            self._settle(hub, f)
+
+        self.calls.call(Registry.hubs).addCallback(self._dial, hub).addErrback(unreachable)
         return waiter
 
-    def _dial(self, hub: str) -> None:
-        row = next((h for h in self.registry.hubs() if h.id == hub), None)
+    def _dial(self, hubs: list[HubRow], hub: str) -> None:
+        row = next((h for h in hubs if h.id == hub), None)
         if row is None or not is_live(row.heartbeat, self.clock.seconds()):
             raise PeerUnreachable(f"hub {hub} is not alive")
         published = key_blob(row.peer_key)

@@ -24,6 +24,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hub.access.auth import USER_SIG_ALGS, verify_signature
@@ -36,7 +37,9 @@ from hub.rules.cluster import is_live
 from hub.ssh.connection import ChannelRefused
 from hub.ssh.keys import HubKeys
 from hub.ssh.wire import WireError
-from hub.store.registry import Registry
+from hub.store.hubs import HubRow
+from hub.store.offthread import RegistryCalls
+from hub.store.registry import Node, Registry
 from hub.tunnel.relay import RelayChannel
 from hub.tunnel.sessions import LiveSessions
 
@@ -68,18 +71,19 @@ class PeerKeyChecker:
 
     credentialInterfaces = (ISSHPrivateKey,)
 
-    def __init__(self, registry: Registry, clock: IReactorTime) -> None:
-        self._registry = registry
+    def __init__(self, calls: RegistryCalls, clock: IReactorTime) -> None:
+        self._calls = calls
         self._clock = clock
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
-        return defer.maybeDeferred(self._check, credentials)
-
-    def _check(self, credentials: Any) -> PeerLogin:
-        name = credentials.username.decode("utf-8", "replace")
         if credentials.algName not in USER_SIG_ALGS:
-            raise UnauthorizedLogin("signature algorithm not allowed")
-        row = next((h for h in self._registry.hubs() if h.id == name), None)
+            return defer.fail(UnauthorizedLogin("signature algorithm not allowed"))
+        # The hubs' rows are read in the registry thread; the login waits for them.
+        return self._calls.call(Registry.hubs).addCallback(self._check, credentials)
+
+    def _check(self, hubs: list[HubRow], credentials: Any) -> PeerLogin:
+        name = credentials.username.decode("utf-8", "replace")
+        row = next((h for h in hubs if h.id == name), None)
         if row is None:
             raise UnauthorizedLogin(f"no hub {name!r} in the registry")
         if key_blob(row.peer_key) != credentials.blob:
@@ -124,10 +128,7 @@ class PeerAvatar(ConchUser):
                                  f"malformed dial request: {e}") from None
         tunnel = self.sessions.local(request.node)
         if tunnel is None:
-            why = self._not_held(request.node)
-            log.info("peer hub {hub}: dial to {node} refused: {why}", hub=self.hub,
-                     node=request.node, why=why)
-            raise ChannelRefused(connection.OPEN_CONNECT_FAILED, why)
+            return self._not_held(request.node)
         peer = PeerChannel(tunnel.node, remoteWindow=window, remoteMaxPacket=max_packet)
         device = JumpDeviceChannel()
         peer.relay_peer, device.relay_peer = device, peer
@@ -136,12 +137,23 @@ class PeerAvatar(ConchUser):
         opened = tunnel.dial(request.target, device, (request.origin, request.origin_port))
         return opened.addCallback(lambda _: peer)
 
-    def _not_held(self, node: str) -> str:
-        try:
-            record = self.sessions.registry.node(node)
-        except NotFound:
+    def _not_held(self, node: str) -> defer.Deferred[Any]:
+        """The refusal of a dial to a node not held here, in words: whether the
+        node exists is read in the registry thread."""
+        def known(record: Node) -> str:
+            return f"node {record.name} is not connected to this hub"
+
+        def unknown(f: Failure) -> str:
+            f.trap(NotFound)
             return f"no node named {node!r}"
-        return f"node {record.name} is not connected to this hub"
+
+        def refuse(why: str) -> None:
+            log.info("peer hub {hub}: dial to {node} refused: {why}", hub=self.hub,
+                     node=node, why=why)
+            raise ChannelRefused(connection.OPEN_CONNECT_FAILED, why)
+
+        return self.sessions.calls.call(Registry.node, node).addCallbacks(
+            known, unknown).addCallback(refuse)
 
     def gotGlobalRequest(self, request_type: bytes, data: bytes) -> Any:
         return 0
@@ -167,11 +179,11 @@ def peer_host_keys(peer_key: keys.Key) -> HubKeys:
                    peer_key)
 
 
-def build_peer_factory(registry: Registry, sessions: LiveSessions, peer_key: keys.Key,
+def build_peer_factory(calls: RegistryCalls, sessions: LiveSessions, peer_key: keys.Key,
                        clock: IReactorTime, limits: Limits, keepalive: float,
                        keepalive_count: int) -> HubSSHFactory:
     """The peer listener's factory (the SSH server's transport, limits and keepalives)."""
-    peer_portal = portal.Portal(PeerRealm(sessions), [PeerKeyChecker(registry, clock)])
+    peer_portal = portal.Portal(PeerRealm(sessions), [PeerKeyChecker(calls, clock)])
     # One connection carries every cross-hub channel of a peer: not an operator's cap.
     limits = evolve(limits, max_channels=PEER_MAX_CHANNELS)
     return HubSSHFactory(peer_portal, peer_host_keys(peer_key), clock, limits, keepalive,

@@ -20,9 +20,9 @@ from twisted.internet import defer, protocol
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from hub.cluster.view import FleetView
 from hub.rules.cluster import is_live, is_sibling
 from hub.ssh.connection import ChannelRefused
-from hub.store.registry import Registry
 from hub.tunnel.live import LOOPBACK, PortListener, TunnelSplice
 from hub.tunnel.sessions import LiveSessions
 from hub.tunnel.splice import TCPEnd
@@ -49,7 +49,9 @@ class RelayedPortFactory(protocol.Factory):
 
 @define(eq=False)
 class RemotePorts:
-    registry: Registry
+    # The fleet as last read in the registry thread (refreshed on each change
+    # and heartbeat): `refresh` reads nothing on the reactor.
+    view: FleetView
     sessions: LiveSessions
     hub_id: str
     # Binds a port: listenTCP(port, factory, interface=...) of the reactor.
@@ -62,12 +64,12 @@ class RemotePorts:
     def wanted(self) -> set[Relayed]:
         """The live ports of nodes held by other live hubs."""
         now = self.sessions.clock.seconds()
-        live_hubs = {h.id for h in self.registry.hubs()
+        live_hubs = {h.id for h in self.view.hubs()
                      if h.id != self.hub_id and is_live(h.heartbeat, now)
                      and not is_sibling(self.worker_group, h.id)}
         interface = self.sessions.public_interface
         return {(n.name, service, n.forwards[service], interface if n.public else LOOPBACK)
-                for n in self.registry.nodes()
+                for n in self.view.nodes()
                 if n.online and n.hub in live_hubs and self.sessions.local(n.name) is None
                 for service in n.live}
 

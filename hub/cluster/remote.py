@@ -20,10 +20,9 @@ from twisted.python.failure import Failure
 
 from hub.cluster.dialwire import DIAL, DialRequest, pack_dial
 from hub.cluster.peerclient import PeerLinks
-from hub.errors import NotFound
+from hub.cluster.view import FleetView
 from hub.rules.cluster import is_live
 from hub.ssh.connection import ChannelRefused
-from hub.store.registry import Registry
 from hub.tunnel.dial import Target
 from hub.tunnel.forwards import Forward
 from hub.tunnel.live import LOOPBACK, D, NodeTunnel
@@ -70,23 +69,24 @@ class RemoteTunnel(NodeTunnel):
 
 @define(eq=False)
 class Routes:
-    """Where `LiveSessions.get` finds a node this hub does not hold."""
+    """Where `LiveSessions.get` finds a node this hub does not hold: answered from
+    the fleet as last read (`FleetView`), so `get` stays synchronous and reads
+    nothing on the reactor."""
 
-    registry: Registry
+    view: FleetView
     sessions: LiveSessions
     links: PeerLinks
     hub_id: str
 
     def remote(self, node: str) -> NodeTunnel | None:
         """The node's tunnel on the live hub holding it, or None."""
-        hub = self.registry.hub_of(node)
+        hub = self.view.holder(node)
         if hub is None or hub == self.hub_id:
             return None
         if not self.is_live(hub):
             return None
-        try:
-            record = self.registry.node(node)
-        except NotFound:
+        record = self.view.node(node)
+        if record is None:
             return None
         tunnel = RemoteTunnel(self.sessions, record.name, self.links.current(hub), record.public,
                               hub=hub, links=self.links)
@@ -96,5 +96,5 @@ class Routes:
         return tunnel
 
     def is_live(self, hub: str) -> bool:
-        row = next((h for h in self.registry.hubs() if h.id == hub), None)
+        row = self.view.hub(hub)
         return row is not None and is_live(row.heartbeat, self.sessions.clock.seconds())

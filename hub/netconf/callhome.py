@@ -236,6 +236,9 @@ class CallHomeProtocol(ClockTimeout, protocol.Protocol):
         self.peer = "?"
         self._waiting_for = ""
         self._refused = False
+        # Bytes that came while the DEVICE-ID was looked up, or None.
+        self._held: list[bytes] | None = None
+        self._lost = False
 
     def connectionMade(self) -> None:
         self.peer = getattr(self.transport.getPeer(), "host", "?")
@@ -255,6 +258,9 @@ class CallHomeProtocol(ClockTimeout, protocol.Protocol):
         if self.client is not None:
             self.client.dataReceived(data)
             return
+        if self._held is not None:  # its DEVICE-ID is being looked up
+            self._held.append(data)
+            return
         if self._refused or self.parser is None:
             return
         try:
@@ -273,16 +279,43 @@ class CallHomeProtocol(ClockTimeout, protocol.Protocol):
 
     def _start_client(self, result: PreambleResult, vouched: bytes | None) -> None:
         device_id = result.preamble.device_id if result.preamble is not None else None
-        admission = self.factory.admission
-        if device_id is not None and not self._may_call(device_id, vouched is not None):
-            # Refused before the SSH key exchange: an unknown name costs no crypto.
+        if device_id is None or self.factory.admission.may_enroll(device_id, vouched is not None):
+            self._run_client(device_id, vouched, result.rest)
+            return
+        # SSH runs for a DEVICE-ID that may not enrol only if a node of that name
+        # exists (its host key then decides): looked up in the registry thread, the
+        # device's bytes meanwhile held here (the preamble deadline still runs).
+        self._held = [result.rest]
+        self.transport.pauseProducing()
+
+        def known(_: Node) -> None:
+            held, self._held = b"".join(self._held or []), None
+            self.transport.resumeProducing()
+            if not self._lost:
+                self._run_client(device_id, vouched, held)
+
+        def unknown(f: Failure) -> None:
+            self._held = None
+            if self._lost:
+                return
             self._refused = True
             self._deadline(None)
-            refuse_logged(admission, self.clock, self.peer,
-                          f"unknown device {device_id} is not on the [netconf] allow list "
-                          "and sent no verified HMAC", f"unknown:{self.peer}")
+            if f.check(NotFound):
+                # Refused before the SSH key exchange: an unknown name costs no crypto.
+                refuse_logged(self.factory.admission, self.clock, self.peer,
+                              f"unknown device {device_id} is not on the [netconf] allow list "
+                              "and sent no verified HMAC", f"unknown:{self.peer}")
+            else:
+                refuse_logged(self.factory.admission, self.clock, self.peer,
+                              f"DEVICE-ID {device_id}: the hub's registry failed: "
+                              f"{f.getErrorMessage()}")
             self.transport.loseConnection()
-            return
+
+        self.needs.calls.call(Registry.node, device_id).addCallbacks(known, unknown)
+
+    def _run_client(self, device_id: str | None, vouched: bytes | None, rest: bytes) -> None:
+        """Run the hub's SSH client on the connection, `rest` its first bytes."""
+        admission = self.factory.admission
         if device_id is not None:
             log.info("netconf call home from {peer}: DEVICE-ID {id}{hmac}", peer=self.peer,
                      id=device_id, hmac=" (HMAC verified)" if vouched else "")
@@ -291,19 +324,8 @@ class CallHomeProtocol(ClockTimeout, protocol.Protocol):
         self._deadline(LOGIN_TIMEOUT, "did not complete the SSH login")
         client.ready.addCallbacks(self._online, self._failed)
         client.makeConnection(self.transport)
-        if result.rest:
-            client.dataReceived(result.rest)
-
-    def _may_call(self, device_id: str, vouched: bool) -> bool:
-        """Whether to run SSH for this DEVICE-ID: a node of that name exists (the
-        host key then decides), or the device may enrol."""
-        if self.factory.admission.may_enroll(device_id, vouched):
-            return True
-        try:
-            self.needs.registry.node(device_id)
-        except NotFound:
-            return False
-        return True
+        if rest:
+            client.dataReceived(rest)
 
     def _online(self, conn: DeviceConnection) -> None:
         self._deadline(None)
@@ -321,6 +343,7 @@ class CallHomeProtocol(ClockTimeout, protocol.Protocol):
                      node=client.node_name, peer=self.peer, why=f.getErrorMessage())
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        self._lost = True
         self._deadline(None)
         self.factory.authenticated(self)
         if self.client is not None:

@@ -282,12 +282,13 @@ class RegistryThread(Service):
 
 @define(eq=False)
 class ReactorReads:
-    """The registry as the operator paths read it on the reactor (the gateway's
-    grants, the web console's pages), with the audit queued in the registry thread.
+    """The registry as the web console's pages read it on the reactor, with the
+    audit queued in the registry thread.
 
-    The reads (and the console's approve, revoke, remove, access) still use the
-    reactor's own connection: they are one small indexed statement each on SQLite,
-    made once per operator action, and are the next calls to move."""
+    The reads (and the console's approve, revoke, remove, access and sign-in)
+    still use the reactor's own connection: they are one small indexed statement
+    each on SQLite, made once per console request, and are the next calls to move
+    (the gateway's grants are read in the thread: `hub.access.grants`)."""
 
     registry: Registry
     calls: RegistryCalls

@@ -76,7 +76,7 @@ class LiveSessions:
     remote: Callable[[str], NodeTunnel | None] | None = None
     # Told after every registry change applied (the relayed ports of other
     # hubs' nodes, hub.cluster.ports), or None.
-    on_change: Callable[[], None] | None = None
+    on_change: Callable[[], object] | None = None
     # Asked before a node's tunnel binds here: ports this hub relays for the
     # node's previous hub close first (fires once they are free), or None.
     release_relayed: Callable[[str], Any] | None = None

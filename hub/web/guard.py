@@ -69,7 +69,7 @@ def signed_in(needs: WebNeeds, request: Any, browse: bool = False) -> SignedIn |
         needs.sessions.end(session)
         return None
     address = source(request)
-    reach = OperatorReach(needs.gateway, session.login, lambda: address)
+    reach = OperatorReach(needs.gateway, session.login, lambda: address, needs.registry)
     # The grants as the SSH side reads them: a pair's grant covers its members.
     return SignedIn(session, reach.user() or user, reach)
 

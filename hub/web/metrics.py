@@ -7,14 +7,15 @@ live objects, into metric families when Prometheus scrapes. Nothing here runs
 between scrapes. Each hub has its own `CollectorRegistry` (never the global
 one), so tests can run several hubs in one process.
 
-Scrapes are answered on the reactor thread: the collector reads live objects
-and the registry's SQLite connection, which belong to it (prometheus_client's
-own Twisted `MetricsResource` would collect in a worker thread).
+Scrapes are answered on the reactor thread: the collector reads live objects,
+which belong to it (prometheus_client's own Twisted `MetricsResource` would
+collect in a worker thread). The node counts are read in the hub's registry
+thread first, and the scrape answered once they are back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -27,17 +28,23 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from twisted.conch.ssh import connection
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import pages
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from hub import __version__
+from hub.store.registry import Registry
 
 if TYPE_CHECKING:
     from hub.access.server import HubSSHFactory
     from hub.intake.monitoring import IntakeCounts
-    from hub.store.registry import Registry
+    from hub.store.offthread import RegistryCalls
     from hub.tunnel.sessions import LiveSessions
+
+log = Logger()
 
 PREFIX = "callhomehub"
 
@@ -59,11 +66,24 @@ class HubCollector(Collector):
     """The hub's own metrics, computed at scrape time from its live objects."""
 
     def __init__(self, registry: Registry, sessions: LiveSessions, factory: HubSSHFactory,
-                 intake: IntakeCounts | None) -> None:
+                 intake: IntakeCounts | None, calls: RegistryCalls | None = None) -> None:
         self.registry = registry
         self.sessions = sessions
         self.factory = factory
         self.intake = intake
+        # With the hub's registry thread, the node counts are read there before
+        # each scrape (`refresh`), never on the reactor.
+        self.calls = calls
+        self.counts: dict[str, int] = {}
+
+    def refresh(self) -> defer.Deferred[None]:
+        """Read the node counts in the registry thread (before a scrape)."""
+        assert self.calls is not None
+
+        def keep(counts: dict[str, int]) -> None:
+            self.counts = counts
+
+        return self.calls.call(Registry.node_counts).addCallback(keep)
 
     def collect(self) -> Iterator[Metric]:
         yield from self._nodes_and_tunnels()
@@ -77,7 +97,8 @@ class HubCollector(Collector):
     def _nodes_and_tunnels(self) -> Iterator[Metric]:
         nodes = GaugeMetricFamily(f"{PREFIX}_nodes", "Registered nodes by state.",
                                   labels=["state"])
-        for state, n in self.registry.node_counts().items():
+        counts = self.registry.node_counts() if self.calls is None else self.counts
+        for state, n in counts.items():
             nodes.add_metric([state], n)
         yield nodes
         tunnels = self.sessions.tunnels()
@@ -153,11 +174,22 @@ def _labelled(name: str, doc: str, label: str, counts: Any, always: Any
     return family
 
 
+class HubMetrics(CollectorRegistry):
+    """The hub's collectors, and what to read off the reactor before a scrape."""
+
+    before_scrape: Callable[[], defer.Deferred[None]] | None = None
+
+
 def metrics_registry(registry: Registry, sessions: LiveSessions, factory: HubSSHFactory,
-                     intake: IntakeCounts | None) -> CollectorRegistry:
-    """A registry of this hub's own: its metrics and the process's (CPU, memory, files)."""
-    metrics = CollectorRegistry(auto_describe=False)
-    metrics.register(HubCollector(registry, sessions, factory, intake))
+                     intake: IntakeCounts | None,
+                     calls: RegistryCalls | None = None) -> CollectorRegistry:
+    """A registry of this hub's own: its metrics and the process's (CPU, memory, files).
+    With `calls` (the hub's registry thread) the node counts are read there."""
+    metrics = HubMetrics(auto_describe=False)
+    collector = HubCollector(registry, sessions, factory, intake, calls)
+    metrics.register(collector)
+    if calls is not None:
+        metrics.before_scrape = collector.refresh
     ProcessCollector(registry=metrics)
     return metrics
 
@@ -172,13 +204,39 @@ class MetricsPage(Resource):
     def getChild(self, path: bytes, request: Request) -> IResource:
         return _not_found()
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes | int:
+        before = getattr(self.metrics, "before_scrape", None)
+        if before is None:
+            return self._encode(request)
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def answer(_: object) -> None:
+            body = self._encode(request)
+            if not gone and not request.finished:
+                request.setHeader("content-length", str(len(body)))
+                request.write(b"" if request.method == b"HEAD" else body)
+                request.finish()
+
+        def failed(f: Failure) -> None:
+            log.error("metrics: reading the node counts failed: {why}",
+                      why=f.getErrorMessage())
+            if not gone and not request.finished:
+                request.setResponseCode(500)
+                request.setHeader("content-type", "text/plain; charset=utf-8")
+                request.write(f"the hub's registry failed: {f.getErrorMessage()}\n".encode())
+                request.finish()
+
+        before().addCallbacks(answer, failed)
+        return NOT_DONE_YET
+
+    def _encode(self, request: Request) -> bytes:
         accept = request.getHeader("accept") or ""
         encode, content_type = choose_encoder(accept)
         request.setHeader("content-type", content_type)
         return encode(self.metrics)  # type: ignore[no-any-return]
 
-    def render_HEAD(self, request: Request) -> bytes:
+    def render_HEAD(self, request: Request) -> bytes | int:
         return self.render_GET(request)
 
 

@@ -21,7 +21,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import Request
 from zope.interface import implementer
 
 from hub.access.reach import OperatorReach
@@ -40,7 +40,7 @@ from hub.ssh.connection import ChannelRefused
 from hub.tunnel.dial import DeviceRefused
 from hub.tunnel.live import NodeTunnel
 from hub.web.bodypump import BodyPump, FileBody, RewrittenBody
-from hub.web.errors import send_error
+from hub.web.errors import render_later, send_error
 from hub.web.tunnelstream import TunnelEndpoint
 from hub.web.tunneltls import InsecureTLS
 
@@ -103,8 +103,14 @@ class DeviceWebResource(Resource):
         if not segments:  # `/nodes/NAME/web`: the device's pages expect a directory
             request.redirect((self.prefix + "/").encode() + (b"?" + query if query else b""))
             return b""
+        # The grants are read off the reactor; the request goes on once checked.
+        return render_later(request, self.reach.checked(self.node).addCallback(
+            self._checked, request, segments, query if _ else None))
+
+    def _checked(self, reach: OperatorReach, request: Request, segments: list[bytes],
+                 query: bytes | None) -> bytes | None:
         try:
-            tunnel = self.reach.resolve(self.node)[1]
+            tunnel = reach.resolve(self.node)[1]
         except ChannelRefused as e:
             if e.reason == OPEN_CONNECT_FAILED:
                 return send_error(request, http.SERVICE_UNAVAILABLE, e.text)
@@ -121,9 +127,8 @@ class DeviceWebResource(Resource):
                               f"request bodies to a device are limited to "
                               f"{self.settings.max_body} bytes")
         self.browse.seen(self.reach, self.node, service)
-        self._forward(request, tunnel, service, device_target(segments, query if _ else None),
-                      body)
-        return NOT_DONE_YET
+        self._forward(request, tunnel, service, device_target(segments, query), body)
+        return None
 
     def _body(self, request: Request) -> FileBody | bool | None:
         """The request body as a producer, False for none, None when it is too large."""

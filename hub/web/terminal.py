@@ -20,6 +20,7 @@ from twisted.web.websocket import WebSocketResource
 
 from hub.access.reach import OperatorReach
 from hub.ssh.connection import ChannelRefused
+from hub.web.errors import render_later
 from hub.web.terminal_session import (
     DEFAULT_SIZE,
     ControlError,
@@ -81,9 +82,14 @@ class TerminalPage(Resource):
             return TerminalSocket(self.reach, self.node)
         return NoResource()
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> int:
+        # The grants are read off the reactor; the page is answered once checked.
+        return render_later(request, self.reach.checked(self.node).addCallback(
+            self._page, request))
+
+    def _page(self, reach: OperatorReach, request: Request) -> bytes:
         try:
-            node = self.reach.resolve_node(self.node).name
+            node = reach.resolve_node(self.node).name
         except ChannelRefused as e:
             log.info("{actor}: web terminal page of {node} refused: {why}",
                      actor=self.reach.actor, node=self.node, why=e.text)

@@ -1,0 +1,97 @@
+"""The fleet as this hub last read it: the hubs and which hub holds each node.
+
+Routing (`LiveSessions.get` of a node held elsewhere) and the relayed ports
+answer from this view, never from the registry on the reactor: a registry
+50 ms away would otherwise stall every tunnel for each lookup, and the whole
+node list (170 ms with 10,000 nodes) would be read on the reactor at every
+change and heartbeat. The view is read in the registry thread on each change
+the hub applies and after each heartbeat; reads never stack (a change while
+one is under way asks for one more read after it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from attrs import define, field
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from hub.store.hubs import HubRow
+from hub.store.offthread import RegistryCalls
+from hub.store.registry import Node, Registry
+
+log = Logger()
+
+# The hubs and the nodes, read together in the registry thread.
+Fleet = tuple[list[HubRow], list[Node]]
+
+
+def read_fleet(registry: Registry) -> Fleet:
+    return registry.hubs(), registry.nodes()
+
+
+@define(eq=False)
+class FleetView:
+    """The hubs and nodes on file as last read; `refresh` reads them again."""
+
+    calls: RegistryCalls
+    # Told after each read is applied (the relayed ports follow it).
+    on_refresh: list[Callable[[], object]] = field(factory=list)
+    _hubs: dict[str, HubRow] = field(factory=dict)
+    _nodes: dict[str, Node] = field(factory=dict)
+    _reading: defer.Deferred[None] | None = None
+    _again: bool = False
+
+    def refresh(self) -> defer.Deferred[None]:
+        """Read the fleet in the registry thread and apply it; fires once applied
+        (a refresh asked for while one runs is folded into one more read)."""
+        if self._reading is not None:
+            self._again = True
+            return self._reading
+        done: defer.Deferred[None] = defer.Deferred()
+        self._reading = done
+        self._read(done)
+        return done
+
+    def _read(self, done: defer.Deferred[None]) -> None:
+        self._again = False
+
+        def failed(f: Failure) -> None:
+            log.error("reading the fleet's hubs and nodes failed: {why}; routing keeps "
+                      "the last view", why=f.getErrorMessage())
+
+        def finished(_: object) -> None:
+            if self._again:
+                self._read(done)
+                return
+            self._reading = None
+            done.callback(None)
+
+        self.calls.call(read_fleet).addCallback(self.apply).addErrback(failed).addBoth(
+            finished)
+
+    def apply(self, fleet: Fleet) -> None:
+        hubs, nodes = fleet
+        self._hubs = {h.id: h for h in hubs}
+        self._nodes = {n.name.lower(): n for n in nodes}
+        for listener in self.on_refresh:
+            listener()
+
+    def hubs(self) -> list[HubRow]:
+        return list(self._hubs.values())
+
+    def hub(self, hub_id: str) -> HubRow | None:
+        return self._hubs.get(hub_id)
+
+    def nodes(self) -> list[Node]:
+        return list(self._nodes.values())
+
+    def node(self, name: str) -> Node | None:
+        return self._nodes.get(name.lower())
+
+    def holder(self, name: str) -> str | None:
+        """The hub holding `name` online, as last read (`Registry.hub_of`)."""
+        node = self._nodes.get(name.lower())
+        return None if node is None or not node.online else node.hub
