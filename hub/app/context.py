@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from twisted.web.resource import IResource
 
     from hub.access.recordings import Recordings
+    from hub.cluster.view import FleetView
     from hub.intake.monitoring import Monitoring
     from hub.netconf.devices import NetconfSessions
     from hub.web.needs import Backoff, PasswordChecks, WebNeeds
@@ -76,6 +77,8 @@ class Hub:
     # The hub user CA (`callhomehub ca init`), used with [devices] login = "ca".
     user_ca: HubUserCA = field(default=Factory(
         lambda self: HubUserCA(self.config.keys_dir, self.clock.seconds), takes_self=True))
+    # With peering (hub.cluster): the fleet as last read, applied with every change.
+    fleet: FleetView | None = None
 
     @property
     def device_identity(self) -> DeviceIdentity:
@@ -118,15 +121,26 @@ class Hub:
         The nodes and pairs are read in the registry thread, applied here."""
         from hub.tunnel.sessions import listing
 
-        def enforce(listed: tuple[tuple[list[Node], Any], list[User]]) -> defer.Deferred[None]:
-            (nodes, pairs), users = listed
+        fleet = self.fleet
+
+        def read(registry: Registry) -> tuple[Any, list[User], Any]:
+            # With peering, the hubs too: the fleet view (routing, relayed ports)
+            # is applied from this one read of the nodes, not read again.
+            return listing(registry), registry.users(), (
+                registry.hubs() if fleet is not None else None)
+
+        def enforce(listed: tuple[tuple[list[Node], Any], list[User], Any]
+                    ) -> defer.Deferred[None]:
+            (nodes, pairs), users, hubs = listed
             done = self.sessions.enforce((nodes, pairs))
+            if fleet is not None:
+                fleet.apply((hubs, nodes))
             if self.netconf is not None:
                 self.netconf.enforce(nodes)
             self.operators.enforce((users, pairs))
             return done
 
-        return self.calls.call(lambda r: (listing(r), r.users())).addCallback(enforce)
+        return self.calls.call(read).addCallback(enforce)
 
     def _apply_now(self) -> None:
         def failed(f: Failure) -> None:

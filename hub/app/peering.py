@@ -74,7 +74,7 @@ def add_peering(top: service.MultiService, hub: Hub, reactor: Any,
     ports = RemotePorts(view, hub.sessions, config.cluster_id,
                         (hub.sessions.listener or reactor).listenTCP, config.worker_group)
     view.on_refresh.append(ports.refresh)
-    hub.sessions.on_change = view.refresh
+    hub.fleet = view  # applied from the same read as each change (Hub.apply)
     hub.sessions.release_relayed = ports.release
     beat = HubHeartbeat(hub.calls, hub.clock, config.cluster_id, key_line,
                         on_beat=view.refresh)
