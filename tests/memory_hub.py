@@ -69,6 +69,23 @@ def outcome(calls: Hub | RegistryCalls, d: defer.Deferred[T]) -> T:
     return got[0]  # type: ignore[no-any-return]
 
 
+class LaterCalls:
+    """Registry calls answered on the next turn of the clock, as a registry
+    thread answers them: what arrives meanwhile finds them pending."""
+
+    def __init__(self, inner: Any, clock: Any) -> None:
+        self.inner, self.clock = inner, clock
+
+    def call(self, fn: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        later: defer.Deferred[Any] = defer.Deferred()
+        result = self.inner.call(fn, *args, **kwargs)
+        self.clock.callLater(0, lambda: result.chainDeferred(later))
+        return later
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 def new_key() -> keys.Key:
     return keys.Key(ed25519.Ed25519PrivateKey.generate())
 

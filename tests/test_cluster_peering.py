@@ -7,13 +7,14 @@ to A's peer listener. Every connection is an iosim pump on one MemoryReactorCloc
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
 from memory_gateway import OperatorChannel, Site, exec_
-from memory_hub import ClientTransport, make_hub, new_key, start_factory
-from twisted.conch.ssh import keys
+from memory_hub import ClientTransport, LaterCalls, make_hub, new_key, start_factory
+from twisted.conch.ssh import channel, common, keys
 from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address
 from twisted.python.failure import Failure
@@ -78,6 +79,13 @@ class TwoHubs:
         return result  # type: ignore[no-any-return]
 
     def operator_on_b(self, login: bytes, requests: list[tuple[bytes, bytes]]) -> OperatorChannel:
+        client = self.operator_client(login)
+        chan = OperatorChannel(requests, b"", False)
+        client.service.openChannel(chan)
+        self.site.settle()
+        return chan
+
+    def operator_client(self, login: bytes) -> ClientTransport:
         client = ClientTransport(login, self.site.alice, None)
         addr = IPv4Address("TCP", "192.0.2.10", 40000)
         server = self.factory_b.buildProtocol(addr)
@@ -86,10 +94,7 @@ class TwoHubs:
             client, FakeTransport(client, isServer=False), greet=False, clock=self.clock))
         self.site.settle()
         assert client.factory_state.get("connected"), "the operator did not log in to hub B"
-        chan = OperatorChannel(requests, b"", False)
-        client.service.openChannel(chan)
-        self.site.settle()
-        return chan
+        return client
 
 
 @pytest.fixture
@@ -232,6 +237,41 @@ def test_an_operator_on_hub_b_runs_a_command_on_a_device_of_hub_a(hubs: TwoHubs)
     # Hub B checked the grant and wrote the audit (one registry, so one log).
     gateway = [e for e in hubs.b.registry.audit_log() if e.action == "gateway"]
     assert [e.actor.split("@")[0] for e in gateway] == ["alice"]
+
+
+class Jump(channel.SSHChannel):
+    """An operator's `direct-tcpip` channel (`ssh -J alice@hub-b site-a`)."""
+
+    name = b"direct-tcpip"
+
+    def __init__(self) -> None:
+        channel.SSHChannel.__init__(self)
+        self.out = b""
+        self.outcome: list[Any] = []
+
+    def channelOpen(self, specificData: bytes) -> None:
+        self.outcome.append("open")
+
+    def openFailed(self, reason: Any) -> None:
+        self.outcome.append(reason)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.out += data
+
+
+def test_the_devices_first_bytes_reach_an_operator_jumping_through_hub_b(
+        hubs: TwoHubs) -> None:
+    # The device's sshd sends its banner as soon as the connection opens: it
+    # reaches hub B with hub A's open confirmation, while hub B still reads the
+    # operator's grant before it confirms the operator's channel.
+    hubs.b.calls = LaterCalls(hubs.b.calls, hubs.clock)  # type: ignore[assignment]
+    client = hubs.operator_client(b"alice")
+    jump = Jump()
+    client.service.openChannel(jump, common.NS(b"site-a") + struct.pack(">L", 22)
+                               + common.NS(b"127.0.0.1") + struct.pack(">L", 50000))
+    hubs.site.settle()
+    assert jump.outcome == ["open"]
+    assert jump.out.startswith(b"SSH-2.0-")  # not the key exchange that follows it
 
 
 def test_a_node_on_a_hub_b_cannot_reach_is_refused_with_a_reason(hubs: TwoHubs) -> None:

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from attrs import evolve
 from memory_hub import (
     ClientAuth,
     ClientConnection,
     ClientTransport,
+    LaterCalls,
     make_hub,
     new_key,
     start_factory,
@@ -35,6 +37,7 @@ from twisted.test.iosim import FakeTransport, IOPump, connect
 from zope.interface import implementer
 
 from hub.access import device_client
+from hub.access.grants import RegistryGrants
 from hub.access.server import HubSSHFactory
 from hub.app.context import Hub
 from hub.ssh.channels import MAX_PACKET, WINDOW
@@ -140,9 +143,16 @@ class DeviceChannel(channel.SSHChannel):
         self.hold_window = False
         self.is_open = False
         self.is_closed = False
+        # Sent, then EOF and close, as soon as the channel opens (a device's
+        # sshd sends its banner, or refuses with a line, as it accepts).
+        self.greeting: bytes | None = None
 
     def channelOpen(self, specificData: bytes) -> None:
         self.is_open = True
+        if self.greeting is not None:
+            self.write(self.greeting)
+            self.conn.sendEOF(self)
+            self.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
@@ -165,12 +175,14 @@ class DeviceConnection(ClientConnection):
         self.window_adjusts: list[int] = []
         self.refuse_channels = False
         self.channel_window = 0  # Conch's default
+        self.greeting: bytes | None = None
 
     def channel_forwarded_tcpip(self, window: int, max_packet: int, data: bytes) -> Any:
         if self.refuse_channels:
             raise ConchError("connect failed", 2)
         chan = DeviceChannel(data, remoteWindow=window, remoteMaxPacket=max_packet,
                              localWindow=self.channel_window)
+        chan.greeting = self.greeting
         self.forwarded.append(chan)
         return chan
 
@@ -1304,6 +1316,44 @@ def test_jump_reaches_the_node_through_dial(hub: Hub, device: Device, operator: 
     operator.pump.flush()
     device.pump.flush()
     assert bytes(chan.received) == b"hello device"
+
+
+class Jumper(Opener):
+    """An operator's jump channel: records what comes back, in order."""
+
+    def __init__(self) -> None:
+        Opener.__init__(self)
+        self.events: list[Any] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.events.append(data)
+
+    def eofReceived(self) -> None:
+        self.events.append("eof")
+
+    def closed(self) -> None:
+        self.events.append("closed")
+        self.loseConnection()
+
+
+def test_what_the_device_sends_as_it_opens_reaches_the_operator_in_order(
+        hub: Hub, reactor: RecordingReactor, device: Device, operator: Device) -> None:
+    # The device's bytes, EOF and close come with its open confirmation, while
+    # the jump host still reads the operator's grant again (in the registry
+    # thread) before it confirms the operator's channel.
+    allocated(device.forward(b"", 0))
+    avatar = operator.server.avatar
+    avatar.needs = evolve(avatar.needs, grants=RegistryGrants(LaterCalls(hub.calls, reactor)))
+    device.conn.greeting = b"SSH-2.0-OpenSSH_9.6\r\n"
+    opener = Jumper()
+    operator.conn.openChannel(opener, common.NS(b"site-a") + struct.pack(">L", 22)
+                              + common.NS(b"10.9.8.7") + struct.pack(">L", 5555))
+    for _ in range(6):
+        operator.pump.flush()
+        device.pump.flush()
+        reactor.advance(0)
+    assert opener.outcome == ["open"]
+    assert opener.events == [b"SSH-2.0-OpenSSH_9.6\r\n", "eof", "closed"]
 
 
 @pytest.mark.parametrize(("port", "refuse", "code", "text"), [

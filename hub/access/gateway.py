@@ -123,6 +123,9 @@ class OperatorAvatar(OperatorReach, ConchUser):
 class JumpChannel(RelayChannel):
     """The operator end of a jump-host relay to `node`."""
 
+    # Confirmed after the device end opens and the grant is read again.
+    relay_pending = True
+
     def __init__(self, node: str, **kw: Any) -> None:
         RelayChannel.__init__(self, b"direct-tcpip", **kw)
         self.node = node
@@ -144,6 +147,7 @@ class JumpDeviceChannel(OpenNotice, RelayChannel):
         RelayChannel.__init__(self, b"forwarded-tcpip")
 
     def channelOpen(self, specificData: bytes) -> None:
+        RelayChannel.channelOpen(self, specificData)
         self.notify_open()
 
     def openFailed(self, reason: Any) -> None:

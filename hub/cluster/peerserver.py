@@ -97,6 +97,9 @@ class PeerKeyChecker:
 class PeerChannel(RelayChannel):
     """The peer hub's end of a relay to one of this hub's nodes."""
 
+    # Confirmed once the device end has opened.
+    relay_pending = True
+
     def __init__(self, node: str, **kw: Any) -> None:
         RelayChannel.__init__(self, DIAL, **kw)
         self.node = node

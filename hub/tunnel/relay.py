@@ -2,7 +2,10 @@
 
 Bytes from one SSH channel go to another (operator <-> device) with window
 granted back only while the other side has room; EOF, exit status and close
-wait for buffered data.
+wait for buffered data. A channel confirmed only after its peer (the jump
+host's operator end waits for the device end and the grant check) is
+`relay_pending` until then: what its peer receives meanwhile (the device's
+sshd sends its banner as the connection opens) waits for it, in order.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ class RelayMixin:
     _relay_unacked = 0
     _relay_held = False
     _relay_after: list[Callable[[], object]] | None = None
+    # True while this channel's open is not yet confirmed but its peer's is.
+    relay_pending = False
+    _relay_early: list[Callable[[], object]] | None = None
 
     def relay_received(self, n: int) -> None:
         self.relay_bytes_in += n
@@ -80,6 +86,24 @@ class RelayMixin:
         super().addWindowBytes(data)  # type: ignore[misc]
         self._relay_run_after()
 
+    def relay_later(self, action: Callable[[], object]) -> bool:
+        """Keep `action` (passing something on to the peer) until the peer's
+        channel opens, if it is still opening: True if kept. Kept data is not
+        granted back as window, so the device's window bounds what waits."""
+        peer = self.relay_peer
+        if peer is None or not peer.relay_pending:
+            return False
+        if self._relay_early is None:
+            self._relay_early = []
+        self._relay_early.append(action)
+        return True
+
+    def relay_peer_opened(self) -> None:
+        """The peer's channel is open: pass on what waited for it, in order."""
+        early, self._relay_early = self._relay_early or [], None
+        for action in early:
+            action()
+
 
 class RelayChannel(RelayMixin, PacketWriteMixin, channel.SSHChannel):
     """A channel relayed byte for byte to `relay_peer`, another RelayChannel.
@@ -100,7 +124,18 @@ class RelayChannel(RelayMixin, PacketWriteMixin, channel.SSHChannel):
     def relay_open(self) -> bool:
         return getattr(self, "conn", None) is not None and not self.closing
 
+    def channelOpen(self, specificData: bytes) -> None:
+        if self.relay_pending:
+            self.relay_pending = False
+            if self.relay_peer is not None:
+                self.relay_peer.relay_peer_opened()
+
     def dataReceived(self, data: bytes) -> None:
+        if self.relay_peer is not None and self.relay_peer.relay_pending:
+            # A view is valid only during this call: what waits is a copy.
+            kept = bytes(data)
+            self.relay_later(lambda: RelayChannel.dataReceived(self, kept))
+            return
         if self.relay_peer is not None and self.relay_peer.relay_open():
             gather_output(self.relay_peer.packet_sink())
             self.relay_peer.write(data)
@@ -114,19 +149,27 @@ class RelayChannel(RelayMixin, PacketWriteMixin, channel.SSHChannel):
         PacketWriteMixin.write(self, data)
 
     def extReceived(self, dataType: int, data: bytes) -> None:
+        if self.relay_later(lambda: RelayChannel.extReceived(self, dataType, data)):
+            return
         if self.relay_peer is not None and self.relay_peer.relay_open():
             self.relay_peer.writeExtended(dataType, data)
         self.relay_received(len(data))
 
     def eofReceived(self) -> None:
+        if self.relay_later(lambda: RelayChannel.eofReceived(self)):
+            return
         peer = self.relay_peer
         if peer is not None and peer.relay_open():
             peer.after_flush(lambda: peer.conn.sendEOF(peer) if peer.relay_open() else None)
 
     def closed(self) -> None:
-        peer = self.relay_peer
-        if peer is not None and peer.relay_open():
-            peer.after_flush(peer.loseConnection)
+        if not self.relay_later(self._relay_close_peer):
+            self._relay_close_peer()
         if self.on_close is not None:
             callback, self.on_close = self.on_close, None
             callback()
+
+    def _relay_close_peer(self) -> None:
+        peer = self.relay_peer
+        if peer is not None and peer.relay_open():
+            peer.after_flush(peer.loseConnection)
