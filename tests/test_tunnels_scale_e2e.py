@@ -268,7 +268,7 @@ def test_hundred_devices_then_all_killed(hub: HubProcess, tmp_path: Path) -> Non
         stop_tunnels(tunnels)
         wait_for(lambda: hub_listeners(pid) == {hub.port}, 20, "every listener released")
         wait_for(lambda: not any_online(hub), 10, "every node offline")
-        wait_for(lambda: open_fds(pid) <= baseline + FD_SLACK, 10,
+        wait_for(lambda: open_fds(pid) <= baseline + FD_SLACK, 20,
                  f"the hub's fds back to {baseline}")
         left = set(listening_ports(LOW, HIGH)) & set(ports.values())
         assert not left, f"ports still listening: {sorted(left)}"
@@ -362,7 +362,7 @@ def test_thousands_of_short_connections(hub: HubProcess, tmp_path: Path) -> None
 
         stop_tunnels(tunnels)
         wait_for(lambda: hub_listeners(pid) == {hub.port}, 20, "every listener released")
-        wait_for(lambda: open_fds(pid) <= baseline + FD_SLACK, 10,
+        wait_for(lambda: open_fds(pid) <= baseline + FD_SLACK, 20,
                  f"the hub's fds back to {baseline}")
         assert_clean_log(hub)
         print(f"\n[scale] {CONNECTIONS} connections through {TUNNELS} tunnels in {took:.1f}s "
