@@ -41,15 +41,17 @@ def site(hub: HubProcess, tmp_path: Path) -> Iterator[Site]:
     web = Listener(lambda conn: (conn.recv(100), conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nweb"),
                                  conn.close()))
     device = Device(hub, tmp_path, "site-a")
-    device.connect(f"0:127.0.0.1:{sshd.port}", f"80:127.0.0.1:{web.port}")
-    approved = hub.cli("approve", "site-a")
-    assert b"host key" in approved.stdout and b"pinned" in approved.stdout
-    hub.cli("user", "add", "alice", "--key", f"{alice}.pub", "--allow", "site-*")
-    operator = SSHClient(tmp_path / "operator", hub.port)
-    yield Site(hub, sshd, device, operator, alice, web)
-    device.close()
-    sshd.stop()
-    web.close()
+    try:  # a set-up that times out still stops the device's sshd and listener
+        device.connect(f"0:127.0.0.1:{sshd.port}", f"80:127.0.0.1:{web.port}")
+        approved = hub.cli("approve", "site-a")
+        assert b"host key" in approved.stdout and b"pinned" in approved.stdout
+        hub.cli("user", "add", "alice", "--key", f"{alice}.pub", "--allow", "site-*")
+        operator = SSHClient(tmp_path / "operator", hub.port)
+        yield Site(hub, sshd, device, operator, alice, web)
+    finally:
+        device.close()
+        sshd.stop()
+        web.close()
 
 
 def audit(hub: HubProcess) -> list[dict]:

@@ -24,7 +24,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from helpers import SSH, HubProcess, sdt_port_range, wait_for
-from tunnel_helpers import ALLOCATED, listening_ports, open_fds, rss_kib
+from tunnel_helpers import (
+    ALLOCATED,
+    fd_targets,
+    listening_ports,
+    open_fds,
+    rss_kib,
+    settled_fds,
+)
 
 from hub.ssh.keys import parse_public_key
 from hub.store.registry import Registry
@@ -56,6 +63,15 @@ def hub_listeners(pid: int) -> set[int]:
             if fields[3] == "0A" and fields[9] in inodes:
                 ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
+
+
+def fds_back_to(pid: int, baseline: int, opened: list[str]) -> None:
+    """Wait until the hub holds no more fds than at start (give or take FD_SLACK)."""
+    try:
+        wait_for(lambda: open_fds(pid) <= baseline + FD_SLACK, 20,
+                 f"the hub's fds back to {baseline}")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; at start {opened}, now {fd_targets(pid)}") from None
 
 
 def registry_of(hub: HubProcess) -> Registry:
@@ -242,7 +258,8 @@ DEVICES = 100
 
 def test_hundred_devices_then_all_killed(hub: HubProcess, tmp_path: Path) -> None:
     pid = hub.proc.pid  # type: ignore[union-attr]
-    baseline = open_fds(pid)
+    baseline = settled_fds(pid)
+    opened = fd_targets(pid)
     echo = EchoServer()
     tunnels: list[Tunnel] = []
     try:
@@ -268,8 +285,7 @@ def test_hundred_devices_then_all_killed(hub: HubProcess, tmp_path: Path) -> Non
         stop_tunnels(tunnels)
         wait_for(lambda: hub_listeners(pid) == {hub.port}, 20, "every listener released")
         wait_for(lambda: not any_online(hub), 10, "every node offline")
-        wait_for(lambda: open_fds(pid) <= baseline + FD_SLACK, 20,
-                 f"the hub's fds back to {baseline}")
+        fds_back_to(pid, baseline, opened)
         left = set(listening_ports(LOW, HIGH)) & set(ports.values())
         assert not left, f"ports still listening: {sorted(left)}"
         assert_clean_log(hub)
@@ -330,7 +346,8 @@ def run_connections(ports: list[int], count: int, offset: int = 0) -> Counter[st
 
 def test_thousands_of_short_connections(hub: HubProcess, tmp_path: Path) -> None:
     pid = hub.proc.pid  # type: ignore[union-attr]
-    baseline = open_fds(pid)
+    baseline = settled_fds(pid)
+    opened = fd_targets(pid)
     echo = EchoServer()
     tunnels: list[Tunnel] = []
     try:
@@ -362,8 +379,7 @@ def test_thousands_of_short_connections(hub: HubProcess, tmp_path: Path) -> None
 
         stop_tunnels(tunnels)
         wait_for(lambda: hub_listeners(pid) == {hub.port}, 20, "every listener released")
-        wait_for(lambda: open_fds(pid) <= baseline + FD_SLACK, 20,
-                 f"the hub's fds back to {baseline}")
+        fds_back_to(pid, baseline, opened)
         assert_clean_log(hub)
         print(f"\n[scale] {CONNECTIONS} connections through {TUNNELS} tunnels in {took:.1f}s "
               f"({CONNECTIONS / took:.0f}/s); echo server accepted {echo.accepted}; "

@@ -30,6 +30,31 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def settled_fds(pid: int, quiet: float = 1.0, timeout: float = 15.0) -> int:
+    """The process's fd count once it has held still for `quiet` seconds: a hub
+    that has just started listening still opens things of its own (the registry
+    thread's connection) that a leak check must count as its baseline."""
+    deadline = time.monotonic() + timeout
+    count, since = open_fds(pid), time.monotonic()
+    while time.monotonic() - since < quiet and time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = open_fds(pid)
+        if now != count:
+            count, since = now, time.monotonic()
+    return count
+
+
+def fd_targets(pid: int) -> list[str]:
+    """What the process's fds point at (for a failed leak check's message)."""
+    targets = []
+    for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+        try:
+            targets.append(f"{fd}->{os.readlink(f'/proc/{pid}/fd/{fd}')}")
+        except OSError:
+            continue
+    return targets
+
+
 def listening_ports(low: int, high: int) -> dict[int, str]:
     """Ports in [low, high] in LISTEN state on this machine, with their address."""
     found: dict[int, str] = {}
