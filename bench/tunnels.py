@@ -43,7 +43,7 @@ from typing import Any
 from attrs import asdict, define
 
 # Run as a script: bench/ is on sys.path.
-from common import cpu_seconds, descendants, machine_info, vm_rss_kib, wait_quiet
+from common import PySpy, cpu_seconds, descendants, machine_info, vm_rss_kib, wait_quiet
 from fleet import Generator, make_keys, register_all
 from peers import DeviceSSHD, HubProcess, nofile_limit, tunnel_port_range
 from runner import add_common_options, install_sigterm, use_hub_source, write_doc
@@ -240,7 +240,13 @@ def storm(hub: HubProcess, gen: Generator, outcome: Outcome, args: argparse.Name
     hub.start(hub.port)
     listening = time.monotonic()
     cpu0, gen0 = sum(map(summed_cpu, hub.pids())), summed_cpu(gen.proc.pid)
-    done = wait_all_up(gen, listening, args.timeout, args.stall)
+    spies = [PySpy(pid, args.profile / f"storm-{outcome.server}-{outcome.n}-{i}.txt")
+             for i, pid in enumerate(hub.pids())] if args.profile else []
+    try:
+        done = wait_all_up(gen, listening, args.timeout, args.stall)
+    finally:
+        for spy in spies:
+            spy.close()
     last = done or gen.latest()
     outcome.storm_server_cpu_s = round(sum(map(summed_cpu, hub.pids())) - cpu0, 1)
     outcome.storm_generator_cpu_s = round(summed_cpu(gen.proc.pid) - gen0, 1)
@@ -330,6 +336,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated hub --workers counts, one hub run each (default 1); "
                         "e.g. 1,2 prints the storm ratio")
     p.add_argument("--no-storm", dest="storm", action="store_false")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="py-spy each hub process during the storm into DIR (storm-*.txt; "
+                   "bench/stacks.py summarizes)")
     p.add_argument("--timeout", type=float, default=0.0,
                    help="seconds for a bring-up or a storm at most (default 120 + N/20)")
     p.add_argument("--stall", type=float, default=30.0,

@@ -200,8 +200,9 @@ def test_value_columns_match_the_schema(tmp_path: Path) -> None:
         return [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
 
     # Every column of nodes is read, and each one is a field of Node (beside
-    # the leases: all of them, and the services listening now).
-    assert list(NODE_COLUMNS) == columns("nodes")
+    # the leases: all of them, and the services listening now), but the
+    # revision: which change last touched the row (hub.store.revisions).
+    assert [*NODE_COLUMNS, "revision"] == columns("nodes")
     assert {f.name for f in attrs.fields(Node)} == {*NODE_COLUMNS, "forwards", "live"}
     assert [f.name for f in attrs.fields(AuditEntry)] == list(AUDIT_COLUMNS)
     assert set(AUDIT_COLUMNS) <= set(columns("audit"))
@@ -222,7 +223,7 @@ def test_migrations_load_in_number_order(tmp_path: Path) -> None:
 
 def test_shipped_migrations_are_the_package_files() -> None:
     assert load_migrations() == MIGRATIONS
-    assert len(MIGRATIONS) == 9
+    assert len(MIGRATIONS) == 10
     assert "ALTER TABLE nodes ADD COLUMN console TEXT" in MIGRATIONS[2]
     assert "CREATE TABLE revoked_certificates" in MIGRATIONS[3]
     assert "ALTER TABLE users ADD COLUMN admin" in MIGRATIONS[4]
@@ -232,6 +233,7 @@ def test_shipped_migrations_are_the_package_files() -> None:
     assert "ALTER TABLE nodes ADD COLUMN hub TEXT" in MIGRATIONS[7]
     assert "CREATE TABLE web_sessions" in MIGRATIONS[8]
     assert "CREATE TABLE web_links" in MIGRATIONS[8]
+    assert "ALTER TABLE nodes ADD COLUMN revision" in MIGRATIONS[9]
 
 
 def test_statements_skip_comment_lines() -> None:

@@ -24,6 +24,7 @@ from hub.ssh.keys import HubKeys
 from hub.ssh.usercerts import DeviceIdentity, HubUserCA
 from hub.store.offthread import InlineCalls, ReactorReads, RegistryCalls
 from hub.store.registry import Node, Registry, User
+from hub.store.revisions import NodeMirror
 from hub.tunnel.expiry import PendingLeaseExpiry
 from hub.tunnel.sessions import LiveSessions
 
@@ -79,6 +80,9 @@ class Hub:
         lambda self: HubUserCA(self.config.keys_dir, self.clock.seconds), takes_self=True))
     # With peering (hub.cluster): the fleet as last read, applied with every change.
     fleet: FleetView | None = None
+    # The node list as last read in the registry thread, brought up to date with
+    # the nodes changed since (hub.store.revisions): what each change is applied from.
+    mirror: NodeMirror = field(factory=NodeMirror)
 
     @property
     def device_identity(self) -> DeviceIdentity:
@@ -119,14 +123,12 @@ class Hub:
         """Apply a change this process made to the registry (the web console's
         approve, revoke, remove, access) at once, as `sync` applies the CLI's.
         The nodes and pairs are read in the registry thread, applied here."""
-        from hub.tunnel.sessions import listing
-
-        fleet = self.fleet
+        fleet, mirror = self.fleet, self.mirror
 
         def read(registry: Registry) -> tuple[Any, list[User], Any]:
             # With peering, the hubs too: the fleet view (routing, relayed ports)
             # is applied from this one read of the nodes, not read again.
-            return listing(registry), registry.users(), (
+            return (mirror.nodes(registry), registry.pairs()), registry.users(), (
                 registry.hubs() if fleet is not None else None)
 
         def enforce(listed: tuple[tuple[list[Node], Any], list[User], Any]

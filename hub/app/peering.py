@@ -69,7 +69,7 @@ def add_peering(top: service.MultiService, hub: Hub, reactor: Any,
                       config.keepalive, config.keepalive_count)
     # Routing and the relayed ports answer from the fleet as last read in the
     # registry thread, read again on each change applied and after each heartbeat.
-    view = FleetView(hub.calls)
+    view = FleetView(hub.calls, hub.mirror)
     hub.sessions.remote = Routes(view, hub.sessions, links, config.cluster_id).remote
     ports = RemotePorts(view, hub.sessions, config.cluster_id,
                         (hub.sessions.listener or reactor).listenTCP, config.worker_group)

@@ -67,6 +67,8 @@ class RemotePorts:
         live_hubs = {h.id for h in self.view.hubs()
                      if h.id != self.hub_id and is_live(h.heartbeat, now)
                      and not is_sibling(self.worker_group, h.id)}
+        if not live_hubs:  # a single hub, or only this machine's workers: nothing to relay
+            return set()
         interface = self.sessions.public_interface
         return {(n.name, service, n.forwards[service], interface if n.public else LOOPBACK)
                 for n in self.view.nodes()

@@ -37,6 +37,7 @@ class HubRecords:
     _now: Callable[[], float]
     _tx: Callable[..., AbstractContextManager[Database]]
     _audit: Callable[..., None]
+    _touch: Callable[..., None]
 
     def hub_started(self, hub_id: str, peer_address: str, peer_key: str) -> None:
         """Write this hub's row (a restart keeps the id and replaces the rest)."""
@@ -79,6 +80,7 @@ class HubRecords:
                 "SELECT name FROM nodes WHERE hub = ? ORDER BY name", (hub_id,))]
             if not names:
                 return []
+            self._touch(*names)
             db.execute("UPDATE leases SET active = 0"
                        " WHERE node_id IN (SELECT id FROM nodes WHERE hub = ?)", (hub_id,))
             db.execute("UPDATE nodes SET online = 0, online_since = NULL, hub = NULL"

@@ -23,6 +23,7 @@ from hub.store.hubs import HubRecords
 from hub.store.latency import Latency
 from hub.store.operators import KEEP, Keep, OperatorRecords
 from hub.store.pairs import PAIR, PairRecords
+from hub.store.revisions import NODES, RevisionRecords, read_nodes
 from hub.store.rows import (
     AUDIT_COLUMNS,
     NETCONF,
@@ -41,8 +42,6 @@ T = TypeVar("T")
 ATTEMPTS = 8
 
 _STATE_ACTIONS = {"pending": "pending", "approved": "approve", "revoked": "revoke"}
-# A pair's own row (kind `pair`, hub.store.pairs) is not a node.
-_NODES = select(NODE_COLUMNS, "(SELECT * FROM nodes WHERE kind != 'pair') AS node_rows")
 
 # Marking nodes online and offline; with a hub id (hub.store.hubs) a hub
 # touches only the nodes it holds, or that no hub holds.
@@ -63,7 +62,7 @@ __all__ = ["KEEP", "MIGRATIONS", "NETCONF", "STATES", "AuditEntry", "Keep", "Nod
            "User"]
 
 
-class Registry(OperatorRecords, PairRecords, HubRecords, WebSessionRecords):
+class Registry(OperatorRecords, PairRecords, HubRecords, WebSessionRecords, RevisionRecords):
     """Synchronous access to the registry file; each method is one transaction."""
 
     # This hub's `[cluster] id` when it peers with others (hub.store.hubs): the
@@ -80,6 +79,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords, WebSessionRecords):
         self.latency = Latency()
         self._timer = timer
         self._counts: tuple[tuple[int, int], dict[str, int]] | None = None
+        self._touched = set()
         self._db: Database = connect(path, timer)
         try:
             migrate(self._db, migrations)
@@ -112,6 +112,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords, WebSessionRecords):
         """One write transaction; `notify` False for writes no hub has to act on
         (heartbeats, last seen, audit-only entries), which leave `generation` alone."""
         start = self._timer()
+        self._touched.clear()
         try:
             with transaction(self._db) as db:
                 yield db
@@ -135,6 +136,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords, WebSessionRecords):
     def _bump(self, db: Database) -> None:
         db.execute(_BUMP)
         new = self._read_generation(db)
+        self._stamp(db, new)
         # Our own change is not news to us, unless another's came before it unseen.
         if new - 1 == self._generation:
             self._generation = new
@@ -174,19 +176,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords, WebSessionRecords):
     # -- nodes ------------------------------------------------------------
 
     def nodes(self) -> list[Node]:
-        # Two queries for all nodes, not one per node: the hub reads this on
-        # every CLI change, with thousands of nodes.
-        rows = self._db.execute(f"{_NODES} ORDER BY id").fetchall()
-        forwards: dict[int, dict[str, int]] = {}
-        live: dict[int, set[str]] = {}
-        for node_id, service, port, active in self._db.execute(
-                "SELECT node_id, service, port, active FROM leases ORDER BY port"):
-            forwards.setdefault(node_id, {})[service] = port
-            if active:
-                live.setdefault(node_id, set()).add(service)
-        ids = NODE_COLUMNS.index("id")
-        return [Node.from_row(row, forwards.get(row[ids], {}),
-                              frozenset(live.get(row[ids], ()))) for row in rows]
+        return read_nodes(self._db)
 
     def node_counts(self) -> dict[str, int]:
         """How many nodes are in each state. Counted again only after a change
@@ -202,23 +192,23 @@ class Registry(OperatorRecords, PairRecords, HubRecords, WebSessionRecords):
         return dict(self._counts[1])
 
     def node(self, name: str) -> Node:
-        row = self._db.execute(f"{_NODES} WHERE name = ?", (name,)).fetchone()
+        row = self._db.execute(f"{NODES} WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise NotFound(f"no node named {name!r}")
         return self._node(row)
 
     def node_by_key(self, key_blob: bytes) -> Node | None:
-        row = self._db.execute(f"{_NODES} WHERE key_blob = ?", (key_blob,)).fetchone()
+        row = self._db.execute(f"{NODES} WHERE key_blob = ?", (key_blob,)).fetchone()
         return None if row is None else self._node(row)
 
     def node_by_host_key(self, host_key: bytes) -> Node | None:
         """The NETCONF node whose recorded device host key this is."""
-        row = self._db.execute(f"{_NODES} WHERE kind = ? AND host_key = ?",
+        row = self._db.execute(f"{NODES} WHERE kind = ? AND host_key = ?",
                                (NETCONF, host_key)).fetchone()
         return None if row is None else self._node(row)
 
     def _node(self, row: Sequence[Any]) -> Node:
-        """The node of one `_NODES` row, with its leases."""
+        """The node of one `NODES` row, with its leases."""
         node_id = row[NODE_COLUMNS.index("id")]
         leases = self._db.execute(
             "SELECT service, port, active FROM leases WHERE node_id = ? ORDER BY port",
@@ -247,6 +237,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords, WebSessionRecords):
                     " VALUES (?, ?, ?, 'pending', ?)",
                     (name, key_blob, fingerprint, self._now()),
                 )
+                self._touch(name)
                 self._audit(db, actor, "register", name, fingerprint)
                 existing = None
         if existing is not None:
@@ -273,6 +264,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords, WebSessionRecords):
                     " VALUES (?, ?, ?, 'pending', ?, ?)",
                     (name, NETCONF, fingerprint, self._now(), host_key),
                 )
+                self._touch(name)
                 self._audit(db, actor, "register", name, f"netconf host key {fingerprint}")
         if row is not None:
             return self.node(row[0]), False
@@ -293,6 +285,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords, WebSessionRecords):
             if db.execute("UPDATE nodes SET state = ? WHERE name = ? AND kind != ?",
                           (state, name, PAIR)).rowcount == 0:
                 raise NotFound(f"no node named {name!r}")
+            self._touch(name)
             self._audit(db, actor, _STATE_ACTIONS[state], name, note)
         return self.node(name)
 
@@ -310,6 +303,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords, WebSessionRecords):
                                  (int(public), name, PAIR))
             if updated.rowcount == 0:
                 raise NotFound(f"no node named {name!r}")
+            self._touch(name)
             self._audit(db, actor, "access", name,
                         ("on" if public else "off") + (f" {note}" if note else ""))
         return self.node(name)
@@ -322,6 +316,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords, WebSessionRecords):
             if db.execute("SELECT 1 FROM nodes WHERE name = ? AND kind != ?",
                           (name, PAIR)).fetchone() is None:
                 raise NotFound(f"no node named {name!r}")
+            self._touch(name)
             changes = []
             if host_key is not None:
                 db.execute("UPDATE nodes SET host_key = ? WHERE name = ?", (host_key, name))
@@ -340,6 +335,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords, WebSessionRecords):
         tunnel): a node another hub holds stays that hub's."""
         now = self._now()
         with self._tx() as db:
+            self._touch(name)
             if take:
                 db.execute(_ONLINE, (now, now, peer, self.hub_id, name))
             else:
@@ -351,6 +347,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords, WebSessionRecords):
         only those this hub holds (another hub may have taken one over)."""
         now = self._now()
         with self._tx() as db:
+            self._touch(*names)
             if self.hub_id is None:
                 db.executemany(_LEASES_OFF + ")", [(name,) for name in names])
                 db.executemany(_OFFLINE, [(now, name) for name in names])
@@ -366,11 +363,14 @@ class Registry(OperatorRecords, PairRecords, HubRecords, WebSessionRecords):
     def reset_online(self) -> None:
         """At hub start nothing is connected, whatever a killed hub left behind
         (with a `hub_id`: nothing of this hub's, nor claimed by no hub)."""
+        held = "(online = 1 OR id IN (SELECT node_id FROM leases WHERE active = 1))"
         with self._tx() as db:
             if self.hub_id is None:
+                self._touch_where(db, held, ())
                 db.execute("UPDATE nodes SET online = 0, online_since = NULL WHERE online = 1")
                 db.execute("UPDATE leases SET active = 0")
                 return
+            self._touch_where(db, f"{held} AND (hub IS NULL OR hub = ?)", (self.hub_id,))
             db.execute("UPDATE leases SET active = 0 WHERE node_id IN"
                        " (SELECT id FROM nodes WHERE hub IS NULL OR hub = ?)", (self.hub_id,))
             db.execute("UPDATE nodes SET online = 0, online_since = NULL, hub = NULL"
@@ -401,6 +401,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords, WebSessionRecords):
                 raise PortsExhausted(f"no free port left in {low}-{high}")
             if port == previous:
                 return port, False
+            self._touch(node)
             db.execute("DELETE FROM leases WHERE node_id = ? AND service = ?",
                        (node_id, service))
             db.execute("INSERT INTO leases (node_id, service, port) VALUES (?, ?, ?)",
@@ -429,6 +430,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords, WebSessionRecords):
 
     def set_lease_active(self, node: str, service: str, active: bool) -> None:
         with self._tx() as db:
+            self._touch(node)
             db.execute(
                 "UPDATE leases SET active = ? WHERE service = ?"
                 " AND node_id = (SELECT id FROM nodes WHERE name = ?)",
@@ -444,6 +446,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords, WebSessionRecords):
                 " WHERE n.state = 'pending' AND n.online = 0 AND l.active = 0"
                 " AND COALESCE(n.last_seen, n.created) < ? ORDER BY l.port", (before,)).fetchall()
             db.executemany("DELETE FROM leases WHERE port = ?", [(p,) for _, _, p in expired])
+            self._touch(*(str(name) for name, _, _ in expired))
             for name, service, port in expired:
                 self._audit(db, "hub", "lease-expired", name, f"{service}={port}")
         return [(str(n), str(s), int(p)) for n, s, p in expired]

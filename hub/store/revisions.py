@@ -1,0 +1,123 @@
+"""Which nodes changed since a hub last read them, and the hub's copy of the list.
+
+Every write the hubs act on bumps `generation` (hub.store.registry) and stamps
+the node rows it touched, the node's own or its leases, with the new value
+(`nodes.revision`). A hub then reads only the rows stamped after its last read
+(`node_changes`) and keeps the rest from before (`NodeMirror`): with thousands
+of nodes, a reconnect storm makes a change every poll on every hub, and reading
+the whole list each time (170 ms for 10,000 nodes) made two workers slower than
+one (docs/performance.md, section 8).
+
+A removed node leaves no row to stamp; the mirror notices by the count of nodes
+on file and reads the whole list again (removals are rare, an admin's act).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from attrs import define, field, frozen
+
+from hub.store.engine import Database
+from hub.store.rows import NODE_COLUMNS, Node, select
+
+# A pair's own row (kind `pair`, hub.store.pairs) is not a node.
+NODES = select(NODE_COLUMNS, "(SELECT * FROM nodes WHERE kind != 'pair') AS node_rows")
+
+
+def read_nodes(db: Database, where: str = "", params: Sequence[Any] = ()) -> list[Node]:
+    """The nodes `where` selects (all by default), with their leases, in two
+    queries however many there are."""
+    rows = db.execute(f"{NODES} {where} ORDER BY id", tuple(params)).fetchall()
+    if not rows:
+        return []
+    leases = "SELECT node_id, service, port, active FROM leases"
+    if where:
+        leases += f" WHERE node_id IN (SELECT id FROM nodes {where})"  # noqa: S608 (constant)
+    forwards: dict[int, dict[str, int]] = {}
+    live: dict[int, set[str]] = {}
+    for node_id, service, port, active in db.execute(f"{leases} ORDER BY port", tuple(params)):
+        forwards.setdefault(node_id, {})[service] = port
+        if active:
+            live.setdefault(node_id, set()).add(service)
+    ids = NODE_COLUMNS.index("id")
+    return [Node.from_row(row, forwards.get(row[ids], {}), frozenset(live.get(row[ids], ())))
+            for row in rows]
+
+
+@frozen
+class NodeChanges:
+    generation: int      # read before the rows: a later change is read again next time
+    nodes: list[Node]    # changed since the revision asked for (all when none was)
+    count: int           # nodes on file
+
+
+class RevisionRecords:
+    """Node stamps; mixed into `hub.store.registry.Registry`."""
+
+    _db: Database
+    _read_generation: Callable[[Database], int]
+    # The node names the write transaction under way changed (`_tx` empties it).
+    _touched: set[str]
+
+    def _touch(self, *names: str) -> None:
+        """The transaction under way changes these nodes (or their leases)."""
+        self._touched.update(names)
+
+    def _touch_where(self, db: Database, where: str, params: Sequence[Any]) -> None:
+        """... the nodes `where` selects (read before the statements that change them)."""
+        self._touched.update(str(n) for (n,) in db.execute(
+            f"SELECT name FROM nodes WHERE {where}", tuple(params)))  # noqa: S608 (constant)
+
+    def _stamp(self, db: Database, generation: int) -> None:
+        """Stamp the touched nodes with the generation their transaction made."""
+        if self._touched:
+            db.executemany("UPDATE nodes SET revision = ? WHERE name = ?",
+                           [(generation, name) for name in self._touched])
+            self._touched.clear()
+
+    def node_changes(self, since: int | None) -> NodeChanges:
+        """The nodes changed after generation `since` (all of them if None)."""
+        generation = self._read_generation(self._db)
+        if since is None:
+            nodes = read_nodes(self._db)
+            return NodeChanges(generation, nodes, len(nodes))
+        changed = read_nodes(self._db, "WHERE revision > ?", (since,))
+        (count,) = self._db.execute("SELECT COUNT(*) FROM nodes WHERE kind != 'pair'").fetchone()
+        return NodeChanges(generation, changed, int(count))
+
+
+@define(eq=False)
+class NodeMirror:
+    """The node list as the hub last read it, brought up to date from the rows
+    changed since. Used in the registry thread only (one reader at a time)."""
+
+    _nodes: dict[str, Node] = field(factory=dict)
+    _since: int | None = None
+    # Reads of the whole list (the first, and after a removal), and of changes only.
+    full_reads: int = 0
+    change_reads: int = 0
+
+    def nodes(self, registry: RevisionRecords) -> list[Node]:
+        changes = registry.node_changes(self._since)
+        if self._since is None:
+            self._replace(changes.nodes)
+        else:
+            self.change_reads += 1
+            self._update(changes.nodes)
+            if len(self._nodes) != changes.count:
+                # A node was removed (or added and removed between two reads).
+                changes = registry.node_changes(None)
+                self._replace(changes.nodes)
+        self._since = changes.generation
+        return list(self._nodes.values())
+
+    def _replace(self, nodes: Iterable[Node]) -> None:
+        self.full_reads += 1
+        self._nodes = {}
+        self._update(nodes)
+
+    def _update(self, nodes: Iterable[Node]) -> None:
+        for node in nodes:
+            self._nodes[node.name.lower()] = node
