@@ -34,9 +34,9 @@ from pathlib import Path
 from attrs import define, field
 
 # Run as a script: bench/ is on sys.path.
-from common import SSH, PySpy, Tunnel, machine_info, make_key, wait_for, wait_quiet
+from common import SSH, PySpy, machine_info, make_key, wait_for, wait_quiet
 from gateway import echo, ssh_config
-from peers import DeviceSSHD, HubProcess
+from peers import HubProcess, approved_device
 from runner import add_common_options, install_sigterm, percentile, use_hub_source, write_doc
 
 PATHS = ("gateway-a", "gateway-b", "port-a", "port-b")
@@ -106,19 +106,8 @@ def site(workdir: Path) -> Iterator[Site]:
         (b.data / "hub.sqlite3").symlink_to(a.data / "hub.sqlite3")
         stack.callback(b.close)
         b.start()
-        device_key = make_key(workdir / "device_key", "bench")
-        a.register(device_key, workdir)
         alice = make_key(workdir / "alice", "alice")
-        mgmt = (a.data / "keys" / "hub_mgmt_ed25519_key.pub").read_text()
-        device = DeviceSSHD(workdir / "device", [mgmt, Path(f"{alice}.pub").read_text()])
-        stack.callback(device.close)
-        device.start()
-        tunnel = Tunnel(workdir, a, device_key, device.port, "chacha20-poly1305@openssh.com",
-                        None)
-        stack.callback(tunnel.close)
-        tunnel.start()
-        if "pinned" not in a.cli("approve", "bench"):
-            raise RuntimeError("approve did not pin the device host key")
+        _, tunnel = approved_device(stack, workdir, a, [alice])
         a.cli("user", "add", "alice", "--key", f"{alice}.pub", "--allow", "*")
         a.cli("access", "bench", "on")
         for side in ("a", "b"):

@@ -35,8 +35,8 @@ from pathlib import Path
 from attrs import asdict, define, field
 
 # Run as a script: bench/ is on sys.path.
-from common import SSH, Tunnel, machine_info, make_key, stop_process, tree_cpu, wait_quiet
-from peers import DeviceSSHD, HubProcess
+from common import SSH, machine_info, make_key, stop_process, tree_cpu, wait_quiet
+from peers import DeviceSSHD, HubProcess, approved_device
 from runner import add_common_options, install_sigterm, percentile, use_hub_source, write_doc
 
 PATHS = ("direct", "gateway", "jump")
@@ -169,20 +169,8 @@ def site(workdir: Path) -> Iterator[Site]:
         hub = HubProcess(workdir)
         stack.callback(hub.close)
         hub.start()
-        device_key = make_key(workdir / "device_key", "bench")
-        hub.register(device_key, workdir)
         alice = make_key(workdir / "alice", "alice")
-        mgmt = (hub.data / "keys" / "hub_mgmt_ed25519_key.pub").read_text()
-        device = DeviceSSHD(workdir / "device", [mgmt, Path(f"{alice}.pub").read_text()])
-        stack.callback(device.close)
-        device.start()
-        tunnel = Tunnel(workdir, hub, device_key, device.port, "chacha20-poly1305@openssh.com",
-                        None)
-        stack.callback(tunnel.close)
-        tunnel.start()
-        approved = hub.cli("approve", "bench")
-        if "pinned" not in approved:
-            raise RuntimeError(f"approve did not pin the device host key: {approved}")
+        device, _ = approved_device(stack, workdir, hub, [alice])
         hub.cli("user", "add", "alice", "--key", f"{alice}.pub", "--allow", "*")
         yield Site(ssh_config(workdir, alice), hub, device)
 

@@ -19,7 +19,17 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from common import SSHD, TWISTD, Hub, descendants, free_port, make_key, stop_process, wait_for
+from common import (
+    SSHD,
+    TWISTD,
+    Hub,
+    Tunnel,
+    descendants,
+    free_port,
+    make_key,
+    stop_process,
+    wait_for,
+)
 
 NSCA = shutil.which("nsca") or "/usr/sbin/nsca"
 SEND_NSCA = shutil.which("send_nsca") or "/usr/sbin/send_nsca"
@@ -167,6 +177,28 @@ class DeviceSSHD:
 
     def close(self) -> None:
         stop_process(self.proc)
+
+
+def approved_device(stack: contextlib.ExitStack, workdir: Path, hub: Hub,
+                    operator_keys: Sequence[Path] = ()) -> tuple[DeviceSSHD, Tunnel]:
+    """A throwaway sshd as node `bench` behind its call-home tunnel to `hub`, approved
+    (the hub pinned its host key); it trusts the hub's management key and
+    `operator_keys`. Stopped with `stack`."""
+    device_key = make_key(workdir / "device_key", "bench")
+    hub.register(device_key, workdir)
+    mgmt = (hub.data / "keys" / "hub_mgmt_ed25519_key.pub").read_text()
+    device = DeviceSSHD(workdir / "device",
+                        [mgmt, *(Path(f"{key}.pub").read_text() for key in operator_keys)])
+    stack.callback(device.close)
+    device.start()
+    tunnel = Tunnel(workdir, hub, device_key, device.port, "chacha20-poly1305@openssh.com",
+                    None)
+    stack.callback(tunnel.close)
+    tunnel.start()
+    approved = hub.cli("approve", "bench")
+    if "pinned" not in approved:
+        raise RuntimeError(f"approve did not pin the device host key: {approved}")
+    return device, tunnel
 
 
 class NscaDaemon:

@@ -43,7 +43,15 @@ from typing import Any
 from attrs import asdict, define
 
 # Run as a script: bench/ is on sys.path.
-from common import PySpy, cpu_seconds, descendants, machine_info, vm_rss_kib, wait_quiet
+from common import (
+    PySpy,
+    cpu_seconds,
+    descendants,
+    machine_info,
+    vm_rss_kib,
+    wait_for,
+    wait_quiet,
+)
 from fleet import Generator, make_keys, register_all
 from peers import DeviceSSHD, HubProcess, nofile_limit, tunnel_port_range
 from runner import add_common_options, install_sigterm, use_hub_source, write_doc
@@ -240,6 +248,9 @@ def storm(hub: HubProcess, gen: Generator, outcome: Outcome, args: argparse.Name
     hub.start(hub.port)
     listening = time.monotonic()
     cpu0, gen0 = sum(map(summed_cpu, hub.pids())), summed_cpu(gen.proc.pid)
+    if args.profile:  # every worker, not only those started by the time the port answered
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: len(hub.pids()) >= outcome.workers, 10, "every worker")
     spies = [PySpy(pid, args.profile / f"storm-{outcome.server}-{outcome.n}-{i}.txt")
              for i, pid in enumerate(hub.pids())] if args.profile else []
     try:

@@ -34,9 +34,9 @@ from pathlib import Path
 from attrs import define, field
 
 # Run as a script: bench/ is on sys.path; the WebSocket client is the tests' one.
-from common import SSH, Hub, Tunnel, machine_info, make_key, wait_for, wait_quiet
+from common import SSH, Hub, machine_info, make_key, wait_for, wait_quiet
 from gateway import Pipe, ssh_config
-from peers import DeviceSSHD
+from peers import approved_device
 from runner import add_common_options, install_sigterm, percentile, write_doc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,19 +136,8 @@ def site(workdir: Path) -> Iterator[tuple[WebHub, Path]]:
         hub = WebHub(workdir)
         stack.callback(hub.close)
         hub.start()
-        device_key = make_key(workdir / "device_key", "bench")
-        hub.register(device_key, workdir)
+        approved_device(stack, workdir, hub)
         alice = make_key(workdir / "alice", "alice")
-        mgmt = (hub.data / "keys" / "hub_mgmt_ed25519_key.pub").read_text()
-        device = DeviceSSHD(workdir / "device", [mgmt])
-        stack.callback(device.close)
-        device.start()
-        tunnel = Tunnel(workdir, hub, device_key, device.port, "chacha20-poly1305@openssh.com",
-                        None)
-        stack.callback(tunnel.close)
-        tunnel.start()
-        if "pinned" not in hub.cli("approve", "bench"):
-            raise RuntimeError("approve did not pin the device host key")
         hub.cli("user", "add", "alice", "--key", f"{alice}.pub", "--password-stdin",
                 "--allow", "*", stdin=f"{PASSWORD}\n".encode())
         hub.cookie = sign_in(hub.web, "alice", PASSWORD)

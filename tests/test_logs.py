@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 from twisted.application import service
 from twisted.logger import ILogObserver, Logger, LogLevel
 
@@ -42,6 +43,38 @@ def test_conch_channel_chatter_is_kept_out_unless_debugging() -> None:
     assert "opening channel" not in normal
     assert "channel 0 misbehaved" in normal and "node a online" in normal
     assert "opening channel 0" in lines(LogLevel.debug)
+
+
+@pytest_twisted.ensureDeferred
+async def test_port_and_transport_chatter_is_kept_out_unless_debugging() -> None:
+    from twisted.conch.ssh.transport import SSHServerTransport
+    from twisted.internet import protocol, reactor
+    from twisted.logger import globalLogPublisher
+    from twisted.python import log as legacy
+
+    async def lines(level: LogLevel) -> str:
+        out = io.StringIO()
+        observer = filtered_observer(out, level)
+        globalLogPublisher.addObserver(observer)
+        try:
+            # A real port's own lines, as every device's forward makes them.
+            port = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
+            await port.stopListening()
+            legacy.msg("an old-style line of the hub's")
+        finally:
+            globalLogPublisher.removeObserver(observer)
+        log = Logger(observer=observer, source=SSHServerTransport())
+        log.info("connection lost")
+        log.info("kex alg={alg}", alg="curve25519-sha256")
+        return out.getvalue()
+
+    normal = await lines(LogLevel.info)
+    assert "starting on" not in normal and "Closed)" not in normal
+    assert "connection lost" not in normal
+    assert "an old-style line" in normal and "kex alg=curve25519" in normal
+    debug = await lines(LogLevel.debug)
+    assert "Factory starting on" in debug and "(TCP Port" in debug
+    assert "connection lost" in debug
 
 
 def test_destination_follows_twistd(tmp_path: Path) -> None:

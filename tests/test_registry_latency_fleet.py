@@ -29,8 +29,9 @@ from hub.access.auth import CALLHOME_PASSWORD, hash_password
 from hub.access.gateway import JumpDeviceChannel
 from hub.app.config import build_config
 from hub.app.context import Hub
+from hub.app.lifecycle import ListenerService
 from hub.app.peering import HeartbeatService, add_peering
-from hub.app.service import ListenerService, build_hub, build_ssh_factory
+from hub.app.service import build_hub, build_ssh_factory
 from hub.cluster.remote import RemoteTunnel
 from hub.store.offthread import RegistryThread
 from hub.store.registry import Registry

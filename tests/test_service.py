@@ -13,7 +13,8 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.plugin import getPlugins
 
 import hub
-from hub.app.service import OpenFileLimit, Options, makeService, raise_open_file_limit
+from hub.app.lifecycle import OpenFileLimit, raise_open_file_limit
+from hub.app.service import Options, makeService
 
 
 def test_twistd_finds_the_plugin() -> None:

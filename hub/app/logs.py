@@ -10,12 +10,14 @@ would use (`--logfile`, stdout with `-n`, else `twistd.log`), filtered at
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
 from twisted.application import service
 from twisted.conch.ssh.channel import SSHChannel
 from twisted.conch.ssh.connection import SSHConnection
+from twisted.conch.ssh.transport import SSHTransportBase
 from twisted.logger import (
     FilteringLogObserver,
     ILogFilterPredicate,
@@ -41,27 +43,41 @@ def parse_level(name: str) -> LogLevel:
                           f"{', '.join(LEVELS)}") from None
 
 
+# Twisted's own line for every port opened and closed; the hub says which node's
+# forward a port is ("node X: forward ssh on ...") and when it goes.
+_PORT_CHATTER = re.compile(r"\w+ starting on \d+|\(\w+ Port \d+ Closed\)")
+
+
 @implementer(ILogFilterPredicate)
-class ChannelChatter:
-    """Below warn, Conch's own per-channel lines ("opening channel 0 with ...",
-    "channel open", "remote close", "sending close 0") are kept out unless the
-    level is debug: three lines for every forwarded connection, a third of the
-    hub's time for short requests through a tunnel."""
+class RoutineChatter:
+    """Below warn, Twisted's and Conch's routine lines are kept out unless the
+    level is debug: Conch's per-channel lines ("opening channel 0 with ...",
+    "channel open", "remote close", "sending close 0": three for every forwarded
+    connection, a third of the hub's time for short requests through a tunnel),
+    the transport's bare "connection lost", and a listening port's "X starting on
+    N" and "(TCP Port N Closed)" (two for every device's forward: in a reconnect
+    storm of thousands of devices, lines that say less than the hub's own)."""
 
     def __init__(self, level: LogLevel) -> None:
         self.level = level
 
     def __call__(self, event: dict[str, Any]) -> PredicateResult:
-        if (self.level > LogLevel.debug
-                and isinstance(event.get("log_source"), (SSHChannel, SSHConnection))
-                and event.get("log_level", LogLevel.info) < LogLevel.warn):
+        if self.level <= LogLevel.debug or event.get("log_level", LogLevel.info) >= LogLevel.warn:
+            return PredicateResult.maybe
+        source = event.get("log_source")
+        if isinstance(source, (SSHChannel, SSHConnection)):
+            return PredicateResult.no
+        if isinstance(source, SSHTransportBase) and event.get("log_format") == "connection lost":
+            return PredicateResult.no
+        if event.get("log_namespace") == "log_legacy" and _PORT_CHATTER.fullmatch(
+                event.get("log_text", "")):
             return PredicateResult.no
         return PredicateResult.maybe
 
 
 def filtered_observer(destination: Any, level: LogLevel) -> ILogObserver:
     return FilteringLogObserver(textFileLogObserver(destination),
-                                [ChannelChatter(level),
+                                [RoutineChatter(level),
                                  LogLevelFilterPredicate(defaultLogLevel=level)])
 
 

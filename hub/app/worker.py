@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 
 from hub.app.config import HubConfig, as_worker
 from hub.app.console import worker_weblinks
-from hub.app.logs import ChannelChatter
+from hub.app.logs import RoutineChatter
 from hub.app.peering import add_peering
 from hub.app.sharedport import SharedListenerService, parse_tcp_listen
 from hub.errors import HubError
@@ -55,15 +55,13 @@ class ParentWatch(protocol.Protocol):
 
 def make_worker_service(config: HubConfig, index: int, reactor: Any) -> service.MultiService:
     """The worker's services: what `makeService` builds, less what only worker 0 runs."""
-    from hub.app.service import (
-        REGISTRY_POLL,
+    from hub.app.lifecycle import (
         DisconnectOnStop,
         ListenerService,
         OpenFileLimit,
         PortKeeperService,
-        build_hub,
-        build_ssh_factory,
     )
+    from hub.app.service import REGISTRY_POLL, build_hub, build_ssh_factory
 
     listen = parse_tcp_listen(config.ssh)
     if listen is None:
@@ -83,7 +81,7 @@ def make_worker_service(config: HubConfig, index: int, reactor: Any) -> service.
     SharedListenerService("SSH", listen, factory, reactor).setServiceParent(top)
     DisconnectOnStop(factory).setServiceParent(top)
     if hub.monitoring is not None:
-        from hub.app.service import FlushOnStop
+        from hub.app.lifecycle import FlushOnStop
 
         FlushOnStop(hub.monitoring.flush).setServiceParent(top)
     # The workers reach each other's devices through the peer links (hub.cluster).
@@ -97,7 +95,7 @@ def make_worker_service(config: HubConfig, index: int, reactor: Any) -> service.
 def json_observer(level: Any) -> ILogObserver:
     """JSON log records on stdout, filtered as worker 0 filters its own."""
     return FilteringLogObserver(jsonFileLogObserver(sys.stdout),
-                                [ChannelChatter(level),
+                                [RoutineChatter(level),
                                  LogLevelFilterPredicate(defaultLogLevel=level)])
 
 

@@ -74,6 +74,6 @@ TWISTED_PRIVATES: tuple[TwistedPrivate, ...] = (
     TwistedPrivate(_TCP, "TLS", "hub.ssh.tcpwrite"),
     TwistedPrivate(_TCP, "socket", "hub.ssh.tcpwrite", on_instance=True),
     # A taken SSH port stops start-up with one line, not a traceback later.
-    TwistedPrivate(_ENDPOINT_SERVICE, "_raiseSynchronously", "hub.app.service"),
-    TwistedPrivate(_ENDPOINT_SERVICE, "_waitingForPort", "hub.app.service", on_instance=True),
+    TwistedPrivate(_ENDPOINT_SERVICE, "_raiseSynchronously", "hub.app.lifecycle"),
+    TwistedPrivate(_ENDPOINT_SERVICE, "_waitingForPort", "hub.app.lifecycle", on_instance=True),
 )

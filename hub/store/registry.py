@@ -11,16 +11,16 @@ changes through `PRAGMA data_version` or PostgreSQL's LISTEN/NOTIFY (`changed`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
-from hub.errors import NameTaken, NotFound, PortsExhausted, RegistryBusy, RegistryError
-from hub.rules.ports import lease_port
+from hub.errors import NameTaken, NotFound, RegistryBusy, RegistryError
 from hub.store.engine import Database, connect
 from hub.store.engine import keep_private as keep_private
 from hub.store.hubs import HubRecords
 from hub.store.latency import Latency
+from hub.store.leases import LeaseRecords
 from hub.store.operators import KEEP, Keep, OperatorRecords
 from hub.store.pairs import PAIR, PairRecords
 from hub.store.revisions import NODES, RevisionRecords, read_nodes
@@ -62,7 +62,8 @@ __all__ = ["KEEP", "MIGRATIONS", "NETCONF", "STATES", "AuditEntry", "Keep", "Nod
            "User"]
 
 
-class Registry(OperatorRecords, PairRecords, HubRecords, WebSessionRecords, RevisionRecords):
+class Registry(OperatorRecords, PairRecords, HubRecords, LeaseRecords, WebSessionRecords,
+               RevisionRecords):
     """Synchronous access to the registry file; each method is one transaction."""
 
     # This hub's `[cluster] id` when it peers with others (hub.store.hubs): the
@@ -375,81 +376,6 @@ class Registry(OperatorRecords, PairRecords, HubRecords, WebSessionRecords, Revi
                        " (SELECT id FROM nodes WHERE hub IS NULL OR hub = ?)", (self.hub_id,))
             db.execute("UPDATE nodes SET online = 0, online_since = NULL, hub = NULL"
                        " WHERE online = 1 AND (hub IS NULL OR hub = ?)", (self.hub_id,))
-
-    # -- port leases ------------------------------------------------------
-
-    def lease(self, node: str, service: str, low: int, high: int,
-              avoid: Collection[int] = ()) -> tuple[int, bool]:
-        """The node's port for `service`, as `lease_port` decides from the leases
-        on file, recorded. Returns (port, is_new). Two hubs leasing at once on
-        PostgreSQL: the leases table's unique ports refuse the second insert of
-        a port, and the loser leases again, seeing the winner's lease."""
-        return self._retried(lambda: self._lease(node, service, low, high, avoid))
-
-    def _lease(self, node: str, service: str, low: int, high: int,
-               avoid: Collection[int]) -> tuple[int, bool]:
-        with self._tx() as db:
-            row = db.execute("SELECT id FROM nodes WHERE name = ?", (node,)).fetchone()
-            if row is None:
-                raise NotFound(f"no node named {node!r}")
-            node_id = row[0]
-            row = db.execute("SELECT port FROM leases WHERE node_id = ? AND service = ?",
-                             (node_id, service)).fetchone()
-            previous = None if row is None else int(row[0])
-            port = lease_port(low, high, self._free_ports(db, low, high), avoid, previous)
-            if port is None:
-                raise PortsExhausted(f"no free port left in {low}-{high}")
-            if port == previous:
-                return port, False
-            self._touch(node)
-            db.execute("DELETE FROM leases WHERE node_id = ? AND service = ?",
-                       (node_id, service))
-            db.execute("INSERT INTO leases (node_id, service, port) VALUES (?, ?, ?)",
-                       (node_id, service, port))
-            self._audit(db, "hub", "lease", node, f"{service}={port}")
-            return port, True
-
-    @staticmethod
-    def _free_ports(db: Database, low: int, high: int) -> Iterator[int]:
-        """The unleased ports of [low, high], lowest first.
-
-        The port index finds where each free stretch starts (`low`, or just above
-        a lease) and ends (just below the next lease), so a new lease never loads
-        every leased port: a reconnect storm of thousands of new leases stays linear.
-        Nothing is queried unless the caller reads past the sticky lease.
-        """
-        stretches = db.execute(
-            "SELECT start, (SELECT MIN(port) FROM leases WHERE port > start) - 1 FROM ("
-            " SELECT ? AS start WHERE NOT EXISTS (SELECT 1 FROM leases WHERE port = ?)"
-            " UNION ALL"
-            " SELECT l.port + 1 FROM leases l WHERE l.port BETWEEN ? AND ?"
-            " AND NOT EXISTS (SELECT 1 FROM leases m WHERE m.port = l.port + 1)) AS free"
-            " ORDER BY start", (low, low, low, high - 1)).fetchall()
-        for start, last in stretches:
-            yield from range(start, high + 1 if last is None else min(last, high) + 1)
-
-    def set_lease_active(self, node: str, service: str, active: bool) -> None:
-        with self._tx() as db:
-            self._touch(node)
-            db.execute(
-                "UPDATE leases SET active = ? WHERE service = ?"
-                " AND node_id = (SELECT id FROM nodes WHERE name = ?)",
-                (int(active), service, node))
-
-    def expire_pending_leases(self, before: float) -> list[tuple[str, str, int]]:
-        """Release the leases of pending nodes offline and last seen before
-        `before` (a node that connected but never came back: its last_seen is
-        when it went away). Returns the (node, service, port) released."""
-        with self._tx() as db:
-            expired = db.execute(
-                "SELECT n.name, l.service, l.port FROM leases l JOIN nodes n ON n.id = l.node_id"
-                " WHERE n.state = 'pending' AND n.online = 0 AND l.active = 0"
-                " AND COALESCE(n.last_seen, n.created) < ? ORDER BY l.port", (before,)).fetchall()
-            db.executemany("DELETE FROM leases WHERE port = ?", [(p,) for _, _, p in expired])
-            self._touch(*(str(name) for name, _, _ in expired))
-            for name, service, port in expired:
-                self._audit(db, "hub", "lease-expired", name, f"{service}={port}")
-        return [(str(n), str(s), int(p)) for n, s, p in expired]
 
     # -- operators --------------------------------------------------------
 

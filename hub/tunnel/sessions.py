@@ -139,7 +139,7 @@ class LiveSessions:
             log.info("node {node}: forward refused, the node is {state}", node=node,
                      state="removed" if record is None else record.state)
             return None
-        self._forget_guest(key, conn)
+        was_guest = self._forget_guest(key, conn)
         old = self._live.get(key)
         tunnel = NodeTunnel(self, node, conn, record.public)
         self._live[key] = tunnel
@@ -151,7 +151,9 @@ class LiveSessions:
             tunnel.requests.wait_for(old.close())
             close_connection(old.conn, self.clock, "superseded by a new connection of this node")
         self._online(node, conn, peer)
-        log.info("node {node} online from {peer}", node=node, peer=peer)
+        # A connection that logged in as a guest said "online" then (`join`).
+        (log.debug if was_guest and old is None else log.info)(
+            "node {node} online from {peer}", node=node, peer=peer)
         self.pairs.known({key: record.state})
         self.pairs.node_changed(node)
         return tunnel
