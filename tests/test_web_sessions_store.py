@@ -7,16 +7,48 @@ from __future__ import annotations
 import hashlib
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
+from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 
 from hub.app.config import build_config
 from hub.app.console import endpoint_port, worker_weblinks
 from hub.rules.logins import OperatorLogin
+from hub.store.offthread import InlineCalls
 from hub.store.registry import Registry
 from hub.web.sessions import SessionStore
 from hub.web.weblinks import WebLinks
+
+
+class Now:
+    """A store whose registry calls run inline (`InlineCalls`): its answers taken
+    from their Deferreds, fired on return."""
+
+    def __init__(self, inner: Any) -> None:
+        object.__setattr__(self, "_inner", inner)
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self._inner, name)
+        if not callable(found):
+            return found
+
+        def now(*args: Any, **kwargs: Any) -> Any:
+            result = found(*args, **kwargs)
+            if not isinstance(result, defer.Deferred):
+                return result
+            got: list[Any] = []
+            result.addBoth(got.append)
+            assert got, "the Deferred has not fired"
+            if isinstance(got[0], Failure):
+                got[0].raiseException()
+            return got[0]
+        return now
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._inner, name, value)
 
 
 class Hub:
@@ -24,8 +56,9 @@ class Hub:
 
     def __init__(self, path: Path, clock: MemoryReactorClock) -> None:
         self.registry = Registry(str(path), now=clock.seconds)
-        self.sessions = SessionStore(self.registry, clock, 1800, 43200)
-        self.links = WebLinks(self.registry, clock, None, True, lambda: 8443)
+        calls = InlineCalls(self.registry)
+        self.sessions = Now(SessionStore(calls, clock, 1800, 43200))
+        self.links = Now(WebLinks(calls, clock, None, True, lambda: 8443))
 
 
 @pytest.fixture
@@ -161,7 +194,7 @@ def test_two_hubs_spending_the_same_links_at_once_spend_each_once(
     def spend(index: int) -> None:
         # A registry connection is used by one thread only: made in it.
         registry = Registry(str(path), now=clock.seconds)
-        links = WebLinks(registry, clock, None, True, lambda: 443)
+        links = Now(WebLinks(InlineCalls(registry), clock, None, True, lambda: 443))
         start.wait(timeout=30)
         won[index] = [t for t in tokens if links.redeem(t) is not None]
         registry.close()
@@ -238,6 +271,7 @@ def test_a_worker_gives_links_for_the_console_of_worker_0(tmp_path: Path,
         def __init__(self, **options: str) -> None:
             self.config = build_config({"data": str(path.parent), **options})
             self.registry = Registry(str(path), now=clock.seconds)
+            self.calls = InlineCalls(self.registry)
             self.clock = clock
 
     links = worker_weblinks(WorkerHub(web="ssl:8443"))  # type: ignore[arg-type]

@@ -113,9 +113,9 @@ class Console:
         self.clock: MemoryReactorClock = self.hub.clock  # type: ignore[assignment]
         self.factory = factory or start_factory(self.hub)
         self.port: int | None = 8443
-        self.hub.weblinks = WebLinks(self.hub.registry, self.clock, None, tls,
+        self.hub.weblinks = WebLinks(self.hub.calls, self.clock, None, tls,
                                      lambda: self.port)
-        self.hub.web_sessions = SessionStore(self.hub.registry, self.clock, 1800, 43200)
+        self.hub.web_sessions = SessionStore(self.hub.calls, self.clock, 1800, 43200)
         self.needs = self.hub.web_needs(self.factory.password_budget, self.factory.backoff, tls)
         self.site = console_site(self.needs)
 

@@ -76,9 +76,9 @@ def build_web(hub: Hub, ssh: HubSSHFactory) -> tuple[str, Any, WebListener] | No
     except HubError as e:
         raise SystemExit(f"callhomehub: {e}") from None
     listener = WebListener(hub, tls)
-    hub.weblinks = WebLinks(hub.registry, hub.clock, config.web_url, tls,
+    hub.weblinks = WebLinks(hub.calls, hub.clock, config.web_url, tls,
                             lambda: listener.port)
-    hub.web_sessions = SessionStore(hub.registry, hub.clock, config.web_idle_timeout,
+    hub.web_sessions = SessionStore(hub.calls, hub.clock, config.web_idle_timeout,
                                     config.web_absolute_timeout)
     site = console_site(hub.web_needs(ssh.password_budget, ssh.backoff, tls))
     return endpoint, site, listener
@@ -114,5 +114,5 @@ def worker_weblinks(hub: Hub) -> WebLinks | None:
     if hub.config.web_url is None and port is None:
         log.warn("--web {web} has no fixed port: the sign-in links this worker gives "
                  "(weblink) leave the port out; set --web-url", web=web)
-    return WebLinks(hub.registry, hub.clock, hub.config.web_url, web.startswith("ssl:"),
+    return WebLinks(hub.calls, hub.clock, hub.config.web_url, web.startswith("ssl:"),
                     lambda: port)

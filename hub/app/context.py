@@ -22,7 +22,7 @@ from hub.app.config import HubConfig
 from hub.netconf.callhome import CallHomeNeeds
 from hub.ssh.keys import HubKeys
 from hub.ssh.usercerts import DeviceIdentity, HubUserCA
-from hub.store.offthread import InlineCalls, ReactorReads, RegistryCalls
+from hub.store.offthread import InlineCalls, RegistryCalls
 from hub.store.registry import Node, Registry, User
 from hub.store.revisions import NodeMirror
 from hub.tunnel.expiry import PendingLeaseExpiry
@@ -144,12 +144,6 @@ class Hub:
 
         return self.calls.call(read).addCallback(enforce)
 
-    def _apply_now(self) -> None:
-        def failed(f: Failure) -> None:
-            log.error("applying a registry change failed: {why}", why=f.getErrorMessage())
-
-        self.apply().addErrback(failed)
-
     def web_needs(self, budget: PasswordChecks, backoff: Backoff, tls: bool) -> WebNeeds:
         """The console's view; it shares the SSH server's bcrypt budget and back-off."""
         from twisted.cred.credentials import UsernamePassword
@@ -171,11 +165,10 @@ class Hub:
                                        browse=browse)
 
         return WebNeeds(
-            registry=ReactorReads(self.registry, self.calls), tunnels=self.sessions,
-            gateway=self.gateway_needs(),
+            calls=self.calls, tunnels=self.sessions, gateway=self.gateway_needs(),
             check_password=lambda name, password: checker.requestAvatarId(
                 UsernamePassword(name, password)),
-            budget=budget, backoff=backoff, apply=self._apply_now, clock=self.clock,
+            budget=budget, backoff=backoff, apply=self.apply, clock=self.clock,
             sessions=self.web_sessions, weblinks=self.weblinks, tls=tls,
             terminal=terminal_resource, proxy=proxy, verify=self.verify_device)
 

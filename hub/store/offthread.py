@@ -33,8 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hub.errors import RegistryError
-from hub.rules.pairs import Pair
-from hub.store.registry import Node, Registry, User
+from hub.store.registry import Registry
 
 log = Logger()
 
@@ -278,50 +277,3 @@ class RegistryThread(Service):
             if wake:
                 assert self.reactor is not None
                 self.reactor.callFromThread(self.deliver)
-
-
-@define(eq=False)
-class ReactorReads:
-    """The registry as the web console's pages read it on the reactor, with the
-    audit queued in the registry thread.
-
-    The reads (and the console's approve, revoke, remove, access and sign-in)
-    still use the reactor's own connection: they are one small indexed statement
-    each on SQLite, made once per console request, and are the next calls to move
-    (the gateway's grants are read in the thread: `hub.access.grants`)."""
-
-    registry: Registry
-    calls: RegistryCalls
-
-    def audit(self, actor: str, action: str, target: str, detail: str = "") -> None:
-        self.calls.write(Registry.audit, actor, action, target, detail)
-
-    def user(self, name: str) -> User:
-        return self.registry.user(name)
-
-    def node(self, name: str) -> Node:
-        return self.registry.node(name)
-
-    def nodes(self) -> list[Node]:
-        return self.registry.nodes()
-
-    def pair(self, name: str) -> Pair | None:
-        return self.registry.pair(name)
-
-    def pairs(self) -> list[Pair]:
-        return self.registry.pairs()
-
-    def pair_of(self, node: str) -> Pair | None:
-        return self.registry.pair_of(node)
-
-    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        return self.registry.query(sql, params)
-
-    def set_state(self, name: str, state: str, actor: str, note: str = "") -> Node:
-        return self.registry.set_state(name, state, actor, note)
-
-    def set_public(self, name: str, public: bool, actor: str, note: str = "") -> Node:
-        return self.registry.set_public(name, public, actor, note)
-
-    def remove(self, name: str, actor: str, note: str = "") -> None:
-        self.registry.remove(name, actor, note)

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer
-from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 
 from hub.web.html import Viewer, error_page
 
@@ -16,36 +12,6 @@ TITLES = {400: "Bad request", 401: "Sign-in needed", 403: "Forbidden", 404: "Not
           405: "Method not allowed", 413: "Request too large", 429: "Too many attempts",
           500: "Internal error", 502: "Bad gateway", 503: "Node offline",
           504: "Gateway timeout"}
-
-
-log = Logger()
-
-
-def render_later(request: Any, answer: defer.Deferred[bytes | None],
-                 viewer: Viewer | None = None) -> int:
-    """Answer `request` once `answer` fires (its registry reads run off the
-    reactor): with the body it gives, or nothing when it has answered already
-    (None). A failure is a 500 page in words; a client gone meanwhile is let go."""
-    gone: list[bool] = []
-    request.notifyFinish().addErrback(lambda _: gone.append(True))
-
-    def write(body: bytes | None) -> None:
-        if body is None or gone or request.finished:
-            return
-        # Framed as an answer returned at once would be (not chunked).
-        request.setHeader(b"content-length", str(len(body)).encode())
-        request.write(body)
-        request.finish()
-
-    def failed(f: Failure) -> None:
-        log.error("web: {method} {uri} failed: {why}",
-                  method=request.method.decode("ascii", "replace"),
-                  uri=request.uri.decode("ascii", "replace"), why=f.getErrorMessage())
-        write(send_error(request, 500, f"the hub's registry failed: {f.getErrorMessage()}",
-                         viewer))
-
-    answer.addCallbacks(write, failed)
-    return NOT_DONE_YET
 
 
 def send_error(request: Any, code: int, message: str, viewer: Viewer | None = None) -> bytes:

@@ -1,6 +1,8 @@
 """What the web console is given: a narrow, typed view of the running hub.
 
 Built by `hub.app.context.Hub.web_needs`; tests build it from a registry and fakes.
+The registry is reached through `calls` only: pages answer once their reads
+(one call per page) have come back from the registry thread.
 """
 
 from __future__ import annotations
@@ -14,40 +16,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import IResource
 
 from hub.access.needs import GatewayNeeds
+from hub.store.offthread import RegistryCalls
 from hub.web.sessions import SessionStore
 from hub.web.weblinks import WebLinks
 
 if TYPE_CHECKING:
     from hub.access.reach import OperatorReach
-    from hub.rules.pairs import Pair
-    from hub.store.rows import Node, User
     from hub.tunnel.live import NodeTunnel
-
-
-class ConsoleRegistry(Protocol):
-    """The registry as the console reads and changes it."""
-
-    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]: ...
-
-    def user(self, name: str) -> User: ...
-
-    def node(self, name: str) -> Node: ...
-
-    def set_state(self, name: str, state: str, actor: str, note: str = "") -> Node: ...
-
-    def set_public(self, name: str, public: bool, actor: str, note: str = "") -> Node: ...
-
-    def remove(self, name: str, actor: str, note: str = "") -> None: ...
-
-    def audit(self, actor: str, action: str, target: str, detail: str = "") -> None: ...
-
-    def pairs(self) -> list[Pair]: ...
-
-    def pair_of(self, node: str) -> Pair | None: ...
-
-    def nodes(self) -> list[Node]: ...
-
-    def pair(self, name: str) -> Pair | None: ...
 
 
 class LiveTunnels(Protocol):
@@ -77,7 +52,9 @@ NodeResourceFactory = Callable[["OperatorReach", str], IResource]
 
 @frozen
 class WebNeeds:
-    registry: ConsoleRegistry
+    # The registry, reached only through the hub's registry thread: every read
+    # and write the console makes runs there, none on the reactor.
+    calls: RegistryCalls
     tunnels: LiveTunnels
     gateway: GatewayNeeds          # for OperatorReach: the grant check SSH uses
     # Checks an operator's password (bcrypt off the reactor): fires with an
@@ -85,7 +62,9 @@ class WebNeeds:
     check_password: Callable[[bytes, bytes], defer.Deferred[Any]]
     budget: PasswordChecks
     backoff: Backoff
-    apply: Callable[[], None]      # let the hub act on a registry change now
+    # Let the hub act on a registry change now: fires once it has (tunnels
+    # rebound, sessions of a revoked node dropped).
+    apply: Callable[[], defer.Deferred[None]]
     clock: IReactorTime
     sessions: SessionStore
     weblinks: WebLinks

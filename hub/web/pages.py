@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import defer
 from twisted.web.resource import Resource
 
+from hub.store.registry import Registry
 from hub.store.rows import STATES, Node
 from hub.web.errors import send_error
 from hub.web.guard import SignedIn, SignedInPage, signed_in
 from hub.web.html import esc, page, pager, query, table, url_part, when
+from hub.web.later import render_later
 from hub.web.needs import WebNeeds
 from hub.web.pairs import pairs_table
 from hub.web.queries import CODES, NodePage, node_page, visible_filter
@@ -53,25 +57,41 @@ def row(item: dict[str, Any]) -> str:
 
 
 class NodeList:
-    """What both views of the list read from a request."""
+    """What both views of the list read from a request, read in one registry call."""
 
-    def __init__(self, needs: WebNeeds, who: SignedIn, request: Any) -> None:
+    def __init__(self, who: SignedIn, request: Any) -> None:
         self.search = arg(request, b"q", 64)
         state = arg(request, b"state", 16)
         self.state = state if state in STATES else ""
         self.page_no = int_arg(request, b"page")
-        self.result: NodePage = node_page(
-            needs.registry, self.search, self.state, self.page_no, PER_PAGE,
-            visible_filter(who.user.admin, who.user.allow))
-        self.items = [node_json(n, self.result.monitoring.get(n.name.lower()))
-                      for n in self.result.nodes]
+        self.visible = visible_filter(who.user.admin, who.user.allow)
+        self.result = NodePage([], {}, 0, 1, 1)
+        self.items: list[dict[str, Any]] = []
+
+    def read(self, needs: WebNeeds) -> defer.Deferred[NodeList]:
+        def got(result: NodePage) -> NodeList:
+            self.result = result
+            self.items = [node_json(n, result.monitoring.get(n.name.lower()))
+                          for n in result.nodes]
+            return self
+
+        return needs.calls.call(read_node_page, self.search, self.state, self.page_no,
+                                PER_PAGE, self.visible).addCallback(got)
+
+
+def read_node_page(registry: Registry, search: str, state: str, page_no: int, per_page: int,
+                   visible: Callable[[str], bool] | None) -> NodePage:
+    """In the registry thread: one page of the list (`queries.node_page`)."""
+    return node_page(registry, search, state, page_no, per_page, visible)
 
 
 class NodesList(SignedInPage):
     """GET /nodes."""
 
-    def show(self, request: Any, who: SignedIn) -> bytes:
-        view = NodeList(self.needs, who, request)
+    def show(self, request: Any, who: SignedIn) -> defer.Deferred[bytes]:
+        return NodeList(who, request).read(self.needs).addCallback(self._page, request, who)
+
+    def _page(self, view: NodeList, request: Any, who: SignedIn) -> bytes:
         result = view.result
         options = "".join(
             f'<option value="{s}"{" selected" if s == view.state else ""}>{s or "any state"}'
@@ -85,7 +105,7 @@ class NodesList(SignedInPage):
         body = (f'<h1>Nodes</h1>{search}{count}'
                 f'{table(HEAD, [row(i) for i in view.items], "nodes", "node-table")}'
                 f'{pager("/nodes", result.page, result.pages, q=view.search, state=view.state)}'
-                f'{pairs_table(self.needs, who)}'
+                f'{pairs_table(who)}'
                 f'<p class="hint" id="live" data-src="/nodes.json'
                 f'{esc(query(q=view.search, state=view.state, page=result.page))}">'
                 'The list refreshes by itself every few seconds.</p>')
@@ -102,11 +122,15 @@ class NodesJSON(Resource):
         super().__init__()
         self.needs = needs
 
-    def render_GET(self, request: Any) -> bytes:
-        who = signed_in(self.needs, request)
-        if who is None:
-            return send_error(request, 401, "Your session has ended; sign in again.")
-        view = NodeList(self.needs, who, request)
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps({"total": view.result.total, "page": view.result.page,
-                           "pages": view.result.pages, "nodes": view.items}).encode()
+    def render_GET(self, request: Any) -> int:
+        def read(who: SignedIn | None) -> bytes | defer.Deferred[bytes]:
+            if who is None:
+                return send_error(request, 401, "Your session has ended; sign in again.")
+            return NodeList(who, request).read(self.needs).addCallback(answer)
+
+        def answer(view: NodeList) -> bytes:
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps({"total": view.result.total, "page": view.result.page,
+                               "pages": view.result.pages, "nodes": view.items}).encode()
+
+        return render_later(request, signed_in(self.needs, request), read)

@@ -9,7 +9,6 @@ from hub.rules.routes import Refusal
 from hub.store.rows import Node
 from hub.web.guard import SignedIn
 from hub.web.html import esc, table, url_part
-from hub.web.needs import WebNeeds
 
 
 def _active(who: SignedIn, pair: Pair) -> str:
@@ -21,18 +20,25 @@ def _link(name: str) -> str:
     return f'<a href="/nodes/{url_part(name)}">{esc(name)}</a>'
 
 
-def pairs_table(needs: WebNeeds, who: SignedIn) -> str:
-    """The pairs this operator may see (admins all, others what their grants allow)."""
+def pairs_table(who: SignedIn) -> str:
+    """The pairs this operator may see (admins all, others what their grants allow),
+    as the guard read them with the session."""
     rows = [f"<tr><td>{esc(p.name)}</td><td>{_link(p.master)}</td><td>{_link(p.clone)}</td>"
             f"<td>{esc(_active(who, p))}</td></tr>"
-            for p in needs.registry.pairs() if who.user.admin or may_reach(who.user.allow, p.name)]
+            for p in who.reach.grants.pairs()
+            if who.user.admin or may_reach(who.user.allow, p.name)]
     if not rows:
         return ""
     return "<h2>Pairs</h2>" + table(("Pair", "Master", "Clone", "Reaches now"), rows, "pairs")
 
 
-def member_section(needs: WebNeeds, who: SignedIn, node: Node) -> str:
-    pair = needs.registry.pair_of(node.name)
+def pair_of(who: SignedIn, node: Node) -> Pair | None:
+    """The pair `node` is a member of, if any (as the guard read the pairs)."""
+    return next((p for p in who.reach.grants.pairs() if node.name in p.members), None)
+
+
+def member_section(who: SignedIn, node: Node) -> str:
+    pair = pair_of(who, node)
     if pair is None:
         return ""
     role = pair.role(node.name)

@@ -40,7 +40,8 @@ from hub.ssh.connection import ChannelRefused
 from hub.tunnel.dial import DeviceRefused
 from hub.tunnel.live import NodeTunnel
 from hub.web.bodypump import BodyPump, FileBody, RewrittenBody
-from hub.web.errors import render_later, send_error
+from hub.web.errors import send_error
+from hub.web.later import render_later
 from hub.web.tunnelstream import TunnelEndpoint
 from hub.web.tunneltls import InsecureTLS
 

@@ -21,13 +21,16 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Callable
-from typing import Protocol
 
 from attrs import define, frozen
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hub.rules.logins import OperatorLogin
+from hub.store.offthread import RegistryCalls
+from hub.store.registry import Registry
 from hub.store.websessions import WebSessionRow, token_hash
 
 log = Logger()
@@ -52,23 +55,6 @@ def derived(secret: str, purpose: str) -> str:
     return base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
 
 
-class SessionRecords(Protocol):
-    """The registry's web session rows (`hub.store.websessions.WebSessionRecords`)."""
-
-    def web_session_add(self, session_id: str, browse: str, login: OperatorLogin,
-                        address: str, now: float, expires: float, keep: int) -> None: ...
-
-    def web_session(self, session_id: str) -> WebSessionRow | None: ...
-
-    def web_session_by_browse(self, browse: str) -> WebSessionRow | None: ...
-
-    def web_session_used(self, id_hash: str, now: float, unless_since: float) -> None: ...
-
-    def web_session_end(self, id_hash: str) -> None: ...
-
-    def web_prune(self, now: float, idle: float, limit: int) -> int: ...
-
-
 @frozen
 class WebSession:
     key: str         # the row's key: the SHA-256 of the id
@@ -86,66 +72,85 @@ class WebSession:
 
 @define(eq=False)
 class SessionStore:
-    records: SessionRecords
+    """Sessions kept in the registry, read and written in the hub's registry thread
+    (`calls`): reads answer with Deferreds, writes are queued in order (a session
+    ended here is gone for every later read)."""
+
+    calls: RegistryCalls
     clock: IReactorTime
     idle: float = 1800.0
     absolute: float = 43200.0
     max_sessions: int = 10000
     used_every: float = USED_EVERY
 
-    def start(self, login: OperatorLogin, address: str) -> WebSession:
+    def start(self, login: OperatorLogin, address: str) -> defer.Deferred[WebSession]:
+        """A new session, once its row is written."""
         now = self.clock.seconds()
         session_id = new_secret()
         browse = derived(session_id, "browse")
-        self.records.web_session_add(session_id, browse, login, address, now,
-                                     now + self.absolute, self.max_sessions)
-        return WebSession(token_hash(session_id), browse, login, address, now, now, session_id)
+        session = WebSession(token_hash(session_id), browse, login, address, now, now,
+                             session_id)
+        return self.calls.call(Registry.web_session_add, session_id, browse, login, address,
+                               now, now + self.absolute, self.max_sessions).addCallback(
+            lambda _: session)
 
-    def get(self, session_id: str) -> WebSession | None:
+    def get(self, session_id: str) -> defer.Deferred[WebSession | None]:
         """The live session with this id (its idle clock restarted), else None."""
         if not session_id:
-            return None
-        row = self.records.web_session(session_id)
-        return self._live(row, derived(session_id, "browse"), session_id)
+            return defer.succeed(None)
+        return self.calls.call(Registry.web_session, session_id).addCallback(
+            self.live, derived(session_id, "browse"), session_id)
 
-    def by_browse(self, token: str) -> WebSession | None:
+    def by_browse(self, token: str) -> defer.Deferred[WebSession | None]:
         """The live session whose proxy cookie is `token` (its idle clock restarted)."""
         if not token:
-            return None
-        return self._live(self.records.web_session_by_browse(token), token, None)
+            return defer.succeed(None)
+        return self.calls.call(Registry.web_session_by_browse, token).addCallback(
+            self.live, token, None)
 
     def end(self, session: WebSession) -> None:
-        self.records.web_session_end(session.key)
+        self.calls.write(Registry.web_session_end, session.key)
 
-    def prune(self) -> int:
+    def prune(self) -> defer.Deferred[int]:
         """Delete expired sessions and links (a bounded number per call)."""
-        gone = self.records.web_prune(self.clock.seconds(), self.idle, PRUNE_LIMIT)
-        if gone:
-            log.info("web: {n} expired sessions and sign-in links pruned", n=gone)
-        return gone
+        def pruned(gone: int) -> int:
+            if gone:
+                log.info("web: {n} expired sessions and sign-in links pruned", n=gone)
+            return gone
 
-    def _live(self, row: WebSessionRow | None, browse: str,
-              session_id: str | None) -> WebSession | None:
+        return self.calls.call(Registry.web_prune, self.clock.seconds(), self.idle,
+                               PRUNE_LIMIT).addCallback(pruned)
+
+    def fresh(self, row: WebSessionRow, now: float) -> bool:
+        """Whether a session row is live at `now` (not past either expiry)."""
+        return now < row.expires and now - row.used <= self.idle
+
+    def live(self, row: WebSessionRow | None, browse: str,
+             session_id: str | None) -> WebSession | None:
+        """The session a row read now stands for while it is live (its "last used"
+        written at most once per `used_every`), else None (an expired row is deleted)."""
         if row is None:
             return None
         now = self.clock.seconds()
-        if now >= row.expires or now - row.used > self.idle:
-            self.records.web_session_end(row.id_hash)
+        if not self.fresh(row, now):
+            self.calls.write(Registry.web_session_end, row.id_hash)
             return None
         used = row.used
         if now - used >= self.used_every:
-            self.records.web_session_used(row.id_hash, now, now - self.used_every)
+            self.calls.write(Registry.web_session_used, row.id_hash, now,
+                             now - self.used_every)
             used = now
         return WebSession(row.id_hash, browse, row.login, row.address, row.created, used,
                           session_id)
 
 
-def pruning(store: SessionStore) -> Callable[[], object]:
+def pruning(store: SessionStore) -> Callable[[], defer.Deferred[None]]:
     """The prune as a timer's call: a failure is logged, the next call tries again."""
-    def prune() -> None:
-        try:
-            store.prune()
-        except Exception as e:  # the registry busy or gone: the timer must go on
-            log.warn("web: pruning expired sessions failed, will try again: {error}",
-                     error=str(e) or type(e).__name__)
+    def failed(f: Failure) -> None:
+        # The registry busy or gone: the timer must go on.
+        log.warn("web: pruning expired sessions failed, will try again: {error}",
+                 error=f.getErrorMessage() or repr(f.value))
+
+    def prune() -> defer.Deferred[None]:
+        return store.prune().addCallbacks(lambda _: None, failed)
     return prune

@@ -23,11 +23,15 @@ from hub.access.authlog import who
 from hub.access.operators import lapsed
 from hub.errors import NotFound
 from hub.rules.logins import OperatorLogin
+from hub.store.registry import Registry
+from hub.store.rows import User
 from hub.web.csrf import csrf_ok, same_origin
 from hub.web.errors import ErrorResource, send_error
-from hub.web.guard import set_session_cookie, signed_in, source
+from hub.web.guard import SignedIn, set_session_cookie, signed_in, source
 from hub.web.html import esc, page
+from hub.web.later import render_later
 from hub.web.needs import WebNeeds
+from hub.web.sessions import WebSession
 
 log = Logger()
 
@@ -57,16 +61,22 @@ def signin_form(message: str = "", user: str = "") -> bytes:
                 ' for a one-time sign-in link.</p></section>')
 
 
-def _start(needs: WebNeeds, request: Any, login: OperatorLogin, how: str) -> bytes:
+def _start(needs: WebNeeds, request: Any, login: OperatorLogin, how: str
+           ) -> defer.Deferred[bytes]:
+    """A new session (its row written in the registry thread), then the redirect."""
     address = source(request)
+
+    def started(session: WebSession) -> bytes:
+        set_session_cookie(request, session)
+        log.info("{line}", line=f"Accepted web sign-in ({how}) for {login.user} from {address}")
+        needs.calls.write(Registry.audit, f"{login.user}@{address}", "web-signin", login.user,
+                          f"via web, {how}")
+        request.setResponseCode(303)
+        request.setHeader(b"location", b"/nodes")
+        return b""
+
     # Whatever id the browser brought is dropped: a new one for this sign-in.
-    session = needs.sessions.start(login, address)
-    set_session_cookie(request, session)
-    log.info("{line}", line=f"Accepted web sign-in ({how}) for {login.user} from {address}")
-    needs.registry.audit(f"{login.user}@{address}", "web-signin", login.user, f"via web, {how}")
-    request.setResponseCode(303)
-    request.setHeader(b"location", b"/nodes")
-    return b""
+    return needs.sessions.start(login, address).addCallback(started)
 
 
 class SignIn(Resource):
@@ -79,12 +89,15 @@ class SignIn(Resource):
             return ErrorResource(404, "There is no such page on this hub.")
         return LinkSignIn(self.needs, path.decode("ascii", "replace"))
 
-    def render_GET(self, request: Any) -> bytes:
-        if signed_in(self.needs, request) is not None:
-            request.redirect(b"/nodes")
-            return b""
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        return signin_form()
+    def render_GET(self, request: Any) -> int:
+        def show(who: SignedIn | None) -> bytes:
+            if who is not None:
+                request.redirect(b"/nodes")
+                return b""
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            return signin_form()
+
+        return render_later(request, signed_in(self.needs, request), show)
 
     def render_POST(self, request: Any) -> Any:
         if not same_origin(request):
@@ -117,8 +130,7 @@ class SignIn(Resource):
                 return
             if not isinstance(login, OperatorLogin) or login.node is not None:
                 return bad(Failure(UnauthorizedLogin("not an operator's plain login name")))
-            request.write(_start(needs, request, login, "password"))
-            request.finish()
+            render_later(request, _start(needs, request, login, "password"))
             return None
 
         def bad(f: Failure) -> None:
@@ -141,7 +153,8 @@ class SignIn(Resource):
         shown = logged_name(name)
         log.info("{line}", line=f"Failed web sign-in for {shown} from {address}")
         log.info("web sign-in refused for {user}: {why}", user=shown, why=why)
-        self.needs.registry.audit(f"{shown}@{address}", "web-signin-failed", shown, "via web")
+        self.needs.calls.write(Registry.audit, f"{shown}@{address}", "web-signin-failed", shown,
+                               "via web")
 
 
 class LinkSignIn(Resource):
@@ -160,28 +173,41 @@ class LinkSignIn(Resource):
                           "(links are valid for 60 seconds, once). Run ssh YOU@hub weblink "
                           "again.")
 
-    def render_GET(self, request: Any) -> bytes:
-        login = self.needs.weblinks.valid(self.token)
-        if login is None:
-            return self._gone(request)
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        return page("Sign in", f'<section class="signin"><h1>Sign in as {esc(login.user)}</h1>'
-                    f'<form method="post" action="/signin/{esc(self.token)}">'
-                    '<button type="submit">Sign in</button></form></section>')
+    def render_GET(self, request: Any) -> int:
+        def show(login: OperatorLogin | None) -> bytes:
+            if login is None:
+                return self._gone(request)
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            return page("Sign in", f'<section class="signin"><h1>Sign in as {esc(login.user)}'
+                        f'</h1><form method="post" action="/signin/{esc(self.token)}">'
+                        '<button type="submit">Sign in</button></form></section>')
 
-    def render_POST(self, request: Any) -> bytes:
+        return render_later(request, self.needs.weblinks.valid(self.token), show)
+
+    def render_POST(self, request: Any) -> Any:
         if not same_origin(request):
             return send_error(request, 403, "This sign-in came from another site.")
-        login = self.needs.weblinks.redeem(self.token)
-        if login is None:
-            return self._gone(request)
-        try:
-            user = self.needs.registry.user(login.user)
-        except NotFound:
-            user = None
-        if lapsed(login, user) is not None:
-            return self._gone(request)
-        return _start(self.needs, request, login, "one-time link")
+        needs = self.needs
+
+        def spent(login: OperatorLogin | None) -> bytes | defer.Deferred[bytes]:
+            if login is None:
+                return self._gone(request)
+            return needs.calls.call(operator_row, login.user).addCallback(checked, login)
+
+        def checked(user: User | None, login: OperatorLogin) -> bytes | defer.Deferred[bytes]:
+            if lapsed(login, user) is not None:
+                return self._gone(request)
+            return _start(needs, request, login, "one-time link")
+
+        return render_later(request, needs.weblinks.redeem(self.token), spent)
+
+
+def operator_row(registry: Registry, name: str) -> User | None:
+    """In the registry thread: the operator's row, None if there is none."""
+    try:
+        return registry.user(name)
+    except NotFound:
+        return None
 
 
 class SignOut(Resource):
@@ -191,19 +217,18 @@ class SignOut(Resource):
         super().__init__()
         self.needs = needs
 
-    def render_POST(self, request: Any) -> bytes:
-        who_ = signed_in(self.needs, request)
-        if who_ is None:
+    def render_POST(self, request: Any) -> int:
+        def out(who_: SignedIn | None) -> bytes:
+            if who_ is not None and not csrf_ok(request, who_.session):
+                return send_error(request, 403, "The form was stale or forged (CSRF check "
+                                  "failed); reload the page and try again.", who_.viewer)
+            if who_ is not None:
+                self.needs.sessions.end(who_.session)
+                self.needs.calls.write(Registry.audit, who_.actor, "web-signout",
+                                       who_.user.name, "via web")
             set_session_cookie(request, None)
             request.setResponseCode(303)
             request.setHeader(b"location", b"/signin")
             return b""
-        if not csrf_ok(request, who_.session):
-            return send_error(request, 403, "The form was stale or forged (CSRF check "
-                              "failed); reload the page and try again.", who_.viewer)
-        self.needs.sessions.end(who_.session)
-        self.needs.registry.audit(who_.actor, "web-signout", who_.user.name, "via web")
-        set_session_cookie(request, None)
-        request.setResponseCode(303)
-        request.setHeader(b"location", b"/signin")
-        return b""
+
+        return render_later(request, signed_in(self.needs, request), out)

@@ -20,7 +20,7 @@ from twisted.web.websocket import WebSocketResource
 
 from hub.access.reach import OperatorReach
 from hub.ssh.connection import ChannelRefused
-from hub.web.errors import render_later
+from hub.web.later import render_later
 from hub.web.terminal_session import (
     DEFAULT_SIZE,
     ControlError,

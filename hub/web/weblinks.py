@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from typing import Protocol
 
 from attrs import define
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from hub.rules.logins import OperatorLogin
+from hub.store.offthread import RegistryCalls
+from hub.store.registry import Registry
 
 LINK_TTL = 60.0
 
@@ -24,21 +26,12 @@ def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-class LinkRecords(Protocol):
-    """The registry's sign-in link rows (`hub.store.websessions.WebSessionRecords`)."""
-
-    def web_link_add(self, token: str, login: OperatorLogin, expires: float) -> None: ...
-
-    def web_link(self, token: str, now: float) -> OperatorLogin | None: ...
-
-    def web_link_spend(self, token: str, now: float) -> OperatorLogin | None: ...
-
-
 @define(eq=False)
 class WebLinks:
-    """Implements `hub.access.needs.WebLinks` for the gateway."""
+    """Implements `hub.access.needs.WebLinks` for the gateway. The links' rows are
+    read and written in the hub's registry thread (`calls`)."""
 
-    records: LinkRecords
+    calls: RegistryCalls
     clock: IReactorTime
     # The console's base URL (--web-url), else None: built from where the operator
     # reached the hub, with the web port and scheme.
@@ -50,7 +43,9 @@ class WebLinks:
     def issue(self, login: OperatorLogin, arrived_at: str) -> str:
         """A new sign-in URL for `login` (its host: --web-url, else `arrived_at`)."""
         token = secrets.token_urlsafe(32)
-        self.records.web_link_add(token, login, self.clock.seconds() + self.ttl)
+        # Queued, not waited for: the operator reads the URL after the registry
+        # thread has long written it (a failed write is logged; the link is unknown).
+        self.calls.write(Registry.web_link_add, token, login, self.clock.seconds() + self.ttl)
         return f"{self.base(arrived_at)}/signin/{token}"
 
     def base(self, host: str) -> str:
@@ -62,10 +57,14 @@ class WebLinks:
         suffix = "" if port in (None, default) else f":{port}"
         return f"{scheme}://{url_host(host)}{suffix}"
 
-    def valid(self, token: str) -> OperatorLogin | None:
+    def valid(self, token: str) -> defer.Deferred[OperatorLogin | None]:
         """The login a token stands for while it is unspent and fresh (not spent)."""
-        return self.records.web_link(token, self.clock.seconds()) if token else None
+        if not token:
+            return defer.succeed(None)
+        return self.calls.call(Registry.web_link, token, self.clock.seconds())
 
-    def redeem(self, token: str) -> OperatorLogin | None:
+    def redeem(self, token: str) -> defer.Deferred[OperatorLogin | None]:
         """Spend the token: the login it stands for, or None (unknown, spent, expired)."""
-        return self.records.web_link_spend(token, self.clock.seconds()) if token else None
+        if not token:
+            return defer.succeed(None)
+        return self.calls.call(Registry.web_link_spend, token, self.clock.seconds())
