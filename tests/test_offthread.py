@@ -158,3 +158,32 @@ def test_drain_gives_up_at_its_deadline(tmp_path: Path) -> None:
         thread.drain(timeout=0.05)
     release.set()
     thread.drain()
+
+
+def test_offline_writes_queued_back_to_back_are_one_transaction_in_order(
+        tmp_path: Path) -> None:
+    clock = MemoryReactorClock()
+    mine, thread = opener(tmp_path, clock)
+    names = [f"n{i}" for i in range(200)]
+    for i, name in enumerate(names):
+        mine.register(name, f"k{i}".encode(), "SHA256:x", "test")
+        mine.mark_online(name, "192.0.2.1")
+
+    def generation() -> int:
+        return int(mine.setting("generation") or 0)
+
+    before = generation()
+    held = threading.Event()
+    thread.call(lambda r: held.wait(10))  # the thread busy while the writes queue up
+    offline = [result(thread.call(Registry.mark_offline, name)) for name in names[:150]]
+    thread.write(Registry.mark_online, "n0", "192.0.2.2")  # between them: order kept
+    for name in names[150:]:
+        thread.write(Registry.mark_offline, name)
+    held.set()
+    thread.drain()
+    # Three transactions: 150 offline, n0 online again, 50 offline; every caller answered.
+    assert generation() - before == 3
+    assert all(done == [None] for done in offline)
+    online = {n.name for n in mine.nodes() if n.online}
+    assert online == {"n0"}
+    assert thread.queued() == 0

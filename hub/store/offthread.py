@@ -44,6 +44,9 @@ T = TypeVar("T")
 # writes); 10,000 is a reconnect storm's worth of mark_online and lease calls.
 QUEUE_LIMIT = 10_000
 WARN_EVERY = 60.0
+# Writes of the form fn(registry, *names) that the thread runs as one call when
+# they are queued back to back (the order of other calls around them is kept).
+COALESCED = frozenset({Registry.mark_offline})
 
 
 class RegistryCalls(Protocol):
@@ -256,9 +259,18 @@ class RegistryThread(Service):
                 while not self._jobs:
                     self._lock.wait()
                 job = self._jobs.popleft()
-            if job is None:
-                return
-            fn, args, kwargs, done = job
+                if job is None:
+                    return
+                fn, args, kwargs, done = job
+                dones = [done]
+                if fn in COALESCED and not kwargs:
+                    # The same write queued back to back (thousands of tunnels
+                    # lost at once, as the hub stops): one transaction for all.
+                    while self._jobs and (ahead := self._jobs[0]) is not None \
+                            and ahead[0] is fn and not ahead[2]:
+                        self._jobs.popleft()
+                        args += ahead[1]
+                        dones.append(ahead[3])
             outcome: Any
             try:
                 if registry is None:
@@ -267,9 +279,9 @@ class RegistryThread(Service):
             except BaseException:
                 outcome = Failure()
                 outcome.cleanFailure()
-            self._done.append((done, outcome))
+            self._done.extend((d, outcome) for d in dones)
             with self._lock:
-                self._waiting -= 1
+                self._waiting -= len(dones)
                 self._lock.notify_all()
                 wake = self.reactor is not None and not self._wake_scheduled
                 if wake:
