@@ -296,6 +296,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords, LeaseRecords, WebSessio
             if db.execute("DELETE FROM nodes WHERE name = ? AND kind != ?",
                           (name, PAIR)).rowcount == 0:
                 raise NotFound(f"no node named {name!r}")
+            self._count_removal(db)
             self._audit(db, actor, "remove", name, note)
 
     def set_public(self, name: str, public: bool, actor: str, note: str = "") -> Node:

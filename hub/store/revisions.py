@@ -8,8 +8,9 @@ of nodes, a reconnect storm makes a change every poll on every hub, and reading
 the whole list each time (170 ms for 10,000 nodes) made two workers slower than
 one (docs/performance.md, section 8).
 
-A removed node leaves no row to stamp; the mirror notices by the count of nodes
-on file and reads the whole list again (removals are rare, an admin's act).
+A removed node leaves no row to stamp; each removal counts in `settings`
+('removals', in the removal's transaction), and a mirror that sees the count
+move reads the whole list again (removals are rare, an admin's act).
 """
 
 from __future__ import annotations
@@ -26,10 +27,17 @@ from hub.store.rows import NODE_COLUMNS, Node, select
 NODES = select(NODE_COLUMNS, "(SELECT * FROM nodes WHERE kind != 'pair') AS node_rows")
 
 
+_REMOVALS = "removals"
+_COUNT_REMOVAL = ("INSERT INTO settings (key, value) VALUES ('removals', '1') ON CONFLICT (key)"
+                  " DO UPDATE SET value = CAST(CAST(settings.value AS INTEGER) + 1 AS TEXT)")
+
+
 def read_nodes(db: Database, where: str = "", params: Sequence[Any] = ()) -> list[Node]:
-    """The nodes `where` selects (all by default), with their leases, in two
-    queries however many there are."""
-    rows = db.execute(f"{NODES} {where} ORDER BY id", tuple(params)).fetchall()
+    """The nodes `where` selects (all by default, in id order), with their leases,
+    in two queries however many there are."""
+    # Changes are read by the revision index, unsorted: sorting by id would scan all.
+    order = "" if where else "ORDER BY id"
+    rows = db.execute(f"{NODES} {where} {order}", tuple(params)).fetchall()
     if not rows:
         return []
     leases = "SELECT node_id, service, port, active FROM leases"
@@ -49,8 +57,8 @@ def read_nodes(db: Database, where: str = "", params: Sequence[Any] = ()) -> lis
 @frozen
 class NodeChanges:
     generation: int      # read before the rows: a later change is read again next time
+    removals: int        # nodes removed since the registry was made, read before the rows
     nodes: list[Node]    # changed since the revision asked for (all when none was)
-    count: int           # nodes on file
 
 
 class RevisionRecords:
@@ -70,6 +78,10 @@ class RevisionRecords:
         self._touched.update(str(n) for (n,) in db.execute(
             f"SELECT name FROM nodes WHERE {where}", tuple(params)))  # noqa: S608 (constant)
 
+    def _count_removal(self, db: Database) -> None:
+        """The transaction under way removes a node (a mirror must read all again)."""
+        db.execute(_COUNT_REMOVAL)
+
     def _stamp(self, db: Database, generation: int) -> None:
         """Stamp the touched nodes with the generation their transaction made."""
         if self._touched:
@@ -80,12 +92,13 @@ class RevisionRecords:
     def node_changes(self, since: int | None) -> NodeChanges:
         """The nodes changed after generation `since` (all of them if None)."""
         generation = self._read_generation(self._db)
+        row = self._db.execute("SELECT value FROM settings WHERE key = ?",
+                               (_REMOVALS,)).fetchone()
+        removals = 0 if row is None else int(row[0])
         if since is None:
-            nodes = read_nodes(self._db)
-            return NodeChanges(generation, nodes, len(nodes))
-        changed = read_nodes(self._db, "WHERE revision > ?", (since,))
-        (count,) = self._db.execute("SELECT COUNT(*) FROM nodes WHERE kind != 'pair'").fetchone()
-        return NodeChanges(generation, changed, int(count))
+            return NodeChanges(generation, removals, read_nodes(self._db))
+        return NodeChanges(generation, removals,
+                           read_nodes(self._db, "WHERE revision > ?", (since,)))
 
 
 @define(eq=False)
@@ -95,22 +108,21 @@ class NodeMirror:
 
     _nodes: dict[str, Node] = field(factory=dict)
     _since: int | None = None
+    _removals: int = 0
     # Reads of the whole list (the first, and after a removal), and of changes only.
     full_reads: int = 0
     change_reads: int = 0
 
     def nodes(self, registry: RevisionRecords) -> list[Node]:
         changes = registry.node_changes(self._since)
-        if self._since is None:
-            self._replace(changes.nodes)
-        else:
+        if self._since is not None and changes.removals == self._removals:
             self.change_reads += 1
             self._update(changes.nodes)
-            if len(self._nodes) != changes.count:
-                # A node was removed (or added and removed between two reads).
+        else:
+            if self._since is not None:  # a node was removed: read them all
                 changes = registry.node_changes(None)
-                self._replace(changes.nodes)
-        self._since = changes.generation
+            self._replace(changes.nodes)
+        self._since, self._removals = changes.generation, changes.removals
         return list(self._nodes.values())
 
     def _replace(self, nodes: Iterable[Node]) -> None:
