@@ -10,6 +10,7 @@ from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 
 from hub.cluster.heartbeat import HubHeartbeat
+from hub.errors import RegistryError
 from hub.rules.cluster import (
     DEAD_AFTER,
     HEARTBEAT,
@@ -118,6 +119,45 @@ def test_a_dead_hubs_claims_are_reclaimed_by_a_live_one(tmp_path: Path) -> None:
     assert fired(beat_b.reclaim()) == [] and fired(beat_b.beat()) == []
     b.mark_online("site-a", "192.0.2.9")
     assert b.lease("site-a", "ssh", LOW, HIGH) == (port, False)
+
+
+class Outage(InlineCalls):
+    """Registry calls that fail while `down` (the database away for every hub)."""
+
+    down = False
+
+    def call(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if Outage.down:
+            return defer.fail(RegistryError("connection refused"))
+        return super().call(fn, *args, **kwargs)
+
+
+def test_after_an_outage_of_the_registry_no_hub_reclaims_the_others(tmp_path: Path) -> None:
+    clock = MemoryReactorClock()
+    a, b = two_hubs(tmp_path, clock)
+    beat_a = HubHeartbeat(Outage(a), clock, "hub-a", "ssh-ed25519 AAAA a")
+    beat_b = HubHeartbeat(Outage(b), clock, "hub-b", "ssh-ed25519 AAAA b")
+    beat_a.start("127.0.0.1:1001")
+    clock.advance(1)  # hub B beats 1 s after hub A
+    beat_b.start("127.0.0.1:1002")
+    b.mark_online("site-a", "192.0.2.7")
+    clock.pump([1.0] * 30)
+    # The database is away for 40 s, more than a death (15 s), for both hubs.
+    Outage.down = True
+    try:
+        clock.pump([1.0] * 40)
+    finally:
+        Outage.down = False
+    # Hub A's first heartbeat back sees hub B's last one 40 s old: B is not dead,
+    # only not yet back; B beats within its interval and both go on.
+    clock.pump([1.0] * int(HEARTBEAT * (DEAD_AFTER + 2)))
+    assert b.node("site-a").hub == "hub-b" and b.node("site-a").online
+    assert [e for e in a.audit_log() if e.action == "hub-reclaim"] == []
+    # A hub that really died is still found, once the survivor has beaten for a death.
+    assert beat_b._loop is not None
+    beat_b._loop.stop()
+    clock.pump([1.0] * int(HEARTBEAT * (DEAD_AFTER + 1)))
+    assert b.node("site-a").hub is None
 
 
 def test_a_hub_that_stops_is_dead_at_once_and_a_lost_row_is_written_again(

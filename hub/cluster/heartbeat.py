@@ -5,6 +5,12 @@ hubs: one whose heartbeat is older than `DEAD_AFTER` intervals is dead, and
 its claims are cleared (`Registry.reclaim_hub`: its nodes offline, their
 leases inactive, nothing deleted). Every live hub does this; the first to see
 a dead hub clears it, the others find nothing left.
+
+A hub judges others only once its own heartbeats have gone through for
+`DEAD_AFTER` intervals in a row (after its start, or after the registry failed
+it): when the registry itself was away (PostgreSQL down for longer than a
+death), every hub's last heartbeat looks old, and the first hub back would
+otherwise declare all the others dead while they are only a beat behind.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hub.rules.cluster import HEARTBEAT, is_live
+from hub.rules.cluster import DEAD_AFTER, HEARTBEAT, is_live
 from hub.store.offthread import RegistryCalls
 from hub.store.registry import Registry
 
@@ -28,12 +34,12 @@ Reclaimed = list[tuple[str, float, list[str]]]
 
 
 def beat_in_thread(registry: Registry, hub_id: str, address: str, peer_key: str,
-                   now: float, interval: float) -> Reclaimed:
+                   now: float, interval: float, judge: bool = True) -> Reclaimed:
     """One heartbeat in the registry thread: write it (the row again if it was
-    lost) and clear the claims of dead hubs."""
+    lost) and, if `judge`, clear the claims of dead hubs."""
     if not registry.hub_heartbeat(hub_id):
         registry.hub_started(hub_id, address, peer_key)
-    return reclaim_in_thread(registry, hub_id, now, interval)
+    return reclaim_in_thread(registry, hub_id, now, interval) if judge else []
 
 
 def reclaim_in_thread(registry: Registry, hub_id: str, now: float,
@@ -61,6 +67,9 @@ class HubHeartbeat:
     # Told after each heartbeat (the relayed ports follow hubs that die), or None.
     on_beat: Callable[[], object] | None = None
     _loop: task.LoopingCall | None = field(default=None)
+    # Since when this hub's heartbeats have all gone through (None: the last failed,
+    # or none has yet): it judges other hubs DEAD_AFTER intervals after that.
+    _steady_since: float | None = None
 
     def start(self, address: str) -> None:
         """Publish this hub at `address` (host:port peers dial) and start beating."""
@@ -81,9 +90,18 @@ class HubHeartbeat:
     def beat(self) -> defer.Deferred[list[str]]:
         """Write the heartbeat, reclaim dead hubs; fires with the nodes reclaimed
         (never fails: a failed beat is logged and the loop goes on)."""
+        now = self.clock.seconds()
+        judge = (self._steady_since is not None
+                 and now - self._steady_since >= DEAD_AFTER * self.interval)
         done = self.calls.call(beat_in_thread, self.hub_id, self.address, self.peer_key,
-                               self.clock.seconds(), self.interval)
-        return done.addCallbacks(self._reclaimed, self._failed)
+                               now, self.interval, judge)
+
+        def through(reclaimed: Reclaimed) -> Reclaimed:
+            if self._steady_since is None:
+                self._steady_since = now
+            return reclaimed
+
+        return done.addCallback(through).addCallbacks(self._reclaimed, self._failed)
 
     def reclaim(self) -> defer.Deferred[list[str]]:
         done = self.calls.call(reclaim_in_thread, self.hub_id, self.clock.seconds(),
@@ -101,6 +119,7 @@ class HubHeartbeat:
         return [node for _, _, nodes in reclaimed for node in nodes]
 
     def _failed(self, f: Failure) -> list[str]:
+        self._steady_since = None
         log.error("hub {hub}: heartbeat failed: {why}", hub=self.hub_id,
                   why=f.getErrorMessage())
         return []
