@@ -202,8 +202,11 @@ async def test_two_peered_hubs_run_no_registry_statement_on_the_reactor(
         scraped = (await scrape.done).decode()
         assert f'callhomehub_nodes{{state="approved"}} {float(slow.DEVICES)}' in scraped
         jumping = probe.phase()
-        # A beat of each now (their loops beat every 5 s too, and may have reclaimed it).
+        # A beat of each now (their loops beat every 5 s too), and a look for dead hubs:
+        # a hub judges others on its own only after 15 s of steady beats, more than
+        # this test runs.
         await defer.gatherResults([defer.maybeDeferred(beat.beat) for beat in beats])
+        await defer.gatherResults([beat.reclaim() for beat in beats])
         for _, _, tunnel in enrolled:
             tunnel.transport.loseConnection()
         await until(lambda: all(b.sessions.get(n) is None for n in names))

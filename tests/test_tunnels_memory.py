@@ -1434,11 +1434,54 @@ def test_device_client_gives_up_on_a_device_that_never_logs_in(
     failures: list[Any] = []
     ready.addErrback(failures.append)
     device.pump.flush()  # the channel opens; the device never answers SSH
-    reactor.advance(device_client.LOGIN_TIMEOUT - 1)
+    reactor.advance(device_client.VERSION_TIMEOUT - 1)
     assert failures == []
     reactor.advance(1)
     (failure,) = failures
     assert failure.check(device_client.DeviceError)
+    assert str(failure.value) == (
+        "the device's ssh forward did not answer as an SSH server within 10 s (it sent "
+        "nothing); is the forward pointing at another service?")
+    assert not any(c.active() for c in reactor.getDelayedCalls()
+                   if c.func is not None and "no_version" in repr(c.func))
+
+
+def test_device_client_names_what_a_forward_that_is_not_ssh_said(
+        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    allocated(device.forward(b"localhost", 0))
+    tunnel = hub.sessions.get("site-a")
+    assert tunnel is not None
+    ready, _client = device_client.connect(tunnel, "root", new_key(), None, clock=reactor)
+    failures: list[Any] = []
+    ready.addErrback(failures.append)
+    device.pump.flush()
+    (chan,) = device.conn.forwarded
+    chan.write(b"220 mail.example ESMTP ready\r\n")  # a mail server behind the ssh forward
+    device.pump.flush()
+    reactor.advance(device_client.VERSION_TIMEOUT)
+    (failure,) = failures
+    assert "it said '220 mail.example ESMTP ready'" in str(failure.value)
+    device.pump.flush()
+    assert chan.is_closed  # the hub closed its end
+
+
+def test_device_client_gives_up_on_a_device_that_answers_but_never_logs_in(
+        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    allocated(device.forward(b"localhost", 0))
+    tunnel = hub.sessions.get("site-a")
+    assert tunnel is not None
+    ready, _client = device_client.connect(tunnel, "root", new_key(), None, clock=reactor)
+    failures: list[Any] = []
+    ready.addErrback(failures.append)
+    device.pump.flush()
+    (chan,) = device.conn.forwarded
+    # A line before the version line (RFC 4253 allows them), the version, then silence.
+    chan.write(b"Authorized use only\r\nSSH-2.0-OpenSSH_9.2\r\n")
+    device.pump.flush()
+    reactor.advance(device_client.LOGIN_TIMEOUT - 1)
+    assert failures == []
+    reactor.advance(1)
+    (failure,) = failures
     assert str(failure.value) == "the device did not complete the login within 30 s"
 
 

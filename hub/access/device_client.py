@@ -32,6 +32,9 @@ from hub.tunnel.live import NodeTunnel
 log = Logger()
 
 LOGIN_TIMEOUT = 30.0
+# An SSH server sends its version line at once; a forward that says nothing (a web
+# server waits for a request) or something else is not one, and is told so early.
+VERSION_TIMEOUT = 10.0
 
 
 class DeviceError(HubError):
@@ -152,6 +155,31 @@ class DeviceClientTransport(ModernTransportMixin, transport.SSHClientTransport):
         self.refused_methods: set[bytes] = set()
         self.password_sent = False
         self.by_certificate = False  # logged in with the certificate, not the plain key
+        # What came before the version line (RFC 4253 lets a server send lines
+        # first; a service that is not SSH sends only those), or None once it came.
+        self.before_version: bytes | None = b""
+
+    def _dataReceived(self, data: bytes) -> None:
+        # Conch would parse whatever a service that is not SSH says as packets
+        # and report a closed connection: the version line is looked for here.
+        if self.before_version is None:
+            super()._dataReceived(data)
+            return
+        self.before_version += data
+        start = version_line(self.before_version)
+        if start is None:
+            if len(self.before_version) > MAX_BEFORE_VERSION:
+                self.failure = DeviceError(not_ssh(self.said(), ""))
+                if self.transport is not None:
+                    self.transport.loseConnection()
+            return
+        rest, self.before_version = self.before_version[start:], None
+        super()._dataReceived(rest)
+
+    def said(self) -> str:
+        """The first line the device's service sent before any version line."""
+        line = (self.before_version or b"").split(b"\n", 1)[0][:80]
+        return line.decode("utf-8", "replace").strip()
 
     def verifyHostKey(self, hostKey: bytes, fingerprint_: bytes) -> defer.Deferred[bool]:
         self.host_key = hostKey
@@ -247,6 +275,16 @@ def connect(tunnel: NodeTunnel, user: str, key: keys.Key | DeviceIdentity,
     tunnel.dial("ssh", ClientChannel(client)).addErrback(refused)
     if clock is not None and not ready.called:
         ready.addTimeout(LOGIN_TIMEOUT, clock, onTimeoutCancel=_login_too_slow)
+
+        def no_version() -> None:
+            if ready.called or client.before_version is None:
+                return
+            ready.errback(DeviceError(not_ssh(client.said(), f" within {VERSION_TIMEOUT:g} s")))
+            if client.transport is not None:
+                client.transport.loseConnection()
+
+        check = clock.callLater(VERSION_TIMEOUT, no_version)
+        ready.addBoth(lambda result: (check.cancel() if check.active() else None, result)[1])
     return ready, client
 
 
@@ -264,6 +302,27 @@ def tunnel_refused(tunnel: NodeTunnel, why: DeviceRefused) -> DeviceError:
         f":{forward.requested}")
     return ServiceRefused(f"the device's SSH service{named} refused the connection: "
                           f"{why.words}")
+
+
+MAX_BEFORE_VERSION = 4096
+
+
+def version_line(received: bytes) -> int | None:
+    """Where the SSH version line starts in what a server sent, once it is whole."""
+    at = 0
+    while True:
+        end = received.find(b"\n", at)
+        if end < 0:
+            return None
+        if received.startswith(b"SSH-", at):
+            return at
+        at = end + 1
+
+
+def not_ssh(said: str, within: str) -> str:
+    return (f"the device's ssh forward did not answer as an SSH server{within} "
+            f"({f'it said {said!r}' if said else 'it sent nothing'}); is the forward "
+            "pointing at another service?")
 
 
 def _login_too_slow(result: object, timeout: float) -> Failure:

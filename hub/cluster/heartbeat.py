@@ -104,6 +104,7 @@ class HubHeartbeat:
         return done.addCallback(through).addCallbacks(self._reclaimed, self._failed)
 
     def reclaim(self) -> defer.Deferred[list[str]]:
+        """Look for dead hubs now, steady or not (what the loop does once steady)."""
         done = self.calls.call(reclaim_in_thread, self.hub_id, self.clock.seconds(),
                                self.interval)
         return done.addCallbacks(self._reclaimed, self._failed)
