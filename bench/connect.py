@@ -1,6 +1,7 @@
 """Short connections through a per-device port: hub, hub --port-keeper, sshd.
 
     .venv/bin/python bench/connect.py [--connections N] [--repeat R] [--json FILE]
+        [--servers hub,hub-2w,hub+keeper,sshd] [--profile DIR]
 
 Each server gets the same `ssh -N -R 0:127.0.0.1:ECHO` device (one tunnel,
 chacha20-poly1305, OpenSSH's default); ECHO is a loopback server in this
@@ -11,7 +12,11 @@ forwarded connection (HTTP requests to a device's web UI, monitoring polls):
 accept, channel open round trip through the tunnel, first byte each way,
 teardown. With `--port-keeper` the hub's listener sits in a helper process
 that passes each accepted connection over a UNIX socket; the run shows what
-that hop costs. Servers alternate in blocks (order flipped every repeat).
+that hop costs. `hub-2w` is the hub with `--workers 2`: the device's tunnel
+sits on one worker and the port's listener with it, so a second worker adds
+nothing for one device (it shows what the worker layout costs). Servers
+alternate in blocks (order flipped every repeat). `--profile DIR` records
+every hub process with py-spy during its blocks (bench/stacks.py summarizes).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pathlib import Path
 
 from common import (
     Hub,
+    PySpy,
     ThrowawaySSHD,
     Tunnel,
     machine_info,
@@ -90,8 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--servers", default="hub,hub+keeper,sshd")
     p.add_argument("--json", type=Path)
     p.add_argument("--quiet-wait", type=float, default=20.0, metavar="S")
+    p.add_argument("--port-range", metavar="LOW-HIGH",
+                   help="the hubs' per-device ports (default: the bench's usual range; "
+                   "another bench holding thousands of ports there makes the forward fail)")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="py-spy every hub process during its blocks into DIR")
     args = p.parse_args(argv)
     names = [n for n in args.servers.split(",") if n]
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="chh-connect-") as tmp, \
             contextlib.ExitStack() as stack:
         workdir = Path(tmp)
@@ -107,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
                 server = ThrowawaySSHD(where, key).start()
                 pids = lambda s=server: [s.proc.pid] if s.proc else []  # noqa: E731
             else:
-                extra = ["--port-keeper"] if name == "hub+keeper" else []
+                extra = {"hub+keeper": ["--port-keeper"],
+                         "hub-2w": ["--workers", "2"]}.get(name, [])
+                if args.port_range:
+                    extra += ["--port-range", args.port_range]
                 server = Hub(where, extra, name).start()
                 server.register(key, where)
                 pids = server.pids
@@ -126,9 +142,14 @@ def main(argv: list[str] | None = None) -> int:
                 # sshd forks a process per connection of the device, not per forwarded
                 # connection: its CPU is its listener and the device's session process.
                 procs = pids() if name != "sshd" else _sshd_tree(pids())
+                spies = [PySpy(pid, args.profile / f"connect-{name}-{r}-{i}.txt")
+                         for i, pid in enumerate(pids())] \
+                    if args.profile and name != "sshd" else []
                 before = sum(tree_cpu(procs))
                 times[name] += block(port, args.connections)
                 cpu[name] += sum(tree_cpu(procs)) - before
+                for spy in spies:
+                    spy.close()
         rows = []
         print(f"{'server':12} {'conns':>6} {'p50 us':>8} {'p99 us':>8} {'conn/s':>8} "
               f"{'server CPU us/conn':>19}")
