@@ -1506,9 +1506,16 @@ def test_descriptor_estimate_counts_what_it_let_in() -> None:
         counts.append(1)
         return 890
 
-    reserve = DescriptorReserve(clock, reserve=100, limit=lambda: 1000, count=count)
+    limits = []
+
+    def limit() -> int:
+        limits.append(1)
+        return 1000
+
+    reserve = DescriptorReserve(clock, reserve=100, limit=limit, count=count)
     assert [reserve.allows("port 1") for _ in range(12)] == [True] * 10 + [False] * 2
     assert len(counts) == 1  # one directory read for the burst
+    assert len(limits) == 1  # and one getrlimit, not one per connection
     clock.advance(1)
     assert reserve.allows("port 1")
 
@@ -1604,3 +1611,27 @@ def test_early_data_beyond_the_device_window_keeps_reading_paused(
     device.pump.flush()
     assert len(chan.received) == EARLY_LIMIT
     assert tcp.producerState == "producing"
+
+
+def test_port_pipe_bytes_count_in_the_hub_traffic(hub: Hub, device: Device, pipe: Any) -> None:
+    end, _tcp, chan, _splice = pipe
+    traffic = hub.sessions.traffic
+    before = (traffic.to_device, traffic.from_device)
+    end.dataReceived(b"12345")
+    chan.write(b"abc")
+    device.pump.flush()
+    assert (traffic.to_device - before[0], traffic.from_device - before[1]) == (5, 3)
+
+
+def test_a_connection_accepted_as_its_forward_is_cancelled_is_refused(
+        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    http = allocated(device.forward(b"http", 0))
+    factory = reactor.listener(http).factory
+    end = factory.buildProtocol(IPv4Address("TCP", "203.0.113.9", 1))  # accepted ...
+    assert device.cancel(b"http", http) == ("ok", b"")  # ... as the device cancels
+    tcp = TCPTransport()
+    end.makeConnection(tcp)
+    device.pump.flush()
+    assert device.conn.forwarded == []  # no channel for a forward that is gone
+    assert tcp.disconnecting
+    assert hub.sessions.get("site-a").pipes == set()
