@@ -45,7 +45,7 @@ from hub.ssh.connection import ChannelRefused
 from hub.ssh.sink import IPacketSink
 from hub.tunnel.dial import DeviceRefused, OpenNotice
 from hub.tunnel.live import CLOSE_GRACE, ForwardListener
-from hub.tunnel.splice import SpliceChannel, TCPEnd
+from hub.tunnel.splice import EARLY_LIMIT, SpliceChannel, TCPEnd
 
 PUBLIC = "198.51.100.1"
 LOOPBACK = "127.0.0.1"
@@ -175,6 +175,7 @@ class DeviceConnection(ClientConnection):
         self.window_adjusts: list[int] = []
         self.refuse_channels = False
         self.channel_window = 0  # Conch's default
+        self.hold_windows = False  # new channels grant no window (hold_window)
         self.greeting: bytes | None = None
 
     def channel_forwarded_tcpip(self, window: int, max_packet: int, data: bytes) -> Any:
@@ -183,6 +184,7 @@ class DeviceConnection(ClientConnection):
         chan = DeviceChannel(data, remoteWindow=window, remoteMaxPacket=max_packet,
                              localWindow=self.channel_window)
         chan.greeting = self.greeting
+        chan.hold_window = self.hold_windows
         self.forwarded.append(chan)
         return chan
 
@@ -981,15 +983,49 @@ def test_data_of_one_read_goes_to_tcp_in_one_write(device: Device, pipe: Any) ->
     assert tcp.events == ["write", "unregisterProducer", "loseWriteConnection"]
 
 
-def test_tcp_reading_waits_for_the_channel_to_open(
+def test_tcp_reading_before_the_open_is_bounded_and_kept_in_order(
         reactor: RecordingReactor, device: Device) -> None:
+    # While the device confirms the channel the hub reads the client's first
+    # request (no pause and resume of the socket), but at most EARLY_LIMIT
+    # bytes: then reading pauses until the channel is open.
     port = allocated(device.forward(b"", 0))
     end = reactor.listener(port).factory.buildProtocol(IPv4Address("TCP", "203.0.113.9", 1))
     tcp = TCPTransport()
     end.makeConnection(tcp)
-    assert tcp.producerState == "paused" and tcp.producer is None
-    device.pump.flush()
+    assert tcp.producerState == "producing" and tcp.producer is None
+    end.dataReceived(b"GET / HTTP/1.0\r\n")
+    assert tcp.producerState == "producing"
+    end.dataReceived(b"h" * EARLY_LIMIT)
+    assert tcp.producerState == "paused", "the hub kept reading before the channel opened"
+    device.pump.flush()  # the device confirms: the kept bytes go first, then reading resumes
+    (chan,) = device.conn.forwarded
     assert tcp.producerState == "producing" and tcp.producer is end.channel
+    end.dataReceived(b"after")
+    device.pump.flush()
+    assert bytes(chan.received) == b"GET / HTTP/1.0\r\n" + b"h" * EARLY_LIMIT + b"after"
+    assert chan.events == ["data"]
+
+
+def test_tcp_eof_before_the_open_follows_the_early_data(
+        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    port = allocated(device.forward(b"", 0))
+    end = reactor.listener(port).factory.buildProtocol(IPv4Address("TCP", "203.0.113.9", 1))
+    tcp = TCPTransport()
+    end.makeConnection(tcp)
+    end.dataReceived(b"request")
+    end.readConnectionLost()  # the client half-closes before the device confirms
+    device.pump.flush()
+    (chan,) = device.conn.forwarded
+    assert bytes(chan.received) == b"request"
+    assert chan.events == ["data", "eof"]
+    # The answer still reaches the client; then the pipe is done.
+    chan.write(b"answer")
+    device.conn.sendEOF(chan)
+    device.pump.flush()
+    assert tcp.value() == b"answer"
+    assert chan.events == ["data", "eof", "closed"]
+    assert tcp.disconnecting
+    assert hub.sessions.get("site-a").pipes == set()
 
 
 def test_refused_channel_closes_the_tcp_connection(
@@ -1513,8 +1549,132 @@ def test_descriptor_estimate_counts_what_it_let_in() -> None:
         counts.append(1)
         return 890
 
-    reserve = DescriptorReserve(clock, reserve=100, limit=lambda: 1000, count=count)
+    limits = []
+
+    def limit() -> int:
+        limits.append(1)
+        return 1000
+
+    reserve = DescriptorReserve(clock, reserve=100, limit=limit, count=count)
     assert [reserve.allows("port 1") for _ in range(12)] == [True] * 10 + [False] * 2
     assert len(counts) == 1  # one directory read for the burst
+    assert len(limits) == 1  # and one getrlimit, not one per connection
     clock.advance(1)
     assert reserve.allows("port 1")
+
+
+# -- a short connection's cost: no log events, EOF and CLOSE together -------------
+
+def test_a_short_connection_logs_nothing_below_debug(hub: Hub, reactor: RecordingReactor,
+                                                     device: Device) -> None:
+    # Conch's connection and channel built an info or debug event for every
+    # forwarded connection's open, close and remote close (filtered out below
+    # debug, but built, timestamped and published all the same).
+    port = allocated(device.forward(b"", 0))
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        end, tcp, chan = open_tcp(reactor, device, port)
+        assert chan is not None
+        end.dataReceived(b"ping")
+        chan.write(b"pong")
+        device.conn.sendEOF(chan)
+        device.pump.flush()
+        end.readConnectionLost()
+        device.pump.flush()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert tcp.value() == b"pong" and bytes(chan.received) == b"ping"
+    assert chan.events == ["data", "eof", "closed"]
+    hub_conn = hub.sessions.get("site-a").conn
+    ours = [formatEvent(e) for e in events
+            if e.get("log_source") is hub_conn or isinstance(e.get("log_source"), SpliceChannel)]
+    assert ours == []
+
+
+@implementer(IPacketSink)
+class RecordingSink:
+    """The hub transport's sink, recording the batches asked of it."""
+
+    def __init__(self, inner: Any, record: list[str]) -> None:
+        self.inner, self.record = inner, record
+
+    def sendPacketParts(self, messageType: int, head: bytes, data: Any) -> None:
+        self.inner.sendPacketParts(messageType, head, data)
+
+    def beginBatch(self) -> bool:
+        self.record.append("begin")
+        self.inner.beginBatch()
+        return True
+
+    def endBatch(self) -> None:
+        self.record.append("end")
+        self.inner.endBatch()
+
+    def callAfterInput(self, action: Any) -> bool:
+        return bool(self.inner.callAfterInput(action))
+
+
+def test_tcp_eof_sends_eof_and_close_in_one_batch(hub: Hub, device: Device, pipe: Any) -> None:
+    # The device is done first; the client's EOF then ends the pipe: its
+    # channel EOF and CLOSE go to the device with one system call.
+    end, _tcp, chan, splice = pipe
+    device.conn.sendEOF(chan)
+    device.pump.flush()
+    record: list[str] = []
+    splice._sink = RecordingSink(splice.packet_sink(), record)
+    transport = hub.sessions.get("site-a").conn.transport
+    send = transport.sendPacket
+
+    def recording(message_type: int, payload: bytes) -> None:
+        record.append({96: "eof", 97: "close"}.get(message_type, str(message_type)))
+        send(message_type, payload)
+
+    transport.sendPacket = recording
+    end.readConnectionLost()
+    device.pump.flush()
+    assert record == ["begin", "eof", "close", "end"]
+    assert chan.events == ["eof", "closed"]
+
+
+def test_early_data_beyond_the_device_window_keeps_reading_paused(
+        reactor: RecordingReactor, device: Device) -> None:
+    port = allocated(device.forward(b"", 0))
+    device.conn.channel_window = EARLY_LIMIT // 2  # a device that offers a small window
+    device.conn.hold_windows = True  # ... and does not read yet
+    end = reactor.listener(port).factory.buildProtocol(IPv4Address("TCP", "203.0.113.9", 1))
+    tcp = TCPTransport()
+    end.makeConnection(tcp)
+    end.dataReceived(b"e" * EARLY_LIMIT)
+    device.pump.flush()
+    (chan,) = device.conn.forwarded
+    assert len(chan.received) == EARLY_LIMIT // 2
+    assert tcp.producerState == "paused", "resumed although the device's window is full"
+    device.conn.adjustWindow(chan, EARLY_LIMIT)
+    device.pump.flush()
+    assert len(chan.received) == EARLY_LIMIT
+    assert tcp.producerState == "producing"
+
+
+def test_port_pipe_bytes_count_in_the_hub_traffic(hub: Hub, device: Device, pipe: Any) -> None:
+    end, _tcp, chan, _splice = pipe
+    traffic = hub.sessions.traffic
+    before = (traffic.to_device, traffic.from_device)
+    end.dataReceived(b"12345")
+    chan.write(b"abc")
+    device.pump.flush()
+    assert (traffic.to_device - before[0], traffic.from_device - before[1]) == (5, 3)
+
+
+def test_a_connection_accepted_as_its_forward_is_cancelled_is_refused(
+        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    http = allocated(device.forward(b"http", 0))
+    factory = reactor.listener(http).factory
+    end = factory.buildProtocol(IPv4Address("TCP", "203.0.113.9", 1))  # accepted ...
+    assert device.cancel(b"http", http) == ("ok", b"")  # ... as the device cancels
+    tcp = TCPTransport()
+    end.makeConnection(tcp)
+    device.pump.flush()
+    assert device.conn.forwarded == []  # no channel for a forward that is gone
+    assert tcp.disconnecting
+    assert hub.sessions.get("site-a").pipes == set()

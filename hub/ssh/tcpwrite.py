@@ -149,3 +149,19 @@ class OutputBatch:
         finally:
             self._transport = None
 
+
+
+def shutdownWriteNow(transport: Any) -> bool:
+    """
+    Half-close C{transport} (a C{shutdown(SHUT_WR)}) at once if it is a plain
+    TCP connection with nothing queued and no producer: what Twisted's
+    C{loseWriteConnection} does a reactor turn later, after registering the
+    socket for writing (two C{epoll_ctl}, a wake-up and an empty C{send}).
+    Once the write side is closed, Twisted's C{loseConnection} closes at once
+    too.  False: nothing done, use C{loseWriteConnection}.
+    """
+    if not _idle(transport) or transport.producer is not None:
+        return False
+    transport._writeDisconnected = True
+    transport._closeWriteConnection()  # shutdown, then the protocol's writeConnectionLost
+    return True

@@ -5,7 +5,8 @@ than `reserve` descriptors are free, so that connections to them cannot use
 the descriptors devices need to log in. Counting the open descriptors
 (/proc/self/fd) costs a directory read, so a count is reused for `interval`
 seconds, plus one for each connection let in since: an estimate that errs
-towards refusing.
+towards refusing. The descriptor limit is read again with each count, not for
+every connection (a system call each, on every short connection's path).
 """
 
 from __future__ import annotations
@@ -42,14 +43,15 @@ class DescriptorReserve:
     count: Callable[[], int] = open_descriptors
     _counted: float | None = None
     _estimate: int = 0
+    _counted_limit: int = 0
     _refused: int = 0
 
     def allows(self, what: str) -> bool:
         """Whether a new connection to `what` may take a descriptor."""
         now = self.clock.seconds()
         if self._counted is None or now - self._counted >= self.interval:
-            self._counted, self._estimate = now, self.count()
-        free = self.limit() - self._estimate
+            self._counted, self._estimate, self._counted_limit = now, self.count(), self.limit()
+        free = self._counted_limit - self._estimate
         if free > self.reserve:
             self._estimate += 1
             if self._refused:

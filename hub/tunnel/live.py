@@ -103,12 +103,13 @@ class ForwardListener(protocol.Factory):
     def __init__(self, tunnel: NodeTunnel, forward: Forward) -> None:
         self.tunnel = tunnel
         self.forward = forward
+        self._what = f"port {forward.port}"  # for the descriptor reserve's log lines
 
     def buildProtocol(self, addr: Any) -> TCPEnd | None:
         if self.tunnel.closed:
             return None  # accepted just before the listener closed (port keeper)
         reserve = self.tunnel.sessions.descriptors
-        if reserve is not None and not reserve.allows(f"port {self.forward.port}"):
+        if reserve is not None and not reserve.allows(self._what):
             return None
         if len(self.tunnel.pipes) >= MAX_CONNECTIONS_PER_NODE:
             log.warn("node {node}: {n} forwarded connections open, refusing another",
@@ -185,9 +186,19 @@ class NodeTunnel:
         chan = TunnelSplice(end, b"forwarded-tcpip",
                             on_close=lambda i, o: self.pipes.discard(chan))
         self.pipes.add(chan)
-        origin = (getattr(addr, "host", "0.0.0.0"), getattr(addr, "port", 0))
-        # A refusal was logged by the splice, which closed its TCP side.
-        self.dial(forward.service, chan, origin).addErrback(lambda f: f.trap(ChannelRefused))
+        host, port = getattr(addr, "host", "0.0.0.0"), getattr(addr, "port", 0)
+        if self.table.holds(forward):
+            # The listener's own forward, still live: what `dial` would find by
+            # its service, opened without dial's Deferreds (nobody waits on
+            # them; the splice hears the outcome itself).
+            chan.traffic = self.sessions.traffic
+            self.conn.openChannel(chan, forward.open_data(
+                host.encode() if isinstance(host, str) else host, port))
+            return
+        # Cancelled or replaced meanwhile: dial finds the service's forward, or
+        # refuses; a refusal was logged by the splice, which closed its TCP side.
+        self.dial(forward.service, chan, (host, port)).addErrback(
+            lambda f: f.trap(ChannelRefused))
 
     # -- forward requests --------------------------------------------------------
 

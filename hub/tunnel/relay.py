@@ -162,6 +162,10 @@ class RelayChannel(RelayMixin, PacketWriteMixin, channel.SSHChannel):
         if peer is not None and peer.relay_open():
             peer.after_flush(lambda: peer.conn.sendEOF(peer) if peer.relay_open() else None)
 
+    def closeReceived(self) -> None:
+        # Conch's, less its "remote close" info line for every channel.
+        self.loseConnection()
+
     def closed(self) -> None:
         if not self.relay_later(self._relay_close_peer):
             self._relay_close_peer()

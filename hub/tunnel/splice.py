@@ -11,6 +11,12 @@ arrives. Here each direction has real backpressure:
 
 Half-close is carried both ways: TCP read EOF becomes channel EOF, channel EOF
 becomes a TCP write shutdown; the pipe closes once both sides are done.
+
+While the device confirms the channel, the TCP side is read up to
+`EARLY_LIMIT` bytes (then paused): a client's first request usually arrives
+before the confirmation and goes into the tunnel as the channel opens, with
+no pause and resume of the socket (two `epoll_ctl`) and no reactor turn in
+between. What a refused channel's client sent is dropped with its connection.
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from hub.ssh.channels import MAX_PACKET, WINDOW, PacketWriteMixin, open_failure_text
-from hub.ssh.tcpwrite import no_delay, writeNow
+from hub.ssh.tcpwrite import no_delay, shutdownWriteNow, writeNow
 from hub.tunnel.traffic import Traffic
 
 log = Logger()
 
 READ_SIZE = 256 * 1024
+# What the TCP side may send before the channel is open: kept, then reading pauses.
+EARLY_LIMIT = MAX_PACKET
 
 
 @implementer(IPushProducer)
@@ -69,7 +77,13 @@ class SpliceChannel(PacketWriteMixin, channel.SSHChannel):
             self.loseConnection()  # the TCP side died while the device was opening
             return
         self.tcp.transport.registerProducer(self, True)
-        self.tcp.resume()
+        early = self.tcp.take_early()
+        if early:
+            self.tcp_data(early)
+        if self.tcp.read_closed:
+            self.tcp_eof()  # the client sent its EOF already
+        elif not self.buf:  # else the device's window is full: startWriting resumes
+            self.tcp.resume()
 
     def openFailed(self, reason: Any) -> None:
         log.info("{name} channel open failed: {why}", name=self.name.decode(),
@@ -92,6 +106,10 @@ class SpliceChannel(PacketWriteMixin, channel.SSHChannel):
         if self._on_close is not None:
             callback, self._on_close = self._on_close, None
             callback(self.bytes_in, self.bytes_out)
+
+    def closeReceived(self) -> None:
+        # Conch's, less its "remote close" info line for every connection.
+        self.loseConnection()
 
     # -- channel -> TCP ----------------------------------------------------
 
@@ -145,7 +163,8 @@ class SpliceChannel(PacketWriteMixin, channel.SSHChannel):
         transport = self._tcp_done_writing()
         # The TCP side may be gone already (reset by its peer): nothing to shut.
         if (transport is not None and not transport.disconnecting
-                and getattr(transport, "connected", True)):
+                and getattr(transport, "connected", True)
+                and not shutdownWriteNow(transport)):  # at once when nothing is queued
             if hasattr(transport, "loseWriteConnection"):
                 transport.loseWriteConnection()
             else:
@@ -168,14 +187,23 @@ class SpliceChannel(PacketWriteMixin, channel.SSHChannel):
         self.tcp.resume()
 
     def tcp_eof(self) -> None:
-        if not self._eof_sent and not self.closing:
-            self._eof_sent = True
-            # Conch sends EOF at once; the write buffer must drain first.
-            if self.buf:
-                self._eof_after_buffer = True
-            else:
-                self.conn.sendEOF(self)
-        self._maybe_close()
+        if not self.is_open:
+            return  # channelOpen sends it, after the early data
+        # EOF and, when the device is done too, CLOSE: one send, not two.
+        sink = self._sink or self.packet_sink()
+        batched = sink.beginBatch()
+        try:
+            if not self._eof_sent and not self.closing:
+                self._eof_sent = True
+                # Conch sends EOF at once; the write buffer must drain first.
+                if self.buf:
+                    self._eof_after_buffer = True
+                else:
+                    self.conn.sendEOF(self)
+            self._maybe_close()
+        finally:
+            if batched:
+                sink.endBatch()
 
     def addWindowBytes(self, data: int) -> None:
         channel.SSHChannel.addWindowBytes(self, data)
@@ -196,7 +224,8 @@ class SpliceChannel(PacketWriteMixin, channel.SSHChannel):
 
 @implementer(IHalfCloseableProtocol)
 class TCPEnd(protocol.Protocol):
-    """The TCP end of a pipe; reading stays paused until the channel is open."""
+    """The TCP end of a pipe; until the channel is open, what it reads is kept
+    (at most `EARLY_LIMIT` bytes and one read, then reading pauses)."""
 
     transport: Any
     channel: SpliceChannel | None = None
@@ -204,6 +233,7 @@ class TCPEnd(protocol.Protocol):
     read_closed = False
     write_closed = False
     _paused = False
+    _early: bytes | None = None
 
     def connectionMade(self) -> None:
         # Read up to READ_SIZE per system call: a bulk sender's data then
@@ -212,7 +242,6 @@ class TCPEnd(protocol.Protocol):
         # this many bytes queued, so it bounds the TCP write side too.
         self.transport.bufferSize = READ_SIZE
         no_delay(self.transport)
-        self.pause()
         if self.on_connect is not None:
             self.on_connect()
 
@@ -227,8 +256,19 @@ class TCPEnd(protocol.Protocol):
             self.transport.resumeProducing()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.channel is not None:
-            self.channel.tcp_data(data)
+        channel = self.channel
+        if channel is not None and channel.is_open:
+            channel.tcp_data(data)
+            return
+        # Rarely more than one read: joined only then (and bounded).
+        self._early = data if self._early is None else self._early + data
+        if len(self._early) >= EARLY_LIMIT:
+            self.pause()  # the rest waits in the socket until the channel opens
+
+    def take_early(self) -> bytes | None:
+        """What arrived before the channel opened (once)."""
+        early, self._early = self._early, None
+        return early
 
     def readConnectionLost(self) -> None:
         self.read_closed = True
