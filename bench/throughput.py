@@ -56,12 +56,30 @@ from common import (
 from loopback import DIRECTIONS, MIB, DeviceEndpoint, Pattern, transfer
 from runner import add_source_option, use_hub_source
 
+# Every cipher OpenSSH offers by default, and the CTR ciphers with the other
+# EtM MAC the hub offers. A case is CIPHER or CIPHER:MAC.
 DEFAULT_CIPHERS = ("chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com",
-                   "aes256-gcm@openssh.com", "aes128-ctr")
-# Non-AEAD ciphers need a MAC; force the one OpenSSH prefers.
+                   "aes256-gcm@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr",
+                   "aes256-ctr:hmac-sha2-512-etm@openssh.com")
+# Non-AEAD ciphers need a MAC; unless the case names one, force the one OpenSSH
+# prefers of those the hub offers (it has no umac).
 MAC_FOR = {"aes128-ctr": "hmac-sha2-256-etm@openssh.com",
            "aes192-ctr": "hmac-sha2-256-etm@openssh.com",
            "aes256-ctr": "hmac-sha2-256-etm@openssh.com"}
+
+
+def split_case(case: str) -> tuple[str, str | None]:
+    """`CIPHER[:MAC]` as the cipher and the MAC to force (None: AEAD)."""
+    cipher, _, mac = case.partition(":")
+    return cipher, mac or MAC_FOR.get(cipher)
+
+
+def case_label(cipher: str, mac: str) -> str:
+    """How the table names a case: the cipher, and the MAC if not the default."""
+    short = cipher.split("@")[0]
+    if mac in ("", "none", "<implicit>", MAC_FOR.get(cipher)):
+        return short
+    return f"{short}+{mac.split('@')[0].removeprefix('hmac-')}"
 Server = Hub | ThrowawaySSHD
 
 
@@ -196,9 +214,10 @@ def ceiling(endpoint: DeviceEndpoint, plan: Plan) -> list[Result]:
 
 
 def through(running: list[Server], workdir: Path, key: Path, endpoint: DeviceEndpoint,
-            cipher: str, plan: Plan) -> list[Result]:
-    """Both directions through every server, with `ssh -R` forcing `cipher`."""
-    mac = MAC_FOR.get(cipher)
+            case: str, plan: Plan) -> list[Result]:
+    """Both directions through every server, with `ssh -R` forcing the case's
+    cipher (and MAC)."""
+    cipher, mac = split_case(case)
     with contextlib.ExitStack() as stack:
         routes, negotiated = [], {}
         for server in running:
@@ -228,7 +247,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1,
                    help="transfers per case, the median is reported (default 1)")
     p.add_argument("--ciphers", default=",".join(DEFAULT_CIPHERS),
-                   help="comma-separated ssh cipher names (default: %(default)s)")
+                   help="comma-separated ssh cipher names, each optionally :MAC "
+                        "(default: %(default)s)")
     p.add_argument("--servers", default="hub,sshd", help="comma-separated: hub, sshd")
     p.add_argument("--directions", default=",".join(DIRECTIONS),
                    help="comma-separated: to-device, from-device")
@@ -307,19 +327,19 @@ def progress(results: list[Result]) -> None:
 
 # -- the report --------------------------------------------------------------
 
-HEADER = (f"{'cipher':18} {'direction':11} {'hub MB/s':>8} {'sshd MB/s':>9} {'hub/sshd':>8} "
+HEADER = (f"{'cipher':26} {'direction':11} {'hub MB/s':>8} {'sshd MB/s':>9} {'hub/sshd':>8} "
           f"{'hub ms/MiB':>10} {'sshd ms/MiB':>11} {'hub HWM':>8} {'sshd HWM':>8} "
           f"{'other load':>10} verified")
 
 
 def table(results: list[Result]) -> str:
     """Hub and sshd side by side per cipher and direction, with the ratio."""
-    by = {(r.server, r.cipher.split("@")[0], r.direction): r for r in results}
+    by = {(r.server, case_label(r.cipher, r.mac), r.direction): r for r in results}
     lines = [HEADER]
     for direction in DIRECTIONS:
         direct = by.get(("direct", "none", direction))
         if direct:
-            lines.append(f"{'(direct loopback)':18} {direction:11} {direct.median:8.0f} "
+            lines.append(f"{'(direct loopback)':26} {direction:11} {direct.median:8.0f} "
                          f"{'':9} {'':8} {'':10} {'':11} {'':8} {'':8} "
                          f"{other_load([direct]):>10} {yes(direct.verified)}")
     for cipher in dict.fromkeys(c for s, c, _ in by if s != "direct"):
@@ -341,7 +361,7 @@ def row(cipher: str, direction: str, hub: Result | None, sshd: Result | None) ->
 
     ratio = f"{hub.median / sshd.median:.2f}" if hub and sshd and sshd.median else "-"
     both = [r for r in (hub, sshd) if r]
-    return (f"{cipher:18} {direction:11} {num(hub, lambda r: r.median, '.0f'):>8} "
+    return (f"{cipher:26} {direction:11} {num(hub, lambda r: r.median, '.0f'):>8} "
             f"{num(sshd, lambda r: r.median, '.0f'):>9} {ratio:>8} "
             f"{num(hub, cpu, '.2f'):>10} {num(sshd, cpu, '.2f'):>11} "
             f"{num(hub, hwm, '.0f') + ' M':>8} {num(sshd, hwm, '.0f') + ' M':>8} "
