@@ -54,6 +54,7 @@ from common import (
     wait_quiet,
 )
 from loopback import DIRECTIONS, MIB, DeviceEndpoint, Pattern, transfer
+from perfrecord import PerfRecord
 from runner import add_source_option, use_hub_source
 
 # Every cipher OpenSSH offers by default, and the CTR ciphers with the other
@@ -263,6 +264,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "summarise with bench/stacks.py")
     p.add_argument("--native", action="store_true",
                    help="with --profile: native (C) frames too")
+    p.add_argument("--perf", type=Path, metavar="FILE",
+                   help="record the hub's CPU time with Linux `perf record` (no call "
+                        "graphs) into FILE: where it goes by library and symbol, "
+                        "`perf report -i FILE --sort dso,sym`")
     add_source_option(p)
     args = p.parse_args(argv)
     if args.quick:
@@ -283,6 +288,7 @@ def servers(workdir: Path, key: Path, args: argparse.Namespace) -> Iterator[list
     names = args.servers
     started: list[Server] = []
     profiler: PySpy | None = None
+    perf: PerfRecord | None = None
     try:
         if "hub" in names:
             hub = Hub(workdir)
@@ -290,6 +296,8 @@ def servers(workdir: Path, key: Path, args: argparse.Namespace) -> Iterator[list
             hub.start().register(key, workdir)
             if args.profile and hub.proc is not None:
                 profiler = PySpy(hub.proc.pid, args.profile.resolve(), args.native)
+            if args.perf and hub.proc is not None:
+                perf = PerfRecord(hub.proc.pid, args.perf.resolve())
         if "sshd" in names:
             sshd = ThrowawaySSHD(workdir, key)
             started.append(sshd)
@@ -298,6 +306,8 @@ def servers(workdir: Path, key: Path, args: argparse.Namespace) -> Iterator[list
     finally:
         if profiler is not None:
             profiler.close()
+        if perf is not None:
+            perf.close()
         for server in started:
             server.close()
 
