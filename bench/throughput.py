@@ -54,14 +54,33 @@ from common import (
     wait_quiet,
 )
 from loopback import DIRECTIONS, MIB, DeviceEndpoint, Pattern, transfer
+from perfrecord import PerfRecord
 from runner import add_source_option, use_hub_source
 
+# Every cipher OpenSSH offers by default, and the CTR ciphers with the other
+# EtM MAC the hub offers. A case is CIPHER or CIPHER:MAC.
 DEFAULT_CIPHERS = ("chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com",
-                   "aes256-gcm@openssh.com", "aes128-ctr")
-# Non-AEAD ciphers need a MAC; force the one OpenSSH prefers.
+                   "aes256-gcm@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr",
+                   "aes256-ctr:hmac-sha2-512-etm@openssh.com")
+# Non-AEAD ciphers need a MAC; unless the case names one, force the one OpenSSH
+# prefers of those the hub offers (it has no umac).
 MAC_FOR = {"aes128-ctr": "hmac-sha2-256-etm@openssh.com",
            "aes192-ctr": "hmac-sha2-256-etm@openssh.com",
            "aes256-ctr": "hmac-sha2-256-etm@openssh.com"}
+
+
+def split_case(case: str) -> tuple[str, str | None]:
+    """`CIPHER[:MAC]` as the cipher and the MAC to force (None: AEAD)."""
+    cipher, _, mac = case.partition(":")
+    return cipher, mac or MAC_FOR.get(cipher)
+
+
+def case_label(cipher: str, mac: str) -> str:
+    """How the table names a case: the cipher, and the MAC if not the default."""
+    short = cipher.split("@")[0]
+    if mac in ("", "none", "<implicit>", MAC_FOR.get(cipher)):
+        return short
+    return f"{short}+{mac.split('@')[0].removeprefix('hmac-')}"
 Server = Hub | ThrowawaySSHD
 
 
@@ -196,9 +215,10 @@ def ceiling(endpoint: DeviceEndpoint, plan: Plan) -> list[Result]:
 
 
 def through(running: list[Server], workdir: Path, key: Path, endpoint: DeviceEndpoint,
-            cipher: str, plan: Plan) -> list[Result]:
-    """Both directions through every server, with `ssh -R` forcing `cipher`."""
-    mac = MAC_FOR.get(cipher)
+            case: str, plan: Plan) -> list[Result]:
+    """Both directions through every server, with `ssh -R` forcing the case's
+    cipher (and MAC)."""
+    cipher, mac = split_case(case)
     with contextlib.ExitStack() as stack:
         routes, negotiated = [], {}
         for server in running:
@@ -228,7 +248,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1,
                    help="transfers per case, the median is reported (default 1)")
     p.add_argument("--ciphers", default=",".join(DEFAULT_CIPHERS),
-                   help="comma-separated ssh cipher names (default: %(default)s)")
+                   help="comma-separated ssh cipher names, each optionally :MAC "
+                        "(default: %(default)s)")
     p.add_argument("--servers", default="hub,sshd", help="comma-separated: hub, sshd")
     p.add_argument("--directions", default=",".join(DIRECTIONS),
                    help="comma-separated: to-device, from-device")
@@ -243,6 +264,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "summarise with bench/stacks.py")
     p.add_argument("--native", action="store_true",
                    help="with --profile: native (C) frames too")
+    p.add_argument("--perf", type=Path, metavar="FILE",
+                   help="record the hub's CPU time with Linux `perf record` (no call "
+                        "graphs) into FILE: where it goes by library and symbol, "
+                        "`perf report -i FILE --sort dso,sym`")
     add_source_option(p)
     args = p.parse_args(argv)
     if args.quick:
@@ -263,6 +288,7 @@ def servers(workdir: Path, key: Path, args: argparse.Namespace) -> Iterator[list
     names = args.servers
     started: list[Server] = []
     profiler: PySpy | None = None
+    perf: PerfRecord | None = None
     try:
         if "hub" in names:
             hub = Hub(workdir)
@@ -270,6 +296,8 @@ def servers(workdir: Path, key: Path, args: argparse.Namespace) -> Iterator[list
             hub.start().register(key, workdir)
             if args.profile and hub.proc is not None:
                 profiler = PySpy(hub.proc.pid, args.profile.resolve(), args.native)
+            if args.perf and hub.proc is not None:
+                perf = PerfRecord(hub.proc.pid, args.perf.resolve())
         if "sshd" in names:
             sshd = ThrowawaySSHD(workdir, key)
             started.append(sshd)
@@ -278,6 +306,8 @@ def servers(workdir: Path, key: Path, args: argparse.Namespace) -> Iterator[list
     finally:
         if profiler is not None:
             profiler.close()
+        if perf is not None:
+            perf.close()
         for server in started:
             server.close()
 
@@ -307,19 +337,19 @@ def progress(results: list[Result]) -> None:
 
 # -- the report --------------------------------------------------------------
 
-HEADER = (f"{'cipher':18} {'direction':11} {'hub MB/s':>8} {'sshd MB/s':>9} {'hub/sshd':>8} "
+HEADER = (f"{'cipher':26} {'direction':11} {'hub MB/s':>8} {'sshd MB/s':>9} {'hub/sshd':>8} "
           f"{'hub ms/MiB':>10} {'sshd ms/MiB':>11} {'hub HWM':>8} {'sshd HWM':>8} "
           f"{'other load':>10} verified")
 
 
 def table(results: list[Result]) -> str:
     """Hub and sshd side by side per cipher and direction, with the ratio."""
-    by = {(r.server, r.cipher.split("@")[0], r.direction): r for r in results}
+    by = {(r.server, case_label(r.cipher, r.mac), r.direction): r for r in results}
     lines = [HEADER]
     for direction in DIRECTIONS:
         direct = by.get(("direct", "none", direction))
         if direct:
-            lines.append(f"{'(direct loopback)':18} {direction:11} {direct.median:8.0f} "
+            lines.append(f"{'(direct loopback)':26} {direction:11} {direct.median:8.0f} "
                          f"{'':9} {'':8} {'':10} {'':11} {'':8} {'':8} "
                          f"{other_load([direct]):>10} {yes(direct.verified)}")
     for cipher in dict.fromkeys(c for s, c, _ in by if s != "direct"):
@@ -341,7 +371,7 @@ def row(cipher: str, direction: str, hub: Result | None, sshd: Result | None) ->
 
     ratio = f"{hub.median / sshd.median:.2f}" if hub and sshd and sshd.median else "-"
     both = [r for r in (hub, sshd) if r]
-    return (f"{cipher:18} {direction:11} {num(hub, lambda r: r.median, '.0f'):>8} "
+    return (f"{cipher:26} {direction:11} {num(hub, lambda r: r.median, '.0f'):>8} "
             f"{num(sshd, lambda r: r.median, '.0f'):>9} {ratio:>8} "
             f"{num(hub, cpu, '.2f'):>10} {num(sshd, cpu, '.2f'):>11} "
             f"{num(hub, hwm, '.0f') + ' M':>8} {num(sshd, hwm, '.0f') + ' M':>8} "

@@ -31,7 +31,10 @@ pytestmark = [
 ]
 
 AEAD = [CHACHA20_POLY1305, AES128_GCM, AES256_GCM]
-NON_AEAD = [(b"aes128-ctr", m) for m in MACS] + [(b"aes256-ctr", MACS[0])]
+NON_AEAD = [(b"aes128-ctr", m) for m in MACS] + [(b"aes192-ctr", MACS[0]), (b"aes256-ctr", MACS[0])]
+# Encrypt-then-MAC: every CTR cipher with every EtM MAC the hub offers.
+ETM = [(c, m) for c in (b"aes128-ctr", b"aes192-ctr", b"aes256-ctr") for m in MACS
+       if m.endswith(b"-etm@openssh.com")]
 
 
 def _reactor() -> Any:
@@ -119,6 +122,31 @@ async def test_openssh_client_negotiates(tmp_path: Path, cipher: bytes, mac: byt
     for direction in ("server->client", "client->server"):
         assert f"kex: {direction} cipher: {cipher.decode()} MAC: {shown} compression: none" in err
     assert "will use strict KEX ordering" in err
+
+
+@pytest.mark.parametrize("cipher,mac", ETM, ids=lambda v: v.decode())
+@pytest_twisted.ensureDeferred
+async def test_openssh_client_bulk_etm(tmp_path: Path, cipher: bytes, mac: bytes) -> None:
+    """
+    2 MB each way through `cat` with the real OpenSSH client: the hub's
+    CTR packets, sealed piece by piece into its buffers at full channel
+    packet size, and the client's, opened in place, stay byte-exact.
+    """
+    user = newEd25519Key()
+    identity = _writeKey(tmp_path / "id_ed25519", user)
+    data = os.urandom(2_000_000)
+    (tmp_path / "data").write_bytes(data)
+    port, _ = await _startHub(tmp_path, user)
+    try:
+        out, err, code = await _runSsh(
+            _sshCommand(tmp_path, port.getHost().port, identity, cipher, mac, "cat"),
+            stdin=tmp_path / "data",
+        )
+    finally:
+        await port.stopListening()
+    assert code == 0, err[-2000:]
+    assert f"kex: server->client cipher: {cipher.decode()} MAC: {mac.decode()}" in err
+    assert out == data
 
 
 @pytest.mark.parametrize("cipher", [CHACHA20_POLY1305, AES256_GCM, b"aes128-ctr"],

@@ -36,6 +36,7 @@ from hub.ssh.kex import (
     strictKexAllows,
 )
 from hub.ssh.packet import (
+    DISCONNECT_MAC_ERROR,
     AESGCMProtection,
     ChaCha20Poly1305Protection,
     EncryptAndMAC,
@@ -285,6 +286,86 @@ class TestEncryptThenMAC:
         wire[3] ^= 0x10  # the clear length is authenticated too
         with pytest.raises(PacketError):
             make().open(1, bytes(wire) + bytes(64))
+
+
+def _etmReference(
+    key: bytes, iv: bytes, integ: bytes, digest: type, wires: list[bytes]
+) -> list[bytes]:
+    """
+    The payloads of consecutive EtM packets (numbered from 0), opened with
+    one AES-CTR stream and hashlib's HMAC, checking OpenSSH's padding rule.
+    """
+    decryptor = Cipher(algorithms.AES(key), modes.CTR(iv)).decryptor()
+    size = digest().digest_size
+    payloads = []
+    for seqnr, wire in enumerate(wires):
+        (length,) = struct.unpack(">L", wire[:4])
+        assert len(wire) == 4 + length + size and length % 16 == 0
+        expected = hmac.new(
+            integ[:size], struct.pack(">L", seqnr) + wire[: 4 + length], digest
+        ).digest()
+        assert wire[4 + length :] == expected
+        body = decryptor.update(wire[4 : 4 + length])
+        pad = body[0]
+        assert 4 <= pad < 4 + 16
+        payloads.append(body[1 : length - pad])
+    return payloads
+
+
+@pytest.mark.parametrize("digest", [sha256, sha512])
+@pytest.mark.parametrize("keySize", [16, 24, 32])
+def test_etm_ctr_packets_in_sequence_match_reference(digest: type, keySize: int) -> None:
+    """
+    The CTR keystream runs on across the pieces of one packet (length
+    byte and head, data, padding) and across packets: a stream of packets
+    of every size around the block boundaries, sealed into scratch and
+    given buffers, opens with one reference stream, and with the hub's own.
+    """
+    key, iv, integ = os.urandom(keySize), os.urandom(16), os.urandom(64)
+
+    def make() -> EncryptThenMAC:
+        return EncryptThenMAC(
+            b"aes%d-ctr" % (keySize * 8),
+            Cipher(algorithms.AES(key), modes.CTR(iv)),
+            HMACAlgorithm(digest, integ),
+        )
+
+    sender, receiver = make(), make()
+    out = memoryview(bytearray(40000))
+    sent, wires = [], []
+    sizes = [*range(0, 40), 255, 4095, 4096, 4097, 32759, 32768]
+    for seqnr, size in enumerate(sizes):
+        head, data = b"\x5e" + os.urandom(seqnr % 9), os.urandom(size)
+        target = out if seqnr % 2 else None
+        wires.append(sender.sealInto(seqnr, head, memoryview(data), target).tobytes())
+        sent.append(head + data)
+    assert _etmReference(key, iv, integ, digest, wires) == sent
+    stream, pos = b"".join(wires), 0
+    for seqnr, payload in enumerate(sent):
+        opened = receiver.openFrom(seqnr, stream, pos)
+        assert opened is not None and opened[0].tobytes() == payload
+        pos += opened[1]
+    assert pos == len(stream)
+
+
+def test_etm_wrong_tag_is_a_mac_error() -> None:
+    key, iv, integ = os.urandom(16), os.urandom(16), os.urandom(32)
+
+    def make() -> EncryptThenMAC:
+        return EncryptThenMAC(
+            b"aes128-ctr",
+            Cipher(algorithms.AES(key), modes.CTR(iv)),
+            HMACAlgorithm(sha256, integ),
+        )
+
+    wire = make().seal(3, b"\x5edata")
+    tampered = bytearray(wire)
+    tampered[-1] ^= 1
+    for seqnr, packet in ((3, bytes(tampered)), (4, wire)):
+        with pytest.raises(PacketError) as caught:
+            make().open(seqnr, packet)
+        assert caught.value.reason == DISCONNECT_MAC_ERROR
+    assert make().open(3, wire) == (b"\x5edata", len(wire))
 
 
 class TestEncryptAndMAC:

@@ -7,10 +7,13 @@ buffers (see L{hub.ssh.packet}).
 
 from __future__ import annotations
 
-import hmac
 import struct
 from collections.abc import Callable
 from typing import Any, Protocol
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.hmac import HMAC
 
 from hub.ssh.buffers import Bytes, PaddingPool, ScratchBuffer
 
@@ -130,25 +133,49 @@ def checkLength(packet_length: int, blockSize: int, lengthInClear: bool) -> None
         )
 
 
+# hashlib's names (C{digestmod().name}) for the hashes of SSH's MACs.
+_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+    "md5": hashes.MD5,
+    "sha1": hashes.SHA1,
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
+
+
 class HMACAlgorithm:
     """
     An SSH C{hmac-*} MAC: HMAC over C{uint32 seqnr || data}.  The keyed
     state is computed once and copied per packet.
+
+    cryptography's HMAC, not hashlib's: its copy is cheaper (OpenSSL 3's
+    C{HMAC_CTX_copy} under hashlib allocates and wipes a context and a lock
+    per packet), it checks a tag in constant time itself, and it keeps the
+    GIL, where hashlib lets it go for every update over 2 KiB and may have
+    to wait for it back behind another thread of the hub.
     """
 
     def __init__(self, digestmod: Callable[..., Any], key: bytes) -> None:
-        self.size: int = digestmod().digest_size
+        digest = digestmod()
+        self.size: int = digest.digest_size
         # SSH uses exactly digest-size keys (RFC 4253 section 7.2).
-        self._keyed = hmac.new(key[: self.size], digestmod=digestmod)
+        self._keyed = HMAC(key[: self.size], _HASHES[digest.name]())
 
     def mac(self, seqnr: int, data: Bytes) -> bytes:
         h = self._keyed.copy()
         h.update(_UINT32.pack(seqnr))
         h.update(data)
-        return h.digest()
+        return h.finalize()
 
     def verify(self, seqnr: int, data: Bytes, tag: Bytes) -> bool:
-        return hmac.compare_digest(self.mac(seqnr, data), tag)
+        h = self._keyed.copy()
+        h.update(_UINT32.pack(seqnr))
+        h.update(data)
+        try:
+            h.verify(bytes(tag))
+        except InvalidSignature:
+            return False
+        return True
 
 
 class Framed:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
@@ -65,6 +65,9 @@ __all__ = [
 ]
 
 _UINT32 = struct.Struct("!L")
+# The padding_length byte for each possible padding.
+_PAD_LENGTH = [bytes((n,)) for n in range(256)]
+
 
 class EncryptAndMAC:
     """
@@ -161,22 +164,43 @@ class EncryptThenMAC(Framed):
         super().__init__()
         self.name = name
         self._mac = mac
+        self._macSize = mac.size
         self.blockSize = max(8, cipher.algorithm.block_size // 8)  # type: ignore[attr-defined]
         self._enc = cipher.encryptor()
         self._dec = cipher.decryptor()
+        # A stream (CTR) is encrypted piece by piece straight into the wire
+        # buffer; a block mode needs the framed plaintext in one piece.
+        self._stream = isinstance(cipher.mode, modes.CTR)
 
     def sealInto(
         self, seqnr: int, head: bytes, data: Bytes, out: memoryview | None = None
     ) -> memoryview:
-        pad = padLength(self.blockSize, len(head) + len(data), True)
-        length = 1 + len(head) + len(data) + pad
+        size = len(head) + len(data)
+        bs = self.blockSize
+        # padLength(bs, size, True), inline: this runs once per packet.
+        pad = bs - (size + 1) % bs
+        if pad < 4:
+            pad += bs
+        length = 1 + size + pad
         end = 4 + length
-        total = end + self._mac.size
-        plain = self._plain.take(length)
+        total = end + self._macSize
         wire = self._wire.take(total) if out is None else out
-        frameInto(plain, head, data, pad, self._padding)
         _UINT32.pack_into(wire, 0, length)
-        self._enc.update_into(plain[:length], wire[4:end])
+        if self._stream:
+            # padding_length || head, then the data from where it lies (a
+            # channel's TCP read), then the padding: CTR's keystream runs on
+            # across calls, so this is the packet encrypted in one, without
+            # first copying the data into a framed plaintext.
+            update = self._enc.update_into
+            start = 5 + len(head)
+            stop = start + len(data)
+            update(_PAD_LENGTH[pad] + head, wire[4:start])
+            update(data, wire[start:stop])
+            update(self._padding.take(pad), wire[stop:end])
+        else:
+            plain = self._plain.take(length)
+            frameInto(plain, head, data, pad, self._padding)
+            self._enc.update_into(plain[:length], wire[4:end])
         wire[end:total] = self._mac.mac(seqnr, wire[:end])
         return wire[:total]
 
@@ -186,7 +210,7 @@ class EncryptThenMAC(Framed):
         (packet_length,) = _UINT32.unpack_from(buf, pos)
         checkLength(packet_length, self.blockSize, True)
         end = pos + 4 + packet_length
-        need = 4 + packet_length + self._mac.size
+        need = 4 + packet_length + self._macSize
         if len(buf) - pos < need:
             self.wanted = need
             return None
