@@ -33,10 +33,12 @@ from hub.store.registry import Registry
 DELAY = 0.05      # the database's round trip
 DEVICES = 4
 PROBE_EVERY = 0.005
-# One registry call on the reactor would show as a lag of 45 ms or more. The bound
-# leaves room for a loaded machine (two cores shared with other work): alone, the
-# worst is about 10 ms while four SSH handshakes run, 2-3 ms once they are done.
-MAX_LAG = 0.040
+# Every statement run on the reactor thread is caught by name (ON_THE_REACTOR); the
+# lag bound catches the rest that would stall it. Alone, the worst lag is about 10 ms
+# while four SSH handshakes run, 2-3 ms once they are done; the bound leaves room for
+# the CI machine (2 cores, 3 test processes), where 40 ms was passed now and then.
+# The calls on the reactor, as before the registry thread, made it 1,329 ms.
+MAX_LAG = 0.100
 
 
 # Statements run on the reactor thread while `watching` (none may be).
