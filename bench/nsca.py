@@ -39,6 +39,7 @@ from attrs import asdict, define, field
 from common import (
     CLK_TCK,
     SSH,
+    PySpy,
     client_options,
     machine_info,
     make_key,
@@ -142,12 +143,18 @@ def measure(target: Target, cfg: Path, args: argparse.Namespace, repeat: int,
         result.load_before.append(round(wait_quiet(args.quiet_below, args.quiet_wait), 2))
     pids = target.server_pids()
     cpu = server_cpu(pids)
+    profiled = args.profile if target.name.startswith("hub") else None
+    spies = [PySpy(pid, profiled / f"{target.name}-r{repeat}-{i}.txt")
+             for i, pid in enumerate(pids)] if profiled else []
     try:
         seconds, sent, errors = blast(target, cfg, args.senders, args.results,
                                       f"r{repeat}", args.timeout)
     except TimeoutError as e:
         result.failures.append(str(e))
         return
+    finally:
+        for spy in spies:
+            spy.close()
     result.server_cpu_s.append(round(server_cpu(pids) - cpu, 3))
     total = args.senders * args.results
     result.results = total
@@ -219,7 +226,10 @@ def targets(workdir: Path, paths: list[str]) -> Iterator[list[Target]]:
 
 
 def hub_targets(stack: contextlib.ExitStack, workdir: Path, paths: list[str]) -> list[Target]:
-    config = f'[nsca]\npassword = "{PASSWORD}"\nencryption = {METHOD}\nmax_age = 30\n'
+    # strict_host stays on (the default): the tunnel's node may report for the
+    # senders' hosts h0, h1, ... as [nsca.hosts] allows.
+    config = (f'[nsca]\npassword = "{PASSWORD}"\nencryption = {METHOD}\nmax_age = 30\n'
+              '[nsca.hosts]\nbench = ["h*"]\n')
     # The hub never creates a command file (a core makes its FIFO); without one it
     # queued, dropped and logged instead of writing, unlike the nsca daemon.
     (workdir / "hub.cmd").touch()
@@ -232,6 +242,8 @@ def hub_targets(stack: contextlib.ExitStack, workdir: Path, paths: list[str]) ->
     if "hub-tunnel" in paths:
         key = make_key(workdir / "device_key", "bench")
         hub.register(key, workdir)
+        # The intake keeps only an approved node's results (a pending one's are dropped).
+        hub.cli("approve", "bench")
         proc, port = local_forward(hub, key, workdir)
         stack.callback(stop_process, proc)
         found.append(Target("hub-tunnel", port, count, hub.pids))
@@ -252,6 +264,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="2 senders x 200 results, 1 run")
     p.add_argument("--full", action="store_true", help="8 senders x 10000 results, 3 runs")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per run at most")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="py-spy the hub during its runs into DIR (hub-*-rN-I.txt; "
+                   "bench/stacks.py summarizes)")
     add_common_options(p)
     args = p.parse_args(argv)
     if args.quick:
@@ -260,6 +275,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     elif args.full:
         args.senders, args.results, args.repeat = 8, 10000, 3
     args.paths = [s for s in args.paths.split(",") if s]
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     if not set(args.paths) <= set(PATHS):
         p.error(f"--paths takes {', '.join(PATHS)}")
     return args

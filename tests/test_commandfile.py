@@ -173,3 +173,19 @@ def test_unwritable_path_is_logged_as_error(tmp_path: Path, logged: list[LogEven
     errors = [e for e in logged if e["log_level"].name == "error"]
     assert errors and os.strerror(errno.EISDIR) in formatEvent(errors[0])
     writer.close()
+
+
+def test_a_batch_of_lines_goes_out_in_pipe_buf_writes_in_order(fifo: Path) -> None:
+    reader = open_reader(fifo)
+    clock = MemoryReactorClock()
+    writer = CommandFileWriter(str(fifo), clock)
+    lines = [line(n, 50) for n in range(200)]  # about 16 KiB
+    writer.write_lines(lines)
+    writer.write_lines([])
+    size = sum(len(x) for x in lines)
+    assert drain(reader) == "".join(lines).encode()
+    # Whole lines of at most PIPE_BUF (4096) bytes a write: atomic on a FIFO.
+    assert writer.writes <= size // (4096 - 80) + 1 < len(lines)
+    assert writer.pending_bytes == 0
+    writer.close()
+    os.close(reader)

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, formatEvent
 
+from hub.intake.commandfile import CommandFileWriter
 from hub.intake.monitoring import Monitoring, status
 from hub.intake.nsca import CheckResult
 from hub.intake.settings import NSCASettings
@@ -100,3 +103,70 @@ def test_strict_host_is_the_default_and_allows_the_mapped_hosts(
 def test_host_mapping_is_validated(hosts: object, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         NSCASettings(hosts=hosts)  # type: ignore[arg-type]
+
+
+def test_a_turns_results_go_to_the_command_file_in_a_few_writes_in_order(
+        tmp_path: Path) -> None:
+    clock = MemoryReactorClock()
+    registry = Registry(str(tmp_path / "hub.sqlite3"), now=clock.seconds)
+    (tmp_path / "cmd").touch()
+    command_file = CommandFileWriter(str(tmp_path / "cmd"), clock)
+    monitoring = Monitoring(registry, NSCASettings(), clock, command_file)
+    clock.advance(1000)
+    for i in range(100):
+        monitoring.deliver("", CheckResult("lab", f"svc{i}", i % 4, f"run {i}", 990))
+    clock.advance(0)
+    lines = (tmp_path / "cmd").read_text().splitlines()
+    assert lines == [f"[1000] PROCESS_SERVICE_CHECK_RESULT;lab;svc{i};{i % 4};run {i}"
+                     for i in range(100)]
+    assert command_file.writes <= 2  # 100 lines of ~50 bytes: not a write a line
+
+
+class HeldCalls:
+    """A registry thread that is slow: each call runs when the test says so."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.held: list[tuple[defer.Deferred[object], Callable[[], object]]] = []
+
+    def call(self, fn: Callable[..., object], *args: object, **kwargs: object
+             ) -> defer.Deferred[object]:
+        d: defer.Deferred[object] = defer.Deferred()
+        self.held.append((d, lambda: fn(self.registry, *args, **kwargs)))
+        return d
+
+    def run_next(self) -> None:
+        d, job = self.held.pop(0)
+        d.callback(job())
+
+
+def test_results_wait_while_a_batch_is_stored_then_go_in_one_transaction_in_order(
+        tmp_path: Path) -> None:
+    clock = MemoryReactorClock()
+    registry = Registry(str(tmp_path / "hub.sqlite3"), now=clock.seconds)
+    calls = HeldCalls(registry)
+    monitoring = Monitoring(registry, NSCASettings(history=10), clock,
+                            calls=calls)  # type: ignore[arg-type]
+    for i in range(3):
+        monitoring.deliver("", CheckResult("lab", "load", 0, f"run {i}", 100))
+    clock.advance(0)
+    assert len(calls.held) == 1
+    for turn in range(3):  # three more turns while the registry is busy
+        for i in range(2):
+            monitoring.deliver("", CheckResult("lab", "load", 0, f"turn {turn}.{i}", 100))
+        clock.advance(0)
+    assert len(calls.held) == 1  # still one store in flight, nothing queued behind it
+    calls.run_next()
+    clock.advance(0)
+    assert len(calls.held) == 1  # the six results of three turns: one transaction
+    calls.run_next()
+    clock.advance(0)
+    assert calls.held == []
+    assert registry.query("SELECT output FROM results ORDER BY id") == [
+        (f"run {i}",) for i in range(3)] + [
+        (f"turn {t}.{i}",) for t in range(3) for i in range(2)]
+    assert monitoring.counts.accepted == 9
+    monitoring.deliver("", CheckResult("lab", "load", 0, "at shutdown", 100))
+    monitoring.flush()  # at shutdown: stored at once whatever is in flight
+    calls.run_next()
+    assert registry.query("SELECT COUNT(*) FROM results") == [(10,)]

@@ -479,3 +479,17 @@ def test_format_command_matches_the_real_daemon(tmp_path: Path,
     for line, result in zip(lines, EXPECTED, strict=True):
         stamp = int(line[1 : line.index("]")])
         assert line == format_command(result, stamp)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("size", [PACKET_SIZE, LEGACY_PACKET_SIZE])
+def test_a_whole_packet_with_a_bad_version_is_refused_as_such_after_good_ones(
+        method: int, size: int) -> None:
+    # Arriving whole, its version is read with the header (not from two bytes alone),
+    # and is still what the error names, ahead of its (valid) CRC.
+    good = build_packet(b"h", b"s", 0, b"o", size=size)
+    bad = build_packet(b"h", b"s", 0, b"o", size=size, version=2)
+    with pytest.raises(NSCAError, match="version 2") as info:
+        decoder(method).feed(stream(method, [good, good, bad]))
+    assert info.value.kind == "version"
+    assert info.value.results == (CheckResult("h", "s", 0, "o", T0),) * 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 from collections import deque
+from collections.abc import Iterable
 
 from attrs import define, field
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -36,6 +37,8 @@ class CommandFileWriter:
     max_pending_bytes: int = 4 * 1024 * 1024
     retry_interval: float = 1.0
     dropped: int = field(init=False, default=0)
+    # os.write calls made (a result batch should cost one per PIPE_BUF, not one a line).
+    writes: int = field(init=False, default=0)
     _queue: deque[bytes] = field(init=False, factory=deque)
     _queued_bytes: int = field(init=False, default=0)
     # The unwritten tail of a line a write cut short: it goes out before anything else.
@@ -55,11 +58,21 @@ class CommandFileWriter:
 
     def write(self, line: str) -> None:
         """Queue one command line (it should end with a newline) and write what fits now."""
+        self.write_lines((line,))
+
+    def write_lines(self, lines: Iterable[str]) -> None:
+        """Queue command lines in order and write what fits now: a batch of results
+        goes out in writes of up to PIPE_BUF bytes, not in one write a line."""
         if self._closed:
             raise RuntimeError("CommandFileWriter is closed")
-        data = line.encode("utf-8", "replace")
-        self._queue.append(data)
-        self._queued_bytes += len(data)
+        queued = 0
+        for line in lines:
+            data = line.encode("utf-8", "replace")
+            self._queue.append(data)
+            queued += len(data)
+        if not queued:
+            return
+        self._queued_bytes += queued
         self._enforce_bound()
         if self._retry is None:
             self.flush()
@@ -94,6 +107,7 @@ class CommandFileWriter:
             chunk = self._partial or self._next_batch()
             try:
                 assert self._fd is not None
+                self.writes += 1
                 written = os.write(self._fd, chunk)
             except OSError as e:
                 self._partial = chunk

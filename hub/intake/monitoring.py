@@ -67,6 +67,8 @@ class Monitoring:
     counts: IntakeCounts = field(factory=IntakeCounts)
     _pending: list[tuple[str, CheckResult, float]] = field(factory=list)
     _flush_call: Any = None
+    # The store running in the registry thread, if any (one at a time, see deliver).
+    _storing: defer.Deferred[None] | None = None
     _drops: OncePer = field(factory=OncePer)
     # Registry calls off the reactor (hub.store.offthread); the hub's RegistryThread.
     calls: RegistryCalls = field(
@@ -77,7 +79,9 @@ class Monitoring:
 
         Results arriving in one reactor turn (a send_nsca burst) are stored in
         one transaction, at the end of that turn: a transaction per result was
-        the intake's main cost."""
+        the intake's main cost. While a batch is being stored, later results
+        wait and go in one transaction once it is done: under load the batches
+        grow instead of the registry thread's queue (and its hand-offs)."""
         if not self.config.may_report(node, result.host):
             self.counts.reject("strict_host")
             self._dropped(node, "strict", "NSCA result for host {host!r} from node {node} "
@@ -85,7 +89,7 @@ class Monitoring:
                           "[nsca.hosts]{more}", host=result.host)
             return
         self._pending.append((node, result, self.clock.seconds()))
-        if self._flush_call is None:
+        if self._flush_call is None and self._storing is None:
             self._flush_call = self.clock.callLater(0, self.flush)
 
     def flush(self) -> defer.Deferred[None]:
@@ -108,15 +112,24 @@ class Monitoring:
             kept = [item for item in batch if not item[0] or states[item[0]] == "approved"]
             self.counts.accepted += len(kept)
             if self.command_file is not None:
-                for _, r, now in kept:
-                    self.command_file.write(format_command(r, int(now)))
+                self.command_file.write_lines(format_command(r, int(now)) for _, r, now in kept)
 
         def failed(f: Failure) -> None:
             log.error("{n} NSCA result(s) not stored: {why}", n=len(batch),
                       why=f.getErrorMessage())
 
-        return self.calls.call(store_results, batch, self.config.history).addCallbacks(
+        done = self.calls.call(store_results, batch, self.config.history).addCallbacks(
             stored, failed)
+        self._storing = done
+        done.addBoth(self._stored, done)
+        return done
+
+    def _stored(self, result: object, done: defer.Deferred[None]) -> object:
+        if self._storing is done:
+            self._storing = None
+            if self._pending and self._flush_call is None:
+                self._flush_call = self.clock.callLater(0, self.flush)
+        return result
 
     def _dropped(self, node: str, why: str, fmt: str, **fields: object) -> None:
         held = self._drops.due(self.clock.seconds(), f"{why}:{node.lower()}")

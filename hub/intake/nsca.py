@@ -50,13 +50,18 @@ METHOD_NONE = 0
 METHOD_XOR = 1
 
 _HEADER = struct.Struct(">hxxIIh")  # version, pad, crc32, timestamp, return code
+_VERSION = struct.Struct(">h")
 _CRC_SLICE = slice(4, 8)
 _HOST_AT, _HOST_LEN = 14, 64
 _SERVICE_AT, _SERVICE_LEN = 78, 128
 _OUTPUT_AT = 206
 _OUTPUT_LEN = {PACKET_SIZE: 4096, LEGACY_PACKET_SIZE: 512}
-# Method 1 decodes the plugin output this many bytes at a time, up to its NUL.
+# The header and both names, as one unpack.
+_FRONT = struct.Struct(f">hxxIIh{_HOST_LEN}s{_SERVICE_LEN}s")
+# Method 1 decodes the plugin output this many bytes at a time, up to its NUL; the
+# first step goes with the header and the names.
 _OUTPUT_STEP = 256
+_FIRST_XOR = _OUTPUT_AT + _OUTPUT_STEP
 
 
 class NSCAError(Exception):
@@ -187,12 +192,6 @@ def packet_crc(packet: bytes) -> int:
     return zlib.crc32(view[8:], zlib.crc32(b"\0\0\0\0", zlib.crc32(view[:4])))
 
 
-def _cstring(packet: bytes, at: int, size: int) -> str:
-    # Like the daemon's strncpy(dst, src, size - 1): at most size - 1 bytes, up to the NUL.
-    raw = packet[at : at + size - 1].split(b"\0", 1)[0]
-    return raw.decode("utf-8", "replace")
-
-
 @define(eq=False)
 class NSCADecoder:
     """Turns one connection's bytes (after our init packet) into check results.
@@ -263,20 +262,22 @@ class NSCADecoder:
 
     def _unxor_packet(self, raw: bytes) -> tuple[bytes, int]:
         """Method 1 without XORing the whole 4304 bytes: the plaintext up to the end
-        of the plugin output (found in steps), and the packet's CRC computed from the
+        of the plugin output (the header, names and the output's first step in one
+        XOR, then in steps up to its NUL), and the packet's CRC computed from the
         ciphertext. CRC-32 is affine: crc(c ^ k) = crc(c) ^ crc(k) ^ crc(0...0) for
         strings of one length, and the last two are constants of the connection."""
         size = len(raw)
-        end = _OUTPUT_AT
+        end = _FIRST_XOR
         plain = self._unxor(raw, 0, end)
         limit = _OUTPUT_AT + _OUTPUT_LEN[size]
-        while end < limit:
-            step = min(end + _OUTPUT_STEP, limit)
-            part = self._unxor(raw, end, step)
-            plain += part
-            end = step
-            if b"\0" in part:
-                break
+        if b"\0" not in plain[_OUTPUT_AT:]:
+            while end < limit:
+                step = min(end + _OUTPUT_STEP, limit)
+                part = self._unxor(raw, end, step)
+                plain += part
+                end = step
+                if b"\0" in part:
+                    break
         constant = self._crc_constants.get(size)
         if constant is None:
             assert self._pad is not None
@@ -285,25 +286,25 @@ class NSCADecoder:
         return plain, packet_crc(raw) ^ constant
 
     def _take(self) -> tuple[bytes, int] | None:
-        if len(self._buffer) < 2:
-            return None
-        (version,) = struct.unpack(">h", self._plain(2))
-        if version != PACKET_VERSION:
-            # Checked as soon as two bytes are in, so garbage is refused without waiting.
-            raise NSCAError(
-                f"bad packet version {version} (expected {PACKET_VERSION}); "
-                "wrong password or encryption method?",
-                kind="version",
-            )
         size = self._packet_size
-        if size is None:
-            if len(self._buffer) < LEGACY_PACKET_SIZE:
+        have = len(self._buffer)
+        if size is None or have < size:
+            # A packet not all here yet: its version is checked as soon as two bytes
+            # are in, so garbage is refused without waiting. A whole packet's is
+            # checked by `_parse`, without decrypting its first bytes twice.
+            if have < 2:
                 return None
-            head = self._plain(LEGACY_PACKET_SIZE)
-            legacy = packet_crc(head) == _HEADER.unpack_from(head)[1]
-            size = self._packet_size = LEGACY_PACKET_SIZE if legacy else PACKET_SIZE
-        if len(self._buffer) < size:
-            return None
+            (version,) = _VERSION.unpack(self._plain(2))
+            if version != PACKET_VERSION:
+                raise _version_error(version)
+            if size is None:
+                if have < LEGACY_PACKET_SIZE:
+                    return None
+                head = self._plain(LEGACY_PACKET_SIZE)
+                legacy = packet_crc(head) == _HEADER.unpack_from(head)[1]
+                size = self._packet_size = LEGACY_PACKET_SIZE if legacy else PACKET_SIZE
+            if have < size:
+                return None
         raw = bytes(self._buffer[:size])
         del self._buffer[:size]
         if self._pad is None:
@@ -313,37 +314,52 @@ class NSCADecoder:
     def _parse(self, packet: bytes, computed: int) -> CheckResult:
         """`packet`: the plaintext, possibly cut after the plugin output's NUL;
         `computed`: the CRC of the whole plaintext packet."""
-        _version, crc, timestamp, code = _HEADER.unpack_from(packet)
+        version, crc, timestamp, code, host_raw, service_raw = _FRONT.unpack_from(packet)
+        if version != PACKET_VERSION:
+            raise _version_error(version)
         if crc != computed:
             raise NSCAError(
                 f"bad CRC32 {crc:#010x} (computed {computed:#010x}); "
                 "wrong password or encryption method?",
                 kind="crc",
             )
-        now = int(self.now())
-        age = now - timestamp
-        if self.max_age > 0 and age > self.max_age:
-            raise NSCAError(
-                f"stale packet: timestamp {timestamp} is {age} s before now {now} "
-                f"(max age {self.max_age} s)",
-                kind="stale",
-            )
-        if self.max_age > 0 and -age > self.max_age:
-            raise NSCAError(
-                f"packet from the future: timestamp {timestamp} is {-age} s after now {now} "
-                f"(max age {self.max_age} s)",
-                kind="future",
-            )
-        host = _cstring(packet, _HOST_AT, _HOST_LEN)
+        if self.max_age > 0:
+            now = int(self.now())
+            age = now - timestamp
+            if age > self.max_age:
+                raise NSCAError(
+                    f"stale packet: timestamp {timestamp} is {age} s before now {now} "
+                    f"(max age {self.max_age} s)",
+                    kind="stale",
+                )
+            if -age > self.max_age:
+                raise NSCAError(
+                    f"packet from the future: timestamp {timestamp} is {-age} s after now "
+                    f"{now} (max age {self.max_age} s)",
+                    kind="future",
+                )
+        # Like the daemon's strncpy(dst, src, size - 1): at most size - 1 bytes, up to the NUL.
+        host = host_raw[: _HOST_LEN - 1].split(b"\0", 1)[0].decode("utf-8", "replace")
         if not host:
             raise NSCAError("garbage packet: empty host name", kind="garbage")
+        output_len = _OUTPUT_LEN[self._packet_size or PACKET_SIZE]
         return CheckResult(
             host=host,
-            service=_cstring(packet, _SERVICE_AT, _SERVICE_LEN),
+            service=service_raw[: _SERVICE_LEN - 1].split(b"\0", 1)[0].decode("utf-8",
+                                                                               "replace"),
             code=code,
-            output=_cstring(packet, _OUTPUT_AT, _OUTPUT_LEN[self._packet_size or PACKET_SIZE]),
+            output=packet[_OUTPUT_AT : _OUTPUT_AT + output_len - 1].split(b"\0", 1)[0].decode(
+                "utf-8", "replace"),
             timestamp=timestamp,
         )
+
+
+def _version_error(version: int) -> NSCAError:
+    return NSCAError(
+        f"bad packet version {version} (expected {PACKET_VERSION}); "
+        "wrong password or encryption method?",
+        kind="version",
+    )
 
 
 def format_command(result: CheckResult, now: int) -> str:
