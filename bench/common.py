@@ -378,15 +378,21 @@ class PySpy:
 
     def close(self) -> None:
         """SIGINT makes py-spy write its file and exit."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        interrupt(self.proc)
         if self.proc.stderr is not None:
             self.proc.stderr.close()
+
+
+def interrupt(proc: subprocess.Popen[bytes], wait: float = 30) -> None:
+    """SIGINT a recorder (py-spy, perf) so that it writes its file and exits; kill it
+    after `wait` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # -- machine info ------------------------------------------------------------

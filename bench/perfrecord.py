@@ -7,9 +7,10 @@ symbol (OpenSSL, the interpreter, the kernel), read back with
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 from pathlib import Path
+
+from common import interrupt
 
 
 class PerfRecord:
@@ -27,10 +28,4 @@ class PerfRecord:
 
     def close(self) -> None:
         """SIGINT makes perf write its file and exit."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        interrupt(self.proc)

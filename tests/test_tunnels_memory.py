@@ -1461,14 +1461,20 @@ def test_device_client_opens_the_ssh_forward(hub: Hub, reactor: RecordingReactor
     assert chan.is_open
 
 
-def test_device_client_gives_up_on_a_device_that_never_logs_in(
-        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+def failures_of_a_login(hub: Hub, reactor: RecordingReactor, device: Device) -> list[Any]:
+    """The hub logging in to site-a's ssh forward: the failures it ends with."""
     allocated(device.forward(b"localhost", 0))
     tunnel = hub.sessions.get("site-a")
     assert tunnel is not None
     ready, _client = device_client.connect(tunnel, "root", new_key(), None, clock=reactor)
     failures: list[Any] = []
     ready.addErrback(failures.append)
+    return failures
+
+
+def test_device_client_gives_up_on_a_device_that_never_logs_in(
+        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    failures = failures_of_a_login(hub, reactor, device)
     device.pump.flush()  # the channel opens; the device never answers SSH
     reactor.advance(device_client.VERSION_TIMEOUT - 1)
     assert failures == []
@@ -1484,12 +1490,7 @@ def test_device_client_gives_up_on_a_device_that_never_logs_in(
 
 def test_device_client_names_what_a_forward_that_is_not_ssh_said(
         hub: Hub, reactor: RecordingReactor, device: Device) -> None:
-    allocated(device.forward(b"localhost", 0))
-    tunnel = hub.sessions.get("site-a")
-    assert tunnel is not None
-    ready, _client = device_client.connect(tunnel, "root", new_key(), None, clock=reactor)
-    failures: list[Any] = []
-    ready.addErrback(failures.append)
+    failures = failures_of_a_login(hub, reactor, device)
     device.pump.flush()
     (chan,) = device.conn.forwarded
     chan.write(b"220 mail.example ESMTP ready\r\n")  # a mail server behind the ssh forward
@@ -1503,12 +1504,7 @@ def test_device_client_names_what_a_forward_that_is_not_ssh_said(
 
 def test_device_client_gives_up_on_a_device_that_answers_but_never_logs_in(
         hub: Hub, reactor: RecordingReactor, device: Device) -> None:
-    allocated(device.forward(b"localhost", 0))
-    tunnel = hub.sessions.get("site-a")
-    assert tunnel is not None
-    ready, _client = device_client.connect(tunnel, "root", new_key(), None, clock=reactor)
-    failures: list[Any] = []
-    ready.addErrback(failures.append)
+    failures = failures_of_a_login(hub, reactor, device)
     device.pump.flush()
     (chan,) = device.conn.forwarded
     # A line before the version line (RFC 4253 allows them), the version, then silence.
