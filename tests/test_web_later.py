@@ -27,9 +27,15 @@ from hub.web.site import console_site
 
 @pytest.fixture
 def logged() -> Iterator[list[str]]:
+    """The web console's log lines, and any failure logged from anywhere (an
+    unhandled error). Other lines are left out: SSH connections of earlier tests
+    in this process may still be logging on the same reactor."""
     lines: list[str] = []
 
     def observe(event: LogEvent) -> None:
+        if not (str(event.get("log_namespace", "")).startswith("hub.web")
+                or "log_failure" in event or event.get("isError")):
+            return
         lines.append(formatEvent(event) + ("\n" + str(event["log_failure"].getTraceback())
                                            if "log_failure" in event else ""))
 
