@@ -67,11 +67,13 @@ def make_key(path: Path, comment: str) -> Path:
     return path
 
 
-def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 10) -> None:
-    """SIGTERM, then SIGKILL if it does not go; always reaps it."""
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 10,
+                 sig: int = signal.SIGTERM) -> None:
+    """`sig` (SIGTERM; SIGINT makes a recorder such as py-spy or perf write its file),
+    then SIGKILL if it does not go; always reaps it."""
     if proc is None or proc.poll() is not None:
         return
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -378,21 +380,9 @@ class PySpy:
 
     def close(self) -> None:
         """SIGINT makes py-spy write its file and exit."""
-        interrupt(self.proc)
+        stop_process(self.proc, 30, signal.SIGINT)
         if self.proc.stderr is not None:
             self.proc.stderr.close()
-
-
-def interrupt(proc: subprocess.Popen[bytes], wait: float = 30) -> None:
-    """SIGINT a recorder (py-spy, perf) so that it writes its file and exits; kill it
-    after `wait` seconds."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # -- machine info ------------------------------------------------------------

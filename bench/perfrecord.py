@@ -7,10 +7,11 @@ symbol (OpenSSL, the interpreter, the kernel), read back with
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
-from common import interrupt
+from common import stop_process
 
 
 class PerfRecord:
@@ -28,4 +29,4 @@ class PerfRecord:
 
     def close(self) -> None:
         """SIGINT makes perf write its file and exit."""
-        interrupt(self.proc)
+        stop_process(self.proc, 30, signal.SIGINT)

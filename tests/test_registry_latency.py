@@ -24,7 +24,8 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from hub.access.auth import CALLHOME_PASSWORD, hash_password
-from hub.app.config import build_config
+from hub.app.config import HubConfig, build_config
+from hub.app.context import Hub
 from hub.app.service import build_hub, build_ssh_factory
 from hub.ssh.modern import ModernTransportMixin
 from hub.store.offthread import RegistryThread
@@ -274,15 +275,22 @@ async def until(check: Any, timeout: float = 10.0) -> None:
         await task.deferLater(reactor, 0.05)
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_registry_50_ms_away_never_stalls_the_reactor(tmp_path: Path) -> None:
-    config = build_config({"data": str(tmp_path), "keepalive": "0.5", "web": "none"})
+async def slow_hub(config: HubConfig) -> tuple[Hub, RegistryThread]:
+    """A hub whose registry statements take DELAY each, its registry thread started
+    and the Call Home Password set."""
     hub = build_hub(config, reactor, registry_type=SlowRegistry)
     calls = hub.calls
     assert isinstance(calls, RegistryThread)
     calls.startService()
     await calls.call(Registry.set_setting, CALLHOME_PASSWORD,
                      hash_password(b"secret", rounds=4), "test")
+    return hub, calls
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_registry_50_ms_away_never_stalls_the_reactor(tmp_path: Path) -> None:
+    config = build_config({"data": str(tmp_path), "keepalive": "0.5", "web": "none"})
+    hub, calls = await slow_hub(config)
     factory = build_ssh_factory(hub)
     factory.startFactory()
     listening = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore

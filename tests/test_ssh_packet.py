@@ -276,11 +276,7 @@ class TestEncryptThenMAC:
         key, iv, integ = os.urandom(16), os.urandom(16), os.urandom(32)
 
         def make() -> EncryptThenMAC:
-            return EncryptThenMAC(
-                b"aes128-ctr",
-                Cipher(algorithms.AES(key), modes.CTR(iv)),
-                HMACAlgorithm(sha256, integ),
-            )
+            return _aes128CtrEtm(key, iv, integ)
 
         wire = bytearray(make().seal(1, b"data"))
         wire[3] ^= 0x10  # the clear length is authenticated too
@@ -348,15 +344,20 @@ def test_etm_ctr_packets_in_sequence_match_reference(digest: type, keySize: int)
     assert pos == len(stream)
 
 
+def _aes128CtrEtm(key: bytes, iv: bytes, integ: bytes) -> EncryptThenMAC:
+    """One direction's aes128-ctr + hmac-sha2-256-etm, fresh for these keys."""
+    return EncryptThenMAC(
+        b"aes128-ctr",
+        Cipher(algorithms.AES(key), modes.CTR(iv)),
+        HMACAlgorithm(sha256, integ),
+    )
+
+
 def test_etm_wrong_tag_is_a_mac_error() -> None:
     key, iv, integ = os.urandom(16), os.urandom(16), os.urandom(32)
 
     def make() -> EncryptThenMAC:
-        return EncryptThenMAC(
-            b"aes128-ctr",
-            Cipher(algorithms.AES(key), modes.CTR(iv)),
-            HMACAlgorithm(sha256, integ),
-        )
+        return _aes128CtrEtm(key, iv, integ)
 
     wire = make().seal(3, b"\x5edata")
     tampered = bytearray(wire)

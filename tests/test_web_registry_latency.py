@@ -21,16 +21,15 @@ from urllib.parse import urlencode
 
 import pytest_twisted
 import test_registry_latency as slow
-from test_registry_latency import DELAY, MAX_LAG, ON_THE_REACTOR, LagProbe, SlowRegistry
+from test_registry_latency import DELAY, MAX_LAG, ON_THE_REACTOR, LagProbe, slow_hub
 from twisted.internet import defer, protocol, reactor
 from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.http_headers import Headers
 
-from hub.access.auth import CALLHOME_PASSWORD, hash_password
+from hub.access.auth import hash_password
 from hub.app.config import build_config
 from hub.app.console import build_web
-from hub.app.service import build_hub, build_ssh_factory
-from hub.store.offthread import RegistryThread
+from hub.app.service import build_ssh_factory
 from hub.store.registry import Registry
 from hub.web.sessions import COOKIE
 
@@ -95,12 +94,7 @@ def csrf(page: str) -> str:
 async def test_the_console_on_a_registry_50_ms_away_never_stalls_the_reactor(
         tmp_path: Path) -> None:
     config = build_config({"data": str(tmp_path), "web": "tcp:0:interface=127.0.0.1"})
-    hub = build_hub(config, reactor, registry_type=SlowRegistry)
-    calls = hub.calls
-    assert isinstance(calls, RegistryThread)
-    calls.startService()
-    await calls.call(Registry.set_setting, CALLHOME_PASSWORD,
-                     hash_password(b"secret", rounds=4), "test")
+    hub, calls = await slow_hub(config)
     await calls.call(Registry.add_user, "root", hash_password(b"root-pw", rounds=4), [],
                      [], "test", admin=True)
     for i in range(NODES):

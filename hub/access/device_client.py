@@ -284,7 +284,13 @@ def connect(tunnel: NodeTunnel, user: str, key: keys.Key | DeviceIdentity,
                 client.transport.loseConnection()
 
         check = clock.callLater(VERSION_TIMEOUT, no_version)
-        ready.addBoth(lambda result: (check.cancel() if check.active() else None, result)[1])
+
+        def settled(result: object) -> object:
+            if check.active():
+                check.cancel()
+            return result
+
+        ready.addBoth(settled)
     return ready, client
 
 

@@ -23,7 +23,14 @@ from hub.store.latency import Latency
 from hub.store.leases import LeaseRecords
 from hub.store.operators import KEEP, Keep, OperatorRecords
 from hub.store.pairs import PAIR, PairRecords
-from hub.store.revisions import NODES, RevisionRecords, read_nodes
+from hub.store.revisions import (
+    GENERATION,
+    NODES,
+    RevisionRecords,
+    count_up,
+    counter,
+    read_nodes,
+)
 from hub.store.rows import (
     AUDIT_COLUMNS,
     NETCONF,
@@ -52,11 +59,9 @@ _OFFLINE = ("UPDATE nodes SET online = 0, online_since = NULL, last_seen = ?, hu
             " WHERE name = ?")
 _LEASES_OFF = "UPDATE leases SET active = 0 WHERE node_id = (SELECT id FROM nodes WHERE name = ?"
 _MINE = " AND (hub IS NULL OR hub = ?)"
-# A counter every write the hubs act on bumps in its own transaction (nodes, leases,
-# users, grants, pairs, certificates, settings); `changed` compares it.
-GENERATION = "generation"
-_BUMP = ("INSERT INTO settings (key, value) VALUES ('generation', '1') ON CONFLICT (key)"
-         " DO UPDATE SET value = CAST(CAST(settings.value AS INTEGER) + 1 AS TEXT)")
+# GENERATION (hub.store.revisions): a counter every write the hubs act on bumps in its
+# own transaction (nodes, leases, users, grants, pairs, certificates, settings);
+# `changed` compares it.
 
 __all__ = ["KEEP", "MIGRATIONS", "NETCONF", "STATES", "AuditEntry", "Keep", "Node", "Registry",
            "User"]
@@ -89,7 +94,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords, LeaseRecords, WebSessio
             raise
         self._seen = self._db.generation()[1]
         self._reopened = 0
-        self._generation = self._read_generation(self._db)
+        self._generation = counter(self._db, GENERATION)
 
     @property
     def name(self) -> str:
@@ -135,17 +140,12 @@ class Registry(OperatorRecords, PairRecords, HubRecords, LeaseRecords, WebSessio
         return write()
 
     def _bump(self, db: Database) -> None:
-        db.execute(_BUMP)
-        new = self._read_generation(db)
+        count_up(db, GENERATION)
+        new = counter(db, GENERATION)
         self._stamp(db, new)
         # Our own change is not news to us, unless another's came before it unseen.
         if new - 1 == self._generation:
             self._generation = new
-
-    @staticmethod
-    def _read_generation(db: Database) -> int:
-        row = db.execute("SELECT value FROM settings WHERE key = ?", (GENERATION,)).fetchone()
-        return 0 if row is None else int(row[0])
 
     def changed(self) -> bool:
         """True once after another process (the CLI, another hub) committed a
@@ -155,7 +155,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords, LeaseRecords, WebSessio
         if others == self._seen:
             return False
         self._seen = others
-        generation = self._read_generation(self._db)
+        generation = counter(self._db, GENERATION)
         if generation == self._generation and self._db.reopened == self._reopened:
             return False
         self._reopened = self._db.reopened

@@ -15,7 +15,7 @@ move reads the whole list again (removals are rare, an admin's act).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from attrs import define, field, frozen
@@ -27,9 +27,20 @@ from hub.store.rows import NODE_COLUMNS, Node, select
 NODES = select(NODE_COLUMNS, "(SELECT * FROM nodes WHERE kind != 'pair') AS node_rows")
 
 
-_REMOVALS = "removals"
-_COUNT_REMOVAL = ("INSERT INTO settings (key, value) VALUES ('removals', '1') ON CONFLICT (key)"
-                  " DO UPDATE SET value = CAST(CAST(settings.value AS INTEGER) + 1 AS TEXT)")
+# Counters in `settings`, each raised in the transaction of what it counts.
+GENERATION = "generation"  # writes the hubs act on (hub.store.registry)
+REMOVALS = "removals"      # nodes removed
+_COUNT_UP = ("INSERT INTO settings (key, value) VALUES (?, '1') ON CONFLICT (key)"
+             " DO UPDATE SET value = CAST(CAST(settings.value AS INTEGER) + 1 AS TEXT)")
+
+
+def count_up(db: Database, key: str) -> None:
+    db.execute(_COUNT_UP, (key,))
+
+
+def counter(db: Database, key: str) -> int:
+    row = db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+    return 0 if row is None else int(row[0])
 
 
 def read_nodes(db: Database, where: str = "", params: Sequence[Any] = ()) -> list[Node]:
@@ -65,7 +76,6 @@ class RevisionRecords:
     """Node stamps; mixed into `hub.store.registry.Registry`."""
 
     _db: Database
-    _read_generation: Callable[[Database], int]
     # The node names the write transaction under way changed (`_tx` empties it).
     _touched: set[str]
 
@@ -80,7 +90,7 @@ class RevisionRecords:
 
     def _count_removal(self, db: Database) -> None:
         """The transaction under way removes a node (a mirror must read all again)."""
-        db.execute(_COUNT_REMOVAL)
+        count_up(db, REMOVALS)
 
     def _stamp(self, db: Database, generation: int) -> None:
         """Stamp the touched nodes with the generation their transaction made."""
@@ -91,10 +101,7 @@ class RevisionRecords:
 
     def node_changes(self, since: int | None) -> NodeChanges:
         """The nodes changed after generation `since` (all of them if None)."""
-        generation = self._read_generation(self._db)
-        row = self._db.execute("SELECT value FROM settings WHERE key = ?",
-                               (_REMOVALS,)).fetchone()
-        removals = 0 if row is None else int(row[0])
+        generation, removals = counter(self._db, GENERATION), counter(self._db, REMOVALS)
         if since is None:
             return NodeChanges(generation, removals, read_nodes(self._db))
         return NodeChanges(generation, removals,
