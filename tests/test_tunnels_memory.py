@@ -1502,6 +1502,21 @@ def test_device_client_names_what_a_forward_that_is_not_ssh_said(
     assert chan.is_closed  # the hub closed its end
 
 
+def test_device_client_names_a_forward_that_answers_and_closes(
+        hub: Hub, reactor: RecordingReactor, device: Device) -> None:
+    failures = failures_of_a_login(hub, reactor, device)
+    device.pump.flush()
+    (chan,) = device.conn.forwarded
+    # A web server behind the ssh forward: an error page for the hub's version line.
+    chan.write(b"HTTP/1.0 400 Bad request\r\n\r\n")
+    chan.loseConnection()
+    device.pump.flush()
+    (failure,) = failures
+    assert str(failure.value) == (
+        "the device's ssh forward did not answer as an SSH server (it said "
+        "'HTTP/1.0 400 Bad request'); is the forward pointing at another service?")
+
+
 def test_device_client_gives_up_on_a_device_that_answers_but_never_logs_in(
         hub: Hub, reactor: RecordingReactor, device: Device) -> None:
     failures = failures_of_a_login(hub, reactor, device)

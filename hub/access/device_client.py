@@ -229,6 +229,14 @@ class DeviceClientTransport(ModernTransportMixin, transport.SSHClientTransport):
 
     def connectionLost(self, reason: Any = None) -> None:
         transport.SSHClientTransport.connectionLost(self, reason)
+        if self.failure is None and self.before_version is not None:
+            # Gone before any version line: not a refused login (a web server
+            # answers the hub's version line with an error page and closes).
+            said = self.said()
+            self.failure = DeviceError(
+                not_ssh(said, "") if said else
+                "the device's ssh forward closed the connection before sending an SSH "
+                "version line")
         if not self.ready.called:
             self.ready.errback(self.failure or self.login_refused())
 
