@@ -23,10 +23,20 @@ def run(*args: str | Path, cwd: Path, stdin: str = "") -> str:
     return result.stdout
 
 
-def test_the_wheel_gives_twistd_callhomehub_and_the_cli(tmp_path: Path) -> None:
-    run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp_path / "dist", ROOT,
-        cwd=tmp_path)
-    (wheel,) = (tmp_path / "dist").glob("callhomehub-*.whl")
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel, built once: setuptools builds in the checkout's build/, so two builds at
+    once (two test workers) would trip over each other's files there."""
+    vendor = ROOT / "hub" / "web" / "static" / "vendor" / "xterm"
+    if not (vendor / "xterm.js").exists():
+        pytest.fail("hub/web/static/vendor/xterm/ is missing: run ./run-tests (set-up) first")
+    dist = tmp_path_factory.mktemp("dist")
+    run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", dist, ROOT, cwd=dist)
+    (built,) = dist.glob("callhomehub-*.whl")
+    return built
+
+
+def test_the_wheel_gives_twistd_callhomehub_and_the_cli(wheel: Path, tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
     run(venv / "bin" / "pip", "install", "-q", "--disable-pip-version-check", wheel, cwd=tmp_path)
@@ -61,16 +71,10 @@ def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
-def test_the_wheel_carries_the_web_terminal_and_xterm_js(tmp_path: Path) -> None:
+def test_the_wheel_carries_the_web_terminal_and_xterm_js(wheel: Path) -> None:
     """xterm.js is fetched from npm at set-up (scripts/bootstrap.sh) and ships in the wheel."""
     import zipfile
 
-    vendor = ROOT / "hub" / "web" / "static" / "vendor" / "xterm"
-    if not (vendor / "xterm.js").exists():
-        pytest.fail("hub/web/static/vendor/xterm/ is missing: run ./run-tests (set-up) first")
-    run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp_path / "dist", ROOT,
-        cwd=tmp_path)
-    (wheel,) = (tmp_path / "dist").glob("callhomehub-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("vendor/xterm/xterm.js", "vendor/xterm/xterm.css", "vendor/xterm/addon-fit.js",
                  "vendor/xterm/LICENSE.xterm", "vendor/xterm/LICENSE.addon-fit",
