@@ -187,3 +187,30 @@ def test_offline_writes_queued_back_to_back_are_one_transaction_in_order(
     online = {n.name for n in mine.nodes() if n.online}
     assert online == {"n0"}
     assert thread.queued() == 0
+
+
+def test_a_failed_batch_of_offline_writes_is_logged_once_naming_the_batch(
+        tmp_path: Path, logged: list[LogEvent]) -> None:
+    """Thousands of tunnels closing while the database refuses: one line, not thousands."""
+    clock = MemoryReactorClock()
+
+    class Refusing(Registry):
+        def mark_offline(self, *names: str) -> None:
+            raise RegistryError("database is locked")
+
+    path = str(tmp_path / "hub.sqlite3")
+    thread = RegistryThread(lambda: Refusing(path, now=clock.seconds), None, clock)
+    held = threading.Event()
+    thread.call(lambda r: held.wait(10))  # the thread busy while the writes queue up
+    for i in range(100):
+        thread.write(Registry.mark_offline, f"n{i}")
+    thread.write(Registry.audit, "hub", "between", "x")
+    thread.write(Registry.mark_offline, "alone")
+    held.set()
+    thread.drain()
+    failed = [t for t in texts(logged) if "failed" in t]
+    assert failed == [
+        "registry write mark_offline('n0', 'n1', 'n2', and 97 more) failed: database is "
+        "locked; the hub goes on without it",
+        "registry write mark_offline('alone') failed: database is locked; the hub goes on "
+        "without it"]

@@ -20,6 +20,7 @@ tools and tests that own a `Registry` outright.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from time import monotonic
@@ -83,10 +84,29 @@ def invoke(registry: Registry, fn: Callable[..., T], args: tuple[Any, ...],
     return fn(registry, *args, **kwargs)
 
 
+# A coalesced batch's one failure, shared by all its callers, and the batch as the log
+# names it; None once a caller has logged it (one line for the batch, not one per caller).
+_BATCHES: weakref.WeakKeyDictionary[Failure, str | None] = weakref.WeakKeyDictionary()
+SHOWN_IN_BATCH = 3
+
+
+def describe_batch(fn: Callable[..., Any], args: tuple[Any, ...]) -> str:
+    """`mark_offline('n1', 'n2', 'n3', and 997 more)`: a coalesced write as the log names it."""
+    if len(args) <= SHOWN_IN_BATCH:
+        return describe(fn, args)
+    shown = describe(fn, args[:SHOWN_IN_BATCH])[:-1]
+    return f"{shown}, and {len(args) - SHOWN_IN_BATCH:,} more)"
+
+
 def _logged(what: str) -> Callable[[Failure], None]:
     def failed(f: Failure) -> None:
+        batch = _BATCHES.get(f, "")
+        if batch is None:
+            return  # an earlier caller of the same batch logged it
+        if batch:
+            _BATCHES[f] = None
         log.error("registry write {call} failed: {why}; the hub goes on without it",
-                  call=what, why=f.getErrorMessage() or repr(f.value))
+                  call=batch or what, why=f.getErrorMessage() or repr(f.value))
     return failed
 
 
@@ -279,6 +299,8 @@ class RegistryThread(Service):
             except BaseException:
                 outcome = Failure()
                 outcome.cleanFailure()
+                if len(dones) > 1:
+                    _BATCHES[outcome] = describe_batch(fn, args)
             self._done.extend((d, outcome) for d in dones)
             with self._lock:
                 self._waiting -= len(dones)
