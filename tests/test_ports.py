@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hub.errors import NotFound, PortsExhausted
-from hub.rules.ports import choose_port, free_ports, is_label, lease_port, service_name
+from hub.rules.ports import BusyPorts, choose_port, free_ports, is_label, lease_port, service_name
 from hub.store.registry import Registry
 
 LOW, HIGH = 50000, 50009
@@ -241,6 +241,33 @@ def test_exhaustion_through_avoid_keeps_nothing(registry: Registry) -> None:
         registry.lease("site-a", "ssh", LOW, LOW, avoid={LOW})
     # The transaction rolled back: the old lease is still there.
     assert registry.node("site-a").forwards == {"ssh": LOW}
+
+
+def test_busy_ports_are_passed_over_by_new_leases_only(registry: Registry) -> None:
+    assert registry.lease("site-a", "ssh", LOW, HIGH, busy={LOW, LOW + 1}) == (LOW + 2, True)
+    # A node's own port is kept even when found busy lately: the program may have let it go.
+    assert registry.lease("site-a", "ssh", LOW, HIGH, busy={LOW + 2}) == (LOW + 2, False)
+    # With only busy ports left, one of them is taken rather than refusing the forward.
+    assert registry.lease("site-b", "ssh", LOW, LOW + 2, busy={LOW, LOW + 1}) == (LOW, True)
+    with pytest.raises(PortsExhausted):
+        registry.lease("site-c", "ssh", LOW, LOW + 2, avoid={LOW + 1}, busy={LOW + 1})
+
+
+def test_lease_port_passes_over_busy_ports_but_keeps_the_previous_one() -> None:
+    assert lease_port(LOW, HIGH, free_ports(set(), LOW, HIGH), busy={LOW}) == LOW + 1
+    assert lease_port(LOW, HIGH, free_ports(set(), LOW, HIGH), previous=LOW, busy={LOW}) == LOW
+    assert lease_port(LOW, LOW, free_ports(set(), LOW, LOW), busy={LOW}) is None
+
+
+def test_busy_ports_are_remembered_for_a_while() -> None:
+    busy = BusyPorts(held_for=300)
+    assert busy.found(LOW, now=1000) is True
+    assert busy.found(LOW, now=1100) is False  # known: not worth another log line
+    assert busy.found(LOW + 1, now=1200) is True
+    assert busy.recent(1399) == {LOW, LOW + 1}
+    assert busy.recent(1400) == {LOW + 1}  # 300 s after it was last found
+    assert busy.recent(1500) == set()
+    assert busy.found(LOW, now=1500) is True
 
 
 def test_lease_for_unknown_node(registry: Registry) -> None:

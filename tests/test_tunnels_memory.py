@@ -32,7 +32,7 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from zope.interface import implementer
 
@@ -92,12 +92,14 @@ class RecordingReactor(MemoryReactorClock):
         self.held: list[tuple[RecordingPort, defer.Deferred[None]]] = []
         self.squatted: set[int] = set()  # held by other programs
         self.listen_errors: list[Exception] = []  # raised by the next listenTCP calls
+        self.tried: list[int] = []  # every port listenTCP was asked for
 
     def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = ""
                   ) -> RecordingPort:
         def overlaps(a: str, b: str) -> bool:
             return a == b or "0.0.0.0" in (a, b) or "" in (a, b)
 
+        self.tried.append(port)
         if self.listen_errors:
             raise self.listen_errors.pop(0)
         if port in self.squatted or any(
@@ -529,6 +531,28 @@ def test_port_in_use_by_another_program_is_skipped(
     reactor.squatted = {LOW, LOW + 1}
     assert allocated(device.forward(b"", 0)) == LOW + 2
     assert hub.registry.node("site-a").forwards == {"ssh": LOW + 2}
+
+
+def test_ports_of_other_programs_are_not_tried_again_for_five_minutes(
+        hub: Hub, reactor: RecordingReactor, factory: HubSSHFactory, device: Device,
+        logged: list[LogEvent]) -> None:
+    reactor.squatted = {LOW, LOW + 1}
+    assert allocated(device.forward(b"", 0)) == LOW + 2
+    assert reactor.tried == [LOW, LOW + 1, LOW + 2]
+    others = [Device(factory, reactor, key=register(hub, f"site-{i}"), peer=f"192.0.2.{20 + i}")
+              for i in range(3)]
+    reactor.tried.clear()
+    assert [allocated(d.forward(b"", 0)) for d in others] == [LOW + 3, LOW + 4, LOW + 5]
+    assert reactor.tried == [LOW + 3, LOW + 4, LOW + 5]  # the busy ones passed over
+    busy_lines = [formatEvent(e) for e in logged if "in use by another program" in
+                  formatEvent(e)]
+    assert busy_lines == [f"node site-a: port {LOW} is in use by another program; choosing "
+                          "another (new leases pass it over for 5 minutes)"]
+    # Five minutes later the program has let them go: the next new lease gets LOW.
+    reactor.squatted = set()
+    reactor.advance(300)
+    late = Device(factory, reactor, key=register(hub, "site-late"), peer="192.0.2.30")
+    assert allocated(late.forward(b"", 0)) == LOW
 
 
 def test_exhausted_range_refuses_the_forward(tmp_path: Path, reactor: RecordingReactor) -> None:

@@ -9,12 +9,14 @@ import ipaddress
 import re
 from collections.abc import Collection, Iterable, Iterator
 
-from attrs import frozen
+from attrs import define, field, frozen
 
 WELL_KNOWN = {22: "ssh", 80: "http", 443: "https"}
 _LABEL = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _NOT_LABELS = {"localhost"}
 MAX_PORT = 65535  # a forward request's port is a uint32 on the wire (RFC 4254)
+# How long a port found held by another program is passed over for new leases.
+BUSY_FOR = 300.0
 
 
 def is_label(bind_address: str) -> bool:
@@ -40,18 +42,48 @@ def service_name(bind_address: str, requested_port: int) -> str:
 
 
 def lease_port(low: int, high: int, free: Iterable[int], avoid: Collection[int] = (),
-               previous: int | None = None) -> int | None:
+               previous: int | None = None, busy: Collection[int] = ()) -> int | None:
     """The port a node's service gets in [low, high], or None when none is left.
 
     Leases are sticky: the node's `previous` port for the service while it is
-    in the range and not in `avoid` (ports another program was found holding).
-    Else the first of `free` (the range's unleased ports, lowest first) that is
-    in the range and not avoided. `free` is read only as far as needed, so the
-    registry can compute it lazily from its index.
+    in the range and not in `avoid` (ports another program was found holding
+    just now, for this lease). Else the first of `free` (the range's unleased
+    ports, lowest first) that is in the range, not avoided and not `busy`
+    (ports found held lately, for any lease: see `BusyPorts`). `free` is read only
+    as far as needed, so the registry can compute it lazily from its index.
     """
     if previous is not None and low <= previous <= high and previous not in avoid:
         return previous
-    return next((port for port in free if low <= port <= high and port not in avoid), None)
+    return next((port for port in free
+                 if low <= port <= high and port not in avoid and port not in busy), None)
+
+
+@define
+class BusyPorts:
+    """Ports of the range that another program was found holding (EADDRINUSE on
+    listen), passed over by new leases for `held_for` seconds.
+
+    Leases are chosen lowest first, so without this every new lease would try the
+    lowest port some other program holds (an outgoing connection's ephemeral port:
+    Linux's default 32768-60999 overlaps the hub's 49152-65535), fail to listen,
+    and lease again. A node's own sticky port is still tried: the program may have
+    let it go. After `held_for` a port is tried again.
+    """
+
+    held_for: float = BUSY_FOR
+    _found: dict[int, float] = field(factory=dict)
+
+    def found(self, port: int, now: float) -> bool:
+        """Remember `port` as held at `now`; True if it was not known to be."""
+        new = now - self._found.get(port, now - self.held_for) >= self.held_for
+        self._found[port] = now
+        return new
+
+    def recent(self, now: float) -> frozenset[int]:
+        """The ports found held in the last `held_for` seconds."""
+        for port in [p for p, at in self._found.items() if now - at >= self.held_for]:
+            del self._found[port]
+        return frozenset(self._found)
 
 
 def free_ports(leased: Collection[int], low: int, high: int) -> Iterator[int]:

@@ -29,15 +29,16 @@ class LeaseRecords:
     _retried: Callable[[Callable[[], Any]], Any]
 
     def lease(self, node: str, service: str, low: int, high: int,
-              avoid: Collection[int] = ()) -> tuple[int, bool]:
+              avoid: Collection[int] = (), busy: Collection[int] = ()) -> tuple[int, bool]:
         """The node's port for `service`, as `lease_port` decides from the leases
-        on file, recorded. Returns (port, is_new). Two hubs leasing at once on
-        PostgreSQL: the leases table's unique ports refuse the second insert of
-        a port, and the loser leases again, seeing the winner's lease."""
-        return self._retried(lambda: self._lease(node, service, low, high, avoid))
+        on file, recorded. Returns (port, is_new). Ports in `busy` are taken only
+        when no other is free. Two hubs leasing at once on PostgreSQL: the leases
+        table's unique ports refuse the second insert of a port, and the loser
+        leases again, seeing the winner's lease."""
+        return self._retried(lambda: self._lease(node, service, low, high, avoid, busy))
 
     def _lease(self, node: str, service: str, low: int, high: int,
-               avoid: Collection[int]) -> tuple[int, bool]:
+               avoid: Collection[int], busy: Collection[int]) -> tuple[int, bool]:
         with self._tx() as db:
             row = db.execute("SELECT id FROM nodes WHERE name = ?", (node,)).fetchone()
             if row is None:
@@ -46,7 +47,9 @@ class LeaseRecords:
             row = db.execute("SELECT port FROM leases WHERE node_id = ? AND service = ?",
                              (node_id, service)).fetchone()
             previous = None if row is None else int(row[0])
-            port = lease_port(low, high, self._free_ports(db, low, high), avoid, previous)
+            port = lease_port(low, high, self._free_ports(db, low, high), avoid, previous, busy)
+            if port is None and busy:  # only busy ones left: they may have been let go
+                port = lease_port(low, high, self._free_ports(db, low, high), avoid, previous)
             if port is None:
                 raise PortsExhausted(f"no free port left in {low}-{high}")
             if port == previous:

@@ -285,9 +285,11 @@ class NodeTunnel:
                     log.error("node {node}: cannot listen on {port}: {why}", node=self.node,
                               port=real, why=str(e.socketError))
                     return None
-                if not avoid:
+                if busy.found(real, self.sessions.clock.seconds()) and not avoid:
                     log.warn("node {node}: port {port} is in use by another program; "
-                             "choosing another", node=self.node, port=real)
+                             "choosing another (new leases pass it over for {minutes:.0f} "
+                             "minutes)", node=self.node, port=real,
+                             minutes=busy.held_for / 60)
                 avoid.add(real)
                 return self._lease_and_listen(lease, avoid, attempt + 1)
             log.info("node {node}: forward {service} on {iface}:{port}{new}", node=self.node,
@@ -295,9 +297,11 @@ class NodeTunnel:
                      new=" (new lease)" if new else "")
             return forward
 
+        busy = self.sessions.busy_ports
         return self.sessions.calls.call(
             Registry.lease, self.node, service, self.sessions.port_low, self.sessions.port_high,
-            frozenset(avoid)).addCallbacks(leased, exhausted)
+            frozenset(avoid), busy.recent(self.sessions.clock.seconds())
+        ).addCallbacks(leased, exhausted)
 
     def _listen(self, forward: Forward) -> None:
         port = (self.sessions.listener or self.sessions.reactor).listenTCP(

@@ -231,6 +231,7 @@ class LivePairs:
                     log.error("pair {pair}: cannot listen on {port}: {why}", pair=pair.name,
                               port=port, why=str(e.socketError))
                     return
+                sessions.busy_ports.found(port, sessions.clock.seconds())
                 avoid.add(port)
                 self._listen(pair, service, listening, avoid, attempt + 1)
                 return
@@ -243,7 +244,9 @@ class LivePairs:
                 self._sync_ports(current, self._active.get(key))
 
         sessions.calls.call(Registry.lease, pair.name, service, sessions.port_low,
-                            sessions.port_high, frozenset(avoid)).addCallbacks(leased, failed)
+                            sessions.port_high, frozenset(avoid),
+                            sessions.busy_ports.recent(sessions.clock.seconds())
+                            ).addCallbacks(leased, failed)
 
     def _stop_all(self, key: str) -> defer.Deferred[None]:
         listening = self._listening.pop(key, {})

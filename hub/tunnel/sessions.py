@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from hub.errors import NotFound
 from hub.rules.pairs import Pair
-from hub.rules.ports import ForwardCaps
+from hub.rules.ports import BusyPorts, ForwardCaps
 from hub.store.offthread import InlineCalls, RegistryCalls
 from hub.store.registry import Node, Registry
 from hub.tunnel.descriptors import DescriptorReserve
@@ -58,6 +58,8 @@ class LiveSessions:
     # Forward ports stop accepting while the SSH listener's reserve is short.
     descriptors: DescriptorReserve | None = None
     caps: ForwardCaps = field(factory=ForwardCaps)
+    # Ports of the range other programs were found holding, passed over by new leases.
+    busy_ports: BusyPorts = field(factory=BusyPorts)
     # Logged-in connections of a node that carry no tunnel (yet): a device
     # that only sends results, a re-register, a check. They take nothing over
     # and are dropped on revocation like tunnels.
