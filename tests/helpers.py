@@ -287,3 +287,32 @@ class DeviceSSHD:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def metrics_port(hub: HubProcess) -> int:
+    """The port of a hub's `--metrics tcp:0:...` listener, from its log."""
+    def found() -> int | None:
+        ports = {what: int(port) for what, _host, port in LISTEN_RE.findall(hub.log_text())}
+        return ports.get("metrics")
+
+    return int(wait_for(found, 10, "the metrics listener"))
+
+
+def scrape(port: int) -> Samples:
+    """`/metrics` over HTTP, each sample by name and labels."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        assert reply.headers["Content-Type"].startswith("text/plain")
+        text = reply.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_nsca_codec import IV, PASSWORD, T0, build_packet, stream
 from test_tunnels_memory import Device, RecordingReactor, allocated, jump, open_tcp
 from twisted.conch.ssh import common
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
@@ -24,7 +25,7 @@ from hub.app.service import Options, makeService
 from hub.intake.monitoring import Monitoring
 from hub.intake.nsca import CheckResult
 from hub.intake.settings import NSCASettings
-from hub.web.metrics import metrics_registry, metrics_site
+from hub.web.metrics import HubCollector, WorkerFigures, metrics_registry, metrics_site
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -308,3 +309,37 @@ def test_the_service_listens_for_metrics_only_when_asked(tmp_path: Path) -> None
         ports = [(port, interface) for port, _f, _b, interface in reactor.tcpServers]
         top.stopService()
         assert ((19721, "127.0.0.1") in ports) is listens
+
+
+def test_worker_0_adds_the_other_workers_live_figures_but_not_their_node_counts(
+        hub: Hub) -> None:
+    """`--workers N`: worker 0's scrape asks the others (hub.app.workers) and adds what they
+    said to its own live figures; the node counts are the registry's, counted once."""
+    hub.registry.register("site-a", b"k", "SHA256:a", "test")
+    factory = start_factory(hub)
+    worker1 = HubCollector(hub.registry, hub.sessions, factory, None)
+    hub.sessions.traffic.to_device = 700  # what worker 1 carried
+    factory.auth_failures["password"] = 2
+
+    class Workers:
+        figures = WorkerFigures()
+        asked = 0
+
+        def ask_figures(self) -> defer.Deferred[None]:
+            self.asked += 1
+            self.figures.heard(1, worker1.figures())
+            return defer.succeed(None)
+
+    workers = Workers()
+    worker0 = metrics_registry(hub.registry, hub.sessions, factory, None, workers=workers)
+    before = worker0.before_scrape
+    assert before().called and workers.asked == 1
+    samples = scrape(worker0)
+    # The same sessions stand for both workers here: every live figure counts twice.
+    assert value(samples, "callhomehub_tunnel_bytes_total", direction="to_device") == 1400
+    assert value(samples, "callhomehub_auth_failures_total", kind="password") == 4
+    assert value(samples, "callhomehub_registry_transaction_seconds_count") == 2 * value(
+        scrape(metrics_registry(hub.registry, hub.sessions, factory, None)),
+        "callhomehub_registry_transaction_seconds_count")
+    assert value(samples, "callhomehub_nodes", state="pending") == 1
+    assert value(samples, "callhomehub_build_info", version=hub_package.__version__) == 1

@@ -10,16 +10,12 @@ from pathlib import Path
 
 import pytest
 from conftest import CALLHOME_PASSWORD
-from helpers import LISTEN_RE, SSH, HubProcess, SSHClient, wait_for
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import SSH, HubProcess, SSHClient, metrics_port, scrape, value, wait_for
 from tunnel_helpers import Device, Listener
 
 import hub as hub_package
 
 pytestmark = pytest.mark.e2e
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
 
 @pytest.fixture
 def hub(tmp_path: Path) -> Iterator[HubProcess]:
@@ -32,26 +28,6 @@ def hub(tmp_path: Path) -> Iterator[HubProcess]:
     process.start()
     yield process
     process.stop()
-
-
-def metrics_port(hub: HubProcess) -> int:
-    def found() -> int | None:
-        ports = {what: int(port) for what, _host, port in LISTEN_RE.findall(hub.log_text())}
-        return ports.get("metrics")
-
-    return int(wait_for(found, 10, "the metrics listener"))
-
-
-def scrape(port: int) -> Samples:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        assert reply.headers["Content-Type"].startswith("text/plain")
-        text = reply.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, frozenset(labels.items()))]
 
 
 def test_metrics_of_a_running_hub(hub: HubProcess, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ line and service tree, and worker 0's supervision on a MemoryReactorClock."""
 from __future__ import annotations
 
 import errno
+import io
 import os
 import socket
 import sys
@@ -20,8 +21,10 @@ from hub.app.config import workers_option
 from hub.app.datalock import DataLockService
 from hub.app.service import Options, makeService
 from hub.app.sharedport import SharedListenerService, TcpListen, parse_tcp_listen, shared_socket
-from hub.app.worker import make_worker_service
+from hub.app.worker import ParentWatch, make_worker_service
 from hub.app.workers import (
+    FIGURES_REQUEST,
+    FIGURES_TIMEOUT,
     RESTART_MAX,
     STABLE,
     WorkerProtocol,
@@ -32,6 +35,7 @@ from hub.app.workers import (
 )
 from hub.errors import ConfigError, HubError
 from hub.store.registry import Registry
+from hub.web.metrics import Figure
 
 
 def test_tcp_endpoints_are_parsed_and_others_are_not_shareable() -> None:
@@ -133,6 +137,10 @@ class FakeProcess:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.signals: list[str] = []
+        self.written: list[bytes] = []  # to its stdin
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
 
     def signalProcess(self, name: str) -> None:
         self.signals.append(name)
@@ -285,3 +293,73 @@ def test_each_worker_is_a_hub_of_its_own_with_a_peer_listener() -> None:
     assert fleet.cluster_id == "x" * 60 + "-w3"
     assert as_worker(HubConfig(data="/d", cluster_id="a", workers=2, peer="tcp:7000",
                                peer_address="10.0.0.5:7000"), 0).peer == "tcp:7000"
+
+
+def test_a_scrape_asks_each_running_worker_once_and_adds_its_figures(tmp_path: Path) -> None:
+    """Worker 0's /metrics asks the workers on their stdin; each answers among its log
+    records (`ParentWatch`, the worker's end); a worker that does not answer in time
+    counts with what it said last."""
+    clock, spawn = MemoryReactorClock(), Spawner()
+    supervisor = WorkerSupervisor(3, lambda i: [str(i)], spawn, clock)
+    supervisor.startService()
+    first = supervisor.ask_figures()
+    second = supervisor.ask_figures()  # a scrape overlapping the first: no second question
+    assert [p.written for _x, _a, p in spawn.started] == [[FIGURES_REQUEST]] * 2
+
+    def answer(n: int, tunnels: float, to_device: float) -> None:
+        out = io.StringIO()
+        figures: list[Figure] = [
+            ("gauge", "callhomehub_tunnels_online", {}, tunnels),
+            ("counter", "callhomehub_tunnel_bytes_total", {"direction": "to_device"},
+             to_device)]
+        watch = ParentWatch(MemoryReactorClock(), lambda: figures, out)
+        watch.dataReceived(FIGURES_REQUEST)
+        log_record = "\x1e" + eventAsJSON({"log_format": "x", "log_level": LogLevel.info,
+                                          "log_namespace": "t", "log_time": 1.0}) + "\n"
+        data = (log_record + out.getvalue() + log_record).encode()
+        spawn.started[n][0].outReceived(data[:7])
+        spawn.started[n][0].outReceived(data[7:])
+
+    answer(0, 3, 1000)
+    assert not first.called  # worker 2 has not answered yet
+    answer(1, 4, 500)
+    assert first.called and second.called
+    assert supervisor.figures.totals() == {
+        ("callhomehub_tunnels_online", ()): 7,
+        ("callhomehub_tunnel_bytes_total", (("direction", "to_device"),)): 1500}
+    # Worker 2 stalls: the scrape goes on after FIGURES_TIMEOUT with what it said last.
+    third = supervisor.ask_figures()
+    answer(0, 2, 1100)
+    clock.advance(FIGURES_TIMEOUT)
+    assert third.called
+    assert supervisor.figures.totals()[("callhomehub_tunnels_online", ())] == 6
+    # Worker 1 dies: its tunnels are gone, its bytes still count; started again, it
+    # counts from 0 and the total does not go down.
+    spawn.end(0, killed())
+    assert supervisor.figures.totals() == {
+        ("callhomehub_tunnels_online", ()): 4,
+        ("callhomehub_tunnel_bytes_total", (("direction", "to_device"),)): 1600}
+    clock.advance(1)
+    assert len(spawn.started) == 3
+    supervisor.ask_figures()
+    answer(2, 1, 10)
+    clock.advance(FIGURES_TIMEOUT)
+    assert supervisor.figures.totals() == {
+        ("callhomehub_tunnels_online", ()): 5,
+        ("callhomehub_tunnel_bytes_total", (("direction", "to_device"),)): 1610}
+    supervisor.stopService()
+
+
+def test_an_unreadable_figures_record_is_logged_and_the_scrape_goes_on(
+        logged: list[LogEvent]) -> None:
+    clock, spawn = MemoryReactorClock(), Spawner()
+    supervisor = WorkerSupervisor(2, lambda i: [str(i)], spawn, clock)
+    supervisor.startService()
+    asked = supervisor.ask_figures()
+    spawn.started[0][0].outReceived(b'\x1e{"callhomehub_figures":[["gauge"]]}\n')
+    assert [formatEvent(e) for e in logged if e["log_level"] == LogLevel.warn] == [
+        "worker 1: unreadable figures record (not enough values to unpack (expected 4, got "
+        "1)): b'{\"callhomehub_figures\":[[\"gauge\"]]}'"]
+    clock.advance(FIGURES_TIMEOUT)
+    assert asked.called and supervisor.figures.totals() == {}
+    supervisor.stopService()

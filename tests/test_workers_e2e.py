@@ -16,7 +16,18 @@ from pathlib import Path
 
 import pytest
 from conftest import CALLHOME_PASSWORD
-from helpers import SSH, DeviceSSHD, HubProcess, SSHClient, free_port, make_key, wait_for
+from helpers import (
+    SSH,
+    DeviceSSHD,
+    HubProcess,
+    SSHClient,
+    free_port,
+    make_key,
+    metrics_port,
+    scrape,
+    value,
+    wait_for,
+)
 from tunnel_helpers import Device
 
 pytestmark = pytest.mark.e2e
@@ -169,8 +180,15 @@ def test_an_operator_on_one_worker_reaches_the_devices_of_every_worker(
         sshd.stop()
 
 
+@pytest.mark.parametrize("hub", [("--metrics", "tcp:0:interface=127.0.0.1")], indirect=True)
 def test_devices_spread_over_workers_and_a_killed_worker_comes_back(
         hub: HubProcess, tmp_path: Path) -> None:
+    """... and /metrics (worker 0's) counts the tunnels of both workers."""
+    metrics = metrics_port(hub)
+
+    def tunnels() -> float:
+        return value(scrape(metrics), "callhomehub_tunnels_online")
+
     with ThreadPoolExecutor(4) as pool:
         devices = list(pool.map(lambda i: Device(hub, tmp_path, f"dev-{i}"), range(DEVICES)))
     try:
@@ -183,6 +201,9 @@ def test_devices_spread_over_workers_and_a_killed_worker_comes_back(
         assert on["w0"] and on["w1"], on  # the kernel gave both workers some
         ports = {d.name: d.allocated()[-1] for d in devices}
         assert ports == {n: p for n, (_w, p) in where.items()}
+        assert tunnels() == DEVICES
+        timed = "callhomehub_registry_transaction_seconds_count"
+        transactions = value(scrape(metrics), timed)
 
         [first] = worker_pids(hub)[1]
         mark = len(hub.log_text())
@@ -198,11 +219,14 @@ def test_devices_spread_over_workers_and_a_killed_worker_comes_back(
                  10, "worker 1's devices to see their connection close")
         assert all(d.proc is not None and d.proc.poll() is None for d in devices
                    if d.name in on["w0"])  # worker 0's devices kept theirs
+        assert tunnels() == len(on["w0"])
+        assert value(scrape(metrics), timed) >= transactions  # worker 1's still count
         for device in lost:
             device.connect("0:localhost:22", wait=False)
         wait_for(lambda: set(placement(hub, mark)) >= set(on["w1"])
                  and all(d.allocated() for d in lost), 60, "worker 1's devices to come back")
         assert {d.name: d.allocated()[-1] for d in lost} == {n: ports[n] for n in on["w1"]}
+        assert tunnels() == DEVICES
         assert "Traceback" not in hub.log_text()
     finally:
         for device in devices:

@@ -274,8 +274,9 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     OpenFileLimit(port_keeper=config.port_keeper).setServiceParent(top)
     if hub.sessions.listener is not None:
         PortKeeperService(hub.sessions.listener).setServiceParent(top)
+    workers = None
     if config.workers > 1:
-        add_workers(top, options, config, factory, reactor)
+        workers = add_workers(top, options, config, factory, reactor)
     else:
         ListenerService("SSH", config.ssh, factory, reactor).setServiceParent(top)
     disconnect.setServiceParent(top)
@@ -291,7 +292,8 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
             hub.netconf_needs(), netconf), reactor).setServiceParent(top)
     if config.metrics is not None:
         metrics = metrics_registry(hub.registry, hub.sessions, factory, hub.monitoring.counts
-                                   if hub.monitoring is not None else None, calls=hub.calls)
+                                   if hub.monitoring is not None else None, calls=hub.calls,
+                                   workers=workers)
         ListenerService("metrics", config.metrics, metrics_site(metrics),
                         reactor).setServiceParent(top)
     if hub.monitoring is not None:
@@ -315,7 +317,7 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
 
 
 def add_workers(top: service.MultiService, options: Any, config: HubConfig,
-                factory: HubSSHFactory, reactor: Any) -> None:
+                factory: HubSSHFactory, reactor: Any) -> WorkerSupervisor:
     """`--workers N`, N > 1: this process's SSH listener is shared, and workers
     1..N-1 (hub.app.workers) start after it is bound, on the port it bound."""
     listen = parse_tcp_listen(config.ssh)
@@ -323,6 +325,8 @@ def add_workers(top: service.MultiService, options: Any, config: HubConfig,
     shared = SharedListenerService("SSH", listen, factory, reactor)
     shared.setServiceParent(top)
     log.info("{n} workers: this process is worker 0", n=config.workers)
-    WorkerSupervisor(config.workers, lambda index: worker_arguments(
+    supervisor = WorkerSupervisor(config.workers, lambda index: worker_arguments(
         options, Options.optParameters, Options.optFlags, index, shared.endpoint()),
-        reactor_spawn(reactor), reactor).setServiceParent(top)
+        reactor_spawn(reactor), reactor)
+    supervisor.setServiceParent(top)
+    return supervisor

@@ -8,10 +8,12 @@ stdin (the pipe from worker 0) closes.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TextIO
 
 from twisted.application import internet, service
 from twisted.internet import protocol, stdio
@@ -30,22 +32,50 @@ from hub.app.console import worker_weblinks
 from hub.app.logs import RoutineChatter
 from hub.app.peering import add_peering
 from hub.app.sharedport import SharedListenerService, parse_tcp_listen
+from hub.app.workers import FIGURES_KEY, FIGURES_REQUEST, RECORD_SEPARATOR
 from hub.errors import HubError
+from hub.web.metrics import Figure, HubCollector
 
 # Named: run as `python -m`, this module is __main__.
 log = Logger(namespace="hub.app.worker")
+MAX_REQUEST = 1024
 
 
 class ParentWatch(protocol.Protocol):
-    """Worker 0 holds the other end of stdin: when it closes, worker 0 is gone."""
+    """Worker 0 holds the other end of stdin: when it closes, worker 0 is gone.
 
-    def __init__(self, reactor: Any) -> None:
+    Worker 0 also asks through it for this worker's live figures (for /metrics),
+    which go back as one record among the log records on stdout."""
+
+    def __init__(self, reactor: Any, figures: Callable[[], list[Figure]],
+                 out: TextIO = sys.stdout) -> None:
         self.reactor = reactor
+        self.figures = figures
+        self.out = out
         self.stopping = False
+        self._buffer = b""
         reactor.addSystemEventTrigger("before", "shutdown", self._stopping)
 
     def _stopping(self) -> None:
         self.stopping = True
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        if len(self._buffer) > MAX_REQUEST:
+            log.warn("worker 0 sent an overlong line on stdin: ignored")
+            self._buffer = b""
+        for line in lines:
+            if line + b"\n" == FIGURES_REQUEST:
+                self.answer_figures()
+            elif line.strip():
+                log.warn("worker 0 sent an unknown request on stdin: {line!r}",
+                         line=line[:100])
+
+    def answer_figures(self) -> None:
+        record = json.dumps({FIGURES_KEY: self.figures()}, separators=(",", ":"))
+        self.out.write(RECORD_SEPARATOR.decode() + record + "\n")
+        self.out.flush()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if not self.stopping:  # else the pipe closes because this worker stops
@@ -75,6 +105,10 @@ def make_worker_service(config: HubConfig, index: int, reactor: Any) -> service.
     factory = build_ssh_factory(hub)
     top = service.MultiService()
     top.hub = hub  # type: ignore[attr-defined]
+    # Its live figures, for worker 0's /metrics (the node counts are worker 0's).
+    top.figures = HubCollector(  # type: ignore[attr-defined]
+        hub.registry, hub.sessions, factory,
+        hub.monitoring.counts if hub.monitoring is not None else None, hub.calls).figures
     OpenFileLimit(port_keeper=config.port_keeper).setServiceParent(top)
     if hub.sessions.listener is not None:
         PortKeeperService(hub.sessions.listener).setServiceParent(top)
@@ -126,7 +160,8 @@ def main(argv: list[str]) -> int:
         return 1
     # stdout carries the log records: the watch gets a stdout of its own to not
     # make fd 1 non-blocking (mypy sees Windows' StandardIO signature).
-    stdio.StandardIO(ParentWatch(reactor), stdin=0,  # type: ignore[call-arg]
+    figures = top.figures  # type: ignore[attr-defined]
+    stdio.StandardIO(ParentWatch(reactor, figures), stdin=0,  # type: ignore[call-arg]
                      stdout=os.open(os.devnull, os.O_WRONLY), reactor=reactor)
     # Ctrl-C in a terminal reaches the whole process group: worker 0 stops the
     # workers itself (SIGTERM), so one does not end first and look like a crash.

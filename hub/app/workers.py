@@ -7,11 +7,14 @@ metrics, NSCA and NETCONF listeners, the control socket, lease expiry, recording
 pruning). A worker's log events come to worker 0 as JSON lines on its stdout and are
 logged there with the worker's index; a worker that exits is logged with its status and
 started again after a back-off; stopping the hub stops them all; a worker whose stdin
-(a pipe from worker 0) closes stops itself, so none outlives worker 0.
+(a pipe from worker 0) closes stops itself, so none outlives worker 0. Worker 0 asks
+through that pipe for a worker's live figures when /metrics is scraped; the answer comes
+as one record among its log records.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -25,6 +28,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
+from hub.web.metrics import Figure, WorkerFigures
+
 log = Logger()
 
 # Restart back-off: 1 s after a quick death, doubling to at most 30 s; a worker
@@ -35,6 +40,13 @@ STABLE = 60.0
 # How long a stopping hub waits for its workers after SIGTERM before SIGKILL.
 STOP_GRACE = 10.0
 RECORD_SEPARATOR = b"\x1e"  # twisted.logger's JSON log format
+# Worker 0 asks a worker for its live figures (/metrics) with this line on its stdin;
+# the worker answers with one record {FIGURES_KEY: [...]} among its log records.
+FIGURES_REQUEST = b"figures\n"
+FIGURES_KEY = "callhomehub_figures"
+_FIGURES_RECORD = b'{"' + FIGURES_KEY.encode() + b'"'
+# How long a scrape waits for the workers' answers before using what they said last.
+FIGURES_TIMEOUT = 2.0
 
 
 def default_workers() -> int:
@@ -100,6 +112,9 @@ class WorkerProtocol(protocol.ProcessProtocol):
                 self._publish(record)
 
     def _publish(self, record: bytes) -> None:
+        if record.startswith(_FIGURES_RECORD):
+            self._figures(record)
+            return
         try:
             event = eventFromJSON(record.decode("utf-8", "replace"))
         except ValueError:
@@ -111,6 +126,17 @@ class WorkerProtocol(protocol.ProcessProtocol):
         event["log_system"] = f"w{self.worker.index} {event.get('log_namespace', '-')}#{name}"
         event["worker"] = self.worker.index
         globalLogPublisher(event)
+
+    def _figures(self, record: bytes) -> None:
+        try:
+            figures = [(str(kind), str(name), {str(k): str(v) for k, v in labels.items()},
+                        float(value))
+                       for kind, name, labels, value in json.loads(record)[FIGURES_KEY]]
+        except (ValueError, TypeError, AttributeError, KeyError) as e:
+            log.warn("worker {index}: unreadable figures record ({why}): {record!r}",
+                     index=self.worker.index, why=e, record=record[:200])
+            return
+        self.worker.heard(figures)
 
     def errReceived(self, data: bytes) -> None:
         # A worker logs through stdout; stderr is what escaped it (a traceback at exit).
@@ -137,6 +163,9 @@ class Worker:
     quick_failures: int = 0
     restart: IDelayedCall | None = None
     gone: list[defer.Deferred[None]] = field(factory=list)
+    # Scrapes waiting for this worker's figures, and when they stop waiting.
+    asked: list[defer.Deferred[None]] = field(factory=list)
+    asked_timeout: IDelayedCall | None = None
 
     def start(self) -> None:
         self.restart = None
@@ -146,9 +175,40 @@ class Worker:
         self.pid = getattr(self.process, "pid", None)
         log.info("worker {index} started (pid {pid})", index=self.index, pid=self.pid)
 
+    def ask_figures(self) -> defer.Deferred[None]:
+        """Ask for the worker's live figures (one question for scrapes that overlap)."""
+        if self.process is None:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        if not self.asked:
+            try:
+                self.process.write(FIGURES_REQUEST)
+            except Exception as e:  # its pipe just closed: it is ending
+                log.warn("worker {index}: cannot ask for its figures: {why}",
+                         index=self.index, why=e)
+                return defer.succeed(None)
+            self.asked_timeout = self.supervisor.clock.callLater(
+                self.supervisor.figures_timeout, self._answered)
+        self.asked.append(d)
+        return d
+
+    def heard(self, figures: list[Figure]) -> None:
+        self.supervisor.figures.heard(self.index, figures)
+        self._answered()
+
+    def _answered(self) -> None:
+        if self.asked_timeout is not None and self.asked_timeout.active():
+            self.asked_timeout.cancel()
+        self.asked_timeout = None
+        waiting, self.asked = self.asked, []
+        for d in waiting:
+            d.callback(None)
+
     def ended(self, why: BaseException | None) -> None:
         pid = self.pid
         self.process = None
+        self.supervisor.figures.stopped(self.index)
+        self._answered()
         waiting, self.gone = self.gone, []
         for d in waiting:
             d.callback(None)
@@ -210,6 +270,13 @@ class WorkerSupervisor(service.Service):
         self.grace = grace
         self.stopping = False
         self.workers = [Worker(self, index) for index in range(1, count)]
+        self.figures = WorkerFigures()
+        self.figures_timeout = FIGURES_TIMEOUT
+
+    def ask_figures(self) -> defer.Deferred[None]:
+        """Every running worker's live figures into `figures` (for a scrape)."""
+        return defer.gatherResults([w.ask_figures() for w in self.workers]).addCallback(
+            lambda _: None)
 
     def startService(self) -> None:
         service.Service.startService(self)

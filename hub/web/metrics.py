@@ -16,8 +16,9 @@ thread first, and the scrape answered once they are back.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from attrs import define, field
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -62,11 +63,26 @@ NSCA_REJECTS = ("version", "crc", "stale", "future", "garbage", "invalid", "stri
                 "node_state")
 
 
+# One sample of a worker's live figures as it travels to worker 0:
+# [family type, sample name, labels, value].
+Figure = tuple[str, str, dict[str, str], float]
+_SampleKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def _key(name: str, labels: dict[str, str]) -> _SampleKey:
+    return name, tuple(sorted(labels.items()))
+
+
 class HubCollector(Collector):
-    """The hub's own metrics, computed at scrape time from its live objects."""
+    """The hub's own metrics, computed at scrape time from its live objects.
+
+    With workers (`--workers N`), worker 0's collector adds the other workers'
+    live figures (`others`: what `WorkerFigures.totals` gives) to its own; the
+    node counts are the registry's, for the whole fleet, and counted once."""
 
     def __init__(self, registry: Registry, sessions: LiveSessions, factory: HubSSHFactory,
-                 intake: IntakeCounts | None, calls: RegistryCalls | None = None) -> None:
+                 intake: IntakeCounts | None, calls: RegistryCalls | None = None,
+                 others: Callable[[], dict[_SampleKey, float]] | None = None) -> None:
         self.registry = registry
         self.sessions = sessions
         self.factory = factory
@@ -75,6 +91,7 @@ class HubCollector(Collector):
         # each scrape (`refresh`), never on the reactor.
         self.calls = calls
         self.counts: dict[str, int] = {}
+        self.others = others
 
     def refresh(self) -> defer.Deferred[None]:
         """Read the node counts in the registry thread (before a scrape)."""
@@ -86,21 +103,36 @@ class HubCollector(Collector):
         return self.calls.call(Registry.node_counts).addCallback(keep)
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._nodes_and_tunnels()
-        yield from self._counters()
-        yield self._registry_latency()
-        info = GaugeMetricFamily(f"{PREFIX}_build_info", "The running callhomehub's version.",
-                                 labels=["version"])
-        info.add_metric([__version__], 1)
-        yield info
-
-    def _nodes_and_tunnels(self) -> Iterator[Metric]:
         nodes = GaugeMetricFamily(f"{PREFIX}_nodes", "Registered nodes by state.",
                                   labels=["state"])
         counts = self.registry.node_counts() if self.calls is None else self.counts
         for state, n in counts.items():
             nodes.add_metric([state], n)
         yield nodes
+        others = self.others() if self.others is not None else {}
+        for family in self.live():
+            if others:
+                family.samples = [s._replace(value=s.value + others.get(_key(s.name, s.labels),
+                                                                        0))
+                                  for s in family.samples]
+            yield family
+        info = GaugeMetricFamily(f"{PREFIX}_build_info", "The running callhomehub's version.",
+                                 labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
+    def live(self) -> Iterator[Metric]:
+        """This process's own figures: its tunnels, counters and registry latency."""
+        yield from self._tunnels()
+        yield from self._counters()
+        yield self._registry_latency()
+
+    def figures(self) -> list[Figure]:
+        """`live` as a worker sends it to worker 0."""
+        return [(family.type, s.name, s.labels, s.value)
+                for family in self.live() for s in family.samples]
+
+    def _tunnels(self) -> Iterator[Metric]:
         tunnels = self.sessions.tunnels()
         # One pass over the live tunnels, no registry read: about 1 µs a tunnel.
         forwards = loopback = public = 0
@@ -174,6 +206,59 @@ def _labelled(name: str, doc: str, label: str, counts: Any, always: Any
     return family
 
 
+# Families whose samples only grow: a worker that starts again starts them at 0.
+_MONOTONIC = ("counter", "histogram")
+
+
+@define(eq=False)
+class WorkerFigures:
+    """The live figures of workers 1..N-1 as worker 0 last heard them, summed.
+
+    Counters stay monotonic over a worker's restart (its counts start again at 0):
+    what it had counted before is kept as an offset. A worker that is not running
+    adds its counters but none of its gauges (its tunnels are gone)."""
+
+    _last: dict[int, dict[_SampleKey, tuple[str, float]]] = field(factory=dict)
+    _offsets: dict[_SampleKey, float] = field(factory=dict)
+    _running: set[int] = field(factory=set)
+
+    def heard(self, worker: int, figures: list[Figure]) -> None:
+        previous = self._last.get(worker, {})
+        now = {_key(name, labels): (kind, float(value)) for kind, name, labels, value in figures}
+        for key, (kind, value) in now.items():
+            before = previous.get(key)
+            if kind in _MONOTONIC and before is not None and value < before[1]:
+                self._offsets[key] = self._offsets.get(key, 0.0) + before[1]
+        for key, (kind, value) in previous.items():
+            if kind in _MONOTONIC and key not in now:
+                self._offsets[key] = self._offsets.get(key, 0.0) + value
+        self._last[worker] = now
+        self._running.add(worker)
+
+    def stopped(self, worker: int) -> None:
+        """The worker's process ended: its gauges no longer count."""
+        self._running.discard(worker)
+
+    def totals(self) -> dict[_SampleKey, float]:
+        total = dict(self._offsets)
+        for worker, samples in self._last.items():
+            running = worker in self._running
+            for key, (kind, value) in samples.items():
+                if running or kind in _MONOTONIC:
+                    total[key] = total.get(key, 0.0) + value
+        return total
+
+
+class Workers(Protocol):
+    """Worker 0's view of the other workers (`hub.app.workers.WorkerSupervisor`)."""
+
+    figures: WorkerFigures
+
+    def ask_figures(self) -> defer.Deferred[None]:
+        """Ask every running worker for its live figures; fires when all have answered
+        or a few seconds have passed (then `figures` holds what they said last)."""
+
+
 class HubMetrics(CollectorRegistry):
     """The hub's collectors, and what to read off the reactor before a scrape."""
 
@@ -181,15 +266,25 @@ class HubMetrics(CollectorRegistry):
 
 
 def metrics_registry(registry: Registry, sessions: LiveSessions, factory: HubSSHFactory,
-                     intake: IntakeCounts | None,
-                     calls: RegistryCalls | None = None) -> CollectorRegistry:
+                     intake: IntakeCounts | None, calls: RegistryCalls | None = None,
+                     workers: Workers | None = None) -> CollectorRegistry:
     """A registry of this hub's own: its metrics and the process's (CPU, memory, files).
-    With `calls` (the hub's registry thread) the node counts are read there."""
+    With `calls` (the hub's registry thread) the node counts are read there; with
+    `workers` (worker 0 of several) their live figures are asked for and added."""
     metrics = HubMetrics(auto_describe=False)
-    collector = HubCollector(registry, sessions, factory, intake, calls)
+    others = workers.figures.totals if workers is not None else None
+    collector = HubCollector(registry, sessions, factory, intake, calls, others)
     metrics.register(collector)
-    if calls is not None:
-        metrics.before_scrape = collector.refresh
+    if calls is not None or workers is not None:
+        def before() -> defer.Deferred[None]:
+            counted = collector.refresh() if calls is not None else defer.succeed(None)
+            if workers is None:
+                return counted
+            # Both at once; asking the workers never fails (it falls back on what
+            # they said last), so a failure is the node counts', reported as such.
+            return workers.ask_figures().addCallback(lambda _: counted)
+
+        metrics.before_scrape = before
     ProcessCollector(registry=metrics)
     return metrics
 
