@@ -30,7 +30,9 @@ from twisted.python.failure import Failure
 from hub.access.auth import NoPasswordWarnings, PasswordBackoff
 from hub.access.gatekeeper import Gatekeeper, PasswordBudget
 from hub.access.limits import Limits
+from hub.access.proxyheader import ProxyHeaderReader
 from hub.access.userauth import HubUserAuthServer
+from hub.rules.admission import Networks, within
 from hub.ssh.algorithms import DEFAULT_POLICY, HOST_KEY_ALGORITHMS, TransportPolicy
 from hub.ssh.connection import HubConnection
 from hub.ssh.disconnect import log_peer_disconnect
@@ -184,11 +186,33 @@ class HubSSHFactory(factory.SSHFactory):
         # before login), channel opens refused by SSH reason code (HubConnection).
         self.auth_failures: Counter[str] = Counter()
         self.channel_refusals: Counter[int] = Counter()
+        # Load balancers whose connections start with a PROXY protocol header
+        # (hub.access.proxyheader), and their connections still reading it.
+        self.proxy_from: Networks = ()
+        self.awaiting_header: set[ProxyHeaderReader] = set()
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
-        if len(self.unauthenticated) >= self.limits.max_unauthenticated:
+        source = str(getattr(addr, "host", addr))
+        if addr is None or not self.proxy_from or not within(source, self.proxy_from):
+            return self.build_transport(addr)
+        waiting = len(self.unauthenticated) + len(self.awaiting_header)
+        if waiting >= self.limits.max_unauthenticated:
+            log.warn("refusing connection from {peer} (a load balancer): {n} unauthenticated "
+                     "connections already", peer=source, n=waiting)
+            self.auth_failures["refused_preauth"] += 1
+            return None
+        reader = ProxyHeaderReader(addr, self.build_transport, self.clock,
+                                   self.awaiting_header.discard)
+        self.awaiting_header.add(reader)
+        return reader
+
+    def build_transport(self, addr: IAddress | None) -> Any:
+        """The SSH transport of a connection from `addr` (a device's address also when
+        a load balancer relays it), or None: refused before login."""
+        waiting = len(self.unauthenticated) + len(self.awaiting_header)
+        if waiting >= self.limits.max_unauthenticated:
             log.warn("refusing connection from {peer}: {n} unauthenticated connections already",
-                     peer=getattr(addr, "host", addr), n=len(self.unauthenticated))
+                     peer=getattr(addr, "host", addr), n=waiting)
             self.auth_failures["refused_preauth"] += 1
             return None
         source = str(getattr(addr, "host", addr))

@@ -92,6 +92,9 @@ class HubConfig:
     # A PostgreSQL registry (`--registry postgresql://...`), or None: the SQLite
     # file in the data directory (`db_path`).
     registry_url: str | None = None
+    # Load balancers whose connections to the SSH listener start with a PROXY
+    # protocol header naming the device's address (hub.access.proxyheader).
+    proxy_protocol_from: tuple[str, ...] = ()
 
     @property
     def db_path(self) -> str:
@@ -169,6 +172,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "recordings": {"enabled": bool, "max_age_days": (int, float),
                    "max_total_mb": (int, float)},
     "cluster": {"id": str, "peer_address": str},
+    "ssh": {"proxy_protocol_from": list},
 }
 
 
@@ -286,6 +290,14 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
     if limits.pending_lease_expiry < 60:
         raise ConfigError("[limits] pending_lease_expiry must be >= 60 (seconds)")
 
+    proxy_from = doc.get("ssh", {}).get("proxy_protocol_from", [])
+    if not all(isinstance(x, str) for x in proxy_from):
+        raise ConfigError("[ssh] proxy_protocol_from must be a list of addresses or networks")
+    try:
+        parse_networks(proxy_from)
+    except ValueError as e:
+        raise ConfigError(f"[ssh] proxy_protocol_from: {e}") from None
+
     secrets = doc.get("netconf", {}).get("secrets", {})
     for device, secret in secrets.items():
         if not isinstance(secret, str):
@@ -344,6 +356,7 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         workers=workers_option(options.get("workers"), options.get("ssh") or "tcp:22"),
         registry_url=check_registry_url(
             options.get("registry") or os.environ.get("CALLHOMEHUB_REGISTRY")),
+        proxy_protocol_from=tuple(proxy_from),
     )
 
 

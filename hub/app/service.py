@@ -50,6 +50,7 @@ from hub.intake.commandfile import CommandFileWriter
 from hub.intake.monitoring import Monitoring
 from hub.netconf.callhome import CallHomeFactory
 from hub.netconf.devices import NetconfSessions
+from hub.rules.admission import networks
 from hub.rules.logins import DeviceLogin, OperatorLogin
 from hub.ssh.hostcerts import present_host_certificate
 from hub.ssh.keys import fingerprint, load_hub_keys
@@ -242,6 +243,10 @@ def build_ssh_factory(hub: Hub) -> HubSSHFactory:
         hub.calls.write(Registry.audit, actor, action, target, detail)
 
     factory.audit = audit  # denied logins are audited too (queued, off the reactor)
+    if config.proxy_protocol_from:
+        factory.proxy_from = networks(config.proxy_protocol_from)
+        log.info("SSH connections from {nets} start with a PROXY protocol header",
+                 nets=", ".join(config.proxy_protocol_from))
     return factory
 
 

@@ -92,8 +92,21 @@ class AdmissionPolicy:
     exempt: tuple[str, ...] = ()
 
 
-def _networks(texts: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def networks(texts: Iterable[str]) -> Networks:
+    """Addresses or CIDR networks (checked first with `parse_networks`)."""
     return tuple(ipaddress.ip_network(t, strict=False) for t in texts)
+
+
+def within(source: str, nets: Networks) -> bool:
+    """Whether the address `source` is in one of `nets` (a name never is)."""
+    try:
+        address = ipaddress.ip_address(source)
+    except ValueError:
+        return False
+    return any(address in net for net in nets)
 
 
 def parse_networks(texts: Iterable[str]) -> tuple[str, ...]:
@@ -134,20 +147,16 @@ class Admission:
 
     policy: AdmissionPolicy
     max_sources: int = 10000
-    _exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(init=False)
+    _exempt: Networks = field(init=False)
     _points: OrderedDict[str, list[float]] = field(factory=OrderedDict)
     _penalized: dict[str, float] = field(factory=dict)
     _devices: OrderedDict[str, float] = field(factory=OrderedDict)
 
     def __attrs_post_init__(self) -> None:
-        self._exempt = _networks(self.policy.exempt)
+        self._exempt = networks(self.policy.exempt)
 
     def exempt(self, source: str) -> bool:
-        try:
-            address = ipaddress.ip_address(source)
-        except ValueError:
-            return False
-        return any(address in net for net in self._exempt)
+        return within(source, self._exempt)
 
     def device_source(self, source: str, now: float) -> bool:
         seen = self._devices.get(source)
