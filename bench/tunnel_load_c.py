@@ -55,6 +55,10 @@ class Libssh2Connection:
         self.session: Session | None = Session()
         self.listener: Listener | None = None
         self._loop = asyncio.get_running_loop()
+        self._waiter: asyncio.Future[None] | None = None
+        # The socket stays in the loop's reader set from one wait to the next (an
+        # epoll_ctl pair per wait was a third of the generator's CPU per handshake).
+        self._reading = False
 
     async def call(self, method: Any, *args: Any) -> Any:
         """`method(*args)` again each time the socket is ready, until it does not say EAGAIN."""
@@ -68,22 +72,31 @@ class Libssh2Connection:
         """Wait for the direction(s) libssh2 is blocked on."""
         assert self.session is not None
         directions = self.session.block_directions() or LIBSSH2_SESSION_BLOCK_INBOUND
-        ready = self._loop.create_future()
-
-        def wake() -> None:
-            if not ready.done():
-                ready.set_result(None)
-
+        self._waiter = self._loop.create_future()
         fd = self.sock.fileno()
-        if directions & LIBSSH2_SESSION_BLOCK_INBOUND:
-            self._loop.add_reader(fd, wake)
+        if directions & LIBSSH2_SESSION_BLOCK_INBOUND and not self._reading:
+            self._loop.add_reader(fd, self._readable)
+            self._reading = True
         if directions & LIBSSH2_SESSION_BLOCK_OUTBOUND:
-            self._loop.add_writer(fd, wake)
+            self._loop.add_writer(fd, self._writable)
         try:
-            await ready
+            await self._waiter
         finally:
-            self._loop.remove_reader(fd)
-            self._loop.remove_writer(fd)
+            self._waiter = None
+
+    def _readable(self) -> None:
+        if self._waiter is None:
+            # Bytes came while libssh2 was not waiting for them: stop watching (the
+            # loop would call again and again) until the next wait.
+            self._loop.remove_reader(self.sock.fileno())
+            self._reading = False
+        elif not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _writable(self) -> None:
+        self._loop.remove_writer(self.sock.fileno())
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def wait_closed(self) -> None:
         """Read (and so answer the hub's keepalives) until the connection is gone.
@@ -133,7 +146,8 @@ class Libssh2Client:
         sock.setblocking(False)
         conn = Libssh2Connection(sock)
         try:
-            port = await asyncio.wait_for(self._login(conn, args, key), args.timeout)
+            async with asyncio.timeout(args.timeout):
+                port = await self._login(conn, args, key)
         except BaseException:
             conn.abort()
             raise
