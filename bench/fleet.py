@@ -4,7 +4,8 @@ The keys are made in-process with `cryptography` (ed25519, one per device) and
 written as JSON lines for `tunnel_load.py`; their public halves are written
 straight into the hub's registry (`Registry.register`, what `ssh cms@hub
 register` ends in) so that 10,000 devices need not each run the password
-login. `Generator` runs `tunnel_load.py` and follows its JSON reports.
+login. `Generator` runs `tunnel_load.py` (or its libssh2 twin, `tunnel_load_c.py`)
+and follows its JSON reports.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from peers import raise_nofile
 
 HERE = Path(__file__).resolve().parent
 Event = dict[str, Any]
+# --generator: the load generator's script per SSH client library. libssh2's
+# handshake is C, asyncssh's Python (as costly as the hub's on the same cores).
+GENERATORS = {"asyncssh": "tunnel_load.py", "libssh2": "tunnel_load_c.py"}
 
 
 def make_keys(path: Path, count: int) -> list[tuple[str, str]]:
@@ -61,16 +65,18 @@ def register_all(database: Path, publics: list[tuple[str, str]]) -> float:
 
 
 class Generator:
-    """`tunnel_load.py` as a child process, its reports collected by a thread."""
+    """`tunnel_load.py` (or its twin named by `generator`) as a child process, its
+    reports collected by a thread."""
 
     def __init__(self, port: int, keys: Path, user: str, concurrency: int, jitter: float,
                  backoff_max: float, storm_concurrency: int, log: Path,
-                 algorithms: list[str] | None = None, service: str | None = None) -> None:
+                 algorithms: list[str] | None = None, service: str | None = None,
+                 generator: str = "asyncssh") -> None:
         self.events: list[Event] = []
         self._cond = threading.Condition()
         with open(log, "ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, str(HERE / "tunnel_load.py"), "--port", str(port),
+                [sys.executable, str(HERE / GENERATORS[generator]), "--port", str(port),
                  "--keys", str(keys), "--user", user, "--concurrency", str(concurrency),
                  "--jitter", str(jitter), "--backoff-max", str(backoff_max),
                  "--storm-concurrency", str(storm_concurrency), *(algorithms or []),

@@ -8,6 +8,7 @@ raised open-file limit, and Debian's `nsca` daemon.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import re
@@ -77,20 +78,31 @@ def ephemeral_range() -> tuple[int, int]:
 def tunnel_port_range(count: int) -> str:
     """A per-device port range for `count` tunnels that no client socket can take.
 
-    Above the kernel's ephemeral ports when that is big enough (test suites crowd
-    49152 and up); else below them, where neither test suites nor our own
-    thousands of client connections get ports."""
+    Outside the kernel's ephemeral ports (where our own thousands of client
+    connections get theirs), and of such ranges the one other programs listen on
+    least: on a shared machine another benchmark's hub may hold thousands of ports,
+    and each one it holds in our range costs our hub a failed listen, or a device
+    its old port in the reconnect storm. Ties go to the first of 8192 and up,
+    above the ephemeral ports, then 1024 and up (test suites crowd 49152 and up)."""
     eph_low, eph_high = ephemeral_range()
-    need = count + 256
-    if 65535 - eph_high >= need:
-        low, high = eph_high + 1, 65535
-    else:
-        high = eph_low - 1
-        low = max(1024, high - need - 1024)
-    busy = listening_ports(low, high)
-    if high - low + 1 - len(busy) < count:
-        raise RuntimeError(f"not enough free ports in {low}-{high} for {count} tunnels")
-    return f"{low}-{high}"
+    size = count + 1280
+    listening = sorted(listening_ports(1024, 65535))
+    best: tuple[int, int] | None = None
+    for low in window_starts(size, eph_low, eph_high):
+        busy = bisect.bisect_right(listening, low + size - 1) - bisect.bisect_left(listening, low)
+        if best is None or busy < best[0]:
+            best = (busy, low)
+    if best is None:
+        raise RuntimeError(f"no {size} ports outside the ephemeral ports {eph_low}-{eph_high}")
+    return f"{best[1]}-{best[1] + size - 1}"
+
+
+def window_starts(size: int, eph_low: int, eph_high: int) -> list[int]:
+    """Starts of `size`-port windows clear of the ephemeral ports, in order of preference."""
+    def starts(low: int, high: int) -> list[int]:
+        return list(range(low, high - size + 2, 256))
+    return [*starts(8192, eph_low - 1), *starts(eph_high + 1, 65535),
+            *starts(1024, min(8191 + size, eph_low - 1))]
 
 
 class HubProcess(Hub):

@@ -16,6 +16,9 @@ most --concurrency handshakes at once.
 Reports on stdout, one JSON object a line, every --interval seconds and at each
 milestone; `time.monotonic()` stamps (one clock for all processes on Linux).
 Stops on stdin EOF, SIGTERM or SIGINT, closing every connection.
+
+The SSH client is a `Client` (here asyncssh's); `tunnel_load_c.py` runs the
+same fleet with libssh2's compiled handshake instead.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import asyncssh
 from attrs import define, field
@@ -43,10 +46,30 @@ LIKE_OPENSSH = {"kex_algs": ["curve25519-sha256", "curve25519-sha256@libssh.org"
                 "encryption_algs": ["chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com"]}
 
 
+class Connection(Protocol):
+    """One device's held SSH connection, as `hold` needs it."""
+
+    async def wait_closed(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class Client(Protocol):
+    """The SSH library a generator drives: its device keys, handshakes and errors."""
+
+    errors: tuple[type[BaseException], ...]   # a failed attempt, retried after a back-off
+
+    def load_key(self, text: str) -> Any: ...
+
+    async def connect(self, args: argparse.Namespace, key: Any) -> tuple[Connection, int]:
+        """Log in with `key`, ask for the port-0 forward; the connection and its port."""
+        ...
+
+
 @define(eq=False)
 class Device:
     name: str
-    key: asyncssh.SSHKey
+    key: Any                       # what the Client's load_key made
     first_port: int = 0
     port: int = 0
     up: bool = False
@@ -62,6 +85,7 @@ class Fleet:
 
     devices: list[Device]
     args: argparse.Namespace
+    client: Client
     gate: asyncio.Semaphore
     storm_gate: asyncio.Semaphore | None
     started: float = field(factory=time.monotonic)
@@ -89,7 +113,7 @@ async def hold(fleet: Fleet, device: Device) -> None:
     while True:
         try:
             conn = await connect(fleet, device)
-        except (TimeoutError, OSError, asyncssh.Error) as e:
+        except fleet.client.errors as e:
             device.failures += 1
             fleet.failures += 1
             device.last_error = type(e).__name__ + (f": {e}"[:60] if str(e) else "")
@@ -108,33 +132,45 @@ async def hold(fleet: Fleet, device: Device) -> None:
         await asyncio.sleep(random.uniform(0, args.jitter))
 
 
-async def connect(fleet: Fleet, device: Device) -> asyncssh.SSHClientConnection:
+async def connect(fleet: Fleet, device: Device) -> Connection:
     """One handshake and forward; the first bring-up is limited to --concurrency at once."""
-    args = fleet.args
     if not (fleet.ever_all_up or device.connects):
         async with fleet.gate:
-            return await handshake(args, device)
+            return await handshake(fleet, device)
     if fleet.storm_gate is None:
-        return await handshake(args, device)
+        return await handshake(fleet, device)
     async with fleet.storm_gate:
-        return await handshake(args, device)
+        return await handshake(fleet, device)
 
 
-async def handshake(args: argparse.Namespace, device: Device) -> asyncssh.SSHClientConnection:
-    conn = await asyncssh.connect(
-        args.host, args.port, username=args.user, client_keys=[device.key], known_hosts=None,
-        agent_path=None, config=[], preferred_auth="publickey", connect_timeout=args.timeout,
-        login_timeout=args.timeout, keepalive_interval=0, gss_host=None,
-        **(LIKE_OPENSSH if args.like_openssh else {}))
-    try:
-        listener = await asyncio.wait_for(
-            conn.forward_remote_port("", 0, *args.service), args.timeout)
-    except BaseException:
-        conn.abort()
-        raise
-    device.port = listener.get_port()
+async def handshake(fleet: Fleet, device: Device) -> Connection:
+    conn, device.port = await fleet.client.connect(fleet.args, device.key)
     device.connects += 1
     return conn
+
+
+class AsyncsshClient:
+    """asyncssh: all of the SSH protocol in Python (its ciphers in `cryptography`)."""
+
+    errors = (TimeoutError, OSError, asyncssh.Error)
+
+    def load_key(self, text: str) -> asyncssh.SSHKey:
+        return asyncssh.import_private_key(text)
+
+    async def connect(self, args: argparse.Namespace, key: asyncssh.SSHKey
+                      ) -> tuple[Connection, int]:
+        conn = await asyncssh.connect(
+            args.host, args.port, username=args.user, client_keys=[key], known_hosts=None,
+            agent_path=None, config=[], preferred_auth="publickey",
+            connect_timeout=args.timeout, login_timeout=args.timeout, keepalive_interval=0,
+            gss_host=None, **(LIKE_OPENSSH if args.like_openssh else {}))
+        try:
+            listener = await asyncio.wait_for(
+                conn.forward_remote_port("", 0, *args.service), args.timeout)
+        except BaseException:
+            conn.abort()
+            raise
+        return conn, listener.get_port()
 
 
 def mark_up(fleet: Fleet, device: Device) -> None:
@@ -163,18 +199,18 @@ async def until_stdin_closes() -> None:
     await loop.run_in_executor(None, sys.stdin.buffer.read)
 
 
-def load_keys(path: Path) -> list[Device]:
+def load_keys(path: Path, client: Client) -> list[Device]:
     devices = []
     for line in path.read_text().splitlines():
         entry = json.loads(line)
-        devices.append(Device(entry["name"], asyncssh.import_private_key(entry["key"])))
+        devices.append(Device(entry["name"], client.load_key(entry["key"])))
     return devices
 
 
-async def main_async(args: argparse.Namespace) -> None:
-    devices = load_keys(args.keys)
+async def main_async(args: argparse.Namespace, client: Client) -> None:
+    devices = load_keys(args.keys, client)
     storm_gate = asyncio.Semaphore(args.storm_concurrency) if args.storm_concurrency else None
-    fleet = Fleet(devices, args, asyncio.Semaphore(args.concurrency), storm_gate)
+    fleet = Fleet(devices, args, client, asyncio.Semaphore(args.concurrency), storm_gate)
     fleet.report("start")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -219,9 +255,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, client: Client | None = None) -> int:
     args = parse_args(argv)
-    asyncio.run(main_async(args))
+    asyncio.run(main_async(args, client or AsyncsshClient()))
     return 0
 
 

@@ -5,9 +5,10 @@
 
 For each N: N device keys (ed25519) written straight into a fresh hub's
 registry (not through `ssh cms@hub register`: that would take ~N x 0.3 s),
-the hub started, then ONE load-generator process (`tunnel_load.py`, asyncssh)
-connects every device as `cms` with its key and asks for one reverse forward
-with port 0, at most --concurrency handshakes at once. Measured:
+the hub started, then ONE load-generator process (`tunnel_load.py`, asyncssh, or
+with `--generator libssh2` `tunnel_load_c.py`, libssh2's C handshake) connects
+every device as `cms` with its key and asks for one reverse forward with port 0,
+at most --concurrency handshakes at once. Measured:
 
 - bring-up: seconds until all N forwards are up, handshakes/s, hub CPU per handshake;
 - idle memory: hub (RSS_N - RSS_0) / N and the same for PSS, open fds, settled
@@ -52,7 +53,7 @@ from common import (
     wait_for,
     wait_quiet,
 )
-from fleet import Generator, make_keys, register_all
+from fleet import GENERATORS, Generator, make_keys, register_all
 from peers import DeviceSSHD, HubProcess, nofile_limit, tunnel_port_range
 from runner import add_common_options, install_sigterm, use_hub_source, write_doc
 
@@ -206,7 +207,8 @@ def hub_run(workdir: Path, n: int, args: argparse.Namespace, workers: int = 1) -
         outcome.fds0 = summed(open_fds, hub.pids())
         gen = Generator(hub.port, keys, "cms", args.concurrency, args.jitter,
                         args.backoff_max, args.storm_concurrency, workdir / "generator.log",
-                        ["--asyncssh-defaults"] if args.asyncssh_defaults else [])
+                        ["--asyncssh-defaults"] if args.asyncssh_defaults else [],
+                        generator=args.generator)
         bring_up(gen, outcome, lambda: sum(map(summed_cpu, hub.pids())), args.timeout,
                  args.stall)
         settle(hub.pids(), 20)
@@ -302,7 +304,8 @@ def sshd_run(workdir: Path, n: int, args: argparse.Namespace) -> Outcome:
         outcome.fds0 = open_fds(master)
         gen = Generator(sshd.port, keys, "root", args.concurrency, args.jitter,
                         args.backoff_max, args.storm_concurrency, workdir / "generator.log",
-                        ["--asyncssh-defaults"] if args.asyncssh_defaults else [])
+                        ["--asyncssh-defaults"] if args.asyncssh_defaults else [],
+                        generator=args.generator)
         bring_up(gen, outcome, lambda: sum(summed_cpu(p) for p in descendants(master)),
                  args.timeout, args.stall)
         settle([master, *descendants(master)], 20)
@@ -337,6 +340,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--asyncssh-defaults", action="store_true",
                    help="let asyncssh pick kex, host key and cipher (the hub then signs with "
                         "RSA and uses ML-KEM); default: what OpenSSH 9.2 picks")
+    p.add_argument("--generator", choices=sorted(GENERATORS), default="asyncssh",
+                   help="the devices' SSH client: asyncssh (tunnel_load.py, Python) or "
+                        "libssh2 (tunnel_load_c.py, C handshakes)")
     p.add_argument("--backlog", type=int, default=0,
                    help="listen backlog of the hub's SSH endpoint (default: the hub's own)")
     p.add_argument("--keepalive", type=int, default=15, help="hub --keepalive (default 15)")
@@ -437,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             "concurrency": args.concurrency,
             "jitter_s": args.jitter, "backlog": args.backlog,
             "storm_concurrency": args.storm_concurrency, "backoff_max_s": args.backoff_max,
+            "generator": args.generator,
             "algorithms": "asyncssh defaults" if args.asyncssh_defaults else "as OpenSSH 9.2",
             "machine": machine_info(), **source,
             "results": [asdict(o) for o in outcomes]})
