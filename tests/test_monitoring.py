@@ -5,13 +5,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_nsca_codec import IV, PASSWORD, T0, Encryptor, build_packet
 from twisted.internet import defer
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, formatEvent
 
+from hub.intake.backlog import Backlog
 from hub.intake.commandfile import CommandFileWriter
-from hub.intake.monitoring import Monitoring, status
-from hub.intake.nsca import CheckResult
+from hub.intake.monitoring import Monitoring, NSCAChannel, status
+from hub.intake.nsca import PACKET_SIZE, CheckResult
 from hub.intake.settings import NSCASettings
 from hub.store.registry import Registry
 
@@ -170,3 +173,77 @@ def test_results_wait_while_a_batch_is_stored_then_go_in_one_transaction_in_orde
     monitoring.flush()  # at shutdown: stored at once whatever is in flight
     calls.run_next()
     assert registry.query("SELECT COUNT(*) FROM results") == [(10,)]
+
+
+def _held_intake(tmp_path: Path, limit: int) -> tuple[Monitoring, HeldCalls, MemoryReactorClock]:
+    """An intake whose registry stores only when told (`HeldCalls.run_next`), with
+    a backlog of `limit` results; its node `site-a` is approved."""
+    clock = MemoryReactorClock()
+    clock.advance(T0)
+    registry = Registry(str(tmp_path / "hub.sqlite3"), now=clock.seconds)
+    registry.register("site-a", b"key-a", "fp-a", "test")
+    registry.set_state("site-a", "approved", "test")
+    calls = HeldCalls(registry)
+    monitoring = Monitoring(registry, NSCASettings(password=PASSWORD), clock,
+                            calls=calls, backlog=Backlog(limit))  # type: ignore[arg-type]
+    return monitoring, calls, clock
+
+
+def _results(n: int, iv: bytes = IV) -> bytes:
+    packets = [build_packet(b"site-a", b"svc%d" % i, 0, b"OK") for i in range(n)]
+    encrypt = Encryptor(1, PASSWORD.encode(), iv).encrypt
+    return b"".join(encrypt(p) for p in packets)
+
+
+def test_a_tcp_sender_is_not_read_while_the_backlog_is_full(tmp_path: Path) -> None:
+    monitoring, calls, clock = _held_intake(tmp_path, limit=3)
+    factory = monitoring.tcp_factory()
+    factory.iv_source = lambda n: IV[:n]
+    proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4242))
+    assert proto is not None
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(_results(5))
+    assert transport.producerState == "paused"
+    clock.advance(60)  # longer than read_timeout: paused, the client is not timed out
+    assert not transport.disconnecting
+    calls.run_next()  # the 5 results stored: the backlog is empty again
+    assert transport.producerState == "producing"
+    assert monitoring.backlog.size == 0
+    clock.advance(31)  # reading again: the deadline runs again
+    assert transport.disconnecting
+    assert len(monitoring.registry.query("SELECT id FROM results")) == 5
+
+
+class WindowLog:
+    """A connection that records the window its channel grants and what it sends."""
+
+    def __init__(self) -> None:
+        self.granted: list[int] = []
+        self.sent = b""
+        self.transport = StringTransport()
+
+    def adjustWindow(self, channel: object, n: int) -> None:
+        self.granted.append(n)
+
+    def sendData(self, channel: object, data: bytes) -> None:
+        self.sent += data
+
+
+def test_an_in_tunnel_sender_gets_no_window_while_the_backlog_is_full(tmp_path: Path) -> None:
+    monitoring, calls, clock = _held_intake(tmp_path, limit=3)
+    size = 2 * PACKET_SIZE  # a quarter window (the grant step) is half a packet
+    channel = NSCAChannel(monitoring, "site-a", "site-a", localWindow=4 * size,
+                          remoteWindow=1 << 20, remoteMaxPacket=32768)
+    channel.conn = conn = WindowLog()
+    channel.channelOpen(b"")
+    data = _results(5, iv=conn.sent[:128])  # the IV of the init packet
+    channel.dataReceived(data[: 2 * PACKET_SIZE])
+    assert conn.granted == [2 * PACKET_SIZE]  # taken, backlog not full: window back
+    channel.dataReceived(data[2 * PACKET_SIZE :])
+    assert conn.granted == [2 * PACKET_SIZE]  # backlog full: held
+    clock.advance(0)
+    assert conn.granted == [2 * PACKET_SIZE]
+    calls.run_next()
+    assert conn.granted == [2 * PACKET_SIZE, 3 * PACKET_SIZE]
+    assert len(monitoring.registry.query("SELECT id FROM results")) == 5

@@ -7,6 +7,8 @@ checked against strict-host mode, dropped unless that node is approved (anyone
 with the Call Home Password has a pending node), stored (history bounded per
 host/service so a chatty device cannot fill the disk) and written to the
 command file. Drops are logged once a minute per node, with the count held back.
+Results waiting to be stored are bounded (`Backlog`): past its limit the
+senders are not read until the registry catches up.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hub.errors import NotFound
+from hub.intake.backlog import Backlog
 from hub.intake.commandfile import CommandFileWriter
 from hub.intake.nsca import CheckResult, format_command
 from hub.intake.protocol import NSCAServerFactory, NSCAServerProtocol
@@ -30,7 +33,7 @@ from hub.ssh.channels import WINDOW
 from hub.store.offthread import InlineCalls, RegistryCalls
 from hub.store.registry import Registry
 from hub.tunnel.descriptors import DescriptorReserve
-from hub.tunnel.inprocess import ProtocolChannel
+from hub.tunnel.inprocess import ChannelTransport, ProtocolChannel
 
 log = Logger()
 
@@ -65,6 +68,7 @@ class Monitoring:
     clock: IReactorTime
     command_file: CommandFileWriter | None = None
     counts: IntakeCounts = field(factory=IntakeCounts)
+    backlog: Backlog = field(factory=Backlog)
     _pending: list[tuple[str, CheckResult, float]] = field(factory=list)
     _flush_call: Any = None
     # The store running in the registry thread, if any (one at a time, see deliver).
@@ -89,6 +93,7 @@ class Monitoring:
                           "[nsca.hosts]{more}", host=result.host)
             return
         self._pending.append((node, result, self.clock.seconds()))
+        self.backlog.add(1)
         if self._flush_call is None and self._storing is None:
             self._flush_call = self.clock.callLater(0, self.flush)
 
@@ -121,10 +126,11 @@ class Monitoring:
         done = self.calls.call(store_results, batch, self.config.history).addCallbacks(
             stored, failed)
         self._storing = done
-        done.addBoth(self._stored, done)
+        done.addBoth(self._stored, done, len(batch))
         return done
 
-    def _stored(self, result: object, done: defer.Deferred[None]) -> object:
+    def _stored(self, result: object, done: defer.Deferred[None], n: int) -> object:
+        self.backlog.stored(n)
         if self._storing is done:
             self._storing = None
             if self._pending and self._flush_call is None:
@@ -139,7 +145,8 @@ class Monitoring:
 
     def tcp_factory(self, descriptors: DescriptorReserve | None = None) -> NSCAServerFactory:
         return NSCAServerFactory(self.config, lambda r: self.deliver("", r), self.clock,
-                                 descriptors=descriptors, on_reject=self.counts.reject)
+                                 descriptors=descriptors, on_reject=self.counts.reject,
+                                 backlog=self.backlog)
 
     def channel_factory(self, node: str, actor: str, window: int, max_packet: int
                         ) -> NSCAChannel:
@@ -189,12 +196,52 @@ def status(registry: Registry, node: str | None = None) -> list[Status]:
 
 
 class NSCAChannel(ProtocolChannel):
-    """A `direct-tcpip` channel to localhost:5667, answered by the in-process intake."""
+    """A `direct-tcpip` channel to localhost:5667, answered by the in-process intake.
+
+    It grants SSH window itself (`manages_window`), for the bytes the intake
+    took, and none while the intake's backlog is full: the sender then waits."""
 
     name = b"direct-tcpip"
+    manages_window = True
 
     def __init__(self, monitoring: Monitoring, node: str, actor: str, **kw: Any) -> None:
         ProtocolChannel.__init__(self, **kw)
         self.protocol = NSCAServerProtocol(
             monitoring.config, lambda r: monitoring.deliver(node, r), monitoring.clock,
-            peer=actor, on_reject=monitoring.counts.reject)
+            peer=actor, on_reject=monitoring.counts.reject, backlog=monitoring.backlog)
+        self._unacked = 0
+        self._held = False
+
+    def channelOpen(self, specificData: bytes) -> None:
+        self.protocol.makeConnection(PausableChannelTransport(self))
+
+    def dataReceived(self, data: bytes) -> None:
+        ProtocolChannel.dataReceived(self, data)
+        self._unacked += len(data)
+        self._grant()
+
+    def _grant(self) -> None:
+        # In batches of a quarter window, as OpenSSH does, not per packet.
+        if self._held or self.closing or self._unacked < self.localWindowSize // 4:
+            return
+        granted, self._unacked = self._unacked, 0
+        self.conn.adjustWindow(self, granted)
+
+    def pauseProducing(self) -> None:
+        self._held = True
+
+    def resumeProducing(self) -> None:
+        self._held = False
+        self._grant()
+
+
+class PausableChannelTransport(ChannelTransport):
+    """The intake channel as its protocol's transport, pausable like a TCP one."""
+
+    chan: NSCAChannel
+
+    def pauseProducing(self) -> None:
+        self.chan.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.chan.resumeProducing()
