@@ -2,7 +2,7 @@
  *
  * hub/intake/nsca.py keeps the protocol (packet size, errors, age checks) and
  * a pure-Python twin of `unpack` (`unpack_py`), used when this module was not
- * built; tests/test_nsca_accel.py holds the two to the same answers.  Method 1
+ * built; tests/test_nsca_unpack.py holds the two to the same answers.  Method 1
  * (XOR with the IV and password, restarting each packet) is undone here with
  * the pad the decoder prepared; the mcrypt methods arrive already decrypted.
  *
@@ -17,6 +17,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <zlib.h>  /* crc32: nsca's CRC-32 is zlib's */
 
 #define PACKET_SIZE 4304
 #define LEGACY_PACKET_SIZE 720
@@ -26,27 +27,6 @@
 #define SERVICE_LEN 128
 #define OUTPUT_AT 206
 
-/* CRC-32 (the zlib/nsca polynomial), eight table lookups per eight bytes. */
-static uint32_t crc_table[8][256];
-
-static void make_crc_tables(void)
-{
-    for (uint32_t i = 0; i < 256; i++) {
-        uint32_t c = i;
-        for (int k = 0; k < 8; k++)
-            c = (c & 1) ? (c >> 1) ^ 0xEDB88320u : c >> 1;
-        crc_table[0][i] = c;
-    }
-    for (uint32_t i = 0; i < 256; i++)
-        for (int t = 1; t < 8; t++)
-            crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xff];
-}
-
-static uint32_t le32(const unsigned char *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
 static uint32_t be32(const unsigned char *p)
 {
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | (uint32_t)p[3];
@@ -55,21 +35,6 @@ static uint32_t be32(const unsigned char *p)
 static int be16s(const unsigned char *p)
 {
     return (int16_t)(uint16_t)((unsigned)p[0] << 8 | p[1]);
-}
-
-static uint32_t crc32_of(const unsigned char *p, size_t n)
-{
-    uint32_t crc = 0xFFFFFFFFu;
-    for (; n >= 8; p += 8, n -= 8) {
-        uint32_t one = crc ^ le32(p), two = le32(p + 4);
-        crc = crc_table[7][one & 0xff] ^ crc_table[6][(one >> 8) & 0xff]
-            ^ crc_table[5][(one >> 16) & 0xff] ^ crc_table[4][one >> 24]
-            ^ crc_table[3][two & 0xff] ^ crc_table[2][(two >> 8) & 0xff]
-            ^ crc_table[1][(two >> 16) & 0xff] ^ crc_table[0][two >> 24];
-    }
-    while (n--)
-        crc = (crc >> 8) ^ crc_table[0][(crc ^ *p++) & 0xff];
-    return crc ^ 0xFFFFFFFFu;
 }
 
 /* A C string field as nsca copies it: at most `len` - 1 bytes, up to the NUL. */
@@ -97,7 +62,7 @@ static PyObject *packet_fields(const unsigned char *raw, const unsigned char *pa
     }
     uint32_t crc = be32(plain + 4);
     memset(plain + 4, 0, 4);  /* the CRC is computed with its own field zeroed */
-    uint32_t computed = crc32_of(plain, size);
+    uint32_t computed = (uint32_t)crc32(0L, plain, (uInt)size);
     size_t output_len = size == PACKET_SIZE ? 4096 : 512;
     PyObject *host = field_text(plain + HOST_AT, HOST_LEN);
     PyObject *service = host ? field_text(plain + SERVICE_AT, SERVICE_LEN) : NULL;
@@ -112,7 +77,7 @@ static PyObject *packet_fields(const unsigned char *raw, const unsigned char *pa
                          be16s(plain + 12), host, service, output);
 }
 
-static PyObject *unpack(PyObject *module, PyObject *args)
+static PyObject *unpack(PyObject *Py_UNUSED(module), PyObject *args)
 {
     Py_buffer data, pad = {0};
     Py_ssize_t size;
@@ -161,11 +126,14 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_nsca", "The NSCA decoder's packet unpacking in C.", -1, methods,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_nsca",
+    .m_doc = "The NSCA decoder's packet unpacking in C.",
+    .m_size = -1,
+    .m_methods = methods,
 };
 
 PyMODINIT_FUNC PyInit__nsca(void)
 {
-    make_crc_tables();
     return PyModule_Create(&module);
 }
