@@ -40,6 +40,8 @@ log = Logger()
 # Seconds between the starts of two stores of results, at least: under load a
 # transaction takes the results of this long (at 10,000 results/s, 200).
 STORE_INTERVAL = 0.02
+# (node, host) pairs whose strict_host answer is kept; past this many, forgotten.
+_ALLOWED_KEPT = 4096
 T = TypeVar("T")
 
 
@@ -77,6 +79,7 @@ class Monitoring:
     _pending: list[tuple[str, CheckResult, float]] = field(factory=list)
     _flush_call: Any = None
     _flushed_at: float = float("-inf")  # when the last batch went to the registry
+    _allowed: dict[tuple[str, str], bool] = field(factory=dict)
     # The store running in the registry thread, if any (one at a time, see deliver).
     _storing: defer.Deferred[None] | None = None
     _drops: OncePer = field(factory=OncePer)
@@ -96,7 +99,7 @@ class Monitoring:
         the batches were of the few results of one turn, and the registry
         thread spent 12-16 us of CPU per result (a transaction costs it about
         25 us, a result 4 us)."""
-        if not self.config.may_report(node, result.host):
+        if not self._may_report(node, result.host):
             self.counts.reject("strict_host")
             self._dropped(node, "strict", "NSCA result for host {host!r} from node {node} "
                           "dropped (strict_host): not its name nor mapped to it in "
@@ -106,6 +109,17 @@ class Monitoring:
         self.backlog.add(1)
         if self._flush_call is None and self._storing is None:
             self._schedule_flush()
+
+    def _may_report(self, node: str, host: str) -> bool:
+        """`config.may_report`, remembered: a node reports for the same few hosts
+        again and again, and matching [nsca.hosts] globs cost 2 us a result."""
+        key = (node, host)
+        allowed = self._allowed.get(key)
+        if allowed is None:
+            if len(self._allowed) >= _ALLOWED_KEPT:
+                self._allowed.clear()
+            allowed = self._allowed[key] = self.config.may_report(node, host)
+        return allowed
 
     def _schedule_flush(self) -> None:
         wait = self._flushed_at + STORE_INTERVAL - self.clock.seconds()
