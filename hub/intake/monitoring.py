@@ -255,6 +255,9 @@ class NSCAChannel(ProtocolChannel):
 
     name = b"direct-tcpip"
     manages_window = True
+    # Its data may come as a view of the transport's packet buffer, valid during
+    # dataReceived only: the decoder copies what it keeps into its own buffer.
+    data_views = True
 
     def __init__(self, monitoring: Monitoring, node: str, actor: str, **kw: Any) -> None:
         ProtocolChannel.__init__(self, **kw)

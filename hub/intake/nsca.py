@@ -314,7 +314,7 @@ class NSCADecoder:
         """4304 or 720 once the connection's packet size is known."""
         return self._packet_size
 
-    def feed(self, data: bytes) -> list[CheckResult]:
+    def feed(self, data: bytes | memoryview) -> list[CheckResult]:
         """Take more bytes; return every result they complete, or raise NSCAError."""
         if self._failed is not None:
             raise NSCAError(f"input after an earlier error ({self._failed})")

@@ -73,7 +73,7 @@ class NSCAServerProtocol(ClockTimeout, Protocol):
         assert self.transport is not None
         self.transport.write(make_init_packet(iv, int(self.clock.seconds())))
 
-    def dataReceived(self, data: bytes) -> None:
+    def dataReceived(self, data: bytes | memoryview) -> None:
         if self._closing or self.decoder is None or not data:
             return
         idle = self.decoder.pending == 0
