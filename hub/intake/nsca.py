@@ -319,17 +319,19 @@ class NSCADecoder:
         if self._failed is not None:
             raise NSCAError(f"input after an earlier error ({self._failed})")
         # CFB8 is a byte stream across packet boundaries, so we decrypt as bytes arrive; XOR
-        # restarts per packet and is applied when a packet is taken.
-        self._buffer += self._stream.update(data) if self._stream is not None else data
+        # restarts per packet and is applied when a packet is taken. The buffer grows in
+        # place: `self._buffer +=` would run attrs' on_setattr hooks on every read.
+        buffer = self._buffer
+        buffer += self._stream.update(data) if self._stream is not None else data
         results: list[CheckResult] = []
         try:
             size = self._packet_size or self._first_size()
             if size is None:
                 return results
-            whole = len(self._buffer) - len(self._buffer) % size
+            whole = len(buffer) - len(buffer) % size
             if whole:
-                packets = self.unpack(self._buffer, size, self._pad)
-                del self._buffer[:whole]
+                packets = self.unpack(buffer, size, self._pad)
+                del buffer[:whole]
                 for fields in packets:
                     results.append(self._result(*fields))
             self._check_started()
