@@ -48,6 +48,7 @@ from common import (
     wait_quiet,
 )
 from peers import SEND_NSCA, HubProcess, NscaDaemon, listening_ports, tunnel_port_range
+from perfrecord import PerfRecord
 from runner import add_common_options, install_sigterm, use_hub_source, write_doc
 
 PASSWORD = "bench-nsca-password"  # noqa: S105 - a throwaway daemon's, for one run
@@ -73,6 +74,9 @@ class Result:
     seconds: list[float] = field(factory=list)
     senders_done: list[float] = field(factory=list)  # when the last send_nsca exited
     server_cpu_s: list[float] = field(factory=list)
+    # The server's CPU seconds per run: its main thread (the hub's reactor) and
+    # the others (the hub's registry thread), to tell the reactor's share from the store's.
+    thread_cpu_s: list[dict[str, float]] = field(factory=list)
     load_before: list[float] = field(factory=list)
     failures: list[str] = field(factory=list)
 
@@ -99,6 +103,19 @@ def cpu_with_children(pid: int) -> float:
     """utime + stime + reaped children's cutime + cstime, in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return sum(int(v) for v in fields[11:15]) / CLK_TCK
+
+
+def thread_cpu(pids: list[int]) -> dict[str, float]:
+    """CPU seconds (utime + stime) of the main threads of `pids` and of their other threads
+    (Python does not name its threads for the kernel)."""
+    by_kind = {"main": 0.0, "others": 0.0}
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                kind = "main" if task.name == str(pid) else "others"
+                by_kind[kind] += sum(int(v) for v in fields[11:13]) / CLK_TCK
+    return by_kind
 
 
 def server_cpu(pids: list[int]) -> float:
@@ -142,10 +159,14 @@ def measure(target: Target, cfg: Path, args: argparse.Namespace, repeat: int,
     if args.quiet_wait > 0:
         result.load_before.append(round(wait_quiet(args.quiet_below, args.quiet_wait), 2))
     pids = target.server_pids()
-    cpu = server_cpu(pids)
+    cpu, threads = server_cpu(pids), thread_cpu(pids)
     profiled = args.profile if target.name.startswith("hub") else None
-    spies = [PySpy(pid, profiled / f"{target.name}-r{repeat}-{i}.txt")
-             for i, pid in enumerate(pids)] if profiled else []
+    spies: list[PySpy | PerfRecord] = [
+        PySpy(pid, profiled / f"{target.name}-r{repeat}-{i}.txt")
+        for i, pid in enumerate(pids)] if profiled else []
+    if args.perf and target.name.startswith("hub"):
+        spies += [PerfRecord(pid, args.perf / f"{target.name}-r{repeat}-{i}.data")
+                  for i, pid in enumerate(pids)]
     try:
         seconds, sent, errors = blast(target, cfg, args.senders, args.results,
                                       f"r{repeat}", args.timeout)
@@ -157,12 +178,17 @@ def measure(target: Target, cfg: Path, args: argparse.Namespace, repeat: int,
             spy.close()
     result.server_cpu_s.append(round(server_cpu(pids) - cpu, 3))
     total = args.senders * args.results
+    by_thread = {name: round(spent - threads.get(name, 0.0), 3)
+                 for name, spent in thread_cpu(pids).items()}
+    result.thread_cpu_s.append(by_thread)
+    shares = ", ".join(f"{name} {spent * 1e6 / total:.0f}" for name, spent in by_thread.items())
     result.results = total
     result.seconds.append(round(seconds, 3))
     result.senders_done.append(round(sent, 3))
     result.rates.append(round(total / seconds, 1))
     result.failures += errors
     print(f"  {target.name:12} {total} results in {seconds:.2f}s = {total / seconds:,.0f}/s"
+          f" (CPU us/result, threads: {shares})"
           f"{'  ERRORS ' + repr(errors[:1]) if errors else ''}", file=sys.stderr, flush=True)
 
 
@@ -267,6 +293,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="py-spy the hub during its runs into DIR (hub-*-rN-I.txt; "
                    "bench/stacks.py summarizes)")
+    p.add_argument("--perf", type=Path, metavar="DIR",
+                   help="record the hub's CPU time with Linux `perf record` into DIR "
+                   "(hub-*-rN-I.data; `perf report -i FILE --sort dso,sym`)")
     add_common_options(p)
     args = p.parse_args(argv)
     if args.quick:
@@ -275,8 +304,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     elif args.full:
         args.senders, args.results, args.repeat = 8, 10000, 3
     args.paths = [s for s in args.paths.split(",") if s]
-    if args.profile:
-        args.profile.mkdir(parents=True, exist_ok=True)
+    for recorded in (args.profile, args.perf):
+        if recorded:
+            recorded.mkdir(parents=True, exist_ok=True)
     if not set(args.paths) <= set(PATHS):
         p.error(f"--paths takes {', '.join(PATHS)}")
     return args

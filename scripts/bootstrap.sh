@@ -40,7 +40,9 @@ python_env() {  # python_env EXTRAS
             python3 -m venv "$VENV"
         fi
     fi
-    if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+    # setup.py and the C source too: `pip install -e` builds hub/intake/_nsca.c in place.
+    if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || [ "$ROOT/setup.py" -nt "$stamp" ] \
+            || [ "$ROOT/hub/intake/_nsca.c" -nt "$stamp" ]; then
         echo "bootstrap: installing Python packages into $VENV" >&2
         "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
         if ! "$VENV/bin/pip" install --disable-pip-version-check -e "$ROOT$extras" \

@@ -38,6 +38,8 @@ from hub.intake.nsca import (
     NSCAError,
     packet_crc,
     supported_methods,
+    unpack,
+    unpack_py,
 )
 from hub.netconf.preamble import PreambleError, PreambleParser, authenticate
 from hub.rules.chooser import Chooser, Entry
@@ -243,12 +245,25 @@ chunks = st.lists(st.binary(max_size=800), max_size=8)
 
 
 def check_nsca(method: int, password: bytes, iv: bytes, data: list[bytes]) -> None:
-    decoder = NSCADecoder(method, password, iv, now=lambda: 1_700_000_000.0, max_age=0)
+    """The decoder as the hub runs it (the C extension's unpacking when built)
+    takes `data` chunk by chunk with no error but NSCAError, and gives the
+    same results and errors as with the pure-Python unpacking."""
+    assert _nsca_outcomes(method, password, iv, data, unpack) == _nsca_outcomes(
+        method, password, iv, data, unpack_py)
+
+
+def _nsca_outcomes(method: int, password: bytes, iv: bytes, data: list[bytes],
+                   unpacker: Any) -> list[Any]:
+    decoder = NSCADecoder(method, password, iv, now=lambda: 1_700_000_000.0, max_age=0,
+                          unpack=unpacker)
+    outcomes: list[Any] = []
     for chunk in data:
         try:
-            decoder.feed(chunk)
-        except NSCAError:
-            return
+            outcomes.append(decoder.feed(chunk))
+        except NSCAError as e:
+            outcomes.append((e.kind, e.reason, e.results))
+            break
+    return outcomes
 
 
 nsca_methods = st.sampled_from(supported_methods())

@@ -4,8 +4,10 @@ from any directory, without the checkout on sys.path."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,12 @@ def run(*args: str | Path, cwd: Path, stdin: str = "") -> str:
                             text=True, timeout=300, input=stdin)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
+
+
+def compiler_here() -> bool:
+    """A C compiler and this Python's headers: what building hub/intake/_nsca.c takes."""
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    return shutil.which("cc") is not None and headers.exists()
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +52,10 @@ def test_the_wheel_gives_twistd_callhomehub_and_the_cli(wheel: Path, tmp_path: P
     elsewhere.mkdir()
     where = run(venv / "bin" / "python", "-c", "import hub; print(hub.__file__)", cwd=elsewhere)
     assert where.startswith(str(venv))
+    # The NSCA decoder's C part (setup.py) is in the wheel wherever it could be compiled.
+    compiled = run(venv / "bin" / "python", "-c",
+                   "from hub.intake import nsca; print(nsca.unpack_c is not None)", cwd=elsewhere)
+    assert compiled.strip() == str(compiler_here())
     assert "Usage: twistd [options] callhomehub" in run(
         venv / "bin" / "twistd", "callhomehub", "--help", cwd=elsewhere)
     assert run(venv / "bin" / "twistd", "callhomehub", "--version", cwd=elsewhere).startswith(

@@ -22,7 +22,7 @@ import hub as hub_package
 from hub.access.server import HubSSHFactory
 from hub.app.context import Hub
 from hub.app.service import Options, makeService
-from hub.intake.monitoring import Monitoring
+from hub.intake.monitoring import STORE_INTERVAL, Monitoring
 from hub.intake.nsca import CheckResult
 from hub.intake.settings import NSCASettings
 from hub.web.metrics import HubCollector, WorkerFigures, metrics_registry, metrics_site
@@ -234,7 +234,7 @@ def test_nsca_results_accepted_and_rejected(hub: Hub, metrics: Metrics,
     assert proto is not None
     proto.makeConnection(StringTransport())
     proto.dataReceived(stream(1, [build_packet(b"web1", b"HTTP", 0, b"OK")] * 2))
-    clock.advance(0)  # the turn's results are stored
+    clock.advance(STORE_INTERVAL)  # the turn's results are stored
     assert metrics("callhomehub_nsca_results_accepted_total") == 2
     proto.dataReceived(b"\x00\x09" * 400)  # not an NSCA packet
     assert metrics("callhomehub_nsca_results_rejected_total", reason="version") == 1
@@ -242,7 +242,7 @@ def test_nsca_results_accepted_and_rejected(hub: Hub, metrics: Metrics,
     hub.registry.register("site-a", b"ka", "fp", "test")
     hub.monitoring.deliver("site-a", CheckResult("web1", "HTTP", 0, "OK", T0))
     hub.monitoring.deliver("site-a", CheckResult("site-a", "HTTP", 0, "OK", T0))
-    clock.advance(0)
+    clock.advance(STORE_INTERVAL)
     assert metrics("callhomehub_nsca_results_rejected_total", reason="strict_host") == 1
     assert metrics("callhomehub_nsca_results_rejected_total", reason="node_state") == 1
     assert metrics("callhomehub_nsca_results_accepted_total") == 2

@@ -25,6 +25,7 @@ from memory_hub import (
     new_key,
     start_factory,
 )
+from test_nsca_codec import Encryptor, build_packet
 from twisted.conch.error import ConchError
 from twisted.conch.ssh import channel, common, keys
 from twisted.conch.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
@@ -40,6 +41,8 @@ from hub.access import device_client
 from hub.access.grants import RegistryGrants
 from hub.access.server import HubSSHFactory
 from hub.app.context import Hub
+from hub.intake.monitoring import STORE_INTERVAL, Monitoring
+from hub.intake.nsca import PACKET_SIZE
 from hub.ssh.channels import MAX_PACKET, WINDOW
 from hub.ssh.connection import ChannelRefused
 from hub.ssh.sink import IPacketSink
@@ -1713,3 +1716,39 @@ def test_a_connection_accepted_as_its_forward_is_cancelled_is_refused(
     assert device.conn.forwarded == []  # no channel for a forward that is gone
     assert tcp.disconnecting
     assert hub.sessions.get("site-a").pipes == set()
+
+
+# -- the in-tunnel NSCA intake -------------------------------------------------------
+
+class NSCASender(Opener):
+    """send_nsca through the device's `ssh -L PORT:localhost:5667`: what the intake sends
+    back (its init packet) is kept."""
+
+    def __init__(self) -> None:
+        Opener.__init__(self)
+        self.received = bytearray()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+def test_in_tunnel_nsca_results_beyond_the_window_are_all_stored(
+        hub: Hub, reactor: RecordingReactor, key: keys.Key) -> None:
+    hub.monitoring = Monitoring(hub.registry, hub.config.nsca, reactor)
+    hub.registry.set_state("site-a", "approved", "test")
+    device = Device(start_factory(hub), reactor, key=key)
+    sender = NSCASender()
+    device.conn.openChannel(sender, common.NS(b"localhost") + struct.pack(">L", 5667)
+                            + common.NS(b"127.0.0.1") + struct.pack(">L", 40000))
+    device.pump.flush()
+    assert sender.outcome == ["open"]
+    encrypt = Encryptor(1, hub.config.nsca.password.encode(), bytes(sender.received[:128])).encrypt
+    count = WINDOW // PACKET_SIZE + 100  # more than one window: the intake must grant more
+    sender.write(b"".join(
+        encrypt(build_packet(b"site-a", b"svc%d" % i, 0, b"OK", int(reactor.seconds())))
+        for i in range(count)))
+    for _ in range(20):
+        device.pump.flush()
+        reactor.advance(STORE_INTERVAL)
+    assert hub.monitoring.counts.accepted == count
+    assert hub.registry.query("SELECT COUNT(*) FROM results") == [(count,)]

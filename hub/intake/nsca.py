@@ -27,6 +27,7 @@ is checked in full (version, CRC, age).
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 from collections.abc import Callable, Sequence
@@ -192,12 +193,95 @@ def packet_crc(packet: bytes) -> int:
     return zlib.crc32(view[8:], zlib.crc32(b"\0\0\0\0", zlib.crc32(view[:4])))
 
 
+# (version, crc, computed crc, timestamp, return code, host, service, output) of a packet.
+PacketFields = tuple[int, int, int, int, int, str, str, str]
+Unpack = Callable[[bytes | bytearray, int, bytes | None], list[PacketFields]]
+
+
+def unpack_py(buffer: bytes | bytearray, size: int, pad: bytes | None) -> list[PacketFields]:
+    """The fields of each whole `size`-byte packet at the start of `buffer`, XORed
+    with `pad` first if given (method 1): the pure-Python twin of the C
+    extension's `unpack` (hub/intake/_nsca.c), used when that was not built."""
+    if size not in _OUTPUT_LEN:
+        raise ValueError(f"packet size {size} is neither {PACKET_SIZE} nor {LEGACY_PACKET_SIZE}")
+    if pad is not None and len(pad) < size:
+        raise ValueError(f"XOR pad of {len(pad)} bytes for {size}-byte packets")
+    packets = []
+    for at in range(0, len(buffer) - size + 1, size):
+        raw = bytes(buffer[at : at + size])
+        if pad is None:
+            plain, computed = raw, packet_crc(raw)
+        else:
+            plain, computed = _unxor_packet(raw, pad)
+        version, crc, timestamp, code, host, service = _FRONT.unpack_from(plain)
+        output = plain[_OUTPUT_AT : _OUTPUT_AT + _OUTPUT_LEN[size] - 1]
+        packets.append((version, crc, computed, timestamp, code, _c_string(host, _HOST_LEN),
+                        _c_string(service, _SERVICE_LEN), _c_string(output, len(output) + 1)))
+    return packets
+
+
+def _c_string(raw: bytes, size: int) -> str:
+    # Like the daemon's strncpy(dst, src, size - 1): at most size - 1 bytes, up to the NUL.
+    return raw[: size - 1].split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=256)
+def _pad_int(pad: bytes, start: int, end: int) -> int:
+    # A connection's pad is the same for every packet: its slices are kept as ints.
+    return int.from_bytes(pad[start:end], "big")
+
+
+@functools.lru_cache(maxsize=64)
+def _crc_constant(pad: bytes, size: int) -> int:
+    return packet_crc(pad[:size]) ^ packet_crc(bytes(size))
+
+
+def _unxor(raw: bytes, pad: bytes, start: int, end: int) -> bytes:
+    """`raw[start:end]` XORed with the pad."""
+    key = _pad_int(pad, start, end)
+    return (int.from_bytes(raw[start:end], "big") ^ key).to_bytes(end - start, "big")
+
+
+def _unxor_packet(raw: bytes, pad: bytes) -> tuple[bytes, int]:
+    """Method 1 without XORing the whole 4304 bytes: the plaintext up to the end
+    of the plugin output (the header, names and the output's first step in one
+    XOR, then in steps up to its NUL), and the packet's CRC computed from the
+    ciphertext. CRC-32 is affine: crc(c ^ k) = crc(c) ^ crc(k) ^ crc(0...0) for
+    strings of one length, and the last two are constants of the connection."""
+    size = len(raw)
+    end = _FIRST_XOR
+    plain = _unxor(raw, pad, 0, end)
+    limit = _OUTPUT_AT + _OUTPUT_LEN[size]
+    if b"\0" not in plain[_OUTPUT_AT:]:
+        while end < limit:
+            step = min(end + _OUTPUT_STEP, limit)
+            part = _unxor(raw, pad, end, step)
+            plain += part
+            end = step
+            if b"\0" in part:
+                break
+    return plain, packet_crc(raw) ^ _crc_constant(pad, size)
+
+
+def _compiled() -> Unpack | None:
+    try:
+        from hub.intake._nsca import unpack as compiled
+    except ImportError:  # installed without a C compiler: the pure-Python twin does the same
+        return None
+    return compiled  # type: ignore[no-any-return]
+
+
+unpack_c = _compiled()
+unpack: Unpack = unpack_c or unpack_py
+
+
 @define(eq=False)
 class NSCADecoder:
     """Turns one connection's bytes (after our init packet) into check results.
 
     `now` gives the current time for the age check; `max_age` 0 disables it.  After the first
-    NSCAError the decoder refuses further input: the connection is to be closed.
+    NSCAError the decoder refuses further input: the connection is to be closed.  `unpack`
+    is the C extension's when it was built (`unpack_py` otherwise, or when passed).
     """
 
     method: int
@@ -205,11 +289,10 @@ class NSCADecoder:
     iv: bytes = field(validator=lambda _i, _a, v: _check_iv(v))
     now: Callable[[], float]
     max_age: int = 30
+    unpack: Unpack = field(default=unpack, repr=False)
     _buffer: bytearray = field(init=False, factory=bytearray)
     _stream: CipherContext | None = field(init=False, default=None)
     _pad: bytes | None = field(init=False, default=None)
-    _pad_ints: dict[tuple[int, int], int] = field(init=False, factory=dict)
-    _crc_constants: dict[int, int] = field(init=False, factory=dict)
     _packet_size: int | None = field(init=False, default=None)
     _failed: str | None = field(init=False, default=None)
 
@@ -231,17 +314,27 @@ class NSCADecoder:
         """4304 or 720 once the connection's packet size is known."""
         return self._packet_size
 
-    def feed(self, data: bytes) -> list[CheckResult]:
+    def feed(self, data: bytes | memoryview) -> list[CheckResult]:
         """Take more bytes; return every result they complete, or raise NSCAError."""
         if self._failed is not None:
             raise NSCAError(f"input after an earlier error ({self._failed})")
         # CFB8 is a byte stream across packet boundaries, so we decrypt as bytes arrive; XOR
-        # restarts per packet and is applied when a packet is taken.
-        self._buffer += self._stream.update(data) if self._stream is not None else data
+        # restarts per packet and is applied when a packet is taken. The buffer grows in
+        # place: `self._buffer +=` would run attrs' on_setattr hooks on every read.
+        buffer = self._buffer
+        buffer += self._stream.update(data) if self._stream is not None else data
         results: list[CheckResult] = []
         try:
-            while (taken := self._take()) is not None:
-                results.append(self._parse(*taken))
+            size = self._packet_size or self._first_size()
+            if size is None:
+                return results
+            whole = len(buffer) - len(buffer) % size
+            if whole:
+                packets = self.unpack(buffer, size, self._pad)
+                del buffer[:whole]
+                for fields in packets:
+                    results.append(self._result(*fields))
+            self._check_started()
         except NSCAError as e:
             self._failed = e.reason
             raise NSCAError(e.reason, results, kind=e.kind) from None
@@ -249,72 +342,30 @@ class NSCADecoder:
 
     def _plain(self, size: int) -> bytes:
         chunk = bytes(self._buffer[:size])
-        return chunk if self._pad is None else self._unxor(chunk, 0, size)
+        return chunk if self._pad is None else _unxor(chunk, self._pad, 0, size)
 
-    def _unxor(self, raw: bytes, start: int, end: int) -> bytes:
-        """`raw[start:end]` XORed with the pad; the pad is the same for every packet
-        of the connection, so its slices are kept as ints."""
-        assert self._pad is not None
-        key = self._pad_ints.get((start, end))
-        if key is None:
-            key = self._pad_ints[start, end] = int.from_bytes(self._pad[start:end], "big")
-        return (int.from_bytes(raw[start:end], "big") ^ key).to_bytes(end - start, "big")
-
-    def _unxor_packet(self, raw: bytes) -> tuple[bytes, int]:
-        """Method 1 without XORing the whole 4304 bytes: the plaintext up to the end
-        of the plugin output (the header, names and the output's first step in one
-        XOR, then in steps up to its NUL), and the packet's CRC computed from the
-        ciphertext. CRC-32 is affine: crc(c ^ k) = crc(c) ^ crc(k) ^ crc(0...0) for
-        strings of one length, and the last two are constants of the connection."""
-        size = len(raw)
-        end = _FIRST_XOR
-        plain = self._unxor(raw, 0, end)
-        limit = _OUTPUT_AT + _OUTPUT_LEN[size]
-        if b"\0" not in plain[_OUTPUT_AT:]:
-            while end < limit:
-                step = min(end + _OUTPUT_STEP, limit)
-                part = self._unxor(raw, end, step)
-                plain += part
-                end = step
-                if b"\0" in part:
-                    break
-        constant = self._crc_constants.get(size)
-        if constant is None:
-            assert self._pad is not None
-            constant = self._crc_constants[size] = (
-                packet_crc(self._pad[:size]) ^ packet_crc(bytes(size)))
-        return plain, packet_crc(raw) ^ constant
-
-    def _take(self) -> tuple[bytes, int] | None:
-        size = self._packet_size
-        have = len(self._buffer)
-        if size is None or have < size:
-            # A packet not all here yet: its version is checked as soon as two bytes
-            # are in, so garbage is refused without waiting. A whole packet's is
-            # checked by `_parse`, without decrypting its first bytes twice.
-            if have < 2:
-                return None
+    def _check_started(self) -> None:
+        """A packet not all here yet: its version is checked as soon as two bytes
+        are in, so garbage is refused without waiting."""
+        if len(self._buffer) >= 2:
             (version,) = _VERSION.unpack(self._plain(2))
             if version != PACKET_VERSION:
                 raise _version_error(version)
-            if size is None:
-                if have < LEGACY_PACKET_SIZE:
-                    return None
-                head = self._plain(LEGACY_PACKET_SIZE)
-                legacy = packet_crc(head) == _HEADER.unpack_from(head)[1]
-                size = self._packet_size = LEGACY_PACKET_SIZE if legacy else PACKET_SIZE
-            if have < size:
-                return None
-        raw = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        if self._pad is None:
-            return raw, packet_crc(raw)
-        return self._unxor_packet(raw)
 
-    def _parse(self, packet: bytes, computed: int) -> CheckResult:
-        """`packet`: the plaintext, possibly cut after the plugin output's NUL;
-        `computed`: the CRC of the whole plaintext packet."""
-        version, crc, timestamp, code, host_raw, service_raw = _FRONT.unpack_from(packet)
+    def _first_size(self) -> int | None:
+        """The connection's packet size, decided once 720 bytes are in (see the module
+        docstring); None until then."""
+        self._check_started()
+        if len(self._buffer) < LEGACY_PACKET_SIZE:
+            return None
+        head = self._plain(LEGACY_PACKET_SIZE)
+        legacy = packet_crc(head) == _HEADER.unpack_from(head)[1]
+        self._packet_size = LEGACY_PACKET_SIZE if legacy else PACKET_SIZE
+        return self._packet_size
+
+    def _result(self, version: int, crc: int, computed: int, timestamp: int, code: int,
+                host: str, service: str, output: str) -> CheckResult:
+        """One packet's fields checked: version, CRC, age and a host name."""
         if version != PACKET_VERSION:
             raise _version_error(version)
         if crc != computed:
@@ -338,20 +389,9 @@ class NSCADecoder:
                     f"{now} (max age {self.max_age} s)",
                     kind="future",
                 )
-        # Like the daemon's strncpy(dst, src, size - 1): at most size - 1 bytes, up to the NUL.
-        host = host_raw[: _HOST_LEN - 1].split(b"\0", 1)[0].decode("utf-8", "replace")
         if not host:
             raise NSCAError("garbage packet: empty host name", kind="garbage")
-        output_len = _OUTPUT_LEN[self._packet_size or PACKET_SIZE]
-        return CheckResult(
-            host=host,
-            service=service_raw[: _SERVICE_LEN - 1].split(b"\0", 1)[0].decode("utf-8",
-                                                                               "replace"),
-            code=code,
-            output=packet[_OUTPUT_AT : _OUTPUT_AT + output_len - 1].split(b"\0", 1)[0].decode(
-                "utf-8", "replace"),
-            timestamp=timestamp,
-        )
+        return CheckResult(host, service, code, output, timestamp)
 
 
 def _version_error(version: int) -> NSCAError:

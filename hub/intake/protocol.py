@@ -16,6 +16,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hub.intake.backlog import Backlog
 from hub.intake.nsca import (
     IV_SIZE,
     CheckResult,
@@ -35,7 +36,9 @@ class NSCAServerProtocol(ClockTimeout, Protocol):
     Deadlines are absolute, never moved by single bytes (a byte every 20 s once
     held a connection for ever): the client has `read_timeout` seconds from the
     connection start or from its last complete packet to start the next, and
-    `read_timeout` seconds from a packet's first byte to complete it."""
+    `read_timeout` seconds from a packet's first byte to complete it. While the
+    intake's backlog is full (`backlog`) the connection is not read, and no
+    deadline runs: the client is not the one that is slow."""
 
     _log = Logger()
     clock: IReactorTime
@@ -48,8 +51,10 @@ class NSCAServerProtocol(ClockTimeout, Protocol):
         iv_source: Callable[[int], bytes] = os.urandom,
         peer: str = "?",
         on_reject: Callable[[str], object] | None = None,
+        backlog: Backlog | None = None,
     ) -> None:
         self._settings = settings
+        self._backlog = backlog
         # Told the kind of each rejected packet (NSCAError.kind), for metrics.
         self._on_reject = on_reject
         self._deliver = deliver
@@ -68,7 +73,7 @@ class NSCAServerProtocol(ClockTimeout, Protocol):
         assert self.transport is not None
         self.transport.write(make_init_packet(iv, int(self.clock.seconds())))
 
-    def dataReceived(self, data: bytes) -> None:
+    def dataReceived(self, data: bytes | memoryview) -> None:
         if self._closing or self.decoder is None or not data:
             return
         idle = self.decoder.pending == 0
@@ -88,6 +93,20 @@ class NSCAServerProtocol(ClockTimeout, Protocol):
             # now; bytes in the middle of a packet leave it where it is.
             self.setTimeout(self._settings.read_timeout)
         self._deliverAll(results)
+        if results and self._backlog is not None:
+            self._backlog.check(self)
+
+    def pauseProducing(self) -> None:
+        """Stop reading (the backlog is full), and the deadlines with it."""
+        assert self.transport is not None
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self.setTimeout(None)
+
+    def resumeProducing(self) -> None:
+        if self._closing or self.transport is None:
+            return
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self.setTimeout(self._settings.read_timeout)
 
     def _deliverAll(self, results: Sequence[CheckResult]) -> None:
         for result in results:
@@ -121,6 +140,8 @@ class NSCAServerProtocol(ClockTimeout, Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.setTimeout(None)
+        if self._backlog is not None:
+            self._backlog.forget(self)
         if self.on_lost is not None:
             on_lost, self.on_lost = self.on_lost, None
             on_lost()
@@ -151,8 +172,10 @@ class NSCAServerFactory(Factory):
         iv_source: Callable[[int], bytes] = os.urandom,
         descriptors: DescriptorReserve | None = None,
         on_reject: Callable[[str], object] | None = None,
+        backlog: Backlog | None = None,
     ) -> None:
         self.settings = settings
+        self.backlog = backlog
         self.on_reject = on_reject
         self.deliver = deliver
         self.clock = clock
@@ -179,7 +202,7 @@ class NSCAServerFactory(Factory):
             return None  # DescriptorReserve logs when refusing starts and ends
         proto = NSCAServerProtocol(
             self.settings, self.deliver, self.clock, self.iv_source, peer=peer,
-            on_reject=self.on_reject,
+            on_reject=self.on_reject, backlog=self.backlog,
         )
         proto.factory = self
         self.open += 1
