@@ -184,3 +184,22 @@ def test_pending_leases_expire_once_the_node_stayed_away(registry_at: str) -> No
     # The released ports are free again.
     reg.register("next", b"next", "fp", "test")
     assert reg.lease("next", "ssh", 50000, 50099) == (50000, True)
+
+
+def test_a_kept_lease_is_no_change_for_other_hubs(registry_at: str) -> None:
+    """A device calling back gets its port again without a write: in a reconnect
+    storm every other hub and worker read each device's node again for nothing."""
+    hub = Registry(registry_at, now=lambda: 0.0)
+    other = Registry(registry_at, now=lambda: 0.0)
+    hub.register("site-a", b"key-a", "fp", "t")
+    port, new = hub.lease("site-a", "ssh", 50000, 50099)
+    assert new and other.changed()
+    assert hub.lease("site-a", "ssh", 50000, 50099) == (port, False)
+    assert not other.changed()
+    # A kept port another program holds is given up: that lease is a change.
+    assert hub.lease("site-a", "ssh", 50000, 50099, avoid={port}) == (port + 1, True)
+    assert other.changed() and other.node("site-a").forwards == {"ssh": port + 1}
+    with pytest.raises(NotFound):
+        hub.lease("nobody", "ssh", 50000, 50099)
+    hub.close()
+    other.close()
