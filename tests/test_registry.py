@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 
 from hub.errors import NameTaken, NotFound, RegistryError
 from hub.store.registry import MIGRATIONS, Registry
@@ -193,12 +194,14 @@ def test_a_kept_lease_is_no_change_for_other_hubs(registry_at: str) -> None:
     other = Registry(registry_at, now=lambda: 0.0)
     hub.register("site-a", b"key-a", "fp", "t")
     port, new = hub.lease("site-a", "ssh", 50000, 50099)
-    assert new and other.changed()
+    # PostgreSQL's change notices arrive on their own time.
+    assert new and wait_for(other.changed, what="the new lease noticed")
     assert hub.lease("site-a", "ssh", 50000, 50099) == (port, False)
     assert not other.changed()
     # A kept port another program holds is given up: that lease is a change.
     assert hub.lease("site-a", "ssh", 50000, 50099, avoid={port}) == (port + 1, True)
-    assert other.changed() and other.node("site-a").forwards == {"ssh": port + 1}
+    assert wait_for(other.changed, what="the moved lease noticed")
+    assert other.node("site-a").forwards == {"ssh": port + 1}
     with pytest.raises(NotFound):
         hub.lease("nobody", "ssh", 50000, 50099)
     hub.close()
