@@ -10,6 +10,7 @@ from twisted.internet import defer
 from hub.cluster.view import FleetView
 from hub.store.hubs import HubRow
 from hub.store.registry import Node
+from hub.store.revisions import NodeUpdate
 
 
 class HeldCalls:
@@ -43,10 +44,11 @@ def test_changes_during_a_read_make_one_more_read_and_the_view_answers_from_memo
     second, third = view.refresh(), view.refresh()  # changes while the first read runs
     assert len(calls.pending) == 1 and second is first and third is first
     hubs = [HubRow("hub-a", "127.0.0.1:1", "k", 0.0, 10.0)]
-    calls.answer((hubs, [node("Site-A", "hub-a")]))
+    calls.answer((hubs, NodeUpdate.of([node("Site-A", "hub-a")])))
     # One more read for the changes meanwhile (not two), and the Deferred waits for it.
     assert len(calls.pending) == 1 and not first.called
-    calls.answer((hubs, [node("Site-A", "hub-a"), node("site-b", "hub-a", online=False)]))
+    calls.answer((hubs, NodeUpdate.of([node("Site-A", "hub-a"),
+                                        node("site-b", "hub-a", online=False)])))
     assert first.called and calls.pending == [] and told == [1, 2]
     assert view.holder("site-a") == "hub-a" and view.holder("site-b") is None
     assert view.hub("hub-a") == hubs[0] and view.node("nowhere") is None
@@ -56,7 +58,7 @@ def test_a_failed_read_keeps_the_last_view() -> None:
     calls = HeldCalls()
     view = FleetView(calls)  # type: ignore[arg-type]
     view.refresh()
-    calls.answer(([], [node("site-a", "hub-a")]))
+    calls.answer(([], NodeUpdate.of([node("site-a", "hub-a")])))
     done = view.refresh()
     calls.pending.pop(0)[1].errback(RuntimeError("database gone"))
     assert done.called and view.holder("site-a") == "hub-a"

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 
 from hub.errors import NameTaken, NotFound, RegistryError
 from hub.store.registry import MIGRATIONS, Registry
@@ -184,3 +185,24 @@ def test_pending_leases_expire_once_the_node_stayed_away(registry_at: str) -> No
     # The released ports are free again.
     reg.register("next", b"next", "fp", "test")
     assert reg.lease("next", "ssh", 50000, 50099) == (50000, True)
+
+
+def test_a_kept_lease_is_no_change_for_other_hubs(registry_at: str) -> None:
+    """A device calling back gets its port again without a write: in a reconnect
+    storm every other hub and worker read each device's node again for nothing."""
+    hub = Registry(registry_at, now=lambda: 0.0)
+    other = Registry(registry_at, now=lambda: 0.0)
+    hub.register("site-a", b"key-a", "fp", "t")
+    port, new = hub.lease("site-a", "ssh", 50000, 50099)
+    # PostgreSQL's change notices arrive on their own time.
+    assert new and wait_for(other.changed, what="the new lease noticed")
+    assert hub.lease("site-a", "ssh", 50000, 50099) == (port, False)
+    assert not other.changed()
+    # A kept port another program holds is given up: that lease is a change.
+    assert hub.lease("site-a", "ssh", 50000, 50099, avoid={port}) == (port + 1, True)
+    assert wait_for(other.changed, what="the moved lease noticed")
+    assert other.node("site-a").forwards == {"ssh": port + 1}
+    with pytest.raises(NotFound):
+        hub.lease("nobody", "ssh", 50000, 50099)
+    hub.close()
+    other.close()

@@ -14,7 +14,7 @@ import pytest
 
 from hub.errors import NotFound
 from hub.store.registry import Node, Registry
-from hub.store.revisions import NodeMirror
+from hub.store.revisions import KEPT_READS, MirrorCursor, NodeMirror
 
 LOW, HIGH = 50000, 50099
 
@@ -114,3 +114,44 @@ def test_a_removed_node_leaves_the_mirror(hubs: tuple[Registry, Registry]) -> No
     assert sorted(by_name(mirror.nodes(a))) == ["site-0", "site-2"]
     with pytest.raises(NotFound):
         a.node("site-1")
+
+
+def test_each_reader_gets_the_changes_since_its_own_last_update(
+        hubs: tuple[Registry, Registry]) -> None:
+    """`Hub.apply` and the fleet view share one mirror: a change one of them read
+    in must still reach the other, which looks only at the nodes changed."""
+    a, b = hubs
+    seed(b, 5)
+    mirror = NodeMirror()
+    applied, fleet = MirrorCursor(), MirrorCursor()
+    first = mirror.update(a, applied)
+    assert first.whole and sorted(first.nodes) == [f"site-{i}" for i in range(5)]
+    assert mirror.update(a, fleet).whole  # its first update too
+    b.set_public("site-1", True, "test")
+    seen = mirror.update(a, fleet)
+    assert not seen.whole and [n.name for n in seen.changed] == ["site-1"]
+    b.set_state("site-3", "revoked", "test")
+    got = mirror.update(a, applied)
+    assert not got.whole and sorted(n.name for n in got.changed) == ["site-1", "site-3"]
+    assert got.nodes == by_name(a.nodes())
+    assert mirror.update(a, applied).changed == []
+    assert [n.name for n in mirror.update(a, fleet).changed] == ["site-3"]
+
+
+def test_a_removal_or_a_reader_far_behind_gets_the_whole_list(
+        hubs: tuple[Registry, Registry]) -> None:
+    a, b = hubs
+    seed(b, 3)
+    mirror = NodeMirror()
+    behind, current = MirrorCursor(), MirrorCursor()
+    mirror.update(a, behind)
+    mirror.update(a, current)
+    for i in range(KEPT_READS):
+        b.set_public("site-0", i % 2 == 0, "test")
+        assert not mirror.update(a, current).whole
+    # The reads `behind` missed are no longer all kept: it compares everything.
+    late = mirror.update(a, behind)
+    assert late.whole and late.nodes == by_name(a.nodes())
+    b.remove("site-2", "test")
+    got = mirror.update(a, current)
+    assert got.whole and sorted(got.nodes) == ["site-0", "site-1"]

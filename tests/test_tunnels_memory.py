@@ -46,6 +46,7 @@ from hub.intake.nsca import PACKET_SIZE
 from hub.ssh.channels import MAX_PACKET, WINDOW
 from hub.ssh.connection import ChannelRefused
 from hub.ssh.sink import IPacketSink
+from hub.store.revisions import NodeUpdate
 from hub.tunnel.dial import DeviceRefused, OpenNotice
 from hub.tunnel.live import CLOSE_GRACE, ForwardListener
 from hub.tunnel.splice import EARLY_LIMIT, SpliceChannel, TCPEnd
@@ -868,6 +869,61 @@ def test_enforce_drops_a_revoked_or_removed_node(
     device.pump.flush()
     # What the device asks on its way out is refused.
     assert reactor.listening() == {}
+
+
+def test_a_revocation_after_the_first_sync_is_applied_from_the_change(
+        hub: Hub, reactor: RecordingReactor, factory: HubSSHFactory, device: Device) -> None:
+    allocated(device.forward(b"", 0))
+    other = Device(factory, reactor, key=register(hub, "site-b"))
+    ssh_b = allocated(other.forward(b"", 0))
+    hub.sync()  # the mirror has read the whole list: what follows is a change read
+    cli(hub).set_state("site-a", "revoked", "cli:test")
+    hub.sync()
+    assert device.server.transport.disconnecting and not other.server.transport.disconnecting
+    assert hub.sessions.online() == ["site-b"] and reactor.listening() == {ssh_b: LOOPBACK}
+
+
+def test_an_applied_change_looks_only_at_the_nodes_it_changed(
+        hub: Hub, reactor: RecordingReactor, factory: HubSSHFactory, device: Device) -> None:
+    """With 10,000 nodes a change from another worker costs the nodes it changed,
+    not a pass over every tunnel (docs/performance.md, section 8)."""
+    ssh_a = allocated(device.forward(b"", 0))
+    other = Device(factory, reactor, key=register(hub, "site-b"))
+    ssh_b = allocated(other.forward(b"", 0))
+    nodes = {n.name.lower(): evolve(n, public=True) for n in hub.registry.nodes()}
+    hub.sessions.enforce((NodeUpdate(nodes, [nodes["site-b"]], whole=False), []))
+    reactor.release_stops()
+    assert reactor.listening() == {ssh_a: LOOPBACK, ssh_b: PUBLIC}
+    # A whole list (after a removal) is compared with every tunnel.
+    hub.sessions.enforce((NodeUpdate(nodes, list(nodes.values()), whole=True), []))
+    assert reactor.listening() == {ssh_a: PUBLIC, ssh_b: PUBLIC}
+
+
+class CountingCalls:
+    """Registry calls passed on, each function's name recorded."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.names = inner, []
+
+    def call(self, fn: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        self.names.append(fn.__name__)
+        return self.inner.call(fn, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_login_with_a_forward_reads_its_node_once(
+        hub: Hub, reactor: RecordingReactor, factory: HubSSHFactory, key: keys.Key) -> None:
+    """The tunnel's attach reads the node; its first forward's caps use that read."""
+    counted = CountingCalls(hub.sessions.calls)
+    hub.sessions.calls = counted
+    device = Device(factory, reactor, key=key)
+    allocated(device.forward(b"", 0))
+    assert counted.names.count("node") == 1
+    # A later forward reads the node again: an approval since counts at once.
+    allocated(device.forward(b"http", 0))
+    assert counted.names.count("node") == 2
 
 
 def test_sync_without_changes_touches_nothing(hub: Hub, reactor: RecordingReactor,

@@ -14,14 +14,20 @@ import pytest
 from twisted.internet import error
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogEvent, LogLevel, eventAsJSON, formatEvent
+from twisted.logger import LogEvent, Logger, LogLevel, eventAsJSON, formatEvent
 from twisted.python.failure import Failure
 
 from hub.app.config import workers_option
 from hub.app.datalock import DataLockService
 from hub.app.service import Options, makeService
 from hub.app.sharedport import SharedListenerService, TcpListen, parse_tcp_listen, shared_socket
-from hub.app.worker import ParentWatch, make_worker_service
+from hub.app.worker import (
+    LOG_BATCH_DELAY,
+    HeldFlushes,
+    ParentWatch,
+    json_observer,
+    make_worker_service,
+)
 from hub.app.workers import (
     FIGURES_REQUEST,
     FIGURES_TIMEOUT,
@@ -363,3 +369,33 @@ def test_an_unreadable_figures_record_is_logged_and_the_scrape_goes_on(
     clock.advance(FIGURES_TIMEOUT)
     assert asked.called and supervisor.figures.totals() == {}
     supervisor.stopService()
+
+
+class FlushCounting(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+def test_a_workers_log_records_go_to_worker_0_together(logged: list[LogEvent]) -> None:
+    """One pipe write for a burst of records, not one per record."""
+    clock, out = MemoryReactorClock(), FlushCounting()
+    held = HeldFlushes(out, clock)
+    log = Logger(observer=json_observer(LogLevel.info, held), namespace="hub.tunnel.live")
+    for node in ("site-a", "site-b", "site-c"):
+        log.info("node {node} online", node=node)
+    assert out.flushes == 0
+    clock.advance(LOG_BATCH_DELAY)
+    assert out.flushes == 1
+    log.info("node {node} offline", node="site-a")
+    held.flush_now()  # as the reactor stops
+    assert out.flushes == 2 and not clock.getDelayedCalls()
+    spawn = Spawner()
+    WorkerSupervisor(2, lambda i: [str(i)], spawn, clock).startService()
+    spawn.started[0][0].outReceived(out.getvalue().encode())
+    assert [formatEvent(e) for e in logged if e.get("worker") == 1] == [
+        "node site-a online", "node site-b online", "node site-c online", "node site-a offline"]

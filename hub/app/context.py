@@ -24,7 +24,7 @@ from hub.ssh.keys import HubKeys
 from hub.ssh.usercerts import DeviceIdentity, HubUserCA
 from hub.store.offthread import InlineCalls, RegistryCalls
 from hub.store.registry import Node, Registry, User
-from hub.store.revisions import NodeMirror
+from hub.store.revisions import MirrorCursor, NodeMirror, NodeUpdate
 from hub.tunnel.expiry import PendingLeaseExpiry
 from hub.tunnel.sessions import LiveSessions
 
@@ -83,6 +83,9 @@ class Hub:
     # The node list as last read in the registry thread, brought up to date with
     # the nodes changed since (hub.store.revisions): what each change is applied from.
     mirror: NodeMirror = field(factory=NodeMirror)
+    # Where `apply` is in the mirror's reads: each change is applied from the
+    # nodes it changed, not from the whole list.
+    _applied: MirrorCursor = field(factory=MirrorCursor)
 
     @property
     def device_identity(self) -> DeviceIdentity:
@@ -123,15 +126,15 @@ class Hub:
         """Apply a change this process made to the registry (the web console's
         approve, revoke, remove, access) at once, as `sync` applies the CLI's.
         The nodes and pairs are read in the registry thread, applied here."""
-        fleet, mirror = self.fleet, self.mirror
+        fleet, mirror, cursor = self.fleet, self.mirror, self._applied
 
         def read(registry: Registry) -> tuple[Any, list[User], Any]:
             # With peering, the hubs too: the fleet view (routing, relayed ports)
             # is applied from this one read of the nodes, not read again.
-            return (mirror.nodes(registry), registry.pairs()), registry.users(), (
+            return (mirror.update(registry, cursor), registry.pairs()), registry.users(), (
                 registry.hubs() if fleet is not None else None)
 
-        def enforce(listed: tuple[tuple[list[Node], Any], list[User], Any]
+        def enforce(listed: tuple[tuple[NodeUpdate, Any], list[User], Any]
                     ) -> defer.Deferred[None]:
             (nodes, pairs), users, hubs = listed
             done = self.sessions.enforce((nodes, pairs))

@@ -21,12 +21,12 @@ from twisted.python.failure import Failure
 from hub.store.hubs import HubRow
 from hub.store.offthread import RegistryCalls
 from hub.store.registry import Node, Registry
-from hub.store.revisions import NodeMirror
+from hub.store.revisions import MirrorCursor, NodeMirror, NodeUpdate
 
 log = Logger()
 
 # The hubs and the nodes, read together in the registry thread.
-Fleet = tuple[list[HubRow], list[Node]]
+Fleet = tuple[list[HubRow], NodeUpdate]
 
 
 @define(eq=False)
@@ -36,6 +36,8 @@ class FleetView:
     calls: RegistryCalls
     # The nodes as the hub last read them (only those changed since are read).
     mirror: NodeMirror = field(factory=NodeMirror)
+    # Where this view's own reads are in the mirror's (`Hub.apply` reads it too).
+    cursor: MirrorCursor = field(factory=MirrorCursor)
     # Told after each read is applied (the relayed ports follow it).
     on_refresh: list[Callable[[], object]] = field(factory=list)
     _hubs: dict[str, HubRow] = field(factory=dict)
@@ -73,12 +75,12 @@ class FleetView:
 
     def read(self, registry: Registry) -> Fleet:
         """The hubs and nodes on file (run in the registry thread)."""
-        return registry.hubs(), self.mirror.nodes(registry)
+        return registry.hubs(), self.mirror.update(registry, self.cursor)
 
     def apply(self, fleet: Fleet) -> None:
         hubs, nodes = fleet
         self._hubs = {h.id: h for h in hubs}
-        self._nodes = {n.name.lower(): n for n in nodes}
+        self._nodes = nodes.nodes  # the mirror's copy, already by lower-cased name
         for listener in self.on_refresh:
             listener()
 

@@ -19,6 +19,7 @@ from hub.errors import NotFound
 from hub.ssh.keys import fingerprint
 from hub.store.offthread import InlineCalls, RegistryCalls
 from hub.store.registry import Node, Registry
+from hub.store.revisions import NodeUpdate
 from hub.tunnel.live import close_connection
 
 log = Logger()
@@ -126,13 +127,17 @@ class NetconfSessions:
     def get(self, node: str) -> NetconfSession | None:
         return self._live.get(node.lower())
 
-    def enforce(self, nodes: list[Node] | None = None) -> None:
+    def enforce(self, nodes: NodeUpdate | None = None) -> None:
         """Drop the sessions of nodes revoked or removed through the CLI; `nodes`
-        is the registry's list, read off the reactor (read here if None)."""
-        states = {n.name.lower(): n.state
-                  for n in (self.registry.nodes() if nodes is None else nodes)}
-        for key, session in list(self._live.items()):
-            state = states.get(key, "removed")
+        is the registry's list, read off the reactor (read here if None): only
+        its changed nodes are looked at unless nodes may have gone."""
+        update = NodeUpdate.of(self.registry.nodes()) if nodes is None else nodes
+        keys = (list(self._live) if update.whole
+                else [k for k in (n.name.lower() for n in update.changed) if k in self._live])
+        for key in keys:
+            session = self._live[key]
+            node = update.nodes.get(key)
+            state = "removed" if node is None else node.state
             if state in ("revoked", "removed"):
                 log.info("netconf node {node} {state}: dropping its session", node=key,
                          state=state)

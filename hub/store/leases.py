@@ -23,6 +23,7 @@ T = TypeVar("T")
 class LeaseRecords:
     """Leases; every method is one transaction of the registry."""
 
+    _db: Database
     _tx: Callable[..., AbstractContextManager[Database]]
     _audit: Callable[..., None]
     _touch: Callable[..., None]
@@ -35,7 +36,23 @@ class LeaseRecords:
         when no other is free. Two hubs leasing at once on PostgreSQL: the leases
         table's unique ports refuse the second insert of a port, and the loser
         leases again, seeing the winner's lease."""
+        kept = self._kept_port(node, service, low, high, avoid)
+        if kept is not None:
+            return kept, False
         return self._retried(lambda: self._lease(node, service, low, high, avoid, busy))
+
+    def _kept_port(self, node: str, service: str, low: int, high: int,
+                   avoid: Collection[int]) -> int | None:
+        """The node's lease for `service` if `lease_port` keeps it, read without a
+        write transaction: a device calling back (every device in a reconnect
+        storm) changes nothing, and a transaction made every other hub and worker
+        read its node again."""
+        row = self._db.execute(
+            "SELECT l.port FROM leases l JOIN nodes n ON n.id = l.node_id"
+            " WHERE n.name = ? AND l.service = ?", (node, service)).fetchone()
+        if row is None:
+            return None
+        return lease_port(low, high, (), avoid, int(row[0]))
 
     def _lease(self, node: str, service: str, low: int, high: int,
                avoid: Collection[int], busy: Collection[int]) -> tuple[int, bool]:

@@ -15,6 +15,7 @@ move reads the whole list again (removals are rare, an admin's act).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -108,6 +109,39 @@ class RevisionRecords:
                            read_nodes(self._db, "WHERE revision > ?", (since,)))
 
 
+@frozen
+class NodeUpdate:
+    """The node list as a hub last read it, and what changed for one reader.
+
+    `whole` says nodes may have gone (the first read, a removal, a reader too
+    far behind): compare everything held against `nodes`. Otherwise only the
+    nodes in `changed` differ from what the reader had, so a change to one
+    node costs the reader one node, not a pass over 10,000 (docs/performance.md,
+    section 8)."""
+
+    nodes: dict[str, Node]   # every node by lower-cased name: the reader's own copy
+    changed: list[Node]      # changed since the reader's last update (all when whole)
+    whole: bool
+
+    @classmethod
+    def of(cls, nodes: Iterable[Node]) -> NodeUpdate:
+        """A whole list read at once (no mirror)."""
+        by_name = {n.name.lower(): n for n in nodes}
+        return cls(by_name, list(by_name.values()), True)
+
+
+@define(eq=False)
+class MirrorCursor:
+    """Where one reader of a `NodeMirror` is: the mirror's read it last had."""
+
+    seen: int = -1
+
+
+# How many reads' changes a mirror keeps for readers that skipped some; one
+# further behind gets the whole list.
+KEPT_READS = 64
+
+
 @define(eq=False)
 class NodeMirror:
     """The node list as the hub last read it, brought up to date from the rows
@@ -119,18 +153,44 @@ class NodeMirror:
     # Reads of the whole list (the first, and after a removal), and of changes only.
     full_reads: int = 0
     change_reads: int = 0
+    # This mirror's reads, counted, and the nodes each of the last ones changed:
+    # several readers share the mirror (`Hub.apply`, the fleet view), each with
+    # its cursor, so a change one reader's read brought in reaches the others.
+    _reads: int = 0
+    _whole_at: int = 0
+    _recent: deque[tuple[int, list[Node]]] = field(factory=lambda: deque(maxlen=KEPT_READS))
 
     def nodes(self, registry: RevisionRecords) -> list[Node]:
+        self._read(registry)
+        return list(self._nodes.values())
+
+    def update(self, registry: RevisionRecords, cursor: MirrorCursor) -> NodeUpdate:
+        """The nodes now, and those changed since `cursor`'s last update (which moves)."""
+        self._read(registry)
+        nodes, seen = dict(self._nodes), cursor.seen
+        cursor.seen = self._reads
+        # Complete only if every read after `seen` is still kept, and none was whole.
+        oldest = self._recent[0][0] if self._recent else self._reads + 1
+        if seen < self._whole_at or oldest > seen + 1:
+            return NodeUpdate(nodes, list(nodes.values()), True)
+        changed = {n.name.lower(): n for read, batch in self._recent if read > seen
+                   for n in batch}
+        return NodeUpdate(nodes, list(changed.values()), False)
+
+    def _read(self, registry: RevisionRecords) -> None:
         changes = registry.node_changes(self._since)
+        self._reads += 1
         if self._since is not None and changes.removals == self._removals:
             self.change_reads += 1
             self._update(changes.nodes)
+            self._recent.append((self._reads, changes.nodes))
         else:
             if self._since is not None:  # a node was removed: read them all
                 changes = registry.node_changes(None)
             self._replace(changes.nodes)
+            self._whole_at = self._reads
+            self._recent.clear()
         self._since, self._removals = changes.generation, changes.removals
-        return list(self._nodes.values())
 
     def _replace(self, nodes: Iterable[Node]) -> None:
         self.full_reads += 1

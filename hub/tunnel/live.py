@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 
 from hub.errors import PortsExhausted
 from hub.ssh.connection import ChannelRefused
-from hub.store.registry import Registry
+from hub.store.registry import Node, Registry
 from hub.tunnel.dial import DeviceRefused, Dialled, OpenNotice, Target, not_forwarded
 from hub.tunnel.fifo import RequestQueue
 from hub.tunnel.forwards import Duplicate, Forward, ForwardTable, Lease, Refused
@@ -135,6 +135,9 @@ class NodeTunnel:
     requests: RequestQueue = field(factory=RequestQueue)
     pipes: set[SpliceChannel] = field(factory=set)
     closed: bool = False
+    # The node as `attach` read it, until the first forward's caps are checked
+    # with it: a login reads the node once, not twice (hub.tunnel.sessions).
+    attached_as: Node | None = None
 
     @property
     def interface(self) -> str:
@@ -255,8 +258,9 @@ class NodeTunnel:
 
         # The node's state and its lease are read off the reactor; the request
         # queue holds the node's next request until this one is answered.
-        return self.sessions.cap_refusal(self.node, len(self.table),
-                                         decision.service).addCallback(decided).addErrback(failed)
+        record, self.attached_as = self.attached_as, None
+        return self.sessions.cap_refusal(self.node, len(self.table), decision.service,
+                                         record).addCallback(decided).addErrback(failed)
 
     def _lease_and_listen(self, lease: Lease, avoid: set[int],
                           attempt: int = 0) -> defer.Deferred[Forward | None]:

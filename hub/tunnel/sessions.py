@@ -22,6 +22,7 @@ from hub.rules.pairs import Pair
 from hub.rules.ports import BusyPorts, ForwardCaps
 from hub.store.offthread import InlineCalls, RegistryCalls
 from hub.store.registry import Node, Registry
+from hub.store.revisions import NodeUpdate
 from hub.tunnel.descriptors import DescriptorReserve
 from hub.tunnel.live import NodeTunnel, close_connection
 from hub.tunnel.pairs import LivePairs
@@ -35,11 +36,11 @@ log = Logger()
 LAST_SEEN_EVERY = 60.0
 
 # The nodes and pairs on file, read together in the registry thread.
-Listed = tuple[list[Node], list[Pair]]
+Listed = tuple[NodeUpdate, list[Pair]]
 
 
 def listing(registry: Registry) -> Listed:
-    return registry.nodes(), registry.pairs()
+    return NodeUpdate.of(registry.nodes()), registry.pairs()
 
 
 @define(eq=False)
@@ -143,7 +144,7 @@ class LiveSessions:
             return None
         was_guest = self._forget_guest(key, conn)
         old = self._live.get(key)
-        tunnel = NodeTunnel(self, node, conn, record.public)
+        tunnel = NodeTunnel(self, node, conn, record.public, attached_as=record)
         self._live[key] = tunnel
         if self.release_relayed is not None:
             tunnel.requests.wait_for(self.release_relayed(node))
@@ -166,15 +167,18 @@ class LiveSessions:
 
         return self.calls.call(Registry.node, node).addErrback(removed)
 
-    def cap_refusal(self, node: str, live: int, service: str) -> defer.Deferred[str | None]:
-        """Why `node`, holding `live` forwards, may not forward `service` now
-        (its state is read now: an approval counts at once)."""
+    def cap_refusal(self, node: str, live: int, service: str,
+                    record: Node | None = None) -> defer.Deferred[str | None]:
+        """Why `node`, holding `live` forwards, may not forward `service` now:
+        its state is read now (an approval counts at once), unless `record` is
+        the node as read just before (the attach of the tunnel's first forward)."""
         def refusal(record: Node | None) -> str | None:
             if record is None:
                 return "the node was removed"
             return self.caps.refusal(record.state, live, record.forwards, service)
 
-        return self._node(node).addCallback(refusal)
+        read = self._node(node) if record is None else defer.succeed(record)
+        return read.addCallback(refusal)
 
     def detach(self, tunnel: NodeTunnel) -> None:
         key = tunnel.node.lower()
@@ -231,10 +235,10 @@ class LiveSessions:
         read = self.calls.call(listing) if listed is None else defer.succeed(listed)
 
         def apply(listed: Listed) -> None:
-            nodes, pairs = listed
-            self.pairs.known({n.name.lower(): n.state for n in nodes})
+            update, pairs = listed
+            self.pairs.known({n.name.lower(): n.state for n in update.changed})
             try:
-                self._enforce(nodes)
+                self._enforce(update)
             finally:
                 self.pairs.reload(pairs)  # pairs added or deleted, access switched, revoked
                 if self.on_change is not None:
@@ -242,41 +246,56 @@ class LiveSessions:
 
         return read.addCallback(apply)
 
-    def _enforce(self, listed: list[Node]) -> None:
+    def _enforce(self, update: NodeUpdate) -> None:
         if not self._live and not self._guests:
             return
-        nodes = {n.name.lower(): n for n in listed}
-        for key, guests in list(self._guests.items()):
-            node = nodes.get(key)
-            if node is None or node.state == "revoked":
-                state = "removed" if node is None else node.state
-                log.info("node {node} {state}: dropping {n} connection(s) without a tunnel",
-                         node=key, state=state, n=len(guests))
-                del self._guests[key]
-                if state == "revoked" and key not in self._live:
-                    self.calls.write(Registry.mark_offline, key)
-                for conn in guests:
-                    close_connection(conn, self.clock, f"node {key} was {state} on the hub")
-        for key, tunnel in list(self._live.items()):
-            node = nodes.get(key)
-            if node is not None and self._moved(node.hub):
-                log.info("node {node} reconnected to hub {hub}: closing its old session here",
-                         node=key, hub=node.hub)
-                del self._live[key]
-                tunnel.close()
-                close_connection(tunnel.conn, self.clock,
-                                 f"superseded by a new connection of this node to hub {node.hub}")
-                continue
-            state = node.state if node is not None else "removed"
-            if node is None or state == "revoked":
-                log.info("node {node} {state}: dropping its live session", node=key, state=state)
-                del self._live[key]
-                tunnel.close()
-                if state == "revoked":
-                    self.calls.write(Registry.mark_offline, key)
-                close_connection(tunnel.conn, self.clock, f"node {key} was {state} on the hub")
-            else:
-                tunnel.set_public(node.public)
+        nodes = update.nodes
+        if update.whole:  # nodes may have gone: everything held is looked at
+            guests, live = list(self._guests), list(self._live)
+        else:  # only the changed nodes held here
+            changed = [n.name.lower() for n in update.changed]
+            guests = [k for k in changed if k in self._guests]
+            live = [k for k in changed if k in self._live]
+        for key in guests:
+            self._enforce_guests(key, nodes.get(key))
+        for key in live:
+            self._enforce_tunnel(key, nodes.get(key))
+
+    def _enforce_guests(self, key: str, node: Node | None) -> None:
+        """Drop the connections without a tunnel of a node revoked or removed."""
+        if node is not None and node.state != "revoked":
+            return
+        guests = self._guests.pop(key)
+        state = "removed" if node is None else node.state
+        log.info("node {node} {state}: dropping {n} connection(s) without a tunnel",
+                 node=key, state=state, n=len(guests))
+        if state == "revoked" and key not in self._live:
+            self.calls.write(Registry.mark_offline, key)
+        for conn in guests:
+            close_connection(conn, self.clock, f"node {key} was {state} on the hub")
+
+    def _enforce_tunnel(self, key: str, node: Node | None) -> None:
+        """Drop the tunnel of a node revoked, removed or moved to another hub;
+        else follow its public access."""
+        tunnel = self._live[key]
+        if node is not None and self._moved(node.hub):
+            log.info("node {node} reconnected to hub {hub}: closing its old session here",
+                     node=key, hub=node.hub)
+            del self._live[key]
+            tunnel.close()
+            close_connection(tunnel.conn, self.clock,
+                             f"superseded by a new connection of this node to hub {node.hub}")
+            return
+        state = node.state if node is not None else "removed"
+        if node is None or state == "revoked":
+            log.info("node {node} {state}: dropping its live session", node=key, state=state)
+            del self._live[key]
+            tunnel.close()
+            if state == "revoked":
+                self.calls.write(Registry.mark_offline, key)
+            close_connection(tunnel.conn, self.clock, f"node {key} was {state} on the hub")
+        else:
+            tunnel.set_public(node.public)
 
     def _moved(self, hub: str | None) -> bool:
         """Whether a node this hub holds is now claimed by another hub."""
