@@ -48,7 +48,7 @@ from hub.ssh.connection import ChannelRefused
 from hub.ssh.sink import IPacketSink
 from hub.store.revisions import NodeUpdate
 from hub.tunnel.dial import DeviceRefused, OpenNotice
-from hub.tunnel.live import CLOSE_GRACE, ForwardListener
+from hub.tunnel.live import CLOSE_GRACE, KEPT_PORT_RETRY, KEPT_PORT_WAIT, ForwardListener
 from hub.tunnel.splice import EARLY_LIMIT, SpliceChannel, TCPEnd
 
 PUBLIC = "198.51.100.1"
@@ -557,6 +557,42 @@ def test_ports_of_other_programs_are_not_tried_again_for_five_minutes(
     reactor.advance(300)
     late = Device(factory, reactor, key=register(hub, "site-late"), peer="192.0.2.30")
     assert allocated(late.forward(b"", 0)) == LOW
+
+
+def test_a_devices_own_port_still_held_is_waited_for_not_moved(
+        hub: Hub, reactor: RecordingReactor, factory: HubSSHFactory, key: keys.Key,
+        logged: list[LogEvent]) -> None:
+    """A device back on another worker while the worker that held its last connection
+    is still letting its port go (the hub stopping): the lease must not move for good."""
+    first = Device(factory, reactor, key=key)
+    kept = allocated(first.forward(b"", 0))
+    first.hang_up()
+    reactor.squatted = {kept}  # "the other worker" still holds it
+    again = Device(factory, reactor, key=key)
+    answers = again.request(b"tcpip-forward", b"", 0)
+    again.pump.flush()
+    for _ in range(4):
+        reactor.advance(KEPT_PORT_RETRY)
+    assert answers == []  # the request waits for the port
+    reactor.squatted = set()
+    reactor.advance(KEPT_PORT_RETRY)
+    again.pump.flush()
+    assert answers == [("ok", struct.pack(">L", kept))]
+    assert hub.registry.node("site-a").forwards == {"ssh": kept}
+    assert any(f"its port {kept} is still in use; waiting up to 5 s" in formatEvent(e)
+               for e in logged)
+    # Held beyond the wait (another program took it): the lease moves, as before.
+    again.hang_up()
+    reactor.squatted = {kept}
+    third = Device(factory, reactor, key=key)
+    answers = third.request(b"tcpip-forward", b"", 0)
+    third.pump.flush()
+    for _ in range(int(KEPT_PORT_WAIT / KEPT_PORT_RETRY)):
+        assert answers == []
+        reactor.advance(KEPT_PORT_RETRY)
+    third.pump.flush()
+    moved = hub.registry.node("site-a").forwards["ssh"]
+    assert moved != kept and answers == [("ok", struct.pack(">L", moved))]
 
 
 def test_exhausted_range_refuses_the_forward(tmp_path: Path, reactor: RecordingReactor) -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from attrs import define, field
 from twisted.conch.ssh import transport
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, task
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -47,6 +47,10 @@ LOOPBACK = "127.0.0.1"
 MAX_CONNECTIONS_PER_NODE = 1024
 # Attempts to find a port nobody else on the machine holds.
 BIND_ATTEMPTS = 256
+# A node's own (kept) port found in use is tried again every KEPT_PORT_RETRY
+# seconds for KEPT_PORT_WAIT before the lease moves to another port.
+KEPT_PORT_WAIT = 5.0
+KEPT_PORT_RETRY = 0.5
 
 D = TypeVar("D", bound=Dialled)
 
@@ -277,7 +281,8 @@ class NodeTunnel:
             log.error("node {node}: forward {service} refused: {why}", node=self.node,
                       service=service, why=f.getErrorMessage())
 
-        def leased(got: tuple[int, bool]) -> Forward | defer.Deferred[Forward | None] | None:
+        def leased(got: tuple[int, bool], waited: float = 0.0
+                   ) -> Forward | defer.Deferred[Forward | None] | None:
             real, new = got
             if self.closed:  # the session ended while the lease was recorded
                 return None
@@ -289,6 +294,18 @@ class NodeTunnel:
                     log.error("node {node}: cannot listen on {port}: {why}", node=self.node,
                               port=real, why=str(e.socketError))
                     return None
+                if not new and waited < KEPT_PORT_WAIT:
+                    # The node's own port: what held its last connection (another
+                    # worker or hub as it stops, its port keeper) may not have let
+                    # it go yet. Moving the lease now would move it for good.
+                    if not waited:
+                        log.info("node {node}: its port {port} is still in use; waiting up "
+                                 "to {wait:g} s for it", node=self.node, port=real,
+                                 wait=KEPT_PORT_WAIT)
+                    # (deferLater chains the Deferred `leased` may return; its stub does not say so)
+                    return task.deferLater(self.sessions.clock, KEPT_PORT_RETRY,
+                                           leased, got,  # type: ignore[arg-type]
+                                           waited + KEPT_PORT_RETRY)
                 if busy.found(real, self.sessions.clock.seconds()) and not avoid:
                     log.warn("node {node}: port {port} is in use by another program; "
                              "choosing another (new leases pass it over for {minutes:.0f} "
