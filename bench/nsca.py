@@ -37,12 +37,12 @@ from attrs import asdict, define, field
 
 # Run as a script: bench/ is on sys.path.
 from common import (
-    CLK_TCK,
     SSH,
     PySpy,
     client_options,
     machine_info,
     make_key,
+    server_cpu,
     stop_process,
     wait_for,
     wait_quiet,
@@ -93,20 +93,6 @@ def send_cfg(workdir: Path) -> Path:
     cfg = workdir / "send_nsca.cfg"
     cfg.write_text(f"password={PASSWORD}\nencryption_method={METHOD}\n")
     return cfg
-
-
-def cpu_with_children(pid: int) -> float:
-    """utime + stime + reaped children's cutime + cstime, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(v) for v in fields[11:15]) / CLK_TCK
-
-
-def server_cpu(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            total += cpu_with_children(pid)
-    return total
 
 
 def blast(target: Target, cfg: Path, senders: int, per_sender: int, tag: str,

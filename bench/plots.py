@@ -86,7 +86,8 @@ def nsca(doc: Doc, out: Path) -> Path:
 
 def gateway(doc: Doc, out: Path) -> Path:
     rows = doc["results"]
-    paths = [r["path"] for r in rows]
+    several = len({r.get("workers", 1) for r in rows}) > 1
+    paths = [f"{r['path']} w{r['workers']}" if several else r["path"] for r in rows]
     fig, (lat, bulk) = plt.subplots(1, 2, figsize=SIZE)
     width = 0.38
     xs = range(len(rows))
