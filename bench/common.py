@@ -294,7 +294,7 @@ class ThrowawaySSHD:
     name = "sshd"
     user = "root"
 
-    def __init__(self, workdir: Path, authorized: Path, *also: Path) -> None:
+    def __init__(self, workdir: Path, authorized: Path, *also: Path, extra: str = "") -> None:
         self.dir = workdir / "sshd"
         self.dir.mkdir()
         self.port = free_port()
@@ -308,7 +308,7 @@ class ThrowawaySSHD:
             f"AuthorizedKeysFile {auth}\nPidFile {self.dir / 'sshd.pid'}\n"
             "GatewayPorts yes\nAllowTcpForwarding yes\nStrictModes no\nUsePAM no\n"
             "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-            "KbdInteractiveAuthentication no\n")
+            "KbdInteractiveAuthentication no\n" + extra)
         self.log = self.dir / "sshd.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

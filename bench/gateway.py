@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import select
 import statistics
 import subprocess
@@ -62,12 +63,13 @@ from common import (
     descendants,
     machine_info,
     make_key,
+    server_cpu,
     stop_process,
     tree_cpu,
     wait_for,
     wait_quiet,
 )
-from peers import DeviceSSHD, HubProcess, Rendezvous, approved_device
+from peers import DeviceSSHD, HubProcess, Rendezvous, approved_device, listening_ports
 from runner import add_common_options, install_sigterm, percentile, use_hub_source, write_doc
 
 PATHS = ("direct", "gateway", "sshd-nested", "jump", "sshd-jump")
@@ -108,10 +110,23 @@ class Site:
             return self.rendezvous.cpu_seconds()
         return sum(tree_cpu(self.hub.pids())) if path != "direct" else 0.0
 
-    def settle(self, path: str) -> None:
-        """After a connection: until its server's CPU figure is complete."""
+    def device_pids(self) -> set[int]:
+        assert self.device.proc is not None
+        return set(descendants(self.device.proc.pid))
+
+    def device_cpu(self) -> float:
+        """CPU seconds so far of the device: its sshd and both call-home clients."""
+        assert self.device.proc is not None
+        tunnels = [t.proc.pid for t in (self.tunnel, self.rendezvous.tunnel) if t.proc]
+        return server_cpu([self.device.proc.pid, *self.device_pids(), *tunnels])
+
+    def settle(self, path: str, device_before: set[int]) -> None:
+        """After a connection: until the CPU figures have its ended processes."""
         if path.startswith("sshd-"):
             self.rendezvous.settle()
+        # The gateway may keep its login to the device for the next session.
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: self.device_pids() <= device_before, 2, "the device's sshd")
 
 
 @define
@@ -122,6 +137,7 @@ class Result:
     bulk_mb_per_s: list[float] = field(factory=list)
     bulk_ok: bool = True
     server_cpu_ms_per_mib: list[float] = field(factory=list)
+    chain_cpu_ms_per_mib: list[float] = field(factory=list)
     # Hub paths with several workers: "operator wI, device wJ" per bulk transfer.
     placement: list[str] = field(factory=list)
     load_before: list[float] = field(factory=list)
@@ -131,10 +147,13 @@ class Result:
                 "p90_us": round(percentile(self.rtt_us, 90), 1),
                 "p99_us": round(percentile(self.rtt_us, 99), 1),
                 "max_us": round(max(self.rtt_us, default=0.0), 1),
-                "bulk_mb_per_s": statistics.median(self.bulk_mb_per_s)
-                if self.bulk_mb_per_s else 0.0,
-                "server_cpu_ms_per_mib": statistics.median(self.server_cpu_ms_per_mib)
-                if self.server_cpu_ms_per_mib else 0.0}
+                "bulk_mb_per_s": median(self.bulk_mb_per_s),
+                "server_cpu_ms_per_mib": median(self.server_cpu_ms_per_mib),
+                "chain_cpu_ms_per_mib": median(self.chain_cpu_ms_per_mib)}
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
 
 
 # -- measuring ---------------------------------------------------------------
@@ -194,24 +213,38 @@ class Bulk:
     mb_per_s: float
     complete: bool
     server_cpu_s: float
+    # Every process on the way: the operator's ssh, the server, the device's sshd
+    # and ssh -R; on 2 cores, 2 / this is the machine's ceiling for the path.
+    chain_cpu_s: float
     placement: str
 
 
 def bulk(site: Site, path: str, size: int, log: Path) -> Bulk:
     """`size` bytes of output through `path`: rate, completeness, server CPU, placement."""
+    device_before = site.device_pids()
     pipe = Pipe(site.command(path, f"head -c {size} /dev/zero"), log)
     try:
         got = len(pipe.read())
         placement = where(site, pipe.proc.pid) if path in PEERS else ""
-        cpu = site.server_cpu(path)  # from here on: the transfer, not the logins
+        # From here on: the transfer, not the logins.
+        client = reaped_cpu() + sum(tree_cpu([pipe.proc.pid, *descendants(pipe.proc.pid)]))
+        server, device = site.server_cpu(path), site.device_cpu()
         start = time.perf_counter()
         while chunk := pipe.read():
             got += len(chunk)
         seconds = time.perf_counter() - start
     finally:
         pipe.close()
-    site.settle(path)
-    return Bulk(got / seconds / 1e6, got == size, site.server_cpu(path) - cpu, placement)
+    site.settle(path, device_before)
+    server = site.server_cpu(path) - server
+    chain = server + site.device_cpu() - device + reaped_cpu() - client
+    return Bulk(got / seconds / 1e6, got == size, server, chain, placement)
+
+
+def reaped_cpu() -> float:
+    """CPU seconds of this program's children that ended (the ssh clients)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # -- which worker holds which connection --------------------------------------
@@ -277,11 +310,13 @@ def measure(site: Site, path: str, args: argparse.Namespace, result: Result,
     result.bulk_mb_per_s.append(round(done.mb_per_s, 1))
     result.bulk_ok = result.bulk_ok and done.complete
     result.server_cpu_ms_per_mib.append(round(done.server_cpu_s * 1000 / args.size, 3))
+    result.chain_cpu_ms_per_mib.append(round(done.chain_cpu_s * 1000 / args.size, 3))
     if done.placement:
         result.placement.append(done.placement)
     s = result.summary()
     print(f"  w{site.workers} {path:11} p50 {s['p50_us']:7.0f} us  p99 {s['p99_us']:7.0f} us  "
-          f"bulk {done.mb_per_s:6.0f} MB/s  {done.server_cpu_s * 1000 / args.size:5.2f} ms/MiB"
+          f"bulk {done.mb_per_s:6.0f} MB/s  {done.server_cpu_s * 1000 / args.size:5.2f} ms/MiB  "
+          f"chain {done.chain_cpu_s * 1000 / args.size:5.2f}"
           f"{'' if done.complete else '  SHORT'}  {done.placement}", file=sys.stderr, flush=True)
 
 
@@ -292,16 +327,32 @@ def site(workdir: Path, workers: int) -> Iterator[Site]:
     """Hub, device sshd, its call-home tunnels to the hub and the rendezvous sshd,
     approval and operator alice; always stopped."""
     with contextlib.ExitStack() as stack:
-        hub = HubProcess(workdir, extra=["--workers", str(workers)])
+        hub = HubProcess(workdir, extra=["--workers", str(workers)], port_range=free_ports())
         stack.callback(hub.close)
         hub.start()
-        wait_for(lambda: len(hub.pids()) >= workers, 30, "every worker")
+        # Every worker listening before the device calls: it may land on any of them.
+        wait_for(lambda: hub.log_text().count("callhomehub SSH listening") >= workers, 30,
+                 "every worker to listen")
         alice = make_key(workdir / "alice", "alice")
         login = make_key(workdir / "rendezvous_key", "rendezvous")
-        device, tunnel = approved_device(stack, workdir, hub, [alice, login])
+        try:
+            device, tunnel = approved_device(stack, workdir, hub, [alice, login])
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}\nhub log: {hub.log_text()[-3000:]}") from e
         hub.cli("user", "add", "alice", "--key", f"{alice}.pub", "--allow", "*")
         rendezvous = Rendezvous(stack, workdir, device, workdir / "device_key", login, [alice])
         yield Site(ssh_config(workdir, alice), hub, device, tunnel, rendezvous, workers)
+
+
+def free_ports(count: int = 16) -> str:
+    """A per-device port range nothing listens in: other benches' hubs on this machine
+    take the bottom of the usual one (61000 up) by the thousand, and a hub tries only
+    so many ports in use before it gives up on a forward."""
+    busy = listening_ports(61000, 65535)
+    high = 65535
+    while busy.intersection(range(high - count + 1, high + 1)):
+        high -= count
+    return f"{high - count + 1}-{high}"
 
 
 def ssh_config(workdir: Path, key: Path) -> Path:
@@ -357,6 +408,12 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Result]:
     return results
 
 
+def ceiling(chain_ms_per_mib: float) -> float:
+    """MB/s the machine's cores could carry, were the path's processes the only work."""
+    cores = os.cpu_count() or 1
+    return cores * 1000 / chain_ms_per_mib * MIB / 1e6 if chain_ms_per_mib else 0.0
+
+
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if b else "-"
 
@@ -375,7 +432,7 @@ def block_table(results: list[Result], workers: int) -> list[str]:
     direct = by["direct"]
     lines = [f"hub --workers {workers}",
              f"{'path':11} {'p50 us':>8} {'p99 us':>8} {'added p50':>10} {'added p99':>10} "
-             f"{'bulk MB/s':>10} {'vs direct':>9} {'ms/MiB':>7}"]
+             f"{'bulk MB/s':>10} {'vs direct':>9} {'ms/MiB':>7} {'chain':>6} {'ceiling':>8}"]
     for r in results:
         s = by[r.path]
         added = r.path != "direct"
@@ -384,7 +441,8 @@ def block_table(results: list[Result], workers: int) -> list[str]:
             f"{s['p50_us'] - direct['p50_us'] if added else 0:10.0f} "
             f"{s['p99_us'] - direct['p99_us'] if added else 0:10.0f} "
             f"{s['bulk_mb_per_s']:10.0f} {ratio(s['bulk_mb_per_s'], direct['bulk_mb_per_s']):>9} "
-            f"{s['server_cpu_ms_per_mib'] if added else 0:7.2f}"
+            f"{s['server_cpu_ms_per_mib'] if added else 0:7.2f} "
+            f"{s['chain_cpu_ms_per_mib']:6.2f} {ceiling(s['chain_cpu_ms_per_mib']):8.0f}"
             f"{'' if r.bulk_ok else '  SHORT'}")
     lines.append(f"{'hub / sshd':21} {'bulk MB/s':>9} {'p50':>6} {'p99':>6} {'ms/MiB':>7}")
     for hub, sshd in PEERS.items():

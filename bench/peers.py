@@ -216,13 +216,19 @@ class Rendezvous:
 
     def __init__(self, stack: contextlib.ExitStack, workdir: Path, device: DeviceSSHD,
                  device_key: Path, login_key: Path, operator_keys: Sequence[Path]) -> None:
-        self.sshd = ThrowawaySSHD(workdir, device_key, *operator_keys)
+        # IPv4 only: a forward of port 0 on every address fails when the port the
+        # kernel gave on 127.0.0.1 is taken on ::1 (busy benches nearby).
+        self.sshd = ThrowawaySSHD(workdir, device_key, *operator_keys,
+                                  extra="AddressFamily inet\n")
         stack.callback(self.sshd.close)
         self.sshd.start()
         self.tunnel = Tunnel(workdir, self.sshd, device_key, device.port,
                              "chacha20-poly1305@openssh.com", None)
         stack.callback(self.tunnel.close)
-        self.tunnel.start()
+        try:
+            self.tunnel.start()
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}\nrendezvous sshd: {self.sshd.log_text()[-2000:]}") from e
         self.port, self.forward = self.sshd.port, self.tunnel.port
         known = workdir / "rendezvous_known_hosts"
         known.write_text(f"[localhost]:{self.forward} "
