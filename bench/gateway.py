@@ -76,6 +76,8 @@ PATHS = ("direct", "gateway", "sshd-nested", "jump", "sshd-jump")
 # Each hub path and the sshd path that does the same work on the server machine.
 PEERS = {"gateway": "sshd-nested", "jump": "sshd-jump"}
 MIB = 1 << 20
+# Kept run by run in the JSON (the summary's medians take their names).
+PER_RUN = ("bulk_mb_per_s", "server_cpu_ms_per_mib", "chain_cpu_ms_per_mib")
 IO_TIMEOUT = 60.0
 
 
@@ -478,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         write_doc(args.json, "gateway", {
             "round_trips": args.round_trips, "size_mib": args.size, "repeat": args.repeat,
             "workers": args.workers, "machine": machine_info(), **source,
-            "results": [{**asdict(r, filter=lambda a, v: a.name != "rtt_us"), **r.summary()}
+            "results": [{**asdict(r, filter=lambda a, v: a.name != "rtt_us"),
+                         "per_run": {k: getattr(r, k) for k in PER_RUN}, **r.summary()}
                         for r in results],
             "hub_over_sshd": ratios(results)})
     return 0 if all(r.bulk_ok for r in results) else 1
