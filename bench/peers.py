@@ -216,8 +216,8 @@ class Rendezvous:
 
     def __init__(self, stack: contextlib.ExitStack, workdir: Path, device: DeviceSSHD,
                  device_key: Path, login_key: Path, operator_keys: Sequence[Path]) -> None:
-        # IPv4 only: a forward of port 0 on every address fails when the port the
-        # kernel gave on 127.0.0.1 is taken on ::1 (busy benches nearby).
+        # IPv4 only: the device's forward then listens on 127.0.0.1 alone, where the
+        # nested ssh and -J reach it, and needs no free port on ::1 as well.
         self.sshd = ThrowawaySSHD(workdir, device_key, *operator_keys,
                                   extra="AddressFamily inet\n")
         stack.callback(self.sshd.close)
