@@ -187,6 +187,10 @@ class Pipe:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.wfd)
+        # After EOF ssh ends by itself; a SIGTERM now would cut the server's side short
+        # (sshd's session process then ended unreaped by its monitor, its CPU uncounted).
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
         stop_process(self.proc)  # type: ignore[arg-type]
         with contextlib.suppress(OSError):
             os.close(self.rfd)
