@@ -28,9 +28,9 @@ ratios of bulk MB/s, echo p50/p99 and server CPU per MiB of bulk (the hub's
 processes; every process of the rendezvous sshd, the nested ssh client
 included, ended ones too). Each path's chain CPU per MiB adds the operator's
 ssh and the device's sshd and `ssh -R`: every process on the way, and the
-`ceiling` the machine's cores allow at that cost. `--workers 1,2` repeats the whole set with a fresh
-hub per count (`--workers W`; the sshd paths again, side by side) and notes for
-each bulk transfer on which worker the operator's connection and the device's
+`ceiling` the machine's cores allow at that cost. `--workers 1,2` repeats the
+whole set with a fresh hub per count (`--workers W`; the sshd paths again, side
+by side) and notes for each bulk transfer on which worker the operator's connection and the device's
 tunnel were (w0 = the twistd process).
 
 Echo: one long-lived `cat` session per path; write a short line, wait for its
