@@ -7,6 +7,7 @@ torn down by `close()`; `/proc` probes read CPU time and peak RSS of a process
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -182,6 +183,23 @@ def tree_cpu(pids: Iterable[int]) -> tuple[float, float]:
     return user, system
 
 
+def cpu_with_children(pid: int) -> float:
+    """utime + stime + reaped children's cutime + cstime, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / CLK_TCK
+
+
+def server_cpu(pids: Iterable[int]) -> float:
+    """CPU seconds of `pids` and of every child they reaped: given a server and its
+    live descendants, this counts the per-connection processes (sshd's, nsca's) that
+    already ended too, each once (in its parent once reaped, by itself while alive)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += cpu_with_children(pid)
+    return total
+
+
 def tree_max(probe: Callable[[int], int], pids: Iterable[int]) -> int:
     """The largest `probe(pid)` over processes that still exist."""
     peak = 0
@@ -271,18 +289,18 @@ class Hub:
 
 
 class ThrowawaySSHD:
-    """OpenSSH sshd on loopback with its own config, host key and authorized key."""
+    """OpenSSH sshd on loopback with its own config, host key and authorized keys."""
 
     name = "sshd"
     user = "root"
 
-    def __init__(self, workdir: Path, authorized: Path) -> None:
+    def __init__(self, workdir: Path, authorized: Path, *also: Path, extra: str = "") -> None:
         self.dir = workdir / "sshd"
         self.dir.mkdir()
         self.port = free_port()
         host_key = make_key(self.dir / "ssh_host_ed25519_key", "bench-sshd")
         auth = self.dir / "authorized_keys"
-        auth.write_text(Path(f"{authorized}.pub").read_text())
+        auth.write_text("".join(Path(f"{key}.pub").read_text() for key in (authorized, *also)))
         auth.chmod(0o600)
         self.config = self.dir / "sshd_config"
         self.config.write_text(
@@ -290,7 +308,7 @@ class ThrowawaySSHD:
             f"AuthorizedKeysFile {auth}\nPidFile {self.dir / 'sshd.pid'}\n"
             "GatewayPorts yes\nAllowTcpForwarding yes\nStrictModes no\nUsePAM no\n"
             "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-            "KbdInteractiveAuthentication no\n")
+            "KbdInteractiveAuthentication no\n" + extra)
         self.log = self.dir / "sshd.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

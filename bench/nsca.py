@@ -43,6 +43,7 @@ from common import (
     client_options,
     machine_info,
     make_key,
+    server_cpu,
     stop_process,
     wait_for,
     wait_quiet,
@@ -99,12 +100,6 @@ def send_cfg(workdir: Path) -> Path:
     return cfg
 
 
-def cpu_with_children(pid: int) -> float:
-    """utime + stime + reaped children's cutime + cstime, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(v) for v in fields[11:15]) / CLK_TCK
-
-
 def thread_cpu(pids: list[int]) -> dict[str, float]:
     """CPU seconds (utime + stime) of the main threads of `pids` and of their other threads
     (Python does not name its threads for the kernel)."""
@@ -116,14 +111,6 @@ def thread_cpu(pids: list[int]) -> dict[str, float]:
                 kind = "main" if task.name == str(pid) else "others"
                 by_kind[kind] += sum(int(v) for v in fields[11:13]) / CLK_TCK
     return by_kind
-
-
-def server_cpu(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            total += cpu_with_children(pid)
-    return total
 
 
 def blast(target: Target, cfg: Path, senders: int, per_sender: int, tag: str,

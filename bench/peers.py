@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -21,13 +22,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from common import (
+    SSH,
     SSHD,
     TWISTD,
     Hub,
+    ThrowawaySSHD,
     Tunnel,
     descendants,
     free_port,
     make_key,
+    server_cpu,
     stop_process,
     wait_for,
 )
@@ -211,6 +215,60 @@ def approved_device(stack: contextlib.ExitStack, workdir: Path, hub: Hub,
     if "pinned" not in approved:
         raise RuntimeError(f"approve did not pin the device host key: {approved}")
     return device, tunnel
+
+
+class Rendezvous:
+    """The hub's real peer for operators: a self-built rendezvous server, an OpenSSH sshd
+    the device calls home to with `ssh -N -R 0:127.0.0.1:DEVPORT root@rendezvous`.
+
+    Operators reach the device through it with `ssh -J root@rendezvous -p PORT
+    root@localhost` (`jump`), or log in to it and run `ssh -p PORT root@localhost`
+    there (`nested`), with the rendezvous host's own key and the device's host key
+    pinned in its known_hosts. Stopped with `stack`."""
+
+    def __init__(self, stack: contextlib.ExitStack, workdir: Path, device: DeviceSSHD,
+                 device_key: Path, login_key: Path, operator_keys: Sequence[Path]) -> None:
+        # IPv4 only: the device's forward then listens on 127.0.0.1 alone, where the
+        # nested ssh and -J reach it, and needs no free port on ::1 as well.
+        self.sshd = ThrowawaySSHD(workdir, device_key, *operator_keys,
+                                  extra="AddressFamily inet\n")
+        stack.callback(self.sshd.close)
+        self.sshd.start()
+        self.tunnel = Tunnel(workdir, self.sshd, device_key, device.port,
+                             "chacha20-poly1305@openssh.com", None)
+        stack.callback(self.tunnel.close)
+        try:
+            self.tunnel.start()
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}\nrendezvous sshd: {self.sshd.log_text()[-2000:]}") from e
+        self.port, self.forward = self.sshd.port, self.tunnel.port
+        known = workdir / "rendezvous_known_hosts"
+        known.write_text(f"[localhost]:{self.forward} "
+                         + Path(f"{device.host_key}.pub").read_text())
+        self.inner_config = workdir / "rendezvous_ssh_config"
+        self.inner_config.write_text(
+            f"Host *\n  BatchMode yes\n  IdentitiesOnly yes\n  IdentityFile {login_key}\n"
+            f"  UserKnownHostsFile {known}\n  StrictHostKeyChecking yes\n  LogLevel ERROR\n"
+            "  Compression no\n  ConnectTimeout 10\n")
+        # The device's tunnel: what stays between connections (see settle).
+        self.resident = set(self.sshd.pids())
+
+    def nested(self, remote: str) -> str:
+        """The command an operator logged in to the rendezvous runs to reach the device."""
+        return shlex.join([SSH, "-F", str(self.inner_config), "-T", "-p", str(self.forward),
+                           "root@localhost", remote])
+
+    def cpu_seconds(self) -> float:
+        """Every process of this sshd, those of connections that ended included (each
+        reaped process's CPU, the nested ssh's too, is in its parent's children's time)."""
+        assert self.sshd.proc is not None
+        return server_cpu([self.sshd.proc.pid, *self.sshd.pids()])
+
+    def settle(self) -> None:
+        """Wait until the processes of connections that ended are reaped, so that
+        `cpu_seconds` has their CPU."""
+        wait_for(lambda: set(self.sshd.pids()) <= self.resident, 10,
+                 "sshd to reap a connection's processes")
 
 
 class NscaDaemon:

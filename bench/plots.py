@@ -86,7 +86,8 @@ def nsca(doc: Doc, out: Path) -> Path:
 
 def gateway(doc: Doc, out: Path) -> Path:
     rows = doc["results"]
-    paths = [r["path"] for r in rows]
+    several = len({r.get("workers", 1) for r in rows}) > 1
+    paths = [f"{r['path']} w{r['workers']}" if several else r["path"] for r in rows]
     fig, (lat, bulk) = plt.subplots(1, 2, figsize=SIZE)
     width = 0.38
     xs = range(len(rows))
@@ -94,12 +95,13 @@ def gateway(doc: Doc, out: Path) -> Path:
         bars = lat.bar([x + offset for x in xs], [r[key] for r in rows], width,
                        label=key.split("_")[0], color=colour)
         label_bars(lat, bars)
-    lat.set_xticks(list(xs), paths)
+    lat.set_xticks(list(xs), paths, rotation=45, ha="right", fontsize=7)
     lat.set_ylabel("echo round trip, us")
     lat.legend(fontsize=8)
     lat.set_title("Echo round trip", fontsize=10)
     bars = bulk.bar(paths, [r["bulk_mb_per_s"] for r in rows], color=OTHER)
     label_bars(bulk, bars)
+    bulk.set_xticks(list(xs), paths, rotation=45, ha="right", fontsize=7)
     bulk.set_ylabel("MB/s")
     bulk.set_title(f"Bulk output ({doc['size_mib']} MiB)", fontsize=10)
     return save(fig, out / "gateway.png")
