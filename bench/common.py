@@ -216,7 +216,12 @@ def tree_max(probe: Callable[[int], int], pids: Iterable[int]) -> int:
 def port_range() -> str:
     """Per-device ports for the bench's hub: the top of the default range, above
     the kernel's ephemeral ports, so busy test suites on the same machine (whose
-    client sockets and hubs use 49152 and up) do not exhaust the hub's search."""
+    client sockets and hubs use 49152 and up) do not exhaust the hub's search.
+    CALLHOMEHUB_BENCH_PORTS=LOW-HIGH overrides it, when another program holds
+    that range (a storm bench's thousands of tunnels)."""
+    chosen = os.environ.get("CALLHOMEHUB_BENCH_PORTS")
+    if chosen:
+        return chosen
     _, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
                .split())
     low = max(49152, high + 1)

@@ -18,6 +18,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from hub.ssh.buffers import PaddingPool, ReceiveBuffer, ScratchBuffer
+from hub.ssh.channels import MAX_PACKET
 from hub.ssh.ciphers import AES128_GCM, AES256_GCM, CHACHA20_POLY1305
 from hub.ssh.packet import (
     AESGCMProtection,
@@ -28,7 +29,9 @@ from hub.ssh.packet import (
     PacketError,
     PacketProtection,
 )
+from hub.ssh.packetio import SEAL_OVERHEAD
 from hub.ssh.tcpwrite import OutputBatch, writeNow
+from hub.tunnel.splice import READ_SIZE
 
 
 def _pair(kind: str) -> tuple[PacketProtection, PacketProtection]:
@@ -289,6 +292,26 @@ def test_batch_writes_several_packets_with_one_send() -> None:
         opened = receiver.open(seqnr, stream[pos:])
         assert opened is not None and opened[0] == payload
         pos += opened[1]
+
+
+def test_the_channel_packets_of_one_read_go_out_in_one_send() -> None:
+    # What a splice's 256 KiB TCP read becomes: 32 KiB CHANNEL_DATA packets,
+    # each given the room the transport reserves for it.
+    conn, counting, _theirs, _ = _tcp()
+    sender, _receiver = _pair("etm")
+    head = b"\x5e" + bytes(8)  # message number, recipient channel, length
+    data = memoryview(os.urandom(READ_SIZE))
+    batch = OutputBatch()
+    assert batch.begin(conn)
+    total = 0
+    for seqnr, offset in enumerate(range(0, READ_SIZE, MAX_PACKET)):
+        chunk = data[offset : offset + MAX_PACKET]
+        room = batch.take(len(head) + len(chunk) + SEAL_OVERHEAD)
+        wire = sender.sealInto(seqnr, head, chunk, room)
+        total += len(wire)
+        batch.commit(wire)
+    batch.end()
+    assert counting.sends == [total]
 
 
 def test_a_full_batch_is_written_before_the_next_packet() -> None:

@@ -1199,6 +1199,21 @@ def test_window_is_granted_in_batches(device: Device, pipe: Any) -> None:
     assert device.conn.window_adjusts == [WINDOW // 4]
 
 
+def test_a_window_grant_logs_nothing(device: Device, pipe: Any) -> None:
+    # A bulk transfer grants window every WINDOW // 4 bytes: Conch's
+    # adjustWindow published a debug event for each one.
+    _end, _tcp, chan, _splice = pipe
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        chan.write(b"y" * (WINDOW // 4))
+        device.pump.flush()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert device.conn.window_adjusts == [WINDOW // 4]
+    assert [formatEvent(e) for e in events] == []
+
+
 def test_tcp_reading_pauses_while_the_device_window_is_full(device: Device, pipe: Any) -> None:
     end, tcp, chan, _splice = pipe
     chan.hold_window = True

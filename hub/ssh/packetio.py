@@ -35,7 +35,7 @@ from hub.ssh.tcpwrite import OutputBatch, writeNow
 _SEQUENCE_MASK = 0xFFFFFFFF
 # Room to leave for a packet beyond its payload: length, padding length,
 # padding (under two blocks) and the largest MAC (HMAC-SHA2-512).
-_SEAL_OVERHEAD = 4 + 1 + 2 * 16 + 64
+SEAL_OVERHEAD = 4 + 1 + 2 * 16 + 64
 _MESSAGE_TYPES = [bytes((n,)) for n in range(256)]
 
 
@@ -124,7 +124,7 @@ class PacketIOMixin(_Base):
         outbound = self._currentCiphers().outbound
         batch = self._batch
         if batch.collecting(self.transport):
-            room = batch.take(len(head) + len(data) + _SEAL_OVERHEAD)
+            room = batch.take(len(head) + len(data) + SEAL_OVERHEAD)
             wire = outbound.sealInto(seqnr, head, data, room)
             sent = len(wire)
             batch.commit(wire)

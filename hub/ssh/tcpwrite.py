@@ -84,6 +84,12 @@ def no_delay(transport: Any) -> None:
             set_no_delay(True)
 
 
+# Room for the channel packets of one 256 KiB read (the hub's TCP reads, see
+# hub.tunnel.splice): eight 32 KiB packets plus their framing and MACs. At
+# exactly 256 KiB the eighth packet did not fit and went out in a second send.
+BATCH_SIZE = 256 * 1024 + 8 * 1024
+
+
 class OutputBatch:
     """
     Packets framed back to back into one buffer, then written together.
@@ -95,7 +101,7 @@ class OutputBatch:
     one by one.
     """
 
-    def __init__(self, size: int = 256 * 1024) -> None:
+    def __init__(self, size: int = BATCH_SIZE) -> None:
         self._size = size
         self._view = memoryview(b"")
         self._used = 0
