@@ -7,6 +7,7 @@ torn down by `close()`; `/proc` probes read CPU time and peak RSS of a process
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import platform
@@ -213,19 +214,61 @@ def tree_max(probe: Callable[[int], int], pids: Iterable[int]) -> int:
 
 # -- the servers -------------------------------------------------------------
 
-def port_range() -> str:
-    """Per-device ports for the bench's hub: the top of the default range, above
-    the kernel's ephemeral ports, so busy test suites on the same machine (whose
-    client sockets and hubs use 49152 and up) do not exhaust the hub's search.
-    CALLHOMEHUB_BENCH_PORTS=LOW-HIGH overrides it, when another program holds
-    that range (a storm bench's thousands of tunnels)."""
-    chosen = os.environ.get("CALLHOMEHUB_BENCH_PORTS")
-    if chosen:
-        return chosen
-    _, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
-               .split())
-    low = max(49152, high + 1)
-    return f"{low}-65535" if low <= 65535 - 256 else "49152-65535"
+def port_range(count: int = 16) -> str:
+    """Per-device ports for a bench hub with `count` tunnels: `tunnel_port_range`, or
+    CALLHOMEHUB_BENCH_PORTS=LOW-HIGH when the operator of the bench knows better."""
+    return os.environ.get("CALLHOMEHUB_BENCH_PORTS") or tunnel_port_range(count)
+
+
+def listening_ports(low: int, high: int) -> set[int]:
+    """TCP ports in [low, high] that something on this machine listens on."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            port = int(fields[1].rsplit(":", 1)[1], 16)
+            if fields[3] == "0A" and low <= port <= high:
+                found.add(port)
+    return found
+
+
+def ephemeral_range() -> tuple[int, int]:
+    low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    return int(low), int(high)
+
+
+def tunnel_port_range(count: int) -> str:
+    """A per-device port range for `count` tunnels that no client socket can take.
+
+    Outside the kernel's ephemeral ports (where our own thousands of client
+    connections get theirs), and of such ranges the one other programs listen on
+    least: on a shared machine another benchmark's hub may hold thousands of ports,
+    and each one it holds in our range costs our hub a failed listen, or a device
+    its old port in the reconnect storm. Ties go to the first of 8192 and up,
+    above the ephemeral ports, then 1024 and up (test suites crowd 49152 and up)."""
+    eph_low, eph_high = ephemeral_range()
+    size = count + 1280
+    listening = sorted(listening_ports(1024, 65535))
+    best: tuple[int, int] | None = None
+    for low in window_starts(size, eph_low, eph_high):
+        busy = bisect.bisect_right(listening, low + size - 1) - bisect.bisect_left(listening, low)
+        if best is None or busy < best[0]:
+            best = (busy, low)
+    if best is None:
+        raise RuntimeError(f"no {size} ports outside the ephemeral ports {eph_low}-{eph_high}")
+    return f"{best[1]}-{best[1] + size - 1}"
+
+
+def window_starts(size: int, eph_low: int, eph_high: int) -> list[int]:
+    """Starts of `size`-port windows clear of the ephemeral ports, in order of preference."""
+    def starts(low: int, high: int) -> list[int]:
+        return list(range(low, high - size + 2, 256))
+    return [*starts(8192, eph_low - 1), *starts(eph_high + 1, 65535),
+            *starts(1024, min(8191 + size, eph_low - 1))]
 
 
 class Hub:

@@ -31,9 +31,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import cli_command, wait_quiet
+from common import cli_command, port_range, wait_quiet
 from fleet import Generator, make_keys, register_all
-from peers import DeviceSSHD, HubProcess, tunnel_port_range
+from peers import DeviceSSHD, HubProcess
 
 SSH = shutil.which("ssh") or "ssh"
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write the figures here too")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
-    hub = HubProcess(work, port_range=tunnel_port_range(args.n))
+    hub = HubProcess(work, port_range=port_range(args.n))
     sshd: DeviceSSHD | None = None
     gen: Generator | None = None
     try:

@@ -65,13 +65,14 @@ from common import (
     descendants,
     machine_info,
     make_key,
+    port_range,
     server_cpu,
     stop_process,
     tree_cpu,
     wait_for,
     wait_quiet,
 )
-from peers import DeviceSSHD, HubProcess, Rendezvous, approved_device, listening_ports
+from peers import DeviceSSHD, HubProcess, Rendezvous, approved_device
 from runner import add_common_options, install_sigterm, percentile, use_hub_source, write_doc
 
 PATHS = ("direct", "gateway", "sshd-nested", "jump", "sshd-jump")
@@ -335,7 +336,7 @@ def site(workdir: Path, workers: int) -> Iterator[Site]:
     """Hub, device sshd, its call-home tunnels to the hub and the rendezvous sshd,
     approval and operator alice; always stopped."""
     with contextlib.ExitStack() as stack:
-        hub = HubProcess(workdir, extra=["--workers", str(workers)], port_range=free_ports())
+        hub = HubProcess(workdir, extra=["--workers", str(workers)], port_range=port_range())
         stack.callback(hub.close)
         hub.start()
         # Every worker listening before the device calls: it may land on any of them.
@@ -350,17 +351,6 @@ def site(workdir: Path, workers: int) -> Iterator[Site]:
         hub.cli("user", "add", "alice", "--key", f"{alice}.pub", "--allow", "*")
         rendezvous = Rendezvous(stack, workdir, device, workdir / "device_key", login, [alice])
         yield Site(ssh_config(workdir, alice), hub, device, tunnel, rendezvous, workers)
-
-
-def free_ports(count: int = 16) -> str:
-    """A per-device port range nothing listens in: other benches' hubs on this machine
-    take the bottom of the usual one (61000 up) by the thousand, and a hub tries only
-    so many ports in use before it gives up on a forward."""
-    busy = listening_ports(61000, 65535)
-    high = 65535
-    while busy.intersection(range(high - count + 1, high + 1)):
-        high -= count
-    return f"{high - count + 1}-{high}"
 
 
 def ssh_config(workdir: Path, key: Path) -> Path:

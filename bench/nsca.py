@@ -41,14 +41,16 @@ from common import (
     SSH,
     PySpy,
     client_options,
+    listening_ports,
     machine_info,
     make_key,
+    port_range,
     server_cpu,
     stop_process,
     wait_for,
     wait_quiet,
 )
-from peers import SEND_NSCA, HubProcess, NscaDaemon, listening_ports, tunnel_port_range
+from peers import SEND_NSCA, HubProcess, NscaDaemon
 from perfrecord import PerfRecord
 from runner import add_common_options, install_sigterm, use_hub_source, write_doc
 
@@ -216,7 +218,7 @@ def local_forward(hub: HubProcess, key: Path, workdir: Path) -> tuple[subprocess
 
 
 def pick_local_port() -> int:
-    low, high = (int(v) for v in tunnel_port_range(1).split("-"))
+    low, high = (int(v) for v in port_range(1).split("-"))
     busy = listening_ports(low, high)
     return next(p for p in range(high, low, -1) if p not in busy)
 

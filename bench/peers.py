@@ -8,7 +8,6 @@ raised open-file limit, and Debian's `nsca` daemon.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import os
 import re
@@ -35,6 +34,7 @@ from common import (
     stop_process,
     wait_for,
 )
+from common import port_range as choose_port_range
 
 NSCA = shutil.which("nsca") or "/usr/sbin/nsca"
 SEND_NSCA = shutil.which("send_nsca") or "/usr/sbin/send_nsca"
@@ -58,65 +58,14 @@ def nofile_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 
 
-def listening_ports(low: int, high: int) -> set[int]:
-    """TCP ports in [low, high] that something on this machine listens on."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            port = int(fields[1].rsplit(":", 1)[1], 16)
-            if fields[3] == "0A" and low <= port <= high:
-                found.add(port)
-    return found
-
-
-def ephemeral_range() -> tuple[int, int]:
-    low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-    return int(low), int(high)
-
-
-def tunnel_port_range(count: int) -> str:
-    """A per-device port range for `count` tunnels that no client socket can take.
-
-    Outside the kernel's ephemeral ports (where our own thousands of client
-    connections get theirs), and of such ranges the one other programs listen on
-    least: on a shared machine another benchmark's hub may hold thousands of ports,
-    and each one it holds in our range costs our hub a failed listen, or a device
-    its old port in the reconnect storm. Ties go to the first of 8192 and up,
-    above the ephemeral ports, then 1024 and up (test suites crowd 49152 and up)."""
-    eph_low, eph_high = ephemeral_range()
-    size = count + 1280
-    listening = sorted(listening_ports(1024, 65535))
-    best: tuple[int, int] | None = None
-    for low in window_starts(size, eph_low, eph_high):
-        busy = bisect.bisect_right(listening, low + size - 1) - bisect.bisect_left(listening, low)
-        if best is None or busy < best[0]:
-            best = (busy, low)
-    if best is None:
-        raise RuntimeError(f"no {size} ports outside the ephemeral ports {eph_low}-{eph_high}")
-    return f"{best[1]}-{best[1] + size - 1}"
-
-
-def window_starts(size: int, eph_low: int, eph_high: int) -> list[int]:
-    """Starts of `size`-port windows clear of the ephemeral ports, in order of preference."""
-    def starts(low: int, high: int) -> list[int]:
-        return list(range(low, high - size + 2, 256))
-    return [*starts(8192, eph_low - 1), *starts(eph_high + 1, 65535),
-            *starts(1024, min(8191 + size, eph_low - 1))]
-
-
 class HubProcess(Hub):
     """The hub with extra options and a config file, restartable on the same SSH port."""
 
     def __init__(self, workdir: Path, *, config: str = "", extra: Sequence[str] = (),
-                 port_range: str = "61000-65535", backlog: int = 0) -> None:
+                 port_range: str | None = None, backlog: int = 0) -> None:
         super().__init__(workdir)
         self.extra = list(extra)
-        self.range = port_range
+        self.range = port_range or choose_port_range()
         self.backlog = backlog
         self.ports: dict[str, int] = {}
         self._offset = 0

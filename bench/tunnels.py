@@ -49,12 +49,13 @@ from common import (
     cpu_seconds,
     descendants,
     machine_info,
+    port_range,
     vm_rss_kib,
     wait_for,
     wait_quiet,
 )
 from fleet import GENERATORS, Generator, make_keys, register_all
-from peers import DeviceSSHD, HubProcess, nofile_limit, tunnel_port_range
+from peers import DeviceSSHD, HubProcess, nofile_limit
 from runner import add_common_options, install_sigterm, use_hub_source, write_doc
 
 
@@ -193,7 +194,7 @@ def hub_run(workdir: Path, n: int, args: argparse.Namespace, workers: int = 1) -
     outcome = Outcome(name, n, workers, nofile_limit=nofile_limit())
     keys = workdir / "keys.jsonl"
     publics = make_keys(keys, n)
-    hub = HubProcess(workdir, port_range=tunnel_port_range(n), backlog=args.backlog,
+    hub = HubProcess(workdir, port_range=port_range(n), backlog=args.backlog,
                      extra=["--keepalive", str(args.keepalive), "--workers", str(workers),
                             *(["--port-keeper"] if args.port_keeper else [])])
     gen: Generator | None = None
