@@ -286,3 +286,24 @@ def test_deleting_an_operator_ends_their_session_and_jump_within_2s(site: Site) 
     for proc in (session, stdio):
         assert proc.stderr is not None
         assert b"operator alice was deleted on the hub" in proc.stderr.read()
+
+
+def test_a_device_that_offers_only_chacha20_is_reached_too(hub: HubProcess,
+                                                           tmp_path: Path) -> None:
+    """The hub's sessions to devices put AES-GCM first where the CPU has AES; a device
+    without it (or an older sshd) is still reached with what it offers."""
+    alice = make_key(tmp_path / "alice", "alice")
+    mgmt = hub.data / "keys" / "hub_mgmt_ed25519_key.pub"
+    sshd = DeviceSSHD(tmp_path / "sshd", [mgmt, alice],
+                      extra_config="Ciphers chacha20-poly1305@openssh.com\n").start()
+    device = Device(hub, tmp_path, "site-c")
+    try:
+        device.connect(f"0:127.0.0.1:{sshd.port}")
+        assert b"pinned" in hub.cli("approve", "site-c").stdout
+        hub.cli("user", "add", "alice", "--key", f"{alice}.pub", "--allow", "site-*")
+        operator = SSHClient(tmp_path / "operator", hub.port)
+        result = operator.run("alice:site-c@127.0.0.1", "echo through", key=alice)
+        assert (result.returncode, result.stdout) == (0, b"through\n"), result.stderr
+    finally:
+        device.close()
+        sshd.stop()

@@ -9,9 +9,13 @@ from memory_hub import make_hub, start_factory
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 
+from hub.access.device_client import DeviceClientTransport
+from hub.access.server import HubServerTransport
 from hub.app.config import build_config
 from hub.errors import ConfigError
 from hub.ssh.algorithms import (
+    CIPHERS,
+    CLIENT_CIPHERS,
     HOST_KEY_ALGORITHMS,
     KEX_ALGORITHMS,
     LEGACY_HOST_KEY_ALGORITHMS,
@@ -19,7 +23,10 @@ from hub.ssh.algorithms import (
     LEGACY_MACS,
     MACS,
     TransportPolicy,
+    aes_instructions,
+    client_ciphers,
 )
+from hub.ssh.ciphers import AES128_GCM, AES256_GCM
 
 LEGACY = {*LEGACY_KEX_ALGORITHMS, *LEGACY_HOST_KEY_ALGORITHMS, *LEGACY_MACS}
 
@@ -75,3 +82,21 @@ def test_config_key_and_its_type(tmp_path: Path) -> None:
     (tmp_path / "callhomehub.toml").write_text("[transport]\nlegacy = true\n")
     with pytest.raises(ConfigError, match=r"unknown key 'legacy' in \[transport\]"):
         build_config({"data": str(tmp_path)})
+
+
+X86 = "processor\t: 0\nflags\t\t: fpu sse2 aes avx2 sha_ni\n"
+ARM = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2\n"
+NO_AES = "processor\t: 0\nflags\t\t: fpu sse2 avx2\n"
+
+
+def test_the_hub_as_a_client_prefers_aes_gcm_where_the_cpu_has_aes() -> None:
+    assert aes_instructions(X86) and aes_instructions(ARM)
+    assert not aes_instructions(NO_AES) and not aes_instructions("")
+    with_aes = client_ciphers(True)
+    assert with_aes[:2] == (AES128_GCM, AES256_GCM)
+    assert sorted(with_aes) == sorted(CIPHERS)  # the same set, only the order differs
+    assert client_ciphers(False) == CIPHERS
+    # Its sessions to devices, NETCONF devices and peer hubs use that order; the
+    # server keeps OpenSSH's (a client's order decides: devices keep theirs).
+    assert DeviceClientTransport.supportedCiphers == list(CLIENT_CIPHERS)
+    assert HubServerTransport.supportedCiphers == list(CIPHERS)

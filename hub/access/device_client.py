@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hub.errors import HubError
+from hub.ssh.algorithms import CLIENT_CIPHERS
 from hub.ssh.connection import ChannelRefused, WindowedChannelsMixin
 from hub.ssh.disconnect import disconnect_text, log_peer_disconnect, open_failure_of
 from hub.ssh.iogroup import IOGroup
@@ -129,6 +130,8 @@ class DeviceUserAuth(ModernUserAuthClientMixin, userauth.SSHUserAuthClient):
 
 class DeviceClientTransport(ModernTransportMixin, transport.SSHClientTransport):
     peer: str  # who the device is, for the log; while unset, its address is used
+    # The hub's own sessions (to devices, NETCONF, peer hubs) choose their cipher.
+    supportedCiphers = list(CLIENT_CIPHERS)
 
     def __init__(self, user: bytes, key: keys.Key, password: bytes | None,
                  pinned: bytes | None, ready: defer.Deferred[DeviceConnection],
