@@ -13,7 +13,8 @@ peer shown for a node) uses the device's address. The SSH transport then takes o
 TCP connection as it is: nothing sits between them for the connection's life.
 
 The parsers are Twisted's (`twisted.protocols.haproxy`, whose public wrapper would
-start SSH before the header is read and stay in every read and write).
+start SSH before the header is read and stay in every read and write); their private
+names are listed in hub/ssh/privates.py with the rest.
 """
 
 from __future__ import annotations

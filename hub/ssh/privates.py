@@ -73,6 +73,16 @@ TWISTED_PRIVATES: tuple[TwistedPrivate, ...] = (
     TwistedPrivate(_TCP, "_writeDisconnected", "hub.ssh.tcpwrite"),
     TwistedPrivate(_TCP, "TLS", "hub.ssh.tcpwrite"),
     TwistedPrivate(_TCP, "socket", "hub.ssh.tcpwrite", on_instance=True),
+    # The PROXY protocol header, read before SSH starts (Twisted's public wrapper would
+    # start SSH first and stay in every read and write).
+    TwistedPrivate("twisted.protocols.haproxy._v1parser", "V1Parser", "hub.access.proxyheader"),
+    TwistedPrivate("twisted.protocols.haproxy._v2parser", "V2Parser", "hub.access.proxyheader"),
+    TwistedPrivate("twisted.protocols.haproxy._exceptions", "InvalidProxyHeader",
+                   "hub.access.proxyheader"),
+    TwistedPrivate("twisted.protocols.haproxy._v1parser:V1Parser", "PROXYSTR",
+                   "hub.access.proxyheader"),
+    TwistedPrivate("twisted.protocols.haproxy._v2parser:V2Parser", "PREFIX",
+                   "hub.access.proxyheader"),
     # A taken SSH port stops start-up with one line, not a traceback later.
     TwistedPrivate(_ENDPOINT_SERVICE, "_raiseSynchronously", "hub.app.lifecycle"),
     TwistedPrivate(_ENDPOINT_SERVICE, "_waitingForPort", "hub.app.lifecycle", on_instance=True),
