@@ -147,3 +147,18 @@ def test_the_trusted_balancers_are_checked_at_start(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"\[ssh\] proxy_protocol_from: '10.0.0.300' is not "
                                          "an address or network"):
         Options().parseOptions(["--data", str(tmp_path)])
+
+
+def test_the_balancers_own_health_checks_are_never_penalized(
+        factory: HubSSHFactory, clock: MemoryReactorClock, logged: list[LogEvent]) -> None:
+    """HAProxy's checks (`check-send-proxy`: a LOCAL header, the banner, close) come from
+    the balancer itself every few seconds and never log in: like the hub's own host, the
+    trusted balancer is neither capped per address nor penalized."""
+    for _ in range(3 * factory.limits.penalty_points):
+        reader, tcp = accept(factory)
+        reader.dataReceived(v2(None))
+        ssh = tcp.protocol
+        assert isinstance(ssh, HubServerTransport) and ssh.peer == BALANCER
+        ssh.connectionLost(None)  # gone after the banner, without a login
+        clock.advance(2)
+    assert not any(word in formatEvent(e) for e in logged for word in ("refusing", "penalized"))

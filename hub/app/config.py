@@ -297,6 +297,11 @@ def build_config(options: Mapping[str, Any]) -> HubConfig:
         parse_networks(proxy_from)
     except ValueError as e:
         raise ConfigError(f"[ssh] proxy_protocol_from: {e}") from None
+    # A trusted balancer's own connections are its health checks (they never log in):
+    # like the hub's own host, it is neither capped per address nor penalized.
+    exempt: list[str] = [*limits.penalty_exempt]
+    limits = evolve(limits, penalty_exempt=tuple(
+        exempt + [net for net in proxy_from if net not in exempt]))
 
     secrets = doc.get("netconf", {}).get("secrets", {})
     for device, secret in secrets.items():
