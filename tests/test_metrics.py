@@ -25,7 +25,8 @@ from hub.app.service import Options, makeService
 from hub.intake.monitoring import STORE_INTERVAL, Monitoring
 from hub.intake.nsca import CheckResult
 from hub.intake.settings import NSCASettings
-from hub.web.metrics import HubCollector, WorkerFigures, metrics_registry, metrics_site
+from hub.rules.figures import WorkerFigures
+from hub.web.metrics import HubCollector, metrics_registry, metrics_site
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -40,8 +40,8 @@ from hub.app.workers import (
     worker_arguments,
 )
 from hub.errors import ConfigError, HubError
+from hub.rules.figures import Figure
 from hub.store.registry import Registry
-from hub.web.metrics import Figure
 
 
 def test_tcp_endpoints_are_parsed_and_others_are_not_shareable() -> None:

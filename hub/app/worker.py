@@ -35,7 +35,8 @@ from hub.app.peering import add_peering
 from hub.app.sharedport import SharedListenerService, parse_tcp_listen
 from hub.app.workers import FIGURES_KEY, FIGURES_REQUEST, RECORD_SEPARATOR
 from hub.errors import HubError
-from hub.web.metrics import Figure, HubCollector
+from hub.rules.figures import Figure
+from hub.web.metrics import HubCollector
 
 # Named: run as `python -m`, this module is __main__.
 log = Logger(namespace="hub.app.worker")

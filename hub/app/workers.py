@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
-from hub.web.metrics import Figure, WorkerFigures
+from hub.rules.figures import Figure, WorkerFigures
 
 log = Logger()
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
-from attrs import define, field
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -37,6 +36,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from hub import __version__
+from hub.rules.figures import Figure, SampleKey, WorkerFigures, sample_key
 from hub.store.registry import Registry
 
 if TYPE_CHECKING:
@@ -63,16 +63,6 @@ NSCA_REJECTS = ("version", "crc", "stale", "future", "garbage", "invalid", "stri
                 "node_state")
 
 
-# One sample of a worker's live figures as it travels to worker 0:
-# [family type, sample name, labels, value].
-Figure = tuple[str, str, dict[str, str], float]
-_SampleKey = tuple[str, tuple[tuple[str, str], ...]]
-
-
-def _key(name: str, labels: dict[str, str]) -> _SampleKey:
-    return name, tuple(sorted(labels.items()))
-
-
 class HubCollector(Collector):
     """The hub's own metrics, computed at scrape time from its live objects.
 
@@ -82,7 +72,7 @@ class HubCollector(Collector):
 
     def __init__(self, registry: Registry, sessions: LiveSessions, factory: HubSSHFactory,
                  intake: IntakeCounts | None, calls: RegistryCalls | None = None,
-                 others: Callable[[], dict[_SampleKey, float]] | None = None) -> None:
+                 others: Callable[[], dict[SampleKey, float]] | None = None) -> None:
         self.registry = registry
         self.sessions = sessions
         self.factory = factory
@@ -112,9 +102,8 @@ class HubCollector(Collector):
         others = self.others() if self.others is not None else {}
         for family in self.live():
             if others:
-                family.samples = [s._replace(value=s.value + others.get(_key(s.name, s.labels),
-                                                                        0))
-                                  for s in family.samples]
+                family.samples = [s._replace(value=s.value + others.get(
+                    sample_key(s.name, s.labels), 0)) for s in family.samples]
             yield family
         info = GaugeMetricFamily(f"{PREFIX}_build_info", "The running callhomehub's version.",
                                  labels=["version"])
@@ -204,49 +193,6 @@ def _labelled(name: str, doc: str, label: str, counts: Any, always: Any
     for value in sorted({*always, *counts}):
         family.add_metric([value], counts.get(value, 0))
     return family
-
-
-# Families whose samples only grow: a worker that starts again starts them at 0.
-_MONOTONIC = ("counter", "histogram")
-
-
-@define(eq=False)
-class WorkerFigures:
-    """The live figures of workers 1..N-1 as worker 0 last heard them, summed.
-
-    Counters stay monotonic over a worker's restart (its counts start again at 0):
-    what it had counted before is kept as an offset. A worker that is not running
-    adds its counters but none of its gauges (its tunnels are gone)."""
-
-    _last: dict[int, dict[_SampleKey, tuple[str, float]]] = field(factory=dict)
-    _offsets: dict[_SampleKey, float] = field(factory=dict)
-    _running: set[int] = field(factory=set)
-
-    def heard(self, worker: int, figures: list[Figure]) -> None:
-        previous = self._last.get(worker, {})
-        now = {_key(name, labels): (kind, float(value)) for kind, name, labels, value in figures}
-        for key, (kind, value) in now.items():
-            before = previous.get(key)
-            if kind in _MONOTONIC and before is not None and value < before[1]:
-                self._offsets[key] = self._offsets.get(key, 0.0) + before[1]
-        for key, (kind, value) in previous.items():
-            if kind in _MONOTONIC and key not in now:
-                self._offsets[key] = self._offsets.get(key, 0.0) + value
-        self._last[worker] = now
-        self._running.add(worker)
-
-    def stopped(self, worker: int) -> None:
-        """The worker's process ended: its gauges no longer count."""
-        self._running.discard(worker)
-
-    def totals(self) -> dict[_SampleKey, float]:
-        total = dict(self._offsets)
-        for worker, samples in self._last.items():
-            running = worker in self._running
-            for key, (kind, value) in samples.items():
-                if running or kind in _MONOTONIC:
-                    total[key] = total.get(key, 0.0) + value
-        return total
 
 
 class Workers(Protocol):
