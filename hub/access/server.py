@@ -195,11 +195,7 @@ class HubSSHFactory(factory.SSHFactory):
         source = str(getattr(addr, "host", addr))
         if addr is None or not self.proxy_from or not within(source, self.proxy_from):
             return self.build_transport(addr)
-        waiting = len(self.unauthenticated) + len(self.awaiting_header)
-        if waiting >= self.limits.max_unauthenticated:
-            log.warn("refusing connection from {peer} (a load balancer): {n} unauthenticated "
-                     "connections already", peer=source, n=waiting)
-            self.auth_failures["refused_preauth"] += 1
+        if self._full(f"{source} (a load balancer)"):
             return None
         reader = ProxyHeaderReader(addr, self.build_transport, self.clock,
                                    self.awaiting_header.discard)
@@ -209,13 +205,9 @@ class HubSSHFactory(factory.SSHFactory):
     def build_transport(self, addr: IAddress | None) -> Any:
         """The SSH transport of a connection from `addr` (a device's address also when
         a load balancer relays it), or None: refused before login."""
-        waiting = len(self.unauthenticated) + len(self.awaiting_header)
-        if waiting >= self.limits.max_unauthenticated:
-            log.warn("refusing connection from {peer}: {n} unauthenticated connections already",
-                     peer=getattr(addr, "host", addr), n=waiting)
-            self.auth_failures["refused_preauth"] += 1
-            return None
         source = str(getattr(addr, "host", addr))
+        if self._full(source):
+            return None
         if not self.gate.admit(source):
             self.auth_failures["refused_preauth"] += 1
             return None
@@ -239,6 +231,17 @@ class HubSSHFactory(factory.SSHFactory):
         self.connections.add(t)
         self.gate.opened(t)
         return t
+
+    def _full(self, peer: str) -> bool:
+        """Whether `max_unauthenticated` connections wait already (those still reading
+        a PROXY protocol header count): the new one from `peer` is refused."""
+        waiting = len(self.unauthenticated) + len(self.awaiting_header)
+        if waiting < self.limits.max_unauthenticated:
+            return False
+        log.warn("refusing connection from {peer}: {n} unauthenticated connections already",
+                 peer=peer, n=waiting)
+        self.auth_failures["refused_preauth"] += 1
+        return True
 
     def connection_authenticated(self, t: HubServerTransport, key: bool) -> None:
         self.unauthenticated.discard(t)

@@ -84,7 +84,6 @@ CIPHERS: tuple[bytes, ...] = tuple(
 )
 
 
-
 def aes_instructions(cpuinfo: str | None = None) -> bool:
     """Whether the CPU has AES instructions (x86's `aes` flag, ARMv8's `aes` feature),
     as /proc/cpuinfo tells; False where it cannot be read."""
