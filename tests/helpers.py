@@ -254,8 +254,22 @@ class DeviceSSHD:
                                 else Path(k).read_text() for k in authorized))
         auth.chmod(0o600)
         self.config = self.dir / "sshd_config"
+        # The device's shells start in a home of their own: the machine's root
+        # dotfiles (a .bashrc running `pyenv rehash`, say) stay out of the tests.
+        # sshd takes its first SetEnv line only: the caller's variables join this one.
+        home = self.dir / "home"
+        home.mkdir(exist_ok=True)
+        setenv = [f"HOME={home}"]
+        lines = []
+        for line in extra_config.splitlines(keepends=True):
+            if line.startswith("SetEnv "):
+                setenv += line.split()[1:]
+            else:
+                lines.append(line)
+        extra_config = "".join(lines)
         self.config.write_text(
             f"ListenAddress 127.0.0.1:{self.port}\n"
+            f"SetEnv {' '.join(setenv)}\n"
             f"HostKey {self.host_key}\n"
             f"AuthorizedKeysFile {auth}\n"
             f"PidFile {self.dir / 'sshd.pid'}\n"

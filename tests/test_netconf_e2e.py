@@ -93,6 +93,7 @@ class NetconfDevice:
         self.config = workdir / "sshd_config"
         self.config.write_text(
             f"HostKey {self.host_key}\nAuthorizedKeysFile {auth}\nPidFile none\n"
+            f"SetEnv HOME={workdir}\n"  # not root's dotfiles (tests/helpers.py DeviceSSHD)
             "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\nStrictModes no\nUsePAM no\n"
             f"Subsystem netconf {server}\n"

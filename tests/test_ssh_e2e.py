@@ -195,12 +195,14 @@ async def test_openssh_client_rsa_user_key(tmp_path: Path) -> None:
 class _Sshd(protocol.ProcessProtocol):
     def __init__(self) -> None:
         self.err = b""
+        # The listener's exit, not its pipes' end: a session process it forked holds
+        # its stderr until that session's client goes away.
         self.ended: defer.Deferred[None] = defer.Deferred()
 
     def errReceived(self, data: bytes) -> None:
         self.err += data
 
-    def processEnded(self, reason: Any) -> None:
+    def processExited(self, reason: Any) -> None:
         self.ended.callback(None)
 
 
@@ -229,7 +231,7 @@ async def _startSshd(directory: Path, userKey: keys.Key) -> tuple[Any, _Sshd, in
     (directory / "authorized_keys").write_bytes(userKey.public().toString("openssh") + b"\n")
     port = _freePort()
     (directory / "sshd_config").write_text(
-        f"ListenAddress 127.0.0.1\nHostKey {host_path}\n"
+        f"ListenAddress 127.0.0.1\nHostKey {host_path}\nSetEnv HOME={directory}\n"
         f"PidFile {directory / 'sshd.pid'}\n"
         f"AuthorizedKeysFile {directory / 'authorized_keys'}\n"
         "StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
@@ -253,17 +255,20 @@ async def _runClient(port: int, peer: ClientPeer, **attributes: Any) -> tuple[An
         setattr(transport, name, value)
     endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
     await endpoints.connectProtocol(endpoint, transport)
-    await waitFor(lambda: peer.channel is not None, what="a session channel")
-    assert peer.channel is not None
-    channel = await peer.channel.done.addTimeout(30, reactor)
-    transport.loseConnection()
+    try:
+        await waitFor(lambda: peer.channel is not None, what="a session channel")
+        assert peer.channel is not None
+        channel = await peer.channel.done.addTimeout(30, reactor)
+    finally:
+        # Also on a timeout: sshd's session process lives as long as this connection.
+        transport.loseConnection()
     return transport, channel
 
 
 async def _stopSshd(process: Any, proto: _Sshd) -> None:
     if not proto.ended.called:
         process.signalProcess("TERM")
-    await proto.ended
+    await proto.ended.addTimeout(30, _reactor())
 
 
 @pytest.mark.parametrize("cipher,mac", [(c, MACS[0]) for c in AEAD] + NON_AEAD,
