@@ -102,7 +102,9 @@ class HubProcess:
                 self.ports[what] = int(port)
             return all(what in self.ports for what in self.listeners())
 
-        wait_for(listening, 20, "the hub to listen")
+        # A hub that exits is reported at once; one still starting on a machine
+        # loaded ten-fold (key generation, imports) is given its time.
+        wait_for(listening, 60, "the hub to listen")
         return self
 
     def listeners(self) -> list[str]:
