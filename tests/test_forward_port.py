@@ -112,3 +112,9 @@ def test_test_reactors_and_the_port_keeper_get_listen_tcp() -> None:
     listen_forward(reactor, 24000, factory, "127.0.0.1")
     assert reactor.tcpServers[0][:2] == (24000, factory)
     assert reactor.tcpServers[0][3] == "127.0.0.1"
+
+
+def test_log_prefix_is_twisted_s(port: tuple[ForwardPort, Factory]) -> None:
+    listening, _factory = port
+    assert listening.logPrefix() == tcp.Port.logPrefix(listening) == "test_forward_port.Factory"
+    assert listening.logPrefix() == "test_forward_port.Factory"

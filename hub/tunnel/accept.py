@@ -27,6 +27,15 @@ from twisted.python import log
 class ForwardPort(tcp.Port):
     """`tcp.Port` with the lean accept above (see the module's docstring)."""
 
+    _prefix: str | None = None
+
+    def logPrefix(self) -> str:
+        # Twisted's (the factory's class name), worked out once: the reactor
+        # asks for it at every accept.
+        if self._prefix is None:
+            self._prefix = tcp.Port.logPrefix(self)
+        return self._prefix
+
     def doRead(self) -> None:
         try:
             accepted = 0
