@@ -323,6 +323,8 @@ class ChaCha20Poly1305Protection(Framed):
     TAG_SIZE = 16
     KEY_SIZE = 64
     SMALL_PACKET = 4096
+    # What an idle connection's receive scratch buffer holds anyway: a page.
+    SMALL_START = 1024
     _IV = struct.Struct("!8xQ")
     _BLOCK0 = bytes(64)
 
@@ -334,7 +336,6 @@ class ChaCha20Poly1305Protection(Framed):
         self._small = (
             _SmallPackets(key[:64]) if small and _SmallPackets is not None else None
         )
-        self._smallPlain = memoryview(bytearray(self.SMALL_PACKET))
         zero = bytes(16)
         self._main = Cipher(algorithms.ChaCha20(key[:32], zero), mode=None).encryptor()
         self._header = Cipher(algorithms.ChaCha20(key[32:64], zero), mode=None).encryptor()
@@ -389,13 +390,22 @@ class ChaCha20Poly1305Protection(Framed):
         return wire[:total]
 
     def openFrom(self, seqnr: int, buf: Bytes, pos: int) -> tuple[memoryview, int] | None:
-        if self._small is not None:
-            got = self._small.open_into(seqnr, buf, pos, self._smallPlain)
+        small = self._small
+        if small is not None:
+            # Into the scratch buffer as it is (a page or more); grown and tried
+            # again for a whole packet that is larger, up to SMALL_PACKET.
+            plain = self._plain.take(self.SMALL_START)
+            got = small.open_into(seqnr, buf, pos, plain)
+            if got is not None and got < -1 and -1 - got <= self.SMALL_PACKET:
+                packet_length = -1 - got
+                if len(buf) - pos >= packet_length + 20:
+                    plain = self._plain.take(packet_length)
+                    got = small.open_into(seqnr, buf, pos, plain)
             if got is None:
                 raise PacketError(DISCONNECT_MAC_ERROR, b"bad MAC")
             if got > 0:
                 self.wanted = 0
-                return unframeBody(self._smallPlain[:got]), got + 20
+                return unframeBody(plain[:got]), got + 20
             if not got:
                 return None  # not even the length yet
             packet_length = -1 - got
@@ -403,7 +413,7 @@ class ChaCha20Poly1305Protection(Framed):
             if len(buf) - pos < packet_length + 20:
                 self.wanted = packet_length + 20
                 return None
-            # A whole packet too large for the small buffer: OpenSSL's, below.
+            # A whole packet too large for the small path: OpenSSL's, below.
         if len(buf) - pos < 4:
             return None
         iv = self._IV.pack(seqnr)
