@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tracemalloc
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.poly1305 import Poly1305
@@ -177,3 +178,37 @@ def test_small_packets_keep_the_memory_of_a_connection_as_it_was() -> None:
     for n, wire in enumerate(wires):
         receiver.openFrom(n, wire, 0)
     assert bytes(receiver.openFrom(3, big, 0)[0]) == b"\x5e" + b"x" * 3000  # type: ignore[index]
+
+
+class CountingCipher:
+    """A cipher context that counts its update_into calls (OpenSSL's path at work)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.calls = 0
+
+    def update_into(self, data: Any, out: Any) -> int:
+        self.calls += 1
+        return int(self.real.update_into(data, out))
+
+    def reset_nonce(self, nonce: bytes) -> None:
+        self.real.reset_nonce(nonce)
+
+
+@needs_c
+def test_bulk_packets_stay_with_openssl_once_the_buffer_has_grown() -> None:
+    # The scratch buffer grows to the largest packet; the C path (slower per byte)
+    # must still take none larger than SMALL_PACKET.
+    key = os.urandom(64)
+    sender = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key)
+    receiver = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key)
+    for n in range(3):
+        wire = bytes(sender.sealInto(n, b"\x5e", os.urandom(32768)))
+        counting = receiver._main = CountingCipher(receiver._main)  # type: ignore[assignment]
+        assert receiver.openFrom(n, wire, 0) is not None
+        assert counting.calls == 2  # the Poly1305 key block, then the body
+        receiver._main = counting.real
+    small = bytes(sender.sealInto(3, b"\x5e", b"x" * 100))
+    counting = receiver._main = CountingCipher(receiver._main)  # type: ignore[assignment]
+    assert receiver.openFrom(3, small, 0) is not None
+    assert counting.calls == 0  # and a small one goes through C

@@ -392,14 +392,16 @@ class ChaCha20Poly1305Protection(Framed):
     def openFrom(self, seqnr: int, buf: Bytes, pos: int) -> tuple[memoryview, int] | None:
         small = self._small
         if small is not None:
-            # Into the scratch buffer as it is (a page or more); grown and tried
-            # again for a whole packet that is larger, up to SMALL_PACKET.
-            plain = self._plain.take(self.SMALL_START)
+            # Into the scratch buffer as it is (a page, or more once a larger
+            # packet came), at most SMALL_PACKET of it: a bulk packet is left to
+            # OpenSSL however large the buffer has grown.  Grown and tried again
+            # for a whole packet larger than the buffer, up to SMALL_PACKET.
+            plain = self._plain.take(self.SMALL_START)[: self.SMALL_PACKET]
             got = small.open_into(seqnr, buf, pos, plain)
             if got is not None and got < -1 and -1 - got <= self.SMALL_PACKET:
                 packet_length = -1 - got
                 if len(buf) - pos >= packet_length + 20:
-                    plain = self._plain.take(packet_length)
+                    plain = self._plain.take(packet_length)[:packet_length]
                     got = small.open_into(seqnr, buf, pos, plain)
             if got is None:
                 raise PacketError(DISCONNECT_MAC_ERROR, b"bad MAC")
