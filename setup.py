@@ -1,12 +1,15 @@
-"""The C part of the build: the NSCA decoder's packet unpacking (hub/intake/_nsca.c).
+"""The C part of the build: the NSCA decoder's packet unpacking (hub/intake/_nsca.c) and
+chacha20-poly1305@openssh.com for small SSH packets (hub/ssh/_chachapoly.c).
 
 Everything else is in pyproject.toml. It takes a C compiler, the Python headers
 and zlib's (Debian: gcc, python3-dev, which brings zlib1g-dev). `optional=True`:
 where they are missing the install goes on without it and the hub uses the
-pure-Python twin (hub.intake.nsca.unpack_py), slower but the same.
+pure-Python twin (hub.intake.nsca.unpack_py), slower but the same, and the SSH packet
+layer seals and opens every chacha20-poly1305 packet with cryptography (OpenSSL).
 """
 
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("hub.intake._nsca", ["hub/intake/_nsca.c"], libraries=["z"],
-                             optional=True)])
+                             optional=True),
+                   Extension("hub.ssh._chachapoly", ["hub/ssh/_chachapoly.c"], optional=True)])

@@ -1,7 +1,7 @@
 """Short connections through a per-device port: hub, hub --port-keeper, sshd.
 
     .venv/bin/python bench/connect.py [--connections N] [--repeat R] [--json FILE]
-        [--servers hub,hub-2w,hub+keeper,sshd] [--baseline REV] [--profile DIR]
+        [--servers hub,hub-2w,hub+keeper,sshd] [--baseline REV] [--profile DIR] [--perf DIR]
 
 Each server gets the same `ssh -N -R 0:127.0.0.1:ECHO` device (one tunnel,
 chacha20-poly1305, OpenSSH's default); ECHO is a loopback server in this
@@ -18,7 +18,8 @@ nothing for one device (it shows what the worker layout costs). `--baseline
 REV` adds `hub@REV` (and `hub-2w@REV` with hub-2w): the hub as of git
 revision REV, run in the same alternation, for before/after figures under
 the same load. Servers alternate in blocks (order flipped every repeat). `--profile DIR` records
-every hub process with py-spy during its blocks (bench/stacks.py summarizes).
+every hub process with py-spy during its blocks (bench/stacks.py summarizes); `--perf DIR`
+with Linux `perf record -g` instead (CPU time only: `perf report -i FILE --sort dso,sym`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from common import (
     tree_cpu,
     wait_quiet,
 )
+from perfrecord import PerfRecord
 
 CIPHER = "chacha20-poly1305@openssh.com"
 
@@ -107,13 +109,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run the hub as of git revision REV (hub@REV)")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="py-spy every hub process during its blocks into DIR")
+    p.add_argument("--perf", type=Path, metavar="DIR",
+                   help="`perf record -g` every hub process during its blocks into DIR")
     args = p.parse_args(argv)
     names = [n for n in args.servers.split(",") if n]
     if args.baseline:
         names = [m for n in names
                  for m in ([n, f"{n}@{args.baseline}"] if n.startswith("hub") else [n])]
-    if args.profile:
-        args.profile.mkdir(parents=True, exist_ok=True)
+    for where in (args.profile, args.perf):
+        if where:
+            where.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="chh-connect-") as tmp, \
             contextlib.ExitStack() as stack:
         workdir = Path(tmp)
@@ -157,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
                 spies = [PySpy(pid, args.profile / f"connect-{name}-{r}-{i}.txt")
                          for i, pid in enumerate(pids())] \
                     if args.profile and name != "sshd" else []
+                spies += [PerfRecord(pid, (args.perf / f"connect-{name}-{r}-{i}.data").resolve(),
+                                     calls=True)
+                          for i, pid in enumerate(pids())] \
+                    if args.perf and name != "sshd" else []
                 before = sum(tree_cpu(procs))
                 times[name] += block(port, args.connections)
                 cpu[name] += sum(tree_cpu(procs)) - before

@@ -19,12 +19,12 @@ class PerfRecord:
     from the kernel's clock, so unlike py-spy's wall-clock samples a thread that
     waits for a core on a busy machine adds nothing."""
 
-    def __init__(self, pid: int, output: Path) -> None:
+    def __init__(self, pid: int, output: Path, calls: bool = False) -> None:
         exe = shutil.which("perf")
         if exe is None:
             raise RuntimeError("perf is not installed (apt-get install linux-perf)")
-        self.proc = subprocess.Popen([exe, "record", "-q", "-F", "999", "-p", str(pid),
-                                      "-o", str(output)],
+        self.proc = subprocess.Popen([exe, "record", "-q", "-F", "999", *(["-g"] if calls else []),
+                                      "-p", str(pid), "-o", str(output)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def close(self) -> None:

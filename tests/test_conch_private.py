@@ -35,6 +35,15 @@ def _tcp_connection() -> Iterator[object]:
         theirs.close()
 
 
+def _tcp_port() -> Iterator[object]:
+    port = tcp.Port(0, protocol.Factory(), interface="127.0.0.1", reactor=MemoryReactor())
+    port.startListening()
+    try:
+        yield port
+    finally:
+        port.socket.close()
+
+
 def _endpoint_service() -> Iterator[object]:
     yield StreamServerEndpointService(None, protocol.Factory())
 
@@ -49,6 +58,7 @@ def _mac_params() -> Iterator[object]:
 INSTANCES: dict[str, Callable[[], Iterator[object]]] = {
     "twisted.conch.ssh.transport:SSHClientTransport": _client_transport,
     "twisted.internet.tcp:Connection": _tcp_connection,
+    "twisted.internet.tcp:Port": _tcp_port,
     "twisted.application.internet:StreamServerEndpointService": _endpoint_service,
     "twisted.conch.ssh.transport:_MACParams": _mac_params,
 }

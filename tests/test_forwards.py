@@ -8,7 +8,13 @@ import pytest
 from twisted.internet import defer
 
 from hub.rules.ports import ForwardCaps
-from hub.ssh.wire import TcpipOpen, unpack_allocated_port, unpack_tcpip_open
+from hub.ssh.wire import (
+    TcpipOpen,
+    WireError,
+    pack_tcpip_open,
+    unpack_allocated_port,
+    unpack_tcpip_open,
+)
 from hub.tunnel.fifo import RequestQueue
 from hub.tunnel.forwards import Duplicate, Forward, ForwardTable, Lease, Refused
 
@@ -92,6 +98,20 @@ def test_replies_and_channel_data() -> None:
     assert unpack_tcpip_open(zero.open_data(b"203.0.113.9", 51000)) == TcpipOpen(
         b"localhost", 50000, b"203.0.113.9", 51000)
     assert unpack_tcpip_open(fixed.open_data()) == TcpipOpen(b"http", 80, b"127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("origin,port", [(b"127.0.0.1", 0), (b"::1", 65535), (b"", 0xFFFFFFFF)])
+def test_open_data_is_the_packed_tcpip_open(origin: bytes, port: int) -> None:
+    # Packed once per forward up to the originator; the same bytes as packing it whole.
+    for forward in (Forward("ssh", b"", 0, 50000), Forward("http", b"http", 80, 50001)):
+        assert forward.open_data(origin, port) == pack_tcpip_open(
+            TcpipOpen(forward.bind, forward.channel_port, origin, port))
+
+
+@pytest.mark.parametrize("port", [-1, 1 << 32])
+def test_open_data_refuses_an_originator_port_no_uint32_holds(port: int) -> None:
+    with pytest.raises(WireError):
+        Forward("ssh", b"", 0, 50000).open_data(b"127.0.0.1", port)
 
 
 def test_cancel_by_the_request_or_by_the_allocated_port() -> None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import error, tcp
 from twisted.internet.testing import MemoryReactorClock
 
-from hub.ssh.tcpwrite import shutdownWriteNow
+from hub.ssh.tcpwrite import closeNow, shutdownWriteNow
 from hub.tunnel.splice import SpliceChannel, TCPEnd
 
 
@@ -66,3 +66,29 @@ def test_a_registered_producer_keeps_twisted_s_own_half_close() -> None:
     conn.registerProducer(producer, True)
     assert not shutdownWriteNow(conn)
     assert not conn._writeDisconnected
+
+
+def test_close_after_both_eofs_is_immediate_and_clean() -> None:
+    conn, end, theirs, clock = _connection()
+    reasons: list[Any] = []
+    lost = end.connectionLost
+    end.connectionLost = lambda reason=None: (reasons.append(reason), lost(reason))  # type: ignore[method-assign]
+    splice = SpliceChannel(end, b"forwarded-tcpip")
+    splice.eofReceived()  # the device's EOF: the write side shut at once
+    assert closeNow(conn)
+    # Closed now, as Twisted's loseConnection would, with a clean ConnectionDone.
+    assert conn.disconnected and not conn.connected
+    assert conn not in clock.getReaders() and conn not in clock.getWriters()
+    assert len(reasons) == 1 and reasons[0].check(error.ConnectionDone)
+    assert end.read_closed and end.write_closed
+    assert theirs.recv(10) == b""
+    assert not closeNow(conn)  # once
+
+
+def test_close_now_leaves_an_open_write_side_to_twisted() -> None:
+    conn, _end, _theirs, _clock = _connection()
+    assert not closeNow(conn)  # the write side is open: loseConnection flushes first
+    assert conn.connected and not conn.disconnecting
+    conn.write(b"queued")
+    conn.loseWriteConnection()
+    assert not closeNow(conn)

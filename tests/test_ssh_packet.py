@@ -471,14 +471,14 @@ class TestKexRules:
 
     def test_rekey_meter(self) -> None:
         meter = RekeyMeter(limit=100, maxPackets=3)
-        meter.sent(60)
+        assert not meter.sent(60)  # sent() answers `due` as it stands after the packet
         assert not meter.due
         meter.received(100)
         assert meter.due
+        assert meter.sent(0)  # due by the bytes received
         meter.restart(1000)
         assert not meter.due
-        for _ in range(3):
-            meter.sent(1)
+        assert [meter.sent(1) for _ in range(3)] == [False, False, True]
         assert meter.due
 
 

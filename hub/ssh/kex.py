@@ -157,9 +157,19 @@ class RekeyMeter:
     packetsIn: int = 0
     _maxPackets: int = field(default=MAX_PACKETS_PER_KEY, alias="maxPackets")
 
-    def sent(self, nbytes: int) -> None:
+    def sent(self, nbytes: int) -> bool:
+        """
+        Count a packet sent; whether a rekey is due now (L{due}, inline:
+        this runs once per packet).
+        """
         self.bytesOut += nbytes
         self.packetsOut += 1
+        return (
+            self.bytesOut >= self.limit
+            or self.bytesIn >= self.limit
+            or self.packetsOut >= self._maxPackets
+            or self.packetsIn >= self._maxPackets
+        )
 
     def received(self, nbytes: int) -> None:
         self.bytesIn += nbytes

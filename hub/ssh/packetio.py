@@ -121,7 +121,10 @@ class PacketIOMixin(_Base):
             ) + self.outgoingCompression.flush(zlib.Z_SYNC_FLUSH)
             head = b""
         seqnr = self.outgoingPacketSequence
-        outbound = self._currentCiphers().outbound
+        ciphers = self.currentEncryptions
+        if not isinstance(ciphers, ModernSSHCiphers):  # _currentCiphers, inline
+            ciphers = self._currentCiphers()
+        outbound = ciphers.outbound
         batch = self._batch
         if batch.collecting(self.transport):
             room = batch.take(len(head) + len(data) + SEAL_OVERHEAD)
@@ -135,8 +138,8 @@ class PacketIOMixin(_Base):
         self.outgoingPacketSequence = (seqnr + 1) & _SEQUENCE_MASK
         if messageType == MSG_NEWKEYS and self._strict:
             self.outgoingPacketSequence = 0
-        self._meter.sent(sent)
-        self._maybeRekey()
+        if self._meter.sent(sent):
+            self._maybeRekey()
 
     def beginBatch(self) -> bool:
         """
@@ -168,8 +171,11 @@ class PacketIOMixin(_Base):
         if self._holdInput or self._disconnectSent:
             return None
         seqnr = self.incomingPacketSequence
+        ciphers = self.currentEncryptions
+        if not isinstance(ciphers, ModernSSHCiphers):  # _currentCiphers, inline
+            ciphers = self._currentCiphers()
         try:
-            opened = self._currentCiphers().inbound.openFrom(
+            opened = ciphers.inbound.openFrom(
                 seqnr, self._input.data, self._input.pos
             )
         except PacketError as e:
@@ -236,7 +242,10 @@ class PacketIOMixin(_Base):
         if self._disconnectSent:
             return
         if data:
-            self._input.append(data, self._currentCiphers().inbound.wanted)
+            ciphers = self.currentEncryptions
+            if not isinstance(ciphers, ModernSSHCiphers):  # _currentCiphers, inline
+                ciphers = self._currentCiphers()
+            self._input.append(data, ciphers.inbound.wanted)
         # Conch's loop, less a copy per packet: the payload is copied
         # once, from the decrypted packet, into the bytes dispatched.
         while (payload := self._nextPayload()) is not None:

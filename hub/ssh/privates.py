@@ -73,6 +73,12 @@ TWISTED_PRIVATES: tuple[TwistedPrivate, ...] = (
     TwistedPrivate(_TCP, "_writeDisconnected", "hub.ssh.tcpwrite"),
     TwistedPrivate(_TCP, "TLS", "hub.ssh.tcpwrite"),
     TwistedPrivate(_TCP, "socket", "hub.ssh.tcpwrite", on_instance=True),
+    # A forward's port accepts as Twisted's Port.doRead does, less its per-accept
+    # logger and the standard library's socket.accept wrapper.
+    TwistedPrivate("twisted.internet.tcp:Port", "_buildAddr", "hub.tunnel.accept"),
+    TwistedPrivate("twisted.internet.tcp:Port", "numberAccepts", "hub.tunnel.accept",
+                   on_instance=True),
+    TwistedPrivate("socket:socket", "_accept", "hub.tunnel.accept"),
     # The PROXY protocol header, read before SSH starts (Twisted's public wrapper would
     # start SSH first and stay in every read and write).
     TwistedPrivate("twisted.protocols.haproxy._v1parser", "V1Parser", "hub.access.proxyheader"),

@@ -24,11 +24,11 @@ them to L{writeNow} together: one C{send} instead of one per packet.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import main, tcp
+from twisted.python.failure import Failure
 
 from hub.ssh.buffers import Bytes
 
@@ -80,8 +80,10 @@ def no_delay(transport: Any) -> None:
     """
     set_no_delay = getattr(transport, "setTcpNoDelay", None)
     if set_no_delay is not None:
-        with contextlib.suppress(OSError):
+        try:  # not contextlib.suppress: three calls more, for every connection
             set_no_delay(True)
+        except OSError:
+            pass
 
 
 # Room for the channel packets of one 256 KiB read (the hub's TCP reads, see
@@ -170,4 +172,33 @@ def shutdownWriteNow(transport: Any) -> bool:
         return False
     transport._writeDisconnected = True
     transport._closeWriteConnection()  # shutdown, then the protocol's writeConnectionLost
+    return True
+
+
+# One reason for every connection closed by closeNow, as the reactor keeps one
+# for the connections it sees end: Twisted's loseConnection builds a new
+# Failure for each, and its connectionLost works out that Failure's class
+# names (seven reflect.qual calls) to check it was not an abort.
+_CONNECTION_DONE = Failure(main.CONNECTION_DONE)
+
+
+def closeNow(transport: Any) -> bool:
+    """
+    Close C{transport} at once, as its C{loseConnection} does when the
+    write side is shut already (L{shutdownWriteNow}) and nothing is queued:
+    stop reading and writing, then C{connectionLost} with a clean
+    C{ConnectionDone}.  False: nothing done, use C{loseConnection}.
+    """
+    if not (
+        isinstance(transport, tcp.Connection)
+        and transport.connected
+        and not transport.disconnecting
+        and transport._writeDisconnected
+        and not transport.TLS
+        and transport.producer is None
+    ):
+        return False
+    transport.stopReading()
+    transport.stopWriting()
+    transport.connectionLost(_CONNECTION_DONE)
     return True

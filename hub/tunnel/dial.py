@@ -53,21 +53,43 @@ class Dialled(Protocol):
 class OpenNotice:
     """Mixed into a channel the hub dials into a device: its `channelOpen` calls
     `notify_open()`, its `openFailed` calls `notify_failed(reason)`, and
-    `opened` fires with the channel, or fails with that reason."""
+    `opened` fires with the channel, or fails with that reason.
+
+    The Deferred is made when someone asks for `opened`: a port's connection
+    opened on the listener's own forward (`NodeTunnel.open_pipe`) has nobody
+    waiting, and its outcome is only kept (no Deferred per connection, and no
+    "Unhandled error in Deferred" for a refusal nobody waited on: the splice
+    logs the refusal itself)."""
 
     _opened: defer.Deferred[Any] | None = None
+    # (True, the channel) or (False, the reason), while nobody asked for `opened`.
+    _outcome: tuple[bool, Any] | None = None
 
     @property
     def opened(self) -> defer.Deferred[Any]:
         if self._opened is None:
             self._opened = defer.Deferred()
+            if self._outcome is not None:
+                ok, value = self._outcome
+                if ok:
+                    self._opened.callback(value)
+                else:
+                    self._opened.errback(value)
         return self._opened
 
     def notify_open(self) -> None:
-        if not self.opened.called:
-            self.opened.callback(self)
+        self._notify(True, self)
 
     def notify_failed(self, reason: Any) -> None:
-        if not self.opened.called:
-            self.opened.errback(reason if isinstance(reason, BaseException)
-                                else ChannelRefused(connection.OPEN_CONNECT_FAILED, str(reason)))
+        self._notify(False, reason if isinstance(reason, BaseException)
+                     else ChannelRefused(connection.OPEN_CONNECT_FAILED, str(reason)))
+
+    def _notify(self, ok: bool, value: Any) -> None:
+        if self._opened is None:
+            if self._outcome is None:
+                self._outcome = (ok, value)
+        elif not self._opened.called:
+            if ok:
+                self._opened.callback(value)
+            else:
+                self._opened.errback(value)

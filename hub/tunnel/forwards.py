@@ -10,13 +10,21 @@ the device uses. `NodeTunnel` carries the decisions out.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 
-from attrs import define, field, frozen
+from attrs import Factory, define, field, frozen
 
 from hub.rules.ports import MAX_PORT, service_name
-from hub.ssh.wire import TcpipOpen, pack_allocated_port, pack_tcpip_open
+from hub.ssh.wire import (
+    UINT32_MAX,
+    TcpipOpen,
+    WireError,
+    pack_allocated_port,
+    pack_tcpip_open,
+)
 
+_ORIGIN = struct.Struct(">L")
 Key = tuple[bytes, int]  # (bind, requested port): how the device names a forward
 
 
@@ -29,6 +37,11 @@ class Forward:
     bind: bytes       # the bind string exactly as the device sent it
     requested: int    # the port the device asked for: 0, or a service number
     port: int         # the hub's real (leased) port
+    # The forwarded-tcpip open data up to the originator: the same for every
+    # connection (packed once, not per connection through TcpipOpen).
+    _open_head: bytes = field(init=False, repr=False, default=Factory(
+        lambda self: pack_tcpip_open(TcpipOpen(self.bind, self.channel_port, b"", 0))[:-8],
+        takes_self=True))
 
     @property
     def key(self) -> Key:
@@ -41,8 +54,11 @@ class Forward:
         return self.requested or self.port
 
     def open_data(self, origin: bytes = b"127.0.0.1", origin_port: int = 0) -> bytes:
-        """forwarded-tcpip open data, as OpenSSH checks it against its forwards."""
-        return pack_tcpip_open(TcpipOpen(self.bind, self.channel_port, origin, origin_port))
+        """forwarded-tcpip open data, as OpenSSH checks it against its forwards:
+        pack_tcpip_open(TcpipOpen(bind, channel_port, origin, origin_port))."""
+        if not 0 <= origin_port <= UINT32_MAX:
+            raise WireError(f"origin_port {origin_port} is not a uint32")
+        return self._open_head + _ORIGIN.pack(len(origin)) + origin + _ORIGIN.pack(origin_port)
 
     def reply(self) -> int | tuple[int, bytes]:
         """The answer to the request: port 0 gets the allocated port (OpenSSH

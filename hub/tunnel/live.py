@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from hub.errors import PortsExhausted
 from hub.ssh.connection import ChannelRefused
 from hub.store.registry import Node, Registry
+from hub.tunnel.accept import listen_forward
 from hub.tunnel.dial import DeviceRefused, Dialled, OpenNotice, Target, not_forwarded
 from hub.tunnel.fifo import RequestQueue
 from hub.tunnel.forwards import Duplicate, Forward, ForwardTable, Lease, Refused
@@ -325,8 +326,8 @@ class NodeTunnel:
         ).addCallbacks(leased, exhausted)
 
     def _listen(self, forward: Forward) -> None:
-        port = (self.sessions.listener or self.sessions.reactor).listenTCP(
-            forward.port, ForwardListener(self, forward), interface=self.interface)
+        port = listen_forward(self.sessions.listener or self.sessions.reactor, forward.port,
+                              ForwardListener(self, forward), self.interface)
         self.listeners.setdefault(forward, PortListener()).port = port
 
     def _cancel(self, bind: bytes, port: int) -> Any:

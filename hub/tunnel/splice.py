@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from hub.ssh.channels import MAX_PACKET, WINDOW, PacketWriteMixin, open_failure_text
-from hub.ssh.tcpwrite import no_delay, shutdownWriteNow, writeNow
+from hub.ssh.tcpwrite import closeNow, no_delay, shutdownWriteNow, writeNow
 from hub.tunnel.traffic import Traffic
 
 log = Logger()
@@ -101,7 +101,7 @@ class SpliceChannel(PacketWriteMixin, channel.SSHChannel):
     def closed(self) -> None:
         self._flush()
         transport = self._tcp_done_writing()
-        if transport is not None:
+        if transport is not None and not closeNow(transport):
             transport.loseConnection()
         if self._on_close is not None:
             callback, self._on_close = self._on_close, None

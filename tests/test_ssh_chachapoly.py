@@ -1,0 +1,214 @@
+"""chacha20-poly1305@openssh.com's small-packet path in C (hub/ssh/_chachapoly.c) against
+the same construction through cryptography (OpenSSL), which is its twin when it is not
+built: Poly1305 tags, sealed packets byte for byte, and opening either one's packets,
+whole, in pieces, tampered with, and past the small path's size."""
+
+from __future__ import annotations
+
+import os
+import tracemalloc
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.poly1305 import Poly1305
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_ssh_packet import DRAFT_KEY, DRAFT_PAYLOAD, DRAFT_WIRE
+
+from hub.ssh import packet
+from hub.ssh.buffers import PaddingPool
+from hub.ssh.ciphers import CHACHA20_POLY1305
+from hub.ssh.packet import DISCONNECT_MAC_ERROR, ChaCha20Poly1305Protection, PacketError
+
+try:
+    from hub.ssh import _chachapoly
+except ImportError:  # not built: the packet layer uses OpenSSL alone
+    _chachapoly = None  # type: ignore[assignment]
+
+needs_c = pytest.mark.skipif(_chachapoly is None, reason="C extension not built (no compiler)")
+SMALL = ChaCha20Poly1305Protection.SMALL_PACKET
+
+
+def pair(key: bytes, padding: bytes) -> tuple[ChaCha20Poly1305Protection,
+                                              ChaCha20Poly1305Protection]:
+    """The C path and OpenSSL's for `key`, both padding with the same bytes."""
+    c = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key)
+    ossl = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key, small=False)
+    for p in (c, ossl):
+        p._padding = PaddingPool(lambda n: padding * (n // len(padding) + 1))
+    return c, ossl
+
+
+@needs_c
+def test_the_small_path_is_used_when_built() -> None:
+    assert packet._SmallPackets is not None
+    assert ChaCha20Poly1305Protection(CHACHA20_POLY1305, DRAFT_KEY)._small is not None
+    assert ChaCha20Poly1305Protection(CHACHA20_POLY1305, DRAFT_KEY, small=False)._small is None
+
+
+@needs_c
+@settings(max_examples=400)
+@given(st.binary(min_size=32, max_size=32), st.binary(max_size=300))
+def test_poly1305_matches_cryptography(key: bytes, message: bytes) -> None:
+    assert _chachapoly.poly1305(key, message) == Poly1305.generate_tag(key, message)
+
+
+@needs_c
+@pytest.mark.parametrize("key", [b"\xff" * 32, bytes(16) + b"\xff" * 16, bytes(32),
+                                 b"\xff" * 16 + bytes(16)])
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 64, 255, 1000])
+def test_poly1305_edge_values(key: bytes, size: int) -> None:
+    # All-ones keys and messages drive the accumulator next to 2^130 - 5.
+    for message in (b"\xff" * size, bytes(size), os.urandom(size)):
+        assert _chachapoly.poly1305(key, message) == Poly1305.generate_tag(key, message)
+
+
+@needs_c
+def test_opens_the_published_vector() -> None:
+    protection = ChaCha20Poly1305Protection(CHACHA20_POLY1305, DRAFT_KEY)
+    assert protection.open(7, DRAFT_WIRE + b"next") == (DRAFT_PAYLOAD, len(DRAFT_WIRE))
+
+
+@needs_c
+@settings(max_examples=200)
+@given(st.binary(min_size=64, max_size=64), st.integers(0, 0xFFFFFFFF),
+       st.binary(min_size=1, max_size=9),
+       st.one_of(st.binary(max_size=200), st.integers(SMALL - 40, SMALL + 40).map(os.urandom)),
+       st.binary(min_size=1, max_size=16))
+def test_seal_and_open_agree_with_openssl(key: bytes, seqnr: int, head: bytes, data: bytes,
+                                          padding: bytes) -> None:
+    c, ossl = pair(key, padding)
+    wire = bytes(c.sealInto(seqnr, head, data))
+    assert wire == bytes(ossl.sealInto(seqnr, head, data))
+    for receiver in pair(key, padding):
+        payload, used = receiver.openFrom(seqnr, b"..." + wire + b"next", 3) or (b"", 0)
+        assert (bytes(payload), used) == (head + data, len(wire))
+
+
+@needs_c
+@pytest.mark.parametrize("size", [10, SMALL - 100, SMALL + 100, 40000])
+def test_in_pieces_then_whole(size: int) -> None:
+    key = os.urandom(64)
+    wire = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key, small=False).seal(3, b"x" * size)
+    receiver = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key)
+    for cut in (0, 3, 4, 20, len(wire) - 1):
+        assert receiver.openFrom(3, wire[:cut], 0) is None
+        assert receiver.wanted == (len(wire) if cut >= 4 else 0)
+    payload, used = receiver.openFrom(3, wire, 0) or (b"", 0)
+    assert (bytes(payload), used, receiver.wanted) == (b"x" * size, len(wire), 0)
+
+
+@needs_c
+@pytest.mark.parametrize("where", [4, 5, -17, -1])
+def test_tampering_is_a_mac_error(where: int) -> None:
+    key = os.urandom(64)
+    wire = bytearray(ChaCha20Poly1305Protection(CHACHA20_POLY1305, key).seal(9, b"hi there"))
+    wire[where] ^= 0x01
+    with pytest.raises(PacketError) as caught:
+        ChaCha20Poly1305Protection(CHACHA20_POLY1305, key).openFrom(9, bytes(wire), 0)
+    assert caught.value.reason == DISCONNECT_MAC_ERROR
+
+
+@needs_c
+@pytest.mark.parametrize("bit", [0x08, 0x10, 0x80])
+def test_a_changed_length_never_yields_a_payload(bit: int) -> None:
+    key = os.urandom(64)
+    wire = bytearray(ChaCha20Poly1305Protection(CHACHA20_POLY1305, key).seal(9, b"hi there"))
+    wire[3] ^= bit  # still a multiple of 8: the packet seems longer, or shorter
+    receiver = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key)
+    try:
+        opened = receiver.openFrom(9, bytes(wire) + bytes(256), 0)
+    except PacketError:  # a bad MAC, or a length of 0
+        return
+    assert opened is None  # waits for a longer packet
+
+
+@needs_c
+def test_bad_length_refused_without_waiting_for_it() -> None:
+    key = os.urandom(64)
+    wire = bytearray(ChaCha20Poly1305Protection(CHACHA20_POLY1305, key).seal(1, b"hello"))
+    wire[3] ^= 0x01  # the length is no longer a multiple of 8
+    with pytest.raises(PacketError, match="bad packet"):
+        ChaCha20Poly1305Protection(CHACHA20_POLY1305, key).openFrom(1, bytes(wire[:4]), 0)
+
+
+@needs_c
+def test_wrong_sequence_number_rejected() -> None:
+    key = os.urandom(64)
+    wire = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key).seal(9, b"hi")
+    with pytest.raises(PacketError):
+        ChaCha20Poly1305Protection(CHACHA20_POLY1305, key).openFrom(10, wire, 0)
+
+
+@needs_c
+def test_seal_into_a_batch_that_is_too_small_raises() -> None:
+    protection = ChaCha20Poly1305Protection(CHACHA20_POLY1305, os.urandom(64))
+    with pytest.raises(ValueError):
+        protection.sealInto(1, b"\x5e", b"x" * 100, memoryview(bytearray(64)))
+
+
+def opened_memory(key: bytes, wires: list[bytes], small: bool) -> int:
+    """Bytes a receiving protection holds once it has opened `wires`."""
+    tracemalloc.start()
+    try:
+        receiver = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key, small=small)
+        for n, wire in enumerate(wires):
+            assert receiver.openFrom(n, wire, 0) is not None
+        return tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+
+
+@needs_c
+def test_small_packets_keep_the_memory_of_a_connection_as_it_was() -> None:
+    # An idle tunnel is two of these: the small path adds no buffer of its own,
+    # the receive side opens into its scratch buffer (a page for small packets).
+    key = os.urandom(64)
+    sender = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key)
+    wires = [bytes(sender.sealInto(n, b"\x5e", os.urandom(size)))
+             for n, size in enumerate((10, 200, 900))]
+    held = opened_memory(key, wires, True)
+    assert held <= opened_memory(key, wires, False) + 512
+    # About 5 KiB (cipher objects, padding, a page of scratch): a buffer of
+    # SMALL_PACKET bytes per protection would be 4 KiB on top of it.
+    assert held < 6.5 * 1024
+    # A larger small packet grows the scratch buffer, as OpenSSL's path does.
+    big = bytes(sender.sealInto(3, b"\x5e", b"x" * 3000))
+    receiver = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key)
+    for n, wire in enumerate(wires):
+        receiver.openFrom(n, wire, 0)
+    assert bytes(receiver.openFrom(3, big, 0)[0]) == b"\x5e" + b"x" * 3000  # type: ignore[index]
+
+
+class CountingCipher:
+    """A cipher context that counts its update_into calls (OpenSSL's path at work)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.calls = 0
+
+    def update_into(self, data: Any, out: Any) -> int:
+        self.calls += 1
+        return int(self.real.update_into(data, out))
+
+    def reset_nonce(self, nonce: bytes) -> None:
+        self.real.reset_nonce(nonce)
+
+
+@needs_c
+def test_bulk_packets_stay_with_openssl_once_the_buffer_has_grown() -> None:
+    # The scratch buffer grows to the largest packet; the C path (slower per byte)
+    # must still take none larger than SMALL_PACKET.
+    key = os.urandom(64)
+    sender = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key)
+    receiver = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key)
+    for n in range(3):
+        wire = bytes(sender.sealInto(n, b"\x5e", os.urandom(32768)))
+        counting = receiver._main = CountingCipher(receiver._main)  # type: ignore[assignment]
+        assert receiver.openFrom(n, wire, 0) is not None
+        assert counting.calls == 2  # the Poly1305 key block, then the body
+        receiver._main = counting.real
+    small = bytes(sender.sealInto(3, b"\x5e", b"x" * 100))
+    counting = receiver._main = CountingCipher(receiver._main)  # type: ignore[assignment]
+    assert receiver.openFrom(3, small, 0) is not None
+    assert counting.calls == 0  # and a small one goes through C
