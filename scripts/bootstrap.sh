@@ -40,9 +40,11 @@ python_env() {  # python_env EXTRAS
             python3 -m venv "$VENV"
         fi
     fi
-    # setup.py and the C source too: `pip install -e` builds hub/intake/_nsca.c in place.
-    if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || [ "$ROOT/setup.py" -nt "$stamp" ] \
-            || [ "$ROOT/hub/intake/_nsca.c" -nt "$stamp" ]; then
+    # setup.py and the C sources too: `pip install -e` builds hub/*/_*.c in place.
+    local newer=""
+    [ -f "$stamp" ] && newer=$(find "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/hub" \
+        \( -name pyproject.toml -o -name setup.py -o -name '*.c' \) -newer "$stamp" -print -quit)
+    if [ ! -f "$stamp" ] || [ -n "$newer" ]; then
         echo "bootstrap: installing Python packages into $VENV" >&2
         "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
         if ! "$VENV/bin/pip" install --disable-pip-version-check -e "$ROOT$extras" \
