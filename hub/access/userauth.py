@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from hub.access import authlog
 from hub.access.auth import InvalidUser, NoCallHomePassword
 from hub.access.certs import CertificateCredentials, is_certificate
+from hub.ssh.loglevel import GatedLogger
 
 if TYPE_CHECKING:
     from hub.access.server import HubSSHFactory
@@ -31,6 +32,8 @@ class HubUserAuthServer(userauth.SSHUserAuthServer):
     back-off and the bcrypt budget."""
 
     transport: Any
+    # Conch's per-request debug lines, dropped before they are built.
+    _log = GatedLogger()
     _busy = False
     _waiting: defer.Deferred[Any] | None = None
 
