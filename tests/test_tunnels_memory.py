@@ -962,6 +962,16 @@ def test_a_login_with_a_forward_reads_its_node_once(
     assert counted.names.count("node") == 2
 
 
+def test_each_registry_listing_applied_is_counted(hub: Hub, device: Device) -> None:
+    """What a login read before a listing was applied is not reused after it
+    (DeviceKeyChecker compares this count)."""
+    allocated(device.forward(b"", 0))
+    before = hub.sessions.applied
+    cli(hub).set_state("site-a", "revoked", "cli:test")
+    hub.sync()
+    assert hub.sessions.applied == before + 1
+
+
 def test_sync_without_changes_touches_nothing(hub: Hub, reactor: RecordingReactor,
                                               device: Device) -> None:
     allocated(device.forward(b"", 0))

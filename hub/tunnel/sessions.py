@@ -86,6 +86,9 @@ class LiveSessions:
     # Registry calls off the reactor (hub.store.offthread); the hub's RegistryThread.
     calls: RegistryCalls = field(
         default=Factory(lambda self: InlineCalls(self.registry), takes_self=True))
+    # How many registry listings were applied (`enforce`): a login may reuse what
+    # was read for it before only if none was applied since (DeviceKeyChecker).
+    applied: int = 0
 
     def _online(self, node: str, conn: Any, peer: str, take: bool = True) -> None:
         self.calls.write(Registry.mark_online, node, peer, take)
@@ -235,6 +238,7 @@ class LiveSessions:
         read = self.calls.call(listing) if listed is None else defer.succeed(listed)
 
         def apply(listed: Listed) -> None:
+            self.applied += 1
             update, pairs = listed
             self.pairs.known({n.name.lower(): n.state for n in update.changed})
             try:
