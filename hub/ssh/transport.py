@@ -407,6 +407,11 @@ class ModernTransportMixin(PacketIOMixin):
         self._modernLog.info("{peer}: disconnecting: {why}", peer=peerOf(self),
                              why=disconnect_text(reason, desc), code=reason, description=desc)
         lower: Any = self.transport
+        batch = getattr(self, "_batch", None)
+        if batch is not None and batch.collecting(lower):
+            # Gathered packets (before login, HubServerTransport) go out while the
+            # socket is open: disconnectNow aborts it next.
+            batch.flush()
         lower.loseConnection()
 
 
