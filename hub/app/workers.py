@@ -110,14 +110,17 @@ _NOT_PASSED = {"workers", "ssh", "peer"}
 
 def worker_arguments(options: Mapping[str, Any], parameters: list[list[Any]],
                      flags: list[list[Any]], index: int, ssh: str) -> list[str]:
-    """The command line of worker `index`: `python -m hub.app.worker INDEX` and the
+    """The command line of worker `index`: `python -P -m hub.app.worker INDEX` and the
     hub's own options (`--data` and `--config` made absolute), with `--ssh` the
     endpoint worker 0 bound. The one place a worker's arguments are made: the
     hub-to-hub peering adds the worker's hub id (e.g. `HOSTID/w1`) and its peer
     listener (`--peer tcp:0:interface=127.0.0.1`) here. Every other option is passed
     on as worker 0 has it, so a config file's `[cluster] id` would be worker 0's: the
     worker's id must come as an argument that overrides it."""
-    args = [sys.executable, "-m", "hub.app.worker", str(index)]
+    # -P: `python -m` would put the directory the hub was started in first on
+    # sys.path, and a `hub` package there would be the worker's (a benchmark
+    # running an older hub from its work tree ran the work tree's in worker 1).
+    args = [sys.executable, "-P", "-m", "hub.app.worker", str(index)]
     for name, *_rest in parameters:
         value = options.get(name)
         if name in _NOT_PASSED or value is None:
