@@ -261,3 +261,30 @@ def test_what_one_read_brings_before_login_is_answered_with_one_send(
     server.disconnectNow(3, b"gone")
     server.endBatch()
     assert counting.sends == before + 1
+
+
+def test_a_key_probed_then_signed_is_named_once(hub: Hub, clock: MemoryReactorClock,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client offers its key, then signs with it: the key's text for the log
+    line (its SHA-256 fingerprint) is worked out once per connection."""
+    from hub.access import authlog
+
+    texts: list[bytes] = []
+    real = authlog.key_text
+
+    def counted(algorithm: bytes, blob: bytes) -> str:
+        texts.append(blob)
+        return real(algorithm, blob)
+
+    monkeypatch.setattr(authlog, "key_text", counted)
+    key = register(hub, "site-a")
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        _server, client, _pump = connect_client(start_factory(hub), clock, b"cms", key=key)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert client.factory_state.get("connected")
+    assert texts == [key.public().blob()]
+    [accepted] = [formatEvent(e) for e in events if formatEvent(e).startswith("Accepted")]
+    assert accepted.endswith(real(b"ssh-ed25519", key.public().blob()))
