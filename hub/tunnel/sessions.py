@@ -90,8 +90,10 @@ class LiveSessions:
     # was read for it before only if none was applied since (DeviceKeyChecker).
     applied: int = 0
 
-    def _online(self, node: str, conn: Any, peer: str, take: bool = True) -> None:
-        self.calls.write(Registry.mark_online, node, peer, take)
+    def _online(self, node: str, conn: Any, peer: str, take: bool = True,
+                write: bool = True) -> None:
+        if write:
+            self.calls.write(Registry.mark_online, node, peer, take)
         self._seen_written[node.lower()] = self.clock.seconds()
         keepalive = getattr(conn, "keepalive", None)
         if keepalive is not None:
@@ -156,7 +158,14 @@ class LiveSessions:
                      node=node, peer=peer)
             tunnel.requests.wait_for(old.close())
             close_connection(old.conn, self.clock, "superseded by a new connection of this node")
-        self._online(node, conn, peer)
+        if was_guest and old is None:
+            # Online from this connection since its login (`join`): taking the node
+            # over is written with its first forward's lease, one write for both
+            # (the tunnel's `online_from` until then).
+            self._online(node, conn, peer, write=False)
+            tunnel.online_from = peer
+        else:  # a takeover: the registry names the new connection at once
+            self._online(node, conn, peer)
         # A connection that logged in as a guest said "online" then (`join`).
         (log.debug if was_guest and old is None else log.info)(
             "node {node} online from {peer}", node=node, peer=peer)
