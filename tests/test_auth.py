@@ -83,3 +83,55 @@ def test_a_refused_signature_algorithm_is_named_in_words(tmp_path: Path) -> None
                             ).addErrback(refused.append)
     [failure] = refused
     assert failure.getErrorMessage() == "signature algorithm ssh-dss not allowed"
+
+
+class CountingCalls:
+    """InlineCalls that count each registry function called."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.inner, self.names = InlineCalls(registry), []
+
+    def call(self, fn: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        self.names.append(fn.__name__)
+        return self.inner.call(fn, *args, **kwargs)
+
+
+def test_the_signed_request_after_a_probe_reads_the_key_once(tmp_path: Path) -> None:
+    """A client probes with its key, then signs: one read of the key's node for
+    both, unless a registry change was applied in between (then the signed
+    request reads again, and a revocation is seen)."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from twisted.conch.error import ValidPublicKey
+    from twisted.conch.ssh import keys
+    from twisted.cred.credentials import SSHPrivateKey
+
+    from hub.rules.logins import DeviceLogin
+
+    registry = Registry(str(tmp_path / "hub.sqlite3"), now=lambda: 0.0)
+    key = keys.Key(ed25519.Ed25519PrivateKey.generate())
+    blob = key.public().blob()
+    registry.register("site-a", blob, "SHA256:x", "test")
+    calls, applied = CountingCalls(registry), [0]
+    checker = DeviceKeyChecker(calls, "cms", changes=lambda: applied[0])  # type: ignore[arg-type]
+
+    def login(signed: bool) -> Any:
+        data = b"signed data"
+        credentials = SSHPrivateKey(b"cms", b"ssh-ed25519", blob, data if signed else None,
+                                    key.sign(data) if signed else None)
+        outcome: list[Any] = []
+        checker.requestAvatarId(credentials).addBoth(outcome.append)
+        return outcome[0]
+
+    assert login(False).check(ValidPublicKey)
+    assert login(True) == DeviceLogin("site-a")
+    assert calls.names == ["node_by_key"]
+    # The kept node went with its signed request: the next login reads again.
+    assert login(True) == DeviceLogin("site-a")
+    assert calls.names == ["node_by_key"] * 2
+    # A registry change applied between the probe and the signature: read again.
+    assert login(False).check(ValidPublicKey)
+    registry.set_state("site-a", "revoked", "cli:test")
+    applied[0] += 1
+    refused = login(True)
+    assert refused.check(UnauthorizedLogin) and "revoked" in refused.getErrorMessage()
+    assert calls.names == ["node_by_key"] * 4

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import io
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -18,6 +20,7 @@ from hub.app.logs import (
     twistd_destination,
 )
 from hub.errors import ConfigError
+from hub.ssh.loglevel import GatedLogger
 
 
 def test_parse_level() -> None:
@@ -128,3 +131,46 @@ def test_seconds_text_reuses_the_text_within_a_second() -> None:
     first = when(1_700_000_000.1)
     assert when(1_700_000_000.9) is first and when(1_700_000_001.0) is not first
     assert when(None) == "-"
+
+
+@pytest.fixture
+def gate() -> Iterator[type[GatedLogger]]:
+    saved = GatedLogger.dropped
+    yield GatedLogger
+    GatedLogger.dropped = saved
+
+
+def test_conchs_debug_events_are_not_built_below_the_level(
+        gate: type[GatedLogger]) -> None:
+    """The hub's Conch subclasses drop a debug event in `emit`, before the event is
+    built and published (Conch logs several per login: 3-4 % of a worker's time in
+    a reconnect storm); info and above go on, and nothing is dropped at debug."""
+    from twisted.logger import globalLogPublisher
+
+    from hub.access.server import HubServerTransport
+    from hub.access.userauth import HubUserAuthServer
+    from hub.ssh.connection import HubConnection
+
+    seen: list[str] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if event.get("log_format", "").startswith("gate test"):
+            seen.append(f"{event['log_level'].name} {event['log_namespace']}")
+
+    sources = [HubServerTransport(), HubUserAuthServer(), HubConnection()]
+    globalLogPublisher.addObserver(observer)
+    try:
+        application = service.Application("callhomehub")
+        HubService(LogLevel.info, {"nodaemon": True}).setServiceParent(application)
+        for source in sources:
+            source._log.debug("gate test {n}", n=1)
+            source._log.info("gate test {n}", n=2)
+        assert seen == ["info hub.access.server.HubServerTransport",
+                        "info hub.access.userauth.HubUserAuthServer",
+                        "info hub.ssh.connection.HubConnection"]
+        seen.clear()
+        gate.drop_below(LogLevel.debug)
+        sources[0]._log.debug("gate test {n}", n=3)
+        assert seen == ["debug hub.access.server.HubServerTransport"]
+    finally:
+        globalLogPublisher.removeObserver(observer)

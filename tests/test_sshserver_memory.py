@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import struct
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,98 @@ def test_clients_hear_why_when_the_hub_stops(hub: Hub, clock: MemoryReactorClock
     assert not stalled.called
     clock.advance(2)
     assert stalled.called
+
+
+class CountingSocket:
+    """The server's end of a socket pair, counting its sends."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.sends = sock, 0
+
+    def send(self, data: Any) -> int:
+        self.sends += 1
+        return self.sock.send(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def test_what_one_read_brings_before_login_is_answered_with_one_send(
+        hub: Hub, clock: MemoryReactorClock) -> None:
+    """Before login nothing relays through a connection: the packets the hub
+    answers one read with (the key exchange's reply and NEWKEYS; EXT_INFO and
+    SERVICE_ACCEPT) go out together, one send per read answered."""
+    from memory_hub import ClientTransport
+    from twisted.internet import tcp
+    from twisted.internet.testing import StringTransport
+
+    key = register(hub, "site-a")
+    factory = start_factory(hub)
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        theirs = socket.create_connection(listening.getsockname())
+        ours, _ = listening.accept()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    server = factory.buildProtocol(IPv4Address("TCP", "192.0.2.10", 40000))
+    conn = tcp.Connection(ours, server, clock)
+    conn.connected = True
+    counting = CountingSocket(ours)
+    conn.socket = counting  # type: ignore[assignment]
+    conn.getPeer = lambda: IPv4Address("TCP", "192.0.2.10", 40000)  # type: ignore[method-assign]
+    conn.getHost = lambda: IPv4Address("TCP", "127.0.0.1", 22)  # type: ignore[method-assign]
+    client = ClientTransport(b"cms", key, None)
+    to_server = StringTransport()
+    client.makeConnection(to_server)
+    server.makeConnection(conn)
+    conn.doWrite()  # the version line and KEXINIT, queued by Conch's connectionMade
+    reads = sends = 0
+    for _ in range(50):
+        if server.authenticated:
+            break
+        data = to_server.value()
+        to_server.clear()
+        if data:
+            before = counting.sends
+            server.dataReceived(data)
+            reads += 1
+            sends += counting.sends - before > 0
+            assert counting.sends - before <= 1
+        try:
+            client.dataReceived(theirs.recv(65536))
+        except BlockingIOError:
+            pass
+    assert server.authenticated and client.factory_state.get("connected")
+    assert reads >= 4 and sends >= 3
+    # A connection dropped at once while packets are gathered: they go out first.
+    before = counting.sends
+    assert server.beginBatch()
+    server.disconnectNow(3, b"gone")
+    server.endBatch()
+    assert counting.sends == before + 1
+
+
+def test_a_key_probed_then_signed_is_named_once(hub: Hub, clock: MemoryReactorClock,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client offers its key, then signs with it: the key's text for the log
+    line (its SHA-256 fingerprint) is worked out once per connection."""
+    from hub.access import authlog
+
+    texts: list[bytes] = []
+    real = authlog.key_text
+
+    def counted(algorithm: bytes, blob: bytes) -> str:
+        texts.append(blob)
+        return real(algorithm, blob)
+
+    monkeypatch.setattr(authlog, "key_text", counted)
+    key = register(hub, "site-a")
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        _server, client, _pump = connect_client(start_factory(hub), clock, b"cms", key=key)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert client.factory_state.get("connected")
+    assert texts == [key.public().blob()]
+    [accepted] = [formatEvent(e) for e in events if formatEvent(e).startswith("Accepted")]
+    assert accepted.endswith(real(b"ssh-ed25519", key.public().blob()))

@@ -43,6 +43,7 @@ from hub.access.server import HubSSHFactory
 from hub.app.context import Hub
 from hub.intake.monitoring import STORE_INTERVAL, Monitoring
 from hub.intake.nsca import PACKET_SIZE
+from hub.rules.ports import ForwardCaps
 from hub.ssh.channels import MAX_PACKET, WINDOW
 from hub.ssh.connection import ChannelRefused
 from hub.ssh.sink import IPacketSink
@@ -960,6 +961,56 @@ def test_a_login_with_a_forward_reads_its_node_once(
     # A later forward reads the node again: an approval since counts at once.
     allocated(device.forward(b"http", 0))
     assert counted.names.count("node") == 2
+
+
+class CountingWrites(CountingCalls):
+    """Registry calls and writes passed on, each write's function and arguments kept."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.writes: list[tuple[str, tuple[Any, ...]]] = []
+
+    def write(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        self.writes.append((fn.__name__, args))
+        self.inner.write(fn, *args, **kwargs)
+
+
+def test_a_device_calling_back_is_online_with_its_forward_in_one_write(
+        hub: Hub, reactor: RecordingReactor, factory: HubSSHFactory, key: keys.Key) -> None:
+    """Its login marks it online (not taking it from another hub); its first
+    forward takes it over and makes the lease active in one transaction, not
+    two. A first forward that is refused still takes the node over."""
+    counted = CountingWrites(hub.sessions.calls)
+    hub.sessions.calls = counted
+    device = Device(factory, reactor, key=key)
+    port = allocated(device.forward(b"", 0))
+    assert counted.writes == [("mark_online", ("site-a", "192.0.2.10", False)),
+                              ("mark_online", ("site-a", "192.0.2.10", True, "ssh"))]
+    node = hub.registry.node("site-a")
+    assert node.online and node.peer == "192.0.2.10" and node.forwards == {"ssh": port}
+    assert hub.registry.query(
+        "SELECT l.service, l.port, l.active FROM leases l JOIN nodes n ON n.id = l.node_id"
+        " WHERE n.name = 'site-a'") == [("ssh", port, 1)]
+    # A later forward is its lease alone.
+    allocated(device.forward(b"http", 0))
+    assert counted.writes[-1] == ("set_lease_active", ("site-a", "http", True))
+
+    hub.sessions.caps = ForwardCaps(pending=0)
+    del counted.writes[:]
+    other = Device(factory, reactor, key=register(hub, "site-b"), peer="192.0.2.20")
+    assert other.forward(b"", 0) == ("fail",)
+    assert counted.writes == [("mark_online", ("site-b", "192.0.2.20", False)),
+                              ("mark_online", ("site-b", "192.0.2.20", True))]
+
+
+def test_each_registry_listing_applied_is_counted(hub: Hub, device: Device) -> None:
+    """What a login read before a listing was applied is not reused after it
+    (DeviceKeyChecker compares this count)."""
+    allocated(device.forward(b"", 0))
+    before = hub.sessions.applied
+    cli(hub).set_state("site-a", "revoked", "cli:test")
+    hub.sync()
+    assert hub.sessions.applied == before + 1
 
 
 def test_sync_without_changes_touches_nothing(hub: Hub, reactor: RecordingReactor,

@@ -14,7 +14,14 @@ import pytest
 from twisted.internet import error
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogEvent, Logger, LogLevel, eventAsJSON, formatEvent
+from twisted.logger import (
+    LogEvent,
+    Logger,
+    LogLevel,
+    eventAsJSON,
+    formatEvent,
+    formatEventAsClassicLogText,
+)
 from twisted.python.failure import Failure
 
 from hub.app.config import workers_option
@@ -122,13 +129,13 @@ def test_a_workers_command_line_is_the_hubs_options_with_the_bound_port(
                           "--port-keeper", "--ssh", "tcp:0:interface=127.0.0.1"])
     args = worker_arguments(options, Options.optParameters, Options.optFlags, 3,
                             "tcp:2222:interface=127.0.0.1")
-    assert args[:4] == [sys.executable, "-m", "hub.app.worker", "3"]
+    assert args[:5] == [sys.executable, "-P", "-m", "hub.app.worker", "3"]
     assert f"--data={tmp_path / 'state'}" in args and "--keepalive=5" in args
     assert "--port-keeper" in args
     assert args[-2:] == ["--ssh=tcp:2222:interface=127.0.0.1", "--workers=1"]
     assert not any(a.startswith("--ssh=tcp:0") or a == "--workers=4" for a in args)
     again = Options()
-    again.parseOptions(args[4:])  # what the worker parses
+    again.parseOptions(args[5:])  # what the worker parses
     assert again.hub_config.keepalive == 5 and again.hub_config.port_keeper
     assert again.hub_config.workers == 1
 
@@ -399,3 +406,56 @@ def test_a_workers_log_records_go_to_worker_0_together(logged: list[LogEvent]) -
     spawn.started[0][0].outReceived(out.getvalue().encode())
     assert [formatEvent(e) for e in logged if e.get("worker") == 1] == [
         "node site-a online", "node site-b online", "node site-c online", "node site-a offline"]
+
+
+def test_a_workers_lines_are_formatted_by_the_worker_and_logged_unchanged(
+        logged: list[LogEvent]) -> None:
+    """A worker sends its event's text (a traceback included), not the whole event
+    as twisted.logger's JSON: worker 0 writes the same line as for the event itself,
+    without decoding it (encoding and decoding the events was 4-5 % of each worker's
+    time in a reconnect storm)."""
+    out = io.StringIO()
+    log = Logger(observer=json_observer(LogLevel.info, out), namespace="hub.access.userauth")
+    try:
+        raise ValueError("bad {key}")
+    except ValueError:
+        log.failure("node {node}: {what}", node="site-{a}", what="forward failed")
+    log.info("Accepted publickey for cms from 127.0.0.1 port 50000 ssh2: ED25519 SHA256:x")
+    records = out.getvalue().encode()
+    assert records.count(b"\x1e[") == 2 and b"log_format" not in records
+    originals: list[LogEvent] = []
+    Logger(observer=originals.append, namespace="hub.access.userauth").info(
+        "Accepted publickey for cms from 127.0.0.1 port 50000 ssh2: ED25519 SHA256:x")
+    clock, spawn = MemoryReactorClock(), Spawner()
+    WorkerSupervisor(2, lambda i: [str(i)], spawn, clock).startService()
+    spawn.started[0][0].outReceived(records)
+    failure, accepted = [e for e in logged if e.get("worker") == 1]
+    text = formatEventAsClassicLogText(failure)
+    assert text is not None
+    assert text.split("\n")[0].endswith(
+        "[w1 hub.access.userauth#critical] node site-{a}: forward failed")
+    assert "ValueError: bad {key}" in text
+    original = dict(originals[0], log_system="w1 hub.access.userauth#info")
+    assert formatEventAsClassicLogText(accepted) == formatEventAsClassicLogText(original)
+    assert accepted["log_level"] is LogLevel.info
+
+
+def test_a_worker_never_imports_the_hub_from_the_directory_it_starts_in(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m` puts the current directory first on sys.path: a `hub` package
+    there (a work tree, while a benchmark runs an older hub) would be the worker's."""
+    import subprocess
+
+    decoy = tmp_path / "hub" / "app"
+    decoy.mkdir(parents=True)
+    for package in (tmp_path / "hub", decoy):
+        (package / "__init__.py").write_text("")
+    (decoy / "worker.py").write_text("print('the decoy worker')\n")
+    monkeypatch.chdir(tmp_path)
+    options = Options()
+    options.parseOptions(["--data", "state", "--workers", "2"])
+    args = worker_arguments(options, Options.optParameters, Options.optFlags, 1, "tcp:2222")
+    # No INDEX: the real worker prints its usage and exits 2 before doing anything.
+    ran = subprocess.run(args[:4], capture_output=True, text=True, timeout=60)
+    assert "the decoy worker" not in ran.stdout
+    assert ran.returncode == 2 and "usage: python -m hub.app.worker" in ran.stderr

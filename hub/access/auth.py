@@ -173,16 +173,31 @@ class CallHomePasswordChecker:
         return self._run(check_password, password, DUMMY_HASH).addCallback(refuse)
 
 
+# Device keys a probe found, kept for the signed request that follows it.
+PROBES_KEPT = 1024
+
+
 @implementer(ICredentialsChecker)
 class DeviceKeyChecker:
     """The registrar user with a registered, not revoked device key; operators
-    with one of their keys."""
+    with one of their keys.
+
+    A client offers its key first (a probe, no signature; OpenSSH and libssh2
+    do) and signs once the hub said the key would do: the node the probe read
+    is kept (at most PROBES_KEPT keys, the oldest forgotten first) and the signed
+    request takes it instead of reading the key's node again, unless the hub
+    applied a registry change (`changes()`, LiveSessions.applied) since the
+    probe's read was asked for. A revocation the hub has not applied yet is
+    applied to the logged-in connection as to any other."""
 
     credentialInterfaces = (ISSHPrivateKey,)
 
-    def __init__(self, calls: RegistryCalls, registrar_user: str) -> None:
+    def __init__(self, calls: RegistryCalls, registrar_user: str,
+                 changes: Callable[[], int] = lambda: 0) -> None:
         self._calls = calls  # the registry, read off the reactor
         self._user = registrar_user.encode()
+        self._changes = changes
+        self._probed: dict[bytes, tuple[int, Node]] = {}
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
         if credentials.algName not in USER_SIG_ALGS:
@@ -196,8 +211,13 @@ class DeviceKeyChecker:
                 return defer.fail(InvalidUser(f"no operator {name!r}"))
             return self._calls.call(operator, login.user).addCallback(
                 lambda user: self._operator(credentials, name, login, user))
+        asked = self._changes()
+        if credentials.signature is not None:
+            kept = self._probed.pop(credentials.blob, None)
+            if kept is not None and kept[0] == asked:
+                return defer.maybeDeferred(self._device, credentials, kept[1])
         return self._calls.call(Registry.node_by_key, credentials.blob).addCallback(
-            lambda node: self._device(credentials, node))
+            lambda node: self._device(credentials, node, asked))
 
     def _operator(self, credentials: Any, name: str, login: OperatorLogin,
                   user: User | None) -> OperatorLogin:
@@ -209,12 +229,17 @@ class DeviceKeyChecker:
         return OperatorLogin(user.name, login.node, login.port, identity=user.identity,
                              credential=credentials.blob)
 
-    def _device(self, credentials: Any, node: Node | None) -> DeviceLogin:
+    def _device(self, credentials: Any, node: Node | None, asked: int | None = None
+                ) -> DeviceLogin:
         if node is None:
             raise UnauthorizedLogin("key is not registered")
         if node.state == "revoked":
             log.warn("refused revoked key of node {node}", node=node.name)
             raise UnauthorizedLogin(f"node {node.name} is revoked")
+        if credentials.signature is None and asked is not None:
+            if len(self._probed) >= PROBES_KEPT:
+                del self._probed[next(iter(self._probed))]
+            self._probed[credentials.blob] = (asked, node)
         verify_signature(credentials)
         return DeviceLogin(node.name)
 

@@ -81,7 +81,18 @@ class HubServerTransport(ClockTimeout, ModernTransportMixin, HostCertificateMixi
 
     def dataReceived(self, data: bytes) -> None:
         self.heard = True
-        super().dataReceived(data)
+        if self.authenticated:
+            super().dataReceived(data)
+            return
+        # Before login nothing is relayed through this connection: what one read
+        # is answered with goes out with one send (the key exchange's reply and
+        # NEWKEYS; EXT_INFO and SERVICE_ACCEPT), not a send per packet.
+        batched = self.beginBatch()
+        try:
+            super().dataReceived(data)
+        finally:
+            if batched:
+                self.endBatch()
 
     def _newKeys(self) -> None:
         self._cancel_kex_grace()

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from hub.access import authlog
 from hub.access.auth import InvalidUser, NoCallHomePassword
 from hub.access.certs import CertificateCredentials, is_certificate
+from hub.ssh.loglevel import GatedLogger
 
 if TYPE_CHECKING:
     from hub.access.server import HubSSHFactory
@@ -31,6 +32,8 @@ class HubUserAuthServer(userauth.SSHUserAuthServer):
     back-off and the bcrypt budget."""
 
     transport: Any
+    # Conch's per-request debug lines, dropped before they are built.
+    _log = GatedLogger()
     _busy = False
     _waiting: defer.Deferred[Any] | None = None
 
@@ -45,6 +48,9 @@ class HubUserAuthServer(userauth.SSHUserAuthServer):
         # not wait for the answer): at most one connection's worth of tries.
         self._queue: list[bytes] = []
         self._key: tuple[str, bool] | None = None
+        # The last key offered and its text: a client probes, then signs with the
+        # same key, and the text (a SHA-256 fingerprint) is worked out once.
+        self._key_text: tuple[bytes, bytes, str] | None = None
         self._invalid_named: set[bytes] = set()
         userauth.SSHUserAuthServer.serviceStarted(self)
 
@@ -128,7 +134,10 @@ class HubUserAuthServer(userauth.SSHUserAuthServer):
         except (ValueError, struct.error):
             self._key = None
             return userauth.SSHUserAuthServer.auth_publickey(self, packet)  # type: ignore[no-any-return]
-        self._key = (authlog.key_text(algorithm, blob), signature is not None)
+        known = self._key_text
+        if known is None or known[0] != algorithm or known[1] != blob:
+            known = self._key_text = (algorithm, blob, authlog.key_text(algorithm, blob))
+        self._key = (known[2], signature is not None)
         if is_certificate(algorithm):  # Conch cannot read certificates
             return self._auth_certificate(algorithm, blob, signature, packet)
         return userauth.SSHUserAuthServer.auth_publickey(self, packet)  # type: ignore[no-any-return]

@@ -34,6 +34,7 @@ from twisted.python import logfile
 from zope.interface import implementer
 
 from hub.errors import ConfigError
+from hub.ssh.loglevel import GatedLogger
 
 LEVELS = {level.name: level for level in LogLevel.iterconstants()}
 
@@ -137,4 +138,5 @@ class HubService(service.MultiService):
         destination = twistd_destination(self.server_options)
         if destination is not None and hasattr(parent, "setComponent"):
             parent.setComponent(ILogObserver, filtered_observer(destination, self.level))
+            GatedLogger.drop_below(self.level)
         return result

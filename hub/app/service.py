@@ -230,7 +230,8 @@ def build_ssh_factory(hub: Hub) -> HubSSHFactory:
     config = hub.config
     hub_portal = portal.Portal(HubRealm(hub), [
         CallHomePasswordChecker(hub.calls, config.registrar_user, hub.run_in_thread),
-        DeviceKeyChecker(hub.calls, config.registrar_user),
+        DeviceKeyChecker(hub.calls, config.registrar_user,
+                         changes=lambda: hub.sessions.applied),
         CertificateChecker(hub.calls, config.trusted_ca_keys, hub.clock),
     ])
     if config.trusted_ca_keys:

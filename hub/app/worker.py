@@ -19,12 +19,12 @@ from twisted.application import internet, service
 from twisted.internet import protocol, stdio
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
     Logger,
     LogLevelFilterPredicate,
     globalLogBeginner,
-    jsonFileLogObserver,
 )
 from twisted.python.failure import Failure
 
@@ -33,9 +33,10 @@ from hub.app.console import worker_weblinks
 from hub.app.logs import RoutineChatter
 from hub.app.peering import add_peering
 from hub.app.sharedport import SharedListenerService, parse_tcp_listen
-from hub.app.workers import FIGURES_KEY, FIGURES_REQUEST, RECORD_SEPARATOR
+from hub.app.workers import FIGURES_KEY, FIGURES_REQUEST, RECORD_SEPARATOR, line_record
 from hub.errors import HubError
 from hub.rules.figures import Figure
+from hub.ssh.loglevel import GatedLogger
 from hub.web.metrics import HubCollector
 
 # Named: run as `python -m`, this module is __main__.
@@ -159,8 +160,10 @@ class HeldFlushes:
 
 
 def json_observer(level: Any, out: Any) -> ILogObserver:
-    """JSON log records on `out` (a text stream), filtered as worker 0 filters its own."""
-    return FilteringLogObserver(jsonFileLogObserver(out),
+    """Log records for worker 0 on `out` (a text stream), filtered as worker 0
+    filters its own: each is `RS [time, level, namespace, text] LF`, the event's
+    text (a failure's traceback included) formatted here (`hub.app.workers.line_record`)."""
+    return FilteringLogObserver(FileLogObserver(out, line_record),
                                 [RoutineChatter(level),
                                  LogLevelFilterPredicate(defaultLogLevel=level)])
 
@@ -186,6 +189,7 @@ def main(argv: list[str]) -> int:
     reactor.addSystemEventTrigger("after", "shutdown", out.flush_now)
     globalLogBeginner.beginLoggingTo([json_observer(options.log_level, out)],
                                      redirectStandardIO=False)
+    GatedLogger.drop_below(options.log_level)
     try:
         top = make_worker_service(as_worker(options.hub_config, index), index, reactor)
         top.privilegedStartService()

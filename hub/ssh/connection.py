@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from hub.ssh.loglevel import GatedLogger
 from hub.ssh.sink import IChannelDataViews
 
 log = Logger()
@@ -45,6 +46,9 @@ class WindowedChannelsMixin:
     """For SSHConnection subclasses (server and client side): channels that say
     `manages_window = True` get their data without Conch's automatic window
     adjust, and grant window themselves once their consumer took the data."""
+
+    # Conch's per-request debug lines, dropped before they are built.
+    _log = GatedLogger()
 
     channels: dict[int, Any]
     channelsToRemoteChannel: dict[Any, int]

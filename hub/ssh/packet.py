@@ -129,7 +129,13 @@ class EncryptAndMAC:
     def sealInto(
         self, seqnr: int, head: bytes, data: Bytes, out: memoryview | None = None
     ) -> memoryview:
-        return memoryview(self.seal(seqnr, head + bytes(data)))
+        sealed = self.seal(seqnr, head + bytes(data))
+        if out is None or len(sealed) > len(out):
+            return memoryview(sealed)
+        # Into the room given (an output batch's): the clear packets of the
+        # first key exchange go out with what follows them.
+        out[: len(sealed)] = sealed
+        return out[: len(sealed)]
 
     def open(self, seqnr: int, buf: Bytes) -> tuple[bytes, int] | None:
         bs = self.blockSize

@@ -50,6 +50,7 @@ from hub.ssh.kex import (
     macNeutralPeerKexInit,
     strictKexAllows,
 )
+from hub.ssh.loglevel import GatedLogger
 from hub.ssh.packetio import PacketIOMixin
 from hub.ssh.tcpwrite import no_delay
 
@@ -75,6 +76,9 @@ class ModernTransportMixin(PacketIOMixin):
     @cvar clock: the L{IReactorTime} for the time limit; the global reactor
         when left L{None}.
     """
+
+    # Conch's per-connection debug lines, dropped before they are built.
+    _log = GatedLogger()
 
     supportedKeyExchanges = list(KEX_ALGORITHMS)
     supportedPublicKeys = list(HOST_KEY_ALGORITHMS)
@@ -403,6 +407,11 @@ class ModernTransportMixin(PacketIOMixin):
         self._modernLog.info("{peer}: disconnecting: {why}", peer=peerOf(self),
                              why=disconnect_text(reason, desc), code=reason, description=desc)
         lower: Any = self.transport
+        batch = getattr(self, "_batch", None)
+        if batch is not None and batch.collecting(lower):
+            # Gathered packets (before login, HubServerTransport) go out while the
+            # socket is open: disconnectNow aborts it next.
+            batch.flush()
         lower.loseConnection()
 
 

@@ -20,6 +20,10 @@ from hub.store.engine import Database
 T = TypeVar("T")
 
 
+# A lease's forward up (1) or down (0): active, service, node.
+LEASE_ACTIVE = ("UPDATE leases SET active = ? WHERE service = ?"
+                " AND node_id = (SELECT id FROM nodes WHERE name = ?)")
+
 class LeaseRecords:
     """Leases; every method is one transaction of the registry."""
 
@@ -101,10 +105,7 @@ class LeaseRecords:
     def set_lease_active(self, node: str, service: str, active: bool) -> None:
         with self._tx() as db:
             self._touch(node)
-            db.execute(
-                "UPDATE leases SET active = ? WHERE service = ?"
-                " AND node_id = (SELECT id FROM nodes WHERE name = ?)",
-                (int(active), service, node))
+            db.execute(LEASE_ACTIVE, (int(active), service, node))
 
     def expire_pending_leases(self, before: float) -> list[tuple[str, str, int]]:
         """Release the leases of pending nodes offline and last seen before

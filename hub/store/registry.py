@@ -20,7 +20,7 @@ from hub.store.engine import Database, connect
 from hub.store.engine import keep_private as keep_private
 from hub.store.hubs import HubRecords
 from hub.store.latency import Latency
-from hub.store.leases import LeaseRecords
+from hub.store.leases import LEASE_ACTIVE, LeaseRecords
 from hub.store.operators import KEEP, Keep, OperatorRecords
 from hub.store.pairs import PAIR, PairRecords
 from hub.store.revisions import (
@@ -332,9 +332,12 @@ class Registry(OperatorRecords, PairRecords, HubRecords, LeaseRecords, WebSessio
             self._audit(db, actor, "device-access", name, ", ".join(changes))
         return self.node(name)
 
-    def mark_online(self, name: str, peer: str, take: bool = True) -> None:
+    def mark_online(self, name: str, peer: str, take: bool = True,
+                    forwarding: str | None = None) -> None:
         """`name` is online from this hub. `take` False (a connection without a
-        tunnel): a node another hub holds stays that hub's."""
+        tunnel): a node another hub holds stays that hub's. `forwarding`: the
+        service whose lease goes active with it (a tunnel's first forward; one
+        transaction, not two)."""
         now = self._now()
         with self._tx() as db:
             self._touch(name)
@@ -343,6 +346,8 @@ class Registry(OperatorRecords, PairRecords, HubRecords, LeaseRecords, WebSessio
             else:
                 db.execute(_ONLINE + _UNLESS_HELD, (now, now, peer, self.hub_id, name,
                                                     self.hub_id))
+            if forwarding is not None:
+                db.execute(LEASE_ACTIVE, (1, forwarding, name))
 
     def mark_offline(self, *names: str) -> None:
         """These nodes went offline (several in one transaction); with a `hub_id`,

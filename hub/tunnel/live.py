@@ -143,6 +143,9 @@ class NodeTunnel:
     # The node as `attach` read it, until the first forward's caps are checked
     # with it: a login reads the node once, not twice (hub.tunnel.sessions).
     attached_as: Node | None = None
+    # The peer the node is online from, not written yet: its first forward
+    # request writes it (with the lease it made active, in one transaction).
+    online_from: str | None = None
 
     @property
     def interface(self) -> str:
@@ -212,7 +215,16 @@ class NodeTunnel:
 
     def request_forward(self, bind: bytes, port: int) -> defer.Deferred[Any]:
         """Carry out `tcpip-forward`; fires with the global request's answer."""
-        return self._queue("forward", lambda: self._forward(bind, port))
+        return self._queue("forward", lambda: self._forward(bind, port)).addCallback(
+            self._mark_online)
+
+    def _mark_online(self, answer: Any) -> Any:
+        """The node online from this tunnel, if its first forward did not say so
+        (refused, or failed) and the tunnel is still the node's."""
+        peer, self.online_from = self.online_from, None
+        if peer is not None and not self.closed:
+            self.sessions.calls.write(Registry.mark_online, self.node, peer, True)
+        return answer
 
     def cancel_forward(self, bind: bytes, port: int) -> defer.Deferred[Any]:
         """Carry out `cancel-tcpip-forward`; fires with the global request's answer."""
@@ -250,8 +262,13 @@ class NodeTunnel:
             if forward is None:
                 return 0
             self.table.add(forward)
-            self.sessions.calls.write(Registry.set_lease_active, self.node, forward.service,
-                                      True)
+            peer, self.online_from = self.online_from, None
+            if peer is not None:  # the tunnel's first forward: online with it
+                self.sessions.calls.write(Registry.mark_online, self.node, peer, True,
+                                          forward.service)
+            else:
+                self.sessions.calls.write(Registry.set_lease_active, self.node,
+                                          forward.service, True)
             self.sessions.forwards_changed(self.node)
             return forward.reply()
 

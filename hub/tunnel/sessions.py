@@ -86,9 +86,14 @@ class LiveSessions:
     # Registry calls off the reactor (hub.store.offthread); the hub's RegistryThread.
     calls: RegistryCalls = field(
         default=Factory(lambda self: InlineCalls(self.registry), takes_self=True))
+    # How many registry listings were applied (`enforce`): a login may reuse what
+    # was read for it before only if none was applied since (DeviceKeyChecker).
+    applied: int = 0
 
-    def _online(self, node: str, conn: Any, peer: str, take: bool = True) -> None:
-        self.calls.write(Registry.mark_online, node, peer, take)
+    def _online(self, node: str, conn: Any, peer: str, take: bool = True,
+                write: bool = True) -> None:
+        if write:
+            self.calls.write(Registry.mark_online, node, peer, take)
         self._seen_written[node.lower()] = self.clock.seconds()
         keepalive = getattr(conn, "keepalive", None)
         if keepalive is not None:
@@ -153,7 +158,14 @@ class LiveSessions:
                      node=node, peer=peer)
             tunnel.requests.wait_for(old.close())
             close_connection(old.conn, self.clock, "superseded by a new connection of this node")
-        self._online(node, conn, peer)
+        if was_guest and old is None:
+            # Online from this connection since its login (`join`): taking the node
+            # over is written with its first forward's lease, one write for both
+            # (the tunnel's `online_from` until then).
+            self._online(node, conn, peer, write=False)
+            tunnel.online_from = peer
+        else:  # a takeover: the registry names the new connection at once
+            self._online(node, conn, peer)
         # A connection that logged in as a guest said "online" then (`join`).
         (log.debug if was_guest and old is None else log.info)(
             "node {node} online from {peer}", node=node, peer=peer)
@@ -235,6 +247,7 @@ class LiveSessions:
         read = self.calls.call(listing) if listed is None else defer.succeed(listed)
 
         def apply(listed: Listed) -> None:
+            self.applied += 1
             update, pairs = listed
             self.pairs.known({n.name.lower(): n.state for n in update.changed})
             try:
