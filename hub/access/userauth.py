@@ -183,7 +183,7 @@ class HubUserAuthServer(userauth.SSHUserAuthServer):
             self.transport.factory.auth_failures[kind] += 1
         if invalid and user not in self._invalid_named:
             self._invalid_named.add(user)
-            log.info(authlog.invalid_user(user, host, port))
+            log.info("{line}", line=authlog.invalid_user(user, host, port))
         key = None
         if self.method == b"publickey":
             if self._key is None or not self._key[1]:
@@ -191,7 +191,7 @@ class HubUserAuthServer(userauth.SSHUserAuthServer):
             key = self._key[0]
         elif self.method != b"password":
             return
-        log.info(authlog.failed(self.method, user, host, port, key, invalid))
+        log.info("{line}", line=authlog.failed(self.method, user, host, port, key, invalid))
         audit = self.transport.factory.audit
         if audit is not None:
             audit(f"{authlog.who(user)}@{host}", "login-failed", authlog.who(user),
@@ -200,7 +200,7 @@ class HubUserAuthServer(userauth.SSHUserAuthServer):
     def _cbFinishedAuth(self, result: Any) -> None:
         host, port = self._where()
         key = self._key[0] if self.method == b"publickey" and self._key else None
-        log.info(authlog.accepted(self.method, self.user or b"", host, port, key))
+        log.info("{line}", line=authlog.accepted(self.method, self.user or b"", host, port, key))
         userauth.SSHUserAuthServer._cbFinishedAuth(self, result)
         self.transport.authenticated_now(key=self.method == b"publickey")
 
