@@ -36,8 +36,10 @@ tunnel were (w0 = the twistd process).
 Echo: one long-lived `cat` session per path; write a short line, wait for its
 echo, N times; p50/p99 of the round trips. Bulk: `head -c SIZE /dev/zero`,
 MB/s from the first byte to EOF. Paths alternate (order flipped every repeat).
+Echo CPU: the server's CPU per round trip (the hub's processes, or the
+rendezvous sshd's), from the first timed round trip to the last.
 `--profile DIR` records every hub process with py-spy during the hub paths'
-bulk transfers (bench/stacks.py summarizes).
+echo round trips (`*-echo-I.txt`) and bulk transfers (bench/stacks.py summarizes).
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ PATHS = ("direct", "gateway", "sshd-nested", "jump", "sshd-jump")
 PEERS = {"gateway": "sshd-nested", "jump": "sshd-jump"}
 MIB = 1 << 20
 # Kept run by run in the JSON (the summary's medians take their names).
-PER_RUN = ("bulk_mb_per_s", "server_cpu_ms_per_mib", "chain_cpu_ms_per_mib")
+PER_RUN = ("bulk_mb_per_s", "server_cpu_ms_per_mib", "chain_cpu_ms_per_mib", "echo_cpu_us")
 IO_TIMEOUT = 60.0
 
 
@@ -139,6 +141,8 @@ class Result:
     path: str
     workers: int = 1
     rtt_us: list[float] = field(factory=list)
+    # The server's CPU per echo round trip, per run (none for direct).
+    echo_cpu_us: list[float] = field(factory=list)
     bulk_mb_per_s: list[float] = field(factory=list)
     bulk_ok: bool = True
     server_cpu_ms_per_mib: list[float] = field(factory=list)
@@ -152,6 +156,7 @@ class Result:
                 "p90_us": round(percentile(self.rtt_us, 90), 1),
                 "p99_us": round(percentile(self.rtt_us, 99), 1),
                 "max_us": round(max(self.rtt_us, default=0.0), 1),
+                "echo_cpu_us": median(self.echo_cpu_us),
                 "bulk_mb_per_s": median(self.bulk_mb_per_s),
                 "server_cpu_ms_per_mib": median(self.server_cpu_ms_per_mib),
                 "chain_cpu_ms_per_mib": median(self.chain_cpu_ms_per_mib)}
@@ -199,12 +204,20 @@ class Pipe:
             os.close(self.rfd)
 
 
-def echo(site: Site, path: str, count: int, log: Path) -> list[float]:
-    """`count` round trips of a 9-byte line through `cat` on the device, in microseconds."""
+def echo(site: Site, path: str, count: int, log: Path, profile: Path | None = None
+         ) -> tuple[list[float], float]:
+    """`count` round trips of a 9-byte line through `cat` on the device, in
+    microseconds, and the server's CPU seconds for them (the login excluded);
+    py-spy of every hub process into `profile`-I.txt meanwhile, if given."""
     pipe = Pipe(site.command(path, "cat"), log)
+    spies: list[PySpy] = []
     try:
         os.write(pipe.wfd, b"warmup\n")
         pipe.expect(b"warmup\n")
+        if profile is not None:
+            spies = [PySpy(pid, profile.with_name(f"{profile.name}-{i}.txt"))
+                     for i, pid in enumerate(site.hub.pids())]
+        cpu = site.server_cpu(path)
         rtts = []
         for i in range(count):
             line = b"%08d\n" % i
@@ -212,8 +225,10 @@ def echo(site: Site, path: str, count: int, log: Path) -> list[float]:
             os.write(pipe.wfd, line)
             pipe.expect(line)
             rtts.append((time.perf_counter() - start) * 1e6)
-        return rtts
+        return rtts, site.server_cpu(path) - cpu
     finally:
+        for spy in spies:
+            spy.close()
         pipe.close()
 
 
@@ -307,8 +322,11 @@ def measure(site: Site, path: str, args: argparse.Namespace, result: Result,
             log: Path) -> None:
     if args.quiet_wait > 0:
         result.load_before.append(round(wait_quiet(args.quiet_below, args.quiet_wait), 2))
-    result.rtt_us += echo(site, path, args.round_trips, log)
     name = f"gateway-w{site.workers}-{path}-{len(result.bulk_mb_per_s)}"
+    rtts, cpu = echo(site, path, args.round_trips, log,
+                     args.profile / f"{name}-echo" if args.profile and path in PEERS else None)
+    result.rtt_us += rtts
+    result.echo_cpu_us.append(round(cpu * 1e6 / args.round_trips, 1))
     spies = [PySpy(pid, args.profile / f"{name}-{i}.txt")
              for i, pid in enumerate(site.hub.pids())] if args.profile and path in PEERS else []
     try:
@@ -324,6 +342,7 @@ def measure(site: Site, path: str, args: argparse.Namespace, result: Result,
         result.placement.append(done.placement)
     s = result.summary()
     print(f"  w{site.workers} {path:11} p50 {s['p50_us']:7.0f} us  p99 {s['p99_us']:7.0f} us  "
+          f"echo CPU {result.echo_cpu_us[-1]:5.0f} us  "
           f"bulk {done.mb_per_s:6.0f} MB/s  {done.server_cpu_s * 1000 / args.size:5.2f} ms/MiB  "
           f"chain {done.chain_cpu_s * 1000 / args.size:5.2f}"
           f"{'' if done.complete else '  SHORT'}  {done.placement}", file=sys.stderr, flush=True)
@@ -375,7 +394,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated hub --workers counts, a fresh hub (and the sshd "
                         "paths again) for each (default 1,2)")
     p.add_argument("--profile", type=Path, metavar="DIR",
-                   help="py-spy every hub process during the hub paths' bulk into DIR")
+                   help="py-spy every hub process during the hub paths' echo and bulk into DIR")
     p.add_argument("--quick", action="store_true", help="200 round trips, 16 MiB, 1 run")
     p.add_argument("--full", action="store_true", help="10000 round trips, 512 MiB, 3 runs")
     add_common_options(p)
@@ -430,7 +449,8 @@ def block_table(results: list[Result], workers: int) -> list[str]:
     direct = by["direct"]
     lines = [f"hub --workers {workers}",
              f"{'path':11} {'p50 us':>8} {'p99 us':>8} {'added p50':>10} {'added p99':>10} "
-             f"{'bulk MB/s':>10} {'vs direct':>9} {'ms/MiB':>7} {'chain':>6} {'ceiling':>8}"]
+             f"{'echo CPU us':>11} {'bulk MB/s':>10} {'vs direct':>9} {'ms/MiB':>7} "
+             f"{'chain':>6} {'ceiling':>8}"]
     for r in results:
         s = by[r.path]
         added = r.path != "direct"
@@ -438,16 +458,19 @@ def block_table(results: list[Result], workers: int) -> list[str]:
             f"{r.path:11} {s['p50_us']:8.0f} {s['p99_us']:8.0f} "
             f"{s['p50_us'] - direct['p50_us'] if added else 0:10.0f} "
             f"{s['p99_us'] - direct['p99_us'] if added else 0:10.0f} "
-            f"{s['bulk_mb_per_s']:10.0f} {ratio(s['bulk_mb_per_s'], direct['bulk_mb_per_s']):>9} "
+            f"{s['echo_cpu_us']:11.0f} {s['bulk_mb_per_s']:10.0f} "
+            f"{ratio(s['bulk_mb_per_s'], direct['bulk_mb_per_s']):>9} "
             f"{s['server_cpu_ms_per_mib'] if added else 0:7.2f} "
             f"{s['chain_cpu_ms_per_mib']:6.2f} {ceiling(s['chain_cpu_ms_per_mib']):8.0f}"
             f"{'' if r.bulk_ok else '  SHORT'}")
-    lines.append(f"{'hub / sshd':21} {'bulk MB/s':>9} {'p50':>6} {'p99':>6} {'ms/MiB':>7}")
+    lines.append(f"{'hub / sshd':21} {'bulk MB/s':>9} {'p50':>6} {'p99':>6} {'ms/MiB':>7} "
+                 f"{'echo CPU':>8}")
     for hub, sshd in PEERS.items():
         h, o = by[hub], by[sshd]
         lines.append(f"{hub + ' / ' + sshd:21} {ratio(h['bulk_mb_per_s'], o['bulk_mb_per_s']):>9} "
                      f"{ratio(h['p50_us'], o['p50_us']):>6} {ratio(h['p99_us'], o['p99_us']):>6} "
-                     f"{ratio(h['server_cpu_ms_per_mib'], o['server_cpu_ms_per_mib']):>7}")
+                     f"{ratio(h['server_cpu_ms_per_mib'], o['server_cpu_ms_per_mib']):>7} "
+                     f"{ratio(h['echo_cpu_us'], o['echo_cpu_us']):>8}")
     lines += [f"{r.path} bulk placements: {'; '.join(r.placement)}"
               for r in results if r.placement]
     return [*lines, ""]
@@ -461,7 +484,8 @@ def ratios(results: list[Result]) -> dict[str, dict[str, float]]:
         for hub, sshd in PEERS.items():
             out[f"{hub}-w{workers}"] = {
                 key: round(by[hub][key] / by[sshd][key], 3) if by[sshd][key] else 0.0
-                for key in ("bulk_mb_per_s", "p50_us", "p99_us", "server_cpu_ms_per_mib")}
+                for key in ("bulk_mb_per_s", "p50_us", "p99_us", "server_cpu_ms_per_mib",
+                            "echo_cpu_us")}
     return out
 
 

@@ -77,9 +77,17 @@ def use_hub_source(rev: str | None, workdir: Path) -> dict[str, str]:
         capture_output=True).returncode == 0 else "callhomehub"
     tree = workdir / "hub-source"
     tree.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, package, "twisted"],
+    has_setup = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{commit}:setup.py"],
+                               capture_output=True).returncode == 0
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, package, "twisted",
+                              *(["setup.py"] if has_setup else [])],
                              capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    if has_setup:
+        # The revision's C extensions, as `pip install -e` builds them for the work
+        # tree: without them the export would run their slower pure-Python twins.
+        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+                       cwd=tree, capture_output=True, check=False)
     (tree / "sitecustomize.py").write_text(
         "import os, sys\n"
         f"sys.path[:] = [p for p in sys.path if os.path.realpath(p or '.') != {str(ROOT)!r}]\n")
