@@ -10,12 +10,15 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, formatEvent
+from zope.interface import implementer
 
 from hub.intake.backlog import Backlog
 from hub.intake.commandfile import CommandFileWriter
 from hub.intake.monitoring import STORE_INTERVAL, Monitoring, NSCAChannel, status
 from hub.intake.nsca import PACKET_SIZE, CheckResult
 from hub.intake.settings import NSCASettings
+from hub.ssh.iogroup import InputRound
+from hub.ssh.sink import IPacketSink
 from hub.store.registry import Registry
 
 
@@ -221,6 +224,7 @@ class WindowLog:
     def __init__(self) -> None:
         self.granted: list[int] = []
         self.sent = b""
+        self.close_sent = False
         self.transport = StringTransport()
 
     def adjustWindow(self, channel: object, n: int) -> None:
@@ -228,6 +232,9 @@ class WindowLog:
 
     def sendData(self, channel: object, data: bytes) -> None:
         self.sent += data
+
+    def sendClose(self, channel: object) -> None:
+        self.close_sent = True
 
 
 def test_an_in_tunnel_sender_gets_no_window_while_the_backlog_is_full(tmp_path: Path) -> None:
@@ -247,6 +254,56 @@ def test_an_in_tunnel_sender_gets_no_window_while_the_backlog_is_full(tmp_path: 
     calls.run_next()
     assert conn.granted == [2 * PACKET_SIZE, 3 * PACKET_SIZE]
     assert len(monitoring.registry.query("SELECT id FROM results")) == 5
+
+
+@implementer(IPacketSink)
+class ReadingTransport(StringTransport):
+    """An SSH transport in the middle of a read: what is to run once the read is
+    dispatched (`callAfterInput`) runs at `end_read`, as the hub's transport does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.round = InputRound()
+        self.round.depth = 1
+
+    def callAfterInput(self, action: Callable[[], object]) -> bool:
+        return self.round.defer(action)
+
+    def end_read(self) -> None:
+        self.round.depth = 0
+        self.round.run()
+
+
+def test_the_results_of_one_read_go_to_the_intake_together_at_its_end(
+        tmp_path: Path) -> None:
+    monitoring, calls, clock = _held_intake(tmp_path, limit=100)
+    channel = NSCAChannel(monitoring, "site-a", "site-a", localWindow=8 * PACKET_SIZE,
+                          remoteWindow=1 << 20, remoteMaxPacket=32768)
+    channel.conn = conn = WindowLog()
+    conn.transport = reading = ReadingTransport()
+    channel.channelOpen(b"")
+    data = _results(5, iv=conn.sent[:128])
+    packet = bytearray(PACKET_SIZE)  # the transport's packet buffer, reused
+    for i in range(3):  # one read of three packets
+        packet[:] = data[i * PACKET_SIZE:(i + 1) * PACKET_SIZE]
+        with memoryview(packet) as view:
+            channel.dataReceived(view)
+        packet[:] = bytes(PACKET_SIZE)  # a view is valid during the call only
+    assert monitoring.backlog.size == 0 and conn.granted == []
+    reading.end_read()
+    assert monitoring.backlog.size == 3
+    assert conn.granted == [3 * PACKET_SIZE]  # a quarter window or more: granted
+    # Two more in the next read, then EOF in the same read: EOF waits for them.
+    reading.round.depth = 1
+    channel.dataReceived(data[3 * PACKET_SIZE:4 * PACKET_SIZE])
+    channel.dataReceived(data[4 * PACKET_SIZE:])
+    channel.eofReceived()
+    assert monitoring.backlog.size == 5 and conn.close_sent
+    reading.end_read()
+    clock.advance(STORE_INTERVAL)
+    calls.run_next()
+    assert sorted(s.service for s in status(monitoring.registry)) == [
+        f"svc{i}" for i in range(5)]
 
 
 def test_a_large_batch_keeps_every_checks_history_bounded(registry_at: str) -> None:

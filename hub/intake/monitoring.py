@@ -31,6 +31,7 @@ from hub.intake.protocol import NSCAServerFactory, NSCAServerProtocol
 from hub.intake.settings import NSCASettings
 from hub.rules.throttle import OncePer
 from hub.ssh.channels import WINDOW
+from hub.ssh.sink import IPacketSink, sink_for
 from hub.store.offthread import InlineCalls, RegistryCalls
 from hub.store.registry import Registry
 from hub.tunnel.descriptors import DescriptorReserve
@@ -251,12 +252,16 @@ class NSCAChannel(ProtocolChannel):
     """A `direct-tcpip` channel to localhost:5667, answered by the in-process intake.
 
     It grants SSH window itself (`manages_window`), for the bytes the intake
-    took, and none while the intake's backlog is full: the sender then waits."""
+    took, and none while the intake's backlog is full: the sender then waits.
+    The packets that one read of the SSH connection carried go to the intake
+    together, once the read is dispatched: `ssh -L` sends each read of
+    `send_nsca`'s socket, one result, as a packet of its own, and the intake's
+    work per call (deadline, decoder, backlog check) was paid per result."""
 
     name = b"direct-tcpip"
     manages_window = True
     # Its data may come as a view of the transport's packet buffer, valid during
-    # dataReceived only: the decoder copies what it keeps into its own buffer.
+    # dataReceived only: what waits for the end of the read is a copy.
     data_views = True
 
     def __init__(self, monitoring: Monitoring, node: str, actor: str, **kw: Any) -> None:
@@ -266,14 +271,42 @@ class NSCAChannel(ProtocolChannel):
             peer=actor, on_reject=monitoring.counts.reject, backlog=monitoring.backlog)
         self._unacked = 0
         self._held = False
+        # The data of this read so far, fed to the intake when the read ends.
+        self._read: bytearray | None = None
+        self._sink: IPacketSink | None = None
 
     def channelOpen(self, specificData: bytes) -> None:
         self.protocol.makeConnection(PausableChannelTransport(self))
 
     def dataReceived(self, data: bytes) -> None:
-        ProtocolChannel.dataReceived(self, data)
+        if self._read is not None:
+            self._read += data
+            return
+        sink = self._sink
+        if sink is None:
+            sink = self._sink = sink_for(self.conn.transport)
+        if sink.callAfterInput(self._endOfRead):
+            self._read = bytearray(data)
+        else:  # not inside a read of the transport: at once
+            self._take(data)
+
+    def _endOfRead(self) -> None:
+        read, self._read = self._read, None
+        if read is not None:
+            self._take(memoryview(read))
+
+    def _take(self, data: bytes | memoryview) -> None:
+        self.protocol.dataReceived(data)
         self._unacked += len(data)
         self._grant()
+
+    def eofReceived(self) -> None:
+        self._endOfRead()
+        ProtocolChannel.eofReceived(self)
+
+    def closed(self) -> None:
+        self._endOfRead()
+        ProtocolChannel.closed(self)
 
     def _grant(self) -> None:
         # In batches of a quarter window, as OpenSSH does, not per packet.
