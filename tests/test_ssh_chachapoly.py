@@ -100,9 +100,10 @@ def test_in_pieces_then_whole(size: int) -> None:
 
 @needs_c
 @pytest.mark.parametrize("where", [4, 5, -17, -1])
-def test_tampering_is_a_mac_error(where: int) -> None:
+@pytest.mark.parametrize("size", [8, 5000, 20000])  # one C call, C tag, OpenSSL's tag
+def test_tampering_is_a_mac_error(where: int, size: int) -> None:
     key = os.urandom(64)
-    wire = bytearray(ChaCha20Poly1305Protection(CHACHA20_POLY1305, key).seal(9, b"hi there"))
+    wire = bytearray(ChaCha20Poly1305Protection(CHACHA20_POLY1305, key).seal(9, b"h" * size))
     wire[where] ^= 0x01
     with pytest.raises(PacketError) as caught:
         ChaCha20Poly1305Protection(CHACHA20_POLY1305, key).openFrom(9, bytes(wire), 0)
@@ -212,3 +213,38 @@ def test_bulk_packets_stay_with_openssl_once_the_buffer_has_grown() -> None:
     counting = receiver._main = CountingCipher(receiver._main)  # type: ignore[assignment]
     assert receiver.openFrom(3, small, 0) is not None
     assert counting.calls == 0  # and a small one goes through C
+
+
+@needs_c
+def test_a_mid_sized_packets_tag_comes_from_c() -> None:
+    # An in-tunnel NSCA result (4.3 KB) is above the one-call path; its tag is the C
+    # Poly1305's up to C_TAG bytes, cryptography's above.
+    key = os.urandom(64)
+    sender = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key)
+    receiver = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key)
+    openssl = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key, small=False)
+    calls: list[str] = []
+    real = packet.Poly1305
+
+    class Counting:
+        @staticmethod
+        def generate_tag(key: bytes, data: bytes) -> bytes:
+            calls.append("generate")
+            return real.generate_tag(key, data)
+
+        @staticmethod
+        def verify_tag(key: bytes, data: bytes, tag: bytes) -> None:
+            calls.append("verify")
+            real.verify_tag(key, data, tag)
+
+    for n, size in enumerate((4304, ChaCha20Poly1305Protection.C_TAG + 100)):
+        data = os.urandom(size)
+        packet.Poly1305 = Counting  # type: ignore[assignment,misc]
+        try:
+            wire = bytes(sender.sealInto(n, b"\x5e", data))
+            assert receiver.openFrom(n, wire, 0) is not None
+        finally:
+            packet.Poly1305 = real  # type: ignore[misc]
+        opened = openssl.openFrom(n, wire, 0)  # OpenSSL's Poly1305 agrees
+        assert opened is not None and bytes(opened[0]) == b"\x5e" + data
+        assert calls == ([] if n == 0 else ["generate", "verify"])

@@ -23,6 +23,7 @@ the next call in the same direction.
 
 from __future__ import annotations
 
+import hmac
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -66,8 +67,9 @@ __all__ = [
 
 try:
     from hub.ssh._chachapoly import ChaChaPoly as _SmallPackets
+    from hub.ssh._chachapoly import poly1305 as _poly1305
 except ImportError:  # not built (setup.py): OpenSSL seals and opens every packet
-    _SmallPackets = None
+    _SmallPackets = _poly1305 = None
 
 _UINT32 = struct.Struct("!L")
 # The padding_length byte for each possible padding.
@@ -321,7 +323,10 @@ class ChaCha20Poly1305Protection(Framed):
     built: the same construction in C, where OpenSSL's calls above cost
     12-15 us of CPU for a packet of a few bytes (a Poly1305 key object per
     tag, and the calls' own overhead), and a short forwarded connection is
-    eight such packets.  Bulk packets stay with OpenSSL's faster vector code.
+    eight such packets.  Bulk packets stay with OpenSSL's faster vector code,
+    their tag too above L{C_TAG} bytes; up to it the C Poly1305 makes the tag
+    (an in-tunnel NSCA result is one packet of 4.3 KB: 3.8 us against 6.6 for
+    cryptography's, which sets up a key and context per tag).
     C{small=False} uses OpenSSL for every packet (the tests compare the two).
     """
 
@@ -331,6 +336,8 @@ class ChaCha20Poly1305Protection(Framed):
     SMALL_PACKET = 4096
     # What an idle connection's receive scratch buffer holds anyway: a page.
     SMALL_START = 1024
+    # Up to here (the encrypted length and body) the C Poly1305 is the faster.
+    C_TAG = 8192
     _IV = struct.Struct("!8xQ")
     _BLOCK0 = bytes(64)
 
@@ -392,7 +399,10 @@ class ChaCha20Poly1305Protection(Framed):
         self._header.update_into(_UINT32.pack(length), wire[:4])
         self._startBody(iv)
         self._main.update_into(body, wire[4:end])
-        wire[end:total] = Poly1305.generate_tag(self._polyKey, wire[:end])
+        if self._small is not None and end <= self.C_TAG:
+            wire[end:total] = _poly1305(self._polyKey, wire[:end])
+        else:
+            wire[end:total] = Poly1305.generate_tag(self._polyKey, wire[:end])
         return wire[:total]
 
     def openFrom(self, seqnr: int, buf: Bytes, pos: int) -> tuple[memoryview, int] | None:
@@ -443,11 +453,17 @@ class ChaCha20Poly1305Protection(Framed):
         plain = self._plain.take(packet_length)[:packet_length]
         self._startBody(iv)
         with memoryview(buf) as view:
-            try:
-                Poly1305.verify_tag(
-                    self._polyKey, view[pos:end], view[end : pos + need].tobytes()
-                )
-            except InvalidSignature:
-                raise PacketError(DISCONNECT_MAC_ERROR, b"bad MAC") from None
+            if self._small is not None and end - pos <= self.C_TAG:
+                if not hmac.compare_digest(
+                    _poly1305(self._polyKey, view[pos:end]), view[end : pos + need]
+                ):
+                    raise PacketError(DISCONNECT_MAC_ERROR, b"bad MAC")
+            else:
+                try:
+                    Poly1305.verify_tag(
+                        self._polyKey, view[pos:end], view[end : pos + need].tobytes()
+                    )
+                except InvalidSignature:
+                    raise PacketError(DISCONNECT_MAC_ERROR, b"bad MAC") from None
             self._main.update_into(view[pos + 4 : end], plain)
         return unframeBody(plain), need
