@@ -104,7 +104,11 @@ class HubProcess:
 
         # A hub that exits is reported at once; one still starting on a machine
         # loaded ten-fold (key generation, imports) is given its time.
-        wait_for(listening, 60, "the hub to listen")
+        try:
+            wait_for(listening, 60, "the hub to listen")
+        except BaseException:
+            self.stop()  # not left running behind the failed test
+            raise
         return self
 
     def listeners(self) -> list[str]:
@@ -296,7 +300,11 @@ class DeviceSSHD:
             with socket.socket() as s:
                 return s.connect_ex(("127.0.0.1", self.port)) == 0
 
-        wait_for(listening, 10, "sshd to listen")
+        try:
+            wait_for(listening, 10, "sshd to listen")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
