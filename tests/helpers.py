@@ -260,12 +260,13 @@ class DeviceSSHD:
                                 else Path(k).read_text() for k in authorized))
         auth.chmod(0o600)
         self.config = self.dir / "sshd_config"
-        # The device's shells start in a home of their own: the machine's root
-        # dotfiles (a .bashrc running `pyenv rehash`, say) stay out of the tests.
-        # sshd takes its first SetEnv line only: the caller's variables join this one.
+        # root's shells on the device start in a home of their own: the machine's
+        # root dotfiles (a .bashrc running `pyenv rehash`, say) stay out of the tests.
+        # Other users (enroll's) keep theirs. sshd takes the first SetEnv that applies,
+        # so the caller's global variables go into both Match blocks, after its own.
         home = self.dir / "home"
         home.mkdir(exist_ok=True)
-        setenv = [f"HOME={home}"]
+        setenv: list[str] = []
         lines = []
         for line in extra_config.splitlines(keepends=True):
             if line.startswith("SetEnv "):
@@ -273,9 +274,13 @@ class DeviceSSHD:
             else:
                 lines.append(line)
         extra_config = "".join(lines)
+        if extra_config and not extra_config.endswith("\n"):
+            extra_config += "\n"
+        extra_config += f"Match User root\n  SetEnv HOME={' '.join([str(home), *setenv])}\n"
+        if setenv:
+            extra_config += f"Match all\n  SetEnv {' '.join(setenv)}\n"
         self.config.write_text(
             f"ListenAddress 127.0.0.1:{self.port}\n"
-            f"SetEnv {' '.join(setenv)}\n"
             f"HostKey {self.host_key}\n"
             f"AuthorizedKeysFile {auth}\n"
             f"PidFile {self.dir / 'sshd.pid'}\n"
