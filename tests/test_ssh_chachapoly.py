@@ -206,9 +206,11 @@ def test_bulk_packets_stay_with_openssl_once_the_buffer_has_grown() -> None:
     for n in range(3):
         wire = bytes(sender.sealInto(n, b"\x5e", os.urandom(32768)))
         counting = receiver._main = CountingCipher(receiver._main)  # type: ignore[assignment]
+        header = receiver._header = CountingCipher(receiver._header)  # type: ignore[assignment]
         assert receiver.openFrom(n, wire, 0) is not None
         assert counting.calls == 2  # the Poly1305 key block, then the body
-        receiver._main = counting.real
+        assert header.calls == 0  # the length, decrypted by the C path, not again
+        receiver._main, receiver._header = counting.real, header.real
     small = bytes(sender.sealInto(3, b"\x5e", b"x" * 100))
     counting = receiver._main = CountingCipher(receiver._main)  # type: ignore[assignment]
     assert receiver.openFrom(3, small, 0) is not None

@@ -159,17 +159,11 @@ class RekeyMeter:
 
     def sent(self, nbytes: int) -> bool:
         """
-        Count a packet sent; whether a rekey is due now (L{due}, inline:
-        this runs once per packet).
+        Count a packet sent; whether a rekey is due now (L{due}).
         """
         self.bytesOut += nbytes
         self.packetsOut += 1
-        return (
-            self.bytesOut >= self.limit
-            or self.bytesIn >= self.limit
-            or self.packetsOut >= self._maxPackets
-            or self.packetsIn >= self._maxPackets
-        )
+        return self.due
 
     def received(self, nbytes: int) -> None:
         self.bytesIn += nbytes

@@ -428,6 +428,7 @@ class ChaCha20Poly1305Protection(Framed):
                 return None  # not even the length yet
             packet_length = -1 - got
             checkLength(packet_length, 8, True)
+            self._pending = (seqnr, packet_length)  # the length is not decrypted again
             if len(buf) - pos < packet_length + 20:
                 self.wanted = packet_length + 20
                 return None

@@ -242,10 +242,7 @@ class PacketIOMixin(_Base):
         if self._disconnectSent:
             return
         if data:
-            ciphers = self.currentEncryptions
-            if not isinstance(ciphers, ModernSSHCiphers):  # _currentCiphers, inline
-                ciphers = self._currentCiphers()
-            self._input.append(data, ciphers.inbound.wanted)
+            self._input.append(data, self._currentCiphers().inbound.wanted)
         # Conch's loop, less a copy per packet: the payload is copied
         # once, from the decrypted packet, into the bytes dispatched.
         while (payload := self._nextPayload()) is not None:

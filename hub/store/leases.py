@@ -24,6 +24,7 @@ T = TypeVar("T")
 LEASE_ACTIVE = ("UPDATE leases SET active = ? WHERE service = ?"
                 " AND node_id = (SELECT id FROM nodes WHERE name = ?)")
 
+
 class LeaseRecords:
     """Leases; every method is one transaction of the registry."""
 

@@ -70,11 +70,7 @@ class OpenNotice:
         if self._opened is None:
             self._opened = defer.Deferred()
             if self._outcome is not None:
-                ok, value = self._outcome
-                if ok:
-                    self._opened.callback(value)
-                else:
-                    self._opened.errback(value)
+                self._notify(*self._outcome)
         return self._opened
 
     def notify_open(self) -> None:
