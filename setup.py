@@ -1,5 +1,5 @@
 """The C part of the build: the NSCA decoder's packet unpacking (hub/intake/_nsca.c) and
-chacha20-poly1305@openssh.com SSH packets in one call each (hub/ssh/_chachapoly.c).
+chacha20-poly1305@openssh.com SSH packets in one call each (hub/ssh/_packets.c).
 
 Everything else is in pyproject.toml. It takes a C compiler, the Python headers,
 zlib's and OpenSSL's (Debian: gcc, python3-dev, which brings zlib1g-dev, and
@@ -13,5 +13,5 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("hub.intake._nsca", ["hub/intake/_nsca.c"], libraries=["z"],
                              optional=True),
-                   Extension("hub.ssh._chachapoly", ["hub/ssh/_chachapoly.c"],
+                   Extension("hub.ssh._packets", ["hub/ssh/_packets.c"],
                              libraries=["crypto"], optional=True)])

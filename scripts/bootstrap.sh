@@ -46,7 +46,7 @@ python_env() {  # python_env EXTRAS
         \( -name pyproject.toml -o -name setup.py -o -name '*.c' \) -newer "$stamp" -print -quit)
     if [ ! -f "$stamp" ] || [ -n "$newer" ]; then
         echo "bootstrap: installing Python packages into $VENV" >&2
-        # OpenSSL's headers for hub/ssh/_chachapoly.c (setup.py builds without it, slower).
+        # OpenSSL's headers for hub/ssh/_packets.c (setup.py builds without it, slower).
         [ -f /usr/include/openssl/evp.h ] || apt_install libssl-dev:/nonexistent
         "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
         if ! "$VENV/bin/pip" install --disable-pip-version-check -e "$ROOT$extras" \

@@ -1,4 +1,4 @@
-"""chacha20-poly1305@openssh.com's one-call path in C (hub/ssh/_chachapoly.c) against
+"""chacha20-poly1305@openssh.com's one-call path in C (hub/ssh/_packets.c) against
 the same construction through cryptography, which is its twin when it is not built:
 Poly1305 tags, sealed packets byte for byte, and opening either one's packets, whole,
 in pieces, tampered with, and at every size (small, bulk, larger than the scratch
@@ -21,13 +21,13 @@ from hub.ssh.ciphers import CHACHA20_POLY1305
 from hub.ssh.packet import DISCONNECT_MAC_ERROR, ChaCha20Poly1305Protection, PacketError
 
 try:
-    from hub.ssh import _chachapoly
+    from hub.ssh import _packets
 except ImportError:  # not built: the packet layer uses OpenSSL alone
-    _chachapoly = None  # type: ignore[assignment]
+    _packets = None  # type: ignore[assignment]
 
-needs_c = pytest.mark.skipif(_chachapoly is None, reason="C extension not built (no compiler)")
+needs_c = pytest.mark.skipif(_packets is None, reason="C extension not built (no compiler)")
 # Where the C path changes course: Poly1305 by the C code up to 512 bytes and by
-# OpenSSL above (DONNA_MAX in _chachapoly.c), and where a packet no longer fits
+# OpenSSL above (DONNA_MAX in _packets.c), and where a packet no longer fits
 # an idle connection's scratch buffer (a page) and it is grown.
 DONNA_MAX = 512
 PAGE = 4096
@@ -37,7 +37,7 @@ def pair(key: bytes, padding: bytes) -> tuple[ChaCha20Poly1305Protection,
                                               ChaCha20Poly1305Protection]:
     """The C path and OpenSSL's for `key`, both padding with the same bytes."""
     c = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key)
-    ossl = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key, small=False)
+    ossl = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key, native=False)
     for p in (c, ossl):
         p._padding = PaddingPool(lambda n: padding * (n // len(padding) + 1))
     return c, ossl
@@ -45,16 +45,16 @@ def pair(key: bytes, padding: bytes) -> tuple[ChaCha20Poly1305Protection,
 
 @needs_c
 def test_the_c_path_is_used_when_built() -> None:
-    assert packet._CPackets is not None
+    assert packet._CChaChaPoly is not None
     assert ChaCha20Poly1305Protection(CHACHA20_POLY1305, DRAFT_KEY)._c is not None
-    assert ChaCha20Poly1305Protection(CHACHA20_POLY1305, DRAFT_KEY, small=False)._c is None
+    assert ChaCha20Poly1305Protection(CHACHA20_POLY1305, DRAFT_KEY, native=False)._c is None
 
 
 @needs_c
 @settings(max_examples=400)
 @given(st.binary(min_size=32, max_size=32), st.binary(max_size=300))
 def test_poly1305_matches_cryptography(key: bytes, message: bytes) -> None:
-    assert _chachapoly.poly1305(key, message) == Poly1305.generate_tag(key, message)
+    assert _packets.poly1305(key, message) == Poly1305.generate_tag(key, message)
 
 
 @needs_c
@@ -64,7 +64,7 @@ def test_poly1305_matches_cryptography(key: bytes, message: bytes) -> None:
 def test_poly1305_edge_values(key: bytes, size: int) -> None:
     # All-ones keys and messages drive the accumulator next to 2^130 - 5.
     for message in (b"\xff" * size, bytes(size), os.urandom(size)):
-        assert _chachapoly.poly1305(key, message) == Poly1305.generate_tag(key, message)
+        assert _packets.poly1305(key, message) == Poly1305.generate_tag(key, message)
 
 
 @needs_c
@@ -95,7 +95,7 @@ def test_seal_and_open_agree_with_openssl(key: bytes, seqnr: int, head: bytes, d
 @pytest.mark.parametrize("size", [10, DONNA_MAX + 100, PAGE + 100, 40000])
 def test_in_pieces_then_whole(size: int) -> None:
     key = os.urandom(64)
-    wire = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key, small=False).seal(3, b"x" * size)
+    wire = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key, native=False).seal(3, b"x" * size)
     receiver = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key)
     for cut in (0, 3, 4, 20, len(wire) - 1):
         assert receiver.openFrom(3, wire[:cut], 0) is None
@@ -158,7 +158,7 @@ def opened_memory(key: bytes, wires: list[bytes], small: bool) -> int:
     """Bytes a receiving protection holds once it has opened `wires`."""
     tracemalloc.start()
     try:
-        receiver = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key, small=small)
+        receiver = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key, native=small)
         for n, wire in enumerate(wires):
             assert receiver.openFrom(n, wire, 0) is not None
         return tracemalloc.get_traced_memory()[0]

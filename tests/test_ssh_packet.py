@@ -142,7 +142,7 @@ class TestChaCha20Poly1305:
 
     @pytest.mark.parametrize("c", [True, False])  # the C path (when built), cryptography's
     def test_seal_matches_published_vector(self, c: bool) -> None:
-        protection = ChaCha20Poly1305Protection(CHACHA20_POLY1305, DRAFT_KEY, small=c)
+        protection = ChaCha20Poly1305Protection(CHACHA20_POLY1305, DRAFT_KEY, native=c)
         assert protection.sealBody(7, DRAFT_BODY) == DRAFT_WIRE
 
     def test_open_published_vector(self) -> None:

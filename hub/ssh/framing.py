@@ -158,8 +158,11 @@ class HMACAlgorithm:
     def __init__(self, digestmod: Callable[..., Any], key: bytes) -> None:
         digest = digestmod()
         self.size: int = digest.digest_size
+        # The hash's name and the key, for hub.ssh._packets.EtM.
+        self.digestName: str = digest.name
         # SSH uses exactly digest-size keys (RFC 4253 section 7.2).
-        self._keyed = HMAC(key[: self.size], _HASHES[digest.name]())
+        self.key = key[: self.size]
+        self._keyed = HMAC(self.key, _HASHES[digest.name]())
 
     def mac(self, seqnr: int, data: Bytes) -> bytes:
         h = self._keyed.copy()
@@ -182,9 +185,16 @@ class Framed:
     """
     L{seal} and L{open} in terms of L{sealInto} and L{openFrom}, and the
     buffers they use.
+
+    @ivar _c: the object of C{hub.ssh._packets} that seals and opens the
+        packets, if it does (its C{open_into} is what L{_openWithC} calls).
     """
 
     wanted = 0
+    _c: Any = None
+    # The receive scratch buffer of an idle connection: a page.  It grows to
+    # the largest packet received.
+    SCRATCH_START = 1024
 
     def __init__(self) -> None:
         self._padding = PaddingPool()
@@ -198,6 +208,34 @@ class Framed:
 
     def openFrom(self, seqnr: int, buf: Bytes, pos: int) -> tuple[memoryview, int] | None:
         raise NotImplementedError
+
+    def _openWithC(
+        self, seqnr: int, buf: Bytes, pos: int, tagSize: int
+    ) -> tuple[memoryview, int] | None:
+        """
+        L{openFrom} by C{self._c}, for a packet whose length is in clear (or
+        decrypted by C{self._c}) and whose tag is C{tagSize} bytes: into the
+        scratch buffer as it is, grown and tried again for a whole packet
+        larger than it (the length is read again: 0.1 us).
+        """
+        c = self._c
+        plain = self._plain.take(self.SCRATCH_START)
+        got = c.open_into(seqnr, buf, pos, plain)
+        if got is not None and got < 0:  # -1 - packet_length: check it, then wait or grow
+            packet_length = -1 - got
+            checkLength(packet_length, self.blockSize, True)  # type: ignore[attr-defined]
+            need = 4 + packet_length + tagSize
+            if len(buf) - pos < need:
+                self.wanted = need
+                return None
+            plain = self._plain.take(packet_length)
+            got = c.open_into(seqnr, buf, pos, plain)
+        if got is None:
+            raise PacketError(DISCONNECT_MAC_ERROR, b"bad MAC")
+        if not got:
+            return None  # not even the length yet
+        self.wanted = 0
+        return unframeBody(plain[:got]), 4 + got + tagSize
 
     def seal(self, seqnr: int, payload: bytes) -> bytes:
         return self.sealInto(seqnr, b"", payload).tobytes()

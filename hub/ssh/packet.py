@@ -65,9 +65,10 @@ __all__ = [
 ]
 
 try:
-    from hub.ssh._chachapoly import ChaChaPoly as _CPackets
+    from hub.ssh._packets import ChaChaPoly as _CChaChaPoly
+    from hub.ssh._packets import EtM as _CEtM
 except ImportError:  # not built (setup.py): cryptography seals and opens every packet
-    _CPackets = None
+    _CChaChaPoly = _CEtM = None
 
 _UINT32 = struct.Struct("!L")
 # The padding_length byte for each possible padding.
@@ -169,19 +170,34 @@ class EncryptThenMAC(Framed):
     OpenSSH's C{*-etm@openssh.com} MACs: the length travels in clear, the
     rest is encrypted, and the MAC covers C{seqnr || length || ciphertext},
     so nothing is decrypted before it is authenticated.
+
+    AES-CTR with an HMAC goes through C{hub.ssh._packets.EtM} when it was
+    built (C{native=False} or another cipher: cryptography): one C call per
+    packet, where cryptography takes three cipher calls and four for the
+    HMAC (its copy, two updates, its end).
     """
 
-    def __init__(self, name: bytes, cipher: Cipher[Any], mac: HMACAlgorithm) -> None:
+    def __init__(
+        self, name: bytes, cipher: Cipher[Any], mac: HMACAlgorithm, native: bool = True
+    ) -> None:
         super().__init__()
         self.name = name
         self._mac = mac
         self._macSize = mac.size
         self.blockSize = max(8, cipher.algorithm.block_size // 8)  # type: ignore[attr-defined]
-        self._enc = cipher.encryptor()
-        self._dec = cipher.decryptor()
         # A stream (CTR) is encrypted piece by piece straight into the wire
         # buffer; a block mode needs the framed plaintext in one piece.
         self._stream = isinstance(cipher.mode, modes.CTR)
+        if (
+            native
+            and _CEtM is not None
+            and isinstance(cipher.mode, modes.CTR)
+            and isinstance(cipher.algorithm, algorithms.AES)
+        ):
+            self._c = _CEtM(cipher.algorithm.key, cipher.mode.nonce, mac.digestName, mac.key)
+        else:
+            self._enc = cipher.encryptor()
+            self._dec = cipher.decryptor()
 
     def sealInto(
         self, seqnr: int, head: bytes, data: Bytes, out: memoryview | None = None
@@ -196,6 +212,8 @@ class EncryptThenMAC(Framed):
         end = 4 + length
         total = end + self._macSize
         wire = self._wire.take(total) if out is None else out
+        if self._c is not None:
+            return wire[: self._c.seal_into(seqnr, head, data, self._padding.take(pad), wire)]
         _UINT32.pack_into(wire, 0, length)
         if self._stream:
             # padding_length || head, then the data from where it lies (a
@@ -216,6 +234,8 @@ class EncryptThenMAC(Framed):
         return wire[:total]
 
     def openFrom(self, seqnr: int, buf: Bytes, pos: int) -> tuple[memoryview, int] | None:
+        if self._c is not None:
+            return self._openWithC(seqnr, buf, pos, self._macSize)
         if len(buf) - pos < 4:
             return None
         (packet_length,) = _UINT32.unpack_from(buf, pos)
@@ -316,31 +336,28 @@ class ChaCha20Poly1305Protection(Framed):
     number.
 
     Every packet is sealed and opened with one call of
-    C{hub.ssh._chachapoly} when it was built: OpenSSL's ChaCha20 (the
+    C{hub.ssh._packets} when it was built: OpenSSL's ChaCha20 (the
     library's vector code) driven from C as OpenSSH's own
     C{cipher-chachapoly-libcrypto.c} does, with a Poly1305 key and context
     set up once per packet in C.  Through cryptography the same packet is
     two nonce resets, three ChaCha20 calls and a Poly1305 object: 5 us of
     CPU for a packet of a few bytes against 0.7, 12.5 us for a 32 KiB one
-    against 8.  Without the extension (or with C{small=False}, which the
+    against 8.  Without the extension (or with C{native=False}, which the
     tests use to compare the two) cryptography does it all.
     """
 
     blockSize = 8
     TAG_SIZE = 16
     KEY_SIZE = 64
-    # The receive scratch buffer of an idle connection: a page.  It grows to
-    # the largest packet received.
-    SCRATCH_START = 1024
     _IV = struct.Struct("!8xQ")
     _BLOCK0 = bytes(64)
 
-    def __init__(self, name: bytes, key: bytes, small: bool = True) -> None:
+    def __init__(self, name: bytes, key: bytes, native: bool = True) -> None:
         if len(key) < self.KEY_SIZE:
             raise ValueError("chacha20-poly1305 needs 64 bytes of key")
         super().__init__()
         self.name = name
-        self._c = _CPackets(key[:64]) if small and _CPackets is not None else None
+        self._c = _CChaChaPoly(key[:64]) if native and _CChaChaPoly is not None else None
         if self._c is None:
             zero = bytes(16)
             self._main = Cipher(algorithms.ChaCha20(key[:32], zero), mode=None).encryptor()
@@ -400,27 +417,9 @@ class ChaCha20Poly1305Protection(Framed):
         self._main.update_into(self._BLOCK0, self._block0)
 
     def openFrom(self, seqnr: int, buf: Bytes, pos: int) -> tuple[memoryview, int] | None:
-        c = self._c
-        if c is None:
-            return self._openWithCryptography(seqnr, buf, pos)
-        # Into the scratch buffer as it is; grown and tried again for a whole
-        # packet larger than it (the length is decrypted again: 0.1 us).
-        plain = self._plain.take(self.SCRATCH_START)
-        got = c.open_into(seqnr, buf, pos, plain)
-        if got is not None and got < 0:  # -1 - packet_length: check it, then wait or grow
-            packet_length = -1 - got
-            checkLength(packet_length, 8, True)
-            if len(buf) - pos < packet_length + 20:
-                self.wanted = packet_length + 20
-                return None
-            plain = self._plain.take(packet_length)
-            got = c.open_into(seqnr, buf, pos, plain)
-        if got is None:
-            raise PacketError(DISCONNECT_MAC_ERROR, b"bad MAC")
-        if not got:
-            return None  # not even the length yet
-        self.wanted = 0
-        return unframeBody(plain[:got]), got + 20
+        if self._c is not None:
+            return self._openWithC(seqnr, buf, pos, 16)
+        return self._openWithCryptography(seqnr, buf, pos)
 
     def _openWithCryptography(
         self, seqnr: int, buf: Bytes, pos: int

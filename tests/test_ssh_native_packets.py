@@ -1,0 +1,145 @@
+"""AES-CTR with hmac-sha2-*-etm in one C call per packet (hub/ssh/_packets.c, EtM) against
+the same construction through cryptography, its twin when the extension is not built:
+packets sealed byte for byte, a run of packets in sequence (the CTR stream carried on,
+the HMAC started again each time), opening either one's packets whole, in pieces and at
+every size, and tampering."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hub.ssh import packet
+from hub.ssh.buffers import PaddingPool
+from hub.ssh.framing import HMACAlgorithm
+from hub.ssh.packet import (
+    DISCONNECT_MAC_ERROR,
+    EncryptThenMAC,
+    PacketError,
+)
+
+needs_c = pytest.mark.skipif(packet._CEtM is None, reason="C extension not built")
+
+Make = Callable[[bool], packet.Framed]
+
+
+def etm(key_size: int, digest: Callable[..., object], seed: bytes) -> Make:
+    key, iv, integ = seed[:key_size], seed[32:48], seed[48:112]
+
+    def make(native: bool) -> packet.Framed:
+        cipher = Cipher(algorithms.AES(key), modes.CTR(iv))
+        return EncryptThenMAC(b"aes-ctr", cipher, HMACAlgorithm(digest, integ), native=native)
+
+    return make
+
+
+KINDS = {
+    "aes128-ctr+sha256": lambda seed: etm(16, hashlib.sha256, seed),
+    "aes192-ctr+sha256": lambda seed: etm(24, hashlib.sha256, seed),
+    "aes256-ctr+sha512": lambda seed: etm(32, hashlib.sha512, seed),
+}
+SIZES = [0, 1, 100, 4096 - 30, 4096 + 30, 32768 - 9, 70_000]
+
+
+def twins(kind: str, seed: bytes, padding: bytes = b"\x07") -> tuple[packet.Framed,
+                                                                      packet.Framed]:
+    """The C protection and cryptography's, from the same keys, padding alike."""
+    make = KINDS[kind](seed)
+    c, py = make(True), make(False)
+    for p in (c, py):
+        p._padding = PaddingPool(lambda n: padding * (n // len(padding) + 1))
+    return c, py
+
+
+@needs_c
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_c_path_is_used_when_built(kind: str) -> None:
+    c, py = twins(kind, os.urandom(112))
+    c.sealInto(0, b"\x5e", b"x")
+    assert c._c is not None and py._c is None
+    assert not hasattr(c, "_enc") and not hasattr(c, "_dec")  # no cryptography contexts
+
+
+@needs_c
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(list(KINDS)), st.binary(min_size=112, max_size=112),
+       st.integers(0, 0xFFFFFFFF), st.binary(min_size=1, max_size=9),
+       st.lists(st.one_of(st.binary(max_size=300), st.sampled_from(SIZES).map(os.urandom)),
+                min_size=1, max_size=5),
+       st.binary(min_size=1, max_size=16))
+def test_a_run_of_packets_agrees_with_cryptography(kind: str, seed: bytes, seqnr: int,
+                                                   head: bytes, datas: list[bytes],
+                                                   padding: bytes) -> None:
+    c, py = twins(kind, seed, padding)
+    c_in, py_in = twins(kind, seed, padding)
+    for n, data in enumerate(datas):
+        seq = (seqnr + n) & 0xFFFFFFFF
+        wire = bytes(c.sealInto(seq, head, data))
+        assert wire == bytes(py.sealInto(seq, head, data))
+        for receiver in (c_in, py_in):
+            payload, used = receiver.openFrom(seq, b"..." + wire + b"next", 3) or (b"", 0)
+            assert (bytes(payload), used) == (head + data, len(wire))
+
+
+@needs_c
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("size", [10, 5000, 40_000])
+def test_in_pieces_then_whole(kind: str, size: int) -> None:
+    seed = os.urandom(112)
+    sender, _ = twins(kind, seed)
+    receiver, _ = twins(kind, seed)
+    wire = bytes(sender.sealInto(3, b"", b"x" * size))
+    for cut in (0, 3, 4, 20, len(wire) - 1):
+        assert receiver.openFrom(3, wire[:cut], 0) is None
+        assert receiver.wanted == (len(wire) if cut >= 4 else 0)
+    payload, used = receiver.openFrom(3, wire, 0) or (b"", 0)
+    assert (bytes(payload), used, receiver.wanted) == (b"x" * size, len(wire), 0)
+
+
+@needs_c
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("where", [4, 5, -17, -1])
+@pytest.mark.parametrize("size", [8, 40_000])
+def test_tampering_is_a_mac_error(kind: str, where: int, size: int) -> None:
+    seed = os.urandom(112)
+    sender, _ = twins(kind, seed)
+    receiver, _ = twins(kind, seed)
+    wire = bytearray(sender.sealInto(9, b"h", b"h" * size))
+    wire[where] ^= 0x01
+    with pytest.raises(PacketError) as caught:
+        receiver.openFrom(9, bytes(wire), 0)
+    assert caught.value.reason == DISCONNECT_MAC_ERROR
+
+
+@needs_c
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("length", [0, 8, 17, 2**31])
+def test_a_bad_length_is_refused_without_waiting_for_it(kind: str, length: int) -> None:
+    receiver, _ = twins(kind, os.urandom(112))
+    with pytest.raises(PacketError, match="bad packet"):
+        receiver.openFrom(0, length.to_bytes(4, "big") + bytes(20), 0)
+
+
+@needs_c
+@pytest.mark.parametrize("kind", KINDS)
+def test_etm_wrong_sequence_number_is_a_mac_error(kind: str) -> None:
+    seed = os.urandom(112)
+    sender, _ = twins(kind, seed)
+    receiver, _ = twins(kind, seed)
+    wire = bytes(sender.sealInto(5, b"", b"hello"))
+    with pytest.raises(PacketError):
+        receiver.openFrom(6, wire, 0)
+
+
+@needs_c
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_batch_too_small_raises(kind: str) -> None:
+    c, _ = twins(kind, os.urandom(112))
+    with pytest.raises(ValueError, match="too small"):
+        c.sealInto(1, b"\x5e", b"x" * 100, memoryview(bytearray(64)))
