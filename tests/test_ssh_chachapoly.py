@@ -18,6 +18,7 @@ from test_ssh_packet import DRAFT_KEY, DRAFT_PAYLOAD, DRAFT_WIRE
 from hub.ssh import packet
 from hub.ssh.buffers import PaddingPool
 from hub.ssh.ciphers import CHACHA20_POLY1305
+from hub.ssh.framing import Framed
 from hub.ssh.packet import DISCONNECT_MAC_ERROR, ChaCha20Poly1305Protection, PacketError
 
 try:
@@ -96,12 +97,17 @@ def test_seal_and_open_agree_with_openssl(key: bytes, seqnr: int, head: bytes, d
 def test_in_pieces_then_whole(size: int) -> None:
     key = os.urandom(64)
     wire = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key, native=False).seal(3, b"x" * size)
-    receiver = ChaCha20Poly1305Protection(CHACHA20_POLY1305, key)
+    opens_in_pieces(ChaCha20Poly1305Protection(CHACHA20_POLY1305, key), 3, wire, b"x" * size)
+
+
+def opens_in_pieces(receiver: Framed, seqnr: int, wire: bytes, payload: bytes) -> None:
+    """`receiver` waits on every cut of `wire` (knowing its size once it has the
+    length), then opens it whole, into `payload`."""
     for cut in (0, 3, 4, 20, len(wire) - 1):
-        assert receiver.openFrom(3, wire[:cut], 0) is None
+        assert receiver.openFrom(seqnr, wire[:cut], 0) is None
         assert receiver.wanted == (len(wire) if cut >= 4 else 0)
-    payload, used = receiver.openFrom(3, wire, 0) or (b"", 0)
-    assert (bytes(payload), used, receiver.wanted) == (b"x" * size, len(wire), 0)
+    opened, used = receiver.openFrom(seqnr, wire, 0) or (b"", 0)
+    assert (bytes(opened), used, receiver.wanted) == (payload, len(wire), 0)
 
 
 @needs_c

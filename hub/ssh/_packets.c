@@ -197,6 +197,52 @@ static int xor_stream(EVP_CIPHER_CTX *ctx, uint8_t *out, const uint8_t *in, size
     return 1;
 }
 
+/* The packet whose (clear or decrypted) length is at `p`, with `have` bytes of
+ * it received: 1 if this path takes it whole; else 0 with `result` set to 0
+ * (not even the length yet) or -1 - length (not whole yet, too large for
+ * `out`, or a length the caller must check and refuse). */
+static int whole_length(const uint8_t *p, size_t have, size_t block, size_t tag_size,
+                        size_t out_len, uint32_t *length, PyObject **result)
+{
+    if (have < 4) {
+        *result = PyLong_FromLong(0);
+        return 0;
+    }
+    *length = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+    if (*length < block || *length % block || *length > out_len
+        || have < 4 + (size_t)*length + tag_size) {
+        *result = PyLong_FromLongLong(-1 - (long long)*length);
+        return 0;
+    }
+    return 1;
+}
+
+/* padding_length || head || data || padding, encrypted by `ctx` from where
+ * each part lies straight to `w` (no framed copy first). */
+static int encrypt_parts(EVP_CIPHER_CTX *ctx, uint8_t *w, Py_buffer *head, Py_buffer *data,
+                         Py_buffer *padding)
+{
+    uint8_t first[1] = {(uint8_t)padding->len};
+    return xor_stream(ctx, w, first, 1)
+           && xor_stream(ctx, w + 1, head->buf, (size_t)head->len)
+           && xor_stream(ctx, w + 1 + head->len, data->buf, (size_t)data->len)
+           && xor_stream(ctx, w + 1 + head->len + data->len, padding->buf,
+                         (size_t)padding->len);
+}
+
+/* Open's end: None if `tag` is not the packet's, else its body decrypted by
+ * `ctx` into `out` and its length. */
+static PyObject *open_if_authentic(const uint8_t *tag, const uint8_t *sent, size_t tag_size,
+                                   EVP_CIPHER_CTX *ctx, void *out, const uint8_t *body,
+                                   uint32_t length, const char *what)
+{
+    if (CRYPTO_memcmp(tag, sent, tag_size))
+        return Py_NewRef(Py_None);
+    if (!xor_stream(ctx, out, body, length))
+        return openssl_error(what);
+    return PyLong_FromUnsignedLong(length);
+}
+
 /* The Poly1305 key of packet `seqnr` (block 0 of K_2's stream), leaving the
  * stream at block 1, where the body starts. */
 static int poly_key(ChaChaPoly *self, uint64_t seqnr, uint8_t block0[64])
@@ -226,9 +272,12 @@ static int get_seqnr(PyObject *o, uint64_t *seqnr)
     return 0;
 }
 
-/* seal_into(seqnr, head, data, padding, out): the arguments of every kind. */
-static int seal_args(PyObject *const *args, Py_ssize_t nargs, uint64_t *seqnr, Py_buffer *head,
-                     Py_buffer *data, Py_buffer *padding, Py_buffer *out)
+/* seal_into(seqnr, head, data, padding, out): the arguments of every kind,
+ * and the packet_length they make, checked against the padding rules of a
+ * cipher of `block` bytes and the room in `out` for it and a `tag_size` tag. */
+static int seal_args(PyObject *const *args, Py_ssize_t nargs, size_t block, size_t tag_size,
+                     uint64_t *seqnr, Py_buffer *head, Py_buffer *data, Py_buffer *padding,
+                     Py_buffer *out, size_t *length)
 {
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "seal_into(seqnr, head, data, padding, out)");
@@ -240,6 +289,16 @@ static int seal_args(PyObject *const *args, Py_ssize_t nargs, uint64_t *seqnr, P
         || PyObject_GetBuffer(args[3], padding, PyBUF_SIMPLE) < 0
         || PyObject_GetBuffer(args[4], out, PyBUF_WRITABLE) < 0)
         return -1;
+    size_t pad = (size_t)padding->len;
+    *length = 1 + (size_t)head->len + (size_t)data->len + pad;
+    if (pad < 4 || pad > 255 || *length % block || *length > 0xffffffffu) {
+        PyErr_SetString(PyExc_ValueError, "bad padding for the cipher's block size");
+        return -1;
+    }
+    if ((size_t)out->len < 4 + *length + tag_size) {
+        PyErr_SetString(PyExc_ValueError, "output buffer too small");
+        return -1;
+    }
     return 0;
 }
 
@@ -314,37 +373,21 @@ static PyObject *ChaChaPoly_seal_into(ChaChaPoly *self, PyObject *const *args, P
     Py_buffer head = {0}, data = {0}, padding = {0}, out = {0};
     PyObject *result = NULL;
 
-    if (seal_args(args, nargs, &seqnr, &head, &data, &padding, &out) < 0)
+    size_t length;
+    if (seal_args(args, nargs, 8, TAG_SIZE, &seqnr, &head, &data, &padding, &out, &length) < 0)
         goto done;
-
-    size_t pad = (size_t)padding.len;
-    size_t length = 1 + (size_t)head.len + (size_t)data.len + pad;
-    size_t total = 4 + length + TAG_SIZE;
-    if (pad < 4 || pad > 255 || length % 8 || length > 0xffffffffu) {
-        PyErr_SetString(PyExc_ValueError, "bad padding for chacha20-poly1305");
-        goto done;
-    }
-    if ((size_t)out.len < total) {
-        PyErr_SetString(PyExc_ValueError, "output buffer too small");
-        goto done;
-    }
 
     uint8_t *w = out.buf;
     uint8_t len_plain[4];
     store32_be(len_plain, (uint32_t)length);
     uint8_t block0[64];
-    /* padding_length || head, the data and the padding, each encrypted from
-     * where it lies straight into the wire buffer (no framed copy first). */
-    uint8_t first[1] = {(uint8_t)pad};
     int ok = start_stream(self->header, seqnr, 0) && xor_stream(self->header, w, len_plain, 4)
              && poly_key(self, seqnr, block0)
-             && xor_stream(self->main, w + 4, first, 1)
-             && xor_stream(self->main, w + 5, head.buf, (size_t)head.len)
-             && xor_stream(self->main, w + 5 + head.len, data.buf, (size_t)data.len)
-             && xor_stream(self->main, w + 5 + head.len + data.len, padding.buf, pad)
+             && encrypt_parts(self->main, w + 4, &head, &data, &padding)
              && make_tag(self, block0, w, 4 + length, w + 4 + length);
     OPENSSL_cleanse(block0, sizeof block0);
-    result = ok ? PyLong_FromSize_t(total) : openssl_error("chacha20-poly1305 seal");
+    result = ok ? PyLong_FromSize_t(4 + length + TAG_SIZE)
+                : openssl_error("chacha20-poly1305 seal");
 
 done:
     release_all(&head, &data, &padding, &out);
@@ -372,14 +415,9 @@ static PyObject *ChaChaPoly_open_into(ChaChaPoly *self, PyObject *const *args, P
         openssl_error("chacha20-poly1305 length");
         goto done;
     }
-    uint32_t length = (uint32_t)len_plain[0] << 24 | (uint32_t)len_plain[1] << 16
-                      | (uint32_t)len_plain[2] << 8 | len_plain[3];
-    /* Only a sane length is taken here; the caller checks (and refuses) the rest. */
-    if (length < 8 || length % 8 || length > (size_t)out.len
-        || have < 4 + (size_t)length + TAG_SIZE) {
-        result = PyLong_FromLongLong(-1 - (long long)length);
+    uint32_t length;
+    if (!whole_length(len_plain, have, 8, TAG_SIZE, (size_t)out.len, &length, &result))
         goto done;
-    }
     uint8_t block0[64], tag[TAG_SIZE];
     int ok = poly_key(self, seqnr, block0) && make_tag(self, block0, p, 4 + (size_t)length, tag);
     OPENSSL_cleanse(block0, sizeof block0);
@@ -387,15 +425,8 @@ static PyObject *ChaChaPoly_open_into(ChaChaPoly *self, PyObject *const *args, P
         openssl_error("chacha20-poly1305 tag");
         goto done;
     }
-    if (CRYPTO_memcmp(tag, p + 4 + length, TAG_SIZE)) {
-        result = Py_NewRef(Py_None);
-        goto done;
-    }
-    if (!xor_stream(self->main, out.buf, p + 4, length)) {
-        openssl_error("chacha20-poly1305 open");
-        goto done;
-    }
-    result = PyLong_FromUnsignedLong(length);
+    result = open_if_authentic(tag, p + 4 + length, TAG_SIZE, self->main, out.buf, p + 4,
+                               length, "chacha20-poly1305 open");
 
 done:
     release_all(&buf, &out, NULL, NULL);
@@ -410,25 +441,29 @@ static void ChaChaPoly_dealloc(ChaChaPoly *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyMethodDef ChaChaPoly_methods[] = {
-    {"seal_into", (PyCFunction)(void (*)(void))ChaChaPoly_seal_into, METH_FASTCALL,
-     "seal_into(seqnr, head, data, padding, out) -> wire length"},
-    {"open_into", (PyCFunction)(void (*)(void))ChaChaPoly_open_into, METH_FASTCALL,
-     "open_into(seqnr, buf, pos, out) -> packet_length, 0, -1 - packet_length or None"},
-    {NULL, NULL, 0, NULL},
-};
+/* The method table and type of a packet protection NAME: its NAME_init,
+ * NAME_seal_into, NAME_open_into and NAME_dealloc above. */
+#define PACKET_TYPE(NAME, DOC)                                                              \
+    static PyMethodDef NAME##_methods[] = {                                                 \
+        {"seal_into", (PyCFunction)(void (*)(void))NAME##_seal_into, METH_FASTCALL,         \
+         "seal_into(seqnr, head, data, padding, out) -> wire length"},                      \
+        {"open_into", (PyCFunction)(void (*)(void))NAME##_open_into, METH_FASTCALL,         \
+         "open_into(seqnr, buf, pos, out) -> packet_length, 0, -1 - packet_length or None"}, \
+        {NULL, NULL, 0, NULL},                                                              \
+    };                                                                                      \
+    static PyTypeObject NAME##Type = {                                                      \
+        PyVarObject_HEAD_INIT(NULL, 0)                                                      \
+        .tp_name = "hub.ssh._packets." #NAME,                                               \
+        .tp_basicsize = sizeof(NAME),                                                       \
+        .tp_flags = Py_TPFLAGS_DEFAULT,                                                     \
+        .tp_doc = DOC,                                                                      \
+        .tp_new = PyType_GenericNew,                                                        \
+        .tp_init = (initproc)NAME##_init,                                                   \
+        .tp_dealloc = (destructor)NAME##_dealloc,                                           \
+        .tp_methods = NAME##_methods,                                                       \
+    };
 
-static PyTypeObject ChaChaPolyType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "hub.ssh._packets.ChaChaPoly",
-    .tp_basicsize = sizeof(ChaChaPoly),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "chacha20-poly1305@openssh.com packets for one key (64 bytes: K_2, K_1)",
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)ChaChaPoly_init,
-    .tp_dealloc = (destructor)ChaChaPoly_dealloc,
-    .tp_methods = ChaChaPoly_methods,
-};
+PACKET_TYPE(ChaChaPoly, "chacha20-poly1305@openssh.com packets for one key (64 bytes: K_2, K_1)")
 
 /* ---- encrypt-then-MAC: AES-CTR and HMAC ---------------------------------- */
 
@@ -438,25 +473,6 @@ static PyTypeObject ChaChaPolyType = {
  * system's 3.0 lacks, 4 us for a 32 KiB packet against 6.7 here.) */
 
 static EVP_MAC *hmac_mac;
-
-/* The caller's check of a length in clear, as for ChaCha20 above: a length
- * this path takes, else -1 - length (not whole yet, too large for `out`, or
- * one the caller must refuse). */
-static int whole_length(const uint8_t *p, size_t have, size_t block, size_t tag_size,
-                        size_t out_len, uint32_t *length, PyObject **result)
-{
-    if (have < 4) {
-        *result = PyLong_FromLong(0);
-        return 0;
-    }
-    *length = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-    if (*length < block || *length % block || *length > out_len
-        || have < 4 + (size_t)*length + tag_size) {
-        *result = PyLong_FromLongLong(-1 - (long long)*length);
-        return 0;
-    }
-    return 1;
-}
 
 typedef struct {
     PyObject_HEAD
@@ -540,28 +556,16 @@ static PyObject *EtM_seal_into(EtM *self, PyObject *const *args, Py_ssize_t narg
     uint64_t seqnr;
     Py_buffer head = {0}, data = {0}, padding = {0}, out = {0};
     PyObject *result = NULL;
-    if (seal_args(args, nargs, &seqnr, &head, &data, &padding, &out) < 0)
+    size_t length;
+    if (seal_args(args, nargs, 16, self->mac_size, &seqnr, &head, &data, &padding, &out,
+                  &length) < 0)
         goto done;
-    size_t pad = (size_t)padding.len;
-    size_t length = 1 + (size_t)head.len + (size_t)data.len + pad;
-    size_t total = 4 + length + self->mac_size;
-    if (pad < 4 || pad > 255 || length % 16 || length > 0xffffffffu) {
-        PyErr_SetString(PyExc_ValueError, "bad padding for AES-CTR");
-        goto done;
-    }
-    if ((size_t)out.len < total) {
-        PyErr_SetString(PyExc_ValueError, "output buffer too small");
-        goto done;
-    }
     uint8_t *w = out.buf;
     store32_be(w, (uint32_t)length);
-    uint8_t first[1] = {(uint8_t)pad};
-    int ok = xor_stream(self->cipher, w + 4, first, 1)
-             && xor_stream(self->cipher, w + 5, head.buf, (size_t)head.len)
-             && xor_stream(self->cipher, w + 5 + head.len, data.buf, (size_t)data.len)
-             && xor_stream(self->cipher, w + 5 + head.len + data.len, padding.buf, pad)
+    int ok = encrypt_parts(self->cipher, w + 4, &head, &data, &padding)
              && etm_mac(self, seqnr, w, 4 + length, w + 4 + length);
-    result = ok ? PyLong_FromSize_t(total) : openssl_error("encrypt-then-MAC seal");
+    result = ok ? PyLong_FromSize_t(4 + length + self->mac_size)
+                : openssl_error("encrypt-then-MAC seal");
 done:
     release_all(&head, &data, &padding, &out);
     return result;
@@ -585,15 +589,8 @@ static PyObject *EtM_open_into(EtM *self, PyObject *const *args, Py_ssize_t narg
         openssl_error("encrypt-then-MAC tag");
         goto done;
     }
-    if (CRYPTO_memcmp(tag, p + 4 + length, self->mac_size)) {
-        result = Py_NewRef(Py_None);
-        goto done;
-    }
-    if (!xor_stream(self->cipher, out.buf, p + 4, length)) {
-        openssl_error("encrypt-then-MAC open");
-        goto done;
-    }
-    result = PyLong_FromUnsignedLong(length);
+    result = open_if_authentic(tag, p + 4 + length, self->mac_size, self->cipher, out.buf,
+                               p + 4, length, "encrypt-then-MAC open");
 done:
     release_all(&buf, &out, NULL, NULL);
     return result;
@@ -606,25 +603,7 @@ static void EtM_dealloc(EtM *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyMethodDef EtM_methods[] = {
-    {"seal_into", (PyCFunction)(void (*)(void))EtM_seal_into, METH_FASTCALL,
-     "seal_into(seqnr, head, data, padding, out) -> wire length"},
-    {"open_into", (PyCFunction)(void (*)(void))EtM_open_into, METH_FASTCALL,
-     "open_into(seqnr, buf, pos, out) -> packet_length, 0, -1 - packet_length or None"},
-    {NULL, NULL, 0, NULL},
-};
-
-static PyTypeObject EtMType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "hub.ssh._packets.EtM",
-    .tp_basicsize = sizeof(EtM),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "aes*-ctr with hmac-sha2-*-etm@openssh.com, one direction",
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)EtM_init,
-    .tp_dealloc = (destructor)EtM_dealloc,
-    .tp_methods = EtM_methods,
-};
+PACKET_TYPE(EtM, "aes*-ctr with hmac-sha2-*-etm@openssh.com, one direction")
 
 /* poly1305(key, message) -> tag: for the tests. */
 static PyObject *py_poly1305(PyObject *module, PyObject *args)
