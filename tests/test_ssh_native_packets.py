@@ -15,12 +15,15 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_ssh_chachapoly import opens_in_pieces
+from twisted.logger import capturedLogs
 
 from hub.ssh import packet
 from hub.ssh.buffers import PaddingPool
+from hub.ssh.ciphers import CHACHA20_POLY1305
 from hub.ssh.framing import HMACAlgorithm
 from hub.ssh.packet import (
     DISCONNECT_MAC_ERROR,
+    ChaCha20Poly1305Protection,
     EncryptThenMAC,
     PacketError,
 )
@@ -139,3 +142,32 @@ def test_a_batch_too_small_raises(kind: str) -> None:
     c, _ = twins(kind, os.urandom(112))
     with pytest.raises(ValueError, match="too small"):
         c.sealInto(1, b"\x5e", b"x" * 100, memoryview(bytearray(64)))
+
+
+@pytest.mark.parametrize("kind", ["etm", "chacha"])
+def test_an_openssl_that_refuses_leaves_the_packets_to_cryptography(
+        kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A FIPS-only OpenSSL has no ChaCha20 (and may refuse HMAC's EVP_MAC): the C
+    # object's set-up raises, the protection works through cryptography, and the
+    # log says so once per kind, not once per connection.
+    def refusing(*args: object) -> None:
+        raise RuntimeError("OpenSSL failed: ChaCha20 key set-up")
+
+    refusing.__name__ = kind
+    monkeypatch.setattr(packet, "_CEtM" if kind == "etm" else "_CChaChaPoly", refusing)
+    monkeypatch.setattr(packet, "_NATIVE_REFUSED", set())
+    seed = os.urandom(112)
+
+    def make() -> packet.Framed:
+        if kind == "etm":
+            return KINDS["aes128-ctr+sha256"](seed)(True)
+        return ChaCha20Poly1305Protection(CHACHA20_POLY1305, seed[:64])
+
+    with capturedLogs() as events:
+        sender, receiver, other = make(), make(), make()
+    assert sender._c is None and receiver._c is None and other._c is None
+    wire = bytes(sender.sealInto(1, b"\x5e", b"through cryptography"))
+    opened = receiver.openFrom(1, wire, 0)
+    assert opened is not None and bytes(opened[0]) == b"\x5e" + b"through cryptography"
+    said = [e for e in events if "not available" in e.get("log_format", "")]
+    assert len(said) == 1 and "ChaCha20 key set-up" in said[0]["why"]

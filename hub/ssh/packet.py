@@ -31,6 +31,7 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.poly1305 import Poly1305
+from twisted.logger import Logger
 
 from hub.ssh.buffers import Bytes, PaddingPool
 from hub.ssh.framing import (
@@ -69,6 +70,29 @@ try:
     from hub.ssh._packets import EtM as _CEtM
 except ImportError:  # not built (setup.py): cryptography seals and opens every packet
     _CChaChaPoly = _CEtM = None
+
+_log = Logger()
+_NATIVE_REFUSED: set[str] = set()
+
+
+def _native(factory: Callable[..., Any] | None, *args: object) -> Any:
+    """
+    The C object of C{hub.ssh._packets} that C{factory} makes from C{args},
+    or L{None} (cryptography then protects the packets): the extension is
+    not built, or the system's OpenSSL refuses (a FIPS-only configuration
+    has no ChaCha20; said once per kind in the log).
+    """
+    if factory is None:
+        return None
+    try:
+        return factory(*args)
+    except RuntimeError as e:
+        name = getattr(factory, "__name__", "?")
+        if name not in _NATIVE_REFUSED:
+            _NATIVE_REFUSED.add(name)
+            _log.warn("SSH packets: the C path for {kind} is not available ({why}); "
+                      "cryptography protects them instead", kind=name, why=str(e))
+        return None
 
 _UINT32 = struct.Struct("!L")
 # The padding_length byte for each possible padding.
@@ -190,12 +214,13 @@ class EncryptThenMAC(Framed):
         self._stream = isinstance(cipher.mode, modes.CTR)
         if (
             native
-            and _CEtM is not None
             and isinstance(cipher.mode, modes.CTR)
             and isinstance(cipher.algorithm, algorithms.AES)
         ):
-            self._c = _CEtM(cipher.algorithm.key, cipher.mode.nonce, mac.digestName, mac.key)
-        else:
+            self._c = _native(
+                _CEtM, cipher.algorithm.key, cipher.mode.nonce, mac.digestName, mac.key
+            )
+        if self._c is None:
             self._enc = cipher.encryptor()
             self._dec = cipher.decryptor()
 
@@ -357,7 +382,7 @@ class ChaCha20Poly1305Protection(Framed):
             raise ValueError("chacha20-poly1305 needs 64 bytes of key")
         super().__init__()
         self.name = name
-        self._c = _CChaChaPoly(key[:64]) if native and _CChaChaPoly is not None else None
+        self._c = _native(_CChaChaPoly, key[:64]) if native else None
         if self._c is None:
             zero = bytes(16)
             self._main = Cipher(algorithms.ChaCha20(key[:32], zero), mode=None).encryptor()
