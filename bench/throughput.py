@@ -129,7 +129,16 @@ class Result:
                 "client_cpu_ms_per_mib": round(1000 * self.per_mib(self.client_cpu_s), 3),
                 "bench_cpu_ms_per_mib": round(1000 * self.per_mib(self.bench_cpu_s), 3),
                 "other_load_cores": round(self.other_cpu_s / self.seconds, 2)
-                if self.seconds else 0.0}
+                if self.seconds else 0.0,
+                "chain_cores": round(self.chain_cores, 2)}
+
+    @property
+    def chain_cores(self) -> float:
+        """Cores the transfer kept busy: the server, the ssh client and the bench's
+        sender and receiver. On a machine with few cores the rate follows this and
+        their CPU per MiB together, not the server's alone."""
+        return ((self.server_cpu_s + self.client_cpu_s + self.bench_cpu_s) / self.seconds
+                if self.seconds else 0.0)
 
 
 # -- measuring ---------------------------------------------------------------
@@ -339,7 +348,7 @@ def progress(results: list[Result]) -> None:
 
 HEADER = (f"{'cipher':26} {'direction':11} {'hub MB/s':>8} {'sshd MB/s':>9} {'hub/sshd':>8} "
           f"{'hub ms/MiB':>10} {'sshd ms/MiB':>11} {'hub HWM':>8} {'sshd HWM':>8} "
-          f"{'other load':>10} verified")
+          f"{'busy h/s':>9} {'other load':>10} verified")
 
 
 def table(results: list[Result]) -> str:
@@ -350,7 +359,7 @@ def table(results: list[Result]) -> str:
         direct = by.get(("direct", "none", direction))
         if direct:
             lines.append(f"{'(direct loopback)':26} {direction:11} {direct.median:8.0f} "
-                         f"{'':9} {'':8} {'':10} {'':11} {'':8} {'':8} "
+                         f"{'':9} {'':8} {'':10} {'':11} {'':8} {'':8} {'':9} "
                          f"{other_load([direct]):>10} {yes(direct.verified)}")
     for cipher in dict.fromkeys(c for s, c, _ in by if s != "direct"):
         for direction in dict.fromkeys(d for s, c, d in by if c == cipher):
@@ -369,12 +378,16 @@ def row(cipher: str, direction: str, hub: Result | None, sshd: Result | None) ->
     def hwm(r: Result) -> float:
         return r.server_peak_rss_kib / 1024
 
+    def busy(r: Result) -> float:
+        return r.chain_cores
+
     ratio = f"{hub.median / sshd.median:.2f}" if hub and sshd and sshd.median else "-"
     both = [r for r in (hub, sshd) if r]
     return (f"{cipher:26} {direction:11} {num(hub, lambda r: r.median, '.0f'):>8} "
             f"{num(sshd, lambda r: r.median, '.0f'):>9} {ratio:>8} "
             f"{num(hub, cpu, '.2f'):>10} {num(sshd, cpu, '.2f'):>11} "
             f"{num(hub, hwm, '.0f') + ' M':>8} {num(sshd, hwm, '.0f') + ' M':>8} "
+            f"{num(hub, busy, '.2f') + '/' + num(sshd, busy, '.2f'):>9} "
             f"{other_load(both):>10} {yes(all(r.verified for r in both))}")
 
 
