@@ -1,26 +1,36 @@
-/* chacha20-poly1305@openssh.com, one C call per packet each way.
+/* SSH packets sealed and opened with one C call each: chacha20-poly1305@openssh.com
+ * and AES-CTR with hmac-sha2-*-etm@openssh.com, OpenSSL (the system's libcrypto)
+ * driven from C.
  *
- * Through cryptography a packet is two nonce resets, three ChaCha20 calls and
- * a Poly1305 object (a new key and context each time): 5 us of CPU for a
- * packet of a few bytes, 12.5 us for a 32 KiB one, much of it call overhead.
- * Here it is what OpenSSH's cipher-chachapoly-libcrypto.c does: OpenSSL's
- * ChaCha20 (EVP_chacha20, the library's vector code; its 16-byte IV is the
- * original ChaCha20's 64-bit block counter, little-endian, then the 64-bit
- * nonce, OpenSSH's big-endian sequence number), one context per key re-keyed
- * per packet; the Poly1305 tag by the C code below up to DONNA_MAX bytes (the
- * 64-bit "donna" form, constant-time; OpenSSL's set-up costs more than it
- * saves there) and by OpenSSL's Poly1305 (EVP_MAC) above.  0.7 us for a
- * small packet, 8 us for 32 KiB (hub/ssh/packet.py).  tests/test_ssh_chachapoly.py
- * holds this module to cryptography's answers.  Built by setup.py against
- * the system's libcrypto (Debian: libssl-dev) with optional=True: without
- * it the packet layer uses cryptography for every packet.
+ * Through cryptography a chacha20-poly1305 packet is two nonce resets, three
+ * ChaCha20 calls and a Poly1305 object (a new key and context each time): 5 us
+ * of CPU for a packet of a few bytes, 12.5 us for a 32 KiB one, much of it call
+ * overhead.  Here it is what OpenSSH's cipher-chachapoly-libcrypto.c does:
+ * OpenSSL's ChaCha20 (EVP_chacha20, the library's vector code; its 16-byte IV
+ * is the original ChaCha20's 64-bit block counter, little-endian, then the
+ * 64-bit nonce, OpenSSH's big-endian sequence number), one context per key
+ * re-keyed per packet; the Poly1305 tag by the C code below up to DONNA_MAX
+ * bytes (the 64-bit "donna" form, constant-time; OpenSSL's set-up costs more
+ * than it saves there) and by OpenSSL's Poly1305 (EVP_MAC) above: 0.7-1 us for
+ * a small packet, 8-9 us for 32 KiB.  An EtM packet is seven calls through
+ * cryptography (three cipher updates, the HMAC's copy, two updates and its
+ * end); here one AES-CTR context runs on for the keys' life and one HMAC
+ * context, keyed once, starts again per packet.  AES-GCM is not here: the
+ * system's OpenSSL 3.0 lacks the AVX-512 GCM code of cryptography's own.
  *
- * ChaChaPoly(key) with the 64 bytes of key material (K_2, then K_1):
+ * tests/test_ssh_chachapoly.py and tests/test_ssh_native_packets.py hold this
+ * module to cryptography's answers (hub/ssh/packet.py uses either).  Built by
+ * setup.py against the system's libcrypto (Debian: libssl-dev) with
+ * optional=True: without it the packet layer uses cryptography for every
+ * packet.
+ *
+ * ChaChaPoly(key) with the 64 bytes of key material (K_2, then K_1), and
+ * EtM(key, iv, digest, mac_key) for one direction, each have:
  *
  *   seal_into(seqnr, head, data, padding, out) -> int
  *       Frame padding_length || head || data || padding (len(padding) is the
- *       padding length), encrypt it and the length, append the tag: the wire
- *       bytes at the start of out (writable); their count.
+ *       padding length), encrypt it (and, for ChaCha20, the length), append
+ *       the tag: the wire bytes at the start of out (writable); their count.
  *
  *   open_into(seqnr, buf, pos, out) -> int
  *       The packet at buf[pos:]: 0 if fewer than 4 bytes are there; its
