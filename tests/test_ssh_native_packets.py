@@ -28,7 +28,12 @@ from hub.ssh.packet import (
     PacketError,
 )
 
-needs_c = pytest.mark.skipif(packet._CEtM is None, reason="C extension not built")
+try:
+    from hub.ssh import _packets
+except ImportError:  # not built: the packet layer uses cryptography alone
+    _packets = None  # type: ignore[assignment]
+
+needs_c = pytest.mark.skipif(_packets is None, reason="C extension not built")
 
 Make = Callable[[bool], packet.Framed]
 
@@ -171,3 +176,21 @@ def test_an_openssl_that_refuses_leaves_the_packets_to_cryptography(
     assert opened is not None and bytes(opened[0]) == b"\x5e" + b"through cryptography"
     said = [e for e in events if "not available" in e.get("log_format", "")]
     assert len(said) == 1 and "ChaCha20 key set-up" in said[0]["why"]
+
+
+@needs_c
+@pytest.mark.parametrize("kind", ["ChaChaPoly", "EtM"])
+def test_an_object_never_keyed_refuses_instead_of_crashing(kind: str) -> None:
+    # tp_new alone leaves the OpenSSL contexts NULL: a method must say so, not
+    # hand NULL to OpenSSL (which would take the whole hub down).
+    cls = getattr(_packets, kind)
+    obj = cls.__new__(cls)
+    with pytest.raises(ValueError, match="not initialised"):
+        obj.seal_into(0, b"", b"x", b"1234", bytearray(100))
+    with pytest.raises(ValueError, match="not initialised"):
+        obj.open_into(0, bytes(64), 0, bytearray(100))
+    if kind == "EtM":  # and one whose set-up failed stays unusable
+        with pytest.raises(RuntimeError):
+            obj.__init__(bytes(16), bytes(16), "no-such-digest", bytes(32))
+        with pytest.raises(ValueError, match="not initialised"):
+            obj.open_into(0, bytes(64), 0, bytearray(100))

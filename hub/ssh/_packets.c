@@ -172,6 +172,7 @@ typedef struct {
     EVP_CIPHER_CTX *main;    /* K_2: the body and the Poly1305 key */
     EVP_CIPHER_CTX *header;  /* K_1: the length */
     EVP_MAC_CTX *mac;        /* Poly1305 for long packets (or NULL) */
+    int keyed;               /* __init__ succeeded */
 } ChaChaPoly;
 
 static PyObject *openssl_error(const char *what)
@@ -273,6 +274,16 @@ static int make_tag(ChaChaPoly *self, const uint8_t key[32], const uint8_t *m, s
            && EVP_MAC_final(self->mac, tag, &outl, TAG_SIZE);
 }
 
+/* Whether the object's __init__ ran to the end and keyed its contexts (tp_new
+ * alone leaves them NULL, and OpenSSL must never see a NULL context). */
+static int ready(int keyed)
+{
+    if (keyed)
+        return 1;
+    PyErr_SetString(PyExc_ValueError, "no key: the object was not initialised");
+    return 0;
+}
+
 static int get_seqnr(PyObject *o, uint64_t *seqnr)
 {
     unsigned long long v = PyLong_AsUnsignedLongLong(o);
@@ -352,6 +363,7 @@ static int ChaChaPoly_init(ChaChaPoly *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "ChaChaPoly takes no keyword arguments");
         return -1;
     }
+    self->keyed = 0;
     if (!PyArg_ParseTuple(args, "y*:ChaChaPoly", &key))
         return -1;
     if (key.len != 64) {
@@ -374,6 +386,7 @@ static int ChaChaPoly_init(ChaChaPoly *self, PyObject *args, PyObject *kwds)
         openssl_error("ChaCha20 key set-up");
         return -1;
     }
+    self->keyed = 1;
     return 0;
 }
 
@@ -384,7 +397,8 @@ static PyObject *ChaChaPoly_seal_into(ChaChaPoly *self, PyObject *const *args, P
     PyObject *result = NULL;
 
     size_t length;
-    if (seal_args(args, nargs, 8, TAG_SIZE, &seqnr, &head, &data, &padding, &out, &length) < 0)
+    if (!ready(self->keyed)
+        || seal_args(args, nargs, 8, TAG_SIZE, &seqnr, &head, &data, &padding, &out, &length) < 0)
         goto done;
 
     uint8_t *w = out.buf;
@@ -411,7 +425,7 @@ static PyObject *ChaChaPoly_open_into(ChaChaPoly *self, PyObject *const *args, P
     Py_buffer buf = {0}, out = {0};
     PyObject *result = NULL;
 
-    if (open_args(args, nargs, &seqnr, &buf, &pos, &out) < 0)
+    if (!ready(self->keyed) || open_args(args, nargs, &seqnr, &buf, &pos, &out) < 0)
         goto done;
 
     const uint8_t *p = (const uint8_t *)buf.buf + pos;
@@ -489,6 +503,7 @@ typedef struct {
     EVP_CIPHER_CTX *cipher;  /* AES-CTR: the stream runs on across packets */
     EVP_MAC_CTX *mac;        /* HMAC, keyed once, re-initialised per packet */
     size_t mac_size;
+    int keyed;               /* __init__ succeeded */
 } EtM;
 
 static const EVP_CIPHER *aes_ctr(Py_ssize_t key_len)
@@ -512,6 +527,7 @@ static int EtM_init(EtM *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "EtM takes no keyword arguments");
         return -1;
     }
+    self->keyed = 0;
     if (!PyArg_ParseTuple(args, "y*y*sy*:EtM", &key, &iv, &digest, &mac_key))
         return -1;
     int rc = -1;
@@ -541,6 +557,7 @@ static int EtM_init(EtM *self, PyObject *args, PyObject *kwds)
         openssl_error("HMAC size");
         goto done;
     }
+    self->keyed = 1;
     rc = 0;
 done:
     PyBuffer_Release(&key);
@@ -567,8 +584,9 @@ static PyObject *EtM_seal_into(EtM *self, PyObject *const *args, Py_ssize_t narg
     Py_buffer head = {0}, data = {0}, padding = {0}, out = {0};
     PyObject *result = NULL;
     size_t length;
-    if (seal_args(args, nargs, 16, self->mac_size, &seqnr, &head, &data, &padding, &out,
-                  &length) < 0)
+    if (!ready(self->keyed)
+        || seal_args(args, nargs, 16, self->mac_size, &seqnr, &head, &data, &padding, &out,
+                     &length) < 0)
         goto done;
     uint8_t *w = out.buf;
     store32_be(w, (uint32_t)length);
@@ -589,7 +607,7 @@ static PyObject *EtM_open_into(EtM *self, PyObject *const *args, Py_ssize_t narg
     PyObject *result = NULL;
     uint32_t length;
     uint8_t tag[EVP_MAX_MD_SIZE];
-    if (open_args(args, nargs, &seqnr, &buf, &pos, &out) < 0)
+    if (!ready(self->keyed) || open_args(args, nargs, &seqnr, &buf, &pos, &out) < 0)
         goto done;
     const uint8_t *p = (const uint8_t *)buf.buf + pos;
     if (!whole_length(p, (size_t)(buf.len - pos), 16, self->mac_size, (size_t)out.len,
