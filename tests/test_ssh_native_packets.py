@@ -194,3 +194,22 @@ def test_an_object_never_keyed_refuses_instead_of_crashing(kind: str) -> None:
             obj.__init__(bytes(16), bytes(16), "no-such-digest", bytes(32))
         with pytest.raises(ValueError, match="not initialised"):
             obj.open_into(0, bytes(64), 0, bytearray(100))
+
+
+@needs_c
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("where", [0, 1, 2, 3])
+@pytest.mark.parametrize("bit", [0x10, 0x80])
+def test_a_changed_length_never_yields_a_payload(kind: str, where: int, bit: int) -> None:
+    # The length is in clear but under the MAC: changed, the packet is refused
+    # (a bad length or a bad MAC) or waited for, never opened.
+    seed = os.urandom(112)
+    sender, _ = twins(kind, seed)
+    receiver, _ = twins(kind, seed)
+    wire = bytearray(sender.sealInto(9, b"h", b"i there"))
+    wire[where] ^= bit
+    try:
+        opened = receiver.openFrom(9, bytes(wire) + bytes(256), 0)
+    except PacketError:
+        return
+    assert opened is None

@@ -166,6 +166,7 @@ static void poly1305(const uint8_t key[32], const uint8_t *m, size_t len, uint8_
  * NULL where the library has none, and poly1305() above makes every tag. */
 static EVP_MAC *poly1305_mac;
 #define DONNA_MAX 512
+static const size_t chacha_tag_size = TAG_SIZE;
 
 typedef struct {
     PyObject_HEAD
@@ -295,10 +296,10 @@ static int get_seqnr(PyObject *o, uint64_t *seqnr)
 
 /* seal_into(seqnr, head, data, padding, out): the arguments of every kind,
  * and the packet_length they make, checked against the padding rules of a
- * cipher of `block` bytes and the room in `out` for it and a `tag_size` tag. */
-static int seal_args(PyObject *const *args, Py_ssize_t nargs, size_t block, size_t tag_size,
-                     uint64_t *seqnr, Py_buffer *head, Py_buffer *data, Py_buffer *padding,
-                     Py_buffer *out, size_t *length)
+ * cipher of `block` bytes and the room in `out` for it and a `*tag_size` tag. */
+static int seal_args(PyObject *const *args, Py_ssize_t nargs, size_t block,
+                     const size_t *tag_size, uint64_t *seqnr, Py_buffer *head, Py_buffer *data,
+                     Py_buffer *padding, Py_buffer *out, size_t *length)
 {
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "seal_into(seqnr, head, data, padding, out)");
@@ -316,7 +317,8 @@ static int seal_args(PyObject *const *args, Py_ssize_t nargs, size_t block, size
         PyErr_SetString(PyExc_ValueError, "bad padding for the cipher's block size");
         return -1;
     }
-    if ((size_t)out->len < 4 + *length + tag_size) {
+    /* The tag's size read only now: taking a buffer may run Python code. */
+    if ((size_t)out->len < 4 + *length + *tag_size) {
         PyErr_SetString(PyExc_ValueError, "output buffer too small");
         return -1;
     }
@@ -398,7 +400,8 @@ static PyObject *ChaChaPoly_seal_into(ChaChaPoly *self, PyObject *const *args, P
 
     size_t length;
     if (!ready(self->keyed)
-        || seal_args(args, nargs, 8, TAG_SIZE, &seqnr, &head, &data, &padding, &out, &length) < 0)
+        || seal_args(args, nargs, 8, &chacha_tag_size, &seqnr, &head, &data, &padding, &out,
+                     &length) < 0)
         goto done;
 
     uint8_t *w = out.buf;
@@ -516,6 +519,18 @@ static const EVP_CIPHER *aes_ctr(Py_ssize_t key_len)
     }
 }
 
+/* The HMAC of seqnr || m into `tag` (mac_size bytes). */
+static int etm_mac(EtM *self, uint64_t seqnr, const uint8_t *m, size_t len, uint8_t *tag)
+{
+    uint8_t seq[4] = {(uint8_t)(seqnr >> 24), (uint8_t)(seqnr >> 16), (uint8_t)(seqnr >> 8),
+                      (uint8_t)seqnr};
+    size_t outl;
+    /* No key: HMAC starts again from the keyed state. */
+    return EVP_MAC_init(self->mac, NULL, 0, NULL) && EVP_MAC_update(self->mac, seq, 4)
+           && EVP_MAC_update(self->mac, m, len)
+           && EVP_MAC_final(self->mac, tag, &outl, EVP_MAX_MD_SIZE);
+}
+
 /* EtM(key, iv, digest, mac_key): AES-CTR with `key` (16, 24 or 32 bytes)
  * and the 16-byte counter block `iv`, HMAC with OpenSSL's digest `digest`
  * ("SHA256", "SHA512") keyed with `mac_key`. */
@@ -557,6 +572,18 @@ static int EtM_init(EtM *self, PyObject *args, PyObject *kwds)
         openssl_error("HMAC size");
         goto done;
     }
+    /* Each packet's HMAC starts again from the keyed state with
+     * EVP_MAC_init(ctx, NULL, 0, NULL), which OpenSSL 3.0.0-3.0.2 accept but
+     * ignore (openssl#17811): there the second tag would come out wrong and
+     * every connection fail.  Two tags of the same input must agree, or
+     * cryptography takes over (hub/ssh/packet.py). */
+    uint8_t first[EVP_MAX_MD_SIZE], second[EVP_MAX_MD_SIZE];
+    static const uint8_t probe[1] = {0};
+    if (!etm_mac(self, 0, probe, 1, first) || !etm_mac(self, 0, probe, 1, second)
+        || CRYPTO_memcmp(first, second, self->mac_size)) {
+        openssl_error("HMAC does not start again per packet (OpenSSL 3.0.0-3.0.2)");
+        goto done;
+    }
     self->keyed = 1;
     rc = 0;
 done:
@@ -566,18 +593,6 @@ done:
     return rc;
 }
 
-/* The HMAC of seqnr || m into `tag` (mac_size bytes). */
-static int etm_mac(EtM *self, uint64_t seqnr, const uint8_t *m, size_t len, uint8_t *tag)
-{
-    uint8_t seq[4] = {(uint8_t)(seqnr >> 24), (uint8_t)(seqnr >> 16), (uint8_t)(seqnr >> 8),
-                      (uint8_t)seqnr};
-    size_t outl;
-    /* No key: HMAC starts again from the keyed state. */
-    return EVP_MAC_init(self->mac, NULL, 0, NULL) && EVP_MAC_update(self->mac, seq, 4)
-           && EVP_MAC_update(self->mac, m, len)
-           && EVP_MAC_final(self->mac, tag, &outl, EVP_MAX_MD_SIZE);
-}
-
 static PyObject *EtM_seal_into(EtM *self, PyObject *const *args, Py_ssize_t nargs)
 {
     uint64_t seqnr;
@@ -585,7 +600,7 @@ static PyObject *EtM_seal_into(EtM *self, PyObject *const *args, Py_ssize_t narg
     PyObject *result = NULL;
     size_t length;
     if (!ready(self->keyed)
-        || seal_args(args, nargs, 16, self->mac_size, &seqnr, &head, &data, &padding, &out,
+        || seal_args(args, nargs, 16, &self->mac_size, &seqnr, &head, &data, &padding, &out,
                      &length) < 0)
         goto done;
     uint8_t *w = out.buf;
