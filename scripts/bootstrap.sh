@@ -48,6 +48,9 @@ python_env() {  # python_env EXTRAS
         echo "bootstrap: installing Python packages into $VENV" >&2
         # OpenSSL's headers for hub/ssh/_packets.c (setup.py builds without it, slower).
         [ -f /usr/include/openssl/evp.h ] || apt_install libssl-dev:/nonexistent
+        # The C extensions are built in place and optional: one that fails to build
+        # must not leave an older build of it behind to be imported.
+        find "$ROOT/hub" -name '_*.so' -delete
         "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
         if ! "$VENV/bin/pip" install --disable-pip-version-check -e "$ROOT$extras" \
                 > >(tee "$VENV/pip.log" | progress "^(Collecting|Successfully installed) " "pip: ") 2>&1; then
