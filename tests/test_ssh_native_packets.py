@@ -213,3 +213,23 @@ def test_a_changed_length_never_yields_a_payload(kind: str, where: int, bit: int
     except PacketError:
         return
     assert opened is None
+
+
+@needs_c
+@pytest.mark.parametrize("kind", ["chacha", *KINDS])
+@pytest.mark.parametrize("size", [10, 5000])
+def test_nothing_is_decrypted_from_a_forged_packet(kind: str, size: int) -> None:
+    # open_into answers None for a bad tag and leaves `out` as it was: no
+    # plaintext of an unauthenticated packet reaches the caller's buffer.
+    seed = os.urandom(112)
+    if kind == "chacha":
+        sender = ChaCha20Poly1305Protection(CHACHA20_POLY1305, seed[:64])
+        receiver = ChaCha20Poly1305Protection(CHACHA20_POLY1305, seed[:64])
+    else:
+        sender, _ = twins(kind, seed)
+        receiver, _ = twins(kind, seed)
+    wire = bytearray(sender.sealInto(4, b"\x5e", os.urandom(size)))
+    wire[-1] ^= 0x01
+    out = bytearray(b"\xaa" * (size + 64))
+    assert receiver._c.open_into(4, bytes(wire), 0, out) is None
+    assert out == b"\xaa" * (size + 64)
