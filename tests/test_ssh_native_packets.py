@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -233,3 +234,56 @@ def test_nothing_is_decrypted_from_a_forged_packet(kind: str, size: int) -> None
     out = bytearray(b"\xaa" * (size + 64))
     assert receiver._c.open_into(4, bytes(wire), 0, out) is None
     assert out == b"\xaa" * (size + 64)
+
+
+def _c_object(kind: str, seed: bytes) -> Any:
+    if kind == "chacha":
+        return _packets.ChaChaPoly(seed[:64])
+    digest = "sha512" if "512" in kind else "sha256"
+    size = {"aes128": 16, "aes192": 24, "aes256": 32}[kind[:6]]
+    return _packets.EtM(seed[:size], seed[32:48], digest, seed[48:112])
+
+
+@needs_c
+@pytest.mark.parametrize("kind", ["chacha", *KINDS])
+@pytest.mark.parametrize("size,max_packet", [(70_000, 32768), (5, 32768), (8 * 32768, 32768),
+                                             (1000, 7)])
+def test_channel_data_sealed_in_one_call_is_what_each_packet_would_be(
+        kind: str, size: int, max_packet: int) -> None:
+    # seal_data_into (a channel's read in one call) makes the bytes seal_into makes
+    # for each CHANNEL_DATA packet in turn, given the same padding, across the
+    # sequence number's wrap at 2^32.
+    seed, data, padding = os.urandom(112), os.urandom(size), os.urandom(20_000)
+    block = 8 if kind == "chacha" else 16
+    together, apart = _c_object(kind, seed), _c_object(kind, seed)
+    out = bytearray(size + (size // max_packet + 1) * 200)
+    count, used = together.seal_data_into(2**32 - 2, 7, data, max_packet, padding, out)
+    expected, taken = b"", 0
+    for n, offset in enumerate(range(0, size, max_packet)):
+        chunk = data[offset : offset + max_packet]
+        pad = block - (9 + len(chunk) + 1) % block
+        pad += block if pad < 4 else 0
+        wire = bytearray(len(chunk) + 200)
+        head = b"\x5e" + (7).to_bytes(4, "big") + len(chunk).to_bytes(4, "big")
+        end = apart.seal_into((2**32 - 2 + n) % 2**32, head, chunk,
+                              padding[taken : taken + pad], wire)
+        expected += wire[:end]
+        taken += pad
+    assert (count, bytes(out[:used])) == (-(-size // max_packet), expected)
+
+
+@needs_c
+@pytest.mark.parametrize("kind", ["chacha", "aes128-ctr+sha256"])
+def test_channel_data_in_one_call_refuses_what_does_not_fit(kind: str) -> None:
+    c = _c_object(kind, os.urandom(112))
+    with pytest.raises(ValueError, match="too small"):
+        c.seal_data_into(0, 1, bytes(70_000), 32768, os.urandom(100), bytearray(70_000))
+    with pytest.raises(ValueError, match="padding"):
+        c.seal_data_into(0, 1, bytes(70_000), 32768, os.urandom(10), bytearray(80_000))
+    with pytest.raises(ValueError, match="maximum packet"):
+        c.seal_data_into(0, 1, bytes(10), 0, os.urandom(100), bytearray(1000))
+
+
+def test_without_the_c_object_channel_data_goes_packet_by_packet() -> None:
+    py = KINDS["aes128-ctr+sha256"](os.urandom(112))(False)
+    assert py.sealDataInto(0, 1, bytes(70_000), 32768, memoryview(bytearray(80_000))) is None

@@ -367,3 +367,44 @@ def test_a_stopped_hub_leaves_its_nodes_offline(hub: HubProcess, tmp_path: Path)
     finally:
         device.close()
         web.close()
+
+
+@pytest.mark.parametrize("cipher,mac", [
+    ("chacha20-poly1305@openssh.com", None),
+    ("aes128-ctr", "hmac-sha2-256-etm@openssh.com"),
+    ("aes256-ctr", "hmac-sha2-512-etm@openssh.com"),
+    ("aes128-gcm@openssh.com", None),  # cryptography's path, for contrast
+], ids=["chacha20-poly1305", "aes128-ctr-sha256-etm", "aes256-ctr-sha512-etm", "aes128-gcm"])
+def test_bulk_both_ways_with_each_packet_protection(hub: HubProcess, tmp_path: Path,
+                                                     cipher: str, mac: str | None) -> None:
+    # 8 MiB each way through a real `ssh -R` with the cipher forced: the hub seals
+    # each read's CHANNEL_DATA packets with one call of its C packet layer (where it
+    # has one for the cipher) and opens the device's one at a time; OpenSSH takes
+    # and makes them byte-exact.
+    total = 8 * 1024 * 1024
+    stream = PatternStream(total)
+    sinks: list[Sink] = []
+    device_server = Listener(lambda conn: sinks.append(Sink(conn)))
+    device = Device(hub, tmp_path, "site-a")
+    extra = ("-o", f"Ciphers={cipher}", *(("-o", f"MACs={mac}") if mac else ()))
+    device.connect(f"0:127.0.0.1:{device_server.port}", extra=extra)
+    port = device.forwards()["ssh"]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as hub_side:
+            source = Source(hub_side, stream)
+            source.thread.join(60)
+            wait_for(lambda: sinks and not sinks[0].thread.is_alive(), 60, "the device's sink")
+            assert source.error is None
+            assert (sinks[0].count, sinks[0].hash.hexdigest()) == (total, stream.digest())
+        back = Listener(lambda conn: Source(conn, stream))
+        device.close()
+        device = Device(hub, tmp_path, "site-b")
+        device.connect(f"0:127.0.0.1:{back.port}", extra=extra)
+        with socket.create_connection(("127.0.0.1", device.forwards()["ssh"]),
+                                      timeout=30) as hub_side:
+            hub_side.settimeout(60)
+            sink = Sink(hub_side)
+            sink.thread.join(60)
+            assert (sink.count, sink.hash.hexdigest()) == (total, stream.digest())
+    finally:
+        device.close()

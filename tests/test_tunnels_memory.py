@@ -1380,6 +1380,9 @@ class RecordingSSH:
     def sendPacketParts(self, kind: int, head: bytes, data: Any) -> None:
         self.packets.append(bytes(data))
 
+    def sendChannelData(self, recipient: int, data: Any, maxPacket: int) -> bool:
+        return False  # packet by packet, each recorded
+
     def beginBatch(self) -> bool:
         return False
 
@@ -1797,6 +1800,9 @@ class RecordingSink:
 
     def sendPacketParts(self, messageType: int, head: bytes, data: Any) -> None:
         self.inner.sendPacketParts(messageType, head, data)
+
+    def sendChannelData(self, recipient: int, data: Any, maxPacket: int) -> bool:
+        return bool(self.inner.sendChannelData(recipient, data, maxPacket))
 
     def beginBatch(self) -> bool:
         self.record.append("begin")

@@ -229,17 +229,28 @@ static int whole_length(const uint8_t *p, size_t have, size_t block, size_t tag_
     return 1;
 }
 
+/* One packet's payload and padding, where they lie. */
+struct parts {
+    const uint8_t *head, *data, *padding;
+    size_t head_len, data_len, pad_len;
+};
+
+static struct parts parts_of(Py_buffer *head, Py_buffer *data, Py_buffer *padding)
+{
+    struct parts p = {head->buf, data->buf, padding->buf, (size_t)head->len, (size_t)data->len,
+                      (size_t)padding->len};
+    return p;
+}
+
 /* padding_length || head || data || padding, encrypted by `ctx` from where
  * each part lies straight to `w` (no framed copy first). */
-static int encrypt_parts(EVP_CIPHER_CTX *ctx, uint8_t *w, Py_buffer *head, Py_buffer *data,
-                         Py_buffer *padding)
+static int encrypt_parts(EVP_CIPHER_CTX *ctx, uint8_t *w, const struct parts *p)
 {
-    uint8_t first[1] = {(uint8_t)padding->len};
+    uint8_t first[1] = {(uint8_t)p->pad_len};
     return xor_stream(ctx, w, first, 1)
-           && xor_stream(ctx, w + 1, head->buf, (size_t)head->len)
-           && xor_stream(ctx, w + 1 + head->len, data->buf, (size_t)data->len)
-           && xor_stream(ctx, w + 1 + head->len + data->len, padding->buf,
-                         (size_t)padding->len);
+           && xor_stream(ctx, w + 1, p->head, p->head_len)
+           && xor_stream(ctx, w + 1 + p->head_len, p->data, p->data_len)
+           && xor_stream(ctx, w + 1 + p->head_len + p->data_len, p->padding, p->pad_len);
 }
 
 /* Open's end: None if `tag` is not the packet's, else its body decrypted by
@@ -392,30 +403,36 @@ static int ChaChaPoly_init(ChaChaPoly *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-static PyObject *ChaChaPoly_seal_into(ChaChaPoly *self, PyObject *const *args, Py_ssize_t nargs)
+/* Seal one packet at `w` (room checked by the caller): 1, or 0 if OpenSSL failed. */
+static int chacha_seal(void *obj, uint64_t seqnr, const struct parts *p, size_t length,
+                       uint8_t *w)
 {
-    uint64_t seqnr;
-    Py_buffer head = {0}, data = {0}, padding = {0}, out = {0};
-    PyObject *result = NULL;
-
-    size_t length;
-    if (!ready(self->keyed)
-        || seal_args(args, nargs, 8, &chacha_tag_size, &seqnr, &head, &data, &padding, &out,
-                     &length) < 0)
-        goto done;
-
-    uint8_t *w = out.buf;
+    ChaChaPoly *self = obj;
     uint8_t len_plain[4];
     store32_be(len_plain, (uint32_t)length);
     uint8_t block0[64];
     int ok = start_stream(self->header, seqnr, 0) && xor_stream(self->header, w, len_plain, 4)
              && poly_key(self, seqnr, block0)
-             && encrypt_parts(self->main, w + 4, &head, &data, &padding)
+             && encrypt_parts(self->main, w + 4, p)
              && make_tag(self, block0, w, 4 + length, w + 4 + length);
     OPENSSL_cleanse(block0, sizeof block0);
-    result = ok ? PyLong_FromSize_t(4 + length + TAG_SIZE)
-                : openssl_error("chacha20-poly1305 seal");
+    return ok;
+}
 
+static PyObject *ChaChaPoly_seal_into(ChaChaPoly *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t seqnr;
+    Py_buffer head = {0}, data = {0}, padding = {0}, out = {0};
+    PyObject *result = NULL;
+    size_t length;
+    if (!ready(self->keyed)
+        || seal_args(args, nargs, 8, &chacha_tag_size, &seqnr, &head, &data, &padding, &out,
+                     &length) < 0)
+        goto done;
+    struct parts p = parts_of(&head, &data, &padding);
+    result = chacha_seal(self, seqnr, &p, length, out.buf)
+                 ? PyLong_FromSize_t(4 + length + TAG_SIZE)
+                 : openssl_error("chacha20-poly1305 seal");
 done:
     release_all(&head, &data, &padding, &out);
     return result;
@@ -468,6 +485,85 @@ static void ChaChaPoly_dealloc(ChaChaPoly *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* seal_data_into(seqnr, recipient, data, max_packet, padding, out) -> (count, used):
+ * all of `data` as SSH_MSG_CHANNEL_DATA packets to channel `recipient`, at
+ * most `max_packet` bytes of data each, sealed one after another into `out`
+ * as packets seqnr, seqnr + 1, ... (mod 2^32), each padded as seal_into pads
+ * (4 to block + 3 bytes, taken in turn from `padding`).  One call for what a
+ * channel writes from one read: the packets are the bytes seal_into would
+ * make for each, given the same padding. */
+typedef int (*seal_fn)(void *self, uint64_t seqnr, const struct parts *p, size_t length,
+                       uint8_t *w);
+
+static PyObject *seal_data(void *self, int keyed, seal_fn seal, size_t block,
+                           const size_t *tag_size, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer data = {0}, padding = {0}, out = {0};
+    PyObject *result = NULL;
+    uint64_t seqnr;
+    if (!ready(keyed))
+        return NULL;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "seal_data_into(seqnr, recipient, data, max_packet, padding, out)");
+        return NULL;
+    }
+    unsigned long recipient = PyLong_AsUnsignedLong(args[1]);
+    Py_ssize_t max_packet = PyLong_AsSsize_t(args[3]);
+    if (get_seqnr(args[0], &seqnr) < 0 || PyErr_Occurred())
+        return NULL;
+    if (recipient > 0xffffffffu || max_packet < 1 || max_packet > 0x7fffffff) {
+        PyErr_SetString(PyExc_ValueError, "bad recipient channel or maximum packet size");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[2], &data, PyBUF_SIMPLE) < 0
+        || PyObject_GetBuffer(args[4], &padding, PyBUF_SIMPLE) < 0
+        || PyObject_GetBuffer(args[5], &out, PyBUF_WRITABLE) < 0)
+        goto done;
+    const uint8_t *d = data.buf, *pad_bytes = padding.buf;
+    uint8_t *w = out.buf;
+    size_t left = (size_t)data.len, pad_left = (size_t)padding.len, room = (size_t)out.len;
+    size_t count = 0, used = 0;
+    while (left) {
+        size_t n = left < (size_t)max_packet ? left : (size_t)max_packet;
+        uint8_t head[9] = {94};  /* SSH_MSG_CHANNEL_DATA, recipient, length */
+        store32_be(head + 1, (uint32_t)recipient);
+        store32_be(head + 5, (uint32_t)n);
+        size_t pad = block - (9 + n + 1) % block;
+        if (pad < 4)
+            pad += block;
+        size_t length = 1 + 9 + n + pad, total = 4 + length + *tag_size;
+        if (pad > pad_left || total > room) {
+            PyErr_SetString(PyExc_ValueError, pad > pad_left ? "not enough padding"
+                                                             : "output buffer too small");
+            goto done;
+        }
+        struct parts p = {head, d, pad_bytes, 9, n, pad};
+        if (!seal(self, (uint32_t)(seqnr + count), &p, length, w)) {
+            openssl_error("sealing channel data");
+            goto done;
+        }
+        d += n;
+        left -= n;
+        pad_bytes += pad;
+        pad_left -= pad;
+        w += total;
+        room -= total;
+        used += total;
+        count++;
+    }
+    result = Py_BuildValue("(nn)", (Py_ssize_t)count, (Py_ssize_t)used);
+done:
+    release_all(&data, &padding, &out, NULL);
+    return result;
+}
+
+static PyObject *ChaChaPoly_seal_data_into(ChaChaPoly *self, PyObject *const *args,
+                                           Py_ssize_t nargs)
+{
+    return seal_data(self, self->keyed, chacha_seal, 8, &chacha_tag_size, args, nargs);
+}
+
 /* The method table and type of a packet protection NAME: its NAME_init,
  * NAME_seal_into, NAME_open_into and NAME_dealloc above. */
 #define PACKET_TYPE(NAME, DOC)                                                              \
@@ -476,6 +572,8 @@ static void ChaChaPoly_dealloc(ChaChaPoly *self)
          "seal_into(seqnr, head, data, padding, out) -> wire length"},                      \
         {"open_into", (PyCFunction)(void (*)(void))NAME##_open_into, METH_FASTCALL,         \
          "open_into(seqnr, buf, pos, out) -> packet_length, 0, -1 - packet_length or None"}, \
+        {"seal_data_into", (PyCFunction)(void (*)(void))NAME##_seal_data_into, METH_FASTCALL, \
+         "seal_data_into(seqnr, recipient, data, max_packet, padding, out) -> (count, used)"}, \
         {NULL, NULL, 0, NULL},                                                              \
     };                                                                                      \
     static PyTypeObject NAME##Type = {                                                      \
@@ -593,6 +691,14 @@ done:
     return rc;
 }
 
+static int etm_seal(void *obj, uint64_t seqnr, const struct parts *p, size_t length, uint8_t *w)
+{
+    EtM *self = obj;
+    store32_be(w, (uint32_t)length);
+    return encrypt_parts(self->cipher, w + 4, p)
+           && etm_mac(self, seqnr, w, 4 + length, w + 4 + length);
+}
+
 static PyObject *EtM_seal_into(EtM *self, PyObject *const *args, Py_ssize_t nargs)
 {
     uint64_t seqnr;
@@ -603,12 +709,10 @@ static PyObject *EtM_seal_into(EtM *self, PyObject *const *args, Py_ssize_t narg
         || seal_args(args, nargs, 16, &self->mac_size, &seqnr, &head, &data, &padding, &out,
                      &length) < 0)
         goto done;
-    uint8_t *w = out.buf;
-    store32_be(w, (uint32_t)length);
-    int ok = encrypt_parts(self->cipher, w + 4, &head, &data, &padding)
-             && etm_mac(self, seqnr, w, 4 + length, w + 4 + length);
-    result = ok ? PyLong_FromSize_t(4 + length + self->mac_size)
-                : openssl_error("encrypt-then-MAC seal");
+    struct parts p = parts_of(&head, &data, &padding);
+    result = etm_seal(self, seqnr, &p, length, out.buf)
+                 ? PyLong_FromSize_t(4 + length + self->mac_size)
+                 : openssl_error("encrypt-then-MAC seal");
 done:
     release_all(&head, &data, &padding, &out);
     return result;
@@ -644,6 +748,11 @@ static void EtM_dealloc(EtM *self)
     EVP_CIPHER_CTX_free(self->cipher);
     EVP_MAC_CTX_free(self->mac);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *EtM_seal_data_into(EtM *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return seal_data(self, self->keyed, etm_seal, 16, &self->mac_size, args, nargs);
 }
 
 PACKET_TYPE(EtM, "aes*-ctr with hmac-sha2-*-etm@openssh.com, one direction")

@@ -77,11 +77,14 @@ class PacketWriteMixin:
         if top <= rmp:
             self._send_data(sink, view[:top])
         else:
-            # Several packets from one read: written with one system call.
+            # Several packets from one read: written with one system call,
+            # and sealed with one call of the C packet layer where it can.
             batched = sink.beginBatch()
             try:
-                for offset in range(0, top, rmp):
-                    self._send_data(sink, view[offset : offset + rmp])
+                if not self.localClosed and not sink.sendChannelData(
+                        self.conn.channelsToRemoteChannel[self], view[:top], rmp):
+                    for offset in range(0, top, rmp):
+                        self._send_data(sink, view[offset : offset + rmp])
             finally:
                 if batched:
                     sink.endBatch()

@@ -237,6 +237,25 @@ class Framed:
         self.wanted = 0
         return unframeBody(plain[:got]), 4 + got + tagSize
 
+    def sealDataInto(
+        self, seqnr: int, recipient: int, data: Bytes, maxPacket: int, out: memoryview
+    ) -> tuple[int, int] | None:
+        """
+        All of C{data} as CHANNEL_DATA packets to channel C{recipient}, at most
+        C{maxPacket} bytes of it each, sealed one after another into C{out}
+        by C{self._c} (packets C{seqnr}, C{seqnr + 1}, ...): how many packets,
+        and how many bytes of C{out}; L{None} if this protection has no C
+        object (the caller then sends packet by packet).
+        """
+        c = self._c
+        if c is None:
+            return None
+        count = -(-len(data) // maxPacket)
+        padding = self._padding.take(count * (self.blockSize + 3))  # type: ignore[attr-defined]
+        result: tuple[int, int] = c.seal_data_into(seqnr, recipient, data, maxPacket,
+                                                   padding, out)
+        return result
+
     def seal(self, seqnr: int, payload: bytes) -> bytes:
         return self.sealInto(seqnr, b"", payload).tobytes()
 

@@ -165,6 +165,15 @@ class RekeyMeter:
         self.packetsOut += 1
         return self.due
 
+    def sentMany(self, nbytes: int, packets: int) -> bool:
+        """
+        Count C{packets} packets of C{nbytes} in all, sent together; whether a
+        rekey is due now.
+        """
+        self.bytesOut += nbytes
+        self.packetsOut += packets
+        return self.due
+
     def received(self, nbytes: int) -> None:
         self.bytesIn += nbytes
         self.packetsIn += 1

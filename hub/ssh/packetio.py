@@ -141,6 +141,36 @@ class PacketIOMixin(_Base):
         if self._meter.sent(sent):
             self._maybeRekey()
 
+    def sendChannelData(self, recipient: int, data: Bytes, maxPacket: int) -> bool:
+        """
+        All of C{data} as CHANNEL_DATA packets to channel C{recipient}, sealed
+        with one call of the C packet layer into the output batch (what a
+        channel writes from one read: 8 packets of 32 KiB from a 256 KiB
+        read); False, with nothing sent, where that cannot be done (no batch
+        gathering for this transport, a key exchange under way, compression,
+        or a protection without its C object): the caller then sends the
+        packets one L{sendPacketParts} at a time.
+        """
+        if self._keyExchangeState != self._KEY_EXCHANGE_NONE or self.outgoingCompression:
+            return False
+        ciphers = self.currentEncryptions
+        batch = self._batch
+        if not isinstance(ciphers, ModernSSHCiphers) or not batch.collecting(self.transport):
+            return False
+        outbound = ciphers.outbound
+        if getattr(outbound, "_c", None) is None:
+            return False
+        count = -(-len(data) // maxPacket)
+        room = batch.take(len(data) + count * (9 + SEAL_OVERHEAD))
+        sealed = outbound.sealDataInto(  # type: ignore[attr-defined]
+            self.outgoingPacketSequence, recipient, data, maxPacket, room)
+        sent, used = sealed
+        batch.commit(room[:used])
+        self.outgoingPacketSequence = (self.outgoingPacketSequence + sent) & _SEQUENCE_MASK
+        if self._meter.sentMany(used, sent):
+            self._maybeRekey()
+        return True
+
     def beginBatch(self) -> bool:
         """
         Gather the packets sent from now on and write them with one system

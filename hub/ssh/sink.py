@@ -25,6 +25,12 @@ class IPacketSink(Interface):
     def sendPacketParts(messageType: int, head: bytes, data: Bytes) -> None:  # noqa: N805 (zope)
         """Send the packet whose payload is `head + data`, without joining them."""
 
+    def sendChannelData(recipient: int, data: Bytes, maxPacket: int) -> bool:  # noqa: N805
+        """Send all of `data` as CHANNEL_DATA packets to channel `recipient`, at
+        most `maxPacket` bytes each, in one go if this sink can (into a batch
+        that is gathering); False, with nothing sent, if the caller must send
+        them one `sendPacketParts` at a time."""
+
     def beginBatch() -> bool:
         """Gather the packets sent from now on, to write them with one system
         call at `endBatch`; call `endBatch` only if this answered True."""
@@ -55,6 +61,9 @@ class PlainSink:
 
     def sendPacketParts(self, messageType: int, head: bytes, data: Bytes) -> None:
         self._transport.sendPacket(messageType, head + bytes(data))
+
+    def sendChannelData(self, recipient: int, data: Bytes, maxPacket: int) -> bool:
+        return False
 
     def beginBatch(self) -> bool:
         return False
