@@ -481,6 +481,12 @@ class TestKexRules:
         assert not meter.due
         assert [meter.sent(1) for _ in range(3)] == [False, False, True]
         assert meter.due
+        # The packets of one read, counted together: by packets, and by bytes.
+        meter.restart(1000)
+        assert not meter.sentMany(500, 2)
+        assert meter.sentMany(10, 1)  # the third packet
+        meter.restart(1000)
+        assert meter.sentMany(1000, 1)
 
 
 class TestSignatureChoice:

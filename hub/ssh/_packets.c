@@ -38,6 +38,10 @@
  *       out, its body then decrypted into out[:L]; otherwise -1 - L (not
  *       whole yet, a length the caller must check, or too large for out);
  *       None if the tag does not match (out is then untouched).
+ *
+ *   seal_data_into(seqnr, recipient, data, max_packet, padding, out) -> (count, used)
+ *       All of data as CHANNEL_DATA packets to channel recipient, sealed one
+ *       after another into out (see seal_data below).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
