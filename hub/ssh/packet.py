@@ -394,7 +394,8 @@ class ChaCha20Poly1305Protection(Framed):
             self._block0 = memoryview(bytearray(64))
             self._polyKey = self._block0[:32]
             self._length = memoryview(bytearray(4))
-        self._pending: tuple[int, int] | None = None
+            # The length of the packet being waited for, decrypted once.
+            self._pending: tuple[int, int] | None = None
 
     def sealBody(self, seqnr: int, body: bytes) -> bytes:
         """
