@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -9,18 +10,39 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.application import service
-from twisted.logger import ILogObserver, Logger, LogLevel, PredicateResult, textFileLogObserver
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    PredicateResult,
+)
 
 from hub.app.logs import (
+    HeldWrites,
     HubService,
     RoutineChatter,
-    SecondsText,
     filtered_observer,
     parse_level,
     twistd_destination,
 )
 from hub.errors import ConfigError
 from hub.ssh.loglevel import GatedLogger
+
+
+class Recording:
+    """A destination that keeps each write and counts the flushes."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+        self.flushes = 0
+
+    def write(self, text: str) -> None:
+        self.writes.append(text)
+
+    def flush(self) -> None:
+        self.flushes += 1
 
 
 def test_parse_level() -> None:
@@ -107,30 +129,82 @@ def test_events_below_the_level_are_dropped_by_the_first_predicate() -> None:
     """A debug event goes no further than the first check (Conch logs several per
     login: in a reconnect storm, 4 % of a worker's time went to filtering them)."""
     chatter = RoutineChatter(LogLevel.info)
-    assert chatter({"log_level": LogLevel.debug, "log_format": "x"}) is PredicateResult.no
-    assert chatter({"log_level": LogLevel.info, "log_format": "x"}) is PredicateResult.maybe
+    event = {"log_format": "x", "log_namespace": "hub.tunnel.live"}
+    assert chatter({**event, "log_level": LogLevel.debug}) is PredicateResult.no
+    assert chatter({**event, "log_level": LogLevel.info}) is PredicateResult.yes
     debugging = RoutineChatter(LogLevel.debug)
-    assert debugging({"log_level": LogLevel.debug, "log_format": "x"}) is PredicateResult.maybe
+    assert debugging({**event, "log_level": LogLevel.debug}) is PredicateResult.yes
 
 
-def test_lines_are_those_of_twisteds_text_observer() -> None:
-    """The time is worked out once a second; the lines stay what they were."""
-    ours, twisteds = io.StringIO(), io.StringIO()
-    observers = [filtered_observer(ours, LogLevel.info), textFileLogObserver(twisteds)]
-    for when in (1_700_000_000.0, 1_700_000_000.9, 1_700_000_001.2, 1_700_003_600.5):
-        event = {"log_format": "node {n}\nonline", "n": "a", "log_level": LogLevel.info,
-                 "log_namespace": "hub.tunnel.sessions", "log_time": when}
-        for observer in observers:
-            observer(dict(event))
-    assert ours.getvalue() == twisteds.getvalue()
-    assert ours.getvalue().count("\n") == 8
+def test_the_chatter_filter_keeps_what_twisteds_level_filter_keeps() -> None:
+    """`RoutineChatter` is the whole filter: for every level it is set to, it drops
+    what `LogLevelFilterPredicate` with that default level drops (no level, no
+    namespace, below the level) and keeps what it keeps, routine chatter aside."""
+    levels = list(LogLevel.iterconstants())
+    for level in levels:
+        ours, twisteds = RoutineChatter(level), LogLevelFilterPredicate(defaultLogLevel=level)
+        for event_level in [*levels, None]:
+            for namespace in ("hub.tunnel.live", "log_legacy", None):
+                event: dict[str, Any] = {"log_format": "node {n} online", "n": "a"}
+                if event_level is not None:
+                    event["log_level"] = event_level
+                if namespace is not None:
+                    event["log_namespace"] = namespace
+                kept = ours(event) is not PredicateResult.no
+                assert kept == (twisteds(event) is not PredicateResult.no), (level, event)
 
 
-def test_seconds_text_reuses_the_text_within_a_second() -> None:
-    when = SecondsText()
-    first = when(1_700_000_000.1)
-    assert when(1_700_000_000.9) is first and when(1_700_000_001.0) is not first
-    assert when(None) == "-"
+def running_clock() -> MemoryReactorClock:
+    clock = MemoryReactorClock()
+    clock.running = True  # as the reactor is while it turns (MemoryReactor.run stops at once)
+    return clock
+
+
+def test_held_lines_go_out_in_one_write_after_the_delay() -> None:
+    clock, out = running_clock(), Recording()
+    held = HeldWrites(out, clock, 0.05)
+    log = Logger(observer=filtered_observer(held, LogLevel.info), namespace="hub.tunnel.live")
+    for node in ("site-a", "site-b", "site-c"):
+        log.info("node {node} online", node=node)
+    clock.advance(0.04)
+    assert out.writes == []
+    clock.advance(0.01)
+    [written] = out.writes
+    assert [line.split(" ", 2)[2] for line in written.splitlines()] == [
+        "node site-a online", "node site-b online", "node site-c online"]
+    assert out.flushes == 1 and not clock.getDelayedCalls()
+    log.info("node {node} offline", node="site-a")
+    held.flush_now()  # as the reactor stops
+    assert out.writes[-1].endswith("node site-a offline\n") and out.flushes == 2
+    assert not clock.getDelayedCalls()
+    held.flush_now()
+    assert out.flushes == 2  # nothing held, nothing written
+
+
+def test_another_threads_line_goes_out_at_once_after_what_is_held() -> None:
+    clock, out = running_clock(), Recording()
+    held = HeldWrites(out, clock, 0.05)
+    held.write("first\n")
+    worker = threading.Thread(target=held.write, args=("from the registry thread\n",))
+    worker.start()
+    worker.join()
+    assert out.writes == ["first\nfrom the registry thread\n"]
+    clock.advance(0.05)
+    assert out.writes == ["first\nfrom the registry thread\n"] and out.flushes == 1
+
+
+def test_lines_go_out_at_once_while_the_reactor_is_not_running() -> None:
+    """Before it starts and after it stopped (twistd ends a hub stopped by a signal
+    with that signal: no exit handler would write what is held)."""
+    clock, out = MemoryReactorClock(), Recording()
+    held = HeldWrites(out, clock, 0.05)
+    held.write("starting\n")
+    assert out.writes == ["starting\n"] and not clock.getDelayedCalls()
+    clock.running = True
+    held.write("node a online\n")
+    clock.running = False  # stopped before the delay ran out
+    held.write("Main loop terminated.\n")
+    assert out.writes == ["starting\n", "node a online\nMain loop terminated.\n"]
 
 
 @pytest.fixture

@@ -26,11 +26,11 @@ from twisted.python.failure import Failure
 
 from hub.app.config import workers_option
 from hub.app.datalock import DataLockService
+from hub.app.logs import HeldWrites
 from hub.app.service import Options, makeService
 from hub.app.sharedport import SharedListenerService, TcpListen, parse_tcp_listen, shared_socket
 from hub.app.worker import (
     LOG_BATCH_DELAY,
-    HeldFlushes,
     ParentWatch,
     json_observer,
     make_worker_service,
@@ -391,7 +391,8 @@ class FlushCounting(io.StringIO):
 def test_a_workers_log_records_go_to_worker_0_together(logged: list[LogEvent]) -> None:
     """One pipe write for a burst of records, not one per record."""
     clock, out = MemoryReactorClock(), FlushCounting()
-    held = HeldFlushes(out, clock)
+    clock.running = True  # records are held while the reactor runs
+    held = HeldWrites(out, clock, LOG_BATCH_DELAY)
     log = Logger(observer=json_observer(LogLevel.info, held), namespace="hub.tunnel.live")
     for node in ("site-a", "site-b", "site-c"):
         log.info("node {node} online", node=node)

@@ -13,24 +13,22 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import IO, Any, TextIO
+from typing import Any, TextIO
 
 from twisted.application import internet, service
 from twisted.internet import protocol, stdio
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
     Logger,
-    LogLevelFilterPredicate,
     globalLogBeginner,
 )
 from twisted.python.failure import Failure
 
 from hub.app.config import HubConfig, as_worker
 from hub.app.console import worker_weblinks
-from hub.app.logs import RoutineChatter
+from hub.app.logs import HeldWrites, RoutineChatter
 from hub.app.peering import add_peering
 from hub.app.sharedport import SharedListenerService, parse_tcp_listen
 from hub.app.workers import FIGURES_KEY, FIGURES_REQUEST, RECORD_SEPARATOR, line_record
@@ -133,39 +131,11 @@ def make_worker_service(config: HubConfig, index: int, reactor: Any) -> service.
 LOG_BATCH_DELAY = 0.05
 
 
-class HeldFlushes:
-    """The stream log records go to worker 0 on, flushed at most every `delay`
-    seconds: `FileLogObserver` flushes after each record, and a pipe write per
-    record woke worker 0 for each (in a reconnect storm worker 1 logs three lines
-    per device, and relaying them was 6 % of worker 0's time). What a flush still
-    holds goes out when the reactor stops, or at exit."""
-
-    def __init__(self, out: IO[str], clock: IReactorTime, delay: float = LOG_BATCH_DELAY
-                 ) -> None:
-        self._out, self._clock, self._delay = out, clock, delay
-        self._pending: IDelayedCall | None = None
-
-    def write(self, text: str) -> None:
-        self._out.write(text)
-
-    def flush(self) -> None:
-        if self._pending is None:
-            self._pending = self._clock.callLater(self._delay, self.flush_now)
-
-    def flush_now(self) -> None:
-        if self._pending is not None and self._pending.active():
-            self._pending.cancel()
-        self._pending = None
-        self._out.flush()
-
-
 def json_observer(level: Any, out: Any) -> ILogObserver:
     """Log records for worker 0 on `out` (a text stream), filtered as worker 0
     filters its own: each is `RS [time, level, namespace, text] LF`, the event's
     text (a failure's traceback included) formatted here (`hub.app.workers.line_record`)."""
-    return FilteringLogObserver(FileLogObserver(out, line_record),
-                                [RoutineChatter(level),
-                                 LogLevelFilterPredicate(defaultLogLevel=level)])
+    return FilteringLogObserver(FileLogObserver(out, line_record), [RoutineChatter(level)])
 
 
 def main(argv: list[str]) -> int:
@@ -185,7 +155,7 @@ def main(argv: list[str]) -> int:
     except SystemExit as e:
         print(f"worker {index}: {e}", file=sys.stderr)
         return 2
-    out = HeldFlushes(sys.stdout, reactor)
+    out = HeldWrites(sys.stdout, reactor, LOG_BATCH_DELAY)
     reactor.addSystemEventTrigger("after", "shutdown", out.flush_now)
     globalLogBeginner.beginLoggingTo([json_observer(options.log_level, out)],
                                      redirectStandardIO=False)
