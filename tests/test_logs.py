@@ -193,6 +193,29 @@ def test_another_threads_line_goes_out_at_once_after_what_is_held() -> None:
     assert out.writes == ["first\nfrom the registry thread\n"] and out.flushes == 1
 
 
+def test_a_signal_handlers_line_in_the_middle_of_a_write_is_written_not_waited_for() -> None:
+    """Twisted's SIGTERM handler logs on the reactor's thread, wherever it stopped
+    it: in the middle of this class's own write it must not wait for the lock its
+    own thread holds (a worker hung there for good, its tunnels open)."""
+    clock = running_clock()
+
+    class Interrupted(Recording):
+        def write(self, text: str) -> None:
+            super().write(text)
+            if text.startswith("node"):  # the signal arrives during the write
+                held.write("Received SIGTERM, shutting down.\n")
+
+    out = Interrupted()
+    held = HeldWrites(out, clock, 0.05)
+    held.write("node a online\n")
+    flushing = threading.Thread(target=clock.advance, args=(0.05,), daemon=True)
+    flushing.start()  # not on the reactor's thread: held.write writes at once there
+    flushing.join(5)
+    assert not flushing.is_alive(), "the write waited for its own lock"
+    assert out.writes == ["node a online\n", "Received SIGTERM, shutting down.\n"]
+    assert out.flushes == 1
+
+
 def test_lines_go_out_at_once_while_the_reactor_is_not_running() -> None:
     """Before it starts and after it stopped (twistd ends a hub stopped by a signal
     with that signal: no exit handler would write what is held)."""

@@ -129,24 +129,30 @@ class HeldWrites:
     A line logged on another thread (the registry's, bcrypt's pool), or while the
     reactor is not running (before it starts, and after it stopped), goes out at
     once, after what is held, so the order is kept: only the reactor's thread may
-    schedule the write. `flush_now` writes what is held (as the reactor stops); a
-    process killed outright loses at most `delay` seconds of lines."""
+    schedule the write. A signal handler runs on the reactor's thread between two
+    steps of whatever it interrupted, this class's own write included, and
+    Twisted's logs ("Received SIGTERM"): its line is added to what is being written
+    (the lock is reentrant, and the write goes on until nothing is held), never
+    waited for. `flush_now` writes what is held (as the reactor stops); a process
+    killed outright loses at most `delay` seconds of lines."""
 
     def __init__(self, out: Any, clock: IReactorTime, delay: float) -> None:
         self._out, self._clock, self._delay = out, clock, delay
         self._held: list[str] = []
         self._pending: IDelayedCall | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._writing = False  # under the lock: `_write_held` is under way
         self._thread = threading.get_ident()
 
     def write(self, text: str) -> None:
-        if threading.get_ident() != self._thread or not getattr(self._clock, "running", True):
-            with self._lock:
-                self._held.append(text)
-                self._write_held()
-            return
         with self._lock:
             self._held.append(text)
+            if self._writing:  # a signal handler's line, in the middle of our write
+                return
+            if threading.get_ident() != self._thread or not getattr(
+                    self._clock, "running", True):
+                self._write_held()
+                return
         if self._pending is None:
             self._pending = self._clock.callLater(self._delay, self.flush_now)
 
@@ -159,14 +165,22 @@ class HeldWrites:
             self._pending.cancel()
         self._pending = None
         with self._lock:
-            self._write_held()
+            if not self._writing:
+                self._write_held()
 
     def _write_held(self) -> None:
-        if self._held:
-            text = "".join(self._held)
-            self._held.clear()
-            self._out.write(text)
+        """Write until nothing is held (with the lock held)."""
+        if not self._held:
+            return
+        self._writing = True
+        try:
+            while self._held:
+                text = "".join(self._held)
+                self._held.clear()
+                self._out.write(text)
             self._out.flush()
+        finally:
+            self._writing = False
 
 
 def twistd_destination(server_options: Any) -> Any:
