@@ -66,7 +66,7 @@ class RoutineChatter:
     It is also the level filter: an event below the level, or without a level or
     a namespace, is dropped as twisted.logger's `LogLevelFilterPredicate` with one
     default level drops it (the hub sets no level per namespace), without that
-    predicate's walk through the namespace's parts for every event (2-3 % of a
+    predicate's walk through the namespace's parts for every event (about 2 % of a
     worker's time in a reconnect storm)."""
 
     def __init__(self, level: LogLevel) -> None:
