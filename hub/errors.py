@@ -17,6 +17,11 @@ class RegistryError(HubError):
     """The registry refused a change; the message says why."""
 
 
+class RegistryStopped(RegistryError):
+    """A registry call made after the hub's registry thread stopped (the hub is
+    stopping): background reads let it pass quietly, changes are not written."""
+
+
 class RegistryBusy(RegistryError):
     """Another hub wrote the same rows at the same time (PostgreSQL): try again."""
 

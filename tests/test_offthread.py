@@ -9,7 +9,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogEvent, formatEvent
+from twisted.logger import LogEvent, LogLevel, formatEvent
 from twisted.python.failure import Failure
 
 from hub.errors import NotFound, RegistryError
@@ -214,3 +214,42 @@ def test_a_failed_batch_of_offline_writes_is_logged_once_naming_the_batch(
         "locked; the hub goes on without it",
         "registry write mark_offline('alone') failed: database is locked; the hub goes on "
         "without it"]
+
+
+def test_background_reads_after_the_stop_pass_quietly(
+        tmp_path: Path, logged: list[LogEvent]) -> None:
+    """The registry poll and the fleet view's read, made as the hub stops (after its
+    registry thread stopped), log no error: every normal stop wrote two #error lines
+    now and then. A call after the stop still fails, as `RegistryStopped`."""
+    from memory_hub import make_hub
+
+    from hub.cluster.view import FleetView
+    from hub.errors import RegistryStopped
+
+    clock = MemoryReactorClock()
+    (tmp_path / "registry").mkdir()
+    _, thread = opener(tmp_path / "registry", clock)
+    thread.startService()
+    result(thread.stopService())
+    thread.drain()
+    late = result(thread.call(Registry.nodes))
+    assert isinstance(late[0], Failure) and late[0].check(RegistryStopped)
+    (tmp_path / "hub").mkdir()
+    hub = make_hub(tmp_path / "hub", clock)
+    hub.calls = thread
+    hub.sync()
+    FleetView(thread).refresh()
+    assert [e for e in logged if e.get("log_level") == LogLevel.error] == []
+
+
+def test_a_failed_poll_still_says_so(tmp_path: Path, logged: list[LogEvent]) -> None:
+    from memory_hub import make_hub
+
+    class Failing:
+        def call(self, fn: object, *args: object) -> defer.Deferred[object]:
+            return defer.fail(RegistryError("database is locked"))
+
+    hub = make_hub(tmp_path, MemoryReactorClock())
+    hub.calls = Failing()  # type: ignore[assignment]
+    hub.sync()
+    assert "registry poll failed: database is locked" in texts(logged)

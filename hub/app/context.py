@@ -19,6 +19,7 @@ from hub.access.grants import RegistryGrants
 from hub.access.needs import GatewayNeeds, RegistrarNeeds
 from hub.access.operators import LiveOperators, read_operators
 from hub.app.config import HubConfig
+from hub.errors import RegistryStopped
 from hub.netconf.callhome import CallHomeNeeds
 from hub.ssh.keys import HubKeys
 from hub.ssh.usercerts import DeviceIdentity, HubUserCA
@@ -112,7 +113,8 @@ class Hub:
                 return self.apply() if changed else None
 
             def failed(f: Failure) -> None:
-                log.error("registry poll failed: {why}", why=f.getErrorMessage())
+                if not f.check(RegistryStopped):  # else the hub is stopping: nothing to apply
+                    log.error("registry poll failed: {why}", why=f.getErrorMessage())
 
             def done(_: object) -> None:
                 self._polling = False

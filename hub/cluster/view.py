@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hub.errors import RegistryStopped
 from hub.store.hubs import HubRow
 from hub.store.offthread import RegistryCalls
 from hub.store.registry import Node, Registry
@@ -60,6 +61,8 @@ class FleetView:
         self._again = False
 
         def failed(f: Failure) -> None:
+            if f.check(RegistryStopped):  # the hub is stopping: nothing to route
+                return
             log.error("reading the fleet's hubs and nodes failed: {why}; routing keeps "
                       "the last view", why=f.getErrorMessage())
 

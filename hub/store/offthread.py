@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hub.errors import RegistryError
+from hub.errors import RegistryError, RegistryStopped
 from hub.store.registry import Registry
 
 log = Logger()
@@ -186,7 +186,7 @@ class RegistryThread(Service):
     def call(self, fn: Callable[Concatenate[Registry, P], T], *args: P.args,
              **kwargs: P.kwargs) -> defer.Deferred[T]:
         if self._closed:
-            return defer.fail(RegistryError(
+            return defer.fail(RegistryStopped(
                 f"registry call {describe(fn, args)} after the hub stopped"))
         self._start()
         done: defer.Deferred[T] = defer.Deferred()
