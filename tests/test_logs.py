@@ -17,12 +17,14 @@ from twisted.logger import (
     LogLevel,
     LogLevelFilterPredicate,
     PredicateResult,
+    textFileLogObserver,
 )
 
 from hub.app.logs import (
     HeldWrites,
     HubService,
     RoutineChatter,
+    SecondsText,
     filtered_observer,
     parse_level,
     twistd_destination,
@@ -144,7 +146,7 @@ def test_the_chatter_filter_keeps_what_twisteds_level_filter_keeps() -> None:
     for level in levels:
         ours, twisteds = RoutineChatter(level), LogLevelFilterPredicate(defaultLogLevel=level)
         for event_level in [*levels, None]:
-            for namespace in ("hub.tunnel.live", "log_legacy", None):
+            for namespace in ("hub.tunnel.live", "log_legacy", "", None):
                 event: dict[str, Any] = {"log_format": "node {n} online", "n": "a"}
                 if event_level is not None:
                     event["log_level"] = event_level
@@ -213,7 +215,28 @@ def test_a_signal_handlers_line_in_the_middle_of_a_write_is_written_not_waited_f
     flushing.join(5)
     assert not flushing.is_alive(), "the write waited for its own lock"
     assert out.writes == ["node a online\n", "Received SIGTERM, shutting down.\n"]
-    assert out.flushes == 1
+    assert out.flushes == 2
+
+
+def test_a_signal_handlers_line_during_the_flush_is_written_too() -> None:
+    """The pipe write itself is most likely in the flush: a line logged there goes
+    out before the write returns, not whenever the next line comes (after the
+    reactor stopped, never)."""
+    clock = running_clock()
+
+    class InterruptedFlush(Recording):
+        def flush(self) -> None:
+            super().flush()
+            if self.flushes == 1:
+                held.write("Received SIGTERM, shutting down.\n")
+
+    out = InterruptedFlush()
+    held = HeldWrites(out, clock, 0.05)
+    held.write("node a online\n")
+    held.flush_now()
+    assert out.writes == ["node a online\n", "Received SIGTERM, shutting down.\n"]
+    held.write_now("figures\n")  # a record that must not wait
+    assert out.writes[-1] == "figures\n"
 
 
 def test_lines_go_out_at_once_while_the_reactor_is_not_running() -> None:
@@ -228,6 +251,26 @@ def test_lines_go_out_at_once_while_the_reactor_is_not_running() -> None:
     clock.running = False  # stopped before the delay ran out
     held.write("Main loop terminated.\n")
     assert out.writes == ["starting\n", "node a online\nMain loop terminated.\n"]
+
+
+def test_lines_are_those_of_twisteds_text_observer() -> None:
+    """The time is worked out once a second; the lines stay what they were."""
+    ours, twisteds = io.StringIO(), io.StringIO()
+    observers = [filtered_observer(ours, LogLevel.info), textFileLogObserver(twisteds)]
+    for when in (1_700_000_000.0, 1_700_000_000.9, 1_700_000_001.2, 1_700_003_600.5):
+        event = {"log_format": "node {n}\nonline", "n": "a", "log_level": LogLevel.info,
+                 "log_namespace": "hub.tunnel.sessions", "log_time": when}
+        for observer in observers:
+            observer(dict(event))
+    assert ours.getvalue() == twisteds.getvalue()
+    assert ours.getvalue().count("\n") == 8
+
+
+def test_seconds_text_reuses_the_text_within_a_second() -> None:
+    when = SecondsText()
+    first = when(1_700_000_000.1)
+    assert when(1_700_000_000.9) is first and when(1_700_000_001.0) is not first
+    assert when(None) == "-"
 
 
 @pytest.fixture

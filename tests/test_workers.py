@@ -325,7 +325,9 @@ def test_a_scrape_asks_each_running_worker_once_and_adds_its_figures(tmp_path: P
             ("gauge", "callhomehub_tunnels_online", {}, tunnels),
             ("counter", "callhomehub_tunnel_bytes_total", {"direction": "to_device"},
              to_device)]
-        watch = ParentWatch(MemoryReactorClock(), lambda: figures, out)
+        clock = MemoryReactorClock()
+        clock.running = True  # log records are held meanwhile; the figures are not
+        watch = ParentWatch(clock, lambda: figures, HeldWrites(out, clock, LOG_BATCH_DELAY))
         watch.dataReceived(FIGURES_REQUEST)
         log_record = "\x1e" + eventAsJSON({"log_format": "x", "log_level": LogLevel.info,
                                           "log_namespace": "t", "log_time": 1.0}) + "\n"

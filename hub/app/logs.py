@@ -74,7 +74,7 @@ class RoutineChatter:
 
     def __call__(self, event: dict[str, Any]) -> PredicateResult:
         level = event.get("log_level")
-        if level is None or level < self.level or event.get("log_namespace") is None:
+        if level is None or level < self.level or not event.get("log_namespace"):
             return PredicateResult.no
         if self.level <= LogLevel.debug or level >= LogLevel.warn:
             return PredicateResult.yes
@@ -168,8 +168,18 @@ class HeldWrites:
             if not self._writing:
                 self._write_held()
 
+    def write_now(self, text: str) -> None:
+        """Write `text` at once, after what is held: a record that must not wait
+        (a worker's figures for worker 0), on the one lock every write to `out`
+        takes, so a thread logging meanwhile cannot write in the middle of it."""
+        with self._lock:
+            self._held.append(text)
+            if not self._writing:
+                self._write_held()
+
     def _write_held(self) -> None:
-        """Write until nothing is held (with the lock held)."""
+        """Write and flush until nothing is held (with the lock held): a signal
+        handler's line added during the write or the flush goes out too."""
         if not self._held:
             return
         self._writing = True
@@ -178,7 +188,7 @@ class HeldWrites:
                 text = "".join(self._held)
                 self._held.clear()
                 self._out.write(text)
-            self._out.flush()
+                self._out.flush()
         finally:
             self._writing = False
 

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any
 
 from twisted.application import internet, service
 from twisted.internet import protocol, stdio
@@ -49,7 +49,7 @@ class ParentWatch(protocol.Protocol):
     which go back as one record among the log records on stdout."""
 
     def __init__(self, reactor: Any, figures: Callable[[], list[Figure]],
-                 out: TextIO = sys.stdout) -> None:
+                 out: HeldWrites) -> None:
         self.reactor = reactor
         self.figures = figures
         self.out = out
@@ -75,8 +75,7 @@ class ParentWatch(protocol.Protocol):
 
     def answer_figures(self) -> None:
         record = json.dumps({FIGURES_KEY: self.figures()}, separators=(",", ":"))
-        self.out.write(RECORD_SEPARATOR.decode() + record + "\n")
-        self.out.flush()
+        self.out.write_now(RECORD_SEPARATOR.decode() + record + "\n")
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if not self.stopping:  # else the pipe closes because this worker stops
@@ -170,7 +169,7 @@ def main(argv: list[str]) -> int:
     # stdout carries the log records: the watch gets a stdout of its own to not
     # make fd 1 non-blocking (mypy sees Windows' StandardIO signature).
     figures = top.figures  # type: ignore[attr-defined]
-    stdio.StandardIO(ParentWatch(reactor, figures), stdin=0,  # type: ignore[call-arg]
+    stdio.StandardIO(ParentWatch(reactor, figures, out), stdin=0,  # type: ignore[call-arg]
                      stdout=os.open(os.devnull, os.O_WRONLY), reactor=reactor)
     # Ctrl-C in a terminal reaches the whole process group: worker 0 stops the
     # workers itself (SIGTERM), so one does not end first and look like a crash.
