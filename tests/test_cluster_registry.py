@@ -8,6 +8,7 @@ from typing import TypeVar
 import pytest
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogEvent, LogLevel, formatEvent
 
 from hub.cluster.heartbeat import HubHeartbeat
 from hub.errors import RegistryError
@@ -158,6 +159,30 @@ def test_after_an_outage_of_the_registry_no_hub_reclaims_the_others(tmp_path: Pa
     beat_b._loop.stop()
     clock.pump([1.0] * int(HEARTBEAT * (DEAD_AFTER + 1)))
     assert b.node("site-a").hub is None
+
+
+def test_a_stopped_hubs_nodes_are_cleared_as_a_stop_not_a_death(
+        tmp_path: Path, logged: list[LogEvent]) -> None:
+    """A hub that said it stops (as every worker of a hub does on SIGTERM) leaves
+    its nodes online in the registry (its registry thread closed first): a live
+    hub clears them and says the hub stopped, at info; a warning with the age of
+    a heartbeat of 0 (56 years) read as an alarm on every restart."""
+    clock = MemoryReactorClock()
+    a, b = two_hubs(tmp_path, clock)
+    beat_a = HubHeartbeat(InlineCalls(a), clock, "hub-a", "ssh-ed25519 AAAA a")
+    beat_b = HubHeartbeat(InlineCalls(b), clock, "hub-b", "ssh-ed25519 AAAA b")
+    clock.advance(1_700_000_000)
+    beat_a.start("127.0.0.1:1001")
+    beat_b.start("127.0.0.1:1002")
+    a.mark_online("site-a", "192.0.2.7")
+    clock.pump([HEARTBEAT] * (DEAD_AFTER + 1))  # hub B judges others now
+    beat_a.stop()
+    assert fired(beat_b.beat()) == ["site-a"]
+    assert not b.node("site-a").online
+    lines = [(e["log_level"], formatEvent(e)) for e in logged
+             if e.get("log_namespace") == "hub.cluster.heartbeat" and "site-a" in formatEvent(e)]
+    assert lines == [(LogLevel.info, "hub hub-a stopped: 1 node(s) it held are offline now, "
+                                     "their ports kept: site-a")]
 
 
 def test_a_hub_that_stops_is_dead_at_once_and_a_lost_row_is_written_again(

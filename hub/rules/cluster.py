@@ -13,6 +13,8 @@ HEARTBEAT = 5.0
 # stalled for a moment (a long registry write, a GC pause) is not reclaimed,
 # a killed one is within 15 s.
 DEAD_AFTER = 3
+# The heartbeat a hub writes as it stops (`Registry.hub_stopped`): dead at once.
+STOPPED = 0.0
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _ALL_INTERFACES = ("", "0.0.0.0", "::", "[::]")

@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 
 from attrs import frozen
 
+from hub.rules.cluster import STOPPED
 from hub.store.engine import Database
 from hub.store.rows import select
 
@@ -58,9 +59,10 @@ class HubRecords:
                               (self._now(), hub_id)).rowcount > 0
 
     def hub_stopped(self, hub_id: str) -> None:
-        """This hub stops: its heartbeat is set to 0, so every peer sees it dead now."""
+        """This hub stops: its heartbeat is set to STOPPED (0), so every peer sees it
+        dead now."""
         with self._tx() as db:
-            db.execute("UPDATE hubs SET heartbeat = 0 WHERE id = ?", (hub_id,))
+            db.execute("UPDATE hubs SET heartbeat = ? WHERE id = ?", (STOPPED, hub_id))
 
     def hubs(self) -> list[HubRow]:
         rows = self._db.execute(f"{select(HUB_COLUMNS, 'hubs')} ORDER BY id").fetchall()
