@@ -88,6 +88,7 @@ class Outcome:
     storm_up: int = 0
     storm_moved: int = -1          # devices whose port changed (the generator's count)
     storm_ports_same: int = -1     # devices with the same port in `callhomehub nodes`
+    storm_online: int = -1         # nodes online in `callhomehub nodes` once all are back
     storm_handshakes_per_s: float = 0.0
     storm_failures: int = 0
     nofile_limit: int = 0
@@ -235,13 +236,30 @@ def log_errors(data: Path) -> str:
     return f"hub log: {found}. " if found else ""
 
 
-def leases(hub: HubProcess) -> dict[str, Any]:
-    return {node["name"]: node["leases"] for node in json.loads(hub.cli("nodes", "--json"))}
+def registry_nodes(hub: HubProcess) -> list[dict[str, Any]]:
+    return json.loads(hub.cli("nodes", "--json"))  # type: ignore[no-any-return]
+
+
+def leases(nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    return {node["name"]: node["leases"] for node in nodes}
+
+
+def online_once_written(hub: HubProcess, expected: int, wait: float = 10.0
+                        ) -> list[dict[str, Any]]:
+    """The registry's nodes once `expected` of them are online there, or after
+    `wait` seconds (the hub writes a login's online state off the reactor, so it
+    may land just after the forward is back)."""
+    deadline = time.monotonic() + wait
+    while True:
+        nodes = registry_nodes(hub)
+        if sum(1 for n in nodes if n["online"]) >= expected or time.monotonic() > deadline:
+            return nodes
+        time.sleep(0.5)
 
 
 def storm(hub: HubProcess, gen: Generator, outcome: Outcome, args: argparse.Namespace) -> None:
     """SIGTERM the hub, start it again on the same port, time until all forwards are back."""
-    before = leases(hub)
+    before = leases(registry_nodes(hub))
     wait_quiet(args.quiet_below, args.quiet_wait)
     assert hub.proc is not None
     killed = time.monotonic()
@@ -272,16 +290,19 @@ def storm(hub: HubProcess, gen: Generator, outcome: Outcome, args: argparse.Name
     outcome.storm_failures = int(last["failures"])
     outcome.storm_handshakes_per_s = round(
         outcome.storm_up / max(0.001, last["t"] - listening), 1)
-    after = leases(hub)
+    nodes = online_once_written(hub, outcome.storm_up)
+    after = leases(nodes)
     outcome.storm_ports_same = sum(1 for name, fw in before.items()
                                    if fw and after.get(name) == fw)
+    outcome.storm_online = sum(1 for n in nodes if n["online"])
     if done is None:
         outcome.notes += (f"storm: only {outcome.storm_up}/{outcome.n} back after "
                           f"{outcome.storm_restore_s:.0f}s; errors {last.get('errors')}. ")
     print(f"  hub storm: stop {outcome.storm_stop_s}s, listen {outcome.storm_listen_s}s, "
           f"all {outcome.storm_up} back {outcome.storm_restore_s}s after start "
           f"({outcome.storm_total_s}s after SIGTERM); moved {outcome.storm_moved}, "
-          f"same in registry {outcome.storm_ports_same}; CPU hub "
+          f"same in registry {outcome.storm_ports_same}, online there "
+          f"{outcome.storm_online}; CPU hub "
           f"{outcome.storm_server_cpu_s}s, generator {outcome.storm_generator_cpu_s}s",
           file=sys.stderr, flush=True)
 
@@ -396,7 +417,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Outcome]:
 def table(outcomes: list[Outcome]) -> str:
     lines = [f"{'server':6} {'N':>6} {'up':>6} {'bring-up s':>10} {'hs/s':>6} "
              f"{'cpu ms/hs':>9} {'KiB RSS/t':>9} {'KiB PSS/t':>9} {'fds':>6} "
-             f"{'storm s':>8} {'total s':>8} {'moved':>6} {'same':>6}"]
+             f"{'storm s':>8} {'total s':>8} {'moved':>6} {'same':>6} {'online':>6}"]
     for o in outcomes:
         storm = o.server.startswith("hub") and o.storm_moved >= 0
         lines.append(
@@ -404,7 +425,8 @@ def table(outcomes: list[Outcome]) -> str:
             f"{o.server_cpu_ms_per_handshake:9.2f} {o.rss_per_tunnel_kib:9.1f} "
             f"{o.pss_per_tunnel_kib:9.1f} {o.fds:6} "
             f"{o.storm_restore_s if storm else '-':>8} {o.storm_total_s if storm else '-':>8} "
-            f"{o.storm_moved if storm else '-':>6} {o.storm_ports_same if storm else '-':>6}")
+            f"{o.storm_moved if storm else '-':>6} {o.storm_ports_same if storm else '-':>6} "
+            f"{o.storm_online if storm else '-':>6}")
     lines += storm_ratios(outcomes)
     for o in outcomes:
         if o.notes:
