@@ -185,9 +185,10 @@ class HeldWrites:
         self._writing = True
         try:
             while self._held:
-                text = "".join(self._held)
-                self._held.clear()
-                self._out.write(text)
+                # The list is taken whole, not joined then cleared: a signal
+                # handler's line appended in between would be cleared unwritten.
+                held, self._held = self._held, []
+                self._out.write("".join(held))
                 self._out.flush()
         finally:
             self._writing = False
