@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import io
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from twisted.logger import (
 )
 
 from hub.app.logs import (
+    FdText,
     HeldWrites,
     HubService,
     RoutineChatter,
@@ -112,8 +115,12 @@ async def test_port_and_transport_chatter_is_kept_out_unless_debugging() -> None
 
 
 def test_destination_follows_twistd(tmp_path: Path) -> None:
-    assert twistd_destination({"nodaemon": True, "logfile": None}) is sys.stdout
-    assert twistd_destination({"logfile": "-"}) is sys.stdout
+    def standard_output(destination: object) -> bool:
+        return destination is sys.stdout or (
+            isinstance(destination, FdText) and destination.fd == sys.stdout.fileno())
+
+    assert standard_output(twistd_destination({"nodaemon": True, "logfile": None}))
+    assert standard_output(twistd_destination({"logfile": "-"}))
     assert twistd_destination({"logger": "x.y", "nodaemon": True}) is None
     assert twistd_destination({"syslog": True}) is None
     log_file = twistd_destination({"logfile": str(tmp_path / "hub.log")})
@@ -314,3 +321,39 @@ def test_conchs_debug_events_are_not_built_below_the_level(
         assert seen == ["debug hub.access.server.HubServerTransport"]
     finally:
         globalLogPublisher.removeObserver(observer)
+
+
+WRITER = """
+import signal, sys
+from hub.app.logs import FdText, HeldWrites
+
+class Clock:
+    running = True
+
+    def callLater(self, delay, f):
+        return None
+
+out = HeldWrites(FdText(1) if sys.argv[1] == "fd" else sys.stdout, Clock(), 0.05)
+signal.signal(signal.SIGALRM, lambda signum, frame: out.write("\\x1eRECEIVED SIGALRM\\n"))
+signal.setitimer(signal.ITIMER_REAL, 0.3)  # while the write below waits for room
+for i in range(20000):
+    out.write("\\x1e[%d,%s]\\n" % (i, "x" * 60))
+out.flush_now()
+"""
+
+
+def test_a_signal_during_a_write_blocked_on_a_full_pipe_loses_nothing() -> None:
+    """A worker's records wait for worker 0 in a full pipe when SIGTERM comes: every
+    record arrives whole, the handler's line after them. Through `sys.stdout` (its
+    buffered writer returns short when the signal interrupts it, and TextIOWrapper
+    drops the rest) 800 of 20,000 arrived, the last one torn; the hub writes to
+    the descriptor (`FdText`)."""
+    child = subprocess.Popen([sys.executable, "-c", WRITER, "fd"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             cwd=Path(__file__).parent.parent)
+    time.sleep(0.6)  # the pipe fills, the child blocks in its write, the signal comes
+    out, err = child.communicate(timeout=30)
+    assert child.returncode == 0, err.decode()
+    records = out.split(b"\n")[:-1]
+    assert len(records) == 20001 and records[-1] == b"\x1eRECEIVED SIGALRM"
+    assert records[:-1] == [f"\x1e[{i},{'x' * 60}]".encode() for i in range(20000)]

@@ -10,6 +10,7 @@ would use (`--logfile`, stdout with `-n`, else `twistd.log`), filtered at
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import threading
@@ -194,13 +195,46 @@ class HeldWrites:
             self._writing = False
 
 
+class FdText:
+    """Text written to a file descriptor with `os.write` until all of it is out.
+
+    Python's buffered writer returns short when a signal interrupts a write
+    blocked on a full pipe or socket, and `TextIOWrapper` drops the rest without
+    a word: a SIGTERM as the hub stops (or a SIGCHLD as a worker exits) while a
+    worker's records wait for worker 0, or the hub's lines wait for journald,
+    tore a record and lost every line after it in that write. `os.write` is
+    retried after the handler (PEP 475) and says how much it wrote."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, text: str) -> None:
+        view = memoryview(text.encode("utf-8", "backslashreplace"))
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
+
+
+def stdout_destination() -> Any:
+    """Standard output as a log destination: its descriptor, written whole
+    (`FdText`), or `sys.stdout` itself where it has none (a test's capture)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return sys.stdout
+    sys.stdout.flush()  # what was printed before goes first
+    return FdText(fd)
+
+
 def twistd_destination(server_options: Any) -> Any:
     """Where twistd itself would log, from its own options (None: leave it to twistd)."""
     if server_options is None or server_options.get("logger") or server_options.get("syslog"):
         return None
     name = server_options.get("logfile")
     if name == "-" or (not name and server_options.get("nodaemon")):
-        return sys.stdout
+        return stdout_destination()
     return logfile.LogFile.fromFullPath(name or "twistd.log")
 
 

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 
 from hub.app.config import HubConfig, as_worker
 from hub.app.console import worker_weblinks
-from hub.app.logs import HeldWrites, RoutineChatter
+from hub.app.logs import HeldWrites, RoutineChatter, stdout_destination
 from hub.app.peering import add_peering
 from hub.app.sharedport import SharedListenerService, parse_tcp_listen
 from hub.app.workers import FIGURES_KEY, FIGURES_REQUEST, RECORD_SEPARATOR, line_record
@@ -154,7 +154,7 @@ def main(argv: list[str]) -> int:
     except SystemExit as e:
         print(f"worker {index}: {e}", file=sys.stderr)
         return 2
-    out = HeldWrites(sys.stdout, reactor, LOG_BATCH_DELAY)
+    out = HeldWrites(stdout_destination(), reactor, LOG_BATCH_DELAY)
     reactor.addSystemEventTrigger("after", "shutdown", out.flush_now)
     globalLogBeginner.beginLoggingTo([json_observer(options.log_level, out)],
                                      redirectStandardIO=False)
