@@ -246,6 +246,11 @@ static struct parts parts_of(Py_buffer *head, Py_buffer *data, Py_buffer *paddin
     return p;
 }
 
+/* Seal one packet of `length` (packet_length) at `w`, whose room the caller
+ * checked: 1, or 0 if OpenSSL failed (chacha_seal, etm_seal). */
+typedef int (*seal_fn)(void *self, uint64_t seqnr, const struct parts *p, size_t length,
+                       uint8_t *w);
+
 /* padding_length || head || data || padding, encrypted by `ctx` from where
  * each part lies straight to `w` (no framed copy first). */
 static int encrypt_parts(EVP_CIPHER_CTX *ctx, uint8_t *w, const struct parts *p)
@@ -407,7 +412,7 @@ static int ChaChaPoly_init(ChaChaPoly *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-/* Seal one packet at `w` (room checked by the caller): 1, or 0 if OpenSSL failed. */
+/* chacha20-poly1305's seal_fn. */
 static int chacha_seal(void *obj, uint64_t seqnr, const struct parts *p, size_t length,
                        uint8_t *w)
 {
@@ -423,23 +428,32 @@ static int chacha_seal(void *obj, uint64_t seqnr, const struct parts *p, size_t 
     return ok;
 }
 
-static PyObject *ChaChaPoly_seal_into(ChaChaPoly *self, PyObject *const *args, Py_ssize_t nargs)
+/* seal_into(seqnr, head, data, padding, out) of either kind: `seal` frames and
+ * seals the packet with a cipher of `block` bytes and a `*tag_size` tag. */
+static PyObject *seal_one(void *self, int keyed, seal_fn seal, size_t block,
+                          const size_t *tag_size, const char *what, PyObject *const *args,
+                          Py_ssize_t nargs)
 {
     uint64_t seqnr;
     Py_buffer head = {0}, data = {0}, padding = {0}, out = {0};
     PyObject *result = NULL;
     size_t length;
-    if (!ready(self->keyed)
-        || seal_args(args, nargs, 8, &chacha_tag_size, &seqnr, &head, &data, &padding, &out,
+    if (!ready(keyed)
+        || seal_args(args, nargs, block, tag_size, &seqnr, &head, &data, &padding, &out,
                      &length) < 0)
         goto done;
     struct parts p = parts_of(&head, &data, &padding);
-    result = chacha_seal(self, seqnr, &p, length, out.buf)
-                 ? PyLong_FromSize_t(4 + length + TAG_SIZE)
-                 : openssl_error("chacha20-poly1305 seal");
+    result = seal(self, seqnr, &p, length, out.buf) ? PyLong_FromSize_t(4 + length + *tag_size)
+                                                    : openssl_error(what);
 done:
     release_all(&head, &data, &padding, &out);
     return result;
+}
+
+static PyObject *ChaChaPoly_seal_into(ChaChaPoly *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return seal_one(self, self->keyed, chacha_seal, 8, &chacha_tag_size,
+                    "chacha20-poly1305 seal", args, nargs);
 }
 
 static PyObject *ChaChaPoly_open_into(ChaChaPoly *self, PyObject *const *args, Py_ssize_t nargs)
@@ -496,9 +510,6 @@ static void ChaChaPoly_dealloc(ChaChaPoly *self)
  * (4 to block + 3 bytes, taken in turn from `padding`).  One call for what a
  * channel writes from one read: the packets are the bytes seal_into would
  * make for each, given the same padding. */
-typedef int (*seal_fn)(void *self, uint64_t seqnr, const struct parts *p, size_t length,
-                       uint8_t *w);
-
 static PyObject *seal_data(void *self, int keyed, seal_fn seal, size_t block,
                            const size_t *tag_size, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -705,21 +716,8 @@ static int etm_seal(void *obj, uint64_t seqnr, const struct parts *p, size_t len
 
 static PyObject *EtM_seal_into(EtM *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    uint64_t seqnr;
-    Py_buffer head = {0}, data = {0}, padding = {0}, out = {0};
-    PyObject *result = NULL;
-    size_t length;
-    if (!ready(self->keyed)
-        || seal_args(args, nargs, 16, &self->mac_size, &seqnr, &head, &data, &padding, &out,
-                     &length) < 0)
-        goto done;
-    struct parts p = parts_of(&head, &data, &padding);
-    result = etm_seal(self, seqnr, &p, length, out.buf)
-                 ? PyLong_FromSize_t(4 + length + self->mac_size)
-                 : openssl_error("encrypt-then-MAC seal");
-done:
-    release_all(&head, &data, &padding, &out);
-    return result;
+    return seal_one(self, self->keyed, etm_seal, 16, &self->mac_size,
+                    "encrypt-then-MAC seal", args, nargs);
 }
 
 static PyObject *EtM_open_into(EtM *self, PyObject *const *args, Py_ssize_t nargs)
