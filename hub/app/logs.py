@@ -146,13 +146,12 @@ class HeldWrites:
         self._thread = threading.get_ident()
 
     def write(self, text: str) -> None:
+        if threading.get_ident() != self._thread or not getattr(self._clock, "running", True):
+            self.write_now(text)
+            return
         with self._lock:
             self._held.append(text)
             if self._writing:  # a signal handler's line, in the middle of our write
-                return
-            if threading.get_ident() != self._thread or not getattr(
-                    self._clock, "running", True):
-                self._write_held()
                 return
         if self._pending is None:
             self._pending = self._clock.callLater(self._delay, self.flush_now)
@@ -166,8 +165,7 @@ class HeldWrites:
             self._pending.cancel()
         self._pending = None
         with self._lock:
-            if not self._writing:
-                self._write_held()
+            self._write_held()
 
     def write_now(self, text: str) -> None:
         """Write `text` at once, after what is held: a record that must not wait
@@ -175,13 +173,13 @@ class HeldWrites:
         takes, so a thread logging meanwhile cannot write in the middle of it."""
         with self._lock:
             self._held.append(text)
-            if not self._writing:
-                self._write_held()
+            self._write_held()
 
     def _write_held(self) -> None:
-        """Write and flush until nothing is held (with the lock held): a signal
-        handler's line added during the write or the flush goes out too."""
-        if not self._held:
+        """Write and flush until nothing is held (with the lock held), unless a
+        write is under way on this thread already (a signal handler's line):
+        that write goes on until nothing is held, so the line goes out too."""
+        if self._writing or not self._held:
             return
         self._writing = True
         try:
