@@ -223,3 +223,19 @@ def test_nodes_name_the_hub_holding_each_online_node_only_when_any_has_one(
     head, row_a, row_b = out.splitlines()
     assert head.split()[-1] == "HUB"
     assert row_a.split()[-1] == "hub-a" and row_b.split()[-1] == "-"
+
+
+@pytest.mark.parametrize(("command", "what"), [
+    (("callhome-password",), "Call Home Password"),
+    (("user", "add", "alice", "--password-stdin"), "password"),
+])
+def test_a_password_of_more_than_one_line_on_stdin_is_refused_and_nothing_stored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        command: tuple[str, ...], what: str) -> None:
+    code, out, err = run(tmp_path, monkeypatch, capsys, *command, stdin=b"first\r\nsecond\n")
+    assert (code, out) == (1, "")
+    assert err == f"callhomehub: the {what} on stdin is 2 lines; give it alone on one line\n"
+    registry = Registry(str(tmp_path / "hub.sqlite3"), now=lambda: 0.0)
+    assert registry.setting("callhome_password") is None and registry.users() == []
+    # The line ends after the one line are not part of it, as before.
+    assert run(tmp_path, monkeypatch, capsys, *command, stdin=b"pw\r\n\n")[0] == 0

@@ -8,6 +8,8 @@ import os
 import pwd
 import sys
 
+from hub.errors import HubError
+
 
 def actor() -> str:
     """`cli:USER`, the audit's actor for a command run on the hub's machine."""
@@ -25,7 +27,14 @@ def print_table(rows: list[list[str]]) -> None:
 
 
 def read_stdin_secret(what: str) -> bytes:
-    """A password from the terminal (not echoed) or piped in (one line)."""
+    """A password from the terminal (not echoed) or piped in: one line, the line ends after it
+    not part of it. Piped text of more than one line is refused, not stored with a line break
+    inside that nobody could type at a password prompt."""
     if sys.stdin.isatty():
         return getpass.getpass(f"{what}: ").encode()
-    return sys.stdin.buffer.read().rstrip(b"\r\n")
+    text = sys.stdin.buffer.read()
+    secret = text.rstrip(b"\r\n")
+    if b"\n" in secret or b"\r" in secret:
+        lines = len(secret.splitlines())
+        raise HubError(f"the {what} on stdin is {lines} lines; give it alone on one line")
+    return secret
