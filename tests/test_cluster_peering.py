@@ -15,19 +15,23 @@ import pytest
 from memory_gateway import OperatorChannel, Site, exec_
 from memory_hub import ClientTransport, LaterCalls, make_hub, new_key, start_factory
 from twisted.conch.ssh import channel, common, keys
+from twisted.cred.credentials import SSHPrivateKey
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, connect
 
 from hub.access.gateway import JumpDeviceChannel
 from hub.cluster.dialwire import DIAL, DialRequest, pack_dial, unpack_dial
 from hub.cluster.peerclient import PeerConnection, PeerLinks, PeerUnreachable
-from hub.cluster.peerserver import build_peer_factory
+from hub.cluster.peerserver import PeerKeyChecker, build_peer_factory
 from hub.cluster.remote import RemoteTunnel, Routes
 from hub.cluster.view import FleetView
-from hub.rules.cluster import DEAD_AFTER, HEARTBEAT
+from hub.rules.cluster import DEAD_AFTER, HEARTBEAT, STOPPED
 from hub.ssh.wire import WireError
+from hub.store.hubs import HubRow
 
 
 def key_line(key: keys.Key, comment: bytes) -> str:
@@ -163,6 +167,23 @@ def test_a_peer_with_another_host_key_than_published_is_refused(hubs: TwoHubs) -
     assert isinstance(result, Failure) and result.check(PeerUnreachable)
     assert "presented host key SHA256:" in str(result.value)
     assert "not the peer key it publishes" in str(result.value)
+
+
+@pytest.mark.parametrize(("heartbeat", "why"), [
+    (STOPPED, "hub hub-a has stopped"),
+    (1000.0 - HEARTBEAT * DEAD_AFTER - 5, f"hub hub-a is dead (last heartbeat "
+                                          f"{HEARTBEAT * DEAD_AFTER + 5:.0f} s ago)"),
+])
+def test_a_stopped_or_dead_peer_is_refused_saying_which(heartbeat: float, why: str) -> None:
+    key = new_key()
+    row = HubRow("hub-a", "127.0.0.1:4101", key_line(key, b"peer"), 1.0, heartbeat)
+    clock = Clock()
+    clock.advance(1000.0)
+    checker = PeerKeyChecker(None, clock)  # type: ignore[arg-type]  # _check reads no registry
+    credentials = SSHPrivateKey(b"hub-a", b"ssh-ed25519", key.public().blob(), b"", None)
+    with pytest.raises(UnauthorizedLogin) as refused:
+        checker._check([row], credentials)
+    assert str(refused.value) == why
 
 
 def test_a_dead_peer_is_not_dialled(hubs: TwoHubs) -> None:

@@ -33,7 +33,7 @@ from hub.access.limits import Limits
 from hub.access.server import HubSSHFactory
 from hub.cluster.dialwire import DIAL, unpack_dial
 from hub.errors import NotFound
-from hub.rules.cluster import is_live
+from hub.rules.cluster import STOPPED, is_live
 from hub.ssh.connection import ChannelRefused
 from hub.ssh.keys import HubKeys
 from hub.ssh.wire import WireError
@@ -88,8 +88,11 @@ class PeerKeyChecker:
             raise UnauthorizedLogin(f"no hub {name!r} in the registry")
         if key_blob(row.peer_key) != credentials.blob:
             raise UnauthorizedLogin(f"not the peer key hub {name} publishes")
-        if not is_live(row.heartbeat, self._clock.seconds()):
-            raise UnauthorizedLogin(f"hub {name} is dead (no heartbeat since {row.heartbeat:.0f})")
+        now = self._clock.seconds()
+        if not is_live(row.heartbeat, now):
+            raise UnauthorizedLogin(
+                f"hub {name} has stopped" if row.heartbeat <= STOPPED else
+                f"hub {name} is dead (last heartbeat {now - row.heartbeat:.0f} s ago)")
         verify_signature(credentials)
         return PeerLogin(row.id)
 
