@@ -19,8 +19,13 @@ from twisted.logger import (
     LogLevel,
     LogLevelFilterPredicate,
     PredicateResult,
+    eventAsText,
+    eventAsJSON,
+    eventFromJSON,
+    formatEventAsClassicLogText,
     textFileLogObserver,
 )
+from twisted.python.failure import Failure
 
 from hub.app.logs import (
     FdText,
@@ -28,6 +33,8 @@ from hub.app.logs import (
     HubService,
     RoutineChatter,
     SecondsText,
+    classic_line,
+    event_text,
     filtered_observer,
     parse_level,
     twistd_destination,
@@ -271,6 +278,106 @@ def test_lines_are_those_of_twisteds_text_observer() -> None:
             observer(dict(event))
     assert ours.getvalue() == twisteds.getvalue()
     assert ours.getvalue().count("\n") == 8
+
+
+class Shown:
+    """A field with its own str, repr and format, and an attribute and an item."""
+
+    name = "port 22"
+
+    def __str__(self) -> str:
+        return "shown"
+
+    def __repr__(self) -> str:
+        return "<Shown>"
+
+    def __format__(self, spec: str) -> str:
+        return f"shown:{spec}" if spec else str(self)
+
+    def __getitem__(self, key: str) -> str:
+        return f"item {key}"
+
+    def count(self) -> int:
+        return 3
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+    __repr__ = __str__
+
+
+def events() -> list[dict[str, Any]]:
+    """Events of every shape the hub's lines come from, and of shapes they should not."""
+    base = {"log_level": LogLevel.info, "log_namespace": "hub.tunnel.sessions",
+            "log_time": 1_700_000_000.25}
+    try:
+        1 / 0  # noqa: B018 - a real traceback for the failure's lines
+    except ZeroDivisionError:
+        failure = Failure()
+    fields: list[dict[str, Any]] = [
+        {"log_format": "Accepted publickey for {user} from {host} port {port} ssh2: {alg} {fp}",
+         "user": "cms", "host": "192.0.2.1", "port": 40000, "alg": "ED25519", "fp": "SHA256:x"},
+        {"log_format": "node {node!r} online from {peer!s}; {n:,} bytes {ratio:.2f}",
+         "node": "site-a", "peer": Shown(), "n": 1234567, "ratio": 0.5},
+        {"log_format": "{s} {s!r} {s:>5} {s.name} {s[key]} {{braces}} {v:{w}}",
+         "s": Shown(), "v": 7, "w": 4},
+        {"log_format": "{n()} calls {s.count()}", "n": lambda: "called", "s": Shown()},
+        {"log_format": "a literal () in the text, {x}", "x": 1},
+        {"log_format": "missing {nowhere}"},
+        {"log_format": "positional {} {0}"},
+        {"log_format": "bad spec {x:%}", "x": "text"},
+        {"log_format": "unclosed {x", "x": 1},
+        {"log_format": "raises {u}", "u": Unprintable()},
+        {"log_format": b"bytes format {x}", "x": "b"},
+        {"log_format": 17},
+        {"log_format": ""},
+        {"log_format": "{x}", "x": ""},
+        {},
+        {"log_format": "two\nlines {x}\n", "x": "and\nmore"},
+        {"log_format": "failed: {why}", "why": "boom", "log_failure": failure},
+        {"log_format": "{log_text}", "log_text": "a legacy line", "log_system": "worker 1"},
+        {"log_format": "system {x}", "x": 1, "log_system": Unprintable()},
+        {"log_format": "system {x}", "x": 1, "log_system": 42},
+        {"log_format": "no level", "log_level": None},
+        {"log_format": "no namespace or level", "log_level": None, "log_namespace": None},
+        {"log_format": "no time", "log_time": None},
+    ]
+    made = [{**base, **f} for f in fields]
+    made.append({"log_format": "bare"})  # no level, namespace or time at all
+    flattened = eventFromJSON(eventAsJSON({**base, "log_format": "{x} flat", "x": [1, 2]}))
+    return [*made, flattened]
+
+
+@pytest.mark.parametrize("index", range(len(events())))
+def test_the_hubs_formatting_makes_twisteds_text_of_every_event(index: int) -> None:
+    """`str.format_map` fills in the formats; what twisted.logger would make of each
+    event, `event_text` and `classic_line` make, unformattable events included."""
+    event = events()[index]
+    theirs = eventAsText(event, includeTimestamp=False, includeSystem=False)
+    assert event_text(event) == theirs
+    when = SecondsText()
+    assert classic_line(event, when) == formatEventAsClassicLogText(event, formatTime=when)
+
+
+def test_the_hubs_formatting_runs_no_python_formatter_for_plain_lines(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The point of `event_text`: an ordinary line never reaches twisted.logger's
+    formatter (an unformattable one still does, so it is worded as twisted words it)."""
+    import twisted.logger._format as formatting
+
+    calls: list[str] = []
+    real = formatting.formatWithCall
+    monkeypatch.setattr(formatting, "formatWithCall",
+                        lambda fmt, mapping: calls.append(fmt) or real(fmt, mapping))
+    line = classic_line({"log_format": "node {node} online from {peer}", "node": "a",
+                         "peer": "192.0.2.1", "log_level": LogLevel.info,
+                         "log_namespace": "hub", "log_time": 1_700_000_000.0})
+    assert line is not None and line.endswith(" [hub#info] node a online from 192.0.2.1\n")
+    assert calls == []
+    assert "Unable to format event" in event_text({"log_format": "{nowhere}"})
+    assert calls == ["{nowhere}"]
 
 
 def test_seconds_text_reuses_the_text_within_a_second() -> None:

@@ -30,12 +30,12 @@ from twisted.logger import (
     LogEvent,
     Logger,
     LogLevel,
-    eventAsText,
     eventFromJSON,
     globalLogPublisher,
 )
 from twisted.python.failure import Failure
 
+from hub.app.logs import event_text
 from hub.rules.figures import Figure, WorkerFigures
 
 log = Logger()
@@ -66,8 +66,7 @@ def line_record(event: LogEvent) -> str:
     in a reconnect storm."""
     level = event.get("log_level", LogLevel.info)
     record = [event.get("log_time"), getattr(level, "name", "info"),
-              event.get("log_namespace", "-"), eventAsText(event, includeTimestamp=False,
-                                                           includeSystem=False)]
+              event.get("log_namespace", "-"), event_text(event)]
     return _RS + json.dumps(record, separators=(",", ":")) + "\n"
 
 
