@@ -10,7 +10,7 @@ it up). Each of the --tunnels devices is a real `ssh -N -R 0:127.0.0.1:DEVPORT_i
 to each server with the cipher forced; DEVPORT_i is a loopback server of its own
 in this process. A round sends --size MiB through every device's allocated port
 at once, one direction per round (as `throughput.py`'s transfers: sendfile in,
-hashed and checked out), and the aggregate is all bytes over the time from the
+compared with the pattern out), and the aggregate is all bytes over the time from the
 first stream's start to the last stream's last byte (MiB/s, 2**20 bytes).
 
 The servers take turns, the order rotating every repeat, so load from elsewhere
@@ -243,7 +243,6 @@ def rebalance(made: list[Tunnel], pids: list[int], connect: Callable[[int], Tunn
 def run(args: argparse.Namespace, workdir: Path) -> list[Case]:
     pattern = Pattern(workdir / "pattern")
     size = args.size * MIB
-    pattern.digest(size)  # hashed once, before any timing
     keys = [make_key(workdir / f"dev{i}", f"dev{i}") for i in range(args.tunnels)]
     endpoints = [DeviceEndpoint(pattern) for _ in keys]
     cases: dict[tuple[str, str, str], Case] = {}
