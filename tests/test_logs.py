@@ -308,6 +308,32 @@ class Unprintable:
     __repr__ = __str__
 
 
+class Cancelled(BaseException):
+    pass
+
+
+class Interrupting:
+    """A field whose formatting raises what is not an `Exception`."""
+
+    def __format__(self, spec: str) -> str:
+        raise Cancelled("cancelled")
+
+    def __repr__(self) -> str:
+        return "<Interrupting>"
+
+
+class Formatting(str):
+    """A text whose `format` is not itself: twisted.logger joins a system's text."""
+
+    def __format__(self, spec: str) -> str:
+        return "FORMATTED"
+
+
+class System:
+    def __str__(self) -> str:
+        return Formatting("worker 1")
+
+
 def events() -> list[dict[str, Any]]:
     """Events of every shape the hub's lines come from, and of shapes they should not."""
     base = {"log_level": LogLevel.info, "log_namespace": "hub.tunnel.sessions",
@@ -343,6 +369,12 @@ def events() -> list[dict[str, Any]]:
         {"log_format": "no level", "log_level": None},
         {"log_format": "no namespace or level", "log_level": None, "log_namespace": None},
         {"log_format": "no time", "log_time": None},
+        # twisted.logger looks attributes up on its wrapper of the field:
+        {"log_format": "{s.__class__.__name__} {s._wrapped}", "s": Shown()},
+        {"log_format": "{n.__class__}", "n": 3},
+        {"log_format": "{i}", "i": Interrupting()},
+        {"log_format": "system {x}", "x": 1, "log_system": System()},
+        {"log_format": "system {x}", "x": Formatting("x"), "log_system": Formatting("s")},
     ]
     made = [{**base, **f} for f in fields]
     made.append({"log_format": "bare"})  # no level, namespace or time at all

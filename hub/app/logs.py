@@ -118,13 +118,16 @@ def event_text(event: LogEvent) -> str:
     a reconnect storm). Both read the same fields the same way; a format with `()`
     in it (twisted.logger's "call this field" syntax), a flattened event, one with
     a failure, and one whose fields do not fit its format go to twisted.logger,
-    which also words the line for an event it cannot format."""
+    which also words the line for an event it cannot format (a field's `__format__`
+    then runs twice). So does a format naming an attribute that begins with `_`:
+    twisted.logger looks attributes up on its own wrapper of each field, whose
+    `_wrapped`, `__class__` and other dunders are not the field's."""
     fmt = event.get("log_format")
-    if type(fmt) is str and "()" not in fmt and "log_flattened" not in event \
-            and "log_failure" not in event:
+    if type(fmt) is str and "()" not in fmt and "._" not in fmt \
+            and "log_flattened" not in event and "log_failure" not in event:
         try:
             return fmt.format_map(event)
-        except Exception:  # noqa: S110 - twisted.logger says what was wrong, below
+        except BaseException:  # noqa: S110 - twisted.logger says what was wrong, below
             pass
     return eventAsText(event, includeTimestamp=False, includeSystem=False)
 
@@ -144,7 +147,10 @@ def classic_line(event: LogEvent, when: Any = formatTime) -> str | None:
             system = str(system)
         except Exception:
             system = "UNFORMATTABLE"
-    return f"{when(event.get('log_time'))} [{system}] {text}".replace("\n", "\n\t") + "\n"
+    # Joined, not formatted, as twisted.logger joins them: a str subclass's
+    # `__format__` is not run.
+    line = "".join([when(event.get("log_time")), " [", system, "] ", text])
+    return line.replace("\n", "\n\t") + "\n"
 
 
 def text_observer(destination: Any) -> FileLogObserver:
