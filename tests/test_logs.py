@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import fcntl
 import io
+import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -473,12 +477,18 @@ class Clock:
         return None
 
 out = HeldWrites(FdText(1) if sys.argv[1] == "fd" else sys.stdout, Clock(), 0.05)
-signal.signal(signal.SIGALRM, lambda signum, frame: out.write("\\x1eRECEIVED SIGALRM\\n"))
-signal.setitimer(signal.ITIMER_REAL, 0.3)  # while the write below waits for room
+signal.signal(signal.SIGUSR1, lambda signum, frame: out.write("\\x1eRECEIVED SIGUSR1\\n"))
 for i in range(20000):
     out.write("\\x1e[%d,%s]\\n" % (i, "x" * 60))
-out.flush_now()
+sys.stderr.write("writing\\n")
+sys.stderr.flush()
+out.flush_now()  # 1.4 MB into a pipe nobody reads yet: the write blocks
 """
+
+
+def waiting_in(fd: int) -> int:
+    """Bytes written into a pipe and not read yet."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]  # type: ignore[no-any-return]
 
 
 def test_a_signal_during_a_write_blocked_on_a_full_pipe_loses_nothing() -> None:
@@ -486,13 +496,22 @@ def test_a_signal_during_a_write_blocked_on_a_full_pipe_loses_nothing() -> None:
     record arrives whole, the handler's line after them. Through `sys.stdout` (its
     buffered writer returns short when the signal interrupts it, and TextIOWrapper
     drops the rest) 800 of 20,000 arrived, the last one torn; the hub writes to
-    the descriptor (`FdText`)."""
+    the descriptor (`FdText`). The signal is sent once the pipe is full, with the
+    child writing the rest, so the write it interrupts is a blocked one."""
     child = subprocess.Popen([sys.executable, "-c", WRITER, "fd"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              cwd=Path(__file__).parent.parent)
-    time.sleep(0.6)  # the pipe fills, the child blocks in its write, the signal comes
+    assert child.stdout is not None and child.stderr is not None
+    assert child.stderr.readline() == b"writing\n"
+    capacity = fcntl.fcntl(child.stdout.fileno(), fcntl.F_GETPIPE_SZ)
+    deadline = time.monotonic() + 30
+    while waiting_in(child.stdout.fileno()) < capacity:
+        assert time.monotonic() < deadline, "the child's write never filled the pipe"
+        time.sleep(0.01)
+    time.sleep(0.05)  # the child is in its write, waiting for room
+    child.send_signal(signal.SIGUSR1)
     out, err = child.communicate(timeout=30)
     assert child.returncode == 0, err.decode()
     records = out.split(b"\n")[:-1]
-    assert len(records) == 20001 and records[-1] == b"\x1eRECEIVED SIGALRM"
+    assert len(records) == 20001 and records[-1] == b"\x1eRECEIVED SIGUSR1"
     assert records[:-1] == [f"\x1e[{i},{'x' * 60}]".encode() for i in range(20000)]
