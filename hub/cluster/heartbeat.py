@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hub.rules.cluster import DEAD_AFTER, HEARTBEAT, STOPPED, is_live
+from hub.rules.cluster import DEAD_AFTER, HEARTBEAT, has_stopped, is_live
 from hub.store.offthread import RegistryCalls
 from hub.store.registry import Registry
 
@@ -112,7 +112,7 @@ class HubHeartbeat:
     def _reclaimed(self, reclaimed: Reclaimed) -> list[str]:
         now = self.clock.seconds()
         for dead, heartbeat, nodes in reclaimed:
-            if heartbeat <= STOPPED:
+            if has_stopped(heartbeat):
                 # It said it stops (`hub_stopped`): the nodes it could not mark
                 # offline as its registry closed, not a failure.
                 log.info("hub {dead} stopped: {n} node(s) it held are offline now, their "

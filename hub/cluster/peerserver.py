@@ -33,7 +33,7 @@ from hub.access.limits import Limits
 from hub.access.server import HubSSHFactory
 from hub.cluster.dialwire import DIAL, unpack_dial
 from hub.errors import NotFound
-from hub.rules.cluster import STOPPED, is_live
+from hub.rules.cluster import has_stopped, is_live
 from hub.ssh.connection import ChannelRefused
 from hub.ssh.keys import HubKeys
 from hub.ssh.wire import WireError
@@ -91,7 +91,7 @@ class PeerKeyChecker:
         now = self._clock.seconds()
         if not is_live(row.heartbeat, now):
             raise UnauthorizedLogin(
-                f"hub {name} has stopped" if row.heartbeat <= STOPPED else
+                f"hub {name} has stopped" if has_stopped(row.heartbeat) else
                 f"hub {name} is dead (last heartbeat {now - row.heartbeat:.0f} s ago)")
         verify_signature(credentials)
         return PeerLogin(row.id)

@@ -31,6 +31,12 @@ def is_live(heartbeat: float, now: float, interval: float = HEARTBEAT,
     return now - heartbeat <= interval * beats
 
 
+def has_stopped(heartbeat: float) -> bool:
+    """Whether a hub's heartbeat is the one it writes as it stops (`STOPPED`), not
+    the last one of a hub that died."""
+    return heartbeat <= STOPPED
+
+
 def default_hub_id(hostname: str) -> str:
     """The host name, cut to what a hub id may hold."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", hostname).lstrip("._-")[:63]
