@@ -26,6 +26,11 @@ class RegistryBusy(RegistryError):
     """Another hub wrote the same rows at the same time (PostgreSQL): try again."""
 
 
+class BatchBroken(RegistryError):
+    """A write of a batch could not be undone alone (its savepoint is gone with the
+    batch's transaction): nothing of the batch was committed."""
+
+
 class NameTaken(RegistryError):
     """A node or user name is already held by someone else."""
 

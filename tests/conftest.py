@@ -15,6 +15,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import SSH, HubProcess, SSHClient
 from postgres import Cluster
 
+from hub.ssh.loglevel import GatedLogger
+
 CALLHOME_PASSWORD = "s3cret-callhome"
 DEVICE_USER = f"chdev{os.getpid()}"  # per run: concurrent runs must not share an account
 
@@ -106,6 +108,15 @@ def hub(tmp_path: Path) -> Iterator[HubProcess]:
 @pytest.fixture
 def client(hub: HubProcess, tmp_path: Path) -> SSHClient:
     return SSHClient(tmp_path / "client", hub.port)
+
+
+@pytest.fixture(autouse=True)
+def every_log_level() -> Iterator[None]:
+    """A test that builds the hub's service with a log level (`--log-level warn`)
+    sets the lowest level the SSH classes log for the whole process
+    (`GatedLogger.drop_below`): the next test starts from no level dropped."""
+    yield
+    GatedLogger.dropped = frozenset()
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from twisted.logger import LogEvent, LogLevel, formatEvent
 from twisted.python.failure import Failure
 
 from hub.errors import NotFound, RegistryError
+from hub.store.latency import Latency
 from hub.store.offthread import RegistryThread
 from hub.store.registry import Registry
 
@@ -181,12 +182,137 @@ def test_offline_writes_queued_back_to_back_are_one_transaction_in_order(
         thread.write(Registry.mark_offline, name)
     held.set()
     thread.drain()
-    # Three transactions: 150 offline, n0 online again, 50 offline; every caller answered.
-    assert generation() - before == 3
+    # Two transactions: 150 offline (calls, coalesced), then n0 online again and 50
+    # offline (writes, one batch, in order); every caller answered.
+    assert generation() - before == 2
     assert all(done == [None] for done in offline)
     online = {n.name for n in mine.nodes() if n.online}
     assert online == {"n0"}
     assert thread.queued() == 0
+
+
+def held_thread(tmp_path: Path, clock: MemoryReactorClock
+                ) -> tuple[Registry, RegistryThread, threading.Event, Latency]:
+    """A registry thread kept busy until the event is set, so that writes queue up,
+    and the latency histogram of the registry it owns."""
+    mine, thread = opener(tmp_path, clock)
+    latency = result(thread.call(lambda r: r.latency))
+    thread.drain()
+    held = threading.Event()
+    thread.call(lambda r: held.wait(10))
+    return mine, thread, held, latency[0]  # type: ignore[return-value]
+
+
+def test_writes_queued_back_to_back_commit_once_each_in_its_own_savepoint(
+        tmp_path: Path, logged: list[LogEvent]) -> None:
+    clock = MemoryReactorClock()
+    mine, thread, held, latency = held_thread(tmp_path, clock)
+    for i in range(3):
+        mine.register(f"n{i}", f"k{i}".encode(), "SHA256:x", "test")
+    generation = int(mine.setting("generation") or 0)
+
+    def half_done(r: Registry) -> None:
+        # A write that fails after its first statement: that statement is undone.
+        with r.transaction() as db:
+            db.execute("INSERT INTO audit (time, actor, action, target, detail)"
+                       " VALUES (0, 'hub', 'half', 'x', '')")
+            raise RegistryError("refused half-way")
+
+    for i in range(3):
+        thread.write(Registry.mark_online, f"n{i}", "192.0.2.1")
+        thread.write(Registry.audit, "hub", "step", f"n{i}", str(i))
+    thread.write(half_done)
+    thread.write(Registry.set_state, "ghost", "approved", "test")
+    thread.write(Registry.audit, "hub", "last", "x")
+    thread.write(Registry.set_state, "n2", "approved", "test")
+    transactions = sum(latency.counts)  # read while the thread waits
+    held.set()
+    thread.drain()
+    # One transaction for the ten writes: the latency histogram counted one, and
+    # `generation` moved once.
+    assert sum(latency.counts) - transactions == 1
+    assert int(mine.setting("generation") or 0) == generation + 1
+    assert [e.action for e in mine.audit_log() if e.actor == "hub"] == [
+        "step", "step", "step", "last"]
+    assert all(mine.node(f"n{i}").online for i in range(3))
+    assert mine.node("n2").state == "approved"
+    # The other processes see each node the batch touched as changed.
+    assert {n.name for n in mine.node_changes(generation).nodes} == {"n0", "n1", "n2"}
+    failed = [t for t in texts(logged) if "failed" in t]
+    assert failed == [
+        "registry write half_done() failed: refused half-way; the hub goes on without it",
+        "registry write set_state('ghost', 'approved', 'test') failed: no node named "
+        "'ghost'; the hub goes on without it"]
+
+
+def test_a_batch_whose_transaction_is_lost_writes_each_alone(
+        tmp_path: Path, logged: list[LogEvent]) -> None:
+    """A write that takes the batch's transaction down with it (SQLite rolls a whole
+    transaction back on some I/O errors): nothing of the batch is committed, so each
+    write runs again in its own transaction, and only that one fails."""
+    clock = MemoryReactorClock()
+    mine, thread, held, _ = held_thread(tmp_path, clock)
+    mine.register("n1", b"k1", "SHA256:x", "test")
+
+    def ruinous(r: Registry) -> None:
+        with r.transaction() as db:
+            db.execute("ROLLBACK")  # what SQLite does itself on SQLITE_FULL
+            raise RegistryError("disk full")
+
+    thread.write(Registry.audit, "hub", "before", "x")
+    thread.write(ruinous)
+    thread.write(Registry.mark_online, "n1", "192.0.2.1")
+    thread.write(Registry.audit, "hub", "after", "x")
+    held.set()
+    thread.drain()
+    assert [e.action for e in mine.audit_log() if e.actor == "hub"] == ["before", "after"]
+    assert mine.node("n1").online
+    lines = texts(logged)
+    assert any(t.startswith("registry batch of 4 writes broken (a write of the batch failed "
+                            "(disk full) and could not be undone alone: ") and
+               t.endswith("; each is written alone") for t in lines), lines
+    assert [t for t in lines if "failed:" in t and t.startswith("registry write")] == [
+        "registry write ruinous() failed: disk full; the hub goes on without it"]
+
+
+def test_a_batch_whose_commit_fails_fails_every_write_in_one_line(
+        tmp_path: Path, logged: list[LogEvent]) -> None:
+    """The commit refused (here a deferred foreign key, which SQLite checks at the
+    commit): no write of the batch landed, and one line says so."""
+    clock = MemoryReactorClock()
+    mine, thread, held, _ = held_thread(tmp_path, clock)
+    mine.register("n1", b"k1", "SHA256:x", "test")
+
+    def dangling(r: Registry) -> None:
+        with r.transaction() as db:
+            db.execute("PRAGMA defer_foreign_keys = ON")
+            db.execute("INSERT INTO leases (node_id, service, port) VALUES (999, 'ssh', 50000)")
+
+    thread.write(Registry.audit, "hub", "before", "x")
+    thread.write(dangling)
+    thread.write(Registry.mark_online, "n1", "192.0.2.1")
+    held.set()
+    thread.drain()
+    assert [e.action for e in mine.audit_log() if e.actor == "hub"] == []
+    assert not mine.node("n1").online
+    assert [t for t in texts(logged) if "failed" in t] == [
+        "registry write a batch of 3 writes: audit('hub', 'before', 'x'), dangling(), ... "
+        "failed: FOREIGN KEY constraint failed; the hub goes on without it"]
+
+
+def test_a_call_is_never_in_a_batch_and_waits_its_turn(tmp_path: Path) -> None:
+    """A caller waiting for its answer runs alone, after the writes queued before it,
+    and the writes after it form their own batch."""
+    clock = MemoryReactorClock()
+    mine, thread, held, _ = held_thread(tmp_path, clock)
+    mine.register("n1", b"k1", "SHA256:x", "test")
+    thread.write(Registry.mark_online, "n1", "192.0.2.1")
+    seen = result(thread.call(lambda r: (r._batch is None, r.node("n1").online)))
+    thread.write(Registry.mark_offline, "n1")
+    held.set()
+    thread.drain()
+    assert seen == [(True, True)]
+    assert not mine.node("n1").online
 
 
 def test_a_failed_batch_of_offline_writes_is_logged_once_naming_the_batch(

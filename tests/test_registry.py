@@ -206,3 +206,35 @@ def test_a_kept_lease_is_no_change_for_other_hubs(registry_at: str) -> None:
         hub.lease("nobody", "ssh", 50000, 50099)
     hub.close()
     other.close()
+
+
+def test_a_batch_commits_its_writes_once_and_undoes_a_failed_one_alone(reg: Registry) -> None:
+    """`Registry.batch`, on each engine: a write that fails half-way (here on a unique
+    name, which leaves a PostgreSQL transaction unusable until its savepoint is rolled
+    back) is undone alone; the writes around it land in one transaction."""
+    reg.register("n1", b"k1", "SHA256:1", "test")
+    reg.register("n2", b"k2", "SHA256:2", "test")
+    generation = int(reg.setting("generation") or 0)
+    transactions = sum(reg.latency.counts)
+    with reg.batch():
+        reg.mark_online("n1", "192.0.2.1")
+        with pytest.raises(Exception, match="(?i)unique|duplicate"):
+            with reg.transaction() as db:
+                db.execute("INSERT INTO audit (time, actor, action, target, detail)"
+                           " VALUES (0, 'hub', 'half', 'x', '')")
+                db.execute("INSERT INTO nodes (name, key_blob, fingerprint, state, created)"
+                           " VALUES ('n2', ?, 'SHA256:3', 'pending', 0)", (b"k3",))
+        with pytest.raises(NotFound):
+            reg.set_state("ghost", "approved", "test")
+        reg.set_state("n2", "approved", "test")
+        reg.audit("hub", "after", "x")
+    assert reg.node("n1").online and reg.node("n2").state == "approved"
+    assert [e.action for e in reg.audit_log() if e.actor == "hub"] == ["after"]
+    assert int(reg.setting("generation") or 0) == generation + 1
+    assert sum(reg.latency.counts) == transactions + 1
+    assert {n.name for n in reg.node_changes(generation).nodes} == {"n1", "n2"}
+    with reg.batch(), pytest.raises(RegistryError, match="do not nest"):
+        with reg.batch():
+            pass
+    reg.mark_offline("n1")  # after a batch, writes are transactions of their own again
+    assert not reg.node("n1").online

@@ -23,7 +23,6 @@ from twisted.conch.ssh.transport import (
     MSG_UNIMPLEMENTED,
 )
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 from twisted.python import randbytes
 from twisted.python.failure import Failure
 
@@ -92,7 +91,7 @@ class ModernTransportMixin(PacketIOMixin):
     rekeyTimeLimit: float | None = REKEY_TIME_LIMIT
     clock: IReactorTime | None = None
 
-    _modernLog = Logger()
+    _modernLog = GatedLogger()
     _peerKexInits = 0
     _startingRekey = False
     _secured = False

@@ -154,7 +154,10 @@ class SQLite:
         self._db.execute("COMMIT")
 
     def rollback(self) -> None:
-        self._db.execute("ROLLBACK")
+        # SQLite may have rolled the transaction back itself (SQLITE_FULL, some
+        # I/O errors): then the error that did it is the one to report.
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
     def generation(self) -> tuple[int, int]:
         # data_version moves when another connection commits.

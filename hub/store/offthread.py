@@ -8,6 +8,12 @@ calls one at a time in the order they were made (so `mark_online` lands before
 reactor. It is not the reactor's thread pool: bcrypt runs there, and a login
 check must not queue behind the database, nor the database behind bcrypt.
 
+Writes nobody waits for (`write`, `refresh`) that are queued back to back run
+as one batch: one transaction with a savepoint per write (`Registry.batch`), so
+a write that fails is undone alone, and the others land with one commit and one
+take of SQLite's write lock instead of one each. Their Deferreds fire once the
+batch has committed.
+
 Nothing that changes state is ever dropped: `call` and `write` are queued
 whatever the length of the queue. Past `limit` waiting calls the hub says so
 in the log (once a minute); only `refresh` calls (a connected node's "last
@@ -33,7 +39,7 @@ from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hub.errors import RegistryError, RegistryStopped
+from hub.errors import BatchBroken, RegistryError, RegistryStopped
 from hub.store.registry import Registry
 
 log = Logger()
@@ -48,6 +54,10 @@ WARN_EVERY = 60.0
 # Writes of the form fn(registry, *names) that the thread runs as one call when
 # they are queued back to back (the order of other calls around them is kept).
 COALESCED = frozenset({Registry.mark_offline})
+# Writes queued back to back that run as one batch at most (`Registry.batch`):
+# enough to take a storm's writes a few dozen at a time, few enough that the
+# other processes sharing the registry wait a few milliseconds for its lock.
+BATCH_LIMIT = 64
 
 
 class RegistryCalls(Protocol):
@@ -130,7 +140,8 @@ class InlineCalls:
         self.write(fn, *args, **kwargs)
 
 
-_Job = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], "defer.Deferred[Any]"]
+# fn, args, kwargs, the caller's Deferred, and whether it may share a batch (a write).
+_Job = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], "defer.Deferred[Any]", bool]
 
 
 @define(eq=False)
@@ -185,13 +196,17 @@ class RegistryThread(Service):
 
     def call(self, fn: Callable[Concatenate[Registry, P], T], *args: P.args,
              **kwargs: P.kwargs) -> defer.Deferred[T]:
+        return self._queue(fn, args, kwargs, False)
+
+    def _queue(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any],
+               batched: bool) -> defer.Deferred[T]:
         if self._closed:
             return defer.fail(RegistryStopped(
                 f"registry call {describe(fn, args)} after the hub stopped"))
         self._start()
         done: defer.Deferred[T] = defer.Deferred()
         with self._lock:
-            self._jobs.append((fn, args, kwargs, done))
+            self._jobs.append((fn, args, kwargs, done, batched))
             self._waiting += 1
             waiting = self._waiting
             self._lock.notify_all()
@@ -209,7 +224,7 @@ class RegistryThread(Service):
                          "offline) are not written; the next start marks every node offline")
             self._late_writes += 1
             return
-        self.call(fn, *args, **kwargs).addErrback(_logged(describe(fn, args)))
+        self._queue(fn, args, kwargs, True).addErrback(_logged(describe(fn, args)))
 
     def refresh(self, fn: Callable[Concatenate[Registry, P], object], *args: P.args,
                 **kwargs: P.kwargs) -> None:
@@ -278,32 +293,20 @@ class RegistryThread(Service):
             with self._lock:
                 while not self._jobs:
                     self._lock.wait()
-                job = self._jobs.popleft()
-                if job is None:
+                if self._jobs[0] is None:
                     return
-                fn, args, kwargs, done = job
-                dones = [done]
-                if fn in COALESCED and not kwargs:
-                    # The same write queued back to back (thousands of tunnels
-                    # lost at once, as the hub stops): one transaction for all.
-                    while self._jobs and (ahead := self._jobs[0]) is not None \
-                            and ahead[0] is fn and not ahead[2]:
-                        self._jobs.popleft()
-                        args += ahead[1]
-                        dones.append(ahead[3])
-            outcome: Any
-            try:
-                if registry is None:
-                    raise RegistryError(f"the registry could not be opened: {failure}")
-                outcome = invoke(registry, fn, args, kwargs)
-            except BaseException:
-                outcome = Failure()
-                outcome.cleanFailure()
-                if len(dones) > 1:
-                    _BATCHES[outcome] = describe_batch(fn, args)
-            self._done.extend((d, outcome) for d in dones)
+                runs = self._take()
+            if registry is None:
+                error = RegistryError(f"the registry could not be opened: {failure}")
+                outcomes = [Failure(error) for _ in runs]
+            else:
+                outcomes = run_batch(registry, runs) if len(runs) > 1 else [run(registry, runs[0])]
+            finished = 0
+            for (_, _, _, dones), outcome in zip(runs, outcomes, strict=True):
+                self._done.extend((d, outcome) for d in dones)
+                finished += len(dones)
             with self._lock:
-                self._waiting -= len(dones)
+                self._waiting -= finished
                 self._lock.notify_all()
                 wake = self.reactor is not None and not self._wake_scheduled
                 if wake:
@@ -311,3 +314,76 @@ class RegistryThread(Service):
             if wake:
                 assert self.reactor is not None
                 self.reactor.callFromThread(self.deliver)
+
+    def _take(self) -> list[_Run]:
+        """The next call, or the writes queued back to back from the head (one batch);
+        the same coalesced write queued back to back is one run (under _lock)."""
+        runs: list[_Run] = []
+        while self._jobs and (job := self._jobs[0]) is not None and len(runs) < BATCH_LIMIT:
+            fn, args, kwargs, done, batched = job
+            if runs and not batched:
+                break
+            self._jobs.popleft()
+            dones = [done]
+            if fn in COALESCED and not kwargs:
+                # The same write queued back to back (thousands of tunnels lost at
+                # once, as the hub stops): one call for all.
+                while self._jobs and (ahead := self._jobs[0]) is not None \
+                        and ahead[0] is fn and not ahead[2] and ahead[4] == batched:
+                    self._jobs.popleft()
+                    args += ahead[1]
+                    dones.append(ahead[3])
+            runs.append((fn, args, kwargs, dones))
+            if not batched:
+                break
+        return runs
+
+
+# One call to run: fn, args, kwargs and the Deferreds of its callers (several for a
+# coalesced write).
+_Run = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], list["defer.Deferred[Any]"]]
+
+
+def run(registry: Registry, job: _Run) -> Any:
+    """The call's result, or its Failure (shared by the callers of a coalesced write,
+    logged once naming the batch)."""
+    fn, args, kwargs, dones = job
+    try:
+        return invoke(registry, fn, args, kwargs)
+    except BaseException:
+        outcome = Failure()
+        outcome.cleanFailure()
+        if len(dones) > 1:
+            _BATCHES[outcome] = describe_batch(fn, args)
+        return outcome
+
+
+def run_batch(registry: Registry, jobs: list[_Run]) -> list[Any]:
+    """The writes `jobs` in one transaction (`Registry.batch`), each with its own
+    outcome. If the batch broke before its commit (nothing of it committed), each
+    runs again alone; if the commit failed, every write failed with it."""
+    try:
+        with registry.batch():
+            outcomes = []
+            for job in jobs:
+                outcome = run(registry, job)
+                if isinstance(outcome, Failure) and outcome.check(BatchBroken):
+                    outcome.raiseException()
+                outcomes.append(outcome)
+    except BatchBroken as e:
+        log.warn("registry batch of {n} writes broken ({why}); each is written alone",
+                 n=len(jobs), why=str(e))
+        return [run(registry, job) for job in jobs]
+    except BaseException:
+        failed = Failure()
+        failed.cleanFailure()
+        _BATCHES[failed] = describe_writes(jobs)
+        return [failed] * len(jobs)
+    return outcomes
+
+
+def describe_writes(jobs: list[_Run]) -> str:
+    """`a batch of 12 writes: mark_online('n1', ...), ...`: a failed batch as the log names it."""
+    shown = ", ".join(describe_batch(fn, args) for fn, args, _, _ in jobs[:2])
+    more = ", ..." if len(jobs) > 2 else ""
+    return f"a batch of {len(jobs)} writes: {shown}{more}"

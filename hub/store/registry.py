@@ -15,7 +15,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
-from hub.errors import NameTaken, NotFound, RegistryBusy, RegistryError
+from attrs import define
+
+from hub.errors import BatchBroken, NameTaken, NotFound, RegistryBusy, RegistryError
 from hub.store.engine import Database, connect
 from hub.store.engine import keep_private as keep_private
 from hub.store.hubs import HubRecords
@@ -63,6 +65,17 @@ _MINE = " AND (hub IS NULL OR hub = ?)"
 # own transaction (nodes, leases, users, grants, pairs, certificates, settings);
 # `changed` compares it.
 
+# The savepoint of each write in a `Registry.batch` (they never nest).
+_SAVEPOINT = "batch_write"
+
+
+@define
+class _Batch:
+    """A `Registry.batch` under way: whether one of its writes moves `generation`."""
+
+    notify: bool = False
+
+
 __all__ = ["KEEP", "MIGRATIONS", "NETCONF", "STATES", "AuditEntry", "Keep", "Node", "Registry",
            "User"]
 
@@ -86,6 +99,7 @@ class Registry(OperatorRecords, PairRecords, HubRecords, LeaseRecords, WebSessio
         self._timer = timer
         self._counts: tuple[tuple[int, int], dict[str, int]] | None = None
         self._touched = set()
+        self._batch: _Batch | None = None
         self._db: Database = connect(path, timer)
         try:
             migrate(self._db, migrations)
@@ -116,7 +130,13 @@ class Registry(OperatorRecords, PairRecords, HubRecords, LeaseRecords, WebSessio
     @contextmanager
     def _tx(self, notify: bool = True) -> Iterator[Database]:
         """One write transaction; `notify` False for writes no hub has to act on
-        (heartbeats, last seen, audit-only entries), which leave `generation` alone."""
+        (heartbeats, last seen, audit-only entries), which leave `generation` alone.
+        Inside `batch`, a savepoint of the batch's transaction instead."""
+        if self._batch is not None:
+            with self._savepoint() as db:
+                yield db
+            self._batch.notify = self._batch.notify or notify
+            return
         start = self._timer()
         self._touched.clear()
         try:
@@ -126,6 +146,50 @@ class Registry(OperatorRecords, PairRecords, HubRecords, LeaseRecords, WebSessio
                     self._bump(db)
         finally:
             self.latency.observe(self._timer() - start)
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """The writes made inside run in one transaction, each in a savepoint of its
+        own: a write that fails is undone alone and the others stay, as if each had
+        been its own transaction, but the batch commits (and takes SQLite's write
+        lock) once. `generation` moves once, stamping every node the batch touched;
+        the latency histogram counts the batch as one transaction.
+
+        Raises `BatchBroken` (nothing committed) when a write's savepoint could not
+        be rolled back, the transaction having gone with it (SQLite undoes a whole
+        transaction on some I/O errors); an error at the commit (nothing committed
+        on SQLite, perhaps committed on a PostgreSQL connection lost meanwhile) is
+        raised as it is."""
+        if self._batch is not None:
+            raise RegistryError("registry batches do not nest")
+        start = self._timer()
+        self._touched.clear()
+        self._batch = _Batch()
+        try:
+            with transaction(self._db) as db:
+                yield
+                if self._batch.notify:
+                    self._bump(db)
+        finally:
+            self._batch = None
+            self.latency.observe(self._timer() - start)
+
+    @contextmanager
+    def _savepoint(self) -> Iterator[Database]:
+        """One write of a batch: undone alone if it fails."""
+        db = self._db
+        db.execute(f"SAVEPOINT {_SAVEPOINT}")
+        try:
+            yield db
+        except BaseException as e:
+            try:
+                db.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+                db.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+            except Exception as lost:
+                raise BatchBroken(f"a write of the batch failed ({e}) and could not be "
+                                  f"undone alone: {lost}") from e
+            raise
+        db.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
 
     @staticmethod
     def _retried(write: Callable[[], T]) -> T:
