@@ -305,3 +305,47 @@ def test_a_connection_accepted_while_its_port_closes_is_not_taken() -> None:
     ours.close()
     keepers.close()
     kept._control = None
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_listens_of_one_turn_go_to_the_keeper_in_one_message(
+        keeper: tuple[PortKeeper, list[str]]) -> None:
+    """Each send that wakes the keeper costs the hub a context switch: a reconnect
+    storm's forwards of one reactor turn are handed over together."""
+    kept, lost = keeper
+    listening = [listen(kept, EchoFactory()) for _ in range(70)]
+    assert len(kept._out) == 70  # nothing sent during the turn
+    await until(lambda: not kept._out)
+    for each in (listening[0], listening[63], listening[64], listening[69]):
+        port = each.getHost().port
+        assert await exchange(port, str(port).encode()) == f"echo:{port}".encode()
+    await defer.gatherResults([each.stopListening() for each in listening])
+    assert lost == [] and kept._ports == {}
+
+
+def test_the_keeper_takes_each_record_of_a_message_in_order() -> None:
+    """A message of several records: each K takes the next descriptor, one that
+    came without it (the keeper out of descriptors) is refused with F, a C is
+    confirmed with c."""
+    from hub.tunnel.keeper_process import ERR, MSG, Keeper, with_fd
+
+    hub_end, keeper_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listeners = [socket.socket() for _ in range(2)]
+    try:
+        for each in listeners:
+            each.bind(("127.0.0.1", 0))
+            each.listen()
+        keeper = Keeper(keeper_end)
+        records = [MSG.pack(b"K", 1), MSG.pack(b"C", 9), MSG.pack(b"K", 2), MSG.pack(b"K", 3)]
+        hub_end.sendmsg([b"".join(records)], with_fd(*(s.fileno() for s in listeners)))
+        hub_end.shutdown(socket.SHUT_WR)
+        assert keeper.from_hub() is False  # read all, then the hub's end closed
+        assert {i: s.getsockname() for i, s in keeper.ports.items()} == {
+            1: listeners[0].getsockname(), 2: listeners[1].getsockname()}
+        answers = [hub_end.recv(64) for _ in range(2)]
+        assert answers == [MSG.pack(b"c", 9), ERR.pack(b"F", 3, errno.EMFILE)]
+        for sock in keeper.ports.values():
+            sock.close()
+    finally:
+        for sock in (*listeners, hub_end, keeper_end):
+            sock.close()

@@ -218,7 +218,7 @@ def test_a_batch_commits_its_writes_once_and_undoes_a_failed_one_alone(reg: Regi
     transactions = sum(reg.latency.counts)
     with reg.batch():
         reg.mark_online("n1", "192.0.2.1")
-        with pytest.raises(Exception, match="(?i)unique|duplicate"):
+        with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
             with reg.transaction() as db:
                 db.execute("INSERT INTO audit (time, actor, action, target, detail)"
                            " VALUES (0, 'hub', 'half', 'x', '')")

@@ -50,6 +50,7 @@ from hub.ssh.sink import IPacketSink
 from hub.store.revisions import NodeUpdate
 from hub.tunnel.dial import DeviceRefused, OpenNotice
 from hub.tunnel.live import CLOSE_GRACE, KEPT_PORT_RETRY, KEPT_PORT_WAIT, ForwardListener
+from hub.tunnel.sessions import ONLINE_WRITE_DELAY
 from hub.tunnel.splice import EARLY_LIMIT, SpliceChannel, TCPEnd
 
 PUBLIC = "198.51.100.1"
@@ -845,12 +846,15 @@ def test_a_node_without_a_tunnel_is_online_while_a_connection_is(
         hub: Hub, reactor: RecordingReactor, factory: HubSSHFactory, key: keys.Key) -> None:
     # A device that keeps `ssh -N cms@hub` up to send results, with no forward.
     first = Device(factory, reactor, key=key)
+    reactor.advance(ONLINE_WRITE_DELAY)  # no forward came meanwhile
     node = hub.registry.node("site-a")
     assert node.online and node.peer == "192.0.2.10"
     second = Device(factory, reactor, key=key, peer="192.0.2.99")
     assert not first.server.transport.disconnecting
     first.hang_up()
+    reactor.advance(ONLINE_WRITE_DELAY)
     assert hub.registry.node("site-a").online
+    assert hub.registry.node("site-a").peer == "192.0.2.99"
     second.hang_up()
     assert not hub.registry.node("site-a").online
     assert hub.sessions.online() == []
@@ -977,15 +981,17 @@ class CountingWrites(CountingCalls):
 
 def test_a_device_calling_back_is_online_with_its_forward_in_one_write(
         hub: Hub, reactor: RecordingReactor, factory: HubSSHFactory, key: keys.Key) -> None:
-    """Its login marks it online (not taking it from another hub); its first
-    forward takes it over and makes the lease active in one transaction, not
-    two. A first forward that is refused still takes the node over."""
+    """Its first forward, right after its login, takes the node over, marks it
+    online and makes the lease active in one transaction: the login's own
+    "online" write (not taking it from another hub) waits ONLINE_WRITE_DELAY for
+    that and is not made. A first forward that is refused still takes the node
+    over."""
     counted = CountingWrites(hub.sessions.calls)
     hub.sessions.calls = counted
     device = Device(factory, reactor, key=key)
     port = allocated(device.forward(b"", 0))
-    assert counted.writes == [("mark_online", ("site-a", "192.0.2.10", False)),
-                              ("mark_online", ("site-a", "192.0.2.10", True, "ssh"))]
+    reactor.advance(ONLINE_WRITE_DELAY)
+    assert counted.writes == [("mark_online", ("site-a", "192.0.2.10", True, "ssh"))]
     node = hub.registry.node("site-a")
     assert node.online and node.peer == "192.0.2.10" and node.forwards == {"ssh": port}
     assert hub.registry.query(
@@ -999,8 +1005,27 @@ def test_a_device_calling_back_is_online_with_its_forward_in_one_write(
     del counted.writes[:]
     other = Device(factory, reactor, key=register(hub, "site-b"), peer="192.0.2.20")
     assert other.forward(b"", 0) == ("fail",)
-    assert counted.writes == [("mark_online", ("site-b", "192.0.2.20", False)),
-                              ("mark_online", ("site-b", "192.0.2.20", True))]
+    reactor.advance(ONLINE_WRITE_DELAY)
+    assert counted.writes == [("mark_online", ("site-b", "192.0.2.20", True))]
+
+    # A login that forwards nothing is written online after the delay, once.
+    del counted.writes[:]
+    Device(factory, reactor, key=register(hub, "site-c"), peer="192.0.2.30")
+    assert counted.writes == []
+    reactor.advance(ONLINE_WRITE_DELAY)
+    assert counted.writes == [("mark_online", ("site-c", "192.0.2.30", False))]
+    reactor.advance(ONLINE_WRITE_DELAY)
+    assert len(counted.writes) == 1
+    # One gone sooner is written online as it goes (its address and time), then offline.
+    del counted.writes[:]
+    brief = Device(factory, reactor, key=register(hub, "site-d"), peer="192.0.2.40")
+    brief.hang_up()
+    assert counted.writes == [("mark_online", ("site-d", "192.0.2.40", False)),
+                              ("mark_offline", ("site-d",))]
+    reactor.advance(ONLINE_WRITE_DELAY)
+    assert len(counted.writes) == 2
+    node = hub.registry.node("site-d")
+    assert node.peer == "192.0.2.40" and not node.online and node.last_seen is not None
 
 
 def test_each_registry_listing_applied_is_counted(hub: Hub, device: Device) -> None:

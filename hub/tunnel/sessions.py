@@ -13,7 +13,7 @@ from typing import Any
 
 from attrs import Factory, define, field
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -34,6 +34,12 @@ log = Logger()
 # its keepalive answers come every --keepalive seconds (15), and a write per
 # answer per node would be thousands of transactions a minute on a big hub.
 LAST_SEEN_EVERY = 60.0
+
+# A connection that logged in is written online in the registry this long after
+# its login, unless its first forward took the node over meanwhile (as every
+# device that calls home does at once): then the forward's lease and "online"
+# are one write, not two. A reconnect storm makes 10,000 logins in seconds.
+ONLINE_WRITE_DELAY = 2.0
 
 # The nodes and pairs on file, read together in the registry thread.
 Listed = tuple[NodeUpdate, list[Pair]]
@@ -65,6 +71,9 @@ class LiveSessions:
     # that only sends results, a re-register, a check. They take nothing over
     # and are dropped on revocation like tunnels.
     _guests: dict[str, set[Any]] = field(factory=dict)
+    # A guest's "online" write waiting for ONLINE_WRITE_DELAY, by connection:
+    # the call, the node and the peer.
+    _online_writes: dict[Any, tuple[IDelayedCall, str, str]] = field(factory=dict)
     # Bytes through every tunnel since start (the channels dialled add to it).
     traffic: Traffic = field(factory=Traffic)
     # When each connected node's last_seen was last written (clock seconds).
@@ -113,19 +122,38 @@ class LiveSessions:
         key = node.lower()
         self._guests.setdefault(key, set()).add(conn)
         if key not in self._live:
-            self._online(node, conn, peer, take=False)
+            self._online(node, conn, peer, take=False, write=False)
+            self._online_writes[conn] = (self.clock.callLater(
+                ONLINE_WRITE_DELAY, self._write_online, conn), node, peer)
             log.info("node {node} online from {peer}", node=node, peer=peer)
+
+    def _write_online(self, conn: Any) -> None:
+        """A guest still connected, and nothing took the node over: online from it."""
+        _, node, peer = self._online_writes.pop(conn)
+        if node.lower() not in self._live:
+            self.calls.write(Registry.mark_online, node, peer, False)
 
     def leave(self, node: str, conn: Any) -> None:
         """A connection that never forwarded went away: the node's tunnel, if
         any, is not its own and stays; else the node is offline with its last
         connection."""
         key = node.lower()
-        if self._forget_guest(key, conn) and key not in self._live and key not in self._guests:
+        if self._forget_guest(key, conn, gone=True) and key not in self._live \
+                and key not in self._guests:
             self.calls.write(Registry.mark_offline, node)
             log.info("node {node} offline", node=node)
 
-    def _forget_guest(self, key: str, conn: Any) -> bool:
+    def _forget_guest(self, key: str, conn: Any, gone: bool = False) -> bool:
+        """`conn` is no longer a guest of the node: it went away (`gone`), or took
+        the node over. A guest gone before its "online" write was made has it made
+        now, so that the registry has its address and time whatever follows."""
+        waiting = self._online_writes.get(conn)
+        if waiting is not None:
+            waiting[0].cancel()
+            if gone:
+                self._write_online(conn)
+            else:
+                del self._online_writes[conn]
         guests = self._guests.get(key)
         if guests is None or conn not in guests:
             return False
