@@ -956,15 +956,33 @@ class CountingCalls:
 
 def test_a_login_with_a_forward_reads_its_node_once(
         hub: Hub, reactor: RecordingReactor, factory: HubSSHFactory, key: keys.Key) -> None:
-    """The tunnel's attach reads the node; its first forward's caps use that read."""
+    """The tunnel's attach takes the node as the login's key check read it, and its
+    first forward's caps use that read: no listing was applied since."""
     counted = CountingCalls(hub.sessions.calls)
     hub.sessions.calls = counted
     device = Device(factory, reactor, key=key)
     allocated(device.forward(b"", 0))
-    assert counted.names.count("node") == 1
+    assert counted.names.count("node") == 0
     # A later forward reads the node again: an approval since counts at once.
     allocated(device.forward(b"http", 0))
-    assert counted.names.count("node") == 2
+    assert counted.names.count("node") == 1
+
+
+def test_a_listing_applied_after_the_login_is_read_again_by_the_takeover(
+        hub: Hub, reactor: RecordingReactor, factory: HubSSHFactory, key: keys.Key) -> None:
+    """Between the login and its first forward the node was revoked, and the hub
+    applied it: the takeover reads the node again and refuses, whatever the
+    login read."""
+    counted = CountingCalls(hub.sessions.calls)
+    hub.sessions.calls = counted
+    device = Device(factory, reactor, key=key)
+    other = Device(factory, reactor, key=register(hub, "site-b"), peer="192.0.2.20")
+    cli(hub).set_state("site-b", "revoked", "cli:test")  # another node's change, applied
+    hub.sync()
+    assert other.server.transport.disconnecting
+    allocated(device.forward(b"", 0))  # site-a is still approved: read again, forwards
+    assert counted.names.count("node") == 1
+    assert hub.sessions.online() == ["site-a"]
 
 
 class CountingWrites(CountingCalls):

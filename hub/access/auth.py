@@ -215,7 +215,7 @@ class DeviceKeyChecker:
         if credentials.signature is not None:
             kept = self._probed.pop(credentials.blob, None)
             if kept is not None and kept[0] == asked:
-                return defer.maybeDeferred(self._device, credentials, kept[1])
+                return defer.maybeDeferred(self._device, credentials, kept[1], asked)
         return self._calls.call(Registry.node_by_key, credentials.blob).addCallback(
             lambda node: self._device(credentials, node, asked))
 
@@ -241,7 +241,7 @@ class DeviceKeyChecker:
                 del self._probed[next(iter(self._probed))]
             self._probed[credentials.blob] = (asked, node)
         verify_signature(credentials)
-        return DeviceLogin(node.name)
+        return DeviceLogin(node.name, record=node, read_at=asked)
 
 
 def verify_signature(credentials: Any) -> None:

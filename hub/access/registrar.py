@@ -196,6 +196,8 @@ class RegistrarAvatar(ConchUser):
         ConchUser.__init__(self)
         self.needs = needs
         self.node = login.node
+        # The node as the login read it, for the takeover (`LiveSessions.attach`).
+        self._login = login
         self._peer = peer
         self.conn: Any = None
         self.tunnel: NodeTunnel | None = None
@@ -248,8 +250,9 @@ class RegistrarAvatar(ConchUser):
                       why=f.getErrorMessage())
             attached(None)
 
-        self.needs.tunnels.attach(self.node, self.conn, self._peer()).addCallbacks(
-            attached, failed)
+        login, self._login = self._login, DeviceLogin(self.node)  # read once at most
+        self.needs.tunnels.attach(self.node, self.conn, self._peer(), login.record,
+                                  login.read_at).addCallbacks(attached, failed)
         return waiter
 
     def lookupChannel(self, channel_type: bytes, window: int, max_packet: int,

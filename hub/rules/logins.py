@@ -14,12 +14,21 @@ from collections.abc import Callable
 from attrs import field, frozen
 from twisted.cred.error import UnauthorizedLogin
 
+from hub.store.rows import Node
+
 
 @frozen
 class DeviceLogin:
-    """A login as the registrar user: `node` is None for a password login."""
+    """A login as the registrar user: `node` is None for a password login.
+
+    `record` is the node as the key check read it, and `read_at` the count of
+    registry listings the hub had applied when that read was asked for
+    (`LiveSessions.applied`): the first forward's takeover takes that record
+    instead of reading the node again while the count has not moved."""
 
     node: str | None
+    record: Node | None = field(default=None, eq=False)
+    read_at: int | None = field(default=None, eq=False)
 
 
 @frozen

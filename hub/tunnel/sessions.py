@@ -162,10 +162,15 @@ class LiveSessions:
             del self._guests[key]
         return True
 
-    def attach(self, node: str, conn: Any, peer: str) -> defer.Deferred[NodeTunnel | None]:
+    def attach(self, node: str, conn: Any, peer: str, record: Node | None = None,
+               read_at: int | None = None) -> defer.Deferred[NodeTunnel | None]:
         """Make `conn` the node's tunnel, taking over from the one before;
-        None if the node is revoked or gone meanwhile (its record is read off
-        the reactor first)."""
+        None if the node is revoked or gone meanwhile. Its record is read off
+        the reactor first, unless `record` is the node as read when `applied`
+        was `read_at` and no listing was applied since (the login's read: a
+        revocation or an approval applied since is read again)."""
+        if record is not None and read_at == self.applied:
+            return defer.maybeDeferred(self._attach, node, conn, peer, record)
         return self._node(node).addCallback(
             lambda record: self._attach(node, conn, peer, record))
 
@@ -307,6 +312,10 @@ class LiveSessions:
         if node is not None and node.state != "revoked":
             return
         guests = self._guests.pop(key)
+        for conn in guests:  # never written online now
+            waiting = self._online_writes.pop(conn, None)
+            if waiting is not None:
+                waiting[0].cancel()
         state = "removed" if node is None else node.state
         log.info("node {node} {state}: dropping {n} connection(s) without a tunnel",
                  node=key, state=state, n=len(guests))
