@@ -26,9 +26,9 @@ hub -> keeper: K (keep this listening socket), C (close it); what one reactor
 turn asks for goes in one message of up to `HANDOVER_BATCH` records, each K
 taking the next descriptor (a send that wakes the keeper costs some 30 us;
 one per forward was 3-4 % of a worker's time in a reconnect storm);
-keeper -> hub, one record and at most one descriptor per message:
-keeper -> hub: A (accepted connection), c (closed), E (accept failed; errno),
-F (could not take a listening socket, e.g. out of descriptors; errno).
+keeper -> hub, one record and at most one descriptor per message: A (accepted
+connection), c (closed), E (accept failed; errno), F (could not take a listening
+socket, e.g. out of descriptors; errno).
 """
 
 from __future__ import annotations

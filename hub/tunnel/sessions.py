@@ -128,10 +128,23 @@ class LiveSessions:
             log.info("node {node} online from {peer}", node=node, peer=peer)
 
     def _write_online(self, conn: Any) -> None:
-        """A guest still connected, and nothing took the node over: online from it."""
+        """A guest still connected after ONLINE_WRITE_DELAY."""
         _, node, peer = self._online_writes.pop(conn)
+        self._guest_online(node, peer)
+
+    def _guest_online(self, node: str, peer: str) -> None:
+        """Nothing took the node over: online from a guest connection."""
         if node.lower() not in self._live:
             self.calls.write(Registry.mark_online, node, peer, False)
+
+    def _drop_online_write(self, conn: Any) -> tuple[str, str] | None:
+        """The guest's "online" write still waiting, cancelled: its (node, peer)."""
+        waiting = self._online_writes.pop(conn, None)
+        if waiting is None:
+            return None
+        call, node, peer = waiting
+        call.cancel()
+        return node, peer
 
     def leave(self, node: str, conn: Any) -> None:
         """A connection that never forwarded went away: the node's tunnel, if
@@ -147,13 +160,9 @@ class LiveSessions:
         """`conn` is no longer a guest of the node: it went away (`gone`), or took
         the node over. A guest gone before its "online" write was made has it made
         now, so that the registry has its address and time whatever follows."""
-        waiting = self._online_writes.get(conn)
-        if waiting is not None:
-            waiting[0].cancel()
-            if gone:
-                self._write_online(conn)
-            else:
-                del self._online_writes[conn]
+        pending = self._drop_online_write(conn)
+        if pending is not None and gone:
+            self._guest_online(*pending)
         guests = self._guests.get(key)
         if guests is None or conn not in guests:
             return False
@@ -313,9 +322,7 @@ class LiveSessions:
             return
         guests = self._guests.pop(key)
         for conn in guests:  # never written online now
-            waiting = self._online_writes.pop(conn, None)
-            if waiting is not None:
-                waiting[0].cancel()
+            self._drop_online_write(conn)
         state = "removed" if node is None else node.state
         log.info("node {node} {state}: dropping {n} connection(s) without a tunnel",
                  node=key, state=state, n=len(guests))
